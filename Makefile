@@ -1,0 +1,36 @@
+# Ambit: `make demo` and `make test` install whatever a fresh Debian machine lacks, then do their job.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bootstrapped
+PROTOS := $(shell find agent hbone -name '*.proto' 2>/dev/null)
+PB2    := $(PROTOS:.proto=_pb2.py)
+
+.PHONY: setup demo test lint typecheck unit bench clean
+.DEFAULT_GOAL := test
+
+setup: $(STAMP) $(PB2)
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	scripts/bootstrap.sh
+	touch $@
+
+%_pb2.py: %.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+demo: setup
+	$(PY) -m agent.demo
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+unit: setup
+	$(PY) -m pytest -q
+
+test: lint unit
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(PB2) $(PB2:_pb2.py=_pb2.pyi) $(PB2:_pb2.py=_pb2_grpc.py) .mypy_cache .ruff_cache .pytest_cache

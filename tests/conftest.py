@@ -1,0 +1,33 @@
+"""Shared fixtures: a real CA and real workload certificates for every TLS test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agent.ca.authority import CertificateAuthority
+from hbone.identity import SpiffeId, WorkloadCertificate
+
+TRUST_DOMAIN = "cluster.local"
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, bcc)")
+
+
+@pytest.fixture(scope="session")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create(TRUST_DOMAIN)
+
+
+def spiffe(ns: str, sa: str) -> SpiffeId:
+    return SpiffeId(TRUST_DOMAIN, ns, sa)
+
+
+@pytest.fixture(scope="session")
+def client_cert(ca: CertificateAuthority) -> WorkloadCertificate:
+    return ca.issue(spiffe("default", "client"))
+
+
+@pytest.fixture(scope="session")
+def server_cert(ca: CertificateAuthority) -> WorkloadCertificate:
+    return ca.issue(spiffe("default", "server"))
