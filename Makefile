@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	scripts/bootstrap.sh
 	touch $@
 
+# grpc_tools adds its bundled google/protobuf/*.proto to the include path itself. The sed gives the bare
+# `Mapping` that protoc writes for message-typed fields (e.g. google.protobuf.Struct) its type arguments,
+# so that strict mypy accepts the generated .pyi.
 %_pb2.py: %.proto $(STAMP)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $<
+	sed -i 's/\b_Mapping\]/_Mapping[str, object]]/g' $(<:.proto=_pb2.pyi)
 
 demo: setup
 	$(PY) -m agent.demo

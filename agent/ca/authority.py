@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,8 +110,10 @@ class CertificateAuthority:
     def trust_bundle(self) -> TrustBundle:
         return TrustBundle(self.trust_domain, self.root_pem + self.extra_roots_pem)
 
-    def sign_csr(self, csr_pem: bytes, identity: SpiffeId, ttl: dt.timedelta = DEFAULT_TTL) -> list[bytes]:
-        """Sign ``csr_pem`` for ``identity``; returns the chain [leaf, root] in PEM."""
+    def sign_csr(self, csr_pem: bytes, identity: SpiffeId, ttl: dt.timedelta = DEFAULT_TTL, *,
+                 dns_names: Sequence[str] = ()) -> list[bytes]:
+        """Sign ``csr_pem`` for ``identity``; returns the chain [leaf, root] in PEM. ``dns_names`` are extra
+        SANs the CA decides on (its own serving certificate), never taken from the CSR."""
         if identity.trust_domain != self.trust_domain:
             raise CsrError(f"identity {identity} is outside trust domain {self.trust_domain!r}")
         try:
@@ -132,11 +134,13 @@ class CertificateAuthority:
             raise CsrError(f"CSR asks for {sorted(asked)}, caller is authorized for {identity}")
         if ttl <= dt.timedelta(0):
             raise CsrError(f"validity must be positive, got {ttl.total_seconds():.0f}s")
-        return [self._issue(pub, identity, min(ttl, MAX_TTL)), self.root_pem]
+        return [self._issue(pub, identity, min(ttl, MAX_TTL), dns_names), self.root_pem]
 
-    def _issue(self, pub: ec.EllipticCurvePublicKey, identity: SpiffeId, ttl: dt.timedelta) -> bytes:
+    def _issue(self, pub: ec.EllipticCurvePublicKey, identity: SpiffeId, ttl: dt.timedelta,
+               dns_names: Sequence[str] = ()) -> bytes:
         now = self.clock()
-        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))])
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity)),
+                                           *(x509.DNSName(n) for n in dns_names)])
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.root_key.public_key())
         cert = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(self.root_cert.subject)
                 .public_key(pub).serial_number(x509.random_serial_number())
@@ -151,9 +155,10 @@ class CertificateAuthority:
                 .sign(self.root_key, hashes.SHA256()))
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, identity: SpiffeId, ttl: dt.timedelta = DEFAULT_TTL) -> WorkloadCertificate:
+    def issue(self, identity: SpiffeId, ttl: dt.timedelta = DEFAULT_TTL, *,
+              dns_names: Sequence[str] = ()) -> WorkloadCertificate:
         """Key and certificate for ``identity`` made here (the CA's own serving identity, tools, tests)."""
         key = new_key()
-        chain = self.sign_csr(make_csr(identity, key), identity, ttl)
+        chain = self.sign_csr(make_csr(identity, key), identity, ttl, dns_names=dns_names)
         return WorkloadCertificate.from_pem(chain[0], key_pem(key))
 
