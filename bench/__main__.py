@@ -1,0 +1,115 @@
+"""``python -m bench``: direct TCP vs Ambit vs Envoy on loopback; bulk throughput, request/response latency.
+
+A full-size run (>= 1 GiB bulk, >= 10,000 exchanges) rewrites the generated section of BENCHMARKS.md;
+a reduced run only prints, unless ``--write`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+from bench.harness import GIB, Config, run
+from bench.paths import AmbitPath, BenchPath, DirectPath, EnvoyPath, MeshCerts
+from bench.report import machine, ratios, section, table, write_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL_BULK = GIB
+FULL_RR = 10_000
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``1G``, ``512M``, ``1GiB``, ``1073741824`` -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1G, 256M)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return n
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return n
+
+
+def _sigterm(signum: int, frame: types.FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwind: every context manager stops its processes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--bulk-size", type=parse_size, default=FULL_BULK,
+                    help="bytes per bulk stream (default 1G)")
+    ap.add_argument("--runs", type=_positive, default=3, help="bulk runs per path; the median is reported")
+    ap.add_argument("--rr-count", type=_positive, default=FULL_RR, help="measured exchanges per rr run")
+    ap.add_argument("--rr-size", type=_positive, default=1024, help="request and response size in bytes")
+    ap.add_argument("--rr-warmup", type=int, default=200, help="unmeasured exchanges before measuring")
+    ap.add_argument("--rr-runs", type=_positive, default=3, help="rr runs per path; samples are pooled")
+    ap.add_argument("--paths", default="direct,ambit,envoy",
+                    help="comma-separated subset of direct,ambit,envoy")
+    ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
+                    help="update --output (default: only for a full-size run)")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep configs, certificates and logs")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+
+    certs = MeshCerts.create()
+    known: dict[str, BenchPath] = {"direct": DirectPath(), "ambit": AmbitPath(certs),
+                                   "envoy": EnvoyPath(certs)}
+    names = [n.strip() for n in args.paths.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        ap.error(f"unknown path(s) {unknown}; choose from {', '.join(known)}")
+    paths = [known[n] for n in names]
+    missing = [(p.name, why) for p in paths if (why := p.unavailable())]
+    if missing:
+        for name, why in missing:
+            print(f"path {name!r} cannot run: {why}", file=sys.stderr)
+        runnable = ",".join(p.name for p in paths if p.unavailable() is None)
+        print(f"(run a subset with --paths, e.g. --paths {runnable})", file=sys.stderr)
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="ambit-bench-"))
+    cfg = Config(args.bulk_size, args.runs, args.rr_count, args.rr_size, args.rr_warmup, args.rr_runs,
+                 workdir)
+    ok = False
+    try:
+        results = run(paths, cfg)
+        ok = True
+    finally:
+        if ok and not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"configs, certificates and logs kept in {workdir}", file=sys.stderr)
+
+    command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
+    print()
+    print(table(results, cfg))
+    print()
+    for line in ratios(results):
+        print(line)
+    full = cfg.bulk_bytes >= FULL_BULK and cfg.rr_count >= FULL_RR
+    write = full if args.write is None else args.write
+    if write:
+        write_markdown(args.output, section(results, cfg, command, machine()))
+        print(f"\nwrote {args.output}")
+    elif args.write is None:
+        print(f"\n(reduced run: {args.output} left unchanged; pass --write to update it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

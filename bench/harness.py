@@ -1,0 +1,209 @@
+"""The benchmark run: one receiver, every path started in front of it, both workloads through each path.
+
+Bulk runs are interleaved across paths (run 1 of every path, then run 2, ...) so a drift of the machine
+(another tenant, thermal state) spreads over all paths instead of biasing one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.paths import Addr, BenchPath, Running
+from bench.procs import Child, ChildError, cpu_seconds, parse_hostport, python_env, spawn
+
+GIB = 1 << 30
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class BulkRun:
+    nbytes: int
+    seconds: float
+    proxy_cpu: dict[str, float]  # role -> CPU seconds used during the run
+
+    @property
+    def gbit_per_s(self) -> float:
+        return self.nbytes * 8 / self.seconds / 1e9
+
+
+@dataclass
+class RrRun:
+    samples_ns: list[int]
+    proxy_cpu: dict[str, float]
+
+
+@dataclass
+class PathResult:
+    name: str
+    description: str
+    bulk: list[BulkRun] = field(default_factory=list)
+    rr: list[RrRun] = field(default_factory=list)
+
+    def gbit_median(self) -> float:
+        return statistics.median(r.gbit_per_s for r in self.bulk)
+
+    def cpu_per_gib(self) -> dict[str, float]:
+        """Median over runs of proxy CPU seconds per GiB moved, by role and in total."""
+        if not self.bulk:
+            return {}
+        roles = sorted({k for r in self.bulk for k in r.proxy_cpu})
+        out = {role: statistics.median(r.proxy_cpu.get(role, 0.0) / (r.nbytes / GIB) for r in self.bulk)
+               for role in roles}
+        if roles:
+            out["total"] = statistics.median(sum(r.proxy_cpu.values()) / (r.nbytes / GIB) for r in self.bulk)
+        return out
+
+    def samples_us(self) -> list[float]:
+        return sorted(s / 1000 for r in self.rr for s in r.samples_ns)
+
+    def percentile_us(self, q: float) -> float:
+        s = self.samples_us()
+        rank = math.ceil(q / 100 * len(s))  # nearest-rank percentile
+        return s[min(len(s), max(1, rank)) - 1]
+
+    def cpu_us_per_exchange(self) -> float:
+        n = sum(len(r.samples_ns) for r in self.rr)
+        return sum(sum(r.proxy_cpu.values()) for r in self.rr) * 1e6 / n if n else 0.0
+
+
+@dataclass
+class Config:
+    bulk_bytes: int
+    runs: int
+    rr_count: int
+    rr_size: int
+    rr_warmup: int
+    rr_runs: int
+    workdir: Path
+
+
+class Receiver:
+    """The ``bench.load receiver`` process and the result lines it prints for bulk connections."""
+
+    def __init__(self, workdir: Path) -> None:
+        argv = [sys.executable, "-m", "bench.load", "receiver", "--listen", "127.0.0.1:0"]
+        self.child = spawn("receiver", argv, workdir / "receiver.log", stdout_pipe=True,
+                           env=python_env(), cwd=ROOT)
+        try:
+            self.addr: Addr = parse_hostport(self.child.wait_for_line("listening on", 15.0))
+        except BaseException:
+            self.child.stop()
+            raise
+
+    def result(self, tag: str, timeout: float) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        for _ in range(1000):
+            line = self.child.read_line(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise ChildError(self.child.describe_failure("receiver stopped"))
+            rec = json.loads(line)
+            if rec.get("tag") == tag:
+                return {k: float(v) for k, v in rec.items() if k != "tag"}
+        raise ChildError(self.child.describe_failure(f"no result for tag {tag}"))
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def _run_client(name: str, args: Sequence[str], log: Path, timeout: float) -> dict[str, object]:
+    argv = [sys.executable, "-m", "bench.load", *args]
+    child: Child = spawn(name, argv, log, stdout_pipe=True, env=python_env(), cwd=ROOT)
+    try:
+        line = child.read_line(timeout)
+        if line is None:
+            raise ChildError(child.describe_failure("exited without a result"))
+        out: dict[str, object] = json.loads(line)
+        try:
+            rc = child.proc.wait(10.0)
+        except subprocess.TimeoutExpired:
+            raise ChildError(child.describe_failure("printed its result but did not exit")) from None
+        if rc != 0:
+            raise ChildError(child.describe_failure(f"printed its result but exited with {rc}"))
+        return out
+    finally:
+        child.stop()
+
+
+def _cpu(proxies: dict[str, int]) -> dict[str, float]:
+    return {role: cpu_seconds([pid]) for role, pid in proxies.items()}
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def bulk_once(running: Running, receiver: Receiver, cfg: Config, log: Path) -> BulkRun:
+    tag = os.urandom(8).hex()
+    # generous: 20 MB/s is far below any path's worst case
+    timeout = 60.0 + cfg.bulk_bytes / 20e6
+    before = _cpu(running.proxies)
+    sent = _run_client("bulk", ["bulk", "--connect", f"{running.entry[0]}:{running.entry[1]}",
+                                "--bytes", str(cfg.bulk_bytes), "--tag", tag], log, timeout)
+    got = receiver.result(tag, timeout)
+    after = _cpu(running.proxies)
+    if int(got["bytes"]) != int(str(sent["bytes"])):
+        raise ChildError(f"receiver got {int(got['bytes'])} bytes, sender sent {sent['bytes']}")
+    seconds = got["t_eof"] - float(str(sent["t_first_send"]))
+    return BulkRun(int(got["bytes"]), seconds, _delta(after, before))
+
+
+def rr_once(running: Running, cfg: Config, log: Path) -> RrRun:
+    timeout = 60.0 + (cfg.rr_count + cfg.rr_warmup) * 0.005
+    before = _cpu(running.proxies)
+    out = _run_client("rr", ["rr", "--connect", f"{running.entry[0]}:{running.entry[1]}",
+                             "--count", str(cfg.rr_count), "--size", str(cfg.rr_size),
+                             "--warmup", str(cfg.rr_warmup)], log, timeout)
+    after = _cpu(running.proxies)
+    samples = out["samples_ns"]
+    assert isinstance(samples, list)
+    return RrRun([int(s) for s in samples], _delta(after, before))
+
+
+@contextlib.contextmanager
+def started(paths: Sequence[BenchPath], target: Addr, workdir: Path) -> Iterator[dict[str, Running]]:
+    with contextlib.ExitStack() as stack:
+        running: dict[str, Running] = {}
+        for p in paths:
+            running[p.name] = stack.enter_context(p.start(target, workdir / p.name))
+        yield running
+
+
+def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[PathResult]:
+    def say(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    results = {p.name: PathResult(p.name, p.description) for p in paths}
+    receiver = Receiver(cfg.workdir)
+    try:
+        with started(paths, receiver.addr, cfg.workdir) as running:
+            for name, r in running.items():
+                pids = ", ".join(f"{role} pid {pid}" for role, pid in r.proxies.items()) or "no proxies"
+                say(f"[{name}] entry {r.entry[0]}:{r.entry[1]} ({pids})")
+            for i in range(cfg.runs):
+                for p in paths:
+                    b = bulk_once(running[p.name], receiver, cfg, cfg.workdir / "bulk.log")
+                    results[p.name].bulk.append(b)
+                    cpu = sum(b.proxy_cpu.values())
+                    say(f"[{p.name}] bulk run {i + 1}/{cfg.runs}: {b.nbytes / GIB:.2f} GiB in "
+                        f"{b.seconds:.2f}s = {b.gbit_per_s:.2f} Gbit/s, proxy CPU {cpu:.2f}s")
+            for i in range(cfg.rr_runs):
+                for p in paths:
+                    q = rr_once(running[p.name], cfg, cfg.workdir / "rr.log")
+                    results[p.name].rr.append(q)
+                    s = sorted(q.samples_ns)
+                    say(f"[{p.name}] rr run {i + 1}/{cfg.rr_runs}: {len(s)} exchanges, "
+                        f"p50 {s[len(s) // 2] / 1000:.1f} us, p99 {s[int(len(s) * 0.99)] / 1000:.1f} us")
+    finally:
+        receiver.stop()
+    return [results[p.name] for p in paths]
