@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.paths import Addr, BenchPath, Running
-from bench.procs import Child, ChildError, cpu_seconds, parse_hostport, python_env, spawn
+from bench.procs import Child, ChildError, cpu_seconds, parse_hostport, pid_alive, python_env, spawn
 
 GIB = 1 << 30
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,12 @@ class BulkRun:
 @dataclass
 class RrRun:
     samples_ns: list[int]
-    proxy_cpu: dict[str, float]
+    proxy_cpu: dict[str, float]  # over the measured and the warm-up exchanges
+    warmup: int
+
+    @property
+    def exchanges(self) -> int:
+        return len(self.samples_ns) + self.warmup
 
 
 @dataclass
@@ -72,7 +77,7 @@ class PathResult:
         return s[min(len(s), max(1, rank)) - 1]
 
     def cpu_us_per_exchange(self) -> float:
-        n = sum(len(r.samples_ns) for r in self.rr)
+        n = sum(r.exchanges for r in self.rr)
         return sum(sum(r.proxy_cpu.values()) for r in self.rr) * 1e6 / n if n else 0.0
 
 
@@ -142,6 +147,12 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: after[k] - before.get(k, 0.0) for k in after}
 
 
+def _check_alive(name: str, running: Running, cfg: Config) -> None:
+    dead = [f"{role} (pid {pid})" for role, pid in running.proxies.items() if not pid_alive(pid)]
+    if dead:
+        raise ChildError(f"path {name}: {', '.join(dead)} exited; logs in {cfg.workdir / name}")
+
+
 def bulk_once(running: Running, receiver: Receiver, cfg: Config, log: Path) -> BulkRun:
     tag = os.urandom(8).hex()
     # generous: 20 MB/s is far below any path's worst case
@@ -166,7 +177,7 @@ def rr_once(running: Running, cfg: Config, log: Path) -> RrRun:
     after = _cpu(running.proxies)
     samples = out["samples_ns"]
     assert isinstance(samples, list)
-    return RrRun([int(s) for s in samples], _delta(after, before))
+    return RrRun([int(s) for s in samples], _delta(after, before), cfg.rr_warmup)
 
 
 @contextlib.contextmanager
@@ -192,6 +203,7 @@ def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[
                 say(f"[{name}] entry {r.entry[0]}:{r.entry[1]} ({pids})")
             for i in range(cfg.runs):
                 for p in paths:
+                    _check_alive(p.name, running[p.name], cfg)
                     b = bulk_once(running[p.name], receiver, cfg, cfg.workdir / "bulk.log")
                     results[p.name].bulk.append(b)
                     cpu = sum(b.proxy_cpu.values())
@@ -199,6 +211,7 @@ def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[
                         f"{b.seconds:.2f}s = {b.gbit_per_s:.2f} Gbit/s, proxy CPU {cpu:.2f}s")
             for i in range(cfg.rr_runs):
                 for p in paths:
+                    _check_alive(p.name, running[p.name], cfg)
                     q = rr_once(running[p.name], cfg, cfg.workdir / "rr.log")
                     results[p.name].rr.append(q)
                     s = sorted(q.samples_ns)

@@ -193,6 +193,14 @@ def _stat_fields(pid: int) -> list[str]:
     return data[data.rindex(")") + 2:].split()
 
 
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        return _stat_fields(pid)[0] not in ("Z", "X")
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def descendants(pid: int) -> list[int]:
     """``pid`` and every process below it (a bounded scan of /proc)."""
     parent_of: dict[int, int] = {}
