@@ -71,6 +71,7 @@ class CaClient:
         self._bundle = bundle
         old, self._channel = self._channel, None
         if old is not None:  # let calls in flight finish on the old channel
+            # A channel only exists once a call ran, so there is a loop to close it on.
             task = asyncio.get_running_loop().create_task(old.close(grace=self._timeout))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
