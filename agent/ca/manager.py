@@ -149,8 +149,7 @@ class CertificateManager:
         self._backoff = backoff or Backoff()
         self._rand = rand
         self._entries: dict[SpiffeId, _Entry] = {}
-        self._bundle_file = (WatchedFile(trust_bundle_file, lambda pem: TrustBundle(trust_bundle.trust_domain,
-                                                                                    pem), "trust bundle")
+        self._bundle_file = (WatchedFile(trust_bundle_file, self._parse_bundle, "trust bundle")
                              if trust_bundle_file is not None else None)
         self._bundle_check_interval = dt.timedelta(seconds=bundle_check_interval)
         self._bundle_checked: dt.datetime | None = None
@@ -166,6 +165,12 @@ class CertificateManager:
                                               or now - self._bundle_checked >= self._bundle_check_interval):
             self.reload_trust_bundle()
         return self._bundle
+
+    def _parse_bundle(self, pem: bytes) -> TrustBundle:
+        try:
+            return TrustBundle(self._bundle.trust_domain, pem)
+        except IdentityError as e:
+            raise ValueError(str(e)) from None
 
     def reload_trust_bundle(self) -> bool:
         """Take the bundle file's roots (the whole bundle) if it changed; True when the bundle changed."""
@@ -289,8 +294,7 @@ class CertificateManager:
         return cert
 
     async def _pause(self, entry: _Entry, seconds: float) -> None:
-        """Sleep ``seconds`` (with the injected sleep), or less if ``entry.wake`` is set."""
-        entry.wake.clear()
+        """Sleep ``seconds`` (with the injected sleep), or less if ``entry.wake`` is or gets set."""
         sleeper = asyncio.ensure_future(self._sleep(seconds))
         waker = asyncio.ensure_future(entry.wake.wait())
         try:
@@ -304,6 +308,7 @@ class CertificateManager:
     async def _maintain(self, entry: _Entry) -> None:
         identity = entry.identity
         while True:
+            entry.wake.clear()  # a wake-up from here on (say, a root dropped mid-fetch) ends the next pause
             try:
                 cert = await self._fetch(identity)
             except asyncio.CancelledError:
