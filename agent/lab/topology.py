@@ -1,0 +1,213 @@
+"""A lab cluster made of network namespaces: nodes on a shared "physical" L2 network, pods behind veths.
+
+Layout for a lab with id X (names are `<prefix><X>-...`, so parallel labs never collide):
+
+    <prefix>X-sw            switch namespace: bridge br0 plus one port per node (n0, n1, ...)
+    <prefix>X-n<i>          node i: uplink eth0 = 192.168.200.(10+i)/24 on the switch,
+                            pod CIDR 10.200.i.0/24, a host-side veth lxc<k> per local pod,
+                            ip_forward on, a route to every other node's pod CIDR via that node
+    <prefix>X-n<i>p<k>      pod k of node i: eth0 = 10.200.i.(10+k)/32, default route via the
+                            link-local gateway 169.254.1.1 whose MAC is the node-side veth's
+                            (fixed ee:ee:ee:ee:ee:ee, as Calico does; a permanent neighbour entry)
+
+Addresses are private and exist only inside the lab's namespaces. IPv6 is disabled everywhere to keep
+the wire quiet. `down()` deletes every namespace the lab made (links, routes and rules die with them),
+also after a partial `up()`, and sweeps any namespace carrying the lab's id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import secrets
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+from agent import netns
+
+GATEWAY_IP = "169.254.1.1"
+HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
+NODE_NET = ipaddress.IPv4Network("192.168.200.0/24")
+POD_SUPERNET = ipaddress.IPv4Network("10.200.0.0/16")
+UPLINK = "eth0"
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node: a network namespace with an uplink on the lab's switch and a pod CIDR."""
+
+    index: int
+    netns: str
+    ip: str
+    uplink: str
+    pod_cidr: str
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod: a network namespace whose eth0 is paired with `host_ifname` in its node's namespace."""
+
+    index: int
+    netns: str
+    ip: str
+    node: Node
+    host_ifname: str
+    ifname: str = "eth0"
+
+
+def _ip_batch(ns: str | None, commands: Sequence[str]) -> None:
+    """Run `ip` commands in one process (fast); raise with ip's own message on failure."""
+    argv = ["ip", *(["-n", ns] if ns else []), "-batch", "-"]
+    res = subprocess.run(argv, input="\n".join(commands) + "\n", text=True, capture_output=True, timeout=30)
+    if res.returncode != 0:
+        raise RuntimeError(f"ip -batch in {ns or 'root ns'} failed: {res.stderr.strip()}")
+
+
+@dataclass
+class Lab:
+    """A running lab; build with `Lab.up()`, tear down with `down()` or a `with` block."""
+
+    lab_id: str
+    prefix: str
+    switch: str
+    nodes: list[Node] = field(default_factory=list)
+    pods: list[Pod] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+
+    @classmethod
+    def up(cls, nodes: int = 2, pods_per_node: int = 2, prefix: str = "ambit-") -> Lab:
+        """Create the lab; on any failure everything made so far is removed before the error propagates."""
+        if not 1 <= nodes <= 200 or not 0 <= pods_per_node <= 200:
+            raise ValueError("nodes must be 1..200 and pods_per_node 0..200")
+        lab_id = secrets.token_hex(3)
+        base = f"{prefix}{lab_id}"
+        lab = cls(lab_id=lab_id, prefix=prefix, switch=f"{base}-sw")
+        try:
+            lab._build(base, nodes, pods_per_node)
+        except BaseException:
+            lab.down()
+            raise
+        return lab
+
+    # -- construction -------------------------------------------------------------------------------
+    def _add_netns(self, name: str) -> None:
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
+        self.created.append(name)
+        netns.sysctl_write(name, "net.ipv6.conf.all.disable_ipv6", "1")
+        netns.sysctl_write(name, "net.ipv6.conf.default.disable_ipv6", "1")
+
+    def _build(self, base: str, n_nodes: int, pods_per_node: int) -> None:
+        self._add_netns(self.switch)
+        sw_cmds = ["link add br0 type bridge", "link set br0 up"]
+        hosts = list(NODE_NET.hosts())
+        for i in range(n_nodes):
+            name = f"{base}-n{i}"
+            self._add_netns(name)
+            pod_cidr = ipaddress.IPv4Network((int(POD_SUPERNET.network_address) + (i << 8), 24))
+            node = Node(index=i, netns=name, ip=str(hosts[9 + i]), uplink=UPLINK, pod_cidr=str(pod_cidr))
+            self.nodes.append(node)
+            sw_cmds += [
+                f"link add n{i} type veth peer name {UPLINK} netns {name}",
+                f"link set n{i} master br0",
+                f"link set n{i} up",
+            ]
+        _ip_batch(self.switch, sw_cmds)
+
+        for node in self.nodes:
+            netns.sysctl_write(node.netns, "net.ipv4.ip_forward", "1")
+            cmds = [
+                "link set lo up",
+                f"addr add {node.ip}/{NODE_NET.prefixlen} dev {UPLINK}",
+                f"link set {UPLINK} up",
+            ]
+            for other in self.nodes:
+                if other is not node:
+                    cmds.append(f"route add {other.pod_cidr} via {other.ip} dev {UPLINK}")
+            pod_net = ipaddress.IPv4Network(node.pod_cidr)
+            for k in range(pods_per_node):
+                pod = Pod(
+                    index=len(self.pods),
+                    netns=f"{base}-n{node.index}p{k}",
+                    ip=str(pod_net.network_address + 10 + k),
+                    node=node,
+                    host_ifname=f"lxc{k}",
+                )
+                self._add_netns(pod.netns)
+                self.pods.append(pod)
+                cmds += [
+                    f"link add {pod.host_ifname} address {HOST_VETH_MAC} type veth "
+                    f"peer name {pod.ifname} netns {pod.netns}",
+                    f"link set {pod.host_ifname} up",
+                    f"route add {pod.ip}/32 dev {pod.host_ifname} scope link src {node.ip}",
+                ]
+            _ip_batch(node.netns, cmds)
+            for pod in self.pods_of(node):
+                _ip_batch(
+                    pod.netns,
+                    [
+                        "link set lo up",
+                        f"addr add {pod.ip}/32 dev {pod.ifname}",
+                        f"link set {pod.ifname} up",
+                        f"route add {GATEWAY_IP} dev {pod.ifname} scope link",
+                        f"route add default via {GATEWAY_IP} dev {pod.ifname} src {pod.ip}",
+                        f"neigh add {GATEWAY_IP} lladdr {HOST_VETH_MAC} dev {pod.ifname} nud permanent",
+                    ],
+                )
+
+    # -- queries --------------------------------------------------------------------------------------
+    def pods_of(self, node: Node) -> list[Pod]:
+        """Pods placed on `node`."""
+        return [p for p in self.pods if p.node == node]
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Every namespace this lab created, in creation order."""
+        return list(self.created)
+
+    # -- running things inside -----------------------------------------------------------------------
+    def exec(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        """Run a command in one of the lab's namespaces (`ip netns exec`)."""
+        return netns.run(ns, argv, **kwargs)
+
+    def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start a command in one of the lab's namespaces; the caller must wait/kill it."""
+        return netns.popen(ns, argv, **kwargs)
+
+    def call(self, ns: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call a Python function with this thread inside namespace `ns`."""
+        with netns.entered(ns):
+            return fn(*args, **kwargs)
+
+    def links(self, ns: str) -> list[dict[str, Any]]:
+        """`ip -j link` of a namespace (for checks)."""
+        out = netns.run(None, ["ip", "-n", ns, "-j", "link", "show"]).stdout
+        return list(json.loads(out or "[]"))
+
+    # -- teardown -------------------------------------------------------------------------------------
+    def down(self) -> None:
+        """Remove every namespace of this lab (idempotent; tolerates half-built labs)."""
+        base = f"{self.prefix}{self.lab_id}-"
+        doomed = list(dict.fromkeys([*reversed(self.created), *(n for n in netns.list_netns() if n.startswith(base))]))
+        errors: list[str] = []
+        for name in doomed:
+            res = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True, timeout=10)
+            if res.returncode != 0 and name in netns.list_netns():
+                errors.append(f"{name}: {res.stderr.strip()}")
+        self.created.clear()
+        if errors:
+            raise RuntimeError("lab teardown left namespaces behind: " + "; ".join(errors))
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with contextlib.suppress(RuntimeError) if exc is not None else contextlib.nullcontext():
+            self.down()

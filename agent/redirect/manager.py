@@ -1,0 +1,614 @@
+"""Redirector: loads bpf/redirect.c and steers enrolled pods' TCP into the agent's listeners.
+
+MEASUREMENTS_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from agent import netns as netns_mod
+from agent.redirect import bpfsys
+from agent.redirect.attach import PROG_PREFIX, Attachment, Backend, Clsact, Tcx
+from agent.redirect.maps import (
+    COUNTER_COUNT,
+    F_FAIL_OPEN,
+    F_LOOKUP_SELECTS,
+    IF_POD,
+    IF_UPLINK,
+    ConfigC,
+    Counter,
+    FlowEvent,
+    Listener,
+    PodC,
+    ip_key,
+    key_ip,
+)
+
+log = logging.getLogger(__name__)
+
+AGENT_MARK = 0x539
+ROUTE_TABLE = 100
+RULE_PRIORITY = 100
+MAIN_RULE_PRIORITY = 32766
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+POD_PROG = "ambit_pod_ingress"
+UPLINK_PROG = "ambit_uplink_ingress"
+LOOKUP_PROG = "ambit_sk_lookup"
+RT_SCOPE_HOST = 254
+RTN_LOCAL = 2
+
+
+class RedirectError(RuntimeError):
+    """The capture could not be set up (the message says what is missing)."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The agent's listener ports."""
+
+    outbound: int = 15001
+    inbound: int = 15006
+    hbone: int = 15008
+
+
+@dataclass
+class ReconcileResult:
+    """What `reconcile()` changed."""
+
+    attached: list[str] = field(default_factory=list)  # interfaces now carrying our program
+    removed: list[str] = field(default_factory=list)  # leftovers detached (ifname or ifindex/pin)
+    missing: list[str] = field(default_factory=list)  # desired pod IPs whose interface does not exist
+
+
+def _kernel_headers_problem() -> str | None:
+    release = os.uname().release
+    build = f"/lib/modules/{release}/build"
+    if not os.path.exists(os.path.join(build, "include")):
+        return (
+            f"kernel headers not found: {build} is missing (this kernel ships none). Run "
+            "scripts/bootstrap.sh, which installs linux-headers-amd64 and links "
+            f"/lib/modules/{release}/build and /source to Debian's headers."
+        )
+    return None
+
+
+def compile_programs(extra_cflags: Sequence[str] = ()) -> Any:
+    """Compile bpf/redirect.c with bcc; raise RedirectError naming what is missing."""
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise RedirectError(
+            "bcc is not importable: install Debian's python3-bpfcc (the PyPI package 'bcc' is something "
+            "else) and use /usr/bin/python3 or a venv made with --system-site-packages"
+        ) from e
+    problem = _kernel_headers_problem()
+    if problem:
+        raise RedirectError(problem)
+    src = BPF_DIR / "redirect.c"
+    try:
+        return BPF(src_file=str(src).encode(), cflags=[f"-I{BPF_DIR}", *extra_cflags])
+    except Exception as e:
+        raise RedirectError(f"bcc could not compile {src}: {e} (compiler messages are on stderr)") from e
+
+
+def host_ifname_for(pod_ip: str, netns: str | None = None) -> str:
+    """Host-side interface of a local pod: the device of the node's route to `pod_ip` (`ip route get`).
+
+    Raises LookupError when the route goes through a gateway (the pod is not on this node)."""
+    from pyroute2 import IPRoute
+
+    with netns_mod.entered(netns):
+        ipr = IPRoute()
+    try:
+        routes = ipr.route("get", dst=pod_ip)
+        if not routes:
+            raise LookupError(f"no route to {pod_ip}")
+        route = routes[0]
+        if route.get_attr("RTA_GATEWAY") or route["type"] != 1:  # RTN_UNICAST
+            raise LookupError(f"{pod_ip} is not a local pod (route via a gateway or not unicast)")
+        links = ipr.get_links(route.get_attr("RTA_OIF"))
+        return str(links[0].get_attr("IFLA_IFNAME"))
+    finally:
+        ipr.close()
+
+
+class Redirector:
+    """Captures enrolled pods' TCP into the agent's listeners (see the module docstring for the design).
+
+    Use from the agent's network namespace (the node's), or pass `netns=` to manage a named namespace
+    from outside (the lab and tests do). Not thread-safe: call it from one thread; the event poller may
+    run in another.
+    """
+
+    def __init__(
+        self,
+        uplinks: Sequence[str] | None = None,
+        *,
+        netns: str | None = None,
+        ports: Ports = Ports(),
+        mark: int = AGENT_MARK,
+        table: int = ROUTE_TABLE,
+        rule_priority: int = RULE_PRIORITY,
+        fail_open: bool = False,
+        backend: Literal["auto", "tcx", "clsact"] = "auto",
+        bpffs: str = "/sys/fs/bpf",
+        instance: str | None = None,
+        lookup_selects: bool = False,
+    ) -> None:
+        self.netns = netns
+        self.ports = ports
+        self.mark = mark
+        self.table = table
+        self.rule_priority = rule_priority
+        self._fail_open = fail_open
+        self._lookup_selects = lookup_selects
+        self._backend_choice = backend
+        self._bpffs = bpffs
+        self._instance = instance
+        self._uplink_names = list(uplinks) if uplinks is not None else None
+        self._bpf: Any = None
+        self._ipr: Any = None
+        self._fds: dict[str, int] = {}
+        self._clsact: Clsact | None = None
+        self._tcx: Tcx | None = None
+        self.backend: Backend | None = None
+        self.uplinks: dict[str, int] = {}
+        self._enrolled: dict[str, tuple[str, int]] = {}  # pod ip -> (ifname, ifindex)
+        self._hooked: dict[str, int] = {}  # non-enrolled pod veths with return-path steering
+        self._listeners: dict[Listener, socket.socket] = {}
+        self._lookup_link_fd: int | None = None
+        self._callbacks: list[Callable[[FlowEvent], None]] = []
+        self._pending: list[FlowEvent] = []
+        self._ring_open = False
+        self._poll_lock = threading.Lock()
+        self._sysctl_undo: list[tuple[str, str]] = []
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> Redirector:
+        """Compile and load the programs, set up policy routing, attach to the uplinks. Idempotent setup:
+        running it over the leftovers of a crashed agent adds nothing twice."""
+        if self._bpf is not None:
+            return self
+        try:
+            self._bpf = compile_programs()
+            b = self._bpf
+            from bcc import BPF
+
+            self._fds[POD_PROG] = b.load_func(POD_PROG.encode(), BPF.SCHED_CLS).fd
+            self._fds[UPLINK_PROG] = b.load_func(UPLINK_PROG.encode(), BPF.SCHED_CLS).fd
+            self._fds[LOOKUP_PROG] = b.load_func(
+                LOOKUP_PROG.encode(), bpfsys.BPF_PROG_TYPE_SK_LOOKUP, attach_type=bpfsys.BPF_SK_LOOKUP
+            ).fd
+            self._write_config()
+            with netns_mod.entered(self.netns):
+                from pyroute2 import IPRoute
+
+                self._ipr = IPRoute()
+                self._netns_ino = os.stat("/proc/thread-self/ns/net").st_ino
+            self._clsact = Clsact(self._ipr)
+            self._choose_backend()
+            self._install_routing()
+            if self._uplink_names is None:
+                self._uplink_names = self._default_route_devices()
+            for name in self._uplink_names:
+                self.uplinks[name] = self._ifindex(name)
+            self._attach_uplinks()
+            b["events"].open_ring_buffer(self._on_ring)
+            self._ring_open = True
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _choose_backend(self) -> None:
+        choice = self._backend_choice
+        pin_dir = os.path.join(self._bpffs, "ambit", self._instance or f"netns-{self._netns_ino}")
+        self._tcx = Tcx(pin_dir, self.netns)
+        if choice == "clsact":
+            self.backend = "clsact"
+            return
+        problem = None
+        if not bpfsys.is_bpffs(self._bpffs):
+            problem = f"{self._bpffs} is not a mounted bpffs (mount -t bpf bpf {self._bpffs})"
+        else:
+            try:  # probe: a tcx link on lo, removed at once
+                with netns_mod.entered(self.netns):
+                    fd = bpfsys.link_create_tcx(self._fds[POD_PROG], self._ifindex("lo"))
+                bpfsys.link_detach(fd)
+                os.close(fd)
+            except OSError as e:
+                problem = f"kernel has no tcx links ({e.strerror}; needs Linux >= 6.6)"
+        if problem is None:
+            self.backend = "tcx"
+        elif choice == "tcx":
+            raise RedirectError(f"tcx backend unavailable: {problem}")
+        else:
+            log.info("tcx unavailable (%s); using clsact filters", problem)
+            self.backend = "clsact"
+
+    def close(self, detach: bool = True) -> None:
+        """Stop. detach=True removes every attachment, rule and route this agent made (pods go direct).
+        detach=False leaves the programs in place (enrolled pods fail closed until an agent comes back,
+        exactly as after a crash) and only releases this process's resources."""
+        with self._poll_lock:
+            if detach and self._ipr is not None:
+                with contextlib.suppress(Exception):
+                    self._remove_all_attachments()
+                with contextlib.suppress(Exception):
+                    self._remove_routing()
+                self._restore_sysctls()
+            if self._lookup_link_fd is not None:
+                os.close(self._lookup_link_fd)
+                self._lookup_link_fd = None
+            if self._bpf is not None:
+                with contextlib.suppress(Exception):
+                    self._bpf.cleanup()
+                self._bpf = None
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None
+            self._fds.clear()
+            self._ring_open = False
+
+    def __enter__(self) -> Redirector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _ifindex(self, ifname: str) -> int:
+        found = self._ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise LookupError(f"no interface {ifname!r} in {self.netns or 'this namespace'}")
+        return int(found[0])
+
+    def _ifname(self, ifindex: int) -> str:
+        with contextlib.suppress(Exception):
+            return str(self._ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME"))
+        return f"#{ifindex}"
+
+    def _default_route_devices(self) -> list[str]:
+        devs = []
+        for r in self._ipr.get_default_routes(family=socket.AF_INET):
+            oif = r.get_attr("RTA_OIF")
+            if oif:
+                devs.append(self._ifname(oif))
+        if not devs:
+            raise RedirectError("no uplink given and no default route to find one: pass uplinks=[...]")
+        return sorted(set(devs))
+
+    def _write_config(self) -> None:
+        cfg = ConfigC()
+        cfg.flags = (F_FAIL_OPEN if self._fail_open else 0) | (F_LOOKUP_SELECTS if self._lookup_selects else 0)
+        cfg.mark = self.mark
+        cfg.port[Listener.OUTBOUND] = self.ports.outbound
+        cfg.port[Listener.INBOUND] = self.ports.inbound
+        cfg.port[Listener.HBONE] = self.ports.hbone
+        table = self._bpf["config"]
+        table[ctypes.c_int(0)] = cfg
+
+    # -- policy routing and sysctls --------------------------------------------------------------------
+    def _rule_specs(self) -> list[dict[str, Any]]:
+        """Marked packets coming IN are delivered locally (table `table` has `local 0.0.0.0/0 dev lo`);
+        the agent's own marked packets (iif lo = locally generated) skip that rule and are routed
+        normally (goto the main table's rule, as Istio does), else its upstream connections would loop."""
+        mark = {"family": socket.AF_INET, "fwmark": self.mark, "fwmask": 0xFFFFFFFF}
+        return [
+            {**mark, "priority": self.rule_priority - 1, "iifname": "lo", "action": "FR_ACT_GOTO",
+             "goto": MAIN_RULE_PRIORITY},
+            {**mark, "priority": self.rule_priority, "table": self.table},
+        ]  # fmt: skip
+
+    def _rule_present(self, spec: dict[str, Any]) -> bool:
+        for rule in self._ipr.get_rules(family=socket.AF_INET):
+            if (
+                rule.get_attr("FRA_PRIORITY") == spec["priority"]
+                and rule.get_attr("FRA_FWMARK") == self.mark
+                and (("goto" in spec) == (rule.get_attr("FRA_GOTO") is not None))
+            ):
+                return True
+        return False
+
+    def _route_present(self) -> bool:
+        for r in self._ipr.get_routes(family=socket.AF_INET, table=self.table):
+            if r["type"] == RTN_LOCAL and r["dst_len"] == 0:
+                return True
+        return False
+
+    def _install_routing(self) -> None:
+        lo = self._ifindex("lo")
+        self._ipr.link("set", index=lo, state="up")
+        if not self._route_present():
+            self._ipr.route(
+                "add", dst="0.0.0.0/0", table=self.table, type=RTN_LOCAL, scope=RT_SCOPE_HOST, oif=lo
+            )
+        for spec in self._rule_specs():
+            if not self._rule_present(spec):
+                self._ipr.rule("add", **spec)
+
+    def _remove_routing(self) -> None:
+        for spec in self._rule_specs():
+            while self._rule_present(spec):
+                self._ipr.rule("del", **spec)
+        lo = self._ifindex("lo")
+        while self._route_present():
+            self._ipr.route(
+                "del", dst="0.0.0.0/0", table=self.table, type=RTN_LOCAL, scope=RT_SCOPE_HOST, oif=lo
+            )
+
+    def _set_sysctl(self, key: str, value: str) -> None:
+        old = netns_mod.sysctl_write(self.netns, key, value)
+        if old != value and not any(k == key for k, _ in self._sysctl_undo):
+            self._sysctl_undo.append((key, old))
+
+    def _restore_sysctls(self) -> None:
+        for key, old in reversed(self._sysctl_undo):
+            with contextlib.suppress(OSError):
+                netns_mod.sysctl_write(self.netns, key, old)
+        self._sysctl_undo.clear()
+
+    # -- attachments -----------------------------------------------------------------------------------
+    def _attach(self, ifindex: int, prog: str) -> None:
+        assert self.backend is not None and self._tcx is not None and self._clsact is not None
+        if self.backend == "tcx":
+            self._tcx.attach(ifindex, self._fds[prog], prog)
+        else:
+            self._clsact.attach(ifindex, self._fds[prog], prog)
+
+    def _all_ifindexes(self) -> list[int]:
+        return [int(link["index"]) for link in self._ipr.get_links()]
+
+    def attachments(self) -> list[Attachment]:
+        """Every ambit program on an ingress hook in this namespace, of either backend, whoever made it."""
+        assert self._tcx is not None and self._clsact is not None
+        live, _stale = self._tcx.list()
+        return live + self._clsact.list(self._all_ifindexes())
+
+    def _detach(self, att: Attachment) -> None:
+        assert self._tcx is not None and self._clsact is not None
+        if att.backend == "tcx":
+            self._tcx.detach(att)
+        else:
+            self._clsact.detach(att)
+
+    def _remove_all_attachments(self) -> None:
+        assert self._tcx is not None
+        for att in self.attachments():
+            self._detach(att)
+        _live, stale = self._tcx.list()
+        for path in stale:
+            Tcx.unpin(path)
+        self._tcx.remove_dir()
+
+    def _detach_ifindex(self, ifindex: int) -> None:
+        for att in self.attachments():
+            if att.ifindex == ifindex:
+                self._detach(att)
+
+    # -- enrollment -----------------------------------------------------------------------------------
+    def enroll(self, pod_ip: str, host_ifname: str) -> None:
+        """Capture the pod's new TCP connections from now on (existing ones continue uncaptured)."""
+        self._require_started()
+        ifindex = self._ifindex(host_ifname)
+        self._bpf["enrolled"][ctypes.c_uint32(ip_key(pod_ip))] = PodC(ifindex=ifindex)
+        self._bpf["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
+        self._attach(ifindex, POD_PROG)
+        self._enrolled[pod_ip] = (host_ifname, ifindex)
+
+    def release(self, pod_ip: str) -> None:
+        """Stop capturing the pod. Connections the agent proxies for it lose their steering (the proxy
+        should close them); new connections go direct."""
+        self._require_started()
+        entry = self._enrolled.pop(pod_ip, None)
+        with contextlib.suppress(KeyError):
+            del self._bpf["enrolled"][ctypes.c_uint32(ip_key(pod_ip))]
+        if entry is None:
+            return
+        _name, ifindex = entry
+        if ifindex in self._hooked.values() or any(ix == ifindex for _n, ix in self._enrolled.values()):
+            return
+        with contextlib.suppress(KeyError):
+            del self._bpf["ifaces"][ctypes.c_uint32(ifindex)]
+        self._detach_ifindex(ifindex)
+
+    def hook(self, host_ifname: str) -> None:
+        """Return-path steering only, for a local pod that is NOT enrolled: needed when the proxy connects
+        to that pod with a spoofed (client pod) source address, so the replies reach the proxy."""
+        self._require_started()
+        ifindex = self._ifindex(host_ifname)
+        self._bpf["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
+        self._attach(ifindex, POD_PROG)
+        self._hooked[host_ifname] = ifindex
+
+    def unhook(self, host_ifname: str) -> None:
+        """Undo `hook()`."""
+        ifindex = self._hooked.pop(host_ifname, None)
+        if ifindex is None or any(ix == ifindex for _n, ix in self._enrolled.values()):
+            return
+        with contextlib.suppress(KeyError):
+            del self._bpf["ifaces"][ctypes.c_uint32(ifindex)]
+        self._detach_ifindex(ifindex)
+
+    def _attach_uplinks(self) -> None:
+        for ifindex in self.uplinks.values():
+            self._bpf["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_UPLINK)
+            self._attach(ifindex, UPLINK_PROG)
+
+    def enrolled(self) -> dict[str, str]:
+        """Pod IP -> host interface, as this Redirector has them."""
+        return {ip: name for ip, (name, _ix) in self._enrolled.items()}
+
+    def reconcile(self, desired: Mapping[str, str], hooked: Sequence[str] = ()) -> ReconcileResult:
+        """Make the kernel state exactly `desired` (pod IP -> host ifname) plus `hooked` interfaces and
+        the uplinks: fills the maps, replaces programs in place (a restarted agent takes over the
+        attachments of the crashed one without a capture gap), removes anything else of ours."""
+        self._require_started()
+        result = ReconcileResult()
+        want_pods: dict[str, tuple[str, int]] = {}
+        for ip, name in desired.items():
+            try:
+                want_pods[ip] = (name, self._ifindex(name))
+            except LookupError:
+                result.missing.append(ip)
+        want_hooked = {}
+        for name in hooked:
+            with contextlib.suppress(LookupError):
+                want_hooked[name] = self._ifindex(name)
+
+        # maps first, so the programs swapped in below see the full state
+        enrolled = self._bpf["enrolled"]
+        want_keys = {ip_key(ip) for ip in want_pods}
+        for k in list(enrolled.keys()):
+            if k.value not in want_keys:
+                del enrolled[k]
+        for ip, (_name, ifindex) in want_pods.items():
+            enrolled[ctypes.c_uint32(ip_key(ip))] = PodC(ifindex=ifindex)
+        roles = {ix: IF_POD for _n, ix in want_pods.values()} | dict.fromkeys(want_hooked.values(), IF_POD)
+        roles |= dict.fromkeys(self.uplinks.values(), IF_UPLINK)
+        ifaces = self._bpf["ifaces"]
+        for k in list(ifaces.keys()):
+            if k.value not in roles:
+                del ifaces[k]
+        for ix, role in roles.items():
+            ifaces[ctypes.c_uint32(ix)] = ctypes.c_uint32(role)
+
+        want_prog = {ix: (UPLINK_PROG if role == IF_UPLINK else POD_PROG) for ix, role in roles.items()}
+        kept: set[int] = set()
+        for att in self.attachments():
+            canonical = (
+                att.ifindex in want_prog
+                and att.ifindex not in kept
+                and att.backend == self.backend
+                and (att.backend == "tcx" or att.ident == f"{1}:{0x539}")
+            )
+            if canonical:
+                kept.add(att.ifindex)
+            else:
+                self._detach(att)
+                result.removed.append(f"{self._ifname(att.ifindex)}({att.backend})")
+        assert self._tcx is not None
+        _live, stale = self._tcx.list()
+        for path in stale:
+            Tcx.unpin(path)
+            result.removed.append(path)
+        for ix, prog in want_prog.items():
+            self._attach(ix, prog)  # replaces the program of a kept attachment in place
+            result.attached.append(self._ifname(ix))
+        self._enrolled = want_pods
+        self._hooked = want_hooked
+        return result
+
+    # -- settings, listeners -----------------------------------------------------------------------------
+    def set_fail_open(self, fail_open: bool) -> None:
+        """Fail-open: when the agent's listener is missing, captured TCP is forwarded unchanged."""
+        self._fail_open = fail_open
+        if self._bpf is not None:
+            self._write_config()
+
+    @property
+    def fail_open(self) -> bool:
+        """Current fail-open setting."""
+        return self._fail_open
+
+    def register_listener(self, kind: Listener, sock: socket.socket) -> None:
+        """Give the agent's listener to the SK_LOOKUP program. Optional for plain capture (the tc programs
+        find listeners by port); it makes a SYN that meets a TIME_WAIT socket of the agent (client port
+        reuse) reach the listener at once instead of via challenge ACK, RST and SYN retransmit, and keeps
+        such a SYN away from any other node listener on the original port."""
+        self._require_started()
+        fd = bpfsys_table_fd(self._bpf, "listeners")
+        bpfsys.map_update(fd, int(kind).to_bytes(4, "little"), sock.fileno().to_bytes(4, "little"))
+        self._listeners[kind] = sock
+        if self._lookup_link_fd is None:
+            with netns_mod.entered(self.netns):
+                nsfd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._lookup_link_fd = bpfsys.link_create_netns(self._fds[LOOKUP_PROG], nsfd)
+            finally:
+                os.close(nsfd)
+
+    # -- events and counters ----------------------------------------------------------------------------
+    def _on_ring(self, _ctx: Any, data: Any, size: int) -> None:
+        ev = FlowEvent.from_bytes(ctypes.string_at(data, size))
+        self._pending.append(ev)
+
+    def poll_events(self, timeout_ms: int = 0) -> list[FlowEvent]:
+        """Wait up to timeout_ms for events; return those that arrived (and pass them to subscribers)."""
+        with self._poll_lock:
+            if self._bpf is None or not self._ring_open:
+                return []
+            self._bpf.ring_buffer_poll(timeout_ms)
+            out, self._pending = self._pending, []
+        for ev in out:
+            for cb in self._callbacks:
+                cb(ev)
+        return out
+
+    def subscribe(self, callback: Callable[[FlowEvent], None]) -> None:
+        """Call `callback` for each event delivered by poll_events()/iter_events()."""
+        self._callbacks.append(callback)
+
+    def iter_events(self, stop: threading.Event, poll_ms: int = 100) -> Iterator[FlowEvent]:
+        """Yield events until `stop` is set (run it in a dedicated thread)."""
+        while not stop.is_set() and self._bpf is not None:
+            yield from self.poll_events(poll_ms)
+
+    def counters(self) -> dict[str, int]:
+        """Kernel-side counters summed over CPUs (events_lost = ring-buffer records dropped)."""
+        self._require_started()
+        table = self._bpf["counters"]
+        out = {}
+        for c in Counter:
+            out[c.name.lower()] = int(sum(table[ctypes.c_int(c)]))
+        assert len(out) == COUNTER_COUNT
+        return out
+
+    @property
+    def lost_events(self) -> int:
+        """Events the kernel could not put in the ring buffer (it was full)."""
+        return self.counters()["events_lost"]
+
+    def enrolled_in_kernel(self) -> dict[str, int]:
+        """Pod IP -> ifindex as the BPF map holds them (for checks)."""
+        return {key_ip(k.value): v.ifindex for k, v in self._bpf["enrolled"].items()}
+
+    def prog_fd(self, name: str) -> int:
+        """File descriptor of a loaded program (ambit_pod_ingress, ambit_uplink_ingress, ambit_sk_lookup)."""
+        return self._fds[name]
+
+    def _require_started(self) -> None:
+        if self._bpf is None:
+            raise RedirectError("Redirector not started")
+
+
+def bpfsys_table_fd(bpf: Any, name: str) -> int:
+    """Map fd of a bcc table, also for types bcc's Python side cannot wrap (sockmap)."""
+    from bcc.libbcc import lib
+
+    fd = int(lib.bpf_table_fd(bpf.module, name.encode()))
+    if fd < 0:
+        raise RedirectError(f"no map {name!r} in the BPF object")
+    return fd
+
+
+__all__ = [
+    "AGENT_MARK",
+    "PROG_PREFIX",
+    "Ports",
+    "ReconcileResult",
+    "RedirectError",
+    "Redirector",
+    "compile_programs",
+    "host_ifname_for",
+]

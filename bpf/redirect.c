@@ -1,0 +1,335 @@
+/* Ambit transparent capture of enrolled pods' TCP into the node agent's listeners.
+ *
+ * Programs (loaded by agent/redirect through bcc):
+ *   ambit_pod_ingress     SCHED_CLS, ingress of the host side of a pod's veth (packets FROM the pod)
+ *   ambit_uplink_ingress  SCHED_CLS, ingress of the node's uplink (packets from other nodes)
+ *   ambit_sk_lookup       SK_LOOKUP, attached to the node netns; picks the agent listener for lookups the
+ *                         tc programs cannot pre-assign (a SYN that meets a TIME_WAIT socket)
+ *
+ * Per packet (TCP over IPv4 only; everything else, UDP/DNS included, passes untouched):
+ *   1. mark == config.mark: the agent's own traffic, pass.
+ *   2. an existing socket of the node namespace owns the 4-tuple (the agent's accepted socket for a captured
+ *      flow, or its IP_TRANSPARENT upstream socket bound to the client pod's address): assign the packet to
+ *      it and set the mark, so policy routing (fwmark -> local table) delivers it locally.
+ *   3. a new connection (SYN without ACK) from an enrolled pod (pod hook) or to an enrolled local pod (uplink
+ *      hook): assign the agent listener 15001 / 15008 (dport 15008) / 15006 and mark; remember the flow.
+ *      No listener: drop (fail-closed) unless config.flags has AMBIT_F_FAIL_OPEN.
+ *   4. any other packet of a remembered flow whose socket is gone: hand it to the listener (answers
+ *      syncookie ACKs / resets) or, with no listener, drop (fail-closed) so nothing leaks in the clear.
+ *   5. everything else (pre-enrollment connections, non-enrolled pods, node <-> pod traffic) passes.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+
+#include "redirect.h"
+
+#define TCP_FL_FIN 0x01
+#define TCP_FL_SYN 0x02
+#define TCP_FL_RST 0x04
+#define TCP_FL_ACK 0x10
+#define LOOPBACK_BE 0x0100007f /* 127.0.0.1 in network byte order (little-endian host) */
+#define IP_FRAG_MASK 0x3fff    /* MF flag + fragment offset */
+
+/* Verdicts: a packet we do not act on continues to the next program of the hook (later tcx programs or
+ * clsact filters of other tools, e.g. the CNI's); one we assigned to a socket is final. */
+#define AMBIT_NEXT TC_ACT_UNSPEC
+#define AMBIT_TAKEN TC_ACT_OK
+
+BPF_ARRAY(config, struct ambit_config, 1);
+BPF_HASH(enrolled, __be32, struct ambit_pod, 16384);
+BPF_HASH(ifaces, __u32, __u32, 16384);
+BPF_TABLE("lru_hash", struct ambit_flow_key, struct ambit_flow, flows, 65536);
+BPF_PERCPU_ARRAY(counters, __u64, AMBIT_C_COUNT);
+BPF_RINGBUF_OUTPUT(events, 64); /* 64 pages = 256 KiB = 8192 events */
+BPF_TABLE("sockmap", __u32, __u32, listeners, AMBIT_L_COUNT); /* value: socket fd from user space */
+
+struct pkt {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u8 flags;
+    __u8 hook;
+};
+
+static __always_inline void count(int idx)
+{
+    __u64 *v = counters.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u8 type, __u8 verdict, __u16 lport,
+                                 __u16 reason)
+{
+    struct ambit_event *ev = events.ringbuf_reserve(sizeof(struct ambit_event));
+    if (!ev) {
+        count(AMBIT_C_EVENTS_LOST);
+        return;
+    }
+    ev->ts_ns = bpf_ktime_get_ns();
+    ev->saddr = p->saddr;
+    ev->daddr = p->daddr;
+    ev->sport = p->sport;
+    ev->dport = p->dport;
+    ev->ifindex = skb->ifindex;
+    ev->type = type;
+    ev->tcp_flags = p->flags;
+    ev->hook = p->hook;
+    ev->verdict = verdict;
+    ev->listener_port = lport;
+    ev->reason = reason;
+    events.ringbuf_submit(ev, 0);
+}
+
+/* Report SYN/FIN/RST packets only: per-flow events, not per-packet ones. */
+static __always_inline void emit_flags(struct __sk_buff *skb, struct pkt *p, __u8 verdict, __u16 lport)
+{
+    if (p->flags & TCP_FL_RST)
+        emit(skb, p, AMBIT_EV_RST, verdict, lport, AMBIT_R_NONE);
+    else if (p->flags & TCP_FL_FIN)
+        emit(skb, p, AMBIT_EV_FIN, verdict, lport, AMBIT_R_NONE);
+    else if (p->flags & TCP_FL_SYN)
+        emit(skb, p, AMBIT_EV_SYN, verdict, lport, AMBIT_R_NONE);
+}
+
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+
+    if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return -1;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(IP_FRAG_MASK)))
+        return -1;
+    __u32 ihl = (ip->ihl & 0xf) * 4;
+    if (ihl < sizeof(struct iphdr))
+        return -1;
+    if ((void *)ip + ihl + sizeof(struct tcphdr) > end) {
+        /* headers not in the linear area: pull them and parse again from the new pointers */
+        if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + ihl + sizeof(struct tcphdr)))
+            return -1;
+        data = (void *)(long)skb->data;
+        end = (void *)(long)skb->data_end;
+        ip = data + sizeof(struct ethhdr);
+        if ((void *)(ip + 1) > end)
+            return -1;
+    }
+    struct tcphdr *tcp = (void *)ip + ihl;
+    if ((void *)(tcp + 1) > end)
+        return -1;
+    p->saddr = ip->saddr;
+    p->daddr = ip->daddr;
+    p->sport = tcp->source;
+    p->dport = tcp->dest;
+    p->flags = ((__u8 *)tcp)[13];
+    return 0;
+}
+
+static __always_inline void flow_key(struct pkt *p, struct ambit_flow_key *k)
+{
+    if (p->saddr < p->daddr || (p->saddr == p->daddr && p->sport < p->dport)) {
+        k->addr_lo = p->saddr;
+        k->port_lo = p->sport;
+        k->addr_hi = p->daddr;
+        k->port_hi = p->dport;
+    } else {
+        k->addr_lo = p->daddr;
+        k->port_lo = p->dport;
+        k->addr_hi = p->saddr;
+        k->port_hi = p->sport;
+    }
+}
+
+/* The agent listener on `port` (bound to 0.0.0.0 or 127.0.0.1, IP_TRANSPARENT), referenced; or NULL. */
+static __always_inline struct bpf_sock *find_listener(struct __sk_buff *skb, struct pkt *p, __u16 port)
+{
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = p->saddr;
+    t.ipv4.sport = p->sport;
+    t.ipv4.daddr = LOOPBACK_BE;
+    t.ipv4.dport = bpf_htons(port);
+    struct bpf_sock *sk = bpf_sk_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (sk && sk->state != BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        return NULL;
+    }
+    return sk;
+}
+
+static __always_inline int refuse(struct __sk_buff *skb, struct pkt *p, struct ambit_config *cfg, __u16 reason,
+                                  int counter)
+{
+    if (cfg->flags & AMBIT_F_FAIL_OPEN) {
+        count(AMBIT_C_FAIL_OPEN);
+        if (p->flags & (TCP_FL_SYN | TCP_FL_FIN | TCP_FL_RST))
+            emit(skb, p, AMBIT_EV_DROP, AMBIT_V_PASSED, 0, AMBIT_R_FAIL_OPEN);
+        return AMBIT_NEXT;
+    }
+    count(counter);
+    emit(skb, p, AMBIT_EV_DROP, AMBIT_V_DROPPED, 0, reason);
+    return TC_ACT_SHOT;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
+{
+    int zero = 0;
+    struct ambit_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->mark || skb->mark == cfg->mark)
+        return AMBIT_NEXT;
+
+    __be32 pod_ip = p->hook == AMBIT_D_POD ? p->saddr : p->daddr;
+    struct ambit_pod *pod = enrolled.lookup(&pod_ip);
+    if (p->hook == AMBIT_D_UPLINK && !pod)
+        return AMBIT_NEXT; /* inbound to a pod we do not capture */
+
+    int syn = (p->flags & (TCP_FL_SYN | TCP_FL_ACK)) == TCP_FL_SYN;
+
+    /* 2. existing socket for this exact 4-tuple */
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = p->saddr;
+    t.ipv4.daddr = p->daddr;
+    t.ipv4.sport = p->sport;
+    t.ipv4.dport = p->dport;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    long assigned = -1;
+    int time_wait = 0;
+    if (sk) {
+        if (sk->state == BPF_TCP_TIME_WAIT && syn)
+            time_wait = 1; /* port reuse: a new flow, let the kernel's TW_SYN path (and SK_LOOKUP) decide */
+        else if (sk->state != BPF_TCP_LISTEN)
+            assigned = bpf_sk_assign(skb, sk, 0);
+        bpf_sk_release(sk);
+    }
+    if (assigned == 0) {
+        skb->mark = cfg->mark;
+        count(AMBIT_C_STEERED);
+        emit_flags(skb, p, AMBIT_V_STEERED, 0);
+        return AMBIT_TAKEN;
+    }
+    if (!pod)
+        return AMBIT_NEXT; /* hooked but not enrolled: return-path steering only */
+
+    /* 4. not a new connection: only flows we took over concern us */
+    if (!syn) {
+        struct ambit_flow_key key = {};
+        flow_key(p, &key);
+        struct ambit_flow *f = flows.lookup(&key);
+        if (!f)
+            return AMBIT_NEXT;
+        __u32 slot = f->listener;
+        if (slot >= AMBIT_L_COUNT)
+            return AMBIT_NEXT;
+        sk = find_listener(skb, p, cfg->port[slot]);
+        if (sk) {
+            long err = bpf_sk_assign(skb, sk, 0);
+            bpf_sk_release(sk);
+            if (!err) {
+                skb->mark = cfg->mark;
+                emit_flags(skb, p, AMBIT_V_STEERED, cfg->port[slot]);
+                return AMBIT_TAKEN;
+            }
+        }
+        return refuse(skb, p, cfg, AMBIT_R_STALE_FLOW, AMBIT_C_DROP_STALE);
+    }
+
+    /* 3. new connection */
+    __u32 slot = AMBIT_L_OUTBOUND;
+    int counter = AMBIT_C_REDIRECT_OUT;
+    if (p->hook == AMBIT_D_UPLINK) {
+        slot = p->dport == bpf_htons(cfg->port[AMBIT_L_HBONE]) ? AMBIT_L_HBONE : AMBIT_L_INBOUND;
+        counter = slot == AMBIT_L_HBONE ? AMBIT_C_REDIRECT_HBONE : AMBIT_C_REDIRECT_IN;
+    }
+    __u16 lport = cfg->port[slot];
+    sk = find_listener(skb, p, lport);
+    if (!sk)
+        return refuse(skb, p, cfg, AMBIT_R_NO_LISTENER, AMBIT_C_DROP_NO_LISTENER);
+    long err = 0;
+    if (time_wait || (cfg->flags & AMBIT_F_LOOKUP_SELECTS))
+        err = 0; /* only mark: the socket lookup (SK_LOOKUP program) picks the listener */
+    else
+        err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        return refuse(skb, p, cfg, AMBIT_R_ASSIGN_FAIL, AMBIT_C_DROP_ASSIGN);
+
+    skb->mark = cfg->mark;
+    struct ambit_flow_key key = {};
+    struct ambit_flow val = {};
+    flow_key(p, &key);
+    val.created_ns = bpf_ktime_get_ns();
+    val.listener = slot;
+    flows.update(&key, &val);
+    count(counter);
+    emit(skb, p, AMBIT_EV_SYN, AMBIT_V_REDIRECTED, lport, AMBIT_R_NONE);
+    return AMBIT_TAKEN;
+}
+
+int ambit_pod_ingress(struct __sk_buff *skb)
+{
+    struct pkt p = {};
+    if (parse(skb, &p))
+        return AMBIT_NEXT;
+    p.hook = AMBIT_D_POD;
+    return handle(skb, &p);
+}
+
+int ambit_uplink_ingress(struct __sk_buff *skb)
+{
+    struct pkt p = {};
+    if (parse(skb, &p))
+        return AMBIT_NEXT;
+    p.hook = AMBIT_D_UPLINK;
+    return handle(skb, &p);
+}
+
+/* Listener lookups in the node namespace that the tc programs left to the kernel (SYN meeting a TIME_WAIT
+ * socket, or every new flow with AMBIT_F_LOOKUP_SELECTS): choose the agent listener from the sockmap. */
+int ambit_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    int zero = 0;
+    struct ambit_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->mark)
+        return SK_PASS;
+    if (ctx->local_ip4 == LOOPBACK_BE)
+        return SK_PASS; /* the tc programs' own listener probes: answer them from the normal tables */
+    __u32 ifindex = ctx->ingress_ifindex;
+    __u32 *role = ifaces.lookup(&ifindex);
+    if (!role)
+        return SK_PASS;
+
+    __u32 slot;
+    if (*role == AMBIT_IF_POD) {
+        __be32 remote = ctx->remote_ip4;
+        struct ambit_pod *pod = enrolled.lookup(&remote);
+        if (!pod || pod->ifindex != ifindex)
+            return SK_PASS;
+        slot = AMBIT_L_OUTBOUND;
+    } else if (*role == AMBIT_IF_UPLINK) {
+        __be32 local = ctx->local_ip4;
+        if (!enrolled.lookup(&local))
+            return SK_PASS;
+        slot = ctx->local_port == cfg->port[AMBIT_L_HBONE] ? AMBIT_L_HBONE : AMBIT_L_INBOUND;
+    } else {
+        return SK_PASS;
+    }
+
+    /* Slot empty (listener not registered or closed): normal lookup. Fail-closed needs nothing here: the
+     * tc programs already dropped the SYN if no listener exists on the agent's port. */
+    struct bpf_sock *sk = (struct bpf_sock *)listeners.lookup(&slot);
+    if (!sk)
+        return SK_PASS;
+    long err = bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    if (!err)
+        count(AMBIT_C_LOOKUP_SELECTED);
+    return SK_PASS;
+}

@@ -1,0 +1,103 @@
+/* Ambit traffic capture: types shared by bpf/redirect.c and agent/redirect (mirrored with ctypes there).
+ *
+ * Keep this file and agent/redirect/maps.py in sync: field order, sizes and constant values are ABI.
+ */
+#ifndef AMBIT_REDIRECT_H
+#define AMBIT_REDIRECT_H
+
+/* config.flags */
+#define AMBIT_F_FAIL_OPEN        (1u << 0) /* no listener: forward captured TCP unchanged instead of dropping */
+#define AMBIT_F_LOOKUP_SELECTS   (1u << 1) /* new flows: only mark; the SK_LOOKUP program picks the listener */
+
+/* Role of an interface (ifaces map value); the SK_LOOKUP program uses it to recognise captured flows. */
+#define AMBIT_IF_POD     1 /* host side of an enrolled pod's veth: traffic FROM the pod arrives here */
+#define AMBIT_IF_UPLINK  2 /* node uplink: traffic from other nodes arrives here */
+
+/* Listener slots (index into the `listeners` sockmap and into config ports). */
+#define AMBIT_L_OUTBOUND 0 /* 15001 */
+#define AMBIT_L_INBOUND  1 /* 15006 */
+#define AMBIT_L_HBONE    2 /* 15008 */
+#define AMBIT_L_COUNT    3
+
+struct ambit_config {
+    __u32 flags;        /* AMBIT_F_* */
+    __u32 mark;         /* skb mark for captured packets (0x539); 0 = not configured: pass everything */
+    __u16 port[AMBIT_L_COUNT]; /* listener ports, host byte order, by AMBIT_L_* */
+    __u16 _pad;
+};
+
+/* enrolled map: key = pod IPv4 (network order) */
+struct ambit_pod {
+    __u32 ifindex;      /* host-side veth in the node namespace */
+    __u32 _pad;
+};
+
+/* flows map (LRU): TCP connections the agent took over, keyed direction-free (lower endpoint first).
+ * A packet of such a flow that finds no socket any more (the agent died or closed it) is dropped in
+ * fail-closed mode instead of being forwarded in the clear. */
+struct ambit_flow_key {
+    __be32 addr_lo;
+    __be32 addr_hi;
+    __be16 port_lo;
+    __be16 port_hi;
+};
+
+struct ambit_flow {
+    __u64 created_ns;
+    __u16 listener;     /* AMBIT_L_* the first SYN went to */
+    __u16 _pad[3];
+};
+
+/* Event types */
+#define AMBIT_EV_SYN  1 /* SYN or SYN-ACK of a flow we act on */
+#define AMBIT_EV_FIN  2
+#define AMBIT_EV_RST  3
+#define AMBIT_EV_DROP 4 /* a packet was dropped (see reason) */
+
+/* Verdicts */
+#define AMBIT_V_REDIRECTED 1 /* new flow assigned to an agent listener */
+#define AMBIT_V_STEERED    2 /* packet of an existing agent socket assigned back to it */
+#define AMBIT_V_PASSED     3 /* forwarded unchanged (fail-open, or marked for the SK_LOOKUP path) */
+#define AMBIT_V_DROPPED    4
+
+/* Drop / pass reasons */
+#define AMBIT_R_NONE         0
+#define AMBIT_R_NO_LISTENER  1 /* agent listener missing (agent down) */
+#define AMBIT_R_ASSIGN_FAIL  2 /* bpf_sk_assign refused the socket */
+#define AMBIT_R_STALE_FLOW   3 /* packet of a taken-over flow whose socket is gone */
+#define AMBIT_R_FAIL_OPEN    4 /* would have dropped, fail-open setting let it through */
+
+/* Hook that emitted an event */
+#define AMBIT_D_POD    0 /* pod veth ingress (outbound traffic and replies to agent upstream sockets) */
+#define AMBIT_D_UPLINK 1 /* uplink ingress (inbound traffic) */
+
+/* One ring-buffer record, 32 bytes. Addresses/ports in network byte order as on the wire. */
+struct ambit_event {
+    __u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u32 ifindex;      /* interface the packet arrived on */
+    __u8 type;          /* AMBIT_EV_* */
+    __u8 tcp_flags;     /* byte 13 of the TCP header: CWR ECE URG ACK PSH RST SYN FIN */
+    __u8 hook;          /* AMBIT_D_* */
+    __u8 verdict;       /* AMBIT_V_* */
+    __u16 listener_port;/* agent port a new flow went to (host order), 0 otherwise */
+    __u16 reason;       /* AMBIT_R_* */
+};
+
+/* Counters (per-CPU array indices) */
+#define AMBIT_C_REDIRECT_OUT   0
+#define AMBIT_C_REDIRECT_IN    1
+#define AMBIT_C_REDIRECT_HBONE 2
+#define AMBIT_C_STEERED        3
+#define AMBIT_C_DROP_NO_LISTENER 4
+#define AMBIT_C_DROP_STALE     5
+#define AMBIT_C_DROP_ASSIGN    6
+#define AMBIT_C_FAIL_OPEN      7
+#define AMBIT_C_EVENTS_LOST    8
+#define AMBIT_C_LOOKUP_SELECTED 9 /* SK_LOOKUP program picked a listener */
+#define AMBIT_C_COUNT          10
+
+#endif
