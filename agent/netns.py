@@ -91,7 +91,7 @@ def run(
     return subprocess.run(netns_argv(name, argv), check=check, timeout=timeout, text=True, **kwargs)
 
 
-def popen(name: str | None, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+def popen(name: str | None, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
     """Start a command in namespace `name` with `ip netns exec` (caller owns the process)."""
     return subprocess.Popen(netns_argv(name, argv), **kwargs)
 

@@ -9,8 +9,9 @@
  * Per packet (TCP over IPv4 only; everything else, UDP/DNS included, passes untouched):
  *   1. mark == config.mark: the agent's own traffic, pass.
  *   2. an existing socket of the node namespace owns the 4-tuple (the agent's accepted socket for a captured
- *      flow, or its IP_TRANSPARENT upstream socket bound to the client pod's address): assign the packet to
- *      it and set the mark, so policy routing (fwmark -> local table) delivers it locally.
+ *      flow, or its IP_TRANSPARENT upstream socket bound to the client pod's address) and the destination is
+ *      not a local address (those are delivered to their socket anyway: kubelet probes stay untouched):
+ *      assign the packet to it and set the mark, so policy routing (fwmark -> local table) delivers it.
  *   3. a new connection (SYN without ACK) from an enrolled pod (pod hook) or to an enrolled local pod (uplink
  *      hook): assign the agent listener 15001 / 15008 (dport 15008) / 15006 and mark; remember the flow.
  *      No listener: drop (fail-closed) unless config.flags has AMBIT_F_FAIL_OPEN.
@@ -163,6 +164,21 @@ static __always_inline struct bpf_sock *find_listener(struct __sk_buff *skb, str
     return sk;
 }
 
+/* Is the packet's destination an address of this namespace? Then the normal input path delivers it to its
+ * socket anyway (e.g. a pod answering a kubelet probe from the node): no steering, no event. */
+static __always_inline int to_local_address(struct __sk_buff *skb, struct pkt *p)
+{
+    struct bpf_fib_lookup fib = {};
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_TCP;
+    fib.sport = p->sport;
+    fib.dport = p->dport;
+    fib.ipv4_src = p->saddr;
+    fib.ipv4_dst = p->daddr;
+    fib.ifindex = skb->ingress_ifindex;
+    return bpf_fib_lookup(skb, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
 static __always_inline int refuse(struct __sk_buff *skb, struct pkt *p, struct ambit_config *cfg, __u16 reason,
                                   int counter)
 {
@@ -189,6 +205,9 @@ static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
     if (p->hook == AMBIT_D_UPLINK && !pod)
         return AMBIT_NEXT; /* inbound to a pod we do not capture */
 
+    if (p->hook == AMBIT_D_POD && !pod && !enrolled.lookup(&p->daddr))
+        return AMBIT_NEXT; /* hook-only veth: the agent only spoofs enrolled pods towards it */
+
     int syn = (p->flags & (TCP_FL_SYN | TCP_FL_ACK)) == TCP_FL_SYN;
 
     /* 2. existing socket for this exact 4-tuple */
@@ -203,7 +222,7 @@ static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
     if (sk) {
         if (sk->state == BPF_TCP_TIME_WAIT && syn)
             time_wait = 1; /* port reuse: a new flow, let the kernel's TW_SYN path (and SK_LOOKUP) decide */
-        else if (sk->state != BPF_TCP_LISTEN)
+        else if (sk->state != BPF_TCP_LISTEN && !to_local_address(skb, p))
             assigned = bpf_sk_assign(skb, sk, 0);
         bpf_sk_release(sk);
     }

@@ -64,7 +64,9 @@ class Pod:
 def _ip_batch(ns: str | None, commands: Sequence[str]) -> None:
     """Run `ip` commands in one process (fast); raise with ip's own message on failure."""
     argv = ["ip", *(["-n", ns] if ns else []), "-batch", "-"]
-    res = subprocess.run(argv, input="\n".join(commands) + "\n", text=True, capture_output=True, timeout=30)
+    res = subprocess.run(
+        argv, check=False, input="\n".join(commands) + "\n", text=True, capture_output=True, timeout=30
+    )
     if res.returncode != 0:
         raise RuntimeError(f"ip -batch in {ns or 'root ns'} failed: {res.stderr.strip()}")
 
@@ -175,7 +177,7 @@ class Lab:
         """Run a command in one of the lab's namespaces (`ip netns exec`)."""
         return netns.run(ns, argv, **kwargs)
 
-    def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start a command in one of the lab's namespaces; the caller must wait/kill it."""
         return netns.popen(ns, argv, **kwargs)
 
@@ -196,7 +198,7 @@ class Lab:
         doomed = list(dict.fromkeys([*reversed(self.created), *(n for n in netns.list_netns() if n.startswith(base))]))
         errors: list[str] = []
         for name in doomed:
-            res = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True, timeout=10)
+            res = subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, text=True, timeout=10)
             if res.returncode != 0 and name in netns.list_netns():
                 errors.append(f"{name}: {res.stderr.strip()}")
         self.created.clear()

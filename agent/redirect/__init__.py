@@ -1,6 +1,5 @@
 """Kernel side of traffic capture: eBPF programs (bpf/redirect.c) and their manager."""
 
-from agent.redirect.maps import EventType, FlowEvent, Hook, Listener, Reason, Verdict
 from agent.redirect.manager import (
     AGENT_MARK,
     Ports,
@@ -9,6 +8,7 @@ from agent.redirect.manager import (
     Redirector,
     host_ifname_for,
 )
+from agent.redirect.maps import EventType, FlowEvent, Hook, Listener, Reason, Verdict
 
 __all__ = [
     "AGENT_MARK",

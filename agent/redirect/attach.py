@@ -88,9 +88,7 @@ class Clsact:
         """Remove one filter; drop the clsact qdisc when nothing else is left on it."""
         prio, handle = (int(x) for x in att.ident.split(":"))
         with contextlib.suppress(Exception):
-            self.ipr.tc(
-                "del-filter", "bpf", att.ifindex, handle, parent=CLSACT_INGRESS, prio=prio, protocol=ETH_P_ALL
-            )
+            self.ipr.tc("del-filter", "bpf", att.ifindex, handle, parent=CLSACT_INGRESS, prio=prio, protocol=ETH_P_ALL)
         remaining = self._filters(att.ifindex)
         with contextlib.suppress(Exception):
             remaining += list(self.ipr.get_filters(index=att.ifindex, parent=0xFFFFFFF3))  # egress hook

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Self
 
 from agent import netns as netns_mod
 
@@ -80,7 +81,7 @@ class _Server:
         for t in threads:
             t.join(timeout=2)
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -118,7 +119,10 @@ class TransparentRelay(_Server):
             self._spawn(self._handle, conn, peer, port)
 
     def _handle(self, conn: socket.socket, peer: tuple[str, int], port: int) -> None:
-        orig = conn.getsockname()
+        try:
+            orig = conn.getsockname()
+        except OSError:  # closed by stop() before this thread ran
+            return
         up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._track(up)
         ok = True
@@ -143,10 +147,16 @@ class TransparentRelay(_Server):
 
 
 class EchoServer(_Server):
-    """Answers every connection with `peer=<ip>:<port> got=<bytes until EOF>` and closes."""
+    """Answers every connection with `peer=<ip>:<port> got=<bytes until EOF>` and closes.
 
-    def __init__(self, ns: str | None, ports: Iterable[int] = (8080,), host: str = "0.0.0.0") -> None:
+    greet_only: answer `peer=<ip>:<port>` at once and close without reading (the server closes first,
+    as HTTP/1.0 servers do)."""
+
+    def __init__(
+        self, ns: str | None, ports: Iterable[int] = (8080,), host: str = "0.0.0.0", greet_only: bool = False
+    ) -> None:
         super().__init__(ns)
+        self.greet_only = greet_only
         self.peers: list[tuple[str, int]] = []
         with netns_mod.entered(ns):
             for port in ports:
@@ -170,6 +180,9 @@ class EchoServer(_Server):
     def _handle(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         with conn, contextlib.suppress(OSError):
             conn.settimeout(5)
+            if self.greet_only:
+                conn.sendall(f"peer={peer[0]}:{peer[1]}".encode())
+                return
             data = b""
             while chunk := conn.recv(65536):
                 data += chunk
@@ -181,6 +194,15 @@ def request(
     source_port: int = 0,
 ) -> bytes:  # fmt: skip
     """Connect from namespace `ns`, send `payload`, half-close, return everything received."""
+    return exchange(ns, ip, port, payload, timeout, source_port)[1]
+
+
+def exchange(
+    ns: str | None, ip: str, port: int, payload: bytes = b"hello", timeout: float = 2.0,
+    source_port: int = 0,
+) -> tuple[tuple[str, int], bytes]:  # fmt: skip
+    """Like request(), also returning the client's own address (to tell a relayed connection from a
+    direct one: a relay that does not keep the source port shows the server another port)."""
     with netns_mod.entered(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with s:
@@ -189,12 +211,13 @@ def request(
             s.bind(("0.0.0.0", source_port))
         s.settimeout(timeout)
         s.connect((ip, port))
+        local = s.getsockname()
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         out = b""
         while chunk := s.recv(65536):
             out += chunk
-        return out
+        return local, out
 
 
 def connect_time(ns: str | None, ip: str, port: int, timeout: float = 3.0, source_port: int = 0) -> float:
