@@ -31,3 +31,10 @@ def client_cert(ca: CertificateAuthority) -> WorkloadCertificate:
 @pytest.fixture(scope="session")
 def server_cert(ca: CertificateAuthority) -> WorkloadCertificate:
     return ca.issue(spiffe("default", "server"))
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Run async tests on uvloop, the loop the agent runs on."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

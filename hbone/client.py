@@ -1,0 +1,165 @@
+"""The HBONE client: a mutual-TLS connection to a peer's 15008 on which CONNECT streams are opened.
+
+The client presents the SOURCE workload's certificate and accepts the server only if its certificate
+carries the EXPECTED destination identity; the check runs before a single HTTP/2 byte is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Mapping
+
+from hbone.identity import (
+    IdentityError,
+    SpiffeId,
+    TrustBundle,
+    WorkloadCertificate,
+    client_context,
+    verify_peer,
+)
+from hbone.protocol import (
+    Authority,
+    ClientConnection,
+    ConnectionEnded,
+    ConnectResponse,
+    Event,
+    Settings,
+    StreamReset,
+)
+from hbone.relay import Relay, Tunnel
+
+Address = tuple[str, int]
+
+
+class HboneError(ConnectionError):
+    """Opening a tunnel or stream failed; the message says where and why."""
+
+
+class StreamRefused(HboneError):
+    """The peer never processed the stream (REFUSED_STREAM, or beyond a GOAWAY): safe to retry elsewhere."""
+
+
+class StreamFailed(HboneError):
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status  # the CONNECT answer (0 when the stream broke before one came)
+
+
+def _hostport(addr: Address) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def request_headers(client: Address | None = None, service_host: str | None = None,
+                    baggage: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The headers ztunnel sends with CONNECT: forwarded (client address), baggage, traceparent."""
+    headers: dict[str, str] = {}
+    if client is not None:
+        headers["forwarded"] = f'for="{_hostport(client)}"' + (f";host={service_host}" if service_host else "")
+    if baggage:
+        headers["baggage"] = ",".join(f"{k}={v}" for k, v in baggage.items())
+    headers["traceparent"] = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+    return headers
+
+
+class ClientTunnel(Tunnel):
+    """Client side of one tunnel connection: sends CONNECTs and settles their answers.
+
+    A stream that fails before its 200 is detached from its relay without touching the relay's TCP
+    connection, so the caller may retry it on another tunnel or close it as it sees fit.
+    """
+
+    def __init__(self, settings: Settings, bundle: TrustBundle, expected: SpiffeId) -> None:
+        super().__init__()
+        self.conn = self.client_conn = ClientConnection(settings)
+        self.bundle, self.expected = bundle, expected
+        self.peer_error: IdentityError | None = None
+        self._answers: dict[int, asyncio.Future[ConnectResponse]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            verify_peer(transport.get_extra_info("ssl_object"), self.bundle, self.expected)
+        except IdentityError as e:
+            self.peer_error = e
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        super().connection_made(transport)
+
+    @property
+    def usable(self) -> bool:
+        return self.ended is None and self.transport is not None and not self.transport.is_closing()
+
+    @property
+    def stream_limit(self) -> int:
+        return self.client_conn.peer_stream_limit
+
+    def open(self, relay: Relay, authority: Authority, headers: Mapping[str, str]) -> asyncio.Future[ConnectResponse]:
+        """Send CONNECT for ``relay``; the future resolves on 200 and raises StreamRefused/StreamFailed."""
+        fut: asyncio.Future[ConnectResponse] = asyncio.get_running_loop().create_future()
+        if not self.usable:
+            fut.set_exception(StreamRefused("tunnel connection is closed"))
+            return fut
+        stream_id = self.client_conn.open(authority, headers)
+        relay.bind(self, stream_id)
+        self._answers[stream_id] = fut
+        self.flush()
+        return fut
+
+    def _settle(self, stream_id: int, exc: HboneError | None, response: ConnectResponse | None = None) -> None:
+        fut = self._answers.pop(stream_id, None)
+        relay = self.streams.get(stream_id)
+        if fut is None or fut.done():
+            return
+        if exc is None:
+            fut.set_result(response)  # type: ignore[arg-type]
+            if relay is not None:
+                relay.start()
+            return
+        if relay is not None:
+            del self.streams[stream_id]
+            relay.tunnel = None
+        fut.set_exception(exc)
+
+    def handle_request_or_response(self, ev: Event) -> None:
+        if isinstance(ev, ConnectResponse):
+            failure = None if ev.status == 200 else StreamFailed(f"CONNECT answered {ev.status}", ev.status)
+            self._settle(ev.stream_id, failure, ev)
+
+    def stream_reset(self, ev: StreamReset) -> None:
+        if ev.stream_id in self._answers:
+            kind = StreamRefused if ev.refused else StreamFailed
+            self._settle(ev.stream_id, kind(f"stream reset by server before an answer (code {ev.error_code})"))
+        else:
+            super().stream_reset(ev)
+
+    def connection_ended(self, ev: ConnectionEnded) -> None:
+        self._fail_pending(ev)
+        super().connection_ended(ev)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_pending(ConnectionEnded(0, f"connection lost: {exc}" if exc else "connection closed"))
+        super().connection_lost(exc)
+
+    def _fail_pending(self, ev: ConnectionEnded) -> None:
+        for stream_id in list(self._answers):
+            unprocessed = ev.last_stream_id is not None and stream_id > ev.last_stream_id
+            kind = StreamRefused if unprocessed else StreamFailed
+            self._settle(stream_id, kind(f"tunnel ended before an answer: {ev.reason}"))
+
+
+async def open_tunnel(address: Address, cert: WorkloadCertificate, expected: SpiffeId, bundle: TrustBundle,
+                      settings: Settings = Settings(), handshake_timeout: float = 10.0) -> ClientTunnel:
+    """Connect to an HBONE server at ``address`` as ``cert``'s workload, expecting ``expected``."""
+    loop = asyncio.get_running_loop()
+    tunnel = ClientTunnel(settings, bundle, expected)
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            await loop.create_connection(lambda: tunnel, address[0], address[1],
+                                         ssl=client_context(cert, bundle), ssl_handshake_timeout=handshake_timeout)
+    except TimeoutError:
+        raise HboneError(f"HBONE connect to {_hostport(address)} timed out after {handshake_timeout}s") from None
+    except OSError as e:
+        raise HboneError(f"HBONE connect to {_hostport(address)} failed: {e}") from e
+    if tunnel.peer_error is not None:
+        raise HboneError(f"HBONE server at {_hostport(address)} rejected: {tunnel.peer_error}")
+    return tunnel

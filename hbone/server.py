@@ -1,0 +1,241 @@
+"""The HBONE server (port 15008): mutual TLS, then HTTP/2 CONNECT streams relayed to upstream TCP.
+
+The certificate presented is chosen per connection from the connection's local (original destination)
+address, as ztunnel does for the pods of its node, so TLS starts only after the TCP accept. Requests are
+answered as ztunnel answers them: 400 for a bad method or authority or an authority IP that is not the
+connection's destination, 401 when policy denies, 503 when the upstream cannot be reached, and 200 only
+once the upstream TCP connection is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import cast
+
+from hbone.identity import (
+    IdentityError,
+    SpiffeId,
+    TrustBundle,
+    WorkloadCertificate,
+    server_context,
+    verify_peer,
+)
+from hbone.protocol import Authority, ConnectRequest, Event, RequestRejected, ServerConnection, Settings
+from hbone.relay import Relay, Tunnel
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class InboundRequest:
+    """What policy and the upstream connector know of one CONNECT request."""
+
+    peer: SpiffeId | None  # None on the plaintext path
+    source: Address  # L3 source of the connection that carried the request
+    destination: Address  # L3 destination of that connection (pod ip, 15008)
+    target: Authority  # where the client wants to go
+    headers: Mapping[str, str]
+
+
+PolicyHook = Callable[[InboundRequest], str | None]  # None allows; a string denies and says why
+UpstreamConnector = Callable[[InboundRequest, Callable[[], Relay]], Awaitable[object]]
+CertificateLookup = Callable[[str], Awaitable[WorkloadCertificate | None]]  # local ip -> certificate
+
+
+async def connect_plain(request: InboundRequest, relay: Callable[[], Relay]) -> object:
+    """Default upstream: a TCP connection from this host to the target."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_connection(relay, request.target.ip, request.target.port)
+
+
+def fixed_certificate(cert: WorkloadCertificate) -> CertificateLookup:
+    async def lookup(_ip: str) -> WorkloadCertificate:
+        return cert
+    return lookup
+
+
+class ServerTunnel(Tunnel):
+    """A server-side TLS connection; the peer's identity is checked before anything is read."""
+
+    def __init__(self, server: HboneServer, source: Address, destination: Address) -> None:
+        super().__init__()
+        self.conn = self.server_conn = ServerConnection(server.settings)
+        self.server = server
+        self.source, self.destination = source, destination
+        self.peer: SpiffeId | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            self.peer = verify_peer(transport.get_extra_info("ssl_object"), self.server.bundle)
+        except IdentityError as e:
+            self.server.count("identity_rejected")
+            log.warning("HBONE from %s: %s", self.source, e)
+            cast(asyncio.Transport, transport).abort()
+            return
+        self.server.tunnels.add(self)
+        super().connection_made(transport)
+
+    def handle_request_or_response(self, ev: Event) -> None:
+        if isinstance(ev, ConnectRequest):
+            self.server.handle_connect(self, ev)
+        elif isinstance(ev, RequestRejected):
+            self.server.count("rejected_request")
+            log.info("HBONE stream %s from %s (%s): %s -> %d", ev.stream_id, self.source, self.peer, ev.reason,
+                     ev.status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.server.tunnels.discard(self)
+
+
+class HboneServer:
+    def __init__(self, certificates: CertificateLookup, bundle: TrustBundle | Callable[[], TrustBundle], *,
+                 policy: PolicyHook | None = None, connect: UpstreamConnector = connect_plain,
+                 settings: Settings = Settings(), handshake_timeout: float = 10.0,
+                 connect_timeout: float = 10.0, check_authority_ip: bool = True) -> None:
+        self.certificates = certificates
+        self._bundle = bundle
+        self.policy = policy
+        self.connect = connect
+        self.settings = settings
+        self.handshake_timeout = handshake_timeout
+        self.connect_timeout = connect_timeout
+        self.check_authority_ip = check_authority_ip
+        self.tunnels: set[ServerTunnel] = set()
+        self.stats: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Future[None] | None = None
+
+    @property
+    def bundle(self) -> TrustBundle:
+        return self._bundle() if callable(self._bundle) else self._bundle
+
+    async def start(self, host: str = "0.0.0.0", port: int = 15008, *, sock: socket.socket | None = None,
+                    reuse_port: bool = False) -> None:
+        """Listen on ``host:port``, or on ``sock`` (the agent's IP_TRANSPARENT listener)."""
+        if sock is None:
+            sock = socket.create_server((host, port), backlog=1024, reuse_port=reuse_port)
+        sock.setblocking(False)
+        self._listener = sock
+        self._accepting = asyncio.ensure_future(self._accept_loop(sock))
+
+    @property
+    def address(self) -> Address:
+        assert self._listener is not None
+        name = self._listener.getsockname()
+        return name[0], name[1]
+
+    async def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+        for tunnel in list(self.tunnels):
+            tunnel.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def count(self, what: str) -> None:
+        self.stats[what] += 1
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        # Accepting here rather than through create_server: the certificate depends on the accepted
+        # socket's local address, and TLS must own the socket from its first byte.
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as e:  # EMFILE and friends: say so, breathe, keep accepting
+                log.error("HBONE accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            self.spawn(self.handshake(conn))
+
+    async def handshake(self, sock: socket.socket) -> None:
+        try:
+            source, destination = sock.getpeername()[:2], sock.getsockname()[:2]
+        except OSError:  # gone already
+            sock.close()
+            return
+        try:
+            cert = await self.certificates(destination[0])
+        except Exception as e:  # no certificate: nothing to present, refuse the connection
+            cert = None
+            log.warning("HBONE from %s: no certificate for %s: %s", source, destination[0], e)
+        if cert is None:
+            self.count("no_certificate")
+            sock.close()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: ServerTunnel(self, source, destination), sock,
+                                               ssl=server_context(cert, self.bundle),
+                                               ssl_handshake_timeout=self.handshake_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as e:
+            self.count("handshake_failed")
+            log.warning("HBONE from %s: TLS handshake failed: %s", source, _reason(e))
+            sock.close()
+
+    def handle_connect(self, tunnel: ServerTunnel, ev: ConnectRequest) -> None:
+        request = InboundRequest(tunnel.peer, tunnel.source, tunnel.destination, ev.authority, ev.headers)
+        if self.check_authority_ip and ev.authority.ip != tunnel.destination[0]:
+            self.count("rejected_request")
+            log.info("HBONE from %s: authority %s is not this connection's destination %s -> 400",
+                     tunnel.source, ev.authority, tunnel.destination[0])
+            tunnel.server_conn.respond(ev.stream_id, 400)
+            return
+        if self.policy is not None:
+            denial = self.policy(request)
+            if denial is not None:
+                self.count("denied")
+                log.info("HBONE %s -> %s denied: %s -> 401", request.peer, request.target, denial)
+                tunnel.server_conn.respond(ev.stream_id, 401)
+                return
+        relay = Relay()
+        relay.bind(tunnel, ev.stream_id)
+        self.spawn(self._open_upstream(tunnel, relay, request))
+
+    async def _open_upstream(self, tunnel: ServerTunnel, relay: Relay, request: InboundRequest) -> None:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self.connect(request, lambda: relay)
+        except (OSError, TimeoutError) as e:
+            self.count("upstream_failed")
+            log.info("HBONE %s -> %s: upstream unreachable: %s -> 503", request.peer, request.target, _reason(e))
+            if not relay.closed:
+                relay.finish("upstream connect failed")
+                tunnel.server_conn.respond(relay.stream_id, 503)
+                tunnel.flush()
+            return
+        if relay.closed:  # the client gave up while we connected
+            if relay.transport is not None:
+                relay.transport.abort()
+            return
+        self.count("accepted")
+        tunnel.server_conn.accept(relay.stream_id)
+        relay.start()
+        tunnel.flush()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, ssl.SSLError):
+        return e.reason or str(e)
+    return str(e) or type(e).__name__
