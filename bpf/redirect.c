@@ -45,7 +45,10 @@ BPF_HASH(enrolled, __be32, struct ambit_pod, 16384);
 BPF_HASH(ifaces, __u32, __u32, 16384);
 BPF_TABLE("lru_hash", struct ambit_flow_key, struct ambit_flow, flows, 65536);
 BPF_PERCPU_ARRAY(counters, __u64, AMBIT_C_COUNT);
-BPF_RINGBUF_OUTPUT(events, 64); /* 64 pages = 256 KiB = 8192 events */
+#ifndef AMBIT_RINGBUF_PAGES
+#define AMBIT_RINGBUF_PAGES 64 /* 256 KiB: 6553 events of 32 bytes + 8 bytes of record header */
+#endif
+BPF_RINGBUF_OUTPUT(events, AMBIT_RINGBUF_PAGES);
 BPF_TABLE("sockmap", __u32, __u32, listeners, AMBIT_L_COUNT); /* value: socket fd from user space */
 
 struct pkt {

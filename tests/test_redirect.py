@@ -102,16 +102,28 @@ def leftovers(lab: Lab, bpffs: str) -> list[str]:
     return found
 
 
+class Agents:
+    """Started Redirectors by node index, made on first use (compiling takes ~0.9 s)."""
+
+    def __init__(self, lab: Lab, bpffs: str) -> None:
+        self.lab, self.bpffs = lab, bpffs
+        self.started: dict[int, Redirector] = {}
+
+    def __getitem__(self, node: int) -> Redirector:
+        if node not in self.started:
+            ns = self.lab.nodes[node].netns
+            self.started[node] = Redirector(["eth0"], netns=ns, bpffs=self.bpffs).start()
+        return self.started[node]
+
+
 @pytest.fixture
-def agents(lab: Lab, bpffs: str, servers: None) -> Iterator[list[Redirector]]:
-    """A started Redirector per node (auto backend: tcx with the private bpffs); checked clean after."""
-    started = []
+def agents(lab: Lab, bpffs: str, servers: None) -> Iterator[Agents]:
+    """Redirectors per node (auto backend: tcx with the private bpffs); the lab is checked clean after."""
+    made = Agents(lab, bpffs)
     try:
-        for node in lab.nodes:
-            started.append(Redirector(["eth0"], netns=node.netns, bpffs=bpffs).start())
-        yield started
+        yield made
     finally:
-        for r in started:
+        for r in made.started.values():
             r.close()
     assert leftovers(lab, bpffs) == []
 
@@ -171,7 +183,7 @@ def wire(lab: Lab, node_index: int, host: str) -> Iterator[list[str]]:
 
 # -- tests ----------------------------------------------------------------------------------------------
 def test_outbound_cross_node_captured_with_original_destination(
-    lab: Lab, agents: list[Redirector], relays: list[TransparentRelay]
+    lab: Lab, agents: Agents, relays: list[TransparentRelay]
 ) -> None:
     a, _b, c, _d = lab.pods
     agents[0].enroll(a.ip, a.host_ifname)
@@ -188,7 +200,7 @@ def test_outbound_cross_node_captured_with_original_destination(
     assert counters["redirect_out"] == 1 and counters["events_lost"] == 0 == agents[0].lost_events
 
 
-def test_inbound_hbone_and_plaintext_ports(lab: Lab, agents: list[Redirector], relays: list[TransparentRelay]) -> None:
+def test_inbound_hbone_and_plaintext_ports(lab: Lab, agents: Agents, relays: list[TransparentRelay]) -> None:
     _a, b, c, d = lab.pods
     agents[1].enroll(c.ip, c.host_ifname)
     assert talk(b, c.ip, 8080) == (b.ip, False)
@@ -201,9 +213,7 @@ def test_inbound_hbone_and_plaintext_ports(lab: Lab, agents: list[Redirector], r
     assert counters["redirect_in"] == 1 and counters["redirect_hbone"] == 1
 
 
-def test_not_captured_unenrolled_udp_and_node_traffic(
-    lab: Lab, agents: list[Redirector], relays: list[TransparentRelay]
-) -> None:
+def test_not_captured_unenrolled_udp_and_node_traffic(lab: Lab, agents: Agents, relays: list[TransparentRelay]) -> None:
     a, b, c, _d = lab.pods
     agents[0].enroll(a.ip, a.host_ifname)
     assert talk(b, c.ip) == (b.ip, True)  # un-enrolled pod: direct
@@ -225,9 +235,7 @@ def test_not_captured_unenrolled_udp_and_node_traffic(
     assert all(lab.nodes[0].ip not in (e.src, e.dst) and b.ip not in (e.src, e.dst) for e in events), events
 
 
-def test_enroll_and_release_with_pods_running(
-    lab: Lab, agents: list[Redirector], relays: list[TransparentRelay]
-) -> None:
+def test_enroll_and_release_with_pods_running(lab: Lab, agents: Agents, relays: list[TransparentRelay]) -> None:
     a, _b, c, _d = lab.pods
     with netns.entered(a.netns):
         before = socket.create_connection((c.ip, 8080), timeout=3)  # opened before enrollment
@@ -248,7 +256,7 @@ def test_enroll_and_release_with_pods_running(
 
 
 def test_hook_steers_replies_of_unenrolled_same_node_pod(
-    lab: Lab, agents: list[Redirector], relays: list[TransparentRelay]
+    lab: Lab, agents: Agents, relays: list[TransparentRelay]
 ) -> None:
     a, b, _c, _d = lab.pods
     agents[0].enroll(a.ip, a.host_ifname)
@@ -267,7 +275,7 @@ def socket_ifindex(ns: str, ifname: str) -> int:
         return socket.if_nametoindex(ifname)
 
 
-def test_fail_closed_without_listener_and_fail_open_setting(lab: Lab, agents: list[Redirector]) -> None:
+def test_fail_closed_without_listener_and_fail_open_setting(lab: Lab, agents: Agents) -> None:
     a, _b, c, _d = lab.pods
     agents[0].enroll(a.ip, a.host_ifname)  # no relay: the agent's proxies are down
     with wire(lab, 0, a.ip) as leaked:
@@ -375,7 +383,7 @@ def test_restart_reconcile_leaves_exactly_the_desired_state(
 
 
 def test_port_reuse_over_time_wait_goes_through_sk_lookup(
-    lab: Lab, agents: list[Redirector], relays: list[TransparentRelay]
+    lab: Lab, agents: Agents, relays: list[TransparentRelay]
 ) -> None:
     a, _b, _c, d = lab.pods
     agents[0].register_listener(Listener.OUTBOUND, relays[0].listeners[15001])
@@ -392,6 +400,24 @@ def test_port_reuse_over_time_wait_goes_through_sk_lookup(
     assert "41234" in lab.exec(lab.nodes[0].netns, ["ss", "-Htan", "state", "time-wait"]).stdout
     assert agents[0].counters()["lookup_selected"] >= 2
     assert len(relays[0].accepted) == 3
+
+
+def test_full_ring_buffer_counts_lost_events(
+    lab: Lab, bpffs: str, servers: None, relays: list[TransparentRelay]
+) -> None:
+    a, _b, c, _d = lab.pods
+    r = Redirector(["eth0"], netns=lab.nodes[0].netns, bpffs=bpffs, ringbuf_pages=1).start()  # ~100 records
+    try:
+        r.enroll(a.ip, a.host_ifname)
+        for _ in range(60):  # >= 4 events each (SYN, FIN, steered SYN-ACK and FIN), nobody polling
+            assert talk(a, c.ip) == (a.ip, False)
+        received = len(r.poll_events(100))
+        lost = r.lost_events
+        assert lost > 0 and 0 < received < 60 * 4
+        assert received + lost >= 60 * 4
+    finally:
+        r.close()
+    assert leftovers(lab, bpffs) == []
 
 
 def test_host_ifname_for(lab: Lab) -> None:

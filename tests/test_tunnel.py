@@ -15,7 +15,7 @@ from hbone.identity import WorkloadCertificate
 from hbone.pool import PoolKey
 from hbone.server import InboundRequest
 from tests.conftest import spiffe
-from tests.tunnel_fixtures import hbone_path
+from tests.tunnel_fixtures import Path, hbone_path
 
 
 async def test_bulk_byte_exact_both_ways(ca: CertificateAuthority, client_cert: WorkloadCertificate,
@@ -162,7 +162,7 @@ async def test_client_reset_becomes_upstream_reset(ca: CertificateAuthority, cli
             seen.set_result("reset")
 
     async with hbone_path(ca, client_cert, server_cert, watch) as path:
-        reader, writer = await path.open()
+        _, writer = await path.open()
         writer.write(b"x")
         await writer.drain()
         for _ in range(100):
@@ -182,7 +182,7 @@ async def test_unreachable_upstream_answers_503_and_resets_client(ca: Certificat
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     async with hbone_path(ca, client_cert, server_cert, upstream_port=closed_port) as path:
-        reader, writer = await path.open()
+        reader, _ = await path.open()
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(reader.read(-1), 5)
         assert path.server.stats["upstream_failed"] == 1
@@ -198,7 +198,7 @@ async def test_policy_denial_answers_401(ca: CertificateAuthority, client_cert: 
         return "test policy denies everyone"
 
     async with hbone_path(ca, client_cert, server_cert, policy=deny) as path:
-        reader, writer = await path.open()
+        reader, _ = await path.open()
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(reader.read(-1), 5)
         assert path.server.stats["denied"] == 1
@@ -213,7 +213,7 @@ async def test_client_refuses_server_with_unexpected_identity(ca: CertificateAut
                                                               server_cert: WorkloadCertificate,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     async with hbone_path(ca, client_cert, server_cert, expect=spiffe("default", "someone-else")) as path:
-        reader, writer = await path.open()
+        reader, _ = await path.open()
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(reader.read(-1), 5)
         assert path.server.stats["accepted"] == 0
@@ -256,7 +256,7 @@ async def test_slow_reader_bounds_agent_memory(ca: CertificateAuthority, client_
     assert digest.digest() == hashlib.sha256(chunk * (total >> 20)).digest()
 
 
-def _agent_buffered(path) -> int:  # type: ignore[no-untyped-def]
+def _agent_buffered(path: Path) -> int:
     """Bytes the in-process agent holds: write buffers of every transport plus relay backlogs."""
     size = 0
     tunnels = list(path.server.tunnels)

@@ -202,7 +202,11 @@ class Redirector:
         bpffs: str = "/sys/fs/bpf",
         instance: str | None = None,
         lookup_selects: bool = False,
+        ringbuf_pages: int = 64,
     ) -> None:
+        if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
+            raise ValueError("ringbuf_pages must be a power of two")
+        self._ringbuf_pages = ringbuf_pages
         self.netns = netns
         self.ports = ports
         self.mark = mark
@@ -238,7 +242,7 @@ class Redirector:
         if self._bpf is not None:
             return self
         try:
-            self._bpf = compile_programs()
+            self._bpf = compile_programs([f"-DAMBIT_RINGBUF_PAGES={self._ringbuf_pages}"])
             b = self._bpf
             from bcc import BPF
 
