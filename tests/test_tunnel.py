@@ -13,6 +13,7 @@ import pytest
 from agent.ca.authority import CertificateAuthority
 from hbone.identity import WorkloadCertificate
 from hbone.pool import PoolKey
+from hbone.relay import Tunnel
 from hbone.server import InboundRequest
 from tests.conftest import spiffe
 from tests.tunnel_fixtures import Path, hbone_path
@@ -259,7 +260,7 @@ async def test_slow_reader_bounds_agent_memory(ca: CertificateAuthority, client_
 def _agent_buffered(path: Path) -> int:
     """Bytes the in-process agent holds: write buffers of every transport plus relay backlogs."""
     size = 0
-    tunnels = list(path.server.tunnels)
+    tunnels: list[Tunnel] = list(path.server.tunnels)
     for entries in path.pool._entries.values():
         for entry in entries:
             if entry.dial.done() and not entry.dial.exception():
