@@ -421,6 +421,22 @@ def test_full_ring_buffer_counts_lost_events(
     assert leftovers(lab, bpffs) == []
 
 
+def test_auto_backend_without_bpffs_is_clsact_and_bad_interface_is_named(
+    lab: Lab, bpffs: str, servers: None, relays: list[TransparentRelay]
+) -> None:
+    a, _b, c, _d = lab.pods
+    r = Redirector(["eth0"], netns=lab.nodes[0].netns, bpffs="/nonexistent-bpffs").start()
+    try:
+        assert r.backend == "clsact"
+        with pytest.raises(LookupError, match="no-such-veth"):
+            r.enroll(a.ip, "no-such-veth")
+        r.enroll(a.ip, a.host_ifname)
+        assert talk(a, c.ip) == (a.ip, False)
+    finally:
+        r.close()
+    assert leftovers(lab, bpffs) == []
+
+
 def test_host_ifname_for(lab: Lab) -> None:
     a, b, c, _d = lab.pods
     node = lab.nodes[0]
