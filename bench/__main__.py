@@ -16,9 +16,9 @@ import tempfile
 import types
 from pathlib import Path
 
-from bench.harness import GIB, Config, run
+from bench.harness import GIB, Config, PathResult, run, wait_until_quiet
 from bench.paths import AmbitPath, BenchPath, DirectPath, EnvoyPath, MeshCerts
-from bench.report import machine, ratios, section, table, write_markdown
+from bench.report import background, machine, ratios, section, table, write_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_BULK = GIB
@@ -48,7 +48,7 @@ def _sigterm(signum: int, frame: types.FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwind: every context manager stops its processes
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--bulk-size", type=parse_size, default=FULL_BULK,
                     help="bytes per bulk stream (default 1G)")
@@ -62,7 +62,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="update --output (default: only for a full-size run)")
+    ap.add_argument("--quiet-wait", type=float, default=120.0,
+                    help="seconds to wait at most for other processes to leave the CPUs alone (0: don't)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep configs, certificates and logs")
+    return ap
+
+
+def _report(results: list[PathResult], cfg: Config, args: argparse.Namespace, command: str) -> None:
+    print()
+    print(table(results, cfg))
+    print()
+    for line in ratios(results):
+        print(line)
+    print(background(results))
+    full = cfg.bulk_bytes >= FULL_BULK and cfg.rr_count >= FULL_RR
+    write = full if args.write is None else args.write
+    if write:
+        write_markdown(args.output, section(results, cfg, command, machine()))
+        print(f"\nwrote {args.output}")
+    elif args.write is None:
+        print(f"\n(reduced run: {args.output} left unchanged; pass --write to update it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
 
@@ -82,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(run a subset with --paths, e.g. --paths {runnable})", file=sys.stderr)
         return 2
 
+    if args.quiet_wait > 0:
+        wait_until_quiet(args.quiet_wait, say=lambda m: print(m, file=sys.stderr, flush=True))
     workdir = Path(tempfile.mkdtemp(prefix="ambit-bench-"))
     cfg = Config(args.bulk_size, args.runs, args.rr_count, args.rr_size, args.rr_warmup, args.rr_runs,
                  workdir)
@@ -96,20 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"configs, certificates and logs kept in {workdir}", file=sys.stderr)
 
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
-    print()
-    print(table(results, cfg))
-    print()
-    for line in ratios(results):
-        print(line)
-    full = cfg.bulk_bytes >= FULL_BULK and cfg.rr_count >= FULL_RR
-    write = full if args.write is None else args.write
-    if write:
-        write_markdown(args.output, section(results, cfg, command, machine()))
-        print(f"\nwrote {args.output}")
-    elif args.write is None:
-        print(f"\n(reduced run: {args.output} left unchanged; pass --write to update it)")
+    _report(results, cfg, args, command)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,10 +14,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import procs
 from bench.paths import Addr, BenchPath, Running
 from bench.procs import Child, ChildError, cpu_seconds, parse_hostport, pid_alive, python_env, spawn
 
@@ -25,11 +26,69 @@ GIB = 1 << 30
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _machine_cpu() -> tuple[float, float]:
+    """Busy and stolen CPU seconds of the whole machine so far, summed over CPUs (from /proc/stat)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = f[:8]
+    return (user + nice + system + irq + softirq) / procs.CLOCK_TICKS, steal / procs.CLOCK_TICKS
+
+
+def _our_cpu() -> float:
+    """CPU seconds of this process, its live descendants and its reaped children."""
+    t = os.times()
+    return cpu_seconds([os.getpid()]) + t.children_user + t.children_system
+
+
+@dataclass
+class Background:
+    """What the rest of the machine did during a run, as fractions of all CPUs (other test suites, the
+    hypervisor taking time away): a check on whether a run can be trusted."""
+
+    other: float = 0.0
+    steal: float = 0.0
+
+
+class LoadMeter:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.busy0, self.steal0 = _machine_cpu()
+        self.ours0 = _our_cpu()
+
+    def stop(self) -> Background:
+        wall = max(time.monotonic() - self.t0, 1e-6) * len(os.sched_getaffinity(0))
+        busy, steal = _machine_cpu()
+        other = (busy - self.busy0) - (_our_cpu() - self.ours0)
+        return Background(max(0.0, other) / wall, (steal - self.steal0) / wall)
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.10, quiet_seconds: int = 3,
+                     say: Callable[[str], None] = print) -> float:
+    """Wait (at most ``max_wait`` s) until other processes use under ``threshold`` of all CPUs for
+    ``quiet_seconds`` consecutive seconds. Returns the last one-second load seen."""
+    deadline = time.monotonic() + max_wait
+    quiet = 0
+    load = 1.0
+    for i in range(int(max_wait) + quiet_seconds + 1):
+        meter = LoadMeter()
+        time.sleep(1.0)
+        load = meter.stop().other
+        quiet = quiet + 1 if load < threshold else 0
+        if quiet >= quiet_seconds:
+            return load
+        if time.monotonic() >= deadline:
+            break
+        if i % 10 == 0:
+            say(f"waiting for a quiet machine: other processes use {load:.0%} of the CPUs")
+    say(f"machine still busy after {max_wait:.0f}s (other processes use {load:.0%}); measuring anyway")
+    return load
+
+
 @dataclass
 class BulkRun:
     nbytes: int
     seconds: float
     proxy_cpu: dict[str, float]  # role -> CPU seconds used during the run
+    background: Background = field(default_factory=Background)
 
     @property
     def gbit_per_s(self) -> float:
@@ -41,6 +100,7 @@ class RrRun:
     samples_ns: list[int]
     proxy_cpu: dict[str, float]  # over the measured and the warm-up exchanges
     warmup: int
+    background: Background = field(default_factory=Background)
 
     @property
     def exchanges(self) -> int:
@@ -158,26 +218,30 @@ def bulk_once(running: Running, receiver: Receiver, cfg: Config, log: Path) -> B
     # generous: 20 MB/s is far below any path's worst case
     timeout = 60.0 + cfg.bulk_bytes / 20e6
     before = _cpu(running.proxies)
+    meter = LoadMeter()
     sent = _run_client("bulk", ["bulk", "--connect", f"{running.entry[0]}:{running.entry[1]}",
                                 "--bytes", str(cfg.bulk_bytes), "--tag", tag], log, timeout)
     got = receiver.result(tag, timeout)
+    background = meter.stop()
     after = _cpu(running.proxies)
     if int(got["bytes"]) != int(str(sent["bytes"])):
         raise ChildError(f"receiver got {int(got['bytes'])} bytes, sender sent {sent['bytes']}")
     seconds = got["t_eof"] - float(str(sent["t_first_send"]))
-    return BulkRun(int(got["bytes"]), seconds, _delta(after, before))
+    return BulkRun(int(got["bytes"]), seconds, _delta(after, before), background)
 
 
 def rr_once(running: Running, cfg: Config, log: Path) -> RrRun:
     timeout = 60.0 + (cfg.rr_count + cfg.rr_warmup) * 0.005
     before = _cpu(running.proxies)
+    meter = LoadMeter()
     out = _run_client("rr", ["rr", "--connect", f"{running.entry[0]}:{running.entry[1]}",
                              "--count", str(cfg.rr_count), "--size", str(cfg.rr_size),
                              "--warmup", str(cfg.rr_warmup)], log, timeout)
+    background = meter.stop()
     after = _cpu(running.proxies)
     samples = out["samples_ns"]
     assert isinstance(samples, list)
-    return RrRun([int(s) for s in samples], _delta(after, before), cfg.rr_warmup)
+    return RrRun([int(s) for s in samples], _delta(after, before), cfg.rr_warmup, background)
 
 
 @contextlib.contextmanager
@@ -208,7 +272,8 @@ def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[
                     results[p.name].bulk.append(b)
                     cpu = sum(b.proxy_cpu.values())
                     say(f"[{p.name}] bulk run {i + 1}/{cfg.runs}: {b.nbytes / GIB:.2f} GiB in "
-                        f"{b.seconds:.2f}s = {b.gbit_per_s:.2f} Gbit/s, proxy CPU {cpu:.2f}s")
+                        f"{b.seconds:.2f}s = {b.gbit_per_s:.2f} Gbit/s, proxy CPU {cpu:.2f}s; "
+                        f"other load {b.background.other:.0%}, steal {b.background.steal:.0%}")
             for i in range(cfg.rr_runs):
                 for p in paths:
                     _check_alive(p.name, running[p.name], cfg)
@@ -216,7 +281,8 @@ def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[
                     results[p.name].rr.append(q)
                     s = sorted(q.samples_ns)
                     say(f"[{p.name}] rr run {i + 1}/{cfg.rr_runs}: {len(s)} exchanges, "
-                        f"p50 {s[len(s) // 2] / 1000:.1f} us, p99 {s[int(len(s) * 0.99)] / 1000:.1f} us")
+                        f"p50 {s[len(s) // 2] / 1000:.1f} us, p99 {s[int(len(s) * 0.99)] / 1000:.1f} us; "
+                        f"other load {q.background.other:.0%}, steal {q.background.steal:.0%}")
     finally:
         receiver.stop()
     return [results[p.name] for p in paths]

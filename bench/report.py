@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +50,11 @@ def machine() -> dict[str, str]:
                 mem_kib = int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "hbone").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
     return {
+        "hbone_sha": h.hexdigest()[:12],
         "nproc": str(len(os.sched_getaffinity(0))),
         "kernel": platform.release(),
         "cpu": _cpu_model(),
@@ -111,6 +117,19 @@ def ratios(results: Sequence[PathResult]) -> list[str]:
     return out
 
 
+def background(results: Sequence[PathResult]) -> str:
+    """One line on what other processes on the machine did while we measured."""
+    bulk = [b.background for r in results for b in r.bulk]
+    rr = [q.background for r in results for q in r.rr]
+
+    def fmt(xs: list[float]) -> str:
+        return f"median {statistics.median(xs):.0%}, max {max(xs):.0%}" if xs else "-"
+
+    return (f"Other processes on the machine used {fmt([b.other for b in bulk])} of all CPUs during bulk "
+            f"runs and {fmt([b.other for b in rr])} during rr runs; hypervisor steal "
+            f"{fmt([b.steal for b in bulk + rr])}")
+
+
 def section(results: Sequence[PathResult], cfg: Config, command: str, info: dict[str, str]) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -118,7 +137,8 @@ def section(results: Sequence[PathResult], cfg: Config, command: str, info: dict
         f"## Latest run: {now}",
         "",
         f"- Machine: {info['nproc']} vCPU ({info['cpu']}), {info['memory']} RAM, Linux {info['kernel']}",
-        f"- Software: Python {info['python']}, Envoy {info['envoy']}, Ambit commit {info['commit']}",
+        f"- Software: Python {info['python']}, Envoy {info['envoy']}, Ambit commit {info['commit']}; "
+        f"sha256 of hbone/*.py (the Ambit code measured): {info['hbone_sha']}",
         f"- Command: `{command}`",
         f"- Bulk: one stream of {cfg.bulk_bytes / GIB:.2f} GiB per run, {cfg.runs} runs per path, "
         "median reported",
@@ -128,6 +148,7 @@ def section(results: Sequence[PathResult], cfg: Config, command: str, info: dict
         table(results, cfg),
         "",
         *[f"- {r}" for r in ratios(results)],
+        f"- {background(results)}",
         "",
         "Paths:",
         *[f"- `{r.name}`: {r.description}" for r in results],
