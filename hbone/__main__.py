@@ -18,6 +18,7 @@ import uvloop
 
 from hbone.forward import Forwarder
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
+from hbone.memory import keep_buffers_on_heap
 from hbone.pool import Pool
 from hbone.protocol import Authority
 from hbone.server import HboneServer, fixed_certificate
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    keep_buffers_on_heap()
     uvloop.run(_serve(args) if args.command == "serve" else _forward(args))
     return 0
 
