@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--rr-count", type=_positive, default=FULL_RR, help="measured exchanges per rr run")
     ap.add_argument("--rr-size", type=_positive, default=1024, help="request and response size in bytes")
     ap.add_argument("--rr-warmup", type=int, default=200, help="unmeasured exchanges before measuring")
-    ap.add_argument("--rr-runs", type=_positive, default=3, help="rr runs per path; samples are pooled")
+    ap.add_argument("--rr-runs", type=_positive, default=5,
+                    help="rr runs per path (interleaved); the median of the runs' percentiles is reported")
     ap.add_argument("--paths", default="direct,ambit,envoy",
                     help="comma-separated subset of direct,ambit,envoy")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="update --output (default: only for a full-size run)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="seconds to wait at most for other processes to leave the CPUs alone (0: don't)")
+    ap.add_argument("--envoy-buffer-limit", type=parse_size, default=None,
+                    help="Envoy per_connection_buffer_limit_bytes (default: Envoy's own, 1 MiB)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep configs, certificates and logs")
     return ap
 
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     certs = MeshCerts.create()
     known: dict[str, BenchPath] = {"direct": DirectPath(), "ambit": AmbitPath(certs),
-                                   "envoy": EnvoyPath(certs)}
+                                   "envoy": EnvoyPath(certs, args.envoy_buffer_limit)}
     names = [n.strip() for n in args.paths.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:

