@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="update --output (default: only for a full-size run)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="seconds to wait at most for other processes to leave the CPUs alone (0: don't)")
+    ap.add_argument("--max-other-load", type=float, default=0.15,
+                    help="measure a run again when other processes used more than this share of the CPUs")
+    ap.add_argument("--retries", type=int, default=3, help="at most this many re-measurements per run")
     ap.add_argument("--envoy-buffer-limit", type=parse_size, default=None,
                     help="Envoy per_connection_buffer_limit_bytes (default: Envoy's own, 1 MiB)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep configs, certificates and logs")
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_until_quiet(args.quiet_wait, say=lambda m: print(m, file=sys.stderr, flush=True))
     workdir = Path(tempfile.mkdtemp(prefix="ambit-bench-"))
     cfg = Config(args.bulk_size, args.runs, args.rr_count, args.rr_size, args.rr_warmup, args.rr_runs,
-                 workdir)
+                 workdir, args.max_other_load, args.retries, max(args.quiet_wait, 1.0))
     ok = False
     try:
         results = run(paths, cfg)

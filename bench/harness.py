@@ -7,6 +7,7 @@ Bulk runs are interleaved across paths (run 1 of every path, then run 2, ...) so
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from bench import procs
 from bench.paths import Addr, BenchPath, Running
@@ -113,6 +115,7 @@ class PathResult:
     description: str
     bulk: list[BulkRun] = field(default_factory=list)
     rr: list[RrRun] = field(default_factory=list)
+    discarded: int = 0  # runs measured again because other processes loaded the machine
 
     def gbit_median(self) -> float:
         return statistics.median(r.gbit_per_s for r in self.bulk)
@@ -155,6 +158,9 @@ class Config:
     rr_warmup: int
     rr_runs: int
     workdir: Path
+    max_other_load: float = 1.0  # a run during which other processes used more is measured again
+    retries: int = 0  # at most this many times per run
+    quiet_wait: float = 60.0  # before measuring again, wait at most this long for a quiet machine
 
 
 class Receiver:
@@ -258,6 +264,25 @@ def started(paths: Sequence[BenchPath], target: Addr, workdir: Path) -> Iterator
         yield running
 
 
+_Run = TypeVar("_Run", BulkRun, RrRun)
+
+
+def _measured(measure: Callable[[], _Run], name: str, running: Running, cfg: Config, result: PathResult,
+              say: Callable[[str], None]) -> _Run:
+    """One run; measured again (at most ``cfg.retries`` times, after waiting for a quiet machine) while
+    other processes used more than ``cfg.max_other_load`` of the CPUs during it."""
+    for attempt in range(cfg.retries + 1):
+        _check_alive(name, running, cfg)
+        r = measure()
+        if r.background.other <= cfg.max_other_load or attempt == cfg.retries:
+            return r
+        result.discarded += 1
+        say(f"[{name}] other processes used {r.background.other:.0%} of the CPUs during the run: "
+            f"measuring it again ({attempt + 1}/{cfg.retries})")
+        wait_until_quiet(cfg.quiet_wait, say=say)
+    raise AssertionError("unreachable")
+
+
 def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[PathResult]:
     def say(msg: str) -> None:
         if progress:
@@ -272,8 +297,9 @@ def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[
                 say(f"[{name}] entry {r.entry[0]}:{r.entry[1]} ({pids})")
             for i in range(cfg.runs):
                 for p in paths:
-                    _check_alive(p.name, running[p.name], cfg)
-                    b = bulk_once(running[p.name], receiver, cfg, cfg.workdir / "bulk.log")
+                    log = cfg.workdir / "bulk.log"
+                    bulk = functools.partial(bulk_once, running[p.name], receiver, cfg, log)
+                    b = _measured(bulk, p.name, running[p.name], cfg, results[p.name], say)
                     results[p.name].bulk.append(b)
                     cpu = sum(b.proxy_cpu.values())
                     say(f"[{p.name}] bulk run {i + 1}/{cfg.runs}: {b.nbytes / GIB:.2f} GiB in "
@@ -281,8 +307,8 @@ def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[
                         f"other load {b.background.other:.0%}, steal {b.background.steal:.0%}")
             for i in range(cfg.rr_runs):
                 for p in paths:
-                    _check_alive(p.name, running[p.name], cfg)
-                    q = rr_once(running[p.name], cfg, cfg.workdir / "rr.log")
+                    rr = functools.partial(rr_once, running[p.name], cfg, cfg.workdir / "rr.log")
+                    q = _measured(rr, p.name, running[p.name], cfg, results[p.name], say)
                     results[p.name].rr.append(q)
                     s = sorted(q.samples_ns)
                     say(f"[{p.name}] rr run {i + 1}/{cfg.rr_runs}: {len(s)} exchanges, "

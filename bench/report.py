@@ -127,9 +127,10 @@ def background(results: Sequence[PathResult]) -> str:
     def fmt(xs: list[float]) -> str:
         return f"median {statistics.median(xs):.0%}, max {max(xs):.0%}" if xs else "-"
 
-    return (f"Other processes on the machine used {fmt([b.other for b in bulk])} of all CPUs during bulk "
-            f"runs and {fmt([b.other for b in rr])} during rr runs; hypervisor steal "
-            f"{fmt([b.steal for b in bulk + rr])}")
+    discarded = sum(r.discarded for r in results)
+    return (f"Other processes on the machine used {fmt([b.other for b in bulk])} of all CPUs during the "
+            f"kept bulk runs and {fmt([b.other for b in rr])} during the kept rr runs; hypervisor steal "
+            f"{fmt([b.steal for b in bulk + rr])}; {discarded} run(s) measured again because of other load")
 
 
 def section(results: Sequence[PathResult], cfg: Config, command: str, info: dict[str, str]) -> str:
