@@ -10,6 +10,9 @@ import asyncio
 import secrets
 from collections.abc import Mapping
 
+import h2.exceptions
+from h2.errors import ErrorCodes
+
 from hbone.identity import (
     IdentityError,
     SpiffeId,
@@ -99,7 +102,11 @@ class ClientTunnel(Tunnel):
         if not self.usable:
             fut.set_exception(StreamRefused("tunnel connection is closed"))
             return fut
-        stream_id = self.client_conn.open(authority, headers)
+        try:
+            stream_id = self.client_conn.open(authority, headers)
+        except h2.exceptions.TooManyStreamsError:
+            fut.set_exception(StreamRefused("tunnel connection has no free stream"))
+            return fut
         relay.bind(self, stream_id)
         self._answers[stream_id] = fut
         self.flush()
@@ -118,6 +125,8 @@ class ClientTunnel(Tunnel):
         if relay is not None:
             del self.streams[stream_id]
             relay.tunnel = None
+        self.client_conn.reset(stream_id, ErrorCodes.CANCEL)  # give the stream's slot back on both ends
+        self.flush()
         fut.set_exception(exc)
 
     def handle_request_or_response(self, ev: Event) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import binascii
 import contextlib
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import hyperframe.frame
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
@@ -62,6 +64,9 @@ class ProtocolError(Exception):
         self.code = code
 
 
+_AUTHORITY_RE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,5})", re.ASCII)
+
+
 @dataclass(frozen=True, slots=True)
 class Authority:
     """A CONNECT target ``ip:port`` (``[v6]:port`` for IPv6)."""
@@ -71,16 +76,15 @@ class Authority:
 
     @classmethod
     def parse(cls, text: str) -> Authority:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
-            raise ValueError(f"authority {text!r} is not ip:port")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
+        m = _AUTHORITY_RE.fullmatch(text)
+        if m is None:
+            raise ValueError(f"authority {text!r} is not ip:port (or [ipv6]:port)")
         try:
-            ip = ipaddress.ip_address(host)
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = (
+                ipaddress.IPv6Address(m.group(1)) if m.group(1) else ipaddress.IPv4Address(m.group(2)))
         except ValueError:
             raise ValueError(f"authority {text!r} does not name an IP address") from None
-        port = int(port_text)
+        port = int(m.group(3))
         if not 0 < port < 65536:
             raise ValueError(f"authority {text!r} has port out of range")
         return cls(str(ip), port)
@@ -162,7 +166,12 @@ class _H2(h2.connection.H2Connection):
         try:
             return super()._receive_headers_frame(frame)
         except h2.exceptions.TooManyStreamsError:
-            self.decoder.decode(frame.data, raw=True)
+            try:
+                self.decoder.decode(frame.data, raw=True)
+            except hpack.OversizedHeaderListError as e:
+                raise h2.exceptions.DenialOfServiceError(f"oversized header block: {e}") from e
+            except hpack.HPACKError as e:
+                raise h2.exceptions.ProtocolError(f"undecodable header block: {e}") from e
             self.highest_inbound_stream_id = max(self.highest_inbound_stream_id, frame.stream_id)
             rst = RstStreamFrame(frame.stream_id)
             rst.error_code = ErrorCodes.REFUSED_STREAM
@@ -384,7 +393,7 @@ class _Connection:
             return
         try:
             h2_events = self._h2.receive_data(bytes(data))
-        except h2.exceptions.ProtocolError as e:  # h2 has queued a GOAWAY already
+        except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY (none is due for a bad preface)
             self.closed = ConnectionEnded(getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR), str(e))
             out.append(self.closed)
             return
@@ -460,12 +469,17 @@ class ServerConnection(_Connection):
         self._sendable.add(stream_id)
 
     def respond(self, stream_id: int, status: int) -> None:
-        """A final answer that closes the stream (400, 401, 503 ...)."""
+        """A final answer that closes the stream (400, 401, 503 ...), both ways: the client's side is
+        reset with NO_ERROR (RFC 9113 §8.1) so the stream gives its concurrency slot back at once."""
         self._forget(stream_id)
         try:
             self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=True)
         except h2.exceptions.ProtocolError:
             self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = self._h2.streams.get(stream_id)
+        if stream is not None and not stream.closed:
+            self.reset(stream_id, ErrorCodes.NO_ERROR)
 
 
 class ClientConnection(_Connection):

@@ -26,7 +26,15 @@ from hbone.identity import (
     server_context,
     verify_peer,
 )
-from hbone.protocol import Authority, ConnectRequest, Event, RequestRejected, ServerConnection, Settings
+from hbone.protocol import (
+    Authority,
+    ConnectionEnded,
+    ConnectRequest,
+    Event,
+    RequestRejected,
+    ServerConnection,
+    Settings,
+)
 from hbone.relay import Relay, Tunnel
 
 log = logging.getLogger(__name__)
@@ -90,6 +98,13 @@ class ServerTunnel(Tunnel):
             self.server.count("rejected_request")
             log.info("HBONE stream %s from %s (%s): %s -> %d", ev.stream_id, self.source, self.peer, ev.reason,
                      ev.status)
+
+    def connection_ended(self, ev: ConnectionEnded) -> None:
+        if ev.error_code:
+            self.server.count("protocol_error")
+            log.warning("HBONE from %s (%s): connection ended: %s (error code %d)", self.source, self.peer,
+                        ev.reason, ev.error_code)
+        super().connection_ended(ev)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -236,6 +251,8 @@ class HboneServer:
 def _reason(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"{e.reason}: {e.verify_message}"
     if isinstance(e, ssl.SSLError):
         return e.reason or str(e)
     return str(e) or type(e).__name__

@@ -131,9 +131,6 @@ def test_final_answer_ends_the_stream(status: int) -> None:
     assert all(isinstance(ev, StreamReset) and ev.error_code == ErrorCodes.NO_ERROR for ev in at_client[2:])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: respond() sends END_STREAM but leaves the request side open "
-                                        "(no RST_STREAM(NO_ERROR), RFC 9113 §8.1), so every 400/401/503 keeps a "
-                                        "concurrent-stream slot on both ends for the life of the connection")
 @pytest.mark.parametrize("answer", ["respond 401", "respond 503", "bad method 400"])
 def test_a_rejected_stream_gives_its_slot_back(answer: str) -> None:
     """With room for one stream, a rejected request must not block the next one."""
@@ -180,13 +177,6 @@ def test_extended_connect_answers_400() -> None:
     assert not only(at_server, ConnectRequest)
 
 
-_LENIENT = "BUG: Authority.parse accepts it (str.isdigit/int and a bare rpartition are too lenient)"
-
-
-def _lenient(authority: str, why: str) -> object:
-    return pytest.param(authority, marks=pytest.mark.xfail(strict=True, reason=f"{_LENIENT}: {why}"))
-
-
 @pytest.mark.parametrize("authority", [
     "10.0.0.1",  # no port
     "10.0.0.1:",  # empty port
@@ -196,11 +186,10 @@ def _lenient(authority: str, why: str) -> object:
     "10.0.0.1:-1",
     "",
     "[::1]",  # IPv6 without a port
-    _lenient("fe80::1:80", "IPv6 needs brackets (RFC 3986 §3.2.2); this one is ambiguous"),
-    _lenient("[10.0.0.1]:80", "brackets are for IPv6 only"),
-    _lenient("10.0.0.1:\uff18\uff10", "fullwidth digits parse as port 80"),
-    pytest.param("10.0.0.1:\u00b2", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: rejected, but the reason is int()'s message, not the authority")),
+    "fe80::1:80",  # IPv6 needs brackets (RFC 3986 §3.2.2); this one is ambiguous
+    "[10.0.0.1]:80",  # brackets are for IPv6 only
+    "10.0.0.1:\uff18\uff10",  # fullwidth digits
+    "10.0.0.1:\u00b2",  # a superscript digit
 ])
 def test_malformed_authority_answers_400_naming_it(authority: str) -> None:
     raw, server, _ = raw_connected()
@@ -416,9 +405,6 @@ def test_oversized_header_block_ends_the_connection_with_goaway() -> None:
     assert goaway.error_code == events[0].error_code
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _H2._receive_headers_frame decodes a refused block with "
-                                        "decoder.decode() outside h2's error handling, so hpack's "
-                                        "OversizedHeaderListError (or any HPACKError) escapes receive()")
 def test_oversized_header_block_on_an_excess_stream_ends_the_connection() -> None:
     raw, server, _ = raw_connected(Settings(max_concurrent_streams=1), ignore_limit=True)
     raw.send_headers(1, connect_headers("10.0.0.1:80"))

@@ -172,9 +172,6 @@ async def test_expired_client_certificate(path: Path, ca: CertificateAuthority,
     await still_serves(path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hbone.server._reason logs only SSLError.reason "
-                                        "(CERTIFICATE_VERIFY_FAILED), dropping verify_message, so an expired "
-                                        "certificate and an unknown CA read the same in the log")
 @pytest.mark.parametrize(("case", "why"), [("expired", "certificate has expired"),
                                            ("another CA", "unable to get local issuer certificate")])
 async def test_certificate_rejection_log_says_why(path: Path, ca: CertificateAuthority,
@@ -306,8 +303,6 @@ async def test_oversized_header_block_ends_that_connection_only(path: Path, ca: 
     await still_serves(path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ServerTunnel does not override connection_ended: a connection the "
-                                        "server ends for a protocol error is neither logged nor counted")
 async def test_oversized_header_block_is_logged(path: Path, ca: CertificateAuthority,
                                                 client_cert: WorkloadCertificate,
                                                 caplog: pytest.LogCaptureFixture) -> None:
@@ -342,11 +337,6 @@ async def test_more_streams_than_allowed_only_the_excess_is_refused(path: Path, 
     await still_serves(path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a denied (401) stream is never fully closed: the server's respond() "
-                                        "leaves it half-closed and ClientTunnel does not reset it, so each denial "
-                                        "keeps a stream slot on the pooled connection; at the peer's limit "
-                                        "ClientConnection.open raises h2 TooManyStreamsError, which Forwarder does "
-                                        "not catch, and the client hangs unanswered")
 async def test_policy_denials_do_not_wear_out_the_pooled_connection(ca: CertificateAuthority,
                                                                     client_cert: WorkloadCertificate,
                                                                     server_cert: WorkloadCertificate) -> None:
