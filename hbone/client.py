@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Mapping
+import socket
+from collections.abc import Awaitable, Callable, Mapping
 
 import h2.exceptions
 from h2.errors import ErrorCodes
@@ -156,14 +157,34 @@ class ClientTunnel(Tunnel):
             self._settle(stream_id, kind(f"tunnel ended before an answer: {ev.reason}"))
 
 
+Dialer = Callable[[Address, str | None], Awaitable[socket.socket]]  # (address, source ip) -> connected socket
+
+
+async def dial_plain(address: Address, source_ip: str | None) -> socket.socket:
+    """Connect from this host (from ``source_ip`` if it is one of this host's addresses)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if source_ip is not None:
+            sock.bind((source_ip, 0))
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def open_tunnel(address: Address, cert: WorkloadCertificate, expected: SpiffeId, bundle: TrustBundle,
-                      settings: Settings = Settings(), handshake_timeout: float = 10.0) -> ClientTunnel:
+                      settings: Settings = Settings(), handshake_timeout: float = 10.0,
+                      dial: Dialer = dial_plain, source_ip: str | None = None) -> ClientTunnel:
     """Connect to an HBONE server at ``address`` as ``cert``'s workload, expecting ``expected``."""
     loop = asyncio.get_running_loop()
     tunnel = ClientTunnel(settings, bundle, expected)
     try:
         async with asyncio.timeout(handshake_timeout):
-            await loop.create_connection(lambda: tunnel, address[0], address[1],
+            sock = await dial(address, source_ip)
+            await loop.create_connection(lambda: tunnel, sock=sock, server_hostname=address[0],
                                          ssl=client_context(cert, bundle), ssl_handshake_timeout=handshake_timeout)
     except TimeoutError:
         raise HboneError(f"HBONE connect to {_hostport(address)} timed out after {handshake_timeout}s") from None

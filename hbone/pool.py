@@ -1,4 +1,5 @@
-"""Pooled HBONE connections, keyed as ztunnel keys them: (source identity, destination identity, address).
+"""Pooled HBONE connections, keyed as ztunnel keys them: (source identity, destination identity, destination
+address, source IP).
 
 A connection carries at most ``max_streams`` streams (100, or fewer if the server allows fewer); the
 next stream opens a new connection. Streams are assigned synchronously, so a burst of requests for one
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from hbone.client import ClientTunnel, StreamRefused, open_tunnel
+from hbone.client import ClientTunnel, Dialer, StreamRefused, dial_plain, open_tunnel
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
 from hbone.protocol import Authority, Settings
 from hbone.relay import Relay, Tunnel
@@ -30,6 +31,7 @@ class PoolKey:
     source: SpiffeId
     destination: SpiffeId
     address: Address
+    source_ip: str | None = None  # the tunnel's L3 source, when the agent sends as the client pod
 
 
 @dataclass(eq=False)
@@ -43,8 +45,10 @@ class _Entry:
 
 class Pool:
     def __init__(self, bundle: TrustBundle | Callable[[], TrustBundle], settings: Settings = Settings(), *,
-                 max_streams: int = 100, idle_timeout: float = 300.0, connect_timeout: float = 10.0) -> None:
+                 max_streams: int = 100, idle_timeout: float = 300.0, connect_timeout: float = 10.0,
+                 dial: Dialer = dial_plain) -> None:
         self._bundle = bundle
+        self.dial = dial
         self.settings = settings
         self.max_streams = max_streams
         self.idle_timeout = idle_timeout
@@ -60,12 +64,12 @@ class Pool:
         return sum(1 for k in keys for e in self._entries.get(k, []) if not e.dead)
 
     async def connect(self, relay: Relay, source: WorkloadCertificate, destination: SpiffeId, address: Address,
-                      authority: Authority, headers: Mapping[str, str]) -> None:
+                      authority: Authority, headers: Mapping[str, str], source_ip: str | None = None) -> None:
         """Open a CONNECT stream for ``relay``; returns once the server answered 200 and the relay runs.
 
         Raises HboneError (StreamFailed carries the status) if the tunnel or the stream cannot be had.
         """
-        key = PoolKey(source.identity, destination, address)
+        key = PoolKey(source.identity, destination, address, source_ip)
         for attempt in (1, 2):
             entry = self._checkout(key, source)
             try:
@@ -105,7 +109,7 @@ class Pool:
 
     async def _dial(self, key: PoolKey, source: WorkloadCertificate) -> ClientTunnel:
         return await open_tunnel(key.address, source, key.destination, self.bundle, self.settings,
-                                 self.connect_timeout)
+                                 self.connect_timeout, self.dial, key.source_ip)
 
     def _dialled(self, entry: _Entry, task: asyncio.Task[ClientTunnel]) -> None:
         if task.cancelled() or task.exception() is not None:
