@@ -15,8 +15,8 @@ from agent.ca.auth import (
     NodeAuthorizer,
     NodeTokenFile,
     PodStateFile,
-    SourceError,
 )
+from agent.objectfile import SourceError
 from tests.conftest import spiffe
 from tests.test_ca_lab import PODS, pod, rewrite, write_pods
 

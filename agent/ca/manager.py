@@ -30,8 +30,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent.ca.auth import SourceError, WatchedFile
 from agent.ca.authority import key_pem, make_csr, new_key
+from agent.objectfile import SourceError, WatchedFile
 from hbone.identity import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
 
 log = logging.getLogger("ambit.ca.manager")

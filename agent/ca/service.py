@@ -36,10 +36,10 @@ from agent.ca.auth import (
     AuthorizationError,
     Authorizer,
     Caller,
-    SourceError,
 )
 from agent.ca.authority import DEFAULT_TTL, MAX_TTL, CertificateAuthority, CsrError
 from agent.ca.client import CA_NAMESPACE, CA_SERVER_NAME, CA_SERVICE_ACCOUNT, IMPERSONATED_IDENTITY
+from agent.objectfile import SourceError
 from hbone.identity import IdentityError, SpiffeId, WorkloadCertificate
 
 log = logging.getLogger("ambit.ca")
