@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
+from hbone.accept import Acceptor
 from hbone.identity import (
     IdentityError,
     SpiffeId,
@@ -126,9 +127,7 @@ class HboneServer:
         self.check_authority_ip = check_authority_ip
         self.tunnels: set[ServerTunnel] = set()
         self.stats: Counter[str] = Counter()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._listener: socket.socket | None = None
-        self._accepting: asyncio.Future[None] | None = None
+        self._acceptor: Acceptor | None = None
 
     @property
     def bundle(self) -> TrustBundle:
@@ -139,48 +138,24 @@ class HboneServer:
         """Listen on ``host:port``, or on ``sock`` (the agent's IP_TRANSPARENT listener)."""
         if sock is None:
             sock = socket.create_server((host, port), backlog=1024, reuse_port=reuse_port)
-        sock.setblocking(False)
-        self._listener = sock
-        self._accepting = asyncio.ensure_future(self._accept_loop(sock))
+        # Accepting ourselves: the certificate depends on the accepted socket's local address, and TLS
+        # must own the socket from its first byte.
+        self._acceptor = Acceptor(sock, self.handshake, "HBONE server")
+        self._acceptor.start()
 
     @property
     def address(self) -> Address:
-        assert self._listener is not None
-        name = self._listener.getsockname()
-        return name[0], name[1]
+        assert self._acceptor is not None
+        return self._acceptor.address
 
     async def close(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.close()
         for tunnel in list(self.tunnels):
             tunnel.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._acceptor is not None:
+            await self._acceptor.close()
 
     def count(self, what: str) -> None:
         self.stats[what] += 1
-
-    def spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        # Accepting here rather than through create_server: the certificate depends on the accepted
-        # socket's local address, and TLS must own the socket from its first byte.
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as e:  # EMFILE and friends: say so, breathe, keep accepting
-                log.error("HBONE accept failed: %s", e)
-                await asyncio.sleep(0.1)
-                continue
-            self.spawn(self.handshake(conn))
 
     async def handshake(self, sock: socket.socket) -> None:
         try:
@@ -224,7 +199,8 @@ class HboneServer:
                 return
         relay = Relay()
         relay.bind(tunnel, ev.stream_id)
-        self.spawn(self._open_upstream(tunnel, relay, request))
+        assert self._acceptor is not None
+        self._acceptor.spawn(self._open_upstream(tunnel, relay, request))
 
     async def _open_upstream(self, tunnel: ServerTunnel, relay: Relay, request: InboundRequest) -> None:
         try:
