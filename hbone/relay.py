@@ -39,12 +39,17 @@ TCP_WRITE_HIGH_WATER = 1024 * 1024
 TLS_WRITE_HIGH_WATER = 4 * 1024 * 1024
 
 
+def linger_reset(sock: socket.socket) -> None:
+    """Make closing ``sock`` send RST rather than FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
 def abort_with_reset(transport: asyncio.BaseTransport) -> None:
     """Close a TCP transport with RST rather than FIN (how a reset crosses the tunnel)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        linger_reset(sock)
     transport.abort()  # type: ignore[attr-defined]
 
 

@@ -1,0 +1,66 @@
+"""``python -m agent run``: the node agent (what the DaemonSet runs on every node, and the lab per node).
+
+It prints a line with ``ambit-agent ready`` once its eBPF programs are attached and its listeners are
+up; SIGTERM or SIGINT stop it (the programs stay attached unless --release-on-exit: fail closed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from agent.node import AgentConfig, NodeAgent
+from hbone.memory import keep_buffers_on_heap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the node agent")
+    run.add_argument("--node", required=True, help="this node's name")
+    run.add_argument("--state", type=Path, required=True, help="cluster state file (Kubernetes objects)")
+    run.add_argument("--ca", required=True, help="CA address host:port")
+    run.add_argument("--ca-token", type=Path, required=True, help="file with this node's bearer token")
+    run.add_argument("--trust-bundle", type=Path, required=True, help="PEM file of the trusted roots")
+    run.add_argument("--trust-domain", default="cluster.local")
+    run.add_argument("--uplink", action="append", default=None, help="node uplink interface (repeatable)")
+    run.add_argument("--fail-open", action="store_true",
+                     help="when the agent is down, let enrolled pods' traffic go direct (default: fail closed)")
+    run.add_argument("--release-on-exit", action="store_true", help="detach everything when stopping")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> None:
+    config = AgentConfig(node=args.node, state=args.state, ca_address=args.ca, ca_token=args.ca_token,
+                         trust_bundle=args.trust_bundle, trust_domain=args.trust_domain,
+                         uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open)
+    agent = NodeAgent(config)
+    await agent.start()
+    print(f"ambit-agent ready on node {config.node}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await agent.close(release=args.release_on_exit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_buffers_on_heap()
+    uvloop.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Sockets of a transparent proxy: listeners that accept connections addressed to other hosts, and
+upstream connections that carry the client's own address.
+
+Listeners are IP_TRANSPARENT: the eBPF programs hand them connections whose destination is a pod, and
+the accepted socket's local address is that original destination. Upstream sockets carry the agent's
+mark (0x539), so the programs and policy routing leave them alone, and, when they speak for a pod, are
+bound to the pod's IP (IP_TRANSPARENT again) so the other end sees the client, not the node; the
+programs steer the replies back to the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from agent.redirect import AGENT_MARK
+from hbone.relay import linger_reset
+
+IP_TRANSPARENT = 19  # linux/in.h; the socket module does not export it
+
+
+def transparent_listener(port: int, host: str = "0.0.0.0", backlog: int = 1024) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def dial(address: tuple[str, int], source_ip: str | None, mark: int = AGENT_MARK) -> socket.socket:
+    """Connect to ``address`` with the agent's mark, from ``source_ip`` (any address, spoofed) if given."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if source_ip is not None:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((source_ip, 0))
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    """Refuse an accepted connection the way a policy denial or a failed upstream should: RST, not FIN."""
+    linger_reset(sock)
+    sock.close()

@@ -1,0 +1,110 @@
+"""TCP to TCP, both ways: for connections that leave the mesh (passthrough) or stay on the node.
+
+Back-pressure: a side whose peer cannot take more (peer transport over its high-water mark) stops
+reading. FIN crosses as FIN (half-close), a reset as a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import cast
+
+from hbone.relay import TCP_WRITE_HIGH_WATER, abort_with_reset
+
+
+class _Side(asyncio.Protocol):
+    def __init__(self, splice: Splice) -> None:
+        self.splice = splice
+        self.peer: _Side | None = None
+        self.transport: asyncio.Transport | None = None
+        self.held: list[bytes] = []  # read before the peer existed
+        self.eof = False
+        self.received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=TCP_WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            self.held.append(data)
+            assert self.transport is not None
+            self.transport.pause_reading()
+            return
+        peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
+            self.peer.transport.write_eof()
+        self.splice.maybe_done()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.eof:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            if exc is not None:
+                abort_with_reset(peer.transport)
+            elif not self.eof:
+                peer.transport.close()
+        self.splice.finish("reset" if exc else "closed")
+
+
+class Splice:
+    """Two TCP connections joined. ``on_close(splice, reason)`` runs once when both are done."""
+
+    def __init__(self, on_close: Callable[[Splice, str], None] | None = None) -> None:
+        self.client = _Side(self)
+        self.upstream = _Side(self)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.on_close = on_close
+        self.closed = False
+
+    async def join(self, client: socket.socket, upstream: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: self.upstream, upstream)
+        await loop.connect_accepted_socket(lambda: self.client, client)
+        for side in (self.client, self.upstream):
+            held, side.held = side.held, []
+            assert side.peer is not None and side.peer.transport is not None and side.transport is not None
+            for data in held:
+                side.peer.transport.write(data)
+            if held and not side.eof:
+                side.transport.resume_reading()
+
+    @property
+    def bytes_up(self) -> int:
+        return self.client.received
+
+    @property
+    def bytes_down(self) -> int:
+        return self.upstream.received
+
+    def maybe_done(self) -> None:
+        if self.client.eof and self.upstream.eof:
+            for side in (self.client, self.upstream):
+                if side.transport is not None:
+                    side.transport.close()
+
+    def finish(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.on_close is not None:
+                self.on_close(self, reason)
+
+    def abort(self) -> None:
+        for side in (self.client, self.upstream):
+            if side.transport is not None:
+                abort_with_reset(side.transport)
