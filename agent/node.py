@@ -131,7 +131,7 @@ class NodeAgent:
         for ip in sorted(set(desired) - before):
             log.info("enrolled %s (%s)", new.workloads[ip].key, ip)
         for ip in sorted(before - set(desired)):
-            log.info("released %s", ip)
+            log.info("released %s (%d proxied connections reset)", ip, self.mesh.connections.release(ip))
         identities = {w.identity(self.config.trust_domain) for w in local if w.enrolled}
         for identity in identities - self._identities:
             self._spawn(self._prefetch(identity))

@@ -213,6 +213,11 @@ class Relay(asyncio.Protocol):
             self.transport.close()
             self.finish("closed")
 
+    def abort(self) -> None:
+        """Reset both ways: RST to the TCP side (which in turn resets the stream)."""
+        if self.transport is not None:
+            abort_with_reset(self.transport)
+
     def finish(self, reason: str) -> None:
         if self.closed:
             return

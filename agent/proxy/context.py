@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.ca.manager import CertificateManager
+from agent.proxy.connections import ConnectionTable
 from agent.state import Workload, WorkloadStore
 from hbone.pool import Pool
 from hbone.server import InboundRequest
@@ -28,6 +29,7 @@ class Mesh:
     pool: Pool
     local_addresses: frozenset[str]  # the node's own addresses: never spoofed towards
     policy: Policy = allow_all
+    connections: ConnectionTable = field(default_factory=ConnectionTable)
 
     def local_enrolled(self, ip: str) -> Workload | None:
         """The enrolled workload of this node at ``ip``, if there is one."""

@@ -59,7 +59,9 @@ class InboundProxy:
 
     async def _connect(self, request: InboundRequest, relay: Callable[[], Relay]) -> object:
         sock = await dial((request.target.ip, request.target.port), request.source[0])
-        return await asyncio.get_running_loop().connect_accepted_socket(relay, sock)
+        transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(relay, sock)
+        self.mesh.connections.watch("inbound-hbone", (request.target.ip,), protocol)
+        return transport
 
     async def _plain(self, sock: socket.socket) -> None:
         try:
@@ -89,4 +91,7 @@ class InboundProxy:
             log.info("%s -> %s: pod unreachable: %s", client, target, e or "timed out")
             close_with_reset(sock)
             return
-        await Splice().join(sock, upstream)
+        splice = Splice()
+        await splice.join(sock, upstream)
+        pods = tuple(ip for ip in (client[0], target[0]) if self.mesh.local_enrolled(ip) is not None)
+        self.mesh.connections.watch("inbound-plaintext" if peer is None else "outbound-local", pods, splice)

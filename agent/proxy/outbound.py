@@ -78,6 +78,7 @@ class OutboundProxy:
             close_with_reset(sock)
             return
         await asyncio.get_running_loop().connect_accepted_socket(lambda: relay, sock)
+        self.mesh.connections.watch("outbound-hbone", (client[0],), relay)
 
     async def _passthrough(self, sock: socket.socket, client: Address, target: Address) -> None:
         source_ip = None if target[0] in self.mesh.local_addresses else client[0]
@@ -88,4 +89,6 @@ class OutboundProxy:
             log.info("passthrough %s -> %s failed: %s", client, target, e or "timed out")
             close_with_reset(sock)
             return
-        await Splice().join(sock, upstream)
+        splice = Splice()
+        await splice.join(sock, upstream)
+        self.mesh.connections.watch("passthrough", (client[0],), splice)

@@ -21,6 +21,7 @@ class _Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.held: list[bytes] = []  # read before the peer existed
         self.eof = False
+        self.lost = False
         self.received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -53,13 +54,17 @@ class _Side(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
             if exc is not None:
                 abort_with_reset(peer.transport)
             elif not self.eof:
                 peer.transport.close()
-        self.splice.finish("reset" if exc else "closed")
+        if exc is not None:
+            self.splice.reason = "reset"
+        if peer is None or peer.lost or peer.transport is None:
+            self.splice.finish(self.splice.reason)
 
 
 class Splice:
@@ -71,6 +76,7 @@ class Splice:
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.on_close = on_close
         self.closed = False
+        self.reason = "closed"
 
     async def join(self, client: socket.socket, upstream: socket.socket) -> None:
         loop = asyncio.get_running_loop()

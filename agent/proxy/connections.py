@@ -1,0 +1,74 @@
+"""The connections the agent proxies, by the local pods they serve.
+
+When a pod leaves the mesh the programs stop steering its packets, so the connections proxied for it
+cannot go on: ``release`` resets them at once instead of leaving sockets to time out. Each proxy
+registers a connection when its route is ready and unregisters it when it closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Proxied(Protocol):
+    """A relay or a splice: knows whether it is closed, can be aborted, reports its close."""
+
+    closed: bool
+    on_close: Callable[[Any, str], None] | None
+
+    def abort(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Tracked:
+    kind: str  # outbound-hbone, outbound-local, passthrough, inbound-hbone, inbound-plaintext
+    pods: tuple[str, ...]  # IPs of the local pods the connection serves
+    abort: Callable[[], None] = field(repr=False)
+
+
+class ConnectionTable:
+    def __init__(self) -> None:
+        self._by_pod: dict[str, set[Tracked]] = {}
+
+    def open(self, kind: str, pods: tuple[str, ...], abort: Callable[[], None]) -> Tracked:
+        tracked = Tracked(kind, pods, abort)
+        for ip in pods:
+            self._by_pod.setdefault(ip, set()).add(tracked)
+        return tracked
+
+    def watch(self, kind: str, pods: tuple[str, ...], conn: Proxied) -> None:
+        """Track ``conn`` until it closes."""
+        if conn.closed:
+            return
+        tracked = self.open(kind, pods, conn.abort)
+        previous = conn.on_close
+
+        def closed(c: Any, reason: str) -> None:
+            self.close(tracked)
+            if previous is not None:
+                previous(c, reason)
+
+        conn.on_close = closed
+
+    def close(self, tracked: Tracked) -> None:
+        for ip in tracked.pods:
+            entries = self._by_pod.get(ip)
+            if entries is not None:
+                entries.discard(tracked)
+                if not entries:
+                    del self._by_pod[ip]
+
+    def count(self, pod_ip: str | None = None) -> int:
+        if pod_ip is not None:
+            return len(self._by_pod.get(pod_ip, ()))
+        return len({t for entries in self._by_pod.values() for t in entries})
+
+    def release(self, pod_ip: str) -> int:
+        """Reset every connection proxied for ``pod_ip``; returns how many."""
+        entries = list(self._by_pod.get(pod_ip, ()))
+        for tracked in entries:
+            self.close(tracked)
+            tracked.abort()
+        return len(entries)
