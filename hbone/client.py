@@ -160,13 +160,22 @@ class ClientTunnel(Tunnel):
 Dialer = Callable[[Address, str | None], Awaitable[socket.socket]]  # (address, source ip) -> connected socket
 
 
-async def dial_plain(address: Address, source_ip: str | None) -> socket.socket:
-    """Connect from this host (from ``source_ip`` if it is one of this host's addresses)."""
+IP_TRANSPARENT = 19  # linux/in.h; the socket module does not export it
+
+
+async def dial(address: Address, source_ip: str | None = None, *, mark: int | None = None,
+               transparent: bool = False) -> socket.socket:
+    """Connect to ``address``, from ``source_ip`` if given. ``transparent`` lets that be any address (a
+    proxy speaking for its client, IP_TRANSPARENT); ``mark`` sets SO_MARK for policy routing."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         if source_ip is not None:
+            if transparent:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.bind((source_ip, 0))
         await loop.sock_connect(sock, address)
     except BaseException:
@@ -177,7 +186,7 @@ async def dial_plain(address: Address, source_ip: str | None) -> socket.socket:
 
 async def open_tunnel(address: Address, cert: WorkloadCertificate, expected: SpiffeId, bundle: TrustBundle,
                       settings: Settings = Settings(), handshake_timeout: float = 10.0,
-                      dial: Dialer = dial_plain, source_ip: str | None = None) -> ClientTunnel:
+                      dial: Dialer = dial, source_ip: str | None = None) -> ClientTunnel:
     """Connect to an HBONE server at ``address`` as ``cert``'s workload, expecting ``expected``."""
     loop = asyncio.get_running_loop()
     tunnel = ClientTunnel(settings, bundle, expected)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from hbone.client import ClientTunnel, Dialer, StreamRefused, dial_plain, open_tunnel
+from hbone.client import ClientTunnel, Dialer, StreamRefused, dial, open_tunnel
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
 from hbone.protocol import Authority, Settings
 from hbone.relay import Relay, Tunnel
@@ -46,7 +46,7 @@ class _Entry:
 class Pool:
     def __init__(self, bundle: TrustBundle | Callable[[], TrustBundle], settings: Settings = Settings(), *,
                  max_streams: int = 100, idle_timeout: float = 300.0, connect_timeout: float = 10.0,
-                 dial: Dialer = dial_plain) -> None:
+                 dial: Dialer = dial) -> None:
         self._bundle = bundle
         self.dial = dial
         self.settings = settings

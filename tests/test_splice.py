@@ -14,6 +14,7 @@ import pytest
 
 from agent.proxy.connections import ConnectionTable
 from agent.proxy.splice import Splice
+from tests.util import eventually
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -62,10 +63,7 @@ async def test_bytes_cross_exactly_and_half_close_works() -> None:
         back = await asyncio.wait_for(reader.read(-1), 10)
         assert back[:32] == hashlib.sha256(payload).digest()
         assert back[32:] == payload[::-1]
-        for _ in range(100):
-            if splice.closed:
-                break
-            await asyncio.sleep(0.01)
+        assert await eventually(lambda: splice.closed)
         assert splice.closed and splice.bytes_up == len(payload) and splice.bytes_down == len(back)
 
 
@@ -79,10 +77,7 @@ async def test_upstream_reset_reaches_the_client_as_reset() -> None:
         writer.write(b"x")
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(reader.read(-1), 5)
-        for _ in range(100):
-            if splice.closed:
-                break
-            await asyncio.sleep(0.01)
+        assert await eventually(lambda: splice.closed)
         assert splice.reason == "reset"
 
 
@@ -96,8 +91,5 @@ async def test_release_resets_a_pods_connections() -> None:
         assert table.release("10.0.0.1") == 1
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(reader.read(-1), 5)
-        for _ in range(100):
-            if splice.closed:
-                break
-            await asyncio.sleep(0.01)
+        assert await eventually(lambda: splice.closed)
         assert splice.closed and table.count() == 0

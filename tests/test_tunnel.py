@@ -17,6 +17,7 @@ from hbone.relay import Tunnel
 from hbone.server import InboundRequest
 from tests.conftest import spiffe
 from tests.tunnel_fixtures import Path, hbone_path
+from tests.util import eventually
 
 
 async def test_bulk_byte_exact_both_ways(ca: CertificateAuthority, client_cert: WorkloadCertificate,
@@ -74,11 +75,7 @@ async def test_pool_opens_a_new_connection_past_the_stream_limit(ca: Certificate
 
     async with hbone_path(ca, client_cert, server_cert, hold, max_streams=10) as path:
         conns = [await path.open() for _ in range(25)]
-        for _ in range(100):  # wait (bounded) until every stream is established upstream
-            if path.server.stats["accepted"] == 25:
-                break
-            await asyncio.sleep(0.02)
-        assert path.server.stats["accepted"] == 25
+        assert await eventually(lambda: path.server.stats["accepted"] == 25)
         key = PoolKey(client_cert.identity, server_cert.identity, path.server.address)
         assert path.pool.connections(key) == 3  # 10 + 10 + 5
         assert len(path.server.tunnels) == 3
@@ -99,12 +96,7 @@ async def test_idle_connection_is_closed_and_then_redialled(ca: CertificateAutho
             assert await reader.read(-1) == b"ping"
             writer.close()
             assert path.pool.connections() == 1
-            for _ in range(50):
-                if path.pool.connections() == 0 and not path.server.tunnels:
-                    break
-                await asyncio.sleep(0.02)
-            assert path.pool.connections() == 0
-            assert not path.server.tunnels
+            assert await eventually(lambda: path.pool.connections() == 0 and not path.server.tunnels)
 
 
 async def test_half_close_both_ways(ca: CertificateAuthority, client_cert: WorkloadCertificate,
@@ -166,10 +158,7 @@ async def test_client_reset_becomes_upstream_reset(ca: CertificateAuthority, cli
         _, writer = await path.open()
         writer.write(b"x")
         await writer.drain()
-        for _ in range(100):
-            if path.server.stats["accepted"]:
-                break
-            await asyncio.sleep(0.01)
+        assert await eventually(lambda: path.server.stats["accepted"] == 1)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()

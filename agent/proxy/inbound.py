@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 
 from agent.proxy.context import Mesh
-from agent.proxy.sockets import close_with_reset, dial
+from agent.proxy.sockets import addresses, close_with_reset, dial
 from agent.proxy.splice import Splice
 from hbone.accept import Acceptor
 from hbone.identity import SpiffeId, WorkloadCertificate
@@ -64,11 +64,10 @@ class InboundProxy:
         return transport
 
     async def _plain(self, sock: socket.socket) -> None:
-        try:
-            client, target = sock.getpeername()[:2], sock.getsockname()[:2]
-        except OSError:
-            sock.close()
+        ends = addresses(sock)
+        if ends is None:
             return
+        client, target = ends
         if self.mesh.local_enrolled(target[0]) is None:
             log.warning("plaintext %s -> %s: not an enrolled pod of this node; refused", client, target)
             close_with_reset(sock)

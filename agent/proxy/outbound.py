@@ -17,7 +17,7 @@ import socket
 from agent.ca.manager import CertificateUnavailable
 from agent.proxy.context import HBONE_PORT, Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
-from agent.proxy.sockets import close_with_reset, dial
+from agent.proxy.sockets import addresses, close_with_reset, dial
 from agent.proxy.splice import Splice
 from agent.state import Workload
 from hbone.accept import Acceptor
@@ -44,11 +44,10 @@ class OutboundProxy:
             await self._acceptor.close()
 
     async def _handle(self, sock: socket.socket) -> None:
-        try:
-            client, target = sock.getpeername()[:2], sock.getsockname()[:2]
-        except OSError:
-            sock.close()
+        ends = addresses(sock)
+        if ends is None:
             return
+        client, target = ends
         mesh = self.mesh
         source = mesh.local_enrolled(client[0])
         if source is None:  # captured, yet not an enrolled pod of ours: fail closed

@@ -10,13 +10,12 @@ programs steer the replies back to the agent.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 from agent.redirect import AGENT_MARK
+from hbone.client import IP_TRANSPARENT
+from hbone.client import dial as hbone_dial
 from hbone.relay import linger_reset
-
-IP_TRANSPARENT = 19  # linux/in.h; the socket module does not export it
 
 
 def transparent_listener(port: int, host: str = "0.0.0.0", backlog: int = 1024) -> socket.socket:
@@ -33,21 +32,19 @@ def transparent_listener(port: int, host: str = "0.0.0.0", backlog: int = 1024) 
     return sock
 
 
-async def dial(address: tuple[str, int], source_ip: str | None, mark: int = AGENT_MARK) -> socket.socket:
+async def dial(address: tuple[str, int], source_ip: str | None) -> socket.socket:
     """Connect to ``address`` with the agent's mark, from ``source_ip`` (any address, spoofed) if given."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    return await hbone_dial(address, source_ip, mark=AGENT_MARK, transparent=True)
+
+
+def addresses(sock: socket.socket) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    """(client, original destination) of an accepted socket; None (socket closed) if it is gone already."""
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        if source_ip is not None:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            sock.bind((source_ip, 0))
-        await loop.sock_connect(sock, address)
-    except BaseException:
+        peer, local = sock.getpeername(), sock.getsockname()
+    except OSError:
         sock.close()
-        raise
-    return sock
+        return None
+    return (peer[0], peer[1]), (local[0], local[1])
 
 
 def close_with_reset(sock: socket.socket) -> None:
