@@ -228,18 +228,6 @@ class Relay(asyncio.Protocol):
             self.on_close(self, reason)
 
 
-class AcceptedRelay(Relay):
-    """A relay for an accepted TCP connection whose stream is yet to be opened by ``on_accept``."""
-
-    def __init__(self, on_accept: Callable[[AcceptedRelay], None]) -> None:
-        super().__init__()
-        self._on_accept = on_accept
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._on_accept(self)
-
-
 class Tunnel(asyncio.Protocol):
     """One TLS connection carrying HBONE streams; base of the server's and the client's tunnels."""
 
