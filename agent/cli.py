@@ -18,6 +18,7 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "ca": ca_main.main,
     "hbone": hbone_main.main,
     "demo": lambda _argv: demo.run(),
+    "lab": lambda argv: __import__("agent.lab.cli", fromlist=["main"]).main(argv),  # lazy: only `lab` needs it
 }
 
 
