@@ -5,8 +5,8 @@ replaces the whole ``ClusterState`` snapshot (immutable, so readers on the data 
 update) and tells subscribers what it replaced.
 
 Enrollment follows Istio ambient exactly: ``istio.io/dataplane-mode=ambient`` on the pod or its
-namespace enrolls it, the pod's label winning (``none`` opts a pod out); pods with a sidecar and
-hostNetwork pods are never captured.
+namespace enrolls it; ``istio.io/dataplane-mode=none`` on the pod opts it out (any other pod value
+leaves the decision to the namespace); pods with a sidecar and hostNetwork pods are never captured.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DATAPLANE_MODE = "istio.io/dataplane-mode"
 AMBIENT = "ambient"
+NONE = "none"
 SIDECAR_STATUS = "sidecar.istio.io/status"
 
 
@@ -68,9 +69,11 @@ def enrolled(pod: Mapping[str, Any], namespace_labels: Mapping[str, str]) -> boo
             c.get("name") == "istio-proxy" for c in spec.get("containers") or [] if isinstance(c, dict)):
         return False
     mode = (meta.get("labels") or {}).get(DATAPLANE_MODE)
-    if mode is not None:
-        return bool(mode == AMBIENT)
-    return namespace_labels.get(DATAPLANE_MODE) == AMBIENT
+    if mode == AMBIENT:
+        return True
+    if mode == NONE:
+        return False
+    return namespace_labels.get(DATAPLANE_MODE) == AMBIENT  # any other pod value leaves it to the namespace
 
 
 def _labels(meta: Mapping[str, Any], where: str) -> dict[str, str]:

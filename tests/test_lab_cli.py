@@ -25,10 +25,10 @@ from agent.ca.auth import PodStateFile
 from agent.lab import control, state
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabInfo, LabPaths
-from agent.lab.state import ClusterState, NotFound, StateError
+from agent.lab.state import LabObjects, NotFound, StateError
 from agent.lab.topology import Lab, Node, Pod
 from agent.objectfile import kubernetes_objects
-from agent.state import build_state
+from agent.state import AMBIENT, DATAPLANE_MODE, build_state, enrolled
 from tests.conftest import needs_root
 
 LAB_CLI = [sys.executable, "-m", "agent.lab.cli"]
@@ -77,7 +77,7 @@ def test_initial_state_follows_the_contract() -> None:
 async def test_the_agent_and_the_ca_read_the_lab_state(tmp_path: Path) -> None:
     """The state file is a contract: parse it with the agent's and the CA's own readers."""
     st = control.initial_state(planned_info())
-    st.label("Namespace", "", "shop", [(state.DATAPLANE_MODE, state.AMBIENT)])
+    st.label("Namespace", "", "shop", [(DATAPLANE_MODE, AMBIENT)])
     path = tmp_path / "state.yaml"
     st.save(path)
     cluster = build_state(kubernetes_objects(path.read_bytes()))
@@ -90,7 +90,7 @@ async def test_the_agent_and_the_ca_read_the_lab_state(tmp_path: Path) -> None:
 
 def test_label_like_kubectl() -> None:
     st = control.initial_state(planned_info())
-    mode = state.DATAPLANE_MODE
+    mode = DATAPLANE_MODE
     assert st.label("Namespace", "", "default", [(mode, "ambient")]) == "namespace/default labeled"
     assert st.namespace_labels("default") == {mode: "ambient"}
     assert st.label("Namespace", "", "default", [(mode, "ambient")]) == "namespace/default not labeled"
@@ -134,7 +134,7 @@ def test_put_and_remove_are_apply_and_delete() -> None:
     assert st.put({**policy, "metadata": {"name": "deny-all", "namespace": "istio-system"}}) == "created"
     with pytest.raises(NotFound, match='namespaces "nope" not found'):
         st.put({**policy, "metadata": {"name": "x", "namespace": "nope"}})
-    reread = ClusterState.parse(st.dump())
+    reread = LabObjects.parse(st.dump())
     assert [o["kind"] for o in reread.objects][-2:] == ["AuthorizationPolicy", "AuthorizationPolicy"]
     assert reread.remove("AuthorizationPolicy", "default", "deny-all")["spec"] == {"action": "DENY"}
     with pytest.raises(NotFound):
@@ -142,10 +142,11 @@ def test_put_and_remove_are_apply_and_delete() -> None:
     reread.remove("Namespace", "", "istio-system")  # takes its objects along, as in a cluster
     assert reread.of_kind("AuthorizationPolicy") == []
     with pytest.raises(StateError, match="twice"):
-        ClusterState([policy, policy])
+        LabObjects([policy, policy])
 
 
 @pytest.mark.parametrize(("pod_labels", "ns_labels", "extra", "expected"), [
+    ({"istio.io/dataplane-mode": "foo"}, {"istio.io/dataplane-mode": "ambient"}, {}, True),  # only none opts out
     ({}, {}, {}, False),
     ({}, {"istio.io/dataplane-mode": "ambient"}, {}, True),
     ({"istio.io/dataplane-mode": "ambient"}, {}, {}, True),
@@ -158,7 +159,7 @@ def test_enrollment(pod_labels: dict[str, str], ns_labels: dict[str, str], extra
     pod = state.pod_object(namespace="default", name="p", uid="u", node="node-1", pod_ip="10.0.0.1",
                            host_ip="192.168.0.1", service_account="p", labels=pod_labels)
     pod["spec"].update(extra)
-    assert state.enrolled(pod, ns_labels) is expected
+    assert enrolled(pod, ns_labels) is expected
 
 
 def test_edits_are_atomic_and_serialized(tmp_path: Path) -> None:
@@ -175,7 +176,7 @@ def test_edits_are_atomic_and_serialized(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join(timeout=30)
-    assert ClusterState.load(path).namespace_labels("default") == {f"k{i}": str(i) for i in range(8)}
+    assert LabObjects.load(path).namespace_labels("default") == {f"k{i}": str(i) for i in range(8)}
     inode = path.stat().st_ino
     with state.edit(path) as st:
         st.label("Pod", "default", "app-1-1", [("x", "1")])
@@ -188,7 +189,7 @@ def test_edits_are_atomic_and_serialized(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), state.edit(path) as st:
         st.label("Namespace", "", "default", [("x", "y")])
         raise RuntimeError("a failed edit leaves the file alone")
-    assert "x" not in ClusterState.load(path).namespace_labels("default")
+    assert "x" not in LabObjects.load(path).namespace_labels("default")
 
 
 def test_cli_rejects_bad_names_and_is_registered() -> None:
@@ -331,7 +332,7 @@ def test_label_changes_the_state_file_atomically(lab_name: str) -> None:
     out = lab_cli(lab_name, "label", "namespace", "default", "istio.io/dataplane-mode=ambient").stdout
     assert out.strip() == "namespace/default labeled"
     assert path.stat().st_ino != inode
-    st = ClusterState.load(path)
+    st = LabObjects.load(path)
     assert st.namespace_labels("default") == {"istio.io/dataplane-mode": "ambient"}
     assert all(st.is_enrolled(p) for p in st.of_kind("Pod"))
 
@@ -345,7 +346,7 @@ def test_label_changes_the_state_file_atomically(lab_name: str) -> None:
         ("app-1-2", {"app": "app-1-2", "istio.io/dataplane-mode": "none", "version": "v2"}, False)]
     lab_cli(lab_name, "label", "pod", "default/app-1-2", "istio.io/dataplane-mode-", "version-")
     lab_cli(lab_name, "label", "namespace", "default", "istio.io/dataplane-mode-")
-    st = ClusterState.load(path)
+    st = LabObjects.load(path)
     assert st.namespace_labels("default") == {} and not any(st.is_enrolled(p) for p in st.of_kind("Pod"))
 
     missing = lab_cli(lab_name, "label", "pod", "default/nope", "a=b", check=False)
@@ -357,7 +358,7 @@ def test_label_changes_the_state_file_atomically(lab_name: str) -> None:
     procs = [subprocess.Popen([*LAB_CLI, "--name", lab_name, "label", "namespace", "default", f"k{i}=v{i}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(6)]
     assert all(p.wait(timeout=60) == 0 for p in procs)
-    assert ClusterState.load(path).namespace_labels("default") == {f"k{i}": f"v{i}" for i in range(6)}
+    assert LabObjects.load(path).namespace_labels("default") == {f"k{i}": f"v{i}" for i in range(6)}
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 

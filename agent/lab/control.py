@@ -24,7 +24,7 @@ import yaml
 from agent import netns
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
-from agent.lab.state import ROOT_NAMESPACE, ClusterState, atomic_write, check_dns_label, namespace_object, pod_object
+from agent.lab.state import ROOT_NAMESPACE, LabObjects, atomic_write, check_dns_label, namespace_object, pod_object
 from agent.lab.topology import Lab
 
 CA_TIMEOUT = 30.0
@@ -55,9 +55,9 @@ def plan(topo: Lab, namespaces: Sequence[str]) -> tuple[list[NodeInfo], list[Pod
     return nodes, pods
 
 
-def initial_state(info: LabInfo) -> ClusterState:
+def initial_state(info: LabInfo) -> LabObjects:
     nodes = {n.name: n for n in info.nodes}
-    return ClusterState([
+    return LabObjects([
         *(namespace_object(ns) for ns in info.namespaces),
         *(pod_object(namespace=p.namespace, name=p.name, uid=str(uuid.uuid4()), node=p.node, pod_ip=p.ip,
                      host_ip=nodes[p.node].ip, service_account=p.service_account, labels={"app": p.name})
@@ -298,7 +298,7 @@ def status(name: str) -> dict[str, Any]:
     paths = LabPaths.of(name)
     info = LabInfo.load(paths)
     try:
-        state: ClusterState | None = ClusterState.load(paths.state)
+        state: LabObjects | None = LabObjects.load(paths.state)
     except (OSError, LabError, ValueError):
         state = None
     by_key = {p.key: p for p in info.pods}

@@ -35,11 +35,8 @@ from typing import Any
 import yaml
 
 from agent.objectfile import kubernetes_objects
+from agent.state import enrolled
 
-DATAPLANE_MODE = "istio.io/dataplane-mode"
-AMBIENT = "ambient"
-NONE = "none"
-SIDECAR_STATUS = "sidecar.istio.io/status"
 ROOT_NAMESPACE = "istio-system"  # Istio's root namespace: its policies apply mesh-wide
 CLUSTER_SCOPED = frozenset({"Namespace", "Node", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"})
 
@@ -143,20 +140,8 @@ def describe(key: ObjectKey) -> str:
     return f'{kind.lower()}s "{name}"' + (f' in namespace "{namespace}"' if namespace else "")
 
 
-def enrolled(pod: Mapping[str, Any], namespace_labels: Mapping[str, str]) -> bool:
-    """Whether Istio ambient captures `pod` (istio-cni's PodRedirectionEnabled): the pod or its namespace
-    says ``ambient``, and the pod neither opts out with ``none`` nor has a sidecar nor uses hostNetwork."""
-    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
-    pod_mode = (meta.get("labels") or {}).get(DATAPLANE_MODE)
-    if AMBIENT not in (pod_mode, namespace_labels.get(DATAPLANE_MODE)):
-        return False
-    has_sidecar = SIDECAR_STATUS in (meta.get("annotations") or {}) or any(
-        isinstance(c, dict) and c.get("name") == "istio-proxy" for c in spec.get("containers") or [])
-    return not has_sidecar and pod_mode != NONE and not spec.get("hostNetwork")
-
-
 # -- the state ----------------------------------------------------------------------------------------------
-class ClusterState:
+class LabObjects:
     """The objects of a state file, in file order, addressable by (kind, namespace, name)."""
 
     def __init__(self, objects: Iterable[Mapping[str, Any]] = ()) -> None:
@@ -168,7 +153,7 @@ class ClusterState:
             self._objects[key] = copy.deepcopy(dict(obj))
 
     @classmethod
-    def parse(cls, data: bytes | str) -> ClusterState:
+    def parse(cls, data: bytes | str) -> LabObjects:
         """Parse a YAML stream of objects (a ``kind: List`` or several documents)."""
         raw = data.encode() if isinstance(data, str) else data
         try:
@@ -180,7 +165,7 @@ class ClusterState:
         return cls(objects)
 
     @classmethod
-    def load(cls, path: Path) -> ClusterState:
+    def load(cls, path: Path) -> LabObjects:
         """Read a state file."""
         return cls.parse(path.read_bytes())
 
@@ -302,12 +287,12 @@ def lock_path(path: Path) -> Path:
 
 
 @contextmanager
-def edit(path: Path) -> Iterator[ClusterState]:
+def edit(path: Path) -> Iterator[LabObjects]:
     """Read-modify-write of a state file under an exclusive lock; the file is rewritten (atomically) only
     when the body returns normally and something changed."""
     with open(lock_path(path), "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        state = ClusterState.load(path)
+        state = LabObjects.load(path)
         before = state.dump()
         yield state
         if state.dump() != before:
