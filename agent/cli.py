@@ -1,6 +1,8 @@
 """The ``ambit`` command: one entry point for Ambit's tools.
 
-    ambit ca ...            run Ambit's CA (see ``ambit ca --help``)
+    ambit lab up|down|status|exec|label|agent ...   a cluster of network namespaces on this machine
+    ambit agent run ...     the node agent (what the DaemonSet runs)
+    ambit ca ...            Ambit's CA (see ``ambit ca --help``)
     ambit hbone serve|forward ...   a standalone HBONE server or forwarder
     ambit demo              the demo that ``make demo`` runs
 """
@@ -10,15 +12,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from agent import __main__ as agent_main
 from agent import demo
 from agent.ca import __main__ as ca_main
+from agent.lab import cli as lab_cli
 from hbone import __main__ as hbone_main
 
 COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "ca": ca_main.main,
     "hbone": hbone_main.main,
     "demo": lambda _argv: demo.run(),
-    "lab": lambda argv: __import__("agent.lab.cli", fromlist=["main"]).main(argv),  # lazy: only `lab` needs it
+    "lab": lab_cli.main,
+    "agent": agent_main.main,
 }
 
 
