@@ -20,13 +20,17 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import yaml
 
 from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths
+from agent.objectfile import kubernetes_objects
 
 KINDS = {"namespace": "Namespace", "namespaces": "Namespace", "ns": "Namespace",
          "pod": "Pod", "pods": "Pod", "po": "Pod"}
@@ -133,6 +137,67 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+APPLIABLE = {"AuthorizationPolicy": "authorizationpolicy.security.istio.io",
+             "PeerAuthentication": "peerauthentication.security.istio.io", "Namespace": "namespace"}
+
+
+def _resource(kind: str) -> str:
+    return APPLIABLE.get(kind, kind.lower())
+
+
+def _objects_from(source: str) -> list[dict[str, Any]]:
+    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    try:
+        objects = list(kubernetes_objects(data))
+    except (ValueError, yaml.YAMLError) as e:
+        raise LabError(f"{source}: {e}") from None
+    for i, obj in enumerate(objects):
+        if not isinstance(obj, dict) or not isinstance((obj.get("metadata") or {}).get("name"), str):
+            raise LabError(f"{source}: object {i + 1} has no metadata.name")
+        if obj.get("kind") not in APPLIABLE:
+            hint = " (a lab's pods are made by `ambit lab up`)" if obj.get("kind") == "Pod" else ""
+            raise LabError(f"{source}: {obj.get('kind')} {obj['metadata']['name']}: the lab applies "
+                           f"{', '.join(APPLIABLE)}{hint}")
+    return objects
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Create or replace objects, like ``kubectl apply -f`` (whole objects, no field merging)."""
+    paths = LabPaths.of(args.name)
+    LabInfo.load(paths)
+    objects = [obj for source in args.filename for obj in _objects_from(source)]
+    with st.edit(paths.state) as state:
+        for obj in objects:
+            if obj["kind"] != "Namespace":
+                obj["metadata"].setdefault("namespace", args.namespace)
+            print(f"{_resource(obj['kind'])}/{obj['metadata']['name']} {state.put(obj)}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete objects named on the command line (KIND NAME... or KIND NS/NAME) or in files (-f)."""
+    paths = LabPaths.of(args.name)
+    LabInfo.load(paths)
+    targets: list[tuple[str, str, str]] = []
+    for source in args.filename or []:
+        targets += [(o["kind"], (o.get("metadata") or {}).get("namespace") or args.namespace, o["metadata"]["name"])
+                    for o in _objects_from(source)]
+    if args.kind:
+        kind = next((k for k in APPLIABLE if args.kind.lower() in (k.lower(), _resource(k), k.lower() + "s")), None)
+        if kind is None:
+            raise LabError(f"unknown kind {args.kind!r}: one of {', '.join(APPLIABLE)}")
+        for ref in args.objects:
+            namespace, _, name = ref.rpartition("/")
+            targets.append((kind, namespace or args.namespace, name))
+    if not targets:
+        raise LabError("nothing to delete: give KIND NAME... or -f FILE")
+    with st.edit(paths.state) as state:
+        for kind, namespace, name in targets:
+            state.remove(kind, namespace, name)
+            print(f'{_resource(kind)} "{name}" deleted')
+    return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     paths = LabPaths.of(args.name)
     info = LabInfo.load(paths)
@@ -190,6 +255,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", default="default", help="namespace of a pod given without one")
     p.add_argument("--overwrite", action="store_true", help="allow changing the value of an existing label")
     p.set_defaults(run=cmd_label)
+
+    p = sub.add_parser("apply", parents=[named], help="create or replace objects from YAML, like kubectl apply -f")
+    p.add_argument("-f", "--filename", action="append", required=True, help="YAML file (- for stdin); repeatable")
+    p.add_argument("-n", "--namespace", default="default", help="namespace of objects that name none")
+    p.set_defaults(run=cmd_apply)
+
+    p = sub.add_parser("delete", parents=[named], help="delete objects, like kubectl delete")
+    p.add_argument("kind", nargs="?", help="authorizationpolicy, peerauthentication or namespace")
+    p.add_argument("objects", nargs="*", metavar="NAME|NS/NAME")
+    p.add_argument("-f", "--filename", action="append", help="delete the objects of a YAML file")
+    p.add_argument("-n", "--namespace", default="default", help="namespace of names given without one")
+    p.set_defaults(run=cmd_delete)
 
     p = sub.add_parser("agent", parents=[named], help="start, stop or restart node agents")
     p.add_argument("action", choices=["start", "stop", "restart"])

@@ -137,7 +137,8 @@ def object_key(obj: Mapping[str, Any]) -> ObjectKey:
 def describe(key: ObjectKey) -> str:
     """An object as kubectl's errors name it: ``pods "web"`` (plus the namespace)."""
     kind, namespace, name = key
-    return f'{kind.lower()}s "{name}"' + (f' in namespace "{namespace}"' if namespace else "")
+    plural = kind.lower()[:-1] + "ies" if kind.endswith("y") else kind.lower() + "s"
+    return f'{plural} "{name}"' + (f' in namespace "{namespace}"' if namespace else "")
 
 
 # -- the state ----------------------------------------------------------------------------------------------
