@@ -25,7 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the node agent")
     run.add_argument("--node", required=True, help="this node's name")
-    run.add_argument("--state", type=Path, required=True, help="cluster state file (Kubernetes objects)")
+    cluster = run.add_mutually_exclusive_group(required=True)
+    cluster.add_argument("--state", type=Path, help="the lab's cluster state file (Kubernetes objects)")
+    cluster.add_argument("--kubernetes", action="store_true",
+                         help="watch the Kubernetes API (in-cluster config, or --kubeconfig)")
+    run.add_argument("--kubeconfig", type=Path, default=None, help="with --kubernetes: a kubeconfig file")
     run.add_argument("--ca", required=True, help="CA address host:port")
     run.add_argument("--ca-token", type=Path, required=True, help="file with this node's bearer token")
     run.add_argument("--trust-bundle", type=Path, required=True, help="PEM file of the trusted roots")
@@ -41,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> None:
     config = AgentConfig(node=args.node, state=args.state, ca_address=args.ca, ca_token=args.ca_token,
                          trust_bundle=args.trust_bundle, trust_domain=args.trust_domain,
-                         uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open)
+                         uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open,
+                         kubeconfig=args.kubeconfig)
     agent = NodeAgent(config)
     await agent.start()
     print(f"ambit-agent ready on node {config.node}", flush=True)

@@ -25,6 +25,7 @@ from pyroute2 import IPRoute
 
 from agent.ca.client import CaClient
 from agent.ca.manager import CertificateManager
+from agent.kube.source import KubeSource
 from agent.proxy.context import Mesh
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.outbound import OutboundProxy
@@ -41,7 +42,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class AgentConfig:
     node: str
-    state: Path
+    state: Path | None  # the lab's cluster-state file; None: watch the Kubernetes API instead
     ca_address: str
     ca_token: Path
     trust_bundle: Path
@@ -49,6 +50,8 @@ class AgentConfig:
     uplinks: tuple[str, ...] = ("eth0",)
     fail_open: bool = False
     ports: Ports = Ports()
+    kubeconfig: Path | None = None  # with state None: a kubeconfig, or None for in-cluster config
+    sync_timeout: float = 60.0
 
 
 def node_addresses() -> frozenset[str]:
@@ -66,14 +69,29 @@ class NodeAgent:
         self._identities: set[SpiffeId] = set()
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self._dirty = asyncio.Event()
+        self._closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     async def _in_kernel_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._kernel, fn, *args)
 
+    async def _watch_cluster(self) -> None:
+        """Fill the store before anything is captured: an agent that cannot tell who is enrolled must not
+        capture; then keep it current."""
+        cfg = self.config
+        if cfg.state is not None:
+            source = StateFile(cfg.state, self.store)
+            source.load()
+            self._spawn(source.watch())
+            return
+        kube = await KubeSource.from_config(cfg.kubeconfig, self.store)
+        self._closers.append(kube.close)
+        self._spawn(kube.run())
+        async with asyncio.timeout(cfg.sync_timeout):
+            await kube.synced.wait()
+
     async def start(self) -> None:
         cfg = self.config
-        source = StateFile(cfg.state, self.store)
-        source.load()  # no state, no start: an agent that cannot tell who is enrolled must not capture
+        await self._watch_cluster()
         listeners = {kind: transparent_listener(port) for kind, port in
                      ((Listener.OUTBOUND, cfg.ports.outbound), (Listener.INBOUND, cfg.ports.inbound),
                       (Listener.HBONE, cfg.ports.hbone))}
@@ -93,7 +111,6 @@ class NodeAgent:
         await self._reconcile(self.store.state)
         self.store.subscribe(lambda _old, _new: self._dirty.set())
         self._spawn(self._reconcile_forever())
-        self._spawn(source.watch())
 
     async def _reconcile_forever(self) -> None:
         while True:
@@ -150,6 +167,8 @@ class NodeAgent:
 
     async def close(self, release: bool = False) -> None:
         """Stop. Unless ``release``, the programs stay: enrolled pods fail closed until an agent returns."""
+        for closer in self._closers:
+            await closer()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
