@@ -2,6 +2,7 @@
 
     ambit lab up|down|status|exec|label|agent ...   a cluster of network namespaces on this machine
     ambit agent run ...     the node agent (what the DaemonSet runs)
+    ambit observe ...       the agents' flows, filtered and merged (like hubble observe)
     ambit ca ...            Ambit's CA (see ``ambit ca --help``)
     ambit hbone serve|forward ...   a standalone HBONE server or forwarder
     ambit demo              the demo that ``make demo`` runs
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable
 
 from agent import __main__ as agent_main
-from agent import demo
+from agent import demo, observe_cli
 from agent.ca import __main__ as ca_main
 from agent.lab import cli as lab_cli
 from hbone import __main__ as hbone_main
@@ -24,6 +25,7 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "demo": lambda _argv: demo.run(),
     "lab": lab_cli.main,
     "agent": agent_main.main,
+    "observe": observe_cli.main,
 }
 
 
