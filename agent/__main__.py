@@ -16,6 +16,7 @@ from pathlib import Path
 import uvloop
 
 from agent.node import AgentConfig, NodeAgent
+from agent.telemetry import TelemetryConfig
 from hbone.memory import keep_buffers_on_heap
 
 
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--fail-open", action="store_true",
                      help="when the agent is down, let enrolled pods' traffic go direct (default: fail closed)")
     run.add_argument("--release-on-exit", action="store_true", help="detach everything when stopping")
+    run.add_argument("--flows", type=int, default=4096, help="flows kept for the Observer API")
+    run.add_argument("--observer-socket", default=None, help="unix socket of the Observer API")
+    run.add_argument("--observer-listen", default="0.0.0.0:4244", help="TCP address of the Observer API ('' for none)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -46,7 +50,9 @@ async def run(args: argparse.Namespace) -> None:
     config = AgentConfig(node=args.node, state=args.state, ca_address=args.ca, ca_token=args.ca_token,
                          trust_bundle=args.trust_bundle, trust_domain=args.trust_domain,
                          uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open,
-                         kubeconfig=args.kubeconfig)
+                         kubeconfig=args.kubeconfig,
+                         telemetry=TelemetryConfig(flows=args.flows, observer_socket=args.observer_socket,
+                                                   observer_listen=args.observer_listen or None))
     agent = NodeAgent(config)
     await agent.start()
     print(f"ambit-agent ready on node {config.node}", flush=True)

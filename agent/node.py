@@ -26,12 +26,14 @@ from pyroute2 import IPRoute
 from agent.ca.client import CaClient
 from agent.ca.manager import CertificateManager
 from agent.kube.source import KubeSource
+from agent.proxy.authorize import Authorizer
 from agent.proxy.context import Mesh
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.sockets import dial, transparent_listener
 from agent.redirect import Listener, Ports, Redirector, host_ifname_for
 from agent.state import ClusterState, StateFile, Workload, WorkloadStore
+from agent.telemetry import Telemetry, TelemetryConfig
 from hbone.identity import SpiffeId, TrustBundle
 from hbone.pool import Pool
 
@@ -52,6 +54,7 @@ class AgentConfig:
     ports: Ports = Ports()
     kubeconfig: Path | None = None  # with state None: a kubeconfig, or None for in-cluster config
     sync_timeout: float = 60.0
+    telemetry: TelemetryConfig = TelemetryConfig()
 
 
 def node_addresses() -> frozenset[str]:
@@ -99,8 +102,11 @@ class NodeAgent:
         self.certificates = CertificateManager(CaClient(cfg.ca_address, bundle, cfg.ca_token), bundle,
                                                trust_bundle_file=cfg.trust_bundle)
         self.pool = Pool(lambda: self.certificates.trust_bundle, dial=dial)
+        self.authorizer = Authorizer(self.store)
+        self.store.subscribe(lambda _old, new: self.authorizer.update(new))  # in force before the next accept
+        self.telemetry = Telemetry(cfg.node, self.store, cfg.trust_domain, cfg.telemetry)
         self.mesh = Mesh(cfg.node, cfg.trust_domain, self.store, self.certificates, self.pool,
-                         await self._in_kernel_thread(node_addresses))
+                         await self._in_kernel_thread(node_addresses), self.telemetry, policy=self.authorizer)
         self.inbound = InboundProxy(self.mesh)
         await self.inbound.start(listeners[Listener.HBONE], listeners[Listener.INBOUND])
         self.outbound = OutboundProxy(self.mesh, self.inbound)
@@ -111,6 +117,9 @@ class NodeAgent:
         await self._reconcile(self.store.state)
         self.store.subscribe(lambda _old, _new: self._dirty.set())
         self._spawn(self._reconcile_forever())
+        self.telemetry.watch_kernel(self.redirector)
+        await self.telemetry.start(self._ready, self._config_dump)
+        self._spawn(self._gauges_forever())
 
     async def _reconcile_forever(self) -> None:
         while True:
@@ -156,6 +165,34 @@ class NodeAgent:
             self.certificates.forget(identity)
         self._identities = identities
 
+    def _ready(self) -> tuple[bool, str]:
+        """Ready: programs attached, and a certificate for every enrolled workload of this node."""
+        if not self.redirector.enrolled() and any(w.enrolled for w in self.store.state.on_node(self.config.node)):
+            return False, "eBPF programs not attached yet"
+        missing = sorted(str(s.identity) for s in self.certificates.status()
+                         if s.identity in self._identities and s.state not in ("available", "renewing"))
+        return (False, f"no certificate yet for {', '.join(missing)}") if missing else (True, "ready")
+
+    async def _config_dump(self) -> dict[str, Any]:
+        attachments = await self._in_kernel_thread(self.redirector.attachments)
+        return {
+            "node": self.config.node,
+            "workloads": [{"namespace": w.namespace, "name": w.name, "ip": w.ip, "node": w.node,
+                           "service_account": w.service_account, "enrolled": w.enrolled, "labels": dict(w.labels)}
+                          for w in self.store.state.workloads.values()],
+            "policies": self.authorizer.engine.policies,
+            "certificates": [s.as_dict() for s in self.certificates.status()],
+            "attachments": [{"ifindex": a.ifindex, "backend": a.backend, "program": a.prog_name} for a in attachments],
+            "captured": self.redirector.enrolled(),
+            "connections": self.mesh.connections.count(),
+        }
+
+    async def _gauges_forever(self, every: float = 5.0) -> None:
+        while True:
+            attachments = await self._in_kernel_thread(self.redirector.attachments)
+            self.telemetry.update_gauges([(a.prog_name, a.backend) for a in attachments], self.certificates.status())
+            await asyncio.sleep(every)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -172,6 +209,7 @@ class NodeAgent:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.telemetry.close()
         await self.outbound.close()
         await self.inbound.close()
         await self.pool.close()

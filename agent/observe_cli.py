@@ -44,8 +44,8 @@ from agent.flows import observer_pb2 as pb
 from agent.flows import observer_pb2_grpc as pb_grpc
 from agent.flows.model import timestamp
 from agent.flows.printer import FORMATS, Printer
+from agent.lab.runtime import LABS_ROOT, LabPaths
 
-LABS_ROOT = Path("/run/ambit/labs")
 DEFAULT_LAST = 20
 
 
@@ -56,7 +56,7 @@ class ObserveError(Exception):
 # -- where the agents are -----------------------------------------------------------------------------------------
 def lab_observer_socket(lab_dir: Path, node: str) -> Path:
     """Where a lab node's agent serves its observer unless lab.json says otherwise."""
-    return lab_dir / "observer" / f"{node}.sock"
+    return LabPaths(lab_dir).observer_socket(node)
 
 
 def lab_servers(lab: str | None = None, root: Path = LABS_ROOT) -> list[str]:

@@ -77,6 +77,10 @@ class LabPaths:
     def lab_json(self) -> Path:
         return self.root / "lab.json"
 
+    def observer_socket(self, node: str) -> Path:
+        """Where a node's agent serves the Observer API (``ambit observe`` looks there)."""
+        return self.root / "observer" / f"{node}.sock"
+
     @property
     def state(self) -> Path:
         return self.root / "state.yaml"

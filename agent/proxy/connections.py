@@ -18,6 +18,12 @@ class Proxied(Protocol):
     closed: bool
     on_close: Callable[[Any, str], None] | None
 
+    @property
+    def bytes_up(self) -> int: ...  # client -> server
+
+    @property
+    def bytes_down(self) -> int: ...
+
     def abort(self) -> None: ...
 
 
@@ -38,15 +44,20 @@ class ConnectionTable:
             self._by_pod.setdefault(ip, set()).add(tracked)
         return tracked
 
-    def watch(self, kind: str, pods: tuple[str, ...], conn: Proxied) -> None:
-        """Track ``conn`` until it closes."""
+    def watch(self, kind: str, pods: tuple[str, ...], conn: Proxied,
+              then: Callable[[Proxied, str], None] | None = None) -> None:
+        """Track ``conn`` until it closes, then call ``then(conn, reason)``."""
         if conn.closed:
+            if then is not None:
+                then(conn, "closed")
             return
         tracked = self.open(kind, pods, conn.abort)
         previous = conn.on_close
 
         def closed(c: Any, reason: str) -> None:
             self.close(tracked)
+            if then is not None:
+                then(c, reason)
             if previous is not None:
                 previous(c, reason)
 

@@ -6,17 +6,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.ca.manager import CertificateManager
-from agent.proxy.connections import ConnectionTable
+from agent.flows.recorder import FlowHandle
+from agent.proxy.connections import ConnectionTable, Proxied
 from agent.state import Workload, WorkloadStore
+from agent.telemetry import Telemetry
 from hbone.pool import Pool
 from hbone.server import InboundRequest
 
 HBONE_PORT = 15008
 
-Policy = Callable[[InboundRequest], str | None]  # None allows; a string denies and says why
+@dataclass(frozen=True, slots=True)
+class Denial:
+    reason: str  # names the policy and rule that decided
+    policy: str | None = None  # "AuthorizationPolicy ns/name", "PeerAuthentication ns/name"
 
 
-def allow_all(_request: InboundRequest) -> str | None:
+Policy = Callable[[InboundRequest], Denial | None]  # None allows
+
+
+def allow_all(_request: InboundRequest) -> Denial | None:
     return None
 
 
@@ -28,8 +36,18 @@ class Mesh:
     certificates: CertificateManager
     pool: Pool
     local_addresses: frozenset[str]  # the node's own addresses: never spoofed towards
+    telemetry: Telemetry
     policy: Policy = allow_all
     connections: ConnectionTable = field(default_factory=ConnectionTable)
+
+    def track(self, kind: str, pods: tuple[str, ...], conn: Proxied, *flows: FlowHandle) -> None:
+        """Until ``conn`` closes: in the connection table (a released pod's connections are reset); when
+        it closes, its flows end with the bytes moved each way and why it closed."""
+        def ended(c: Proxied, reason: str) -> None:
+            for flow in flows:
+                flow.end(c.bytes_up, c.bytes_down, reason, error=reason != "closed")
+
+        self.connections.watch(kind, pods, conn, ended)
 
     def local_enrolled(self, ip: str) -> Workload | None:
         """The enrolled workload of this node at ``ip``, if there is one."""

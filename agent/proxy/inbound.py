@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections.abc import Callable
 
@@ -28,6 +29,22 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 UPSTREAM_CONNECT_TIMEOUT = 10.0
+
+
+def _address(authority: Authority) -> Address:
+    return authority.ip, authority.port
+
+
+_FORWARDED_FOR = re.compile(r'for="?\[?([0-9A-Fa-f.:]+?)\]?:([0-9]{1,5})"?')
+
+
+def _client(request: InboundRequest) -> Address:
+    """The calling pod's address as its flows show it: the tunnel's L3 source, with the application's own
+    port from ``forwarded: for=`` when that names the same IP (the tunnel's port is the agent's)."""
+    m = _FORWARDED_FOR.search(request.headers.get("forwarded", ""))
+    if m is not None and m.group(1) == request.source[0]:
+        return request.source[0], int(m.group(2))
+    return request.source
 
 
 class InboundProxy:
@@ -48,7 +65,12 @@ class InboundProxy:
             await self._plaintext.close()
 
     def _decide(self, request: InboundRequest) -> str | None:
-        return self.mesh.policy(request)
+        denial = self.mesh.policy(request)
+        if denial is None:
+            return None
+        self.mesh.telemetry.dropped(inbound=True, client=_client(request), target=_address(request.target),
+                                   mtls=True, reason=denial.reason, policy=denial.policy)
+        return denial.reason
 
     async def _certificate(self, ip: str) -> WorkloadCertificate | None:
         workload = self.mesh.local_enrolled(ip)
@@ -60,7 +82,9 @@ class InboundProxy:
     async def _connect(self, request: InboundRequest, relay: Callable[[], Relay]) -> object:
         sock = await dial((request.target.ip, request.target.port), request.source[0])
         transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(relay, sock)
-        self.mesh.connections.watch("inbound-hbone", (request.target.ip,), protocol)
+        flow = self.mesh.telemetry.opened(inbound=True, client=_client(request), target=_address(request.target),
+                                          mtls=True)
+        self.mesh.track("inbound-hbone", (request.target.ip,), protocol, flow)
         return transport
 
     async def _plain(self, sock: socket.socket) -> None:
@@ -78,9 +102,12 @@ class InboundProxy:
                       via: Address) -> None:
         """Policy, then a TCP connection from ``client`` to the pod at ``target``, spliced to ``sock``."""
         request = InboundRequest(peer, client, via, Authority(*target), {})
+        telemetry, mtls = self.mesh.telemetry, peer is not None
         denial = self.mesh.policy(request)
         if denial is not None:
-            log.info("%s %s -> %s denied: %s", "plaintext" if peer is None else peer, client, target, denial)
+            log.info("%s %s -> %s denied: %s", "plaintext" if peer is None else peer, client, target, denial.reason)
+            telemetry.dropped(inbound=True, client=client, target=target, mtls=mtls, reason=denial.reason,
+                             policy=denial.policy)
             close_with_reset(sock)
             return
         try:
@@ -88,9 +115,14 @@ class InboundProxy:
                 upstream = await dial(target, client[0])
         except (OSError, TimeoutError) as e:
             log.info("%s -> %s: pod unreachable: %s", client, target, e or "timed out")
+            telemetry.dropped(inbound=True, client=client, target=target, mtls=mtls,
+                             reason=f"pod unreachable: {e or 'timed out'}")
             close_with_reset(sock)
             return
         splice = Splice()
         await splice.join(sock, upstream)
         pods = tuple(ip for ip in (client[0], target[0]) if self.mesh.local_enrolled(ip) is not None)
-        self.mesh.connections.watch("inbound-plaintext" if peer is None else "outbound-local", pods, splice)
+        flows = [telemetry.opened(inbound=True, client=client, target=target, mtls=mtls)]
+        if peer is not None:  # same node: this agent is the source's reporter as well
+            flows.append(telemetry.opened(inbound=False, client=client, target=target, mtls=mtls))
+        self.mesh.track("outbound-local" if peer is not None else "inbound-plaintext", pods, splice, *flows)

@@ -21,7 +21,7 @@ from agent.proxy.sockets import addresses, close_with_reset, dial
 from agent.proxy.splice import Splice
 from agent.state import Workload
 from hbone.accept import Acceptor
-from hbone.client import HboneError, request_headers
+from hbone.client import HboneError, StreamFailed, request_headers
 from hbone.protocol import Authority
 from hbone.relay import Relay
 
@@ -74,10 +74,15 @@ class OutboundProxy:
                                          Authority(*target), request_headers(client), source_ip=client[0])
         except (HboneError, CertificateUnavailable, OSError) as e:
             log.warning("outbound %s (%s) -> %s (%s): %s", client, source.key, target, destination.key, e)
+            reason = f"tunnel failed: {e}"
+            if isinstance(e, StreamFailed) and e.status == 401:
+                reason = "denied by the destination (CONNECT answered 401)"
+            self.mesh.telemetry.dropped(inbound=False, client=client, target=target, mtls=True, reason=reason)
             close_with_reset(sock)
             return
         await asyncio.get_running_loop().connect_accepted_socket(lambda: relay, sock)
-        self.mesh.connections.watch("outbound-hbone", (client[0],), relay)
+        flow = self.mesh.telemetry.opened(inbound=False, client=client, target=target, mtls=True)
+        self.mesh.track("outbound-hbone", (client[0],), relay, flow)
 
     async def _passthrough(self, sock: socket.socket, client: Address, target: Address) -> None:
         source_ip = None if target[0] in self.mesh.local_addresses else client[0]
@@ -86,8 +91,11 @@ class OutboundProxy:
                 upstream = await dial(target, source_ip)
         except (OSError, TimeoutError) as e:
             log.info("passthrough %s -> %s failed: %s", client, target, e or "timed out")
+            self.mesh.telemetry.dropped(inbound=False, client=client, target=target, mtls=False,
+                                       reason=f"upstream unreachable: {e or 'timed out'}")
             close_with_reset(sock)
             return
         splice = Splice()
         await splice.join(sock, upstream)
-        self.mesh.connections.watch("passthrough", (client[0],), splice)
+        flow = self.mesh.telemetry.opened(inbound=False, client=client, target=target, mtls=False)
+        self.mesh.track("passthrough", (client[0],), splice, flow)
