@@ -31,6 +31,7 @@ from agent.lab import runtime as rt
 from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths
 from agent.objectfile import kubernetes_objects
+from agent.policy import PolicyEngine
 
 KINDS = {"namespace": "Namespace", "namespaces": "Namespace", "ns": "Namespace",
          "pod": "Pod", "pods": "Pod", "po": "Pod"}
@@ -166,10 +167,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     paths = LabPaths.of(args.name)
     LabInfo.load(paths)
     objects = [obj for source in args.filename for obj in _objects_from(source)]
+    for obj in objects:  # refused as Istio's admission webhook refuses them: nothing of the batch is applied
+        if obj["kind"] != "Namespace":
+            obj["metadata"].setdefault("namespace", args.namespace)
+    errors = PolicyEngine().update(objects)
+    if errors:
+        raise LabError("the policy validation refused:\n  " + "\n  ".join(str(e) for e in errors))
     with st.edit(paths.state) as state:
         for obj in objects:
-            if obj["kind"] != "Namespace":
-                obj["metadata"].setdefault("namespace", args.namespace)
             print(f"{_resource(obj['kind'])}/{obj['metadata']['name']} {state.put(obj)}")
     return 0
 
