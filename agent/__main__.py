@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--flows", type=int, default=4096, help="flows kept for the Observer API")
     run.add_argument("--observer-socket", default=None, help="unix socket of the Observer API")
     run.add_argument("--observer-listen", default="0.0.0.0:4244", help="TCP address of the Observer API ('' for none)")
+    run.add_argument("--admin-socket", default=None, help="unix socket serving /config_dump, /metrics, readiness")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -52,7 +53,8 @@ async def run(args: argparse.Namespace) -> None:
                          uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open,
                          kubeconfig=args.kubeconfig,
                          telemetry=TelemetryConfig(flows=args.flows, observer_socket=args.observer_socket,
-                                                   observer_listen=args.observer_listen or None))
+                                                   observer_listen=args.observer_listen or None,
+                                                   admin_socket=args.admin_socket))
     agent = NodeAgent(config)
     await agent.start()
     print(f"ambit-agent ready on node {config.node}", flush=True)

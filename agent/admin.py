@@ -17,9 +17,11 @@ Every bind address and port is configurable (port 0 picks one; see ``AdminServer
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
+import os
 import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -135,12 +137,19 @@ class AdminServer:
         return web.json_response(self._levels())
 
     # -- serving -------------------------------------------------------------------------------------------------
-    async def _serve(self, name: str, routes: list[web.RouteDef], address: Address) -> None:
+    async def _serve(self, name: str, routes: list[web.RouteDef], address: Address | str) -> None:
+        """Serve ``routes`` on a TCP address, or on a unix socket path (reachable across network namespaces)."""
         app = web.Application()
         app.add_routes(routes)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
+        if isinstance(address, str):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address)
+            await web.UnixSite(runner, address).start()
+            log.info("%s on unix:%s", name, address)
+            return
         host, port = address
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         await web.SockSite(runner, sock).start()
@@ -148,9 +157,14 @@ class AdminServer:
         log.info("%s on %s:%d", name, address[0], self.ports[name])
 
     async def start(self, *, metrics: Address | None = METRICS_ADDRESS, ready: Address | None = READY_ADDRESS,
-                    admin: Address | None = ADMIN_ADDRESS) -> None:
-        """Serve each endpoint group on its address (None: not at all)."""
+                    admin: Address | None = ADMIN_ADDRESS, admin_socket: str | None = None) -> None:
+        """Serve each endpoint group on its address (None: not at all); the admin group also on a unix socket
+        (and metrics there too, so that one socket answers ``ambit status`` and a scrape in the lab)."""
         try:
+            if admin_socket is not None:
+                await self._serve("admin-socket", [web.get("/config_dump", self._dump),
+                                                   web.get("/metrics", self._metrics),
+                                                   web.get("/healthz/ready", self._healthz)], admin_socket)
             if metrics is not None:
                 await self._serve("metrics", [web.get("/metrics", self._metrics)], metrics)
             if ready is not None:

@@ -2,6 +2,8 @@
 
     ambit lab up|down|status|exec|label|agent ...   a cluster of network namespaces on this machine
     ambit agent run ...     the node agent (what the DaemonSet runs)
+    ambit status            each agent's view: enrolled pods, certificates, policies in force
+    ambit policy explain SRC DST:PORT   which policy and rule would decide a connection
     ambit observe ...       the agents' flows, filtered and merged (like hubble observe)
     ambit ca ...            Ambit's CA (see ``ambit ca --help``)
     ambit hbone serve|forward ...   a standalone HBONE server or forwarder
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from agent import __main__ as agent_main
-from agent import demo, observe_cli
+from agent import demo, observe_cli, status_cli
 from agent.ca import __main__ as ca_main
 from agent.lab import cli as lab_cli
 from hbone import __main__ as hbone_main
@@ -25,6 +27,8 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "demo": lambda _argv: demo.run(),
     "lab": lab_cli.main,
     "agent": agent_main.main,
+    "status": status_cli.status_main,
+    "policy": status_cli.policy_main,
     "observe": observe_cli.main,
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -177,6 +178,7 @@ class NodeAgent:
         attachments = await self._in_kernel_thread(self.redirector.attachments)
         return {
             "node": self.config.node,
+            "version": importlib.metadata.version("ambit"),
             "workloads": [{"namespace": w.namespace, "name": w.name, "ip": w.ip, "node": w.node,
                            "service_account": w.service_account, "enrolled": w.enrolled, "labels": dict(w.labels)}
                           for w in self.store.state.workloads.values()],

@@ -34,6 +34,7 @@ class TelemetryConfig:
     metrics_listen: Address = ("0.0.0.0", 15020)
     ready_listen: Address = ("0.0.0.0", 15021)
     admin_listen: Address = ("127.0.0.1", 15000)
+    admin_socket: str | None = None  # the admin endpoints on a unix socket too (``ambit status`` in the lab)
 
 
 class Telemetry:
@@ -85,7 +86,8 @@ class Telemetry:
         cfg = self.config
         await self.observer.start(unix_path=cfg.observer_socket, tcp=cfg.observer_listen)
         self._admin = AdminServer(self.metrics, ready=ready, config_dump=config_dump)
-        await self._admin.start(metrics=cfg.metrics_listen, ready=cfg.ready_listen, admin=cfg.admin_listen)
+        await self._admin.start(metrics=cfg.metrics_listen, ready=cfg.ready_listen, admin=cfg.admin_listen,
+                                admin_socket=cfg.admin_socket)
 
     def watch_kernel(self, redirector: Redirector) -> None:
         """Read the eBPF ring buffer on a thread: each event becomes a flow; losses are counted."""

@@ -83,9 +83,11 @@ def ca_argv(info: LabInfo, paths: LabPaths) -> list[str]:
 
 def agent_argv(info: LabInfo, paths: LabPaths, node: NodeInfo) -> list[str]:
     """The agent's command line (the contract with agent/__main__.py)."""
-    paths.observer_socket(node.name).parent.mkdir(parents=True, exist_ok=True)
+    for sock in (paths.observer_socket(node.name), paths.admin_socket(node.name)):
+        sock.parent.mkdir(parents=True, exist_ok=True)
     return [rt.python(), "-m", "agent", "run", "--node", node.name, "--state", str(paths.state),
             "--observer-socket", str(paths.observer_socket(node.name)),
+            "--admin-socket", str(paths.admin_socket(node.name)),
             "--ca", info.ca_address, "--ca-token", str(paths.token_file(node.name)),
             "--trust-bundle", str(paths.trust_bundle), "--trust-domain", info.trust_domain,
             "--uplink", node.uplink, *info.agent_flags]

@@ -81,6 +81,10 @@ class LabPaths:
         """Where a node's agent serves the Observer API (``ambit observe`` looks there)."""
         return self.root / "observer" / f"{node}.sock"
 
+    def admin_socket(self, node: str) -> Path:
+        """Where a node's agent serves /config_dump and /metrics (``ambit status`` looks there)."""
+        return self.root / "admin" / f"{node}.sock"
+
     @property
     def state(self) -> Path:
         return self.root / "state.yaml"
