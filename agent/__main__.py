@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="when the agent is down, let enrolled pods' traffic go direct (default: fail closed)")
     run.add_argument("--release-on-exit", action="store_true", help="detach everything when stopping")
     run.add_argument("--flows", type=int, default=4096, help="flows kept for the Observer API")
+    run.add_argument("--no-telemetry", action="store_true",
+                     help="record no flows or traffic metrics (to measure what observability costs)")
     run.add_argument("--observer-socket", default=None, help="unix socket of the Observer API")
     run.add_argument("--observer-listen", default="0.0.0.0:4244", help="TCP address of the Observer API ('' for none)")
     run.add_argument("--admin-socket", default=None, help="unix socket serving /config_dump, /metrics, readiness")
@@ -52,7 +54,8 @@ async def run(args: argparse.Namespace) -> None:
                          trust_bundle=args.trust_bundle, trust_domain=args.trust_domain,
                          uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open,
                          kubeconfig=args.kubeconfig,
-                         telemetry=TelemetryConfig(flows=args.flows, observer_socket=args.observer_socket,
+                         telemetry=TelemetryConfig(enabled=not args.no_telemetry, flows=args.flows,
+                                                   observer_socket=args.observer_socket,
                                                    observer_listen=args.observer_listen or None,
                                                    admin_socket=args.admin_socket))
     agent = NodeAgent(config)

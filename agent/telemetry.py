@@ -28,6 +28,7 @@ Address = tuple[str, int]
 
 @dataclass(frozen=True)
 class TelemetryConfig:
+    enabled: bool = True  # off: no flows, no traffic metrics, no kernel events (to measure what they cost)
     flows: int = 4096  # flows kept in the ring
     observer_socket: str | None = None
     observer_listen: str | None = "0.0.0.0:4244"
@@ -56,13 +57,17 @@ class Telemetry:
         return Endpoint(address[0], address[1], identity=str(w.identity(self.trust_domain)), namespace=w.namespace,
                         pod_name=w.name, labels=w.labels, workload=w.labels.get("app", w.name))
 
-    def opened(self, *, inbound: bool, client: Address, target: Address, mtls: bool) -> FlowHandle:
+    def opened(self, *, inbound: bool, client: Address, target: Address, mtls: bool) -> FlowHandle | None:
+        if not self.config.enabled:
+            return None
         return self.recorder.start(direction="INGRESS" if inbound else "EGRESS",
                                    reporter="destination" if inbound else "source",
                                    source=self.endpoint(client), destination=self.endpoint(target), mtls=mtls)
 
     def dropped(self, *, inbound: bool, client: Address, target: Address, mtls: bool, reason: str,
                policy: str | None = None) -> None:
+        if not self.config.enabled:
+            return
         self.recorder.drop(direction="INGRESS" if inbound else "EGRESS",
                            reporter="destination" if inbound else "source",
                            source=self.endpoint(client), destination=self.endpoint(target), mtls=mtls,
@@ -91,6 +96,8 @@ class Telemetry:
 
     def watch_kernel(self, redirector: Redirector) -> None:
         """Read the eBPF ring buffer on a thread: each event becomes a flow; losses are counted."""
+        if not self.config.enabled:
+            return
         redirector.subscribe(self.recorder.kernel_event)
 
         def pump() -> None:

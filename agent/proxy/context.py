@@ -40,12 +40,13 @@ class Mesh:
     policy: Policy = allow_all
     connections: ConnectionTable = field(default_factory=ConnectionTable)
 
-    def track(self, kind: str, pods: tuple[str, ...], conn: Proxied, *flows: FlowHandle) -> None:
+    def track(self, kind: str, pods: tuple[str, ...], conn: Proxied, *flows: FlowHandle | None) -> None:
         """Until ``conn`` closes: in the connection table (a released pod's connections are reset); when
-        it closes, its flows end with the bytes moved each way and why it closed."""
+        it closes, its flows (None: telemetry off) end with the bytes moved each way and why it closed."""
         def ended(c: Proxied, reason: str) -> None:
             for flow in flows:
-                flow.end(c.bytes_up, c.bytes_down, reason, error=reason != "closed")
+                if flow is not None:
+                    flow.end(c.bytes_up, c.bytes_down, reason, error=reason != "closed")
 
         self.connections.watch(kind, pods, conn, ended)
 
