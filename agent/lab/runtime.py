@@ -236,14 +236,23 @@ def records(paths: LabPaths) -> list[ProcRecord]:
     return [r for r in found if r is not None]
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks) of a process, or None if there is no such process."""
+def _stat(pid: int, path: str = "") -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a process (or of the thread at ``path``), or None."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path or f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     return fields[0], int(fields[19])
+
+
+def _threads_exiting(pid: int) -> bool:
+    """Whether a process whose main thread is a zombie still has threads (and so sockets) alive."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any((st := _stat(pid, f"/proc/{pid}/task/{tid}/stat")) is not None and st[0] not in "ZX" for tid in tids)
 
 
 def start_ticks(pid: int) -> int:
@@ -265,6 +274,8 @@ def alive(rec: ProcRecord) -> bool:
     if stat is None or stat[1] != rec.start_ticks:
         return False
     if stat[0] in "ZX":
+        if _threads_exiting(rec.pid):  # its listeners may still accept: not gone until every thread is
+            return True
         _reap(rec.pid)
         return False
     return True
