@@ -37,6 +37,7 @@ bench: setup
 	$(PY) -m bench
 	$(PY) -m bench.policy
 	$(PY) -m bench.flows
+	$(PY) -m bench.enforcement
 
 clean:
 	rm -rf $(VENV) $(PB2) $(PB2:_pb2.py=_pb2.pyi) $(PB2:_pb2.py=_pb2_grpc.py) .mypy_cache .ruff_cache .pytest_cache
