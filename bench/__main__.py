@@ -1,12 +1,16 @@
-"""``python -m bench``: direct TCP vs Ambit vs Envoy on loopback; bulk throughput, request/response latency.
+"""``python -m bench``: direct TCP vs Ambit vs Envoy; bulk throughput, request/response latency.
 
-A full-size run (>= 1 GiB bulk, >= 10,000 exchanges) rewrites the generated section of BENCHMARKS.md;
-a reduced run only prints, unless ``--write`` is given.
+Two path sets, measured one after the other in one run (``--sets`` picks): ``loopback`` (every process in
+this network namespace) and ``lab`` (between a pod on node 1 and a pod on node 2 of an ``ambit lab`` made
+for the run and removed after it; needs root). A full-size run (>= 1 GiB bulk, >= 10,000 exchanges)
+rewrites each measured set's generated section of BENCHMARKS.md; a reduced run only prints, unless
+``--write`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 import shutil
@@ -17,13 +21,26 @@ import types
 from pathlib import Path
 
 from bench.harness import GIB, Config, PathResult, run, wait_until_quiet
+from bench.lab import LabAmbitPath, LabDirectPath, LabEnvoyPath, bench_lab, lab_unavailable
 from bench.paths import AmbitPath, BenchPath, DirectPath, EnvoyPath, MeshCerts
-from bench.report import background, machine, ratios, section, table, write_markdown
+from bench.report import (
+    LAB_SET,
+    LOOPBACK_SET,
+    SetInfo,
+    background,
+    machine,
+    ratios,
+    section,
+    table,
+    targets,
+    write_markdown,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_BULK = GIB
 FULL_RR = 10_000
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+SETS = ("loopback", "lab")
 
 
 def parse_size(text: str) -> int:
@@ -44,8 +61,17 @@ def _positive(text: str) -> int:
     return n
 
 
+def parse_sets(text: str) -> list[str]:
+    """``loopback,lab`` -> the sets in the order given (each once)."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown set(s) {unknown}; choose from {', '.join(SETS)}")
+    return names
+
+
 def _sigterm(signum: int, frame: types.FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwind: every context manager stops its processes
+    raise SystemExit(128 + signum)  # unwind: every context manager stops its processes, the lab comes down
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,8 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--rr-warmup", type=int, default=200, help="unmeasured exchanges before measuring")
     ap.add_argument("--rr-runs", type=_positive, default=5,
                     help="rr runs per path (interleaved); the median of the runs' percentiles is reported")
+    ap.add_argument("--sets", type=parse_sets, default=list(SETS),
+                    help="comma-separated path sets: loopback (all processes here, over loopback) and lab "
+                         "(pod on node 1 -> pod on node 2 of an `ambit lab` made for the run; needs root); "
+                         "default: both, loopback first")
     ap.add_argument("--paths", default="direct,ambit,envoy",
-                    help="comma-separated subset of direct,ambit,envoy")
+                    help="comma-separated subset of direct,ambit,envoy (in every set)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="update --output (default: only for a full-size run)")
@@ -74,27 +104,39 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _report(results: list[PathResult], cfg: Config, args: argparse.Namespace, command: str) -> None:
-    print()
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _report(results: list[PathResult], cfg: Config, args: argparse.Namespace, command: str,
+            which: SetInfo) -> None:
+    print(f"\n{which.title.replace('Latest ', '').capitalize()} ({which.where}):\n")
     print(table(results, cfg))
     print()
-    for line in ratios(results):
+    for line in ratios(results) + (targets(results) if which.targets else []):
         print(line)
     print(background(results))
     full = cfg.bulk_bytes >= FULL_BULK and cfg.rr_count >= FULL_RR
     write = full if args.write is None else args.write
     if write:
-        write_markdown(args.output, section(results, cfg, command, machine()))
-        print(f"\nwrote {args.output}")
+        write_markdown(args.output, section(results, cfg, command, machine(), which), which)
+        print(f"\nwrote its section of {args.output}", flush=True)
     elif args.write is None:
-        print(f"\n(reduced run: {args.output} left unchanged; pass --write to update it)")
+        print(f"\n(reduced run: {args.output} left unchanged; pass --write to update it)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGHUP, _sigterm)
 
+    sets: list[str] = list(args.sets)
+    if "lab" in sets and (why := lab_unavailable()):
+        _say(f"lab set skipped: {why}")
+        sets.remove("lab")
+        if not sets:
+            return 2
     certs = MeshCerts.create()
     known: dict[str, BenchPath] = {"direct": DirectPath(), "ambit": AmbitPath(certs),
                                    "envoy": EnvoyPath(certs, args.envoy_buffer_limit)}
@@ -111,24 +153,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(run a subset with --paths, e.g. --paths {runnable})", file=sys.stderr)
         return 2
 
-    if args.quiet_wait > 0:
-        wait_until_quiet(args.quiet_wait, say=lambda m: print(m, file=sys.stderr, flush=True))
     workdir = Path(tempfile.mkdtemp(prefix="ambit-bench-"))
     cfg = Config(args.bulk_size, args.runs, args.rr_count, args.rr_size, args.rr_warmup, args.rr_runs,
                  workdir, args.max_other_load, args.retries, max(args.quiet_wait, 1.0))
+    command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     ok = False
     try:
-        results = run(paths, cfg)
+        if "loopback" in sets:
+            _say("== loopback set ==")
+            if args.quiet_wait > 0:
+                wait_until_quiet(args.quiet_wait, say=_say)
+            results = run(paths, dataclasses.replace(cfg, workdir=workdir / "loopback"))
+            _report(results, cfg, args, command, LOOPBACK_SET)
+        if "lab" in sets:
+            _say("== lab set ==")
+            with bench_lab(workdir / "lab" / "lab-logs", _say) as lab:
+                lab_known: dict[str, BenchPath] = {
+                    "direct": LabDirectPath(lab), "ambit": LabAmbitPath(lab),
+                    "envoy": LabEnvoyPath(lab, certs, args.envoy_buffer_limit)}
+                if args.quiet_wait > 0:
+                    wait_until_quiet(args.quiet_wait, say=_say)
+                results = run([lab_known[n] for n in names], dataclasses.replace(cfg, workdir=workdir / "lab"))
+            _report(results, cfg, args, command, LAB_SET)
         ok = True
     finally:
         if ok and not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
-            print(f"configs, certificates and logs kept in {workdir}", file=sys.stderr)
-
-    command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
-    _report(results, cfg, args, command)
+            _say(f"configs, certificates and logs kept in {workdir}")
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # everything was stopped and the lab removed on the way out
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

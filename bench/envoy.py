@@ -13,7 +13,9 @@ Shapes follow what ztunnel speaks (REFERENCE.md section 1):
 Both use ztunnel's flow-control windows (4 MiB per stream, 16 MiB per connection). Envoy runs with
 ``--concurrency 1`` (one worker thread: the same single event loop budget an Ambit process has), hot restart
 disabled, the admin interface on an ephemeral loopback port (used to learn the listener's ephemeral port
-and to read stats), and its log in a file that is shown when anything fails.
+and to read stats), and its log in a file that is shown when anything fails. Given a network namespace,
+Envoy runs in it (``ip netns exec``) and every admin request and readiness probe is made from inside it
+(its loopback admin port exists only there).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.netns import entered, netns_argv
 from bench.procs import Child, ChildError, log_tail, spawn, wait_accepting
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
 
@@ -219,12 +222,14 @@ class EnvoyError(ChildError):
 
 @dataclass
 class Envoy:
-    """A running Envoy: its child process, admin address and the address its one listener is bound to."""
+    """A running Envoy: its child process, admin address and the address its one listener is bound to (both
+    in ``netns``, None: this process's namespace)."""
 
     child: Child
     admin: tuple[str, int]
     listener: tuple[str, int]
     workdir: Path
+    netns: str | None = None
 
     @property
     def pid(self) -> int:
@@ -232,7 +237,7 @@ class Envoy:
 
     def admin_get(self, path: str, timeout: float = 5.0) -> str:
         url = f"http://{self.admin[0]}:{self.admin[1]}{path}"
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback admin only
+        with entered(self.netns), urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback admin only
             body: bytes = resp.read()
         return body.decode()
 
@@ -290,8 +295,10 @@ def _listener_address(admin: tuple[str, int], child: Child, deadline: float) -> 
 
 
 def start_envoy(config: Json, workdir: Path, name: str, *, envoy_bin: Path | None = None,
-                log_level: str = "info", timeout: float = 20.0, probe: bool = True) -> Envoy:
-    """Write ``config`` to ``workdir/<name>.json``, start Envoy on it and wait until its listener accepts.
+                log_level: str = "info", timeout: float = 20.0, probe: bool = True,
+                netns: str | None = None) -> Envoy:
+    """Write ``config`` to ``workdir/<name>.json``, start Envoy on it (in network namespace ``netns``, if
+    given) and wait until its listener accepts.
 
     ``probe=False`` skips the TCP connect to the listener (for a client whose connect would open a tunnel);
     the listener is bound once the admin interface reports its port, so connects are accepted from then on.
@@ -306,14 +313,15 @@ def start_envoy(config: Json, workdir: Path, name: str, *, envoy_bin: Path | Non
     admin_path.unlink(missing_ok=True)
     argv = [str(binary), "-c", str(cfg_path), "--concurrency", "1", "--disable-hot-restart",
             "--admin-address-path", str(admin_path), "--log-level", log_level, "--use-dynamic-base-id"]
-    child = spawn(f"envoy[{name}]", argv, workdir / f"{name}.log")
+    child = spawn(f"envoy[{name}]", netns_argv(netns, argv), workdir / f"{name}.log")
     try:
         deadline = time.monotonic() + timeout
         admin = _read_admin_address(admin_path, child, deadline)
-        listener = _listener_address(admin, child, deadline)
-        if probe:
-            wait_accepting(listener, max(0.5, deadline - time.monotonic()), child)
-        return Envoy(child, admin, listener, workdir)
+        with entered(netns):
+            listener = _listener_address(admin, child, deadline)
+            if probe:
+                wait_accepting(listener, max(0.5, deadline - time.monotonic()), child)
+        return Envoy(child, admin, listener, workdir, netns)
     except BaseException:
         child.stop()
         raise
@@ -331,11 +339,12 @@ def envoy_running(config: Json, workdir: Path, name: str, **kwargs: Any) -> Iter
 @contextlib.contextmanager
 def envoy_hbone_server(workdir: Path, *, cert: WorkloadCertificate, bundle: TrustBundle,
                        target: tuple[str, int], buffer_limit: int | None = None,
-                       **kwargs: Any) -> Iterator[Envoy]:
-    """An Envoy HBONE server presenting ``cert`` and relaying CONNECT streams to ``target``."""
+                       listen: tuple[str, int] = ("127.0.0.1", 0), **kwargs: Any) -> Iterator[Envoy]:
+    """An Envoy HBONE server on ``listen`` presenting ``cert`` and relaying CONNECT streams to ``target``
+    (``netns=`` among the keywords runs it in that network namespace)."""
     tls = TlsFiles.write(workdir, "server", cert, bundle.roots_pem)
-    cfg = server_bootstrap(listen_port=0, target=target, trust_domain=bundle.trust_domain, tls=tls,
-                           buffer_limit=buffer_limit)
+    cfg = server_bootstrap(listen_port=listen[1], target=target, trust_domain=bundle.trust_domain, tls=tls,
+                           listen_host=listen[0], buffer_limit=buffer_limit)
     with envoy_running(cfg, workdir, "envoy-server", **kwargs) as proc:
         yield proc
 
@@ -343,11 +352,13 @@ def envoy_hbone_server(workdir: Path, *, cert: WorkloadCertificate, bundle: Trus
 @contextlib.contextmanager
 def envoy_hbone_client(workdir: Path, *, cert: WorkloadCertificate, roots_pem: bytes,
                        hbone: tuple[str, int], authority: str, expect: SpiffeId,
-                       buffer_limit: int | None = None, **kwargs: Any) -> Iterator[Envoy]:
-    """An Envoy HBONE client: its listener tunnels each connection to ``hbone`` as CONNECT ``authority``."""
+                       buffer_limit: int | None = None, listen: tuple[str, int] = ("127.0.0.1", 0),
+                       **kwargs: Any) -> Iterator[Envoy]:
+    """An Envoy HBONE client: its listener on ``listen`` tunnels each connection to ``hbone`` as CONNECT
+    ``authority`` (``netns=`` among the keywords runs it in that network namespace)."""
     tls = TlsFiles.write(workdir, "client", cert, roots_pem)
-    cfg = client_bootstrap(listen_port=0, hbone=hbone, authority=authority, expect=expect, tls=tls,
-                           buffer_limit=buffer_limit)
+    cfg = client_bootstrap(listen_port=listen[1], hbone=hbone, authority=authority, expect=expect, tls=tls,
+                           listen_host=listen[0], buffer_limit=buffer_limit)
     kwargs.setdefault("probe", False)
     with envoy_running(cfg, workdir, "envoy-client", **kwargs) as proc:
         yield proc

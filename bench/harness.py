@@ -1,4 +1,5 @@
-"""The benchmark run: one receiver, every path started in front of it, both workloads through each path.
+"""The benchmark run: a receiver where each path wants one, every path started in front of its receiver,
+both workloads through each path, the senders in the namespace the path names.
 
 Bulk runs are interleaved across paths (run 1 of every path, then run 2, ...) so a drift of the machine
 (another tenant, thermal state) spreads over all paths instead of biasing one.
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from agent.netns import netns_argv
 from bench import procs
-from bench.paths import Addr, BenchPath, Running
+from bench.paths import Addr, BenchPath, Place, Running
 from bench.procs import Child, ChildError, cpu_seconds, parse_hostport, pid_alive, python_env, spawn
 
 GIB = 1 << 30
@@ -164,11 +166,11 @@ class Config:
 
 
 class Receiver:
-    """The ``bench.load receiver`` process and the result lines it prints for bulk connections."""
+    """The ``bench.load receiver`` process at a place and the result lines it prints for bulk connections."""
 
-    def __init__(self, workdir: Path) -> None:
-        argv = [sys.executable, "-m", "bench.load", "receiver", "--listen", "127.0.0.1:0"]
-        self.child = spawn("receiver", argv, workdir / "receiver.log", stdout_pipe=True,
+    def __init__(self, workdir: Path, place: Place, log_name: str = "receiver.log") -> None:
+        argv = [sys.executable, "-m", "bench.load", "receiver", "--listen", f"{place.host}:0"]
+        self.child = spawn("receiver", netns_argv(place.netns, argv), workdir / log_name, stdout_pipe=True,
                            env=python_env(), cwd=ROOT)
         try:
             self.addr: Addr = parse_hostport(self.child.wait_for_line("listening on", 15.0))
@@ -191,8 +193,9 @@ class Receiver:
         self.child.stop()
 
 
-def _run_client(name: str, args: Sequence[str], log: Path, timeout: float) -> dict[str, object]:
-    argv = [sys.executable, "-m", "bench.load", *args]
+def _run_client(name: str, args: Sequence[str], log: Path, timeout: float,
+                netns: str | None = None) -> dict[str, object]:
+    argv = netns_argv(netns, [sys.executable, "-m", "bench.load", *args])
     child: Child = spawn(name, argv, log, stdout_pipe=True, env=python_env(), cwd=ROOT)
     try:
         line = child.read_line(timeout)
@@ -231,7 +234,8 @@ def bulk_once(running: Running, receiver: Receiver, cfg: Config, log: Path) -> B
     before = _cpu(running.proxies)
     meter = LoadMeter()
     sent = _run_client("bulk", ["bulk", "--connect", f"{running.entry[0]}:{running.entry[1]}",
-                                "--bytes", str(cfg.bulk_bytes), "--tag", tag], log, timeout)
+                                "--bytes", str(cfg.bulk_bytes), "--tag", tag], log, timeout,
+                       running.client_netns)
     got = receiver.result(tag, timeout)
     background = meter.stop()
     after = _cpu(running.proxies)
@@ -247,7 +251,7 @@ def rr_once(running: Running, cfg: Config, log: Path) -> RrRun:
     meter = LoadMeter()
     out = _run_client("rr", ["rr", "--connect", f"{running.entry[0]}:{running.entry[1]}",
                              "--count", str(cfg.rr_count), "--size", str(cfg.rr_size),
-                             "--warmup", str(cfg.rr_warmup)], log, timeout)
+                             "--warmup", str(cfg.rr_warmup)], log, timeout, running.client_netns)
     background = meter.stop()
     after = _cpu(running.proxies)
     samples = out["samples_ns"]
@@ -256,11 +260,24 @@ def rr_once(running: Running, cfg: Config, log: Path) -> RrRun:
 
 
 @contextlib.contextmanager
-def started(paths: Sequence[BenchPath], target: Addr, workdir: Path) -> Iterator[dict[str, Running]]:
+def receivers(paths: Sequence[BenchPath], workdir: Path) -> Iterator[dict[Place, Receiver]]:
+    """One receiver per distinct place the paths name, stopped on exit."""
+    with contextlib.ExitStack() as stack:
+        out: dict[Place, Receiver] = {}
+        for place in dict.fromkeys(p.receiver for p in paths):
+            log = "receiver.log" if not out else f"receiver-{len(out) + 1}.log"
+            out[place] = rx = Receiver(workdir, place, log)
+            stack.callback(rx.stop)
+        yield out
+
+
+@contextlib.contextmanager
+def started(paths: Sequence[BenchPath], targets: dict[Place, Receiver],
+            workdir: Path) -> Iterator[dict[str, Running]]:
     with contextlib.ExitStack() as stack:
         running: dict[str, Running] = {}
         for p in paths:
-            running[p.name] = stack.enter_context(p.start(target, workdir / p.name))
+            running[p.name] = stack.enter_context(p.start(targets[p.receiver].addr, workdir / p.name))
         yield running
 
 
@@ -289,31 +306,31 @@ def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[
             print(msg, file=sys.stderr, flush=True)
 
     results = {p.name: PathResult(p.name, p.description) for p in paths}
-    receiver = Receiver(cfg.workdir)
-    try:
-        with started(paths, receiver.addr, cfg.workdir) as running:
-            for name, r in running.items():
-                pids = ", ".join(f"{role} pid {pid}" for role, pid in r.proxies.items()) or "no proxies"
-                say(f"[{name}] entry {r.entry[0]}:{r.entry[1]} ({pids})")
-            for i in range(cfg.runs):
-                for p in paths:
-                    log = cfg.workdir / "bulk.log"
-                    bulk = functools.partial(bulk_once, running[p.name], receiver, cfg, log)
-                    b = _measured(bulk, p.name, running[p.name], cfg, results[p.name], say)
-                    results[p.name].bulk.append(b)
-                    cpu = sum(b.proxy_cpu.values())
-                    say(f"[{p.name}] bulk run {i + 1}/{cfg.runs}: {b.nbytes / GIB:.2f} GiB in "
-                        f"{b.seconds:.2f}s = {b.gbit_per_s:.2f} Gbit/s, proxy CPU {cpu:.2f}s; "
-                        f"other load {b.background.other:.0%}, steal {b.background.steal:.0%}")
-            for i in range(cfg.rr_runs):
-                for p in paths:
-                    rr = functools.partial(rr_once, running[p.name], cfg, cfg.workdir / "rr.log")
-                    q = _measured(rr, p.name, running[p.name], cfg, results[p.name], say)
-                    results[p.name].rr.append(q)
-                    s = sorted(q.samples_ns)
-                    say(f"[{p.name}] rr run {i + 1}/{cfg.rr_runs}: {len(s)} exchanges, "
-                        f"p50 {s[len(s) // 2] / 1000:.1f} us, p99 {s[int(len(s) * 0.99)] / 1000:.1f} us; "
-                        f"other load {q.background.other:.0%}, steal {q.background.steal:.0%}")
-    finally:
-        receiver.stop()
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    with receivers(paths, cfg.workdir) as rx, started(paths, rx, cfg.workdir) as running:
+        for p in paths:
+            r = running[p.name]
+            pids = ", ".join(f"{role} pid {pid}" for role, pid in r.proxies.items()) or "no proxies"
+            where = f", senders in {r.client_netns}" if r.client_netns else ""
+            say(f"[{p.name}] entry {r.entry[0]}:{r.entry[1]} ({pids}{where}); "
+                f"receiver {rx[p.receiver].addr[0]}:{rx[p.receiver].addr[1]}")
+        for i in range(cfg.runs):
+            for p in paths:
+                log = cfg.workdir / "bulk.log"
+                bulk = functools.partial(bulk_once, running[p.name], rx[p.receiver], cfg, log)
+                b = _measured(bulk, p.name, running[p.name], cfg, results[p.name], say)
+                results[p.name].bulk.append(b)
+                cpu = sum(b.proxy_cpu.values())
+                say(f"[{p.name}] bulk run {i + 1}/{cfg.runs}: {b.nbytes / GIB:.2f} GiB in "
+                    f"{b.seconds:.2f}s = {b.gbit_per_s:.2f} Gbit/s, proxy CPU {cpu:.2f}s; "
+                    f"other load {b.background.other:.0%}, steal {b.background.steal:.0%}")
+        for i in range(cfg.rr_runs):
+            for p in paths:
+                rr = functools.partial(rr_once, running[p.name], cfg, cfg.workdir / "rr.log")
+                q = _measured(rr, p.name, running[p.name], cfg, results[p.name], say)
+                results[p.name].rr.append(q)
+                s = sorted(q.samples_ns)
+                say(f"[{p.name}] rr run {i + 1}/{cfg.rr_runs}: {len(s)} exchanges, "
+                    f"p50 {s[len(s) // 2] / 1000:.1f} us, p99 {s[int(len(s) * 0.99)] / 1000:.1f} us; "
+                    f"other load {q.background.other:.0%}, steal {q.background.steal:.0%}")
     return [results[p.name] for p in paths]
