@@ -40,13 +40,17 @@ class Mesh:
     policy: Policy = allow_all
     connections: ConnectionTable = field(default_factory=ConnectionTable)
 
-    def track(self, kind: str, pods: tuple[str, ...], conn: Proxied, *flows: FlowHandle | None) -> None:
+    def track(self, kind: str, pods: tuple[str, ...], conn: Proxied, *flows: FlowHandle | None,
+              server_side: bool = False) -> None:
         """Until ``conn`` closes: in the connection table (a released pod's connections are reset); when
-        it closes, its flows (None: telemetry off) end with the bytes moved each way and why it closed."""
+        it closes, its flows (None: telemetry off) end with the bytes moved each way and why it closed.
+        ``server_side``: ``conn``'s TCP end is the server pod (an inbound HBONE relay), so its bytes "up"
+        are the response direction."""
         def ended(c: Proxied, reason: str) -> None:
+            request, response = (c.bytes_down, c.bytes_up) if server_side else (c.bytes_up, c.bytes_down)
             for flow in flows:
                 if flow is not None:
-                    flow.end(c.bytes_up, c.bytes_down, reason, error=reason != "closed")
+                    flow.end(request, response, reason, error=reason != "closed")
 
         self.connections.watch(kind, pods, conn, ended)
 

@@ -84,7 +84,7 @@ class InboundProxy:
         transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(relay, sock)
         flow = self.mesh.telemetry.opened(inbound=True, client=_client(request), target=_address(request.target),
                                           mtls=True)
-        self.mesh.track("inbound-hbone", (request.target.ip,), protocol, flow)
+        self.mesh.track("inbound-hbone", (request.target.ip,), protocol, flow, server_side=True)
         return transport
 
     async def _plain(self, sock: socket.socket) -> None:
