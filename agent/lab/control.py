@@ -116,9 +116,11 @@ def wait_ready(recs: Sequence[ProcRecord], needle: str, timeout: float) -> None:
 
 # -- up / down ---------------------------------------------------------------------------------------------------
 def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = ("default",), agents: bool = True,
-       fail_open: bool = False, timeout: float = 60.0, say: Say = _quiet) -> LabInfo:
+       fail_open: bool = False, timeout: float = 60.0, say: Say = _quiet, agent_flags: Sequence[str] = ()) -> LabInfo:
     """Build a lab and leave it running. On any failure (also Ctrl-C) everything made so far is removed
-    before the error propagates; the logs are kept in a temporary directory named in the error."""
+    before the error propagates; the logs are kept in a temporary directory named in the error.
+    ``agent_flags`` are added to every agent's command line (e.g. ``["--flows", "256"]``); they are kept in
+    lab.json, so agents restarted later get them too."""
     paths = LabPaths.of(name)
     if not 1 <= nodes <= 200 or not 0 <= pods <= 200:
         raise LabError("--nodes must be 1..200 and --pods 0..200")
@@ -138,7 +140,7 @@ def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = 
         raise LabError(f"lab {name!r} already exists ({paths.root}); {hint}") from None
     info = LabInfo(name=name, prefix=rt.netns_prefix(name), created_at=dt.datetime.now(dt.UTC).isoformat(),
                    namespaces=[*spaces, *([ROOT_NAMESPACE] if ROOT_NAMESPACE not in spaces else [])],
-                   agents=agents, agent_flags=["--fail-open"] if fail_open else [])
+                   agents=agents, agent_flags=[*(["--fail-open"] if fail_open else []), *agent_flags])
     try:
         info.save(paths)
         say(f"building {nodes} node(s) with {pods} pod(s) each")
