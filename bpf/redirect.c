@@ -203,13 +203,18 @@ static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
     if (!cfg || !cfg->mark || skb->mark == cfg->mark)
         return AMBIT_NEXT;
 
-    __be32 pod_ip = p->hook == AMBIT_D_POD ? p->saddr : p->daddr;
+    /* Whose traffic is it? From a pod: the pod's own (outbound), unless the pod is not enrolled and calls an
+     * enrolled pod of this node: then it is that pod's inbound, captured whatever its source (as Istio's
+     * ambient does), so that STRICT and policy apply to it too. From the uplink: the destination's. */
+    int inbound = p->hook == AMBIT_D_UPLINK;
+    __be32 pod_ip = inbound ? p->daddr : p->saddr;
     struct ambit_pod *pod = enrolled.lookup(&pod_ip);
-    if (p->hook == AMBIT_D_UPLINK && !pod)
-        return AMBIT_NEXT; /* inbound to a pod we do not capture */
-
-    if (p->hook == AMBIT_D_POD && !pod && !enrolled.lookup(&p->daddr))
-        return AMBIT_NEXT; /* hook-only veth: the agent only spoofs enrolled pods towards it */
+    if (!pod && !inbound) {
+        pod = enrolled.lookup(&p->daddr);
+        inbound = 1;
+    }
+    if (!pod)
+        return AMBIT_NEXT; /* no enrolled pod of this node on either end */
 
     int syn = (p->flags & (TCP_FL_SYN | TCP_FL_ACK)) == TCP_FL_SYN;
 
@@ -235,9 +240,6 @@ static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
         emit_flags(skb, p, AMBIT_V_STEERED, 0);
         return AMBIT_TAKEN;
     }
-    if (!pod)
-        return AMBIT_NEXT; /* hooked but not enrolled: return-path steering only */
-
     /* 4. not a new connection: only flows we took over concern us */
     if (!syn) {
         struct ambit_flow_key key = {};
@@ -264,7 +266,7 @@ static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
     /* 3. new connection */
     __u32 slot = AMBIT_L_OUTBOUND;
     int counter = AMBIT_C_REDIRECT_OUT;
-    if (p->hook == AMBIT_D_UPLINK) {
+    if (inbound) {
         slot = p->dport == bpf_htons(cfg->port[AMBIT_L_HBONE]) ? AMBIT_L_HBONE : AMBIT_L_INBOUND;
         counter = slot == AMBIT_L_HBONE ? AMBIT_C_REDIRECT_HBONE : AMBIT_C_REDIRECT_IN;
     }

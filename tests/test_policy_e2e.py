@@ -254,11 +254,6 @@ def test_strict_blocks_plaintext_from_outside_the_mesh_and_allows_mesh_clients(l
     assert decision(why).startswith("decision: DENY: denied by PeerAuthentication shop/mtls: mTLS is STRICT"), why
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG (bpf/redirect.c, handle()): a new connection from a pod that is NOT enrolled to an enrolled pod of the "
-    "SAME node is not captured (the source's veth is hook-only: `if (!pod) return AMBIT_NEXT`), so it reaches "
-    "the pod directly, bypassing the inbound plaintext path and with it STRICT mTLS and every policy. Istio "
-    "ambient captures inbound traffic in the destination pod whatever the source. Remove this mark when fixed."))
 def test_strict_blocks_plaintext_from_a_pod_outside_the_mesh_on_the_same_node(lab: PolicyLab) -> None:
     lab.apply(peer_auth_yaml("mtls", SHOP, "STRICT"))
     lab.settle(["PeerAuthentication shop/mtls"], {SHOP})
