@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.bootstrapped
 PROTOS := $(shell find agent hbone -name '*.proto' 2>/dev/null)
 PB2    := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck unit bench clean image kind-deploy minikube-deploy undeploy
 .DEFAULT_GOAL := test
 
 setup: $(STAMP) $(PB2)
@@ -38,6 +38,11 @@ bench: setup
 	$(PY) -m bench.policy
 	$(PY) -m bench.flows
 	$(PY) -m bench.enforcement
+
+# Kubernetes (daemonset/README.md): the image, and Ambit on a kind or minikube cluster. Settings such as
+# IMAGE=, KIND_CLUSTER=, MINIKUBE_PROFILE=, KUBE_CONTEXT= pass through to daemonset/deploy.sh.
+image kind-deploy minikube-deploy undeploy:
+	daemonset/deploy.sh $@
 
 clean:
 	rm -rf $(VENV) $(PB2) $(PB2:_pb2.py=_pb2.pyi) $(PB2:_pb2.py=_pb2_grpc.py) .mypy_cache .ruff_cache .pytest_cache
