@@ -367,8 +367,9 @@ def test_image_installs_the_project_the_way_make_test_does() -> None:
     assert "python3-bpfcc" not in " ".join(runs)  # bootstrap.sh installs it, not the Containerfile
     # `make test` and `make setup` both run scripts/bootstrap.sh (-B: as on a fresh machine; -n: print only).
     for target in ("test", "setup"):
-        dry = subprocess.run(["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, timeout=60,
-                             check=False)
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # under make
+        dry = subprocess.run(["make", "--no-print-directory", "-n", "-B", target], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
         assert dry.returncode == 0, dry.stderr
         assert "scripts/bootstrap.sh" in dry.stdout.splitlines()[0], dry.stdout
     bootstrap = (REPO / "scripts" / "bootstrap.sh").read_text()
