@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--fail-open", action="store_true",
                      help="when the agent is down, let enrolled pods' traffic go direct (default: fail closed)")
     run.add_argument("--release-on-exit", action="store_true", help="detach everything when stopping")
+    run.add_argument("--drain-seconds", type=float, default=0.0,
+                     help="on SIGTERM, accept no new connections and let open ones finish for this long")
     run.add_argument("--flows", type=int, default=4096, help="flows kept for the Observer API")
     run.add_argument("--no-telemetry", action="store_true",
                      help="record no flows or traffic metrics (to measure what observability costs)")
@@ -66,6 +68,8 @@ async def run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if args.drain_seconds > 0:
+        await agent.drain(args.drain_seconds)
     await agent.close(release=args.release_on_exit)
 
 

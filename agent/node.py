@@ -204,6 +204,15 @@ class NodeAgent:
         with contextlib.suppress(Exception):  # failures are logged by the manager, which keeps retrying
             await self.certificates.get(identity)
 
+    async def drain(self, seconds: float) -> int:
+        """Accept no new connections (enrolled pods' new ones fail closed, as with the agent gone) and give
+        the proxied ones up to ``seconds`` to finish. Returns how many were still open."""
+        await self.outbound.stop_accepting()
+        await self.inbound.stop_accepting()
+        left = await self.mesh.connections.wait_empty(seconds)
+        log.info("drained: %d proxied connections still open after %.0f s", left, seconds)
+        return left
+
     async def close(self, release: bool = False) -> None:
         """Stop. Unless ``release``, the programs stay: enrolled pods fail closed until an agent returns."""
         for closer in self._closers:

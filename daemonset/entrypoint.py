@@ -1,4 +1,4 @@
-"""The agent container's entrypoint: kernel headers for bcc, then the agent, drained on SIGTERM.
+"""The agent container's entrypoint: kernel headers for bcc, then the agent (which drains itself on SIGTERM).
 
     python daemonset/entrypoint.py -- /opt/ambit/.venv/bin/python -m agent run ...   (the DaemonSet's command)
 
@@ -12,36 +12,26 @@
      scripts/bootstrap.sh links them on a machine whose kernel ships none: ``build`` -> the newest
      ``/usr/src/linux-headers-*-amd64``, ``source`` -> the newest ``...-common``. The programs use uapi types
      only, so another version's headers serve (kind nodes and minikube's ISO have no headers).
-2. ``AMBIT_FAIL_OPEN=true`` adds ``--fail-open`` to the command (a ConfigMap value cannot add a flag).
-3. The drain. On SIGTERM the agent is not stopped at once: it keeps carrying the node's traffic until its
-   proxied connections have ended (``connections`` in its admin ``/config_dump``, polled every second), at most
-   ``AMBIT_DRAIN_SECONDS``; then it gets SIGTERM and the exit status is its own. A second SIGTERM (or SIGINT)
-   ends the drain at once. Restarting the agent resets long-lived connections; the drain lets short ones
-   finish and gives long ones the time an operator chose.
+2. Settings a ConfigMap value cannot express as a flag: ``AMBIT_FAIL_OPEN=true`` adds ``--fail-open``;
+   ``AMBIT_DRAIN_SECONDS`` becomes ``--drain-seconds``: on SIGTERM the agent accepts no new connections and
+   lets its proxied ones finish for that long (restarting the agent resets long-lived connections; the drain
+   lets short ones finish and gives long ones the time an operator chose).
+3. Then it becomes the agent (exec), so signals and the exit status are the agent's own.
 
-Paths and the admin address can be moved with AMBIT_MODULES_DIR, AMBIT_HOST_ROOT, AMBIT_HEADERS_SRC and
-AMBIT_ADMIN_URL (tests do). Standard library only: it runs before anything else is known to work.
+Paths can be moved with AMBIT_MODULES_DIR, AMBIT_HOST_ROOT and AMBIT_HEADERS_SRC (tests do). Standard
+library only: it runs before anything else is known to work.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from types import FrameType
 
 TRUE = frozenset({"1", "true", "yes", "on"})
-POLL_SECONDS = 1.0
 
 
 def log(message: str) -> None:
@@ -115,66 +105,13 @@ def agent_command(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
     command = list(argv)
     if env.get("AMBIT_FAIL_OPEN", "").strip().lower() in TRUE and "--fail-open" not in command:
         command.append("--fail-open")
+    drain = env.get("AMBIT_DRAIN_SECONDS", "").strip()
+    if drain and "--drain-seconds" not in command:
+        try:
+            command += ["--drain-seconds", str(max(0.0, float(drain)))]
+        except ValueError:
+            log(f"AMBIT_DRAIN_SECONDS={drain!r} is not a number; no drain")
     return command
-
-
-def proxied_connections(admin_url: str, timeout: float = 2.0) -> int | None:
-    """The agent's proxied connections from its /config_dump; None when it does not answer."""
-    try:
-        with urllib.request.urlopen(f"{admin_url}/config_dump", timeout=timeout) as response:
-            dump = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-    count = dump.get("connections") if isinstance(dump, dict) else None
-    return count if isinstance(count, int) else None
-
-
-class Supervisor:
-    """Runs the agent as a child; SIGTERM starts the drain, and the agent's own exit ends everything."""
-
-    def __init__(self, command: Sequence[str], *, drain_seconds: float, admin_url: str,
-                 connections: Callable[[str], int | None] = proxied_connections) -> None:
-        self.command = list(command)
-        self.drain_seconds = drain_seconds
-        self.admin_url = admin_url
-        self.connections = connections
-        self._stop = threading.Event()
-        self._signals = 0
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self._signals += 1
-        self._stop.set()
-
-    def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        child = subprocess.Popen(self.command)
-        while child.poll() is None and not self._stop.wait(0.2):
-            pass
-        if child.poll() is None:
-            self._drain(child)
-            child.send_signal(signal.SIGTERM)
-        status = child.wait()
-        return 128 - status if status < 0 else status
-
-    def _drain(self, child: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + self.drain_seconds
-        seen = self._signals
-        while child.poll() is None and self._signals == seen:
-            count = self.connections(self.admin_url)
-            if not count:
-                log(f"draining: {'no proxied connections left' if count == 0 else 'the agent does not answer'}; "
-                    "stopping it")
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log(f"drain period over with {count} proxied connection(s) left; stopping the agent")
-                return
-            log(f"draining: {count} proxied connection(s), up to {left:.0f} s more")
-            self._stop.clear()
-            self._stop.wait(min(POLL_SECONDS, left))
-        if child.poll() is None:
-            log("second signal: stopping the agent now")
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -187,14 +124,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return 2
     log(link_kernel_headers(os.uname().release, Path(env.get("AMBIT_MODULES_DIR", "/lib/modules")),
                             Path(env.get("AMBIT_HOST_ROOT", "/host")), Path(env.get("AMBIT_HEADERS_SRC", "/usr/src"))))
-    try:
-        drain = float(env.get("AMBIT_DRAIN_SECONDS", "20"))
-    except ValueError:
-        log(f"AMBIT_DRAIN_SECONDS={env.get('AMBIT_DRAIN_SECONDS')!r} is not a number; no drain")
-        drain = 0.0
-    supervisor = Supervisor(agent_command(args, env), drain_seconds=max(0.0, drain),
-                            admin_url=env.get("AMBIT_ADMIN_URL", "http://127.0.0.1:15000"))
-    return supervisor.run()
+    command = agent_command(args, env)
+    sys.stdout.flush()
+    os.execvp(command[0], command)
 
 
 if __name__ == "__main__":

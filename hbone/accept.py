@@ -53,11 +53,16 @@ class Acceptor:
                 continue
             self.spawn(self.handle(conn))
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
+        """Accept no more (the listener closes); connections being handled carry on."""
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
+            self._loop = None
         self.listener.close()
+
+    async def close(self) -> None:
+        await self.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -148,6 +148,11 @@ class HboneServer:
         assert self._acceptor is not None
         return self._acceptor.address
 
+    async def stop_accepting(self) -> None:
+        """Take no new tunnel connections; the tunnels open now carry on."""
+        if self._acceptor is not None:
+            await self._acceptor.stop()
+
     async def close(self) -> None:
         for tunnel in list(self.tunnels):
             tunnel.close()

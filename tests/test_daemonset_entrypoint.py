@@ -1,18 +1,15 @@
-"""daemonset/entrypoint.py: the kernel-headers strategy on fake host trees, --fail-open from the ConfigMap, and
-the drain on SIGTERM with a real child process and a real admin endpoint."""
+"""daemonset/entrypoint.py: the kernel-headers strategy on fake host trees, the ConfigMap's settings as the
+agent's flags, and the exec that makes the agent the container's process."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-
-import pytest
 
 from daemonset import entrypoint as ep
 
@@ -88,112 +85,37 @@ def test_fail_open_comes_from_the_config_map_value() -> None:
     assert ep.agent_command([*base, "--fail-open"], {"AMBIT_FAIL_OPEN": "1"}) == [*base, "--fail-open"]
 
 
-# -- the drain, with a real child: an "agent" serving /config_dump whose connection count the test controls ---
-FAKE_AGENT = textwrap.dedent("""
-    import http.server, json, signal, sys, threading, time
-    from pathlib import Path
-    state, port, ready, stopped = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"connections": int(state.read_text())}).encode()
-            self.send_response(200); self.end_headers(); self.wfile.write(body)
-        def log_message(self, *a): pass
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    def stop(signum, frame):
-        stopped.write_text(repr(time.monotonic()))
-        sys.exit(7)
-    signal.signal(signal.SIGTERM, stop)
-    print("fake agent argv", sys.argv[5:], flush=True)
-    ready.write_text("up")
-    while True:
-        time.sleep(0.05)
-""")
+def test_the_drain_setting_becomes_the_agents_flag() -> None:
+    base = ["python", "-m", "agent", "run", "--node", "n"]
+    assert ep.agent_command(base, {"AMBIT_DRAIN_SECONDS": "20"}) == [*base, "--drain-seconds", "20.0"]
+    assert ep.agent_command(base, {"AMBIT_DRAIN_SECONDS": "-3"}) == [*base, "--drain-seconds", "0.0"]
+    assert ep.agent_command(base, {"AMBIT_DRAIN_SECONDS": "soon"}) == base  # said, and no drain
+    assert ep.agent_command([*base, "--drain-seconds", "5"], {"AMBIT_DRAIN_SECONDS": "20"}) == [
+        *base, "--drain-seconds", "5"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Drained:
-    """The entrypoint running a fake agent that reports ``count`` (a file the test writes) proxied connections
-    and records when it got SIGTERM (time.monotonic, comparable across processes)."""
-
-    def __init__(self, tmp_path: Path, drain: float, extra_env: dict[str, str] | None = None) -> None:
-        self.tmp_path = tmp_path
-        self.count, self.ready, self.stopped = tmp_path / "count", tmp_path / "ready", tmp_path / "stopped"
-        self.count.write_text("2")
-        self.script = tmp_path / "fake_agent.py"
-        self.script.write_text(FAKE_AGENT)
-        self.env = {**os.environ, "AMBIT_DRAIN_SECONDS": str(drain),
-                    "AMBIT_MODULES_DIR": str(tmp_path / "modules"), "AMBIT_HOST_ROOT": str(tmp_path / "host"),
-                    "AMBIT_HEADERS_SRC": str(tmp_path / "src"), **(extra_env or {})}
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> subprocess.Popen[str]:
-        port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "daemonset" / "entrypoint.py"), "--", sys.executable, str(self.script),
-             str(self.count), str(port), str(self.ready), str(self.stopped), "--node=n1"],
-            env={**self.env, "AMBIT_ADMIN_URL": f"http://127.0.0.1:{port}"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 10
-        while not self.ready.exists():
-            assert self.proc.poll() is None, self.proc.communicate()[0]
-            assert time.monotonic() < deadline, "the fake agent did not start"
-            time.sleep(0.02)
-        return self.proc
-
-    def finish(self, timeout: float = 15) -> tuple[int, str]:
-        assert self.proc is not None
-        out, _ = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out
-
-
-@pytest.fixture
-def drained(tmp_path: Path) -> Drained:
-    return Drained(tmp_path, drain=10)
-
-
-def test_sigterm_waits_until_the_proxied_connections_end(drained: Drained) -> None:
-    proc = drained.start()
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(1.5)
-    assert not drained.stopped.exists(), "the agent was stopped while it still carried connections"
-    drained.count.write_text("0")
-    ended = time.monotonic()
-    code, out = drained.finish()
-    assert code == 7  # the agent's own exit status
-    assert float(drained.stopped.read_text()) - ended < 2.5  # stopped at the next poll
-    assert "draining: 2 proxied connection(s)" in out and "no proxied connections left" in out
-    assert "fake agent argv ['--node=n1']" in out
-    assert "no kernel headers" in out  # the header step ran first, and said what it found
-
-
-def test_the_drain_ends_after_its_period(tmp_path: Path) -> None:
-    drained = Drained(tmp_path, drain=1.0, extra_env={"AMBIT_FAIL_OPEN": "true"})
-    proc = drained.start()
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    code, out = drained.finish()
-    assert code == 7
-    assert 0.9 <= float(drained.stopped.read_text()) - started < 4
-    assert "drain period over with 2 proxied connection(s) left" in out
-    assert "'--fail-open'" in out
-
-
-def test_a_second_signal_ends_the_drain_at_once(drained: Drained) -> None:
-    proc = drained.start()
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    code, out = drained.finish()
-    assert code == 7 and float(drained.stopped.read_text()) - sent < 2.5
-    assert "second signal" in out
+def test_the_entrypoint_becomes_the_agent_so_sigterm_reaches_it(tmp_path: Path) -> None:
+    """exec: the agent has the container's pid, gets SIGTERM itself (and drains), and its status is the exit."""
+    ready = tmp_path / "ready"
+    agent = textwrap.dedent(f"""
+        import os, signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(7 if "--drain-seconds" in sys.argv else 9))
+        open({str(ready)!r}, "w").write(str(os.getpid()))
+        time.sleep(30)
+    """)
+    env = {**os.environ, "AMBIT_MODULES_DIR": str(tmp_path / "m"), "AMBIT_HOST_ROOT": str(tmp_path / "h"),
+           "AMBIT_HEADERS_SRC": str(tmp_path / "s"), "AMBIT_DRAIN_SECONDS": "20"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "daemonset" / "entrypoint.py"), "--", sys.executable, "-c",
+                             agent], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists() and int(ready.read_text()) == proc.pid  # the same process: exec, no supervisor
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 7
+    finally:
+        proc.kill()
 
 
 def test_an_agent_that_exits_by_itself_ends_the_container_with_its_status(tmp_path: Path) -> None:

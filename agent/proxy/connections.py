@@ -7,6 +7,8 @@ registers a connection when its route is ready and unregisters it when it closes
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,11 +39,15 @@ class Tracked:
 class ConnectionTable:
     def __init__(self) -> None:
         self._by_pod: dict[str, set[Tracked]] = {}
+        self._empty = asyncio.Event()
+        self._empty.set()
 
     def open(self, kind: str, pods: tuple[str, ...], abort: Callable[[], None]) -> Tracked:
         tracked = Tracked(kind, pods, abort)
         for ip in pods:
             self._by_pod.setdefault(ip, set()).add(tracked)
+        if self._by_pod:
+            self._empty.clear()
         return tracked
 
     def watch(self, kind: str, pods: tuple[str, ...], conn: Proxied,
@@ -70,11 +76,20 @@ class ConnectionTable:
                 entries.discard(tracked)
                 if not entries:
                     del self._by_pod[ip]
+        if not self._by_pod:
+            self._empty.set()
 
     def count(self, pod_ip: str | None = None) -> int:
         if pod_ip is not None:
             return len(self._by_pod.get(pod_ip, ()))
         return len({t for entries in self._by_pod.values() for t in entries})
+
+    async def wait_empty(self, within: float) -> int:
+        """Wait (at most ``within`` seconds) until no connection is left; returns how many are."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._empty.wait()
+        return self.count()
 
     def release(self, pod_ip: str) -> int:
         """Reset every connection proxied for ``pod_ip``; returns how many."""

@@ -59,6 +59,11 @@ class InboundProxy:
         self._plaintext = Acceptor(plaintext_listener, self._plain, "inbound plaintext")
         self._plaintext.start()
 
+    async def stop_accepting(self) -> None:
+        await self.hbone.stop_accepting()
+        if self._plaintext is not None:
+            await self._plaintext.stop()
+
     async def close(self) -> None:
         await self.hbone.close()
         if self._plaintext is not None:

@@ -39,6 +39,10 @@ class OutboundProxy:
         self._acceptor = Acceptor(listener, self._handle, "outbound")
         self._acceptor.start()
 
+    async def stop_accepting(self) -> None:
+        if self._acceptor is not None:
+            await self._acceptor.stop()
+
     async def close(self) -> None:
         if self._acceptor is not None:
             await self._acceptor.close()
