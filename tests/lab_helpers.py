@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 from agent import netns
 from agent.lab import control
@@ -107,8 +107,8 @@ def _recv_line(sock: socket.socket, limit: int = 4096) -> bytes:
 
 
 @dataclass
-class EchoServer:
-    """A TCP server listening in a pod's namespace, serving each connection in its own thread."""
+class PodServer:
+    """A TCP server listening in a pod's namespace, each connection served by ``_serve`` in its own thread."""
 
     pod: PodInfo
     port: int = SERVER_PORT
@@ -119,20 +119,22 @@ class EchoServer:
     _conns: set[socket.socket] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> EchoServer:
+    def start(self) -> Self:
         with netns.entered(self.pod.netns):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", self.port))
-        sock.listen(64)
+        sock.listen(128)
         sock.settimeout(0.2)
         self._sock = sock
-        self._spawn(self._accept_loop, f"echo-accept-{self.pod.name}")
+        self._spawn(self._accept_loop, f"accept-{self.pod.name}")
         return self
 
     def _spawn(self, target: Callable[..., None], name: str, *args: object) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
-        self._threads.append(t)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
         t.start()
 
     def _accept_loop(self) -> None:
@@ -147,24 +149,21 @@ class EchoServer:
             with self._lock:
                 self.peers.append((peer[0], peer[1]))
                 self._conns.add(conn)
-            self._spawn(self._serve, f"echo-{self.pod.name}-{peer[1]}", conn, (peer[0], peer[1]))
+            self._spawn(self._serve_then_close, f"serve-{self.pod.name}-{peer[1]}", conn, (peer[0], peer[1]))
 
-    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+    def _serve_then_close(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         conn.settimeout(IO_TIMEOUT)
         try:
-            while not self._stop.is_set():
-                (size,) = struct.unpack("!Q", _recv_exact(conn, 8))
-                if size == 0:
-                    return
-                data = _recv_exact(conn, size)
-                line = json.dumps({"peer": list(peer), "sha256": hashlib.sha256(data).hexdigest(), "size": size})
-                conn.sendall(line.encode() + b"\n" + data)
+            self._serve(conn, peer)
         except (OSError, ConnectionError):
-            return
+            pass
         finally:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
+
+    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        raise NotImplementedError
 
     @property
     def accepted(self) -> int:
@@ -176,13 +175,26 @@ class EchoServer:
         if self._sock is not None:
             self._sock.close()
         with self._lock:
-            conns = list(self._conns)
+            conns, threads = list(self._conns), list(self._threads)
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-        for t in self._threads:
+        for t in threads:
             t.join(timeout=IO_TIMEOUT + 5)
-        assert not any(t.is_alive() for t in self._threads), f"echo server threads of {self.pod.key} still running"
+        assert not any(t.is_alive() for t in threads), f"server threads of {self.pod.key} still running"
+
+
+class EchoServer(PodServer):
+    """Answers each framed request with a JSON line (peer, sha256, size), then echoes the bytes."""
+
+    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        while not self._stop.is_set():
+            (size,) = struct.unpack("!Q", _recv_exact(conn, 8))
+            if size == 0:
+                return
+            data = _recv_exact(conn, size)
+            line = json.dumps({"peer": list(peer), "sha256": hashlib.sha256(data).hexdigest(), "size": size})
+            conn.sendall(line.encode() + b"\n" + data)
 
 
 @dataclass(frozen=True)

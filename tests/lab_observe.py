@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,25 @@ def lab_with_flags(prefix: str, *, nodes: int, pods: int, namespaces: Sequence[s
 
 def pod(info: LabInfo, name: str) -> PodInfo:
     return next(p for p in info.pods if p.name == name)
+
+
+@dataclass
+class RunningLab:
+    """A lab a test module brought up: its record and files, and its pods by name."""
+
+    info: LabInfo
+    paths: LabPaths
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def nodes(self) -> list[str]:
+        return [n.name for n in self.info.nodes]
+
+    def pod(self, name: str) -> PodInfo:
+        return pod(self.info, name)
 
 
 def identity(p: PodInfo) -> str:
@@ -216,80 +235,21 @@ HEADER = 16
 
 
 @dataclass
-class ByteServer:
-    pod: PodInfo
-    port: int
+class ByteServer(h.PodServer):
+    """Reads exactly the request its header announces, answers exactly the reply size, closes."""
+
     served: list[tuple[tuple[str, int], int, int]] = field(default_factory=list)  # (peer, got, sent)
-    _sock: socket.socket | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self) -> ByteServer:
-        with netns.entered(self.pod.netns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", self.port))
-        sock.listen(128)
-        sock.settimeout(0.2)
-        self._sock = sock
-        self._spawn(self._accept_loop)
-        return self
-
-    def _spawn(self, target: Callable[..., None], *args: object) -> None:
-        t = threading.Thread(target=target, args=args, daemon=True, name=f"bytes-{self.pod.name}")
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
-        t.start()
-
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, peer = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._spawn(self._serve, conn, (peer[0], peer[1]))
 
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
-        conn.settimeout(IO_TIMEOUT)
-        try:
-            want, reply = struct.unpack("!QQ", _recv_exact(conn, HEADER))
-            got = len(_recv_exact(conn, want))
-            conn.sendall(_pattern(reply))
-            with self._lock:
-                self.served.append((peer, got, reply))
-        except (OSError, ConnectionError):
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
+        want, reply = struct.unpack("!QQ", h._recv_exact(conn, HEADER))
+        got = len(h._recv_exact(conn, want))
+        conn.sendall(_pattern(reply))
         with self._lock:
-            threads = list(self._threads)
-        for t in threads:
-            t.join(timeout=IO_TIMEOUT + 5)
-        assert not any(t.is_alive() for t in threads), f"byte server threads of {self.pod.key} still running"
+            self.served.append((peer, got, reply))
 
 
 def _pattern(n: int) -> bytes:
     return (b"0123456789abcdef" * (n // 16 + 1))[:n]
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 @dataclass(frozen=True)
@@ -323,7 +283,7 @@ def _byte_connection(src: PodInfo, dst: PodInfo, port: int, request: int, reply:
         ip, lport = sock.getsockname()[:2]
         local = (str(ip), int(lport))
         sock.sendall(struct.pack("!QQ", request, reply) + os.urandom(request))
-        back = _recv_exact(sock, reply)
+        back = h._recv_exact(sock, reply)
         if back != _pattern(reply):
             return Attempt("corrupt", local, "the reply came back different")
         if sock.recv(1) != b"":

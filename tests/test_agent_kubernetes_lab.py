@@ -30,7 +30,6 @@ import secrets
 import shutil
 import socket
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from agent.lab import runtime as rt
 from agent.lab.runtime import LabInfo, LabPaths, NodeInfo, PodInfo
 from tests.conftest import needs_root
 from tests.kube_fake import FakeApiServer, namespace, pod
+from tests.lab_helpers import PodServer
 from tests.test_ca_kube_fake import TokenReviews
 
 T = TypeVar("T")
@@ -146,43 +146,12 @@ class Forwarder:
 
 
 # -- pods' traffic ----------------------------------------------------------------------------------------------
-class EchoServer:
-    """Echoes each connection's bytes, in a pod's namespace; records the peers it saw."""
+class RawEcho(PodServer):
+    """Echoes each connection's bytes until EOF."""
 
-    def __init__(self, pod: PodInfo) -> None:
-        with netns.entered(pod.netns):
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((pod.ip, SERVER_PORT))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.peers: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True, name=f"echo-{pod.name}")
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, peer = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.peers.append(peer[0])
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        conn.settimeout(IO_TIMEOUT)
-        with conn, contextlib.suppress(OSError):
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(timeout=2)
+    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
 
 
 def connect(src: PodInfo, dst: PodInfo) -> socket.socket:
@@ -343,8 +312,8 @@ async def lab(tmp_path: Path) -> AsyncIterator[KubeLab]:
 
 
 @contextlib.contextmanager
-def echo_server(pod: PodInfo) -> Iterator[EchoServer]:
-    server = EchoServer(pod)
+def echo_server(pod: PodInfo) -> Iterator[RawEcho]:
+    server = RawEcho(pod, SERVER_PORT).start()
     try:
         yield server
     finally:
@@ -384,7 +353,7 @@ async def carries_traffic(lab: KubeLab) -> None:
             assert await asyncio.to_thread(hbone_connections, node1, b), "no HBONE connection node-1 -> b:15008"
             assert await asyncio.to_thread(proxied_sockets, node1, b), "node-1's agent did not accept it"
             assert await asyncio.to_thread(proxied_sockets, node2, b), "node-2's agent did not connect to b"
-            assert server.peers == [a.ip]
+            assert [ip for ip, _ in server.peers] == [a.ip]
             assert lab.dump("node-1")["connections"] >= 1
 
             # Relabel in the fake: both agents release their pods; the proxied connection is reset.
@@ -408,5 +377,5 @@ async def carries_traffic(lab: KubeLab) -> None:
             assert lab.dump("node-1")["connections"] == 0 and lab.dump("node-2")["connections"] == 0
         finally:
             sock.close()
-        assert server.peers == [a.ip, a.ip]
+        assert [ip for ip, _ in server.peers] == [a.ip, a.ip]
     assert "released" in lab.log(rt.agent_proc("node-1")) and "released" in lab.log(rt.agent_proc("node-2"))

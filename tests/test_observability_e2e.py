@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from agent.lab import state as lab_state
-from agent.lab.runtime import LabInfo, LabPaths, PodInfo
+from agent.lab.runtime import PodInfo
 from tests import lab_helpers as h
 from tests import lab_observe as o
 from tests.lab_observe import ByteServer, Exchange
@@ -38,21 +38,9 @@ Flow = dict[str, Any]
 
 
 @dataclass
-class ObsLab:
-    info: LabInfo
-    paths: LabPaths
+class ObsLab(o.RunningLab):
     servers: dict[str, ByteServer] = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def nodes(self) -> list[str]:
-        return [n.name for n in self.info.nodes]
-
-    def pod(self, name: str) -> PodInfo:
-        return o.pod(self.info, name)
 
     def exchange(self, src: str, dst: str, request: int, reply: int) -> Exchange:
         return o.byte_exchange(self.pod(src), self.pod(dst), PORT, request, reply)

@@ -25,7 +25,6 @@ import pytest
 
 from agent.lab import cli as lab_cli
 from agent.lab import state as lab_state
-from agent.lab.runtime import LabInfo, LabPaths, PodInfo
 from tests import lab_helpers as h
 from tests import lab_observe as o
 from tests.lab_helpers import EchoServer, Payload
@@ -40,22 +39,10 @@ SETTLE = 10.0  # bound on waiting for the agents to show a state change in their
 
 
 @dataclass
-class PolicyLab:
-    info: LabInfo
-    paths: LabPaths
+class PolicyLab(o.RunningLab):
     tmp: Path
     servers: dict[tuple[str, int], EchoServer] = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def nodes(self) -> list[str]:
-        return [n.name for n in self.info.nodes]
-
-    def pod(self, name: str) -> PodInfo:
-        return o.pod(self.info, name)
 
     def server(self, name: str, port: int = PORT) -> EchoServer:
         return self.servers[(name, port)]
