@@ -306,6 +306,10 @@ class _Connection:
     def goaway(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
         self._h2.close_connection(code)
 
+    @property
+    def open_streams(self) -> int:
+        return self._h2.open_outbound_streams + self._h2.open_inbound_streams
+
     def _established(self, stream_id: int, receiving: bool) -> None:
         """A stream whose DATA now takes the short path (both ways, or only outbound)."""
         self._sendable.add(stream_id)
