@@ -10,6 +10,13 @@ Layout for a lab with id X (names are `<prefix><X>-...`, so parallel labs never 
                             link-local gateway 169.254.1.1 whose MAC is the node-side veth's
                             (fixed ee:ee:ee:ee:ee:ee, as Calico does; a permanent neighbour entry)
 
+Bridge mode (`Lab.up(..., bridge=True)`, like minikube's default `bridge` CNI plugin or Flannel's cni0):
+each node has a bridge `cni0` holding the pod CIDR's gateway 10.200.i.1/24 (fixed MAC), so the node's
+route to its pods is the connected `10.200.i.0/24 dev cni0`; a pod's host-side veth `veth<k>` (kernel-chosen
+MAC) is a port of cni0 with hairpin mode on (as the plugin's `hairpinMode: true`); pod k has
+eth0 = 10.200.i.(10+k)/24 and a default route via 10.200.i.1. Pods of one node reach each other at L2
+through the bridge; nodes route the other nodes' pod CIDRs as in the default layout.
+
 Addresses are private and exist only inside the lab's namespaces. IPv6 is disabled everywhere to keep
 the wire quiet. `down()` deletes every namespace the lab made (links, routes and rules die with them),
 also after a partial `up()`, and sweeps any namespace carrying the lab's id.
@@ -33,6 +40,7 @@ GATEWAY_IP = "169.254.1.1"
 HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 NODE_NET = ipaddress.IPv4Network("192.168.200.0/24")
 POD_SUPERNET = ipaddress.IPv4Network("10.200.0.0/16")
+POD_BRIDGE = "cni0"
 UPLINK = "eth0"
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -47,6 +55,14 @@ class Node:
     ip: str
     uplink: str
     pod_cidr: str
+    bridge: str | None = None  # bridge mode: the pod bridge (its address is the pods' gateway)
+
+    @property
+    def pod_gateway(self) -> str:
+        """Pods' next hop: the bridge's address (first of the pod CIDR) in bridge mode, else 169.254.1.1."""
+        if self.bridge is None:
+            return GATEWAY_IP
+        return str(ipaddress.IPv4Network(self.pod_cidr).network_address + 1)
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,12 @@ class Pod:
     node: Node
     host_ifname: str
     ifname: str = "eth0"
+
+
+def _bridge_mac(node_index: int) -> str:
+    """A fixed, locally administered MAC for node i's pod bridge: a bridge without an explicit address takes
+    its lowest port's, which changes as pods come and go (and the pods' ARP entries of the gateway go stale)."""
+    return f"02:ab:00:00:{node_index:02x}:01"
 
 
 def _ip_batch(ns: str | None, commands: Sequence[str]) -> None:
@@ -81,15 +103,17 @@ class Lab:
     nodes: list[Node] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
+    bridge: bool = False  # bridge mode (see the module docstring)
 
     @classmethod
-    def up(cls, nodes: int = 2, pods_per_node: int = 2, prefix: str = "ambit-") -> Lab:
-        """Create the lab; on any failure everything made so far is removed before the error propagates."""
+    def up(cls, nodes: int = 2, pods_per_node: int = 2, prefix: str = "ambit-", *, bridge: bool = False) -> Lab:
+        """Create the lab (`bridge=True`: pods on a per-node cni0 bridge instead of /32 routes); on any
+        failure everything made so far is removed before the error propagates."""
         if not 1 <= nodes <= 200 or not 0 <= pods_per_node <= 200:
             raise ValueError("nodes must be 1..200 and pods_per_node 0..200")
         lab_id = secrets.token_hex(3)
         base = f"{prefix}{lab_id}"
-        lab = cls(lab_id=lab_id, prefix=prefix, switch=f"{base}-sw")
+        lab = cls(lab_id=lab_id, prefix=prefix, switch=f"{base}-sw", bridge=bridge)
         try:
             lab._build(base, nodes, pods_per_node)
         except BaseException:
@@ -112,7 +136,14 @@ class Lab:
             name = f"{base}-n{i}"
             self._add_netns(name)
             pod_cidr = ipaddress.IPv4Network((int(POD_SUPERNET.network_address) + (i << 8), 24))
-            node = Node(index=i, netns=name, ip=str(hosts[9 + i]), uplink=UPLINK, pod_cidr=str(pod_cidr))
+            node = Node(
+                index=i,
+                netns=name,
+                ip=str(hosts[9 + i]),
+                uplink=UPLINK,
+                pod_cidr=str(pod_cidr),
+                bridge=POD_BRIDGE if self.bridge else None,
+            )
             self.nodes.append(node)
             sw_cmds += [
                 f"link add n{i} type veth peer name {UPLINK} netns {name}",
@@ -132,35 +163,57 @@ class Lab:
                 if other is not node:
                     cmds.append(f"route add {other.pod_cidr} via {other.ip} dev {UPLINK}")
             pod_net = ipaddress.IPv4Network(node.pod_cidr)
+            if node.bridge is not None:
+                cmds += [
+                    f"link add {node.bridge} address {_bridge_mac(node.index)} type bridge",
+                    f"addr add {node.pod_gateway}/{pod_net.prefixlen} dev {node.bridge}",
+                    f"link set {node.bridge} up",
+                ]
             for k in range(pods_per_node):
                 pod = Pod(
                     index=len(self.pods),
                     netns=f"{base}-n{node.index}p{k}",
                     ip=str(pod_net.network_address + 10 + k),
                     node=node,
-                    host_ifname=f"lxc{k}",
+                    host_ifname=f"veth{k}" if node.bridge is not None else f"lxc{k}",
                 )
                 self._add_netns(pod.netns)
                 self.pods.append(pod)
-                cmds += [
-                    f"link add {pod.host_ifname} address {HOST_VETH_MAC} type veth "
-                    f"peer name {pod.ifname} netns {pod.netns}",
-                    f"link set {pod.host_ifname} up",
-                    f"route add {pod.ip}/32 dev {pod.host_ifname} scope link src {node.ip}",
-                ]
+                if node.bridge is not None:
+                    cmds += [
+                        f"link add {pod.host_ifname} type veth peer name {pod.ifname} netns {pod.netns}",
+                        f"link set {pod.host_ifname} master {node.bridge}",
+                        f"link set {pod.host_ifname} type bridge_slave hairpin on",
+                        f"link set {pod.host_ifname} up",
+                    ]
+                else:
+                    cmds += [
+                        f"link add {pod.host_ifname} address {HOST_VETH_MAC} type veth "
+                        f"peer name {pod.ifname} netns {pod.netns}",
+                        f"link set {pod.host_ifname} up",
+                        f"route add {pod.ip}/32 dev {pod.host_ifname} scope link src {node.ip}",
+                    ]
             _ip_batch(node.netns, cmds)
             for pod in self.pods_of(node):
-                _ip_batch(
-                    pod.netns,
-                    [
-                        "link set lo up",
-                        f"addr add {pod.ip}/32 dev {pod.ifname}",
-                        f"link set {pod.ifname} up",
-                        f"route add {GATEWAY_IP} dev {pod.ifname} scope link",
-                        f"route add default via {GATEWAY_IP} dev {pod.ifname} src {pod.ip}",
-                        f"neigh add {GATEWAY_IP} lladdr {HOST_VETH_MAC} dev {pod.ifname} nud permanent",
-                    ],
-                )
+                _ip_batch(pod.netns, ["link set lo up", *self._pod_commands(pod)])
+
+    @staticmethod
+    def _pod_commands(pod: Pod) -> list[str]:
+        gateway = pod.node.pod_gateway
+        if pod.node.bridge is not None:
+            prefixlen = ipaddress.IPv4Network(pod.node.pod_cidr).prefixlen
+            return [
+                f"addr add {pod.ip}/{prefixlen} dev {pod.ifname}",
+                f"link set {pod.ifname} up",
+                f"route add default via {gateway} dev {pod.ifname} src {pod.ip}",
+            ]
+        return [
+            f"addr add {pod.ip}/32 dev {pod.ifname}",
+            f"link set {pod.ifname} up",
+            f"route add {gateway} dev {pod.ifname} scope link",
+            f"route add default via {gateway} dev {pod.ifname} src {pod.ip}",
+            f"neigh add {gateway} lladdr {HOST_VETH_MAC} dev {pod.ifname} nud permanent",
+        ]
 
     # -- queries --------------------------------------------------------------------------------------
     def pods_of(self, node: Node) -> list[Pod]:
