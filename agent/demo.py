@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from agent import netns
+from agent import netns, observe_cli
 from agent.lab import control
 from agent.lab.runtime import LabError, LabInfo, LabPaths, PodInfo, python
 from agent.lab.state import edit
@@ -118,6 +118,9 @@ def run() -> int:
             time.sleep(1.0)
             reply = _captured(info, client, server, secrets.token_hex(8), Path(tmp, "mesh.pcap"))
             say("step", f"the server still sees the client pod's own address: {'yes' if client.ip in reply else 'NO'}")
+            say("step", f"3. ambit observe --lab {LAB} --last 8: what both agents recorded (Hubble-style flows)")
+            sys.stdout.flush()
+            observe_cli.main(["--lab", LAB, "--last", "8", "--from-ip", client.ip])
             app.terminate()
             app.wait(5)
         return 0
