@@ -43,6 +43,7 @@
 BPF_ARRAY(config, struct ambit_config, 1);
 BPF_HASH(enrolled, __be32, struct ambit_pod, 16384);
 BPF_HASH(ifaces, __u32, __u32, 16384);
+BPF_HASH(bridge_ports, __u32, struct ambit_bridge_port, 16384);
 BPF_TABLE("lru_hash", struct ambit_flow_key, struct ambit_flow, flows, 65536);
 BPF_PERCPU_ARRAY(counters, __u64, AMBIT_C_COUNT);
 #ifndef AMBIT_RINGBUF_PAGES
@@ -295,11 +296,30 @@ static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
     return AMBIT_TAKEN;
 }
 
+/* A pod's veth that is a port of a bridge CNI's bridge (cni0): a socket assigned here does not survive the
+ * bridge handing the frame up, and frames between pods of one bridge never reach the node's IP stack at all.
+ * So TCP that concerns an enrolled pod is sent up to the bridge's own IP stack (destination MAC := the
+ * bridge's), where the same program, attached to the bridge, decides exactly as on a routed pod's veth. */
+static __always_inline int via_bridge(struct __sk_buff *skb, struct pkt *p, struct ambit_bridge_port *port)
+{
+    int zero = 0;
+    struct ambit_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->mark || skb->mark == cfg->mark)
+        return AMBIT_NEXT;
+    if (enrolled.lookup(&p->saddr) || enrolled.lookup(&p->daddr))
+        bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), port->mac, ETH_ALEN, 0);
+    return AMBIT_NEXT;
+}
+
 int ambit_pod_ingress(struct __sk_buff *skb)
 {
     struct pkt p = {};
     if (parse(skb, &p))
         return AMBIT_NEXT;
+    __u32 ifindex = skb->ifindex;
+    struct ambit_bridge_port *port = bridge_ports.lookup(&ifindex);
+    if (port)
+        return via_bridge(skb, &p, port);
     p.hook = AMBIT_D_POD;
     return handle(skb, &p);
 }

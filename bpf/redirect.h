@@ -32,6 +32,12 @@ struct ambit_pod {
     __u32 _pad;
 };
 
+/* bridge_ports map: key = ifindex of a pod's veth that is a port of a bridge CNI's bridge (cni0) */
+struct ambit_bridge_port {
+    __u8 mac[6];        /* the bridge's own address */
+    __u16 _pad;
+};
+
 /* flows map (LRU): TCP connections the agent took over, keyed direction-free (lower endpoint first).
  * A packet of such a flow that finds no socket any more (the agent died or closed it) is dropped in
  * fail-closed mode instead of being forwarded in the clear. */

@@ -5,10 +5,11 @@ the default lab (/32 routes, kindnet/Calico style) is unchanged.
 Labs here: `Lab.up(..., bridge=True)` (each node: cni0 = 10.200.i.1/24, pods 10.200.i.(10+k)/24 on veth<k>
 ports) with names `ambit-brcni-<random id>-...`; every lab, mount, agent and server is removed at the end.
 
-The capture tests document how the eBPF programs behave when the pod's veth is a bridge port (see the
-xfail reasons): inbound from another node is captured; a new outbound connection from the enrolled pod is
-not (the socket assignment made at the port's tc ingress does not survive the bridge passing the frame up
-to cni0), and pod-to-pod traffic inside one node is switched at L2 past the node's IP stack.
+The capture tests prove the eBPF programs capture pods whose veth is a bridge port: a socket assigned at
+the port would not survive the bridge handing the frame up, and frames between pods of one bridge never
+reach the node's IP stack, so the port's program sends enrolled pods' TCP up to the bridge (destination MAC
+:= the bridge's) and the program attached to the bridge decides. Inbound from another node, outbound from
+an enrolled pod, and pod-to-pod on one node (both ways) all reach the agent.
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ def reachable(src_ns: str, ip: str, port: int = 9) -> bool:
     with s:
         s.settimeout(2)
         return s.connect_ex((ip, port)) == errno.ECONNREFUSED
+
+
+def ipr_index(ns: str, name: str) -> int:
+    from pyroute2 import IPRoute
+
+    with netns.entered(ns):
+        ipr = IPRoute()
+    try:
+        return int(ipr.link_lookup(ifname=name)[0])
+    finally:
+        ipr.close()
 
 
 def talk(src: Pod, dst_ip: str, port: int = 8080, timeout: float = 3.0) -> tuple[str, bool]:
@@ -275,15 +287,6 @@ def test_inbound_from_another_node_to_a_bridge_attached_pod_is_captured(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="bpf/redirect.c on a bridge port: the pod program bpf_sk_assign()s the SYN to the 15001 listener "
-    "and marks it at the veth's tc ingress (event SYN/REDIRECTED), but the assignment does not survive the "
-    "bridge passing the frame up to cni0 (a tc probe on cni0 ingress sees the mark, skb->sk NULL): TCP finds "
-    "no socket for the original destination, its RST is unroutable, the client times out. The same program "
-    "on cni0's ingress captures it (measured), so a fix is to assign there (or at both).",
-)
 def test_outbound_from_a_bridge_attached_pod_is_captured(
     lab: Lab, capture: tuple[Redirector, TransparentRelay]
 ) -> None:
@@ -294,16 +297,28 @@ def test_outbound_from_a_bridge_attached_pod_is_captured(
     assert seen == a.ip and not direct and [x.listener_port for x in relay.accepted] == [15001]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pods on one bridge reach each other at L2: the SYN from the enrolled pod A to pod B carries B's "
-    "MAC, so the bridge forwards it to B's port even though the pod program assigned it to the listener "
-    "(the event says REDIRECTED): it arrives direct, uncaptured, as does B -> A (B hooked).",
-)
 def test_same_node_bridged_pods_are_captured(lab: Lab, capture: tuple[Redirector, TransparentRelay]) -> None:
     _agent, relay = capture
     a, b = lab.pods[0], lab.pods[1]
     relay.accepted.clear()
     assert talk(a, b.ip) == (a.ip, False)
     assert talk(b, a.ip) == (b.ip, False)
+    assert sorted(x.listener_port for x in relay.accepted) == [15001, 15006]  # A's outbound, A's inbound
+
+
+def test_reconcile_attaches_the_bridge_while_a_bridged_pod_is_wanted(
+    lab: Lab, capture: tuple[Redirector, TransparentRelay]
+) -> None:
+    agent, _relay = capture
+    node, a, b = lab.nodes[0], lab.pods[0], lab.pods[1]
+    bridge = ipr_index(node.netns, "cni0")
+
+    def on_bridge() -> bool:
+        return any(att.ifindex == bridge for att in agent.attachments())
+
+    agent.reconcile({a.ip: host_ifname_for(a.ip, netns=node.netns)}, [host_ifname_for(b.ip, netns=node.netns)])
+    assert on_bridge()
+    agent.reconcile({}, [])
+    assert not on_bridge()
+    agent.reconcile({a.ip: host_ifname_for(a.ip, netns=node.netns)}, [host_ifname_for(b.ip, netns=node.netns)])
+    assert on_bridge() and talk(a, b.ip) == (a.ip, False)

@@ -6,6 +6,10 @@ What runs where (node network namespace, where the agent lives):
     (the accepted one, and the IP_TRANSPARENT upstream bound to the client pod's IP) are assigned back.
   - `ambit_uplink_ingress` on the uplink(s): new TCP to an enrolled local pod goes to 15008 (dport
     15008) or 15006; replies to the agent's sockets bound to a local pod's IP are assigned back.
+  - bridge CNIs (cni0): when a pod's veth is a bridge port, a socket assigned there would not survive the
+    bridge, and frames between pods of one bridge never reach the IP stack; the port's program then only
+    hands enrolled pods' TCP up to the bridge (destination MAC := the bridge's, `bridge_ports` map) and the
+    pod program, attached to the bridge too, decides there (tests/test_bridge_cni.py).
   - `ambit_sk_lookup` (SK_LOOKUP, netns link) once the agent registers its listeners: answers the
     listener lookups the tc programs cannot pre-assign (a SYN that meets a TIME_WAIT socket).
   - policy routing: `100: fwmark 0x539 lookup 100` + `local 0.0.0.0/0 dev lo table 100` delivers the
@@ -85,6 +89,7 @@ from agent.redirect.maps import (
     F_LOOKUP_SELECTS,
     IF_POD,
     IF_UPLINK,
+    BridgePortC,
     ConfigC,
     Counter,
     FlowEvent,
@@ -589,6 +594,28 @@ class Redirector:
             raise LookupError(f"no interface {ifname!r} in {self.netns or 'this namespace'}")
         return int(found[0])
 
+    def _bridge_of(self, ifindex: int) -> tuple[int, bytes] | None:
+        """(bridge ifindex, bridge MAC) when ``ifindex`` is a port of a bridge (a bridge CNI's cni0)."""
+        links = self._ipr.get_links(ifindex)
+        master = links[0].get_attr("IFLA_MASTER") if links else None
+        if not master:
+            return None
+        bridge = self._ipr.get_links(master)[0]
+        info = bridge.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "bridge":
+            return None
+        return int(master), bytes.fromhex(str(bridge.get_attr("IFLA_ADDRESS")).replace(":", ""))
+
+    def _attach_bridge_of(self, ifindex: int) -> None:
+        """A pod on a bridge CNI: its veth sends enrolled pods' TCP up to the bridge, which runs the pod program."""
+        bridge = self._bridge_of(ifindex)
+        if bridge is None:
+            return
+        bridge_ix, mac = bridge
+        self._bpf[b"bridge_ports"][ctypes.c_uint32(ifindex)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
+        self._bpf[b"ifaces"][ctypes.c_uint32(bridge_ix)] = ctypes.c_uint32(IF_POD)
+        self._attach(bridge_ix, POD_PROG)
+
     def _ifname(self, ifindex: int) -> str:
         with contextlib.suppress(Exception):
             return str(self._ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME"))
@@ -705,6 +732,7 @@ class Redirector:
         self._bpf[b"enrolled"][ctypes.c_uint32(ip_key(pod_ip))] = PodC(ifindex=ifindex)
         self._bpf[b"ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
         self._attach(ifindex, POD_PROG)
+        self._attach_bridge_of(ifindex)
         self._enrolled[pod_ip] = (host_ifname, ifindex)
 
     def release(self, pod_ip: str) -> None:
@@ -730,6 +758,7 @@ class Redirector:
         ifindex = self._ifindex(host_ifname)
         self._bpf[b"ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
         self._attach(ifindex, POD_PROG)
+        self._attach_bridge_of(ifindex)
         self._hooked[host_ifname] = ifindex
 
     def unhook(self, host_ifname: str) -> None:
@@ -776,6 +805,17 @@ class Redirector:
         for ip, (_name, ifindex) in want_pods.items():
             enrolled[ctypes.c_uint32(ip_key(ip))] = PodC(ifindex=ifindex)
         roles = {ix: IF_POD for _n, ix in want_pods.values()} | dict.fromkeys(want_hooked.values(), IF_POD)
+        ports: dict[int, bytes] = {}  # bridge CNI: pod veth -> its bridge's MAC; the bridge runs the pod program
+        for ix in list(roles):
+            if (bridge := self._bridge_of(ix)) is not None:
+                ports[ix] = bridge[1]
+                roles[bridge[0]] = IF_POD
+        bridge_ports = self._bpf[b"bridge_ports"]
+        for k in list(bridge_ports.keys()):
+            if k.value not in ports:
+                del bridge_ports[k]
+        for ix, mac in ports.items():
+            bridge_ports[ctypes.c_uint32(ix)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
         roles |= dict.fromkeys(self.uplinks.values(), IF_UPLINK)
         ifaces = self._bpf[b"ifaces"]
         for k in list(ifaces.keys()):

@@ -96,6 +96,12 @@ class PodC(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
 
 
+class BridgePortC(ctypes.Structure):
+    """struct ambit_bridge_port"""
+
+    _fields_ = [("mac", ctypes.c_uint8 * 6), ("_pad", ctypes.c_uint16)]
+
+
 class EventC(ctypes.Structure):
     """struct ambit_event (32 bytes)"""
 
