@@ -30,6 +30,7 @@ from agent.lab.topology import Lab, Node, Pod
 from agent.objectfile import kubernetes_objects
 from agent.state import AMBIENT, DATAPLANE_MODE, build_state, enrolled
 from tests.conftest import needs_root
+from tests.lab_helpers import lab_processes
 
 LAB_CLI = [sys.executable, "-m", "agent.lab.cli"]
 
@@ -212,18 +213,8 @@ def lab_cli(name: str, *args: str, check: bool = True, timeout: float = 120) -> 
 
 
 def processes_of(name: str) -> list[str]:
-    """Command lines mentioning the lab's directory or namespaces (CA, agents, exec'd commands)."""
-    marks = (f"/run/ambit/labs/{name}/", f" {rt.netns_prefix(name)}")
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if any(m in cmd for m in marks) and "pytest" not in cmd:
-                found.append(f"{entry}: {cmd}")
-    return found
+    """Command lines mentioning the lab's directory or namespaces (CA, agents, exec'd commands), pytest's aside."""
+    return [p for p in lab_processes(name) if "pytest" not in p]
 
 
 def gone(pid: int) -> bool:

@@ -14,6 +14,7 @@ runs its agents with --fail-open. Both labs have unique names and are always tor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -93,17 +94,23 @@ class MeshLab:
         return logs.wait(expected, timeout=10)
 
 
+@contextlib.contextmanager
+def serving(info: LabInfo, paths: LabPaths) -> Iterator[MeshLab]:
+    """The lab with an echo server in every pod, closed on the way out."""
+    lab = MeshLab(info, paths)
+    try:
+        for pod in info.pods:
+            lab.servers[pod.name] = EchoServer(pod).start()
+        yield lab
+    finally:
+        for server in lab.servers.values():
+            server.close()
+
+
 @pytest.fixture(scope="module")
 def mesh_lab() -> Iterator[MeshLab]:
-    with h.running_lab("e2e", nodes=2, pods=3, namespaces=(MESH, PLAIN)) as (info, paths):
-        lab = MeshLab(info, paths)
-        try:
-            for pod in info.pods:
-                lab.servers[pod.name] = EchoServer(pod).start()
-            yield lab
-        finally:
-            for server in lab.servers.values():
-                server.close()
+    with h.running_lab("e2e", nodes=2, pods=3, namespaces=(MESH, PLAIN)) as (info, paths), serving(info, paths) as lab:
+        yield lab
 
 
 @pytest.fixture
@@ -360,15 +367,9 @@ def test_agent_killed_fails_closed_then_restart_reconciles(lab: MeshLab, tmp_pat
 # -- 6 --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def open_lab() -> Iterator[MeshLab]:
-    with h.running_lab("e2eopen", nodes=2, pods=1, namespaces=("default",), fail_open=True) as (info, paths):
-        lab = MeshLab(info, paths)
-        try:
-            for pod in info.pods:
-                lab.servers[pod.name] = EchoServer(pod).start()
-            yield lab
-        finally:
-            for server in lab.servers.values():
-                server.close()
+    with h.running_lab("e2eopen", nodes=2, pods=1, namespaces=("default",), fail_open=True) as (info, paths), \
+            serving(info, paths) as lab:
+        yield lab
 
 
 @pytest.mark.timeout(120)
