@@ -17,7 +17,7 @@ import uvloop
 
 from agent.node import AgentConfig, NodeAgent
 from agent.telemetry import TelemetryConfig
-from hbone.memory import keep_buffers_on_heap
+from hbone import keep_buffers_on_heap
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

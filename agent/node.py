@@ -35,8 +35,7 @@ from agent.proxy.sockets import dial, transparent_listener
 from agent.redirect import Listener, Ports, Redirector, host_ifname_for
 from agent.state import ClusterState, StateFile, Workload, WorkloadStore
 from agent.telemetry import Telemetry, TelemetryConfig
-from hbone.identity import SpiffeId, TrustBundle
-from hbone.pool import Pool
+from hbone import Pool, SpiffeId, TrustBundle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.objectfile import SourceError, WatchedFile, kubernetes_objects
-from hbone.identity import SpiffeId
+from hbone import SpiffeId
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Mapping
 import h2.exceptions
 from h2.errors import ErrorCodes
 
+from hbone.authority import Authority
+from hbone.events import ConnectionEnded, ConnectResponse, Event, StreamReset
 from hbone.identity import (
     IdentityError,
     SpiffeId,
@@ -22,16 +24,9 @@ from hbone.identity import (
     client_context,
     verify_peer,
 )
-from hbone.protocol import (
-    Authority,
-    ClientConnection,
-    ConnectionEnded,
-    ConnectResponse,
-    Event,
-    Settings,
-    StreamReset,
-)
-from hbone.relay import Relay, Tunnel
+from hbone.protocol import ClientConnection, Settings
+from hbone.sockets import dial
+from hbone.tunnel import StreamHandler, Tunnel
 
 Address = tuple[str, int]
 
@@ -97,7 +92,8 @@ class ClientTunnel(Tunnel):
     def stream_limit(self) -> int:
         return self.client_conn.peer_stream_limit
 
-    def open(self, relay: Relay, authority: Authority, headers: Mapping[str, str]) -> asyncio.Future[ConnectResponse]:
+    def open(self, relay: StreamHandler, authority: Authority,
+             headers: Mapping[str, str]) -> asyncio.Future[ConnectResponse]:
         """Send CONNECT for ``relay``; the future resolves on 200 and raises StreamRefused/StreamFailed."""
         fut: asyncio.Future[ConnectResponse] = asyncio.get_running_loop().create_future()
         if not self.usable:
@@ -158,30 +154,6 @@ class ClientTunnel(Tunnel):
 
 
 Dialer = Callable[[Address, str | None], Awaitable[socket.socket]]  # (address, source ip) -> connected socket
-
-
-IP_TRANSPARENT = 19  # linux/in.h; the socket module does not export it
-
-
-async def dial(address: Address, source_ip: str | None = None, *, mark: int | None = None,
-               transparent: bool = False) -> socket.socket:
-    """Connect to ``address``, from ``source_ip`` if given. ``transparent`` lets that be any address (a
-    proxy speaking for its client, IP_TRANSPARENT); ``mark`` sets SO_MARK for policy routing."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        if source_ip is not None:
-            if transparent:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            sock.bind((source_ip, 0))
-        await loop.sock_connect(sock, address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def open_tunnel(address: Address, cert: WorkloadCertificate, expected: SpiffeId, bundle: TrustBundle,

@@ -9,10 +9,7 @@ a stream error (RFC 9113 §5.1.2), END_STREAM as TCP FIN and RST_STREAM(CONNECT_
 
 from __future__ import annotations
 
-import binascii
 import contextlib
-import ipaddress
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -22,27 +19,25 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
-import hyperframe.frame
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import DataFrame, Frame, HeadersFrame, RstStreamFrame
+
+from hbone.authority import Authority
+from hbone.events import (
+    ConnectionEnded,
+    ConnectRequest,
+    ConnectResponse,
+    Data,
+    Event,
+    RequestRejected,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+)
 
 KIB = 1024
 MIB = 1024 * KIB
-
-
-def _short_data_repr(data: bytes | None) -> str:
-    """hyperframe's frame-data repr, with the same output, without hex-encoding the whole payload.
-
-    h2 evaluates ``repr(frame)`` for every frame it receives, for a trace log line, whatever the log
-    level; hyperframe's repr hex-encodes all of a DATA frame's payload (2 MiB of text for a 1 MiB frame)
-    to keep its first 20 characters. That was over a third of the HBONE server's CPU time.
-    """
-    if not data:
-        return "None"
-    return "<hex:" + binascii.hexlify(data[:10]).decode("ascii") + ("..." if len(data) > 10 else "") + ">"
-
-
-hyperframe.frame._raw_data_repr = _short_data_repr
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,94 +59,26 @@ class ProtocolError(Exception):
         self.code = code
 
 
-_AUTHORITY_RE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,5})", re.ASCII)
+class _QuietDataFrame(DataFrame):
+    """A received DATA frame whose repr leaves its payload out.
+
+    h2 evaluates ``repr(frame)`` for every frame it receives, for a trace log line, whatever the log
+    level, and hyperframe's repr of a DATA frame re-serializes and hex-encodes the whole payload (2 MiB
+    of text for a 1 MiB frame) to keep 20 characters. Most DATA takes this layer's short path and never
+    reaches h2, but what does (early or stray DATA) should not cost that. Only frames parsed by this
+    connection's own frame buffer are of this class: no other user of hyperframe is affected.
+    """
+
+    def _body_repr(self) -> str:
+        return f"<{len(self.data)} bytes>"
 
 
-@dataclass(frozen=True, slots=True)
-class Authority:
-    """A CONNECT target ``ip:port`` (``[v6]:port`` for IPv6)."""
-
-    ip: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Authority:
-        m = _AUTHORITY_RE.fullmatch(text)
-        if m is None:
-            raise ValueError(f"authority {text!r} is not ip:port (or [ipv6]:port)")
-        try:
-            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = (
-                ipaddress.IPv6Address(m.group(1)) if m.group(1) else ipaddress.IPv4Address(m.group(2)))
-        except ValueError:
-            raise ValueError(f"authority {text!r} does not name an IP address") from None
-        port = int(m.group(3))
-        if not 0 < port < 65536:
-            raise ValueError(f"authority {text!r} has port out of range")
-        return cls(str(ip), port)
-
-    def __str__(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
-
-
-# Events handed to the I/O layer.
-@dataclass(frozen=True, slots=True)
-class ConnectRequest:
-    stream_id: int
-    authority: Authority
-    headers: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRejected:
-    """A request this layer answered itself (status 400); reported so the I/O layer can log it."""
-
-    stream_id: int
-    status: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectResponse:
-    stream_id: int
-    status: int
-    headers: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Data:
-    stream_id: int
-    data: bytes | memoryview  # a view of the bytes read, valid as long as it is referenced
-    flow_length: int  # what to acknowledge once the data has been passed on
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    stream_id: int
-    error_code: int
-    refused: bool  # REFUSED_STREAM: the peer never processed it, the stream may be retried
-
-
-@dataclass(frozen=True, slots=True)
-class WindowOpened:
-    stream_id: int  # 0: the connection window
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionEnded:
-    """The connection ended (GOAWAY received or sent after a protocol error); ``reason`` says why."""
-
-    error_code: int
-    reason: str
-    last_stream_id: int | None = None
-
-
-Event = (ConnectRequest | RequestRejected | ConnectResponse | Data | StreamEnded | StreamReset | WindowOpened
-         | ConnectionEnded)
+class _FrameBuffer(FrameBuffer):
+    def __next__(self) -> Frame:
+        frame = super().__next__()
+        if frame.__class__ is DataFrame:
+            frame.__class__ = _QuietDataFrame
+        return frame
 
 
 class _H2(h2.connection.H2Connection):
@@ -159,8 +86,14 @@ class _H2(h2.connection.H2Connection):
 
     h2 raises TooManyStreamsError, a connection error that would take every other stream down with the
     offending one. Here the excess stream alone is refused, after its header block has been decoded so
-    that the HPACK state stays in step with the peer.
+    that the HPACK state stays in step with the peer. Received DATA frames are parsed as
+    ``_QuietDataFrame``s by this connection's own frame buffer.
     """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        self._frame_dispatch_table[_QuietDataFrame] = self._receive_data_frame
 
     def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
         try:
@@ -188,7 +121,7 @@ def _window_update(stream_id: int, increment: int) -> bytes:
     return _WINDOW_UPDATE_HEADER + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
 
 
-class _Connection:
+class Connection:
     """What client and server share: data, half-close, resets, flow control.
 
     h2 owns the connection's state: HPACK, SETTINGS, stream states, RST_STREAM, GOAWAY, PING. DATA on an
@@ -436,7 +369,7 @@ def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return {k.decode(): v.decode(errors="replace") for k, v in raw}
 
 
-class ServerConnection(_Connection):
+class ServerConnection(Connection):
     def __init__(self, settings: Settings = Settings()) -> None:
         super().__init__(client_side=False, settings=settings)
 
@@ -482,7 +415,7 @@ class ServerConnection(_Connection):
             self.reset(stream_id, ErrorCodes.NO_ERROR)
 
 
-class ClientConnection(_Connection):
+class ClientConnection(Connection):
     def __init__(self, settings: Settings = Settings()) -> None:
         super().__init__(client_side=True, settings=settings)
 

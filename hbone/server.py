@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import cast
 
 from hbone.accept import Acceptor
+from hbone.authority import Authority
+from hbone.events import ConnectionEnded, ConnectRequest, Data, Event, RequestRejected
 from hbone.identity import (
     IdentityError,
     SpiffeId,
@@ -27,16 +29,10 @@ from hbone.identity import (
     server_context,
     verify_peer,
 )
-from hbone.protocol import (
-    Authority,
-    ConnectionEnded,
-    ConnectRequest,
-    Event,
-    RequestRejected,
-    ServerConnection,
-    Settings,
-)
-from hbone.relay import Relay, Tunnel
+from hbone.protocol import ServerConnection, Settings
+from hbone.relay import Relay
+from hbone.sockets import accepted_addresses
+from hbone.tunnel import StreamHandler, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +51,73 @@ class InboundRequest:
 
 
 PolicyHook = Callable[[InboundRequest], str | None]  # None allows; a string denies and says why
-UpstreamConnector = Callable[[InboundRequest, Callable[[], Relay]], Awaitable[object]]
+# What consumes an admitted stream: connects whatever the stream is for (an upstream TCP connection for
+# a Relay) and returns its handler; OSError or TimeoutError mean the upstream cannot be had (503).
+UpstreamConnector = Callable[[InboundRequest], Awaitable[StreamHandler]]
 CertificateLookup = Callable[[str], Awaitable[WorkloadCertificate | None]]  # local ip -> certificate
 
 
-async def connect_plain(request: InboundRequest, relay: Callable[[], Relay]) -> object:
-    """Default upstream: a TCP connection from this host to the target."""
+async def connect_plain(request: InboundRequest) -> StreamHandler:
+    """Default upstream: a TCP connection from this host to the target, relayed."""
     loop = asyncio.get_running_loop()
-    return await loop.create_connection(relay, request.target.ip, request.target.port)
+    _, relay = await loop.create_connection(Relay, request.target.ip, request.target.port)
+    return relay
 
 
 def fixed_certificate(cert: WorkloadCertificate) -> CertificateLookup:
     async def lookup(_ip: str) -> WorkloadCertificate:
         return cert
     return lookup
+
+
+class _Pending(StreamHandler):
+    """Stands for an admitted stream while its upstream is connected.
+
+    What the client sends meanwhile waits here unacknowledged (so the stream's window bounds it) and is
+    handed, in order, to the real handler once it starts; a reset cancels the connect.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connecting: asyncio.Future[None] | None = None
+        self._data: list[Data] = []
+        self._ended = False
+
+    def hand_over(self, handler: StreamHandler) -> None:
+        """``handler`` takes the stream, is started, and gets what arrived before it."""
+        assert self.tunnel is not None
+        handler.bind(self.tunnel, self.stream_id)
+        handler.start()
+        for d in self._data:
+            handler.on_data(d)
+        self._data.clear()
+        if self._ended:
+            handler.on_end()
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(d.data) for d in self._data)
+
+    def start(self) -> None:
+        raise AssertionError("a pending stream is handed over, never started")
+
+    def on_data(self, d: Data) -> None:
+        self._data.append(d)
+
+    def on_end(self) -> None:
+        self._ended = True
+
+    def on_reset(self, reason: str) -> None:
+        self._data.clear()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.finish(reason)
+
+    def on_window(self) -> None:
+        pass  # nothing to send before the 200
+
+    def on_tunnel_paused(self, paused: bool) -> None:
+        pass
 
 
 class ServerTunnel(Tunnel):
@@ -163,11 +212,10 @@ class HboneServer:
         self.stats[what] += 1
 
     async def handshake(self, sock: socket.socket) -> None:
-        try:
-            source, destination = sock.getpeername()[:2], sock.getsockname()[:2]
-        except OSError:  # gone already
-            sock.close()
+        ends = accepted_addresses(sock)
+        if ends is None:  # gone already
             return
+        source, destination = ends
         try:
             cert = await self.certificates(destination[0])
         except Exception as e:  # no certificate: nothing to present, refuse the connection
@@ -202,30 +250,29 @@ class HboneServer:
                 log.info("HBONE %s -> %s denied: %s -> 401", request.peer, request.target, denial)
                 tunnel.server_conn.respond(ev.stream_id, 401)
                 return
-        relay = Relay()
-        relay.bind(tunnel, ev.stream_id)
+        pending = _Pending()
+        pending.bind(tunnel, ev.stream_id)
         assert self._acceptor is not None
-        self._acceptor.spawn(self._open_upstream(tunnel, relay, request))
+        pending.connecting = self._acceptor.spawn(self._open_upstream(tunnel, pending, request))
 
-    async def _open_upstream(self, tunnel: ServerTunnel, relay: Relay, request: InboundRequest) -> None:
+    async def _open_upstream(self, tunnel: ServerTunnel, pending: _Pending, request: InboundRequest) -> None:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await self.connect(request, lambda: relay)
+                handler = await self.connect(request)
         except (OSError, TimeoutError) as e:
             self.count("upstream_failed")
             log.info("HBONE %s -> %s: upstream unreachable: %s -> 503", request.peer, request.target, _reason(e))
-            if not relay.closed:
-                relay.finish("upstream connect failed")
-                tunnel.server_conn.respond(relay.stream_id, 503)
+            if not pending.closed:
+                pending.finish("upstream connect failed")
+                tunnel.server_conn.respond(pending.stream_id, 503)
                 tunnel.flush()
             return
-        if relay.closed:  # the client gave up while we connected
-            if relay.transport is not None:
-                relay.transport.abort()
+        if pending.closed:  # the stream or the tunnel went while we connected
+            handler.on_reset("stream closed before its upstream connected")
             return
         self.count("accepted")
-        tunnel.server_conn.accept(relay.stream_id)
-        relay.start()
+        tunnel.server_conn.accept(pending.stream_id)
+        pending.hand_over(handler)
         tunnel.flush()
 
 

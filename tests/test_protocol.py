@@ -13,22 +13,18 @@ import h2.settings
 import pytest
 from h2.errors import ErrorCodes
 
-from hbone.protocol import (
-    KIB,
-    MIB,
-    Authority,
-    ClientConnection,
+from hbone.authority import Authority
+from hbone.events import (
     ConnectionEnded,
     ConnectRequest,
     ConnectResponse,
     Data,
     RequestRejected,
-    ServerConnection,
-    Settings,
     StreamEnded,
     StreamReset,
     WindowOpened,
 )
+from hbone.protocol import KIB, MIB, ClientConnection, ServerConnection, Settings
 from tests.h2peer import connect_headers, raw_client, status_of
 
 Endpoint = ClientConnection | ServerConnection | h2.connection.H2Connection

@@ -13,8 +13,8 @@ import pytest
 from agent.ca.authority import CertificateAuthority
 from hbone.identity import WorkloadCertificate
 from hbone.pool import PoolKey
-from hbone.relay import Tunnel
 from hbone.server import InboundRequest
+from hbone.tunnel import Tunnel
 from tests.conftest import spiffe
 from tests.tunnel_fixtures import Path, hbone_path
 from tests.util import eventually

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.ca.authority import CertificateAuthority
+from hbone.authority import Authority
 from hbone.forward import Forwarder
 from hbone.identity import SpiffeId, WorkloadCertificate
 from hbone.pool import Pool
-from hbone.protocol import Authority
 from hbone.server import HboneServer, PolicyHook, fixed_certificate
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

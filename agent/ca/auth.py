@@ -28,7 +28,7 @@ from typing import Protocol, TypeVar
 import yaml
 
 from agent.objectfile import WatchedFile, kubernetes_objects
-from hbone.identity import SpiffeId
+from hbone import SpiffeId
 
 log = logging.getLogger("ambit.ca.auth")
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
+from hbone import SpiffeId, TrustBundle, WorkloadCertificate
 
 DEFAULT_TTL = dt.timedelta(hours=24)
 MAX_TTL = dt.timedelta(days=90)

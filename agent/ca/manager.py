@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.ca.authority import key_pem, make_csr, new_key
 from agent.objectfile import SourceError, WatchedFile
-from hbone.identity import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
+from hbone import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
 
 log = logging.getLogger("ambit.ca.manager")
 

@@ -40,7 +40,7 @@ from agent.ca.auth import (
 from agent.ca.authority import DEFAULT_TTL, MAX_TTL, CertificateAuthority, CsrError
 from agent.ca.client import CA_NAMESPACE, CA_SERVER_NAME, CA_SERVICE_ACCOUNT, IMPERSONATED_IDENTITY
 from agent.objectfile import SourceError
-from hbone.identity import IdentityError, SpiffeId, WorkloadCertificate
+from hbone import IdentityError, SpiffeId, WorkloadCertificate
 
 log = logging.getLogger("ambit.ca")
 

@@ -12,7 +12,7 @@ import logging
 from agent.policy import Peer, PolicyEngine, Target
 from agent.proxy.context import Denial
 from agent.state import ClusterState, WorkloadStore
-from hbone.server import InboundRequest
+from hbone import InboundRequest
 
 log = logging.getLogger(__name__)
 

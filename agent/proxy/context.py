@@ -10,8 +10,7 @@ from agent.flows.recorder import FlowHandle
 from agent.proxy.connections import ConnectionTable, Proxied
 from agent.state import Workload, WorkloadStore
 from agent.telemetry import Telemetry
-from hbone.pool import Pool
-from hbone.server import InboundRequest
+from hbone import InboundRequest, Pool
 
 HBONE_PORT = 15008
 

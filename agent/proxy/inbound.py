@@ -14,16 +14,21 @@ import asyncio
 import logging
 import re
 import socket
-from collections.abc import Callable
 
 from agent.proxy.context import Mesh
-from agent.proxy.sockets import addresses, close_with_reset, dial
+from agent.proxy.sockets import dial
 from agent.proxy.splice import Splice
-from hbone.accept import Acceptor
-from hbone.identity import SpiffeId, WorkloadCertificate
-from hbone.protocol import Authority
-from hbone.relay import Relay
-from hbone.server import HboneServer, InboundRequest
+from hbone import (
+    Acceptor,
+    Authority,
+    HboneServer,
+    InboundRequest,
+    Relay,
+    SpiffeId,
+    WorkloadCertificate,
+    accepted_addresses,
+    close_with_reset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +89,16 @@ class InboundProxy:
             return None
         return await self.mesh.certificates.get(workload.identity(self.mesh.trust_domain))
 
-    async def _connect(self, request: InboundRequest, relay: Callable[[], Relay]) -> object:
+    async def _connect(self, request: InboundRequest) -> Relay:
         sock = await dial((request.target.ip, request.target.port), request.source[0])
-        transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(relay, sock)
+        _, relay = await asyncio.get_running_loop().connect_accepted_socket(Relay, sock)
         flow = self.mesh.telemetry.opened(inbound=True, client=_client(request), target=_address(request.target),
                                           mtls=True)
-        self.mesh.track("inbound-hbone", (request.target.ip,), protocol, flow, server_side=True)
-        return transport
+        self.mesh.track("inbound-hbone", (request.target.ip,), relay, flow, server_side=True)
+        return relay
 
     async def _plain(self, sock: socket.socket) -> None:
-        ends = addresses(sock)
+        ends = accepted_addresses(sock)
         if ends is None:
             return
         client, target = ends

@@ -17,13 +17,19 @@ import socket
 from agent.ca.manager import CertificateUnavailable
 from agent.proxy.context import HBONE_PORT, Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
-from agent.proxy.sockets import addresses, close_with_reset, dial
+from agent.proxy.sockets import dial
 from agent.proxy.splice import Splice
 from agent.state import Workload
-from hbone.accept import Acceptor
-from hbone.client import HboneError, StreamFailed, request_headers
-from hbone.protocol import Authority
-from hbone.relay import Relay
+from hbone import (
+    Acceptor,
+    Authority,
+    HboneError,
+    Relay,
+    StreamFailed,
+    accepted_addresses,
+    close_with_reset,
+    request_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ class OutboundProxy:
             await self._acceptor.close()
 
     async def _handle(self, sock: socket.socket) -> None:
-        ends = addresses(sock)
+        ends = accepted_addresses(sock)
         if ends is None:
             return
         client, target = ends

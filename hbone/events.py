@@ -1,0 +1,69 @@
+"""What the HBONE protocol layer (``hbone.protocol``) reports to the I/O layer, one event per fact, in
+the manner of h2's and h11's events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from hbone.authority import Authority
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    stream_id: int
+    authority: Authority
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """A request this layer answered itself (status 400); reported so the I/O layer can log it."""
+
+    stream_id: int
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectResponse:
+    stream_id: int
+    status: int
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    stream_id: int
+    data: bytes | memoryview  # a view of the bytes read, valid as long as it is referenced
+    flow_length: int  # what to acknowledge once the data has been passed on
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    stream_id: int
+    error_code: int
+    refused: bool  # REFUSED_STREAM: the peer never processed it, the stream may be retried
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    stream_id: int  # 0: the connection window
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEnded:
+    """The connection ended (GOAWAY received or sent after a protocol error); ``reason`` says why."""
+
+    error_code: int
+    reason: str
+    last_stream_id: int | None = None
+
+
+Event = (ConnectRequest | RequestRejected | ConnectResponse | Data | StreamEnded | StreamReset | WindowOpened
+         | ConnectionEnded)
