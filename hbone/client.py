@@ -11,11 +11,10 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 
-import h2.exceptions
 from h2.errors import ErrorCodes
 
 from hbone.authority import Authority
-from hbone.events import ConnectionEnded, ConnectResponse, Event, StreamReset
+from hbone.events import ConnectionEnded, ConnectResponse, Event, GoAwayReceived, StreamReset
 from hbone.identity import (
     IdentityError,
     SpiffeId,
@@ -86,7 +85,8 @@ class ClientTunnel(Tunnel):
 
     @property
     def usable(self) -> bool:
-        return self.ended is None and self.transport is not None and not self.transport.is_closing()
+        return (self.ended is None and not self.draining and self.transport is not None
+                and not self.transport.is_closing())
 
     @property
     def stream_limit(self) -> int:
@@ -99,9 +99,8 @@ class ClientTunnel(Tunnel):
         if not self.usable:
             fut.set_exception(StreamRefused("tunnel connection is closed"))
             return fut
-        try:
-            stream_id = self.client_conn.open(authority, headers)
-        except h2.exceptions.TooManyStreamsError:
+        stream_id = self.client_conn.open(authority, headers)
+        if stream_id is None:
             fut.set_exception(StreamRefused("tunnel connection has no free stream"))
             return fut
         relay.bind(self, stream_id)
@@ -137,6 +136,13 @@ class ClientTunnel(Tunnel):
             self._settle(ev.stream_id, kind(f"stream reset by server before an answer (code {ev.error_code})"))
         else:
             super().stream_reset(ev)
+
+    def going_away(self, ev: GoAwayReceived) -> None:
+        """The server is closing: streams beyond its last one were never processed (retry elsewhere); the
+        others carry on to their end."""
+        for stream_id in [s for s in self._answers if s > ev.last_stream_id]:
+            self._settle(stream_id, StreamRefused(f"tunnel going away: {ev.reason}"))
+        super().going_away(ev)
 
     def connection_ended(self, ev: ConnectionEnded) -> None:
         self._fail_pending(ev)

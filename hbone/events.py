@@ -46,6 +46,8 @@ class StreamEnded:
 
 @dataclass(frozen=True, slots=True)
 class StreamReset:
+    """The stream is gone: reset by the peer, or by this layer for the peer's error on that stream."""
+
     stream_id: int
     error_code: int
     refused: bool  # REFUSED_STREAM: the peer never processed it, the stream may be retried
@@ -57,8 +59,18 @@ class WindowOpened:
 
 
 @dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    """The peer's graceful GOAWAY (NO_ERROR): no new streams; those up to ``last_stream_id`` that this side
+    opened, and every stream the peer opened, carry on to their end (RFC 9113 §6.8)."""
+
+    last_stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionEnded:
-    """The connection ended (GOAWAY received or sent after a protocol error); ``reason`` says why."""
+    """The connection ended: a GOAWAY with an error received, or sent after the peer's protocol error (or
+    by ``goaway``). Nothing more is received or sent; ``reason`` says why."""
 
     error_code: int
     reason: str
@@ -66,4 +78,4 @@ class ConnectionEnded:
 
 
 Event = (ConnectRequest | RequestRejected | ConnectResponse | Data | StreamEnded | StreamReset | WindowOpened
-         | ConnectionEnded)
+         | GoAwayReceived | ConnectionEnded)

@@ -57,11 +57,16 @@ class Relay(StreamHandler, asyncio.Protocol):
         return size
 
     def start(self) -> None:
-        """The tunnel stream is established: deliver what waited and start reading the TCP side."""
+        """The tunnel stream is established: once the TCP side exists too, deliver what waited (data, then
+        the peer's FIN) and start reading the TCP side."""
         self.started = True
-        for d in self._early:
+        if self.transport is None:
+            return
+        early, self._early = self._early, []
+        for d in early:
             self.on_data(d)
-        self._early.clear()
+        if self._h2_eof:
+            self._write_eof()
         if self._backlog is not None:
             self.on_window()
         else:
@@ -135,9 +140,13 @@ class Relay(StreamHandler, asyncio.Protocol):
     def on_end(self) -> None:
         self._h2_eof = True
         if self.transport is not None and self.started:
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self._maybe_close()
+            self._write_eof()
+
+    def _write_eof(self) -> None:
+        assert self.transport is not None
+        if self.transport.can_write_eof() and not self.transport.is_closing():
+            self.transport.write_eof()
+        self._maybe_close()
 
     def on_reset(self, reason: str) -> None:
         if self.transport is not None:

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
+from h2.errors import ErrorCodes
+
 from hbone.accept import Acceptor
 from hbone.authority import Authority
 from hbone.events import ConnectionEnded, ConnectRequest, Data, Event, RequestRejected
@@ -129,6 +131,8 @@ class ServerTunnel(Tunnel):
         self.server = server
         self.source, self.destination = source, destination
         self.peer: SpiffeId | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline_for = ""  # "headers" or "idle"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
@@ -140,6 +144,45 @@ class ServerTunnel(Tunnel):
             return
         self.server.tunnels.add(self)
         super().connection_made(transport)
+        self._rearm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._rearm()
+
+    def stream_closed(self, handler: StreamHandler) -> None:
+        super().stream_closed(handler)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """Keep the deadline that applies now: the peer owes the rest of its preface, of a header block or
+        of a control frame (``header_timeout``), or the connection has no stream (``idle_timeout``)."""
+        if self.conn.closed is not None or self.transport is None or self.transport.is_closing():
+            want = ""
+        elif self.conn.awaiting_headers:
+            want = "headers"
+        else:
+            want = "" if self.streams else "idle"
+        if want == self._deadline_for:
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._deadline_for = want
+        if want:
+            delay = self.server.header_timeout if want == "headers" else self.server.idle_timeout
+            self._deadline = asyncio.get_running_loop().call_later(delay, self._expired, want)
+
+    def _expired(self, what: str) -> None:
+        self._deadline, self._deadline_for = None, ""
+        self.server.count(f"{what}_timeout")
+        if what == "headers":
+            log.info("HBONE from %s (%s): headers not received within %ss; closing", self.source, self.peer,
+                     self.server.header_timeout)
+            self.close(ErrorCodes.ENHANCE_YOUR_CALM)
+        else:
+            log.info("HBONE from %s (%s): idle for %ss; closing", self.source, self.peer, self.server.idle_timeout)
+            self.close()
 
     def handle_request_or_response(self, ev: Event) -> None:
         if isinstance(ev, ConnectRequest):
@@ -157,6 +200,9 @@ class ServerTunnel(Tunnel):
         super().connection_ended(ev)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         super().connection_lost(exc)
         self.server.tunnels.discard(self)
 
@@ -165,7 +211,12 @@ class HboneServer:
     def __init__(self, certificates: CertificateLookup, bundle: TrustBundle | Callable[[], TrustBundle], *,
                  policy: PolicyHook | None = None, connect: UpstreamConnector = connect_plain,
                  settings: Settings = Settings(), handshake_timeout: float = 10.0,
-                 connect_timeout: float = 10.0, check_authority_ip: bool = True) -> None:
+                 connect_timeout: float = 10.0, header_timeout: float = 10.0, idle_timeout: float = 600.0,
+                 check_authority_ip: bool = True) -> None:
+        """``header_timeout``: the most a client may take over its preface, a header block or a control
+        frame once begun (nginx's client_header_timeout, 60 s; Envoy's request_headers_timeout); ``idle_timeout``:
+        how long a connection without streams stays open (Envoy 1 h, nginx 75 s; 600 s here, twice the
+        pool's 300 s, so that a pooled client always closes first and never reuses a closing connection)."""
         self.certificates = certificates
         self._bundle = bundle
         self.policy = policy
@@ -173,6 +224,8 @@ class HboneServer:
         self.settings = settings
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
         self.check_authority_ip = check_authority_ip
         self.tunnels: set[ServerTunnel] = set()
         self.stats: Counter[str] = Counter()
@@ -236,6 +289,8 @@ class HboneServer:
             sock.close()
 
     def handle_connect(self, tunnel: ServerTunnel, ev: ConnectRequest) -> None:
+        if tunnel.conn.closed is not None:  # ended later in the same read: no answer can be sent
+            return
         request = InboundRequest(tunnel.peer, tunnel.source, tunnel.destination, ev.authority, ev.headers)
         if self.check_authority_ip and ev.authority.ip != tunnel.destination[0]:
             self.count("rejected_request")

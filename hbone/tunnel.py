@@ -13,7 +13,9 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
-from hbone.events import ConnectionEnded, Data, Event, StreamEnded, StreamReset, WindowOpened
+from h2.errors import ErrorCodes
+
+from hbone.events import ConnectionEnded, Data, Event, GoAwayReceived, StreamEnded, StreamReset, WindowOpened
 from hbone.protocol import Connection
 
 TLS_WRITE_HIGH_WATER = 4 * 1024 * 1024
@@ -94,6 +96,7 @@ class Tunnel(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, StreamHandler] = {}
         self.write_paused = False
+        self.draining = False  # the peer's graceful GOAWAY: close once the streams left are done
         self.ended: ConnectionEnded | None = None
         self.on_stream_closed: Callable[[Tunnel], None] | None = None
         self.on_lost: Callable[[Tunnel], None] | None = None
@@ -131,6 +134,8 @@ class Tunnel(asyncio.Protocol):
             self.stream_reset(ev)
         elif isinstance(ev, ConnectionEnded):
             self.connection_ended(ev)
+        elif isinstance(ev, GoAwayReceived):
+            self.going_away(ev)
         else:
             self.handle_request_or_response(ev)
 
@@ -141,6 +146,15 @@ class Tunnel(asyncio.Protocol):
         handler = self.streams.get(ev.stream_id)
         if handler is not None:
             handler.on_reset(f"stream reset by peer (code {ev.error_code})")
+
+    def going_away(self, ev: GoAwayReceived) -> None:
+        self.draining = True
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if self.draining and not self.streams and self.transport is not None and not self.transport.is_closing():
+            self.flush()
+            self.transport.close()
 
     def connection_ended(self, ev: ConnectionEnded) -> None:
         self.ended = ev
@@ -155,11 +169,13 @@ class Tunnel(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.conn.output_blocked(True)
         for handler in self.streams.values():
             handler.on_tunnel_paused(True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.conn.output_blocked(False)
         for handler in list(self.streams.values()):
             handler.on_tunnel_paused(False)
 
@@ -168,6 +184,7 @@ class Tunnel(asyncio.Protocol):
             self.ended = ConnectionEnded(0, f"connection lost: {exc}" if exc else "connection closed")
         for handler in list(self.streams.values()):
             handler.on_reset(f"tunnel {self.ended.reason}")
+        self.conn.release()
         if self.on_lost is not None:
             self.on_lost(self)
 
@@ -176,10 +193,11 @@ class Tunnel(asyncio.Protocol):
             del self.streams[handler.stream_id]
             if self.on_stream_closed is not None:
                 self.on_stream_closed(self)
+            self._close_if_drained()
 
-    def close(self) -> None:
-        """Graceful: GOAWAY, then close once written."""
+    def close(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
+        """GOAWAY, then close once written."""
         if self.transport is not None and not self.transport.is_closing():
-            self.conn.goaway()
+            self.conn.goaway(code)
             self.flush()
             self.transport.close()
