@@ -174,6 +174,7 @@ _ACK = _END_STREAM = 0x1
 _END_HEADERS, _PADDED = 0x4, 0x8
 _PREFACE_LENGTH = 24
 _WINDOW_UPDATE_HEADER = b"\x00\x00\x04\x08\x00"
+_PING_ACK_HEADER = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
 _FRAME_NAMES = {0x1: "HEADERS", 0x2: "PRIORITY", 0x3: "RST_STREAM", 0x4: "SETTINGS", 0x5: "PUSH_PROMISE",
                 0x6: "PING", 0x7: "GOAWAY", 0x8: "WINDOW_UPDATE", 0x9: "CONTINUATION"}
 
@@ -367,11 +368,11 @@ class Connection:
         self._recv_windows.pop(stream_id, None)
         self._unacked.pop(stream_id, None)
 
-    def _h2_call(self, method: Callable[..., object], *args: object) -> bool:
+    def _h2_call(self, method: Callable[..., object], *args: object, **kwargs: object) -> bool:
         """Call into h2 for something this side sends; h2 refusing it (the stream or the connection is
         closed on h2's side) makes it a no-op. Returns whether h2 took it."""
         try:
-            method(*args)
+            method(*args, **kwargs)
         except h2.exceptions.ProtocolError:
             return False
         return True
@@ -430,13 +431,33 @@ class Connection:
                     self._take_data(stream_id, flags, view[pos + 9:end], length, out)
                 else:
                     self._to_h2(view[pos:end], out)
+            elif kind == _PING:
+                self._ping(stream_id, flags, view[pos + 9:end])
             else:
-                self._control_frame(kind, flags, length, out)
+                self._control_frame(kind, flags, length)
                 self._to_h2(view[pos:end], out)
             pos = end
         self._partial = bytes(view[pos:]) if pos < size and self.closed is None else b""
 
-    def _control_frame(self, kind: int, flags: int, length: int, out: list[Event]) -> None:
+    def _ping(self, stream_id: int, flags: int, payload: memoryview) -> None:
+        """PING is answered here (h2 would too, at ten times the cost of a frame a peer may send at will)."""
+        if stream_id:
+            raise ProtocolError(f"PING on stream {stream_id}")
+        if len(payload) != 8:
+            raise ProtocolError(f"PING of {len(payload)} bytes", ErrorCodes.FRAME_SIZE_ERROR)
+        if flags & _ACK:
+            return  # this side sends no PING: an answer to nothing
+        self._count_control_reply()
+        self._emit(_PING_ACK_HEADER + bytes(payload))
+
+    def _count_control_reply(self) -> None:
+        if self._output_blocked:
+            self._queued_control += 1
+            if self._queued_control > self.settings.max_queued_control:
+                raise ProtocolError(f"{self._queued_control} PING/SETTINGS frames while not reading the replies",
+                                    ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _control_frame(self, kind: int, flags: int, length: int) -> None:
         """Checks and bookkeeping for a frame other than DATA, before h2 sees it."""
         settings = self.settings
         if kind == _CONTINUATION and self._block >= 0:
@@ -450,13 +471,9 @@ class Connection:
                 self._block = -1
         elif kind in (_HEADERS, _PUSH_PROMISE) and self._block < 0 and not flags & _END_HEADERS:
             self._block, self._block_frames = length, 0
-        elif kind in (_PING, _SETTINGS) and not flags & _ACK:
-            self._settings_seen = self._settings_seen or kind == _SETTINGS
-            if self._output_blocked:
-                self._queued_control += 1
-                if self._queued_control > settings.max_queued_control:
-                    raise ProtocolError(f"{self._queued_control} PING/SETTINGS frames while not reading the"
-                                        " replies", ErrorCodes.ENHANCE_YOUR_CALM)
+        elif kind == _SETTINGS and not flags & _ACK:
+            self._settings_seen = True
+            self._count_control_reply()
         elif kind == _GOAWAY:
             pending = self._h2.data_to_send()  # h2 drops its unsent output on GOAWAY: keep it
             if pending:
@@ -499,7 +516,7 @@ class Connection:
             self._count_premature(refused, opened=refused, out=out)
 
     def _fail(self, code: ErrorCodes, reason: str, out: list[Event]) -> None:
-        self._h2_call(self._h2.close_connection, code, None, reason.encode()[:256])
+        self._h2_call(self._h2.close_connection, code, additional_data=reason.encode()[:256])
         self._close(ConnectionEnded(int(code), reason), out)
 
     def _count_premature(self, resets: int, opened: int, out: list[Event]) -> None:
@@ -611,7 +628,8 @@ class ServerConnection(Connection):
             return
         self._unanswered.discard(stream_id)
         self._forget(stream_id)
-        if not self._h2_call(self._h2.send_headers, stream_id, [(b":status", str(status).encode())], True):
+        if not self._h2_call(self._h2.send_headers, stream_id, [(b":status", str(status).encode())],
+                             end_stream=True):
             self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         stream = self._h2.streams.get(stream_id)

@@ -19,6 +19,7 @@ from hbone.events import ConnectionEnded, Data, Event, GoAwayReceived, StreamEnd
 from hbone.protocol import Connection
 
 TLS_WRITE_HIGH_WATER = 4 * 1024 * 1024
+CLOSE_GRACE = 5.0  # seconds a closing connection gets to deliver what it has queued (the GOAWAY) before an abort
 
 
 class StreamHandler(abc.ABC):
@@ -100,6 +101,7 @@ class Tunnel(asyncio.Protocol):
         self.ended: ConnectionEnded | None = None
         self.on_stream_closed: Callable[[Tunnel], None] | None = None
         self.on_lost: Callable[[Tunnel], None] | None = None
+        self._abort_later: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -152,15 +154,26 @@ class Tunnel(asyncio.Protocol):
         self._close_if_drained()
 
     def _close_if_drained(self) -> None:
-        if self.draining and not self.streams and self.transport is not None and not self.transport.is_closing():
-            self.flush()
-            self.transport.close()
+        if self.draining and not self.streams:
+            self.close_transport()
 
     def connection_ended(self, ev: ConnectionEnded) -> None:
         self.ended = ev
+        self.close_transport()
+
+    def close_transport(self) -> None:
+        """Write what is queued (a GOAWAY) and close; a peer that does not read gets an abort instead, at
+        once if it is already not reading (the output is paused), else after ``CLOSE_GRACE``: a closed
+        connection must not keep its buffers for a peer that never takes them."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
         self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        if self.write_paused:
+            transport.abort()
+            return
+        transport.close()
+        self._abort_later = asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
     def flush(self) -> None:
         out = self.conn.data_to_send()
@@ -180,6 +193,8 @@ class Tunnel(asyncio.Protocol):
             handler.on_tunnel_paused(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_later is not None:
+            self._abort_later.cancel()
         if self.ended is None:
             self.ended = ConnectionEnded(0, f"connection lost: {exc}" if exc else "connection closed")
         for handler in list(self.streams.values()):
@@ -199,5 +214,4 @@ class Tunnel(asyncio.Protocol):
         """GOAWAY, then close once written."""
         if self.transport is not None and not self.transport.is_closing():
             self.conn.goaway(code)
-            self.flush()
-            self.transport.close()
+            self.close_transport()
