@@ -30,13 +30,18 @@ def protocol_campaign(inputs: int, workers: int, seed: int, corpus: Path, findin
     env = dict(os.environ, HBONE_FUZZ_FINDINGS=str(findings))
     share = [inputs // workers + (1 if i < inputs % workers else 0) for i in range(workers)]
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.fuzz.protocol_atheris", f"-runs={n}", f"-seed={seed + i}",
-                               "-max_len=4096", "-timeout=30", "-rss_limit_mb=3072", "-print_final_stats=1",
-                               str(corpus)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i, n in enumerate(share)]
+    logs = [findings.parent / f"worker-{i}.log" for i in range(workers)]
+    procs = []
+    for i, (n, log) in enumerate(zip(share, logs, strict=True)):
+        with open(log, "w") as out:  # a file, not a pipe: a worker must never block on its own output
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tests.fuzz.protocol_atheris", f"-runs={n}", f"-seed={seed + i}",
+                 "-max_len=4096", "-timeout=30", "-rss_limit_mb=3072", "-print_final_stats=1", str(corpus)],
+                env=env, stdout=subprocess.DEVNULL, stderr=out))
     runs, cov, rss, crashed = 0, 0, 0, []
-    for proc in procs:
-        _, err = proc.communicate()
+    for proc, log in zip(procs, logs, strict=True):
+        proc.wait()
+        err = log.read_text(errors="replace")
         done = re.search(r"Done (\d+) runs", err)
         runs += int(done.group(1)) if done else 0
         cov = max([cov, *(int(c) for c in re.findall(r"cov: (\d+)", err))])
