@@ -175,7 +175,7 @@ _END_HEADERS, _PADDED = 0x4, 0x8
 _PREFACE_LENGTH = 24
 _WINDOW_UPDATE_HEADER = b"\x00\x00\x04\x08\x00"
 _PING_ACK_HEADER = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
-_FRAME_NAMES = {0x1: "HEADERS", 0x2: "PRIORITY", 0x3: "RST_STREAM", 0x4: "SETTINGS", 0x5: "PUSH_PROMISE",
+_FRAME_NAMES = {0x0: "DATA", 0x1: "HEADERS", 0x2: "PRIORITY", 0x3: "RST_STREAM", 0x4: "SETTINGS", 0x5: "PUSH_PROMISE",
                 0x6: "PING", 0x7: "GOAWAY", 0x8: "WINDOW_UPDATE", 0x9: "CONTINUATION"}
 
 
@@ -413,17 +413,13 @@ class Connection:
         buf = self._partial + data if self._partial else data
         size, pos = len(buf), 0
         view = memoryview(buf)
-        settings = self.settings
+        max_data, max_other = self.settings.max_frame_size, self.settings.max_header_block
         while size - pos >= _FRAME_HEADER and self.closed is None:
             length = int.from_bytes(view[pos:pos + 3], "big")
             kind, flags = buf[pos + 3], buf[pos + 4]
-            if kind == _DATA:
-                if length > settings.max_frame_size:
-                    raise ProtocolError(f"DATA frame of {length} bytes exceeds {settings.max_frame_size}",
-                                        ErrorCodes.FRAME_SIZE_ERROR)
-            elif length > settings.max_header_block:
+            if length > (max_data if kind == _DATA else max_other):
                 raise ProtocolError(f"{_FRAME_NAMES.get(kind, f'type {kind}')} frame of {length} bytes exceeds"
-                                    f" {settings.max_header_block}", ErrorCodes.FRAME_SIZE_ERROR)
+                                    f" {max_data if kind == _DATA else max_other}", ErrorCodes.FRAME_SIZE_ERROR)
             end = pos + _FRAME_HEADER + length
             if end > size:
                 break
