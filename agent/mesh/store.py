@@ -189,9 +189,11 @@ class MeshStore:
             self._raw[key] = obj
             self._set_slice(f"{namespace}/{name}", eps, change)
         elif kind == "Node":
+            typed = convert.node(obj)
             self._raw[key] = obj
-            self._nodes[name] = convert.node(obj)
-            change.nodes = True
+            if self._nodes.get(name) != typed:
+                self._nodes[name] = typed
+                change.nodes = True
         else:
             self._raw[key] = obj
             self._others[key] = obj
@@ -220,6 +222,8 @@ class MeshStore:
     def _set_namespace(self, name: str, labels: dict[str, str] | None, annotations: dict[str, str],
                        change: Change) -> None:
         old_labels, old_annotations = self._ns_labels.get(name), self._ns_annotations.get(name, {})
+        if (old_labels, old_annotations) == (labels, annotations):
+            return  # another field of the Namespace: nothing the mesh reads
         if labels is None:
             self._ns_labels.pop(name, None)
             self._ns_annotations.pop(name, None)
@@ -242,6 +246,11 @@ class MeshStore:
         old = self._workloads.get(old_uid) if old_uid is not None else None
         if old == workload:
             return
+        other = self._workloads.get(workload.uid) if workload is not None else None
+        if workload is not None and other is not None and other is not old:
+            # the same uid under another name: not a Kubernetes pod. Checked before anything changes, so that
+            # the caller's removal of this pod's previous version finds it whole (endpoints included).
+            raise ObjectError(f"Pod {namespace}/{name}: metadata.uid {workload.uid} is also {other.key}'s")
         if old is not None:
             del self._workloads[old.uid]
             del self._pod_uid[(namespace, name)]
@@ -250,9 +259,6 @@ class MeshStore:
             change.workloads[old.uid] = None
             change.removed[old.uid] = old
         if workload is not None:
-            if workload.uid in self._workloads:  # the same uid under another name: not a Kubernetes pod
-                raise ObjectError(f"Pod {namespace}/{name}: metadata.uid {workload.uid} is also "
-                                  f"{self._workloads[workload.uid].key}'s")
             self._workloads[workload.uid] = workload
             self._pod_uid[(namespace, name)] = workload.uid
             for ip in workload.ips:
