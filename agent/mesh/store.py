@@ -3,14 +3,16 @@
 A source (the lab's state file, or Kubernetes informers) hands the store object events; the store converts
 only what changed, updates its indexes, and publishes a new ``MeshState``. A snapshot is never modified
 after it is published: readers on the data path (and the kernel and telemetry threads) hold one snapshot
-and never see half an update. A new snapshot shares every index the change did not touch with the previous
-one, so a pod event costs work proportional to that pod, its namespace's Services and their endpoints,
-never a rebuild of the world. Subscribers are told what changed (``Change``).
+and never see half an update. The indexes are copy-on-write maps (``cowmap``): a new snapshot shares with
+the previous one every shard the change did not touch, so a pod event costs work proportional to that pod,
+its namespace's Services and the endpoints at its address, never a rebuild or a copy of the world.
+Subscribers are told what changed (``Change``).
 
 Endpoints follow istiod's ambient rules: a Service with a selector has the Running pods of its namespace
 that match it, healthy (Ready, not being deleted) unless ``publishNotReadyAddresses``; a named target port
 is resolved per pod from its container ports and a pod without that name serves nothing on that port; a
-Service without a selector takes its EndpointSlices' addresses. Two pods claiming one IP: the newest holds it.
+Service without a selector takes its EndpointSlices' addresses. Two pods claiming one IP: the newest holds it,
+in the IP index and as a Service's endpoint at that address.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from agent.mesh import convert
 from agent.mesh.convert import ObjectError
+from agent.mesh.cowmap import CowMap
 from agent.mesh.model import (
     AMBIENT,
     DATAPLANE_MODE,
@@ -108,21 +111,23 @@ class MeshStore:
         self.state = MeshState()
         self._subscribers: list[Subscriber] = []
         self._raw: dict[Key, Mapping[str, Any]] = {}  # every object taken, as given
-        self._ns_labels: dict[str, dict[str, str]] = {}
+        # published (copy-on-write: each snapshot takes them as they are, a later write copies a shard)
+        self._ns_labels: CowMap[str, dict[str, str]] = CowMap(8)
+        self._workloads: CowMap[str, Workload] = CowMap()  # uid -> workload
+        self._by_ip: CowMap[str, Workload] = CowMap()
+        self._services: CowMap[str, Service] = CowMap()
+        self._vips: CowMap[str, tuple[str, ...]] = CowMap()
+        self._hostnames: CowMap[str, str] = CowMap()
+        self._endpoints: CowMap[str, Mapping[str, Endpoint]] = CowMap()  # each value is replaced, never changed
+        self._nodes: CowMap[str, Node] = CowMap(8)
+        # the store's own
         self._ns_annotations: dict[str, dict[str, str]] = {}
         self._pods_in: dict[str, set[str]] = {}  # namespace -> pod names (with or without a workload)
-        self._workloads: dict[str, Workload] = {}  # uid -> workload
         self._pod_uid: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid of its workload
         self._claims: dict[str, set[str]] = {}  # ip -> uids claiming it
-        self._by_ip: dict[str, Workload] = {}
-        self._services: dict[str, Service] = {}
         self._services_in: dict[str, set[str]] = {}  # namespace -> service names
-        self._vips: dict[str, tuple[str, ...]] = {}
-        self._hostnames: dict[str, str] = {}
         self._slices: dict[str, SliceEndpoints] = {}  # slice key -> slice
         self._slices_of: dict[str, set[str]] = {}  # service key -> slice keys
-        self._endpoints: dict[str, Mapping[str, Endpoint]] = {}
-        self._nodes: dict[str, Node] = {}
         self._others: dict[Key, Mapping[str, Any]] = {}
 
     def subscribe(self, subscriber: Subscriber) -> None:
@@ -277,15 +282,39 @@ class MeshStore:
         if len(claims) > 1:
             log.warning("pods %s all claim %s; the newest holds it",
                         ", ".join(sorted(self._workloads[u].key for u in claims)), ip)
-        self._by_ip[ip] = max((self._workloads[u] for u in claims), key=lambda w: (w.created, w.uid))
+        self._by_ip[ip] = max((self._workloads[u] for u in claims), key=_age)
 
     def _refresh_selected(self, namespace: str, old: Workload | None, new: Workload | None, change: Change) -> None:
-        """Recompute the endpoints of the Services in ``namespace`` whose selector picks the pod, before or now."""
+        """Update, in the Services of ``namespace`` whose selector picks the pod before or now, the endpoints at
+        the pod's old and new address (an endpoint depends only on the pods claiming its address)."""
+        ips = {w.ip for w in (old, new) if w is not None}
         for name in self._services_in.get(namespace, ()):
             svc = self._services[f"{namespace}/{name}"]
-            if svc.selector is not None and any(
-                    w is not None and _selects(svc.selector, w.labels) for w in (old, new)):
-                self._compute_endpoints(svc, change)
+            selector = svc.selector
+            if selector is None or not any(w is not None and _selects(selector, w.labels) for w in (old, new)):
+                continue
+            current = self._endpoints.get(svc.key, {})
+            updated: dict[str, Endpoint] | None = None
+            for ip in ips:
+                endpoint = self._endpoint_at(svc, ip)
+                if current.get(ip) != endpoint:
+                    updated = dict(current) if updated is None else updated
+                    if endpoint is None:
+                        del updated[ip]
+                    else:
+                        updated[ip] = endpoint
+            if updated is not None:
+                self._endpoints[svc.key] = updated
+                change.services.add(svc.key)
+
+    def _endpoint_at(self, svc: Service, ip: str) -> Endpoint | None:
+        """The endpoint of selector Service ``svc`` at ``ip``: the newest pod there that it takes, if any."""
+        chosen: Workload | None = None
+        for uid in self._claims.get(ip, ()):
+            w = self._workloads[uid]
+            if w.ip == ip and _takes(svc, w) and (chosen is None or _age(w) > _age(chosen)):
+                chosen = w
+        return _endpoint(svc, chosen) if chosen is not None else None
 
     def _set_service(self, namespace: str, name: str, svc: Service | None, change: Change) -> None:
         key = f"{namespace}/{name}"
@@ -328,14 +357,13 @@ class MeshStore:
     def _compute_endpoints(self, svc: Service, change: Change) -> None:
         endpoints: dict[str, Endpoint] = {}
         if svc.selector is not None:
+            chosen: dict[str, Workload] = {}  # ip -> the newest pod there the Service takes
             for name in self._pods_in.get(svc.namespace, ()):
                 uid = self._pod_uid.get((svc.namespace, name))
                 w = self._workloads.get(uid) if uid is not None else None
-                if w is None or not _selects(svc.selector, w.labels) or not (w.ready or svc.publish_not_ready):
-                    continue
-                ports = {p.port: (w.ports.get(p.target_name, 0) if p.target_name else p.target_port)
-                         for p in svc.ports}
-                endpoints[w.ip] = Endpoint(w.ip, w.node, {s: t for s, t in ports.items() if t}, w.ready)
+                if w is not None and _takes(svc, w) and (w.ip not in chosen or _age(w) > _age(chosen[w.ip])):
+                    chosen[w.ip] = w
+            endpoints = {ip: _endpoint(svc, w) for ip, w in chosen.items()}
         else:
             for slice_key in sorted(self._slices_of.get(svc.key, ())):
                 eps = self._slices[slice_key]
@@ -351,17 +379,12 @@ class MeshStore:
             change.services.add(svc.key)
 
     def _publish(self, change: Change) -> None:
-        old = self.state
         self.state = MeshState(
-            namespaces=dict(self._ns_labels) if change.namespaces else old.namespaces,
-            workloads=dict(self._by_ip) if change.workloads else old.workloads,
-            by_uid=dict(self._workloads) if change.workloads else old.by_uid,
-            services=dict(self._services) if change.services else old.services,
-            vips=dict(self._vips) if change.services else old.vips,
-            hostnames=dict(self._hostnames) if change.services else old.hostnames,
-            endpoints=dict(self._endpoints) if change.services else old.endpoints,
-            nodes=dict(self._nodes) if change.nodes else old.nodes,
-            objects=tuple(self._others.values()) if change.objects else old.objects)
+            namespaces=self._ns_labels.snapshot(), workloads=self._by_ip.snapshot(),
+            by_uid=self._workloads.snapshot(), services=self._services.snapshot(), vips=self._vips.snapshot(),
+            hostnames=self._hostnames.snapshot(), endpoints=self._endpoints.snapshot(),
+            nodes=self._nodes.snapshot(),
+            objects=tuple(self._others.values()) if change.objects else self.state.objects)
         for subscriber in self._subscribers:
             try:
                 subscriber(self.state, change)
@@ -374,19 +397,36 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _takes(svc: Service, w: Workload) -> bool:
+    """Whether selector Service ``svc`` has pod ``w`` as an endpoint (healthy, unless not-ready ones are
+    published)."""
+    return (w.namespace == svc.namespace and svc.selector is not None and _selects(svc.selector, w.labels)
+            and (w.ready or svc.publish_not_ready))
+
+
+def _endpoint(svc: Service, w: Workload) -> Endpoint:
+    ports = {p.port: (w.ports.get(p.target_name, 0) if p.target_name else p.target_port) for p in svc.ports}
+    return Endpoint(w.ip, w.node, {s: t for s, t in ports.items() if t}, w.ready)
+
+
+def _age(w: Workload) -> tuple[str, str]:
+    """Orders pods claiming one address: the newest (then the greatest uid, to be deterministic) holds it."""
+    return w.created, w.uid
+
+
 def build_state(objects: Iterable[Any]) -> MeshState:
     """A snapshot from Kubernetes objects; the first object the mesh cannot take raises ``ObjectError``."""
     store = MeshStore()
     items = list(objects)
-    # Namespaces first, so that pods are converted knowing their namespace's labels (as one apply would).
+    # Namespaces first, so that pods are converted knowing their namespace's labels (re-enrolling them later
+    # would cost a second conversion). One apply: one snapshot, published once.
     items.sort(key=lambda o: 0 if isinstance(o, Mapping) and o.get("kind") == "Namespace" else 1)
-    for obj in items:
-        errors = store.apply([obj])
-        if errors:
-            raise errors[0]
+    errors = store.apply(items)
+    if errors:
+        raise errors[0]
     if len(store.state.workloads) < sum(len(w.ips) for w in store.state.by_uid.values()):
         taken: dict[str, str] = {}
-        for w in store.state.by_uid.values():
+        for w in sorted(store.state.by_uid.values(), key=lambda w: w.key):
             for ip in w.ips:
                 if ip in taken:
                     raise ObjectError(f"Pod {w.key}: status.podIP {ip} is also {taken[ip]}'s")

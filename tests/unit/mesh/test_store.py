@@ -596,3 +596,16 @@ def test_deltas_reach_the_state_a_rebuild_would(seed: int) -> None:
         objects = list(current.values())
         rng.shuffle(objects)
         assert plain(store.state) == plain(build_state(objects))
+
+
+def test_two_pods_at_one_address_in_one_service_the_newest_is_the_endpoint() -> None:
+    old = pod("old", "shop", "10.0.0.1", labels=WEB, node="n1", created="2026-01-01T00:00:00Z")
+    new = pod("new", "shop", "10.0.0.1", labels=WEB, node="n2", created="2026-01-02T00:00:00Z")
+    for order in ([old, new], [new, old]):
+        store = store_with(service("web", "shop", selector=WEB), *order)
+        assert store.state.endpoints["shop/web"]["10.0.0.1"].node == "n2"
+        assert store.apply([pod("new", "shop", "10.0.0.1", labels=WEB, node="n2", ready=False,
+                                created="2026-01-02T00:00:00Z")]) == []
+        assert store.state.endpoints["shop/web"]["10.0.0.1"].node == "n1"  # the newest is not healthy: the other
+        assert store.apply(deletes=[("Pod", "shop", "old")]) == []
+        assert store.state.endpoints["shop/web"] == {}
