@@ -40,6 +40,7 @@ bench: setup
 	$(PY) -m bench.flows
 	$(PY) -m bench.enforcement
 	$(PY) -m bench.observability
+	$(PY) -m bench.store
 
 # Kubernetes (daemonset/README.md): the image, and Ambit on a kind or minikube cluster. Settings such as
 # IMAGE=, KIND_CLUSTER=, MINIKUBE_PROFILE=, KUBE_CONTEXT= pass through to daemonset/deploy.sh.
