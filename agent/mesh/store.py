@@ -4,8 +4,9 @@ A source (the lab's state file, or Kubernetes informers) hands the store object 
 only what changed, updates its indexes, and publishes a new ``MeshState``. A snapshot is never modified
 after it is published: readers on the data path (and the kernel and telemetry threads) hold one snapshot
 and never see half an update. The indexes are copy-on-write maps (``cowmap``): a new snapshot shares with
-the previous one every shard the change did not touch, so a pod event costs work proportional to that pod,
-its namespace's Services and the endpoints at its address, never a rebuild or a copy of the world.
+the previous one every shard the change did not touch; pods and selector Services are indexed by label. So
+a pod event costs work proportional to that pod, its node and the Services selecting it, and a Service event
+to the pods it selects, never a walk, a rebuild or a copy of the world (nor of a big namespace).
 Subscribers are told what changed (``Change``).
 
 Endpoints follow istiod's ambient rules: a Service with a selector has the Running pods of its namespace
@@ -18,7 +19,7 @@ in the IP index and as a Service's endpoint at that address.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ class MeshState:
     namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # name -> labels
     workloads: Mapping[str, Workload] = field(default_factory=dict)  # by every pod IP
     by_uid: Mapping[str, Workload] = field(default_factory=dict)
+    by_node: Mapping[str, Mapping[str, Workload]] = field(default_factory=dict)  # node -> uid -> workload
     services: Mapping[str, Service] = field(default_factory=dict)  # by "ns/name"
     vips: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # VIP -> service keys
     hostnames: Mapping[str, str] = field(default_factory=dict)  # FQDN -> service key
@@ -66,7 +68,7 @@ class MeshState:
         return self.workloads.get(ip)
 
     def on_node(self, node: str) -> list[Workload]:
-        return [w for w in self.by_uid.values() if w.node == node]
+        return list(self.by_node.get(node, {}).values())
 
     def service_at(self, vip: str, port: int, client_namespace: str = "") -> Service | None:
         """The Service with ``vip``:``port`` (the client's namespace first when several share the VIP)."""
@@ -115,6 +117,7 @@ class MeshStore:
         self._ns_labels: CowMap[str, dict[str, str]] = CowMap(8)
         self._workloads: CowMap[str, Workload] = CowMap()  # uid -> workload
         self._by_ip: CowMap[str, Workload] = CowMap()
+        self._by_node: CowMap[str, Mapping[str, Workload]] = CowMap(16)  # each value is replaced, never changed
         self._services: CowMap[str, Service] = CowMap()
         self._vips: CowMap[str, tuple[str, ...]] = CowMap()
         self._hostnames: CowMap[str, str] = CowMap()
@@ -124,8 +127,10 @@ class MeshStore:
         self._ns_annotations: dict[str, dict[str, str]] = {}
         self._pods_in: dict[str, set[str]] = {}  # namespace -> pod names (with or without a workload)
         self._pod_uid: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid of its workload
+        self._pods_labelled = _LabelIndex()  # pods with a workload, under each of their labels
         self._claims: dict[str, set[str]] = {}  # ip -> uids claiming it
         self._services_in: dict[str, set[str]] = {}  # namespace -> service names
+        self._selectors = _LabelIndex()  # Services with a selector, under one label of it (_anchor)
         self._slices: dict[str, SliceEndpoints] = {}  # slice key -> slice
         self._slices_of: dict[str, set[str]] = {}  # service key -> slice keys
         self._others: dict[Key, Mapping[str, Any]] = {}
@@ -259,6 +264,7 @@ class MeshStore:
         if old is not None:
             del self._workloads[old.uid]
             del self._pod_uid[(namespace, name)]
+            self._pods_labelled.remove(namespace, name, old.labels.items())
             for ip in old.ips:
                 self._claim(ip, old.uid, add=False)
             change.workloads[old.uid] = None
@@ -266,11 +272,26 @@ class MeshStore:
         if workload is not None:
             self._workloads[workload.uid] = workload
             self._pod_uid[(namespace, name)] = workload.uid
+            self._pods_labelled.add(namespace, name, workload.labels.items())
             for ip in workload.ips:
                 self._claim(ip, workload.uid, add=True)
             change.workloads[workload.uid] = workload
             change.removed.pop(workload.uid, None)
+        self._place(old, workload)
         self._refresh_selected(namespace, old, workload, change)
+
+    def _place(self, old: Workload | None, new: Workload | None) -> None:
+        """Keep the index by node: each node's map is replaced, never changed (snapshots hold them)."""
+        for node in {w.node for w in (old, new) if w is not None}:
+            local = dict(self._by_node.get(node, {}))
+            if old is not None and old.node == node:
+                del local[old.uid]
+            if new is not None and new.node == node:
+                local[new.uid] = new
+            if local:
+                self._by_node[node] = local
+            else:
+                self._by_node.pop(node)
 
     def _claim(self, ip: str, uid: str, add: bool) -> None:
         claims = self._claims.setdefault(ip, set())
@@ -288,7 +309,12 @@ class MeshStore:
         """Update, in the Services of ``namespace`` whose selector picks the pod before or now, the endpoints at
         the pod's old and new address (an endpoint depends only on the pods claiming its address)."""
         ips = {w.ip for w in (old, new) if w is not None}
-        for name in self._services_in.get(namespace, ()):
+        candidates: set[str] = set()  # the Services anchored on one of the pod's labels, before or now
+        for w in (old, new):
+            if w is not None:
+                for label, value in w.labels.items():
+                    candidates.update(self._selectors.names(namespace, label, value))
+        for name in candidates:
             svc = self._services[f"{namespace}/{name}"]
             selector = svc.selector
             if selector is None or not any(w is not None and _selects(selector, w.labels) for w in (old, new)):
@@ -331,12 +357,16 @@ class MeshStore:
             self._hostnames.pop(old.hostname, None)
             del self._services[key]
             self._services_in[namespace].discard(name)
+            if old.selector:
+                self._selectors.remove(namespace, name, [_anchor(old.selector)])
             self._endpoints.pop(key, None)
         change.services.add(key)
         if svc is None:
             return
         self._services[key] = svc
         self._services_in.setdefault(namespace, set()).add(name)
+        if svc.selector:
+            self._selectors.add(namespace, name, [_anchor(svc.selector)])
         for vip in svc.vips:
             self._vips[vip] = (*self._vips.get(vip, ()), key)
         self._hostnames[svc.hostname] = key
@@ -358,7 +388,9 @@ class MeshStore:
         endpoints: dict[str, Endpoint] = {}
         if svc.selector is not None:
             chosen: dict[str, Workload] = {}  # ip -> the newest pod there the Service takes
-            for name in self._pods_in.get(svc.namespace, ()):
+            # only the pods carrying the selector's rarest label can match
+            pods = min((self._pods_labelled.names(svc.namespace, k, v) for k, v in svc.selector.items()), key=len)
+            for name in pods:
                 uid = self._pod_uid.get((svc.namespace, name))
                 w = self._workloads.get(uid) if uid is not None else None
                 if w is not None and _takes(svc, w) and (w.ip not in chosen or _age(w) > _age(chosen[w.ip])):
@@ -381,8 +413,8 @@ class MeshStore:
     def _publish(self, change: Change) -> None:
         self.state = MeshState(
             namespaces=self._ns_labels.snapshot(), workloads=self._by_ip.snapshot(),
-            by_uid=self._workloads.snapshot(), services=self._services.snapshot(), vips=self._vips.snapshot(),
-            hostnames=self._hostnames.snapshot(), endpoints=self._endpoints.snapshot(),
+            by_uid=self._workloads.snapshot(), by_node=self._by_node.snapshot(), services=self._services.snapshot(),
+            vips=self._vips.snapshot(), hostnames=self._hostnames.snapshot(), endpoints=self._endpoints.snapshot(),
             nodes=self._nodes.snapshot(),
             objects=tuple(self._others.values()) if change.objects else self.state.objects)
         for subscriber in self._subscribers:
@@ -391,6 +423,35 @@ class MeshStore:
             except Exception:
                 log.exception("mesh store subscriber %r failed", subscriber)
 
+
+
+class _LabelIndex:
+    """(namespace, label, value) -> the names of the objects indexed under that pair."""
+
+    def __init__(self) -> None:
+        self._names: dict[tuple[str, str, str], set[str]] = {}
+
+    def add(self, namespace: str, name: str, pairs: Iterable[tuple[str, str]]) -> None:
+        for label, value in pairs:
+            self._names.setdefault((namespace, label, value), set()).add(name)
+
+    def remove(self, namespace: str, name: str, pairs: Iterable[tuple[str, str]]) -> None:
+        for label, value in pairs:
+            names = self._names[(namespace, label, value)]
+            names.discard(name)
+            if not names:
+                del self._names[(namespace, label, value)]
+
+    def names(self, namespace: str, label: str, value: str) -> Set[str]:
+        return self._names.get((namespace, label, value), _NONE)
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def _anchor(selector: Mapping[str, str]) -> tuple[str, str]:
+    """The label a Service is indexed under: any of its selector's would do (a pod lacking it is not selected)."""
+    return min(selector.items())
 
 
 def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:

@@ -57,6 +57,7 @@ def plain(state: MeshState) -> dict[str, Any]:
         "namespaces": {k: dict(v) for k, v in state.namespaces.items()},
         "workloads": {ip: (w, dict(w.labels), dict(w.ports)) for ip, w in state.workloads.items()},
         "by_uid": dict(state.by_uid),
+        "by_node": {node: dict(local) for node, local in state.by_node.items()},
         "services": dict(state.services),
         "vips": {vip: sorted(keys) for vip, keys in state.vips.items()},
         "hostnames": dict(state.hostnames),
@@ -151,6 +152,20 @@ def test_a_pod_changing_address_frees_the_old_one() -> None:
     assert set(store.state.workloads) == {"10.0.0.2"}
     assert store.state.on_node("node-a") == [store.state.workloads["10.0.0.2"]]
     assert store.state.on_node("node-b") == []
+
+
+def test_workloads_by_node() -> None:
+    store = store_with(pod("a", "shop", "10.0.0.1", node="n1"), pod("b", "shop", "10.0.0.2", node="n1"),
+                       pod("c", "ops", "10.0.1.1", node="n2"), pod("p", "ops", None, node="n2", phase="Pending"))
+    old = store.state
+    assert {n: sorted(w.name for w in old.on_node(n)) for n in ("n1", "n2", "n3")} == {
+        "n1": ["a", "b"], "n2": ["c"], "n3": []}
+    assert store.apply([pod("b", "shop", "10.0.0.2", node="n2")], [("Pod", "ops", "c")]) == []  # rescheduled
+    new = store.state
+    assert sorted(w.name for w in new.on_node("n2")) == ["b"] and [w.name for w in new.on_node("n1")] == ["a"]
+    assert sorted(w.name for w in old.on_node("n1")) == ["a", "b"]  # the old snapshot is as it was
+    assert store.apply(deletes=[("Pod", "shop", "a"), ("Pod", "shop", "b")]) == []
+    assert dict(store.state.by_node) == {}
 
 
 # -- Services: VIPs, hostnames, ports ---------------------------------------------------------------------------
