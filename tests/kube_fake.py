@@ -69,6 +69,7 @@ DEFAULT_RESOURCES = (
     FakeResource("", "v1", "pods", "Pod", namespaced=True),
     FakeResource("", "v1", "services", "Service", namespaced=True),
     FakeResource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", namespaced=True),
+    FakeResource("", "v1", "nodes", "Node", namespaced=False),
     FakeResource("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", namespaced=True),
     FakeResource("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", namespaced=True),
 )

@@ -61,7 +61,7 @@ def kinds(state: MeshState) -> dict[str, set[str]]:
     return out
 
 
-async def all_watching(server: FakeApiServer, count: int = 6) -> None:
+async def all_watching(server: FakeApiServer, count: int = 7) -> None:
     await eventually(lambda: server.watchers() == count, f"{count} watches")
 
 
@@ -161,7 +161,7 @@ async def test_resync_replays_the_cache_without_listing(server: FakeApiServer, t
     store = MeshStore()
     async with running(await make_source(server, tmp_path, store, resync=0.1)) as source:
         await eventually(lambda: source.updates >= 3, "updates from resyncs")
-        assert len([r for r in server.requests if not r.watch]) == 6  # one list per resource, no polling
+        assert len([r for r in server.requests if not r.watch]) == 7  # one list per resource, no polling
         assert workloads(store.state)["10.0.0.1"] == ("mesh/a", True)
 
 
@@ -176,7 +176,7 @@ async def test_missing_crds_do_not_block_pods_and_namespaces(
         assert workloads(store.state) == {"10.0.0.1": ("mesh/a", True)}
         assert source.informers[AUTHORIZATION_POLICIES].missing
         assert "peerauthentications.security.istio.io CRD installed?" in caplog.text
-        await all_watching(server, 4)
+        await all_watching(server, 5)
         server.create(pod("b", "mesh", ip="10.0.0.2"))  # the other informers watch on
         await eventually(lambda: "10.0.0.2" in store.state.workloads, "a pod while the CRDs are missing")
         server.set_missing("AuthorizationPolicy", False)  # Istio installed later
