@@ -59,7 +59,10 @@ program swapped in place); then `reconcile(desired)` fills the new maps, swaps e
 place and removes anything of ours that is not desired (duplicates, released pods, other backend, pins
 of vanished devices). Call reconcile() right after start().
 
-Limits: IPv4 only (IPv6 TCP of enrolled pods is not captured); IP fragments pass; same-node traffic to an
+Limits: IPv4 only (IPv6 TCP of enrolled pods is not captured); IP fragments pass; a destination the node
+has no route for (a Service VIP on a node without a default route, which Kubernetes requires) is taken for a
+local address by the existing-socket check (bpf_fib_lookup answers NOT_FWDED for both), so its later packets
+are not steered; same-node traffic to an
 enrolled pod is captured only as outbound at an enrolled source. The agent must not spoof the client's
 address towards node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed:
 those replies would bypass the programs.
