@@ -550,7 +550,8 @@ class Redirector:
     @property
     def lost_events(self) -> int:
         """Events the kernel could not put in the ring buffer (it was full)."""
-        return self.counters()["events_lost"]
+        self._require_started()
+        return sum(int(v.value) for v in self._maps["counters"].per_cpu(ctypes.c_uint32(Counter.EVENTS_LOST)))
 
     def enrolled_in_kernel(self) -> dict[str, int]:
         """Pod IP -> ifindex as the BPF map holds them (for checks)."""
