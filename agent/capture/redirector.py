@@ -89,6 +89,7 @@ from agent.capture.maps import (
     COUNTER_COUNT,
     F_FAIL_OPEN,
     F_LOOKUP_SELECTS,
+    IF_BRIDGE,
     IF_POD,
     IF_UPLINK,
     BridgePortC,
@@ -293,7 +294,7 @@ class Redirector:
             return
         bridge_ix, mac = bridge
         self._maps["bridge_ports"][ctypes.c_uint32(ifindex)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
-        self._maps["ifaces"][ctypes.c_uint32(bridge_ix)] = ctypes.c_uint32(IF_POD)
+        self._maps["ifaces"][ctypes.c_uint32(bridge_ix)] = ctypes.c_uint32(IF_BRIDGE)
         self._attach(bridge_ix, POD_PROG)
 
     def _ifname(self, ifindex: int) -> str:
@@ -446,7 +447,7 @@ class Redirector:
         for ix in list(roles):
             if (bridge := self._bridge_of(ix)) is not None:
                 ports[ix] = bridge[1]
-                roles[bridge[0]] = IF_POD
+                roles[bridge[0]] = IF_BRIDGE
         bridge_ports = self._maps["bridge_ports"]
         for k in list(bridge_ports.keys()):
             if k.value not in ports:
