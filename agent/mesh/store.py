@@ -60,6 +60,7 @@ class MeshState:
     services: Mapping[str, Service] = field(default_factory=dict)  # by "ns/name"
     vips: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # VIP -> service keys
     hostnames: Mapping[str, str] = field(default_factory=dict)  # FQDN -> service key
+    services_in: Mapping[str, frozenset[str]] = field(default_factory=dict)  # namespace -> service keys
     endpoints: Mapping[str, Mapping[str, Endpoint]] = field(default_factory=dict)  # service key -> ip -> endpoint
     nodes: Mapping[str, Node] = field(default_factory=dict)
     objects: tuple[Mapping[str, Any], ...] = ()  # everything else (policies), for their own parsers
@@ -77,6 +78,18 @@ class MeshState:
         if not found:
             return None
         return next((s for s in found if s.namespace == client_namespace), found[0])
+
+    def service_serving(self, ip: str, port: int) -> Service | None:
+        """A Service whose endpoint ``ip`` serves target ``port`` (ztunnel's guess of the Service of an inbound
+        connection that did not name one); the first by name when several do."""
+        workload = self.by_ip(ip)
+        if workload is None:
+            return None
+        for key in sorted(self.services_in.get(workload.namespace, ())):
+            endpoint = self.endpoints.get(key, {}).get(ip)
+            if endpoint is not None and port in endpoint.ports.values():
+                return self.services[key]
+        return None
 
     def zone(self, node: str) -> str:
         known = self.nodes.get(node)
@@ -121,6 +134,7 @@ class MeshStore:
         self._services: CowMap[str, Service] = CowMap()
         self._vips: CowMap[str, tuple[str, ...]] = CowMap()
         self._hostnames: CowMap[str, str] = CowMap()
+        self._service_keys_in: CowMap[str, frozenset[str]] = CowMap(16)  # namespace -> its Services' keys
         self._endpoints: CowMap[str, Mapping[str, Endpoint]] = CowMap()  # each value is replaced, never changed
         self._nodes: CowMap[str, Node] = CowMap(8)
         # the store's own
@@ -362,15 +376,25 @@ class MeshStore:
             self._endpoints.pop(key, None)
         change.services.add(key)
         if svc is None:
+            self._publish_keys_in(namespace)
             return
         self._services[key] = svc
         self._services_in.setdefault(namespace, set()).add(name)
+        if old is None:
+            self._publish_keys_in(namespace)
         if svc.selector:
             self._selectors.add(namespace, name, [_anchor(svc.selector)])
         for vip in svc.vips:
             self._vips[vip] = (*self._vips.get(vip, ()), key)
         self._hostnames[svc.hostname] = key
         self._compute_endpoints(svc, change)
+
+    def _publish_keys_in(self, namespace: str) -> None:
+        names = self._services_in.get(namespace)
+        if names:
+            self._service_keys_in[namespace] = frozenset(f"{namespace}/{n}" for n in names)
+        else:
+            self._service_keys_in.pop(namespace)
 
     def _set_slice(self, key: str, eps: SliceEndpoints | None, change: Change) -> None:
         old = self._slices.pop(key, None)
@@ -414,7 +438,8 @@ class MeshStore:
         self.state = MeshState(
             namespaces=self._ns_labels.snapshot(), workloads=self._by_ip.snapshot(),
             by_uid=self._workloads.snapshot(), by_node=self._by_node.snapshot(), services=self._services.snapshot(),
-            vips=self._vips.snapshot(), hostnames=self._hostnames.snapshot(), endpoints=self._endpoints.snapshot(),
+            vips=self._vips.snapshot(), hostnames=self._hostnames.snapshot(),
+            services_in=self._service_keys_in.snapshot(), endpoints=self._endpoints.snapshot(),
             nodes=self._nodes.snapshot(),
             objects=tuple(self._others.values()) if change.objects else self.state.objects)
         for subscriber in self._subscribers:

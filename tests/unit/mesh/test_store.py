@@ -61,6 +61,7 @@ def plain(state: MeshState) -> dict[str, Any]:
         "services": dict(state.services),
         "vips": {vip: sorted(keys) for vip, keys in state.vips.items()},
         "hostnames": dict(state.hostnames),
+        "services_in": dict(state.services_in),
         "endpoints": {k: {ip: (e, dict(e.ports)) for ip, e in eps.items()} for k, eps in state.endpoints.items()},
         "nodes": dict(state.nodes),
         "objects": sorted(repr(o) for o in state.objects),
@@ -179,6 +180,7 @@ def test_service_indexes() -> None:
     assert state.vips == {"10.96.0.1": ("shop/web",), "fd00:96::1": ("shop/web",)}
     assert state.hostnames == {"web.shop.svc.cluster.local": "shop/web", "db.shop.svc.cluster.local": "shop/db"}
     assert state.services["shop/db"].vips == ()
+    assert state.services_in == {"shop": frozenset({"shop/web", "shop/db"})}
     web = state.service_at("fd00:96::1", 80)
     assert web is not None and web.key == "shop/web"
     assert state.service_at("10.96.0.1", 81) is None  # not a port of the Service
@@ -205,6 +207,9 @@ def test_target_ports_numeric_named_per_pod_and_default() -> None:
         "10.0.0.1": {80: 8080, 8443: 9443, 7000: 7000},
         "10.0.0.2": {80: 8081, 8443: 9443, 7000: 7000},
         "10.0.0.3": {8443: 9443, 7000: 7000}}  # an endpoint, but not for port 80
+    serving = store.state.service_serving("10.0.0.2", 8081)  # the Service an inbound connection reached
+    assert serving is not None and serving.key == "shop/web"
+    assert store.state.service_serving("10.0.0.3", 8080) is None and store.state.service_serving("10.9.9.9", 80) is None
     assert store.state.endpoints["shop/web"]["10.0.0.1"] == Endpoint("10.0.0.1", "node-a", {80: 8080, 8443: 9443,
                                                                                              7000: 7000})
 
@@ -380,7 +385,7 @@ def test_a_deleted_service_leaves_no_trace() -> None:
     assert seen.one().services == {"shop/web"}
     state = store.state
     assert (state.services, state.vips, state.hostnames, state.endpoints) == ({}, {}, {}, {})
-    assert state.service_at("10.96.0.1", 80) is None
+    assert state.services_in == {} and state.service_at("10.96.0.1", 80) is None
     assert set(state.workloads) == {"10.0.0.1"}  # the pod stays
     assert store.apply([pod("a", "shop", "10.0.0.1", labels={"app": "web", "v": "2"})]) == []  # nothing to refresh
     assert store.state.endpoints == {}
