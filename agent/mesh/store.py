@@ -56,7 +56,7 @@ class MeshState:
     namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # name -> labels
     workloads: Mapping[str, Workload] = field(default_factory=dict)  # by every pod IP
     by_uid: Mapping[str, Workload] = field(default_factory=dict)
-    by_node: Mapping[str, Mapping[str, Workload]] = field(default_factory=dict)  # node -> uid -> workload
+    by_node: Mapping[str, frozenset[str]] = field(default_factory=dict)  # node -> uids of its workloads
     services: Mapping[str, Service] = field(default_factory=dict)  # by "ns/name"
     vips: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # VIP -> service keys
     hostnames: Mapping[str, str] = field(default_factory=dict)  # FQDN -> service key
@@ -69,7 +69,7 @@ class MeshState:
         return self.workloads.get(ip)
 
     def on_node(self, node: str) -> list[Workload]:
-        return list(self.by_node.get(node, {}).values())
+        return [self.by_uid[uid] for uid in self.by_node.get(node, ())]
 
     def service_at(self, vip: str, port: int, client_namespace: str = "") -> Service | None:
         """The Service with ``vip``:``port`` (the client's namespace first when several share the VIP)."""
@@ -130,7 +130,7 @@ class MeshStore:
         self._ns_labels: CowMap[str, dict[str, str]] = CowMap(8)
         self._workloads: CowMap[str, Workload] = CowMap()  # uid -> workload
         self._by_ip: CowMap[str, Workload] = CowMap()
-        self._by_node: CowMap[str, Mapping[str, Workload]] = CowMap(16)  # each value is replaced, never changed
+        self._by_node: CowMap[str, frozenset[str]] = CowMap(16)
         self._services: CowMap[str, Service] = CowMap()
         self._vips: CowMap[str, tuple[str, ...]] = CowMap()
         self._hostnames: CowMap[str, str] = CowMap()
@@ -295,17 +295,17 @@ class MeshStore:
         self._refresh_selected(namespace, old, workload, change)
 
     def _place(self, old: Workload | None, new: Workload | None) -> None:
-        """Keep the index by node: each node's map is replaced, never changed (snapshots hold them)."""
-        for node in {w.node for w in (old, new) if w is not None}:
-            local = dict(self._by_node.get(node, {}))
-            if old is not None and old.node == node:
-                del local[old.uid]
-            if new is not None and new.node == node:
-                local[new.uid] = new
-            if local:
-                self._by_node[node] = local
+        """Keep the index by node (uids: a pod changing in place leaves it alone)."""
+        if old is not None and new is not None and (old.node, old.uid) == (new.node, new.uid):
+            return
+        if old is not None:
+            rest = self._by_node[old.node] - {old.uid}
+            if rest:
+                self._by_node[old.node] = rest
             else:
-                self._by_node.pop(node)
+                del self._by_node[old.node]
+        if new is not None:
+            self._by_node[new.node] = self._by_node.get(new.node, frozenset()) | {new.uid}
 
     def _claim(self, ip: str, uid: str, add: bool) -> None:
         claims = self._claims.setdefault(ip, set())

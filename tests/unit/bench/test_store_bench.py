@@ -47,6 +47,7 @@ def test_a_tiny_run_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "40 workloads (pods) in 2 namespaces on 2 nodes, 8 Services, 40 endpoints" in out
     for row in (*KINDS, "whole rebuild (build_state)", "traffic alone", "deltas, one event per apply",
-                "deltas, batched every 50 ms", "whole rebuilds, batched every 50 ms"):
+                "deltas, batched every 50 ms", "deltas, batched every 50 ms, 4 per apply",
+                "whole rebuilds, batched every 50 ms"):
         assert f"   {row} " in out, row
-    assert out.count("target: ") == 4 and "garbage collector: a full collection" in out
+    assert out.count("target: ") == 5 and "garbage collector: a full collection" in out

@@ -57,7 +57,7 @@ def plain(state: MeshState) -> dict[str, Any]:
         "namespaces": {k: dict(v) for k, v in state.namespaces.items()},
         "workloads": {ip: (w, dict(w.labels), dict(w.ports)) for ip, w in state.workloads.items()},
         "by_uid": dict(state.by_uid),
-        "by_node": {node: dict(local) for node, local in state.by_node.items()},
+        "by_node": dict(state.by_node),
         "services": dict(state.services),
         "vips": {vip: sorted(keys) for vip, keys in state.vips.items()},
         "hostnames": dict(state.hostnames),
