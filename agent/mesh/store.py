@@ -376,25 +376,22 @@ class MeshStore:
             self._endpoints.pop(key, None)
         change.services.add(key)
         if svc is None:
-            self._publish_keys_in(namespace)
+            keys = self._service_keys_in[namespace] - {key}
+            if keys:
+                self._service_keys_in[namespace] = keys
+            else:
+                del self._service_keys_in[namespace]
             return
         self._services[key] = svc
         self._services_in.setdefault(namespace, set()).add(name)
         if old is None:
-            self._publish_keys_in(namespace)
+            self._service_keys_in[namespace] = self._service_keys_in.get(namespace, frozenset()) | {key}
         if svc.selector:
             self._selectors.add(namespace, name, [_anchor(svc.selector)])
         for vip in svc.vips:
             self._vips[vip] = (*self._vips.get(vip, ()), key)
         self._hostnames[svc.hostname] = key
         self._compute_endpoints(svc, change)
-
-    def _publish_keys_in(self, namespace: str) -> None:
-        names = self._services_in.get(namespace)
-        if names:
-            self._service_keys_in[namespace] = frozenset(f"{namespace}/{n}" for n in names)
-        else:
-            self._service_keys_in.pop(namespace)
 
     def _set_slice(self, key: str, eps: SliceEndpoints | None, change: Change) -> None:
         old = self._slices.pop(key, None)
