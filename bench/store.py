@@ -296,6 +296,29 @@ class Timings:
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    gc_ms: list[float] = field(default_factory=list)  # the garbage collections that fell inside the calls
+
+
+class GcPauses:
+    """Times every garbage collection while in use (the collector stops the loop too: state churn makes
+    garbage, and a bigger heap makes each full collection longer)."""
+
+    def __init__(self, into: list[tuple[int, float]]) -> None:
+        self.into = into
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.into.append((info["generation"], (time.perf_counter() - self._started) * 1000))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        gc.callbacks.remove(self)
 
 
 def time_events(cluster: Cluster, store: MeshStore, rounds: int) -> dict[str, Timings]:
@@ -304,16 +327,20 @@ def time_events(cluster: Cluster, store: MeshStore, rounds: int) -> dict[str, Ti
     store.subscribe(counter)
     clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     times = {kind: Timings() for kind in KINDS}
-    for _ in range(rounds):
-        for kind, make in KINDS.items():
-            upserts, deletes = make(cluster)
-            t0, c0 = clock(), cpu_clock()
-            errors = store.apply(upserts, deletes)
-            c1, t1 = cpu_clock(), clock()
-            times[kind].wall.append((t1 - t0) / 1000)
-            times[kind].cpu.append((c1 - c0) / 1000)
-            if errors:
-                raise SystemExit(f"{kind}: {errors[0]}")
+    collections: list[tuple[int, float]] = []
+    with GcPauses(collections):
+        for _ in range(rounds):
+            for kind, make in KINDS.items():
+                upserts, deletes = make(cluster)
+                seen = len(collections)
+                t0, c0 = clock(), cpu_clock()
+                errors = store.apply(upserts, deletes)
+                c1, t1 = cpu_clock(), clock()
+                times[kind].wall.append((t1 - t0) / 1000)
+                times[kind].cpu.append((c1 - c0) / 1000)
+                times[kind].gc_ms.extend(ms for _, ms in collections[seen:])
+                if errors:
+                    raise SystemExit(f"{kind}: {errors[0]}")
     if counter.changes != rounds * len(KINDS):
         raise SystemExit(f"{rounds * len(KINDS) - counter.changes} events changed nothing: the benchmark is wrong")
     return times
@@ -340,28 +367,6 @@ class StallRun:
     gc_ms: list[tuple[int, float]] = field(default_factory=list)  # (generation, pause) of every collection
     events: int = 0
     background: Background = field(default_factory=Background)
-
-
-class GcPauses:
-    """Times every garbage collection while in use (the collector stops the loop too: state churn makes
-    garbage, and a bigger heap makes each full collection longer)."""
-
-    def __init__(self, into: list[tuple[int, float]]) -> None:
-        self.into = into
-        self._started = 0.0
-
-    def __call__(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.into.append((info["generation"], (time.perf_counter() - self._started) * 1000))
-
-    def __enter__(self) -> GcPauses:
-        gc.callbacks.append(self)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        gc.callbacks.remove(self)
 
 
 Applier = Callable[[list[Event]], None]
@@ -524,12 +529,14 @@ def report(state: MeshState, objects: int, times: dict[str, Timings], rebuilds: 
     rebuild = percentiles(rebuilds.wall)
     print(f"\n1. one event per store.apply(), microseconds (others used {background.other:.0%} of the CPUs, "
           f"steal {background.steal:.0%}); cpu: this thread's CPU time in the call")
-    print(f"   {'event':28s} {'n':>6s} {'p50':>9s} {'p99':>9s} {'max':>9s} {'cpu p50':>9s} {'cpu p99':>9s}   "
-          f"p99 vs whole rebuild")
+    print(f"   {'event':28s} {'n':>6s} {'p50':>9s} {'p99':>9s} {'max':>9s} {'cpu p50':>9s} {'cpu p99':>9s} "
+          f"{'gc: n, max ms':>14s}   p99 vs whole rebuild")
     for kind, samples in [*times.items(), ("whole rebuild (build_state)", rebuilds)]:
         p, c = percentiles(samples.wall), percentiles(samples.cpu)
+        collected = f"{len(samples.gc_ms)}, {max(samples.gc_ms, default=0):.2f}" if samples is not rebuilds else ""
         print(f"   {kind:28s} {len(samples.wall):6d} {p['p50']:9.0f} {p['p99']:9.0f} {p['max']:9.0f} {c['p50']:9.0f} "
-              f"{c['p99']:9.0f}   " + (_times(rebuild["p50"] / p["p99"]) if samples is not rebuilds else ""))
+              f"{c['p99']:9.0f} {collected:>14s}   "
+              + (_times(rebuild["p50"] / p["p99"]) if samples is not rebuilds else ""))
     for name, kinds, target in (("pod", POD_KINDS, POD_TARGET_US),
                                 ("service", [k for k in KINDS if k not in POD_KINDS], SERVICE_TARGET_US)):
         wall = max(percentiles(times[k].wall)["p99"] for k in kinds)
