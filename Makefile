@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	sed -i 's/\b_Mapping\]/_Mapping[str, object]]/g' $(<:.proto=_pb2.pyi)
 
 demo: setup
-	$(PY) -m agent.demo
+	$(PY) -m agent.cli.demo
 
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 unit: setup
 	$(PY) -m pytest -q

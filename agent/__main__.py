@@ -16,7 +16,7 @@ from pathlib import Path
 import uvloop
 
 from agent.node import AgentConfig, NodeAgent
-from agent.telemetry import TelemetryConfig
+from agent.telemetry.hub import TelemetryConfig
 from hbone.memory import keep_buffers_on_heap
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from agent.netns import netns_argv
+from agent.capture.netns import netns_argv
 from bench import procs
 from bench.paths import Addr, BenchPath, Place, Running
 from bench.procs import Child, ChildError, cpu_seconds, parse_hostport, pid_alive, python_env, spawn

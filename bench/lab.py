@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.capture.netns import entered
+from agent.capture.netns import run as netns_run
 from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
 from agent.lab.state import edit
-from agent.netns import entered
-from agent.netns import run as netns_run
 from bench.envoy import envoy_hbone_client, envoy_hbone_server, find_envoy
 from bench.paths import Addr, MeshCerts, Place, Running, authority
 

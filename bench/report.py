@@ -41,7 +41,7 @@ LOOPBACK_SET = SetInfo("results", "Latest run", "all processes in one network na
 LAB_SET = SetInfo("lab-results", "Latest lab run",
                   "`ambit lab`: 2 nodes (network namespaces on a bridge), the node agents running; senders and "
                   "receivers in pod namespaces, one pod on each node",
-                  ("hbone/*.py", "agent/proxy/*.py", "agent/redirect/*.py", "bpf/*"), targets=True)
+                  ("hbone/*.py", "agent/proxy/*.py", "agent/capture/*.py", "bpf/*"), targets=True)
 
 # The issue's targets for the lab path: Ambit at least half of Envoy's throughput, at most twice its added p99.
 TARGET_THROUGHPUT = 0.5

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self, TypeVar
 
-from agent import netns
+from agent.capture import netns
 from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab import state as lab_state

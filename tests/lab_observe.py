@@ -36,12 +36,12 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import netns
-from agent.flows import observer_pb2 as pb
-from agent.flows import observer_pb2_grpc as pb_grpc
+from agent.capture import netns
 from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabInfo, LabPaths, PodInfo
+from agent.telemetry import observer_pb2 as pb
+from agent.telemetry import observer_pb2_grpc as pb_grpc
 from tests import lab_helpers as h
 
 PROJECT = Path(__file__).resolve().parent.parent

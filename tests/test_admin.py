@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.admin import REDACTED, AdminServer, scrub
-from agent.flows.model import Endpoint
-from agent.flows.recorder import FlowRecorder
-from agent.metrics import Metrics
+from agent.telemetry.admin import REDACTED, AdminServer, scrub
+from agent.telemetry.metrics import Metrics
+from agent.telemetry.model import Endpoint
+from agent.telemetry.recorder import FlowRecorder
 
 KEY_PEM = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n"
 LOCAL = ("127.0.0.1", 0)

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from agent import netns
+from agent.capture import netns
 from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabInfo, LabPaths, NodeInfo, PodInfo

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import netns
+from agent.capture import netns
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabPaths
 from bench.__main__ import parse_sets

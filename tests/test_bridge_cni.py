@@ -27,11 +27,10 @@ from typing import Any
 
 import pytest
 
-from agent import netns
+from agent.capture import Redirector, host_ifname_for, netns
+from agent.capture.links import _fdb_port_hint, _Rtnl
 from agent.lab import Lab, Node, Pod, topology
-from agent.redirect import Redirector, host_ifname_for
-from agent.redirect.manager import _fdb_port_hint, _Rtnl
-from agent.redirect.probe import EchoServer, TransparentRelay, exchange
+from bench.capture_probe import EchoServer, TransparentRelay, exchange
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),

@@ -16,7 +16,7 @@ from agent.ca.auth import (
     NodeTokenFile,
     PodStateFile,
 )
-from agent.objectfile import SourceError
+from agent.sources.objectfile import SourceError
 from tests.conftest import spiffe
 from tests.test_ca_lab import PODS, pod, rewrite, write_pods
 

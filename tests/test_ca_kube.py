@@ -25,12 +25,13 @@ from cryptography import x509
 
 from agent.ca import __main__ as ca_main
 from agent.ca.auth import AuthenticationError, NodeAuthorizer
-from agent.ca.authority import CertificateAuthority, make_csr, new_key
-from agent.ca.client import CaClient, CaRequestError
+from agent.ca.authority import CertificateAuthority
 from agent.ca.kube import KubePodDirectory, ServiceAccountRef, TokenReviewAuthenticator, placement
 from agent.ca.service import CaServer
+from agent.identity.ca_client import CaClient, CaRequestError
+from agent.identity.keys import make_csr, new_key
 from agent.kube import Backoff, Connection, connect
-from agent.objectfile import SourceError
+from agent.sources.objectfile import SourceError
 from hbone.identity import SpiffeId, TrustBundle, identity_of
 from tests.kube_fake import FakeApiServer, eventually, pod
 from tests.test_ca_kube_fake import TokenReviews

@@ -24,11 +24,11 @@ import grpc.aio
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.ca import ca_pb2, ca_pb2_grpc
 from agent.ca.auth import NodeAuthorizer, NodeTokenFile, PodStateFile
 from agent.ca.authority import CertificateAuthority
-from agent.ca.client import CA_SERVER_NAME, CaClient
 from agent.ca.service import CaServer
+from agent.identity import ca_pb2, ca_pb2_grpc
+from agent.identity.ca_client import CA_SERVER_NAME, CaClient
 from hbone.identity import SpiffeId, TrustBundle
 
 TOKENS = {"token-of-node-a": "node-a", "token-of-node-b": "node-b"}

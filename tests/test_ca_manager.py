@@ -17,8 +17,8 @@ import pytest
 from cryptography import x509
 
 from agent.ca.authority import DEFAULT_TTL, CertificateAuthority
-from agent.ca.client import CaClient, CaRequestError
-from agent.ca.manager import Backoff, CertificateManager, CertificateUnavailable, verify_chain
+from agent.identity.ca_client import CaClient, CaRequestError
+from agent.identity.manager import Backoff, CertificateManager, CertificateUnavailable, verify_chain
 from hbone.identity import (
     IdentityError,
     SpiffeId,

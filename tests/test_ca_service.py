@@ -17,10 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf import struct_pb2
 
-from agent.ca import ca_pb2
-from agent.ca.authority import DEFAULT_TTL, MAX_TTL, CertificateAuthority, key_pem, make_csr, new_key
-from agent.ca.client import CA_SERVER_NAME, CaClient, CaRequestError
+from agent.ca.authority import DEFAULT_TTL, MAX_TTL, CertificateAuthority
 from agent.ca.service import ServingCertificate, ca_identity
+from agent.identity import ca_pb2
+from agent.identity.ca_client import CA_SERVER_NAME, CaClient, CaRequestError
+from agent.identity.keys import key_pem, make_csr, new_key
 from hbone.identity import SpiffeId, WorkloadCertificate, identity_of
 from tests.test_ca_lab import PODS, TOKENS, Lab, ManualTime, csr_with_key, pod, rewrite, running_ca, write_pods
 

@@ -26,11 +26,11 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions  # type: ignore[import-untyped]
 
-from agent.admin import METRICS_ADDRESS, READY_ADDRESS
-from agent.ca.client import CA_NAMESPACE, CA_SERVER_NAME, CA_SERVICE_ACCOUNT
 from agent.ca.kube import AGENT_SERVICE_ACCOUNT, CA_AUDIENCE
+from agent.identity.ca_client import CA_NAMESPACE, CA_SERVER_NAME, CA_SERVICE_ACCOUNT
 from agent.kube.informer import AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS, RESOURCES
 from agent.policy import Peer, PolicyEngine, Target
+from agent.telemetry.admin import METRICS_ADDRESS, READY_ADDRESS
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMONSET = REPO / "daemonset"

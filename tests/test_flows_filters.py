@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from agent.flows import observer_pb2 as pb
-from agent.flows.filters import FilterError, build, build_request
-from agent.flows.model import Direction, Endpoint, EventType, Flow, Reporter, Verdict
+from agent.telemetry import observer_pb2 as pb
+from agent.telemetry.filters import FilterError, build, build_request
+from agent.telemetry.model import Direction, Endpoint, EventType, Flow, Reporter, Verdict
 
 WEB = Endpoint("10.1.0.5", 8080, "spiffe://cluster.local/ns/shop/sa/web", "shop", "web-7d9f-abc",
                {"app": "web", "tier": "front"})

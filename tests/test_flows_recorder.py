@@ -6,8 +6,14 @@ import enum
 
 import pytest
 
-from agent.flows import observer_pb2 as pb
-from agent.flows.model import (
+from agent.capture.maps import EventType as KEvent
+from agent.capture.maps import FlowEvent, Hook, Reason
+from agent.capture.maps import Verdict as KVerdict
+from agent.node.kernel_events import kernel_event
+from agent.telemetry import observer_pb2 as pb
+from agent.telemetry.kernel import KernelEvent
+from agent.telemetry.metrics import Metrics
+from agent.telemetry.model import (
     Direction,
     Endpoint,
     EventType,
@@ -18,11 +24,7 @@ from agent.flows.model import (
     Verdict,
     flag_names,
 )
-from agent.flows.recorder import FlowRecorder, drop_code, response_flags_for
-from agent.metrics import Metrics
-from agent.redirect.maps import EventType as KEvent
-from agent.redirect.maps import FlowEvent, Hook, Reason
-from agent.redirect.maps import Verdict as KVerdict
+from agent.telemetry.recorder import FlowRecorder, drop_code, response_flags_for
 
 SRC = Endpoint("10.1.0.7", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-1", {"app": "client"})
 DST = Endpoint("10.2.0.9", 5432, "spiffe://cluster.local/ns/data/sa/db", "data", "db-0", {"app": "db"})
@@ -101,12 +103,12 @@ def test_bad_direction_is_refused(clock: Clock) -> None:
                               mtls=True)
 
 
-def kernel(**kw: object) -> FlowEvent:
+def kernel(**kw: object) -> KernelEvent:
     fields: dict[str, object] = dict(ts_ns=4_000_000_000, src="10.1.0.7", sport=41000, dst="10.2.0.9", dport=5432,
                                      ifindex=7, type=KEvent.SYN, tcp_flags=0x02, hook=Hook.POD,
                                      verdict=KVerdict.REDIRECTED, listener_port=15001, reason=Reason.NONE)
     fields.update(kw)
-    return FlowEvent(**fields)  # type: ignore[arg-type]
+    return kernel_event(FlowEvent(**fields))  # type: ignore[arg-type]
 
 
 def test_kernel_events(clock: Clock) -> None:

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from agent.flows.model import Direction, Endpoint, EventType, Flow, LostEvent, LostSource, Reporter, Verdict
-from agent.flows.ring import FlowRing
+from agent.telemetry.model import Direction, Endpoint, EventType, Flow, LostEvent, LostSource, Reporter, Verdict
+from agent.telemetry.ring import FlowRing
 
 
 def flow(i: int, port: int = 80) -> Flow:

@@ -12,11 +12,11 @@ import grpc
 import grpc.aio
 import pytest
 
-from agent.flows import observer_pb2 as pb
-from agent.flows import observer_pb2_grpc as pb_grpc
-from agent.flows.model import Endpoint, timestamp
-from agent.flows.recorder import FlowRecorder
-from agent.flows.server import ObserverServer
+from agent.telemetry import observer_pb2 as pb
+from agent.telemetry import observer_pb2_grpc as pb_grpc
+from agent.telemetry.model import Endpoint, timestamp
+from agent.telemetry.observer import ObserverServer
+from agent.telemetry.recorder import FlowRecorder
 
 A = Endpoint("10.1.0.7", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-1", {"app": "client"})
 B = Endpoint("10.2.0.9", 5432, "spiffe://cluster.local/ns/data/sa/db", "data", "db-0", {"app": "db"})

@@ -1,4 +1,4 @@
-"""KubeSource: the API-server fake -> real client (kubernetes_asyncio) -> informers -> the agent's WorkloadStore."""
+"""KubeSource: the API-server fake -> real client (kubernetes_asyncio) -> informers -> the agent's MeshStore."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.kube import AUTHORIZATION_POLICIES, PODS, Backoff, KubeConfigError, KubeSource
-from agent.state import ClusterState, WorkloadStore
+from agent.mesh.store import Change, MeshState, MeshStore
 from tests.kube_fake import (
     FakeApiServer,
     authorization_policy,
@@ -44,17 +44,17 @@ async def running(source: KubeSource, *, sync: bool = True) -> AsyncIterator[Kub
         await asyncio.wait_for(task, 2)  # close() makes run() return
 
 
-async def make_source(server: FakeApiServer, tmp_path: Path, store: WorkloadStore, **options: Any) -> KubeSource:
+async def make_source(server: FakeApiServer, tmp_path: Path, store: MeshStore, **options: Any) -> KubeSource:
     options = {"backoff": FAST, "debounce": 0.02, **options}
     return await KubeSource.from_config(server.write_kubeconfig(tmp_path / "kubeconfig"), store, **options)
 
 
-def workloads(state: ClusterState) -> dict[str, tuple[str, bool]]:
+def workloads(state: MeshState) -> dict[str, tuple[str, bool]]:
     """IP -> (namespace/name, enrolled)."""
     return {ip: (w.key, w.enrolled) for ip, w in state.workloads.items()}
 
 
-def kinds(state: ClusterState) -> dict[str, set[str]]:
+def kinds(state: MeshState) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for obj in state.objects:
         out.setdefault(obj["kind"], set()).add(obj["metadata"]["name"])
@@ -83,7 +83,7 @@ def populate(server: FakeApiServer) -> None:
 
 async def test_initial_list_fills_the_store_with_enrollment(server: FakeApiServer, tmp_path: Path) -> None:
     populate(server)
-    store = WorkloadStore()
+    store = MeshStore()
     async with running(await make_source(server, tmp_path, store)) as source:
         state = store.state
         assert state.namespaces == {"mesh": AMBIENT, "plain": {}}
@@ -91,18 +91,20 @@ async def test_initial_list_fills_the_store_with_enrollment(server: FakeApiServe
             "10.0.0.1": ("mesh/a", True), "10.0.0.2": ("mesh/opt-out", False),
             "10.0.1.1": ("plain/b", False), "10.0.1.2": ("plain/c", True)}
         assert state.workloads["10.0.0.1"].service_account == "sa-a"
-        assert kinds(state) == {"Service": {"web"}, "EndpointSlice": {"web-x1"},
-                                "AuthorizationPolicy": {"allow-a"}, "PeerAuthentication": {"strict"}}
+        assert kinds(state) == {"AuthorizationPolicy": {"allow-a"}, "PeerAuthentication": {"strict"}}
+        web = state.services["mesh/web"]  # selected pods are its endpoints; the slice serves selector-less ones
+        assert (web.vips, [p.port for p in web.ports]) == (("10.96.0.10",), [80])
+        assert dict(state.endpoints["mesh/web"]) == {}  # no pod is labelled app=web
         policy = next(o for o in state.objects if o["kind"] == "AuthorizationPolicy")
         assert policy["apiVersion"] == "security.istio.io/v1" and policy["spec"]["action"] == "ALLOW"
-        assert source.rebuilds == 1  # one rebuild for the whole initial list
+        assert source.updates == 1  # one store update for the whole initial list
 
 
 async def test_watch_events_reach_the_store_promptly(server: FakeApiServer, tmp_path: Path) -> None:
     populate(server)
-    store = WorkloadStore()
-    changes: list[tuple[ClusterState, ClusterState]] = []
-    store.subscribe(lambda old, new: changes.append((old, new)))
+    store = MeshStore()
+    changes: list[Change] = []
+    store.subscribe(lambda _state, change: changes.append(change))
     async with running(await make_source(server, tmp_path, store)):
         await all_watching(server)
         server.create(pod("new", "mesh", ip="10.0.0.3"))
@@ -116,12 +118,12 @@ async def test_watch_events_reach_the_store_promptly(server: FakeApiServer, tmp_
                          "the deletion and the started pod", within=1)
         server.delete("AuthorizationPolicy", "allow-a", "mesh")
         await eventually(lambda: "AuthorizationPolicy" not in kinds(store.state), "the policy deleted", within=1)
-    assert all(old is not new for old, new in changes)
+    assert changes and all(changes)  # subscribers hear only of real changes
 
 
 async def test_gone_relist_converges_including_deletions_in_the_gap(server: FakeApiServer, tmp_path: Path) -> None:
     populate(server)
-    store = WorkloadStore()
+    store = MeshStore()
     async with running(await make_source(server, tmp_path, store)) as source:
         await all_watching(server)
         server.drop_watches()  # nothing awaits until compact(): the client can only learn of this by relisting
@@ -139,7 +141,7 @@ async def test_gone_relist_converges_including_deletions_in_the_gap(server: Fake
 
 async def test_api_server_outage_reconnects_and_converges(server: FakeApiServer, tmp_path: Path) -> None:
     populate(server)
-    store = WorkloadStore()
+    store = MeshStore()
     async with running(await make_source(server, tmp_path, store)) as source:
         await all_watching(server)
         for kind in server.resources:
@@ -154,11 +156,11 @@ async def test_api_server_outage_reconnects_and_converges(server: FakeApiServer,
         assert all(i.lists == 1 and i.failures == 0 for i in source.informers.values() if i.resource == PODS)
 
 
-async def test_resync_rebuilds_from_the_cache_without_listing(server: FakeApiServer, tmp_path: Path) -> None:
+async def test_resync_replays_the_cache_without_listing(server: FakeApiServer, tmp_path: Path) -> None:
     populate(server)
-    store = WorkloadStore()
+    store = MeshStore()
     async with running(await make_source(server, tmp_path, store, resync=0.1)) as source:
-        await eventually(lambda: source.rebuilds >= 3, "rebuilds from resyncs")
+        await eventually(lambda: source.updates >= 3, "updates from resyncs")
         assert len([r for r in server.requests if not r.watch]) == 6  # one list per resource, no polling
         assert workloads(store.state)["10.0.0.1"] == ("mesh/a", True)
 
@@ -169,7 +171,7 @@ async def test_missing_crds_do_not_block_pods_and_namespaces(
     server.set_missing("PeerAuthentication")
     server.create(namespace("mesh", AMBIENT))
     server.create(pod("a", "mesh", ip="10.0.0.1"))
-    store = WorkloadStore()
+    store = MeshStore()
     async with running(await make_source(server, tmp_path, store)) as source:
         assert workloads(store.state) == {"10.0.0.1": ("mesh/a", True)}
         assert source.informers[AUTHORIZATION_POLICIES].missing
@@ -182,34 +184,34 @@ async def test_missing_crds_do_not_block_pods_and_namespaces(
         await eventually(lambda: kinds(store.state).get("AuthorizationPolicy") == {"deny"}, "the policy", within=3)
 
 
-async def test_a_burst_of_events_costs_few_rebuilds(server: FakeApiServer, tmp_path: Path) -> None:
+async def test_a_burst_of_events_costs_few_store_updates(server: FakeApiServer, tmp_path: Path) -> None:
     server.create(namespace("mesh", AMBIENT))
-    store = WorkloadStore()
+    store = MeshStore()
     async with running(await make_source(server, tmp_path, store, debounce=0.05)) as source:
         await all_watching(server)
-        before = source.rebuilds
+        before = source.updates
         for i in range(100):
             server.create(pod(f"p{i}", "mesh", ip=f"10.1.{i // 250}.{i % 250 + 1}"))
         await eventually(lambda: len(store.state.workloads) == 100, "100 pods", within=2)
-        await asyncio.sleep(0.1)  # any trailing rebuild
-        assert 1 <= source.rebuilds - before <= 3
+        await asyncio.sleep(0.1)  # any trailing update
+        assert 1 <= source.updates - before <= 3
 
 
 async def test_updates_that_change_nothing_the_store_holds_do_not_reach_it(
         server: FakeApiServer, tmp_path: Path) -> None:
     populate(server)
-    store = WorkloadStore()
-    changes: list[ClusterState] = []
-    store.subscribe(lambda old, new: changes.append(new))
+    store = MeshStore()
+    changes: list[MeshState] = []
+    store.subscribe(lambda state, _change: changes.append(state))
     async with running(await make_source(server, tmp_path, store)) as source:
         await all_watching(server)
-        rebuilds, replacements = source.rebuilds, source.replacements
+        updates = source.updates
         changes.clear()  # the initial state
         ready = pod("a", "mesh", ip="10.0.0.1", service_account="sa-a")
         ready["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
         server.update(ready)  # a status heartbeat: nothing the workload store keeps
-        await eventually(lambda: source.rebuilds > rebuilds, "the rebuild")
-        assert (source.replacements, changes) == (replacements, [])
+        await eventually(lambda: source.updates > updates, "the update")
+        assert changes == []
         server.update(pod("a", "mesh", ip="10.0.0.1", service_account="sa-b"))
         await eventually(lambda: len(changes) == 1, "the identity change")
         assert changes[0].workloads["10.0.0.1"].service_account == "sa-b"
@@ -225,13 +227,13 @@ async def test_invalid_objects_are_named_and_skipped(
     old["metadata"]["creationTimestamp"] = "2024-01-01T00:00:00Z"
     server.create(old)
     server.create(pod("new", "mesh", ip="10.0.0.3"))  # same IP: the older pod's status is stale
-    store = WorkloadStore()
+    store = MeshStore()
     async with running(await make_source(server, tmp_path, store)):
         assert workloads(store.state) == {"10.0.0.1": ("mesh/good", True), "10.0.0.3": ("mesh/new", True)}
         assert set(store.state.namespaces) == {"mesh"}
         assert "skipping Pod mesh/bad-labels: metadata.labels must map strings to strings" in caplog.text
         assert "skipping Namespace bad-ns" in caplog.text
-        assert "skipping Pod mesh/old: status.podIP 10.0.0.3 is also Pod mesh/new's" in caplog.text
+        assert "pods mesh/new, mesh/old all claim 10.0.0.3; the newest holds it" in caplog.text
         await all_watching(server)
         server.delete("Pod", "new", "mesh")  # the stale one is the only claimant left
         await eventually(lambda: workloads(store.state).get("10.0.0.3") == ("mesh/old", True), "the older pod")
@@ -244,9 +246,9 @@ async def test_invalid_objects_are_named_and_skipped(
 async def test_store_is_untouched_until_every_informer_has_listed(server: FakeApiServer, tmp_path: Path) -> None:
     populate(server)
     server.fail("Namespace", 503, times=3, watch=False)
-    store = WorkloadStore()
-    states: list[ClusterState] = []
-    store.subscribe(lambda old, new: states.append(new))
+    store = MeshStore()
+    states: list[MeshState] = []
+    store.subscribe(lambda state, _change: states.append(state))
     async with running(await make_source(server, tmp_path, store), sync=False) as source:
         await eventually(source.informers[PODS].synced.is_set, "the pods listed")
         assert not source.synced.is_set() and states == []  # pods without namespaces would un-enroll them
@@ -256,7 +258,7 @@ async def test_store_is_untouched_until_every_informer_has_listed(server: FakeAp
 
 async def test_pod_field_selector_is_passed_to_the_server(server: FakeApiServer, tmp_path: Path) -> None:
     populate(server)
-    store = WorkloadStore()
+    store = MeshStore()
     source = await make_source(server, tmp_path, store, pod_field_selector="spec.nodeName=node-b")
     async with running(source):
         assert workloads(store.state) == {"10.0.1.1": ("plain/b", False)}
@@ -268,7 +270,7 @@ async def test_in_cluster_config_over_tls_with_the_service_account_token(tmp_pat
     async with FakeApiServer(tls=True, token="sa-token") as server:
         populate(server)
         environ = server.write_service_account(tmp_path / "serviceaccount")
-        store = WorkloadStore()
+        store = MeshStore()
         source = await KubeSource.from_config(None, store, service_account=tmp_path / "serviceaccount",
                                               environ=environ, backoff=FAST)
         assert source.connection.origin == "in-cluster"
@@ -280,7 +282,7 @@ async def test_in_cluster_config_over_tls_with_the_service_account_token(tmp_pat
 async def test_kubeconfig_with_a_ca_and_a_token(tmp_path: Path) -> None:
     async with FakeApiServer(tls=True, token="user-token") as server:
         populate(server)
-        store = WorkloadStore()
+        store = MeshStore()
         async with running(await make_source(server, tmp_path, store)):
             assert len(store.state.workloads) == 4
 
@@ -293,5 +295,5 @@ async def test_kubeconfig_with_a_ca_and_a_token(tmp_path: Path) -> None:
 async def test_unusable_config_is_reported(
         tmp_path: Path, kubeconfig: str | None, environ: Mapping[str, str], message: str) -> None:
     with pytest.raises(KubeConfigError, match=message):
-        await KubeSource.from_config(tmp_path / kubeconfig if kubeconfig else None, WorkloadStore(),
+        await KubeSource.from_config(tmp_path / kubeconfig if kubeconfig else None, MeshStore(),
                                      environ=environ, service_account=tmp_path / "no-serviceaccount")

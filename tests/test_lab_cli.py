@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import netns
 from agent.ca.auth import PodStateFile
+from agent.capture import netns
 from agent.lab import control, state
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabInfo, LabPaths
 from agent.lab.state import LabObjects, NotFound, StateError
 from agent.lab.topology import Lab, Node, Pod
-from agent.objectfile import kubernetes_objects
-from agent.state import AMBIENT, DATAPLANE_MODE, build_state, enrolled
+from agent.mesh.store import AMBIENT, DATAPLANE_MODE, build_state, enrolled
+from agent.sources.objectfile import kubernetes_objects
 from tests.conftest import needs_root
 from tests.lab_helpers import lab_processes
 
@@ -194,7 +194,7 @@ def test_edits_are_atomic_and_serialized(tmp_path: Path) -> None:
 
 
 def test_cli_rejects_bad_names_and_is_registered() -> None:
-    from agent.cli import COMMANDS
+    from agent.cli.main import COMMANDS
     from agent.lab.cli import main
 
     assert main(["--name", "Bad.Name", "status"]) == 1
@@ -287,8 +287,8 @@ def test_up_status_exec_down(lab_name: str) -> None:
     probe = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
-        "from agent.ca.authority import make_csr, new_key\n"
-        "from agent.ca.client import CaClient, CaRequestError\n"
+        "from agent.identity.keys import make_csr, new_key\n"
+        "from agent.identity.ca_client import CaClient, CaRequestError\n"
         "from hbone.identity import SpiffeId, TrustBundle\n"
         "async def main(address, bundle, token):\n"
         "    c = CaClient(address, TrustBundle('cluster.local', Path(bundle).read_bytes()), Path(token))\n"
@@ -418,7 +418,7 @@ def _prog_ids(ns: str) -> set[int]:
 
 
 def _prog_exists(prog_id: int) -> bool:
-    from agent.redirect import bpfsys
+    from agent.capture import bpfsys
 
     try:
         os.close(bpfsys.prog_get_fd_by_id(prog_id))

@@ -7,9 +7,9 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.flows.model import Endpoint
-from agent.flows.recorder import FlowRecorder
-from agent.metrics import TRAFFIC_LABELS, Metrics, canonical_revision, canonical_service, traffic_labels
+from agent.telemetry.metrics import TRAFFIC_LABELS, Metrics, canonical_revision, canonical_service, traffic_labels
+from agent.telemetry.model import Endpoint
+from agent.telemetry.recorder import FlowRecorder
 
 CLIENT = Endpoint("10.1.0.7", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-5f7c-x2",
                   {"app": "client", "version": "v2"}, workload="client")

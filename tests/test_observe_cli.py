@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import observe_cli
-from agent.flows import observer_pb2 as pb
-from agent.flows.model import (
+from agent.cli import observe as observe_cli
+from agent.telemetry import observer_pb2 as pb
+from agent.telemetry.model import (
     ACK,
     SYN,
     Direction,
@@ -29,9 +29,9 @@ from agent.flows.model import (
     Reporter,
     Verdict,
 )
-from agent.flows.printer import Printer
-from agent.flows.recorder import FlowRecorder
-from agent.flows.server import ObserverServer
+from agent.telemetry.observer import ObserverServer
+from agent.telemetry.printer import Printer
+from agent.telemetry.recorder import FlowRecorder
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("AMBIT_UPDATE_GOLDEN") == "1"

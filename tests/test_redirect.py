@@ -1,5 +1,5 @@
 """Capture end to end in a lab (2 nodes x 2 pods): real eBPF programs, a transparent relay standing in for
-the agent's proxies (agent.redirect.probe.TransparentRelay: accept, getsockname() = original destination,
+the agent's proxies (bench.capture_probe.TransparentRelay: accept, getsockname() = original destination,
 connect there bound to the client's IP with IP_TRANSPARENT, relay).
 
 Pods: A, B on node 0; C, D on node 1. Every pod runs an echo server on 8080 and 15008 that answers
@@ -22,9 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent import netns
-from agent.lab import Lab, Node, Pod
-from agent.redirect import (
+from agent.capture import (
     EventType,
     Hook,
     Listener,
@@ -32,10 +30,12 @@ from agent.redirect import (
     Redirector,
     Verdict,
     host_ifname_for,
+    netns,
 )
-from agent.redirect.attach import CLSACT_INGRESS, Backend
-from agent.redirect.manager import POD_PROG
-from agent.redirect.probe import EchoServer, TransparentRelay, exchange
+from agent.capture.attach import CLSACT_INGRESS, Backend
+from agent.capture.programs import POD_PROG
+from agent.lab import Lab, Node, Pod
+from bench.capture_probe import EchoServer, TransparentRelay, exchange
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, bcc)"),
@@ -88,7 +88,7 @@ def leftovers(lab: Lab, bpffs: str) -> list[str]:
             if "ambit" in out:
                 found.append(f"{node.netns}/{link['ifname']}: {out.strip()}")
             with netns.entered(node.netns):
-                from agent.redirect import bpfsys
+                from agent.capture import bpfsys
 
                 if bpfsys.tcx_query(link["ifindex"]):
                     found.append(f"{node.netns}/{link['ifname']}: tcx programs")
@@ -297,8 +297,8 @@ def test_fail_closed_without_listener_and_fail_open_setting(lab: Lab, agents: Ag
 AGENT_PROCESS = textwrap.dedent(
     """
     import signal, sys
-    from agent.redirect import Redirector
-    from agent.redirect.probe import TransparentRelay
+    from agent.capture import Redirector
+    from bench.capture_probe import TransparentRelay
     pod_ip, ifname, backend, bpffs = sys.argv[1:5]
     r = Redirector(["eth0"], backend=backend, bpffs=bpffs).start()
     r.enroll(pod_ip, ifname)

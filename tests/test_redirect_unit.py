@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.redirect import maps
-from agent.redirect.manager import BPF_DIR, RedirectError, compile_programs
+from agent.capture import maps
+from agent.capture.programs import BPF_DIR, RedirectError, compile_programs
 
 HEADER = (Path(BPF_DIR) / "redirect.h").read_text()
 

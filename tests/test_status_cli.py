@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from agent.state import build_state
-from agent.status_cli import explain, render_status
+from agent.cli.status import explain, render_status
+from agent.mesh.store import build_state
 
 
 def _pod(ns: str, name: str, ip: str, node: str, labels: dict[str, str] | None = None) -> dict[str, Any]:

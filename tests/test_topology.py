@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from agent import netns
+from agent.capture import netns
 from agent.lab import Lab, topology
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from agent.ca.auth import Authenticator, NodeAuthorizer, NodeTokenFile, PodDirectory, PodStateFile
 from agent.ca.authority import ROOT_CERT_FILE, CertificateAuthority
-from agent.ca.client import CA_SERVER_NAME
 from agent.ca.kube import (
     AGENT_SERVICE_ACCOUNT,
     CA_AUDIENCE,
@@ -39,6 +38,7 @@ from agent.ca.kube import (
     TokenReviewAuthenticator,
 )
 from agent.ca.service import CaServer
+from agent.identity.ca_client import CA_SERVER_NAME
 from agent.kube.client import KubeConfigError, connect
 
 log = logging.getLogger("ambit.ca")

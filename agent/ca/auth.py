@@ -27,7 +27,7 @@ from typing import Protocol, TypeVar
 
 import yaml
 
-from agent.objectfile import WatchedFile, kubernetes_objects
+from agent.sources.objectfile import WatchedFile, kubernetes_objects
 from hbone.identity import SpiffeId
 
 log = logging.getLogger("ambit.ca.auth")

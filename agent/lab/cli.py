@@ -30,8 +30,8 @@ from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths
-from agent.objectfile import kubernetes_objects
 from agent.policy import PolicyEngine
+from agent.sources.objectfile import kubernetes_objects
 
 KINDS = {"namespace": "Namespace", "namespaces": "Namespace", "ns": "Namespace",
          "pod": "Pod", "pods": "Pod", "po": "Pod"}

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from agent import netns
+from agent.capture import netns
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
 from agent.lab.state import ROOT_NAMESPACE, LabObjects, atomic_write, check_dns_label, namespace_object, pod_object

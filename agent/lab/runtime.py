@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import agent
-from agent import netns
+from agent.capture import netns
 from agent.lab.state import atomic_write
 
 LABS_ROOT = Path("/run/ambit/labs")

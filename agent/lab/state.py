@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from agent.objectfile import kubernetes_objects
-from agent.state import enrolled
+from agent.mesh.store import enrolled
+from agent.sources.objectfile import kubernetes_objects
 
 ROOT_NAMESPACE = "istio-system"  # Istio's root namespace: its policies apply mesh-wide
 CLUSTER_SCOPED = frozenset({"Namespace", "Node", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"})

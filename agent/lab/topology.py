@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
-from agent import netns
+from agent.capture import netns
 
 GATEWAY_IP = "169.254.1.1"
 HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import logging
 
+from agent.mesh.store import MeshState, MeshStore
 from agent.policy import Peer, PolicyEngine, Target
 from agent.proxy.context import Denial
-from agent.state import ClusterState, WorkloadStore
 from hbone.server import InboundRequest
 
 log = logging.getLogger(__name__)
 
 
 class Authorizer:
-    def __init__(self, store: WorkloadStore, root_namespace: str = "istio-system") -> None:
+    def __init__(self, store: MeshStore, root_namespace: str = "istio-system") -> None:
         self.store = store
         self.engine = PolicyEngine(root_namespace)
         self.update(store.state)
 
-    def update(self, state: ClusterState) -> None:
+    def update(self, state: MeshState) -> None:
         """Take the policies of a new state; invalid ones are reported and left out, the rest apply."""
         for error in self.engine.update(state.objects):
             log.error("policy rejected: %s", error)

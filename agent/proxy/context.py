@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.ca.manager import CertificateManager
-from agent.flows.recorder import FlowHandle
+from agent.identity.manager import CertificateManager
+from agent.mesh.store import MeshStore, Workload
 from agent.proxy.connections import ConnectionTable, Proxied
-from agent.state import Workload, WorkloadStore
-from agent.telemetry import Telemetry
+from agent.telemetry.hub import Telemetry
+from agent.telemetry.recorder import FlowHandle
 from hbone.pool import Pool
 from hbone.server import InboundRequest
 
@@ -32,7 +32,7 @@ def allow_all(_request: InboundRequest) -> Denial | None:
 class Mesh:
     node: str
     trust_domain: str
-    store: WorkloadStore
+    store: MeshStore
     certificates: CertificateManager
     pool: Pool
     local_addresses: frozenset[str]  # the node's own addresses: never spoofed towards

@@ -14,12 +14,12 @@ import asyncio
 import logging
 import socket
 
-from agent.ca.manager import CertificateUnavailable
+from agent.identity.manager import CertificateUnavailable
+from agent.mesh.store import Workload
 from agent.proxy.context import HBONE_PORT, Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
 from agent.proxy.sockets import addresses, close_with_reset, dial
 from agent.proxy.splice import Splice
-from agent.state import Workload
 from hbone.accept import Acceptor
 from hbone.client import HboneError, StreamFailed, request_headers
 from hbone.protocol import Authority

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 
-from agent.redirect import AGENT_MARK
+from agent.mesh.ports import AGENT_MARK
 from hbone.client import IP_TRANSPARENT
 from hbone.client import dial as hbone_dial
 from hbone.relay import linger_reset
