@@ -564,10 +564,7 @@ def _created(value: Any) -> float:
             return 0.0
     else:
         return 0.0
-    try:
-        return (when if when.tzinfo is not None else when.replace(tzinfo=datetime.UTC)).timestamp()
-    except (OverflowError, ValueError):  # an offset taking it out of datetime's years 1..9999
-        return 0.0
+    return (when if when.tzinfo is not None else when.replace(tzinfo=datetime.UTC)).timestamp()
 
 
 # -- AuthorizationPolicy --------------------------------------------------------------------------------
