@@ -287,6 +287,8 @@ def _render_items(items: Iterable[tuple[Any, Any]], budget: int) -> str:
 def _segment(key: Any) -> str:
     """A mapping key as a field path segment: short keys as they are, long or odd ones shown."""
     if isinstance(key, str):
+        if not key:
+            return '""'
         return key if len(key) <= _SEGMENT else key[:_SEGMENT - 3] + "..."
     if isinstance(key, int) and not isinstance(key, bool) and key.bit_length() <= _INT_BITS_SHOWN:
         return str(key)
