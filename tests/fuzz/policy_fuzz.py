@@ -12,9 +12,15 @@ collections, bad bytes) and given to the file readers (``kubernetes_objects``, t
 What must hold, whatever the input: no exception other than the reader's validation error (the policy
 engine returns ``PolicyError`` values and raises nothing; the mesh store returns ``ObjectError``; the YAML
 reader raises ``ObjectError``; the lab loader raises ``StateError``), and every error names the object and
-the field (or the document and position, for YAML). A seeded generator rather than Hypothesis or atheris:
-it is structure-aware by construction, reproducible from (seed, index), needs no dependency, and runs the
-20,000-input campaign of ``make test`` in seconds (see tests/fuzz/README.md for the measurements).
+the field (or the document and position, for YAML). Input ``i`` of seed ``s`` is the same on every run:
+``--seed s --start i --count 1`` replays it.
+
+A seeded generator of our own rather than Hypothesis or atheris: it is structure-aware by construction
+(mutations land in the fields the readers read), needs no dependency, and is fast enough for a campaign in
+``make test``. Measured on the policy engine alone (2 cores): Hypothesis with a comparable recursive
+strategy, 377 inputs/s; this generator, 4,600/s. atheris mutates bytes under coverage guidance and would need
+a custom mutator to reach the parser's fields. All four readers together: 20,000 inputs in 8 s; 300,000 in
+122 s of CPU, 0 findings.
 """
 
 from __future__ import annotations
@@ -267,7 +273,9 @@ def check_policy(objects: list[Any]) -> str:
     for peer in PEERS:
         for target in TARGETS:
             engine.evaluate(peer, target)
-    return "rejected" if errors else "accepted"
+    if errors:
+        return "rejected"
+    return "accepted" if engine.policies or engine.waypoint_policies else "ignored (no policy kind)"
 
 
 def check_mesh(objects: list[Any]) -> str:
@@ -326,11 +334,15 @@ class Report:
         return self.inputs / self.seconds if self.seconds else 0.0
 
 
-def inputs(seed: int, count: int, start: int = 0) -> Iterator[tuple[int, dict[str, Any], bytes | None]]:
-    """(index, object, YAML text or None): input ``i`` depends only on (seed, i)."""
+POLICY_SEEDS = [s for s in SEEDS if s["kind"] in ("AuthorizationPolicy", "PeerAuthentication")]
+
+
+def inputs(seed: int, count: int, start: int = 0,
+           seeds: list[dict[str, Any]] = SEEDS) -> Iterator[tuple[int, dict[str, Any], bytes | None]]:
+    """(index, object, YAML text or None): input ``i`` depends only on (seed, i) and the seeds."""
     for index in range(start, start + count):
         rng = random.Random(f"{seed}:{index}")
-        base = rng.choice(SEEDS)
+        base = rng.choice(seeds)
         obj = mutate(rng, copy.deepcopy(base))
         yield index, obj, yaml_text(rng, obj, base) if rng.random() < 0.2 else None
 
@@ -346,10 +358,11 @@ def run_one(target: str, value: Any) -> str:
         raise Finding(f"{type(e).__name__} at {Path(where.filename).name}:{where.lineno}: {str(e)[:200]}") from e
 
 
-def campaign(count: int, seed: int = 0, save: Path | None = None, start: int = 0) -> Report:
+def campaign(count: int, seed: int = 0, save: Path | None = None, start: int = 0,
+             seeds: list[dict[str, Any]] = SEEDS) -> Report:
     report = Report()
     began = time.perf_counter()
-    for index, obj, text in inputs(seed, count, start):
+    for index, obj, text in inputs(seed, count, start, seeds):
         work: list[tuple[str, Any]] = [("policy", [obj]), ("mesh", [obj])]
         if text is not None:
             work += [("yaml", text), ("lab", text)]
@@ -361,23 +374,24 @@ def campaign(count: int, seed: int = 0, save: Path | None = None, start: int = 0
                 if signature not in report.findings:
                     report.findings[signature] = (index, target, str(finding))
                     if save is not None:
-                        _save(save, seed, index, target, obj, text)
+                        _save(save, f"--seed {seed} --start {index} --count 1 --kinds "
+                                    f"{'policy' if seeds is POLICY_SEEDS else 'all'}", target, obj, text)
         report.inputs += 1
     report.seconds = time.perf_counter() - began
     return report
 
 
-def _save(directory: Path, seed: int, index: int, target: str, obj: Any, text: bytes | None) -> None:
+def _save(directory: Path, replay: str, target: str, obj: Any, text: bytes | None) -> None:
+    """A finding's input, as YAML when it can be written so (for the corpus), else how to replay it."""
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"{target}-{seed}-{index}"
+    name = f"{target}-" + "-".join(replay.split()[1::2])
     if text is not None and target in ("yaml", "lab"):
         (directory / f"{name}.yaml").write_bytes(text)
     else:
         try:
             (directory / f"{name}.yaml").write_text(yaml.safe_dump(obj, allow_unicode=True))
         except (yaml.YAMLError, ValueError, RecursionError, TypeError):
-            (directory / f"{name}.txt").write_text(f"python -m tests.fuzz.policy_fuzz --seed {seed} --start {index} "
-                                                   "--count 1\n")
+            (directory / f"{name}.txt").write_text(f"python -m tests.fuzz.policy_fuzz {replay}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,16 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", type=int, default=0, help="index of the first input (to replay one)")
     parser.add_argument("--save", type=Path, help="write each new finding's input to this directory")
+    parser.add_argument("--kinds", choices=("all", "policy"), default="all",
+                        help="start from objects of every kind, or only AuthorizationPolicy and PeerAuthentication")
     args = parser.parse_args(argv)
     logging.disable(logging.CRITICAL)  # the policy engine's notes on what it accepted
-    report = campaign(args.count, args.seed, args.save, args.start)
-    print(f"inputs: {report.inputs} malformed objects (seed {args.seed}), {report.seconds:.1f} s, "
-          f"{report.rate:.0f} objects/s")
+    report = campaign(args.count, args.seed, args.save, args.start, POLICY_SEEDS if args.kinds == "policy" else SEEDS)
+    print(f"inputs: {report.inputs} malformed objects (seed {args.seed}, kinds: {args.kinds}), "
+          f"{report.seconds:.1f} s, {report.rate:.0f} objects/s")
     for outcome, n in sorted(report.outcomes.items()):
         print(f"  {outcome}: {n}")
     print(f"findings: {len(report.findings)}")
-    for signature, (index, target, text) in report.findings.items():
-        print(f"  [{target}] input {index}: {text}\n      (signature {signature})")
+    for index, target, text in report.findings.values():
+        print(f"  [{target}] input {index}: {text}\n      (replay: --seed {args.seed} --start {index} --count 1 "
+              f"--kinds {args.kinds})")
     return 1 if report.findings else 0
 
 
