@@ -131,6 +131,7 @@ for _tag, _construct in (("bool", yaml.SafeLoader.construct_yaml_bool), ("int", 
                          ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
     _SafeConstructor.add_constructor(f"tag:yaml.org,2002:{_tag}", _guarded(_construct))
 
+
 class _PythonEvents(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
     """PyYAML's own scanner and parser, for a PyYAML built without libyaml."""
 
@@ -140,18 +141,23 @@ class _PythonEvents(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser
         yaml.parser.Parser.__init__(self)
 
 
-# The events: libyaml's scanner and parser when PyYAML has them (five times faster), else PyYAML's own.
-_Events: Any = yaml.CSafeLoader.__mro__[1] if yaml.__with_libyaml__ else _PythonEvents  # CParser
+def loader(events: Any) -> type[yaml.SafeLoader]:
+    """A safe loader taking its events from ``events`` (a parser class) under the bounded composer."""
+
+    class Loader(_BoundedComposer, events, _SafeConstructor, yaml.resolver.Resolver):  # type: ignore[misc]
+        def __init__(self, stream: bytes) -> None:
+            events.__init__(self, stream)
+            _SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+            _BoundedComposer.__init__(self)
+
+    return Loader
 
 
-class _Loader(_BoundedComposer, _Events, _SafeConstructor, yaml.resolver.Resolver):  # type: ignore[misc]
-    """A safe loader whose composer is bounded (see ``_BoundedComposer``)."""
-
-    def __init__(self, stream: bytes) -> None:
-        _Events.__init__(self, stream)
-        _SafeConstructor.__init__(self)
-        yaml.resolver.Resolver.__init__(self)
-        _BoundedComposer.__init__(self)
+# libyaml's scanner and parser (CParser) when PyYAML has them, five times faster; else PyYAML's own
+EVENT_SOURCES: list[Any] = [yaml.CSafeLoader.__mro__[1]] if yaml.__with_libyaml__ else []
+EVENT_SOURCES.append(_PythonEvents)
+_Loader = loader(EVENT_SOURCES[0])
 
 
 def kubernetes_objects(data: bytes) -> Iterator[Any]:
