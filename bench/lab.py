@@ -2,7 +2,7 @@
 
 The lab (``agent.lab.control.up``, a unique name per run, always removed again) has two nodes with two
 pods each and the node agents running. Pod 1 of each node is in namespace ``plain``, never enrolled; pod 2
-is in namespace ``mesh``, enrolled (``istio.io/dataplane-mode=ambient``) once the lab is up. So all three
+is in namespace ``mesh``, enrolled (``istio.io/dataplane-mode=ambient``) once the lab is up. So all the
 paths stay up for the whole run and their runs interleave, as on loopback:
 
 * ``direct``: ``plain`` pod on node 1 -> ``plain`` pod on node 2; routed by the nodes, no proxy (the agents

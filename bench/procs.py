@@ -249,11 +249,10 @@ class Memory:
         return Memory(max(self.rss, other.rss), max(self.pss, other.pss))
 
 
-def memory(pid: int) -> Memory:
-    """RSS and PSS of ``pid`` and its descendants, from /proc/<pid>/smaps_rollup (processes gone meanwhile
-    count as nothing). PSS sums correctly over processes that share pages; RSS counts shared pages in each."""
+def _rollup(pids: Sequence[int]) -> Memory:
+    """RSS and PSS summed over ``pids`` from /proc/<pid>/smaps_rollup (processes gone count as nothing)."""
     total = Memory()
-    for p in descendants(pid):
+    for p in pids:
         fields: dict[str, int] = {}
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]:
@@ -264,25 +263,33 @@ def memory(pid: int) -> Memory:
     return total
 
 
+def memory(pid: int) -> Memory:
+    """RSS and PSS of ``pid`` and its descendants. PSS sums correctly over processes that share pages; RSS
+    counts shared pages in each."""
+    return _rollup(descendants(pid))
+
+
 def memories(pids: dict[str, int]) -> dict[str, Memory]:
     """``memory`` of each process of a role -> pid map."""
     return {role: memory(pid) for role, pid in pids.items()}
 
 
 class MemoryPeak:
-    """The largest RSS and PSS of each process (role -> pid) while the ``with`` block runs, read every
-    ``interval`` s by a thread (reading smaps_rollup walks the process's page tables: ten times a second
-    costs it little)."""
+    """The largest RSS and PSS of each process (role -> pid, with the descendants it has on entry) while the
+    ``with`` block runs, read every ``interval`` s by a thread. A sample reads only those processes'
+    smaps_rollup (which walks their page tables: ten times a second costs them little); the scan of /proc
+    for descendants, which costs the sampler milliseconds, is done once."""
 
     def __init__(self, pids: dict[str, int], interval: float = 0.1) -> None:
         self.pids, self.interval = pids, interval
         self.peak: dict[str, Memory] = {}
+        self._trees: dict[str, list[int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
 
     def _sample(self) -> None:
-        for role, m in memories(self.pids).items():
-            self.peak[role] = self.peak.get(role, Memory()).peak(m)
+        for role, tree in self._trees.items():
+            self.peak[role] = self.peak.get(role, Memory()).peak(_rollup(tree))
 
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(self.interval):
@@ -290,6 +297,7 @@ class MemoryPeak:
 
     def __enter__(self) -> MemoryPeak:
         if self.pids:
+            self._trees = {role: descendants(pid) for role, pid in self.pids.items()}
             self._sample()
             self._thread.start()
         return self

@@ -416,9 +416,11 @@ def section(results: Sequence[PathResult], cfg: Config, command: str, info: dict
 
 _PREAMBLE = """# Ambit benchmarks
 
-`make bench` (or `python -m bench`) measures the same two workloads through three paths: direct TCP, an
-Ambit HBONE pair, and an Envoy HBONE pair with the same certificates; once on loopback and once between two
-nodes of an `ambit lab`. The generated sections below are rewritten by every run; text outside is kept.
+`make bench` (or `python -m bench`) measures bulk throughput, request/response latency and new connections
+per second, with the proxies' CPU and memory, through several paths: direct TCP, an Ambit HBONE pair, and
+an Envoy HBONE pair with the same certificates; once on loopback and once between two nodes of an
+`ambit lab`, where Ambit is also measured through a Service VIP. The generated sections below are
+rewritten by every run; text outside is kept.
 
 """
 
