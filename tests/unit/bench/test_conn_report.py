@@ -96,13 +96,20 @@ def test_ambit_against_envoy_and_the_client_check(tmp_path: Path) -> None:
         "Ambit / Envoy set-up p99: 2.00 (2000 us / 1000 us) sequential, 1.50 (60000 us / 40000 us) with 50 clients",
         "Ambit / Envoy PSS of both proxies: idle 0.75, under load 0.75",
         "Load client check: on `direct` the same client made 8000 connections/s with 50 clients using 0.80 of a "
-        "CPU (0.20 sequential); the proxied paths reached at most 22% of that rate, so the client is not what "
-        "limits them",
+        "CPU (0.20 sequential); the proxied paths reached at most 22% of that rate, their client using at most "
+        "0.80 of a CPU, so the client is not what limits them",
     ]
-    close = [_path("direct", (3000, 2000)), _path("envoy", (500, 1800), cpu_us=(600, 300))]
-    assert conn_ratios(close, _cfg(tmp_path))[-1].endswith(
-        "reached at most 90% of that rate, so the client may be part of what limits them: read their rates "
-        "with care")
+    # Close to direct's rate: not limited by the client only if it had CPU to spare on the proxied path.
+    spare = [_path("direct", (3000, 2000)), _path("envoy", (500, 1800), cpu_us=(600, 300))]
+    for conn in spare[1].conn:
+        conn.client_cpu = 0.3 * conn.seconds
+    assert conn_ratios(spare, _cfg(tmp_path))[-1].endswith(
+        "reached at most 90% of that rate, their client using at most 0.30 of a CPU, so the client is not what "
+        "limits them")
+    busy = [_path("direct", (3000, 2000)), _path("envoy", (500, 1800), cpu_us=(600, 300))]
+    assert conn_ratios(busy, _cfg(tmp_path))[-1].endswith(
+        "reached at most 90% of that rate, their client using at most 0.80 of a CPU, so the client may be part "
+        "of what limits them: read their rates with care")
 
 
 def test_issue_11_targets_met_and_not_met(tmp_path: Path) -> None:
