@@ -27,6 +27,7 @@ from pyroute2 import IPRoute
 from agent.capture import Listener, Redirector, host_ifname_for
 from agent.identity.ca_client import CaClient
 from agent.identity.manager import CertificateManager
+from agent.kube.lifecycle import daemonset_removed
 from agent.kube.source import KubeSource
 from agent.mesh.ports import Ports
 from agent.mesh.store import Change, MeshState, MeshStore, Workload
@@ -59,6 +60,7 @@ class AgentConfig:
     kubeconfig: Path | None = None  # with state None: a kubeconfig, or None for in-cluster config
     sync_timeout: float = 60.0
     telemetry: TelemetryConfig = TelemetryConfig()
+    daemonset: tuple[str, str] | None = None  # (namespace, name) of the agent's DaemonSet: gone = uninstall
 
 
 def node_addresses() -> frozenset[str]:
@@ -77,6 +79,7 @@ class NodeAgent:
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self._dirty = asyncio.Event()
         self._closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._kube: KubeSource | None = None
 
     async def _in_kernel_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._kernel, fn, *args)
@@ -91,6 +94,7 @@ class NodeAgent:
             self._spawn(source.watch())
             return
         kube = await KubeSource.from_config(cfg.kubeconfig, self.store)
+        self._kube = kube
         self._closers.append(kube.close)
         self._spawn(kube.run())
         async with asyncio.timeout(cfg.sync_timeout):
@@ -221,6 +225,16 @@ class NodeAgent:
     async def _prefetch(self, identity: SpiffeId) -> None:
         with contextlib.suppress(Exception):  # failures are logged by the manager, which keeps retrying
             await self.certificates.get(identity)
+
+    async def uninstalling(self) -> bool:
+        """Is Ambit being removed from the cluster (the agent's DaemonSet gone or being deleted)? Then the
+        agent should release the node on its way out; otherwise (an upgrade, a crash) it keeps it fail-closed."""
+        if self._kube is None or self.config.daemonset is None:
+            return False
+        removed = await daemonset_removed(self._kube.connection.api, *self.config.daemonset)
+        log.info("DaemonSet %s/%s %s", *self.config.daemonset,
+                 "is being deleted: releasing the node" if removed else "stays: keeping the node fail-closed")
+        return removed
 
     async def drain(self, seconds: float) -> int:
         """Accept no new connections (enrolled pods' new ones fail closed, as with the agent gone) and give
