@@ -40,7 +40,7 @@ from typing import Any, TextIO
 import grpc
 import grpc.aio
 
-from agent.lab.runtime import LABS_ROOT, LabPaths
+from agent.lab.runtime import LABS_ROOT, LabPaths, lab_name, present_labs
 from agent.telemetry import observer_pb2 as pb
 from agent.telemetry import observer_pb2_grpc as pb_grpc
 from agent.telemetry.model import timestamp
@@ -62,13 +62,11 @@ def lab_observer_socket(lab_dir: Path, node: str) -> Path:
 def lab_servers(lab: str | None = None, root: Path = LABS_ROOT) -> list[str]:
     """The observer addresses of a lab's agents. ``lab``: a name (default $AMBIT_LAB, else the only lab,
     else "ambit")."""
-    name = lab or os.environ.get("AMBIT_LAB")
-    present = sorted(p.name for p in root.iterdir() if (p / "lab.json").exists()) if root.is_dir() else []
-    if name is None:
-        if not present:
-            raise ObserveError(f"no lab found under {root} and no --server given: start one with "
-                               f"`ambit lab up`, or name agents with --server ADDR (unix socket or host:port)")
-        name = present[0] if len(present) == 1 else "ambit"
+    present = present_labs(root)
+    if not (lab or os.environ.get("AMBIT_LAB") or present):
+        raise ObserveError(f"no lab found under {root} and no --server given: start one with "
+                           f"`ambit lab up`, or name agents with --server ADDR (unix socket or host:port)")
+    name = lab_name(lab, root)
     lab_dir = root / name
     try:
         info = json.loads((lab_dir / "lab.json").read_text())

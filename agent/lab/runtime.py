@@ -62,6 +62,21 @@ def netns_prefix(name: str) -> str:
     return f"{name}."
 
 
+def present_labs(root: Path = LABS_ROOT) -> list[str]:
+    """Names of the labs under ``root`` (those with a lab.json)."""
+    return sorted(p.name for p in root.iterdir() if (p / "lab.json").exists()) if root.is_dir() else []
+
+
+def lab_name(name: str | None = None, root: Path = LABS_ROOT) -> str:
+    """The lab a reading command (``ambit observe``, ``status``, ``policy explain``) means: ``name`` when
+    given, else $AMBIT_LAB, else the only lab under ``root``, else "ambit"."""
+    chosen = name or os.environ.get("AMBIT_LAB")
+    if chosen:
+        return chosen
+    present = present_labs(root)
+    return present[0] if len(present) == 1 else DEFAULT_NAME
+
+
 # -- paths ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LabPaths:
@@ -70,8 +85,8 @@ class LabPaths:
     root: Path
 
     @classmethod
-    def of(cls, name: str) -> LabPaths:
-        return cls(LABS_ROOT / check_name(name))
+    def of(cls, name: str, root: Path = LABS_ROOT) -> LabPaths:
+        return cls(root / check_name(name))
 
     @property
     def lab_json(self) -> Path:
