@@ -17,6 +17,7 @@ import uvloop
 
 from agent.node import AgentConfig, NodeAgent
 from agent.telemetry.hub import TelemetryConfig
+from agent.telemetry.observer_tls import ServerTlsFiles, TlsMaterialError, read_cas, read_key_pair
 from hbone.memory import keep_buffers_on_heap
 
 
@@ -45,10 +46,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--no-telemetry", action="store_true",
                      help="record no flows or traffic metrics (to measure what observability costs)")
     run.add_argument("--observer-socket", default=None, help="unix socket of the Observer API")
-    run.add_argument("--observer-listen", default="0.0.0.0:4244", help="TCP address of the Observer API ('' for none)")
+    run.add_argument("--observer-listen", default=None, metavar="HOST:PORT",
+                     help="also serve the Observer API on TCP, with mutual TLS only (needs the three files below)")
+    run.add_argument("--observer-tls-cert-file", type=Path, metavar="FILE",
+                     help="the Observer's server certificate (chain), e.g. from `ambit ca --issue observer`")
+    run.add_argument("--observer-tls-key-file", type=Path, metavar="FILE", help="its private key")
+    run.add_argument("--observer-tls-client-ca-files", type=Path, action="append", metavar="FILE",
+                     help="CA certificates a client's certificate must chain to (repeatable; the trust bundle)")
     run.add_argument("--admin-socket", default=None, help="unix socket serving /config_dump, /metrics, readiness")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        args.observer_tls = _observer_tls(run, args)
+    return args
+
+
+def _observer_tls(run: argparse.ArgumentParser, args: argparse.Namespace) -> ServerTlsFiles | None:
+    """The Observer's TLS files, checked: all three with --observer-listen, none without it."""
+    given = {"--observer-tls-cert-file": args.observer_tls_cert_file, "--observer-tls-key-file":
+             args.observer_tls_key_file, "--observer-tls-client-ca-files": args.observer_tls_client_ca_files}
+    if not args.observer_listen:
+        if any(given.values()):
+            run.error(f"{', '.join(k for k, v in given.items() if v)} without --observer-listen: no TCP listener "
+                      "to use them (the unix socket needs no TLS)")
+        return None
+    if missing := [k for k, v in given.items() if not v]:
+        run.error(f"--observer-listen {args.observer_listen}: the Observer serves TCP over mutual TLS only; "
+                  f"missing {', '.join(missing)}")
+    files = ServerTlsFiles(args.observer_tls_cert_file, args.observer_tls_key_file,
+                           tuple(args.observer_tls_client_ca_files))
+    try:
+        read_key_pair(files.cert, files.key)
+        read_cas(files.client_cas)
+    except TlsMaterialError as e:
+        run.error(str(e))
+    return files
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -59,6 +91,7 @@ async def run(args: argparse.Namespace) -> None:
                          telemetry=TelemetryConfig(enabled=not args.no_telemetry, flows=args.flows,
                                                    observer_socket=args.observer_socket,
                                                    observer_listen=args.observer_listen or None,
+                                                   observer_tls=args.observer_tls,
                                                    admin_socket=args.admin_socket))
     agent = NodeAgent(config)
     await agent.start()
