@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--fail-open", action="store_true",
                      help="when the agent is down, let enrolled pods' traffic go direct (default: fail closed)")
     run.add_argument("--release-on-exit", action="store_true", help="detach everything when stopping")
+    run.add_argument("--bpffs", default="/sys/fs/bpf", metavar="DIR",
+                     help="tcx links are pinned in DIR/ambit/<node>; DIR/ambit may be a bpffs mount of its own "
+                          "(the DaemonSet mounts only the host's /sys/fs/bpf/ambit) (default %(default)s)")
     run.add_argument("--drain-seconds", type=float, default=0.0,
                      help="on SIGTERM, accept no new connections and let open ones finish for this long")
     run.add_argument("--flows", type=int, default=4096, help="flows kept for the Observer API")
@@ -87,7 +90,7 @@ async def run(args: argparse.Namespace) -> None:
     config = AgentConfig(node=args.node, state=args.state, ca_address=args.ca, ca_token=args.ca_token,
                          trust_bundle=args.trust_bundle, trust_domain=args.trust_domain,
                          uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open,
-                         kubeconfig=args.kubeconfig,
+                         kubeconfig=args.kubeconfig, bpffs=args.bpffs,
                          telemetry=TelemetryConfig(enabled=not args.no_telemetry, flows=args.flows,
                                                    observer_socket=args.observer_socket,
                                                    observer_listen=args.observer_listen or None,
