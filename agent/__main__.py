@@ -21,6 +21,15 @@ from agent.telemetry.observer_tls import ServerTlsFiles, TlsMaterialError, read_
 from hbone.memory import keep_buffers_on_heap
 
 
+def _address(text: str) -> tuple[str, int] | None:
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--observer-tls-client-ca-files", type=Path, action="append", metavar="FILE",
                      help="CA certificates a client's certificate must chain to (repeatable; the trust bundle)")
     run.add_argument("--admin-socket", default=None, help="unix socket serving /config_dump, /metrics, readiness")
+    run.add_argument("--admin-listen", default="127.0.0.1:15000", type=_address, metavar="HOST:PORT",
+                     help="TCP address of /config_dump and /logging ('' for none: the admin socket only) "
+                          "(default %(default)s)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -95,7 +107,7 @@ async def run(args: argparse.Namespace) -> None:
                                                    observer_socket=args.observer_socket,
                                                    observer_listen=args.observer_listen or None,
                                                    observer_tls=args.observer_tls,
-                                                   admin_socket=args.admin_socket))
+                                                   admin_listen=args.admin_listen, admin_socket=args.admin_socket))
     agent = NodeAgent(config)
     await agent.start()
     print(f"ambit-agent ready on node {config.node}", flush=True)

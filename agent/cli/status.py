@@ -4,9 +4,10 @@
     ambit policy explain SRC DST:PORT [--lab NAME | --state FILE | --kubernetes [--kubeconfig F]]
 
 ``status`` reads each agent's /config_dump and readiness: from the lab's admin sockets, or from agents
-given by --admin (a unix socket path, or http://HOST:PORT: in Kubernetes,
-``kubectl -n ambit-system port-forward pod/<agent> 15000`` per agent). ``explain`` runs the same policy
-engine the agents run, on the same cluster state, and names the policy and rule that would decide.
+given by --admin (a unix socket path, or http://HOST:PORT). In Kubernetes the agents serve them on their
+socket only: ``kubectl -n ambit-system exec <agent pod> -- ambit status --admin /run/ambit/admin.sock``.
+``explain`` runs the same policy engine the agents run, on the same cluster state, and names the policy and
+rule that would decide.
 SRC is a pod (NAMESPACE/NAME or NAME) or an IP; DST:PORT is a pod or IP with the port.
 """
 

@@ -36,7 +36,7 @@ class TelemetryConfig:
     observer_tls: ServerTlsFiles | None = None
     metrics_listen: Address = ("0.0.0.0", 15020)
     ready_listen: Address = ("0.0.0.0", 15021)
-    admin_listen: Address = ("127.0.0.1", 15000)
+    admin_listen: Address | None = ("127.0.0.1", 15000)  # None: the admin endpoints on admin_socket only
     admin_socket: str | None = None  # the admin endpoints on a unix socket too (``ambit status`` in the lab)
 
 
