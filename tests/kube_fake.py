@@ -69,6 +69,7 @@ DEFAULT_RESOURCES = (
     FakeResource("", "v1", "pods", "Pod", namespaced=True),
     FakeResource("", "v1", "services", "Service", namespaced=True),
     FakeResource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", namespaced=True),
+    FakeResource("", "v1", "nodes", "Node", namespaced=False),
     FakeResource("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", namespaced=True),
     FakeResource("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", namespaced=True),
 )
@@ -463,6 +464,9 @@ class FakeApiServer:
         namespace = request.match_info.get("namespace", "")
         if resource.namespaced and not namespace:
             return _status_response(404, "NotFound", "the server could not find the requested resource")
+        fault = self._fault(resource, False)  # a GET of one object fails like a list
+        if fault is not None:
+            return fault
         obj = self._objects[resource].get((namespace, request.match_info["name"]))
         if obj is None:
             return _status_response(404, "NotFound",

@@ -53,6 +53,9 @@ AGENT_RULES = [
     {"apiGroups": ["security.istio.io"], "resources": ["authorizationpolicies", "peerauthentications"],
      "verbs": LIST_WATCH},
 ]
+AGENT_DAEMONSET_RULES = [  # a namespaced Role: the agent's own DaemonSet, read at shutdown (uninstall or upgrade?)
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["ambit-agent"], "verbs": ["get"]},
+]
 CA_RULES = [
     {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
@@ -268,6 +271,7 @@ def test_agent_runs_with_kubernetes_and_its_node_name_from_the_downward_api(base
     assert parsed.kubernetes and parsed.state is None and parsed.node == "node-x"
     assert parsed.uplink == ["eth0"] and parsed.trust_domain == "cluster.local"
     assert parsed.observer_tls is not None and parsed.admin_listen is None and parsed.bpffs == "/host/sys/fs/bpf"
+    assert parsed.daemonset == "ambit-system/ambit-agent"
 
 
 def test_probes_resources_update_strategy_tolerations_priority(base: list[Obj]) -> None:
@@ -293,20 +297,29 @@ def test_probes_resources_update_strategy_tolerations_priority(base: list[Obj]) 
 
 
 def test_rbac_is_exactly_what_each_component_uses(base: list[Obj]) -> None:
-    roles = {o["metadata"]["name"]: o for o in base if o["kind"] in ("ClusterRole", "Role")}
-    assert set(roles) == {"ambit-agent", "ambit-ca"}
-    assert roles["ambit-agent"]["rules"] == AGENT_RULES
-    assert roles["ambit-ca"]["rules"] == CA_RULES
+    roles = {(o["kind"], o["metadata"]["name"]): o for o in base if o["kind"] in ("ClusterRole", "Role")}
+    assert set(roles) == {("ClusterRole", "ambit-agent"), ("ClusterRole", "ambit-ca"), ("Role", "ambit-agent")}
+    assert roles["ClusterRole", "ambit-agent"]["rules"] == AGENT_RULES
+    assert roles["ClusterRole", "ambit-ca"]["rules"] == CA_RULES
+    assert roles["Role", "ambit-agent"]["rules"] == AGENT_DAEMONSET_RULES
     for role in roles.values():
         for rule in role["rules"]:
             assert "*" not in json.dumps(rule), role["metadata"]["name"]
-    # The agent's role covers the informers' resources and the nodes (their zones), no more.
+    # The agent's role covers the informers' resources (the nodes among them, for their zones), no more.
     granted = {(g, r) for rule in AGENT_RULES for g in rule["apiGroups"] for r in rule["resources"]}
-    assert granted == {(r.group, r.plural) for r in RESOURCES} | {("", "nodes")}
-    bindings = {o["metadata"]["name"]: o for o in base if o["kind"] in ("ClusterRoleBinding", "RoleBinding")}
-    assert set(bindings) == {"ambit-agent", "ambit-ca"}
-    for name, binding in bindings.items():
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}
+    assert granted == {(r.group, r.plural) for r in RESOURCES} and ("", "nodes") in granted
+    # Its Role reads its own DaemonSet only: the one --daemonset names.
+    ds = agent(base)["metadata"]
+    assert flag(agent_container(base)["args"], "--daemonset") == f"{ds['namespace']}/{ds['name']}"
+    assert roles["Role", "ambit-agent"]["metadata"]["namespace"] == ds["namespace"]
+    assert AGENT_DAEMONSET_RULES[0]["resourceNames"] == [ds["name"]]
+    bindings = {(o["kind"], o["metadata"]["name"]): o for o in base
+                if o["kind"] in ("ClusterRoleBinding", "RoleBinding")}
+    assert set(bindings) == {("ClusterRoleBinding", "ambit-agent"), ("ClusterRoleBinding", "ambit-ca"),
+                             ("RoleBinding", "ambit-agent")}
+    for (kind, name), binding in bindings.items():
+        role_kind = "Role" if kind == "RoleBinding" else "ClusterRole"
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": name}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": "ambit-system"}]
     assert agent(base)["spec"]["template"]["spec"]["serviceAccountName"] == AGENT_SERVICE_ACCOUNT.name
     assert AGENT_SERVICE_ACCOUNT.namespace == "ambit-system"
@@ -318,7 +331,7 @@ def test_each_rbac_rule_carries_its_reason() -> None:
     """In the source manifest, a comment right above every rule says why the rule is there."""
     lines = (DAEMONSET / "base" / "rbac.yaml").read_text().splitlines()
     rules = [i for i, line in enumerate(lines) if re.fullmatch(r"  - apiGroups: .*", line)]
-    assert len(rules) == len(AGENT_RULES) + len(CA_RULES)
+    assert len(rules) == len(AGENT_RULES) + len(AGENT_DAEMONSET_RULES) + len(CA_RULES)
     for i in rules:
         assert lines[i - 1].strip().startswith("#") and len(lines[i - 1].strip()) > 20, f"no reason above {lines[i]}"
 
@@ -373,7 +386,7 @@ def test_ca_deployment_service_and_settings(base: list[Obj]) -> None:
             for e in c["env"] if "configMapKeyRef" in e.get("valueFrom", {})]
     assert refs and all(r["name"] == config["metadata"]["name"] and r["key"] in SETTINGS for r in refs)
     for obj in base:
-        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):  # (Role, RoleBinding: namespaced)
             assert obj["metadata"]["namespace"] == "ambit-system", obj["metadata"]["name"]
 
 

@@ -27,6 +27,7 @@ from pyroute2 import IPRoute
 from agent.capture import Listener, Redirector, host_ifname_for
 from agent.identity.ca_client import CaClient
 from agent.identity.manager import CertificateManager
+from agent.kube.lifecycle import daemonset_removed
 from agent.kube.source import KubeSource
 from agent.mesh.ports import Ports
 from agent.mesh.store import Change, MeshState, MeshStore, Workload
@@ -60,6 +61,7 @@ class AgentConfig:
     sync_timeout: float = 60.0
     telemetry: TelemetryConfig = TelemetryConfig()
     bpffs: str = "/sys/fs/bpf"  # tcx links are pinned under <bpffs>/ambit/<node>
+    daemonset: tuple[str, str] | None = None  # (namespace, name) of the agent's DaemonSet: gone = uninstall
 
 
 def node_addresses() -> frozenset[str]:
@@ -78,6 +80,7 @@ class NodeAgent:
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self._dirty = asyncio.Event()
         self._closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._kube: KubeSource | None = None
 
     async def _in_kernel_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._kernel, fn, *args)
@@ -92,6 +95,7 @@ class NodeAgent:
             self._spawn(source.watch())
             return
         kube = await KubeSource.from_config(cfg.kubeconfig, self.store)
+        self._kube = kube
         self._closers.append(kube.close)
         self._spawn(kube.run())
         async with asyncio.timeout(cfg.sync_timeout):
@@ -188,12 +192,19 @@ class NodeAgent:
 
     async def _config_dump(self) -> dict[str, Any]:
         attachments = await self._in_kernel_thread(self.redirector.attachments)
+        state = self.store.state
         return {
             "node": self.config.node,
             "version": importlib.metadata.version("ambit"),
             "workloads": [{"namespace": w.namespace, "name": w.name, "ip": w.ip, "node": w.node,
                            "service_account": w.service_account, "enrolled": w.enrolled, "labels": dict(w.labels)}
-                          for w in self.store.state.by_uid.values()],
+                          for w in state.by_uid.values()],
+            "services": [{"namespace": s.namespace, "name": s.name, "hostname": s.hostname, "vips": list(s.vips),
+                          "ports": [{"port": p.port, "target_port": p.target_port, "target_name": p.target_name}
+                                    for p in s.ports],
+                          "endpoints": [{"ip": e.ip, "node": e.node, "ports": {str(k): v for k, v in e.ports.items()}}
+                                        for e in state.endpoints.get(s.key, {}).values()]}
+                         for s in state.services.values()],
             "policies": self.authorizer.engine.policies,
             "certificates": [s.as_dict() for s in self.certificates.status()],
             "attachments": [{"ifindex": a.ifindex, "backend": a.backend, "program": a.prog_name} for a in attachments],
@@ -215,6 +226,16 @@ class NodeAgent:
     async def _prefetch(self, identity: SpiffeId) -> None:
         with contextlib.suppress(Exception):  # failures are logged by the manager, which keeps retrying
             await self.certificates.get(identity)
+
+    async def uninstalling(self) -> bool:
+        """Is Ambit being removed from the cluster (the agent's DaemonSet gone or being deleted)? Then the
+        agent should release the node on its way out; otherwise (an upgrade, a crash) it keeps it fail-closed."""
+        if self._kube is None or self.config.daemonset is None:
+            return False
+        removed = await daemonset_removed(self._kube.connection.api, *self.config.daemonset)
+        log.info("DaemonSet %s/%s %s", *self.config.daemonset,
+                 "is being deleted: releasing the node" if removed else "stays: keeping the node fail-closed")
+        return removed
 
     async def drain(self, seconds: float) -> int:
         """Accept no new connections (enrolled pods' new ones fail closed, as with the agent gone) and give
