@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,24 +25,36 @@ import dockerfile  # type: ignore[import-not-found]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from cryptography import x509
 from kubernetes_validate.utils import all_versions  # type: ignore[import-untyped]
 
+from agent.ca import __main__ as ca_main
+from agent.ca.authority import CertificateAuthority
 from agent.ca.kube import AGENT_SERVICE_ACCOUNT, CA_AUDIENCE
 from agent.identity.ca_client import CA_NAMESPACE, CA_SERVER_NAME, CA_SERVICE_ACCOUNT
 from agent.kube.informer import AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS, RESOURCES
 from agent.policy import Peer, PolicyEngine, Target
 from agent.telemetry.admin import METRICS_ADDRESS, READY_ADDRESS
+from agent.telemetry.observer_tls import operator_identity
+from hbone.identity import identity_of
+from tests.conftest import issue_observer_tls
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMONSET = REPO / "daemonset"
 Obj = dict[str, Any]
 
 AGENT_CAPABILITIES = {"NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"}
+LIST_WATCH = ["list", "watch"]  # the agent's informers never GET one object
 AGENT_RULES = [
-    {"apiGroups": [""], "resources": ["namespaces", "pods", "services", "nodes"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["namespaces", "pods"], "verbs": LIST_WATCH},
+    {"apiGroups": [""], "resources": ["services"], "verbs": LIST_WATCH},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": LIST_WATCH},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": LIST_WATCH},
     {"apiGroups": ["security.istio.io"], "resources": ["authorizationpolicies", "peerauthentications"],
-     "verbs": ["get", "list", "watch"]},
+     "verbs": LIST_WATCH},
+]
+AGENT_DAEMONSET_RULES = [  # a namespaced Role: the agent's own DaemonSet, read at shutdown (uninstall or upgrade?)
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["ambit-agent"], "verbs": ["get"]},
 ]
 CA_RULES = [
     {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
@@ -193,18 +206,21 @@ def test_agent_mounts_exactly_what_it_needs(base: list[Obj]) -> None:
     spec = agent(base)["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     host_paths = {v["hostPath"]["path"]: name for name, v in volumes.items() if "hostPath" in v}
-    assert set(host_paths) == {"/sys/fs/bpf", "/lib/modules", "/usr/src"}  # no /proc, no /sys/fs/cgroup
+    # No /proc, no /sys/fs/cgroup, and of bpffs only the agent's own directory.
+    assert set(host_paths) == {"/sys/fs/bpf/ambit", "/lib/modules", "/usr/src"}
     mounts = {m["name"]: m for m in agent_container(base)["volumeMounts"]}
-    bpffs = mounts[host_paths["/sys/fs/bpf"]]
-    assert bpffs["mountPath"] == "/sys/fs/bpf" and bpffs["mountPropagation"] == "HostToContainer"
-    assert not bpffs.get("readOnly")  # tcx links are pinned there
+    bpffs = mounts[host_paths["/sys/fs/bpf/ambit"]]
+    assert volumes[bpffs["name"]]["hostPath"]["type"] == "DirectoryOrCreate"
+    assert not bpffs.get("readOnly") and "mountPropagation" not in bpffs  # tcx links are pinned there
+    args = agent_container(base)["args"]
+    assert bpffs["mountPath"] == f"{flag(args, '--bpffs')}/ambit"  # pins in <--bpffs>/ambit/<node>
+    assert not bpffs["mountPath"].startswith("/sys/")  # the container's /sys is read-only: no mount point there
     for path in ("/lib/modules", "/usr/src"):
         mount = mounts[host_paths[path]]
         assert mount["readOnly"] is True and mount["mountPath"] == f"/host{path}"  # the host is never written
     assert "emptyDir" in volumes[next(n for n, m in mounts.items() if m["mountPath"] == "/lib/modules")]
 
     # The CA token: projected for the CA's audience, where --ca-token reads it.
-    args = agent_container(base)["args"]
     token = next(v for v in volumes.values() if "projected" in v)
     (source,) = token["projected"]["sources"]
     assert source["serviceAccountToken"]["audience"] == CA_AUDIENCE
@@ -214,6 +230,17 @@ def test_agent_mounts_exactly_what_it_needs(base: list[Obj]) -> None:
     bundle_mount = next(m for m in mounts.values() if volumes[m["name"]].get("configMap", {}).get("name")
                         == "ambit-trust-bundle")
     assert flag(args, "--trust-bundle") == f"{bundle_mount['mountPath']}/root-cert.pem"
+    # The Observer's certificate from its Secret, the sockets in a memory emptyDir.
+    tls = next(m for m in mounts.values() if volumes[m["name"]].get("secret", {}).get("secretName")
+               == "ambit-observer-tls")
+    assert tls["readOnly"] is True and volumes[tls["name"]]["secret"]["defaultMode"] == 0o400
+    assert flag(args, "--observer-tls-cert-file") == f"{tls['mountPath']}/tls.crt"
+    assert flag(args, "--observer-tls-key-file") == f"{tls['mountPath']}/tls.key"
+    assert flag(args, "--observer-tls-client-ca-files") == flag(args, "--trust-bundle")
+    run = next(m for m in mounts.values() if m["mountPath"] == "/run/ambit")
+    assert volumes[run["name"]]["emptyDir"]["medium"] == "Memory"
+    for socket_flag in ("--observer-socket", "--admin-socket"):
+        assert Path(flag(args, socket_flag)).parent == Path(run["mountPath"])
 
 
 def test_agent_runs_with_kubernetes_and_its_node_name_from_the_downward_api(base: list[Obj]) -> None:
@@ -226,16 +253,25 @@ def test_agent_runs_with_kubernetes_and_its_node_name_from_the_downward_api(base
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName", "apiVersion": "v1"}} or \
         env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert flag(args, "--ca") == f"{CA_SERVER_NAME}:15012"
-    assert flag(args, "--observer-listen").startswith("127.0.0.1:")
+    assert flag(args, "--observer-listen") == "0.0.0.0:4244"  # mutual TLS only (the agent refuses it otherwise)
+    assert flag(args, "--admin-listen") == ""  # config dump and log levels on the socket, not the node's loopback
     for ref in re.findall(r"\$\((\w+)\)", " ".join(args)):
         assert ref in env, f"$({ref}) is not defined"
     # The agent's CLI accepts exactly this command line.
     from agent.__main__ import parse_args
 
     values = {**one(base, "ConfigMap")["data"], "NODE_NAME": "node-x"}
-    parsed = parse_args([re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in args[3:]])
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in args[3:]]
+    with tempfile.TemporaryDirectory() as tmp:  # the Observer's mounted files: real ones, checked at parse time
+        server = issue_observer_tls(CertificateAuthority.create("cluster.local"), Path(tmp)).server
+        real = {"--observer-tls-cert-file": server.cert, "--observer-tls-key-file": server.key,
+                "--observer-tls-client-ca-files": server.client_cas[0]}
+        parsed = parse_args([f"{a.split('=')[0]}={real[a.split('=')[0]]}" if a.split("=")[0] in real else a
+                             for a in argv])
     assert parsed.kubernetes and parsed.state is None and parsed.node == "node-x"
     assert parsed.uplink == ["eth0"] and parsed.trust_domain == "cluster.local"
+    assert parsed.observer_tls is not None and parsed.admin_listen is None and parsed.bpffs == "/host/sys/fs/bpf"
+    assert parsed.daemonset == "ambit-system/ambit-agent"
 
 
 def test_probes_resources_update_strategy_tolerations_priority(base: list[Obj]) -> None:
@@ -261,25 +297,61 @@ def test_probes_resources_update_strategy_tolerations_priority(base: list[Obj]) 
 
 
 def test_rbac_is_exactly_what_each_component_uses(base: list[Obj]) -> None:
-    roles = {o["metadata"]["name"]: o for o in base if o["kind"] in ("ClusterRole", "Role")}
-    assert set(roles) == {"ambit-agent", "ambit-ca"}
-    assert roles["ambit-agent"]["rules"] == AGENT_RULES
-    assert roles["ambit-ca"]["rules"] == CA_RULES
+    roles = {(o["kind"], o["metadata"]["name"]): o for o in base if o["kind"] in ("ClusterRole", "Role")}
+    assert set(roles) == {("ClusterRole", "ambit-agent"), ("ClusterRole", "ambit-ca"), ("Role", "ambit-agent")}
+    assert roles["ClusterRole", "ambit-agent"]["rules"] == AGENT_RULES
+    assert roles["ClusterRole", "ambit-ca"]["rules"] == CA_RULES
+    assert roles["Role", "ambit-agent"]["rules"] == AGENT_DAEMONSET_RULES
     for role in roles.values():
         for rule in role["rules"]:
             assert "*" not in json.dumps(rule), role["metadata"]["name"]
-    # The agent's role covers the informers' resources, no more.
+    # The agent's role covers the informers' resources (the nodes among them, for their zones), no more.
     granted = {(g, r) for rule in AGENT_RULES for g in rule["apiGroups"] for r in rule["resources"]}
-    assert granted == {(r.group, r.plural) for r in RESOURCES}
-    bindings = {o["metadata"]["name"]: o for o in base if o["kind"] in ("ClusterRoleBinding", "RoleBinding")}
-    assert set(bindings) == {"ambit-agent", "ambit-ca"}
-    for name, binding in bindings.items():
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}
+    assert granted == {(r.group, r.plural) for r in RESOURCES} and ("", "nodes") in granted
+    # Its Role reads its own DaemonSet only: the one --daemonset names.
+    ds = agent(base)["metadata"]
+    assert flag(agent_container(base)["args"], "--daemonset") == f"{ds['namespace']}/{ds['name']}"
+    assert roles["Role", "ambit-agent"]["metadata"]["namespace"] == ds["namespace"]
+    assert AGENT_DAEMONSET_RULES[0]["resourceNames"] == [ds["name"]]
+    bindings = {(o["kind"], o["metadata"]["name"]): o for o in base
+                if o["kind"] in ("ClusterRoleBinding", "RoleBinding")}
+    assert set(bindings) == {("ClusterRoleBinding", "ambit-agent"), ("ClusterRoleBinding", "ambit-ca"),
+                             ("RoleBinding", "ambit-agent")}
+    for (kind, name), binding in bindings.items():
+        role_kind = "Role" if kind == "RoleBinding" else "ClusterRole"
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": name}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": "ambit-system"}]
     assert agent(base)["spec"]["template"]["spec"]["serviceAccountName"] == AGENT_SERVICE_ACCOUNT.name
     assert AGENT_SERVICE_ACCOUNT.namespace == "ambit-system"
     ca_spec = one(base, "Deployment", "ambit-ca")["spec"]["template"]["spec"]
     assert ca_spec["serviceAccountName"] == CA_SERVICE_ACCOUNT
+
+
+def test_each_rbac_rule_carries_its_reason() -> None:
+    """In the source manifest, a comment right above every rule says why the rule is there."""
+    lines = (DAEMONSET / "base" / "rbac.yaml").read_text().splitlines()
+    rules = [i for i, line in enumerate(lines) if re.fullmatch(r"  - apiGroups: .*", line)]
+    assert len(rules) == len(AGENT_RULES) + len(AGENT_DAEMONSET_RULES) + len(CA_RULES)
+    for i in rules:
+        assert lines[i - 1].strip().startswith("#") and len(lines[i - 1].strip()) > 20, f"no reason above {lines[i]}"
+
+
+def test_ca_disruption_budget_and_network_policy(base: list[Obj]) -> None:
+    deployment = one(base, "Deployment", "ambit-ca")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] >= 2  # a drain leaves one CA signing
+    pdb = one(base, "PodDisruptionBudget", "ambit-ca")
+    assert pdb["apiVersion"] == "policy/v1" and pdb["metadata"]["namespace"] == CA_NAMESPACE
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]  # never blocks a drain
+    policy = one(base, "NetworkPolicy", "ambit-ca")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    (container_port,) = [p["containerPort"] for p in ca_container(base)["ports"] if p["name"] == "grpc-ca"]
+    (ingress,) = policy["spec"]["ingress"]  # the gRPC port, nothing else (from anywhere: agents are hostNetwork)
+    assert ingress == {"ports": [{"port": container_port, "protocol": "TCP"}]}
+    (egress,) = policy["spec"]["egress"]  # the API server only
+    assert egress == {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]}
 
 
 def test_ca_deployment_service_and_settings(base: list[Obj]) -> None:
@@ -297,7 +369,7 @@ def test_ca_deployment_service_and_settings(base: list[Obj]) -> None:
     assert flag(args, "--token-audience") == CA_AUDIENCE
     (volume,) = deployment["spec"]["template"]["spec"]["volumes"]
     (mount,) = ca_container(base)["volumeMounts"]
-    assert volume["secret"]["secretName"] == "ambit-ca-root" and mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == "ambit-cacerts" and mount["readOnly"] is True
     assert flag(args, "--dir") == mount["mountPath"]
     from agent.ca.__main__ import parse_args
 
@@ -314,7 +386,7 @@ def test_ca_deployment_service_and_settings(base: list[Obj]) -> None:
             for e in c["env"] if "configMapKeyRef" in e.get("valueFrom", {})]
     assert refs and all(r["name"] == config["metadata"]["name"] and r["key"] in SETTINGS for r in refs)
     for obj in base:
-        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):  # (Role, RoleBinding: namespaced)
             assert obj["metadata"]["namespace"] == "ambit-system", obj["metadata"]["name"]
 
 
@@ -396,8 +468,10 @@ def test_image_installs_the_project_the_way_make_test_does() -> None:
 
 # -- make targets and daemonset/deploy.sh, with stand-in tools ------------------------------------------------
 STUB = """#!/usr/bin/env bash
-# stand-in for {name}: records the call, answers like the real tool
-echo "{name} $*" >> "$STUB_LOG"
+# stand-in for {name}: records the call (with what it reads, for `-f -`), answers like the real tool
+line="{name} $*"
+case "$line" in *" -f -"*) line="$line <<< $(tr '\\n' ' ')" ;; esac
+echo "$line" >> "$STUB_LOG"
 case "{name} $1 $2" in
   "docker info "*|"podman info "*) [ "${{ENGINE_UP:-1}}" = 1 ] || exit 1 ;;
   "docker run "*|"podman run "*)
@@ -405,13 +479,14 @@ case "{name} $1 $2" in
       if [ "$1" = "-c" ]; then script=$2; td=$4; break; fi; shift; done
     script=${{script//\\/tmp\\/ca/$STUB_TMP/ca}}
     exec sh -c "$script" sh "$td" ;;
-  "kind get "*) echo "${{KIND_CLUSTERS:-ambit}}" ;;
-  "minikube -p "*) ;;
+  "kind get clusters") echo "${{KIND_CLUSTERS:-ambit}}" ;;
+  "kind get nodes") printf 'ambit-control-plane\\nambit-worker\\n' ;;
+  "minikube -p "*) case "$*" in *" node list"*) printf 'mk\\t192.168.49.2\\nmk-m02\\t192.168.49.3\\n' ;; esac ;;
   "kubectl --context "*)
     case "$*" in
       *" get crd "*) [ "${{CRDS_PRESENT:-0}}" = 1 ] || exit 1 ;;
-      *"--dry-run=client -o yaml"*) echo "kind: Stub" ;;
-      *" apply -f -"*) cat > /dev/null ;;
+      *"--dry-run=client -o yaml"*)
+        echo "$*" | sed -n 's/.* create \\(secret [a-z]* [^ ]*\\|configmap [^ ]*\\).*/made: \\1/p' ;;
     esac ;;
   "kubectl config "*) echo "current-ctx" ;;
 esac
@@ -463,16 +538,25 @@ def test_make_image_builds_with_the_first_running_engine(tools: tuple[dict[str, 
                               "-f daemonset/Containerfile -t ambit:dev .")
 
 
+def applied_server_side(seq: list[str]) -> dict[str, str]:
+    """What each `kubectl apply -f -` read (``made: secret generic NAME``...) -> its command line."""
+    return {line.split(" <<< ")[1].strip(): line.split(" <<< ")[0] for line in seq if " <<< made: " in line}
+
+
 def test_make_kind_deploy(tools: tuple[dict[str, str], Path], tmp_path: Path) -> None:
     env, log = tools
     out = make("kind-deploy", env)
     assert out.returncode == 0, out.stderr
     seq = calls(log)
     k = "kubectl --context kind-ambit"
+    bpffs = "sh -c grep -q '^[^ ]* /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf"
     expected = [
         "docker build -f daemonset/Containerfile -t ambit:dev .",
         "kind load docker-image ambit:dev --name ambit",
+        f"docker exec ambit-control-plane {bpffs}",
+        f"docker exec ambit-worker {bpffs}",
         f"{k} apply -f daemonset/base/namespace.yaml",
+        f"{k} -n ambit-system delete secret ambit-ca-root --ignore-not-found",
         f"{k} apply -f daemonset/crds/authorizationpolicies.yaml",
         f"{k} apply -f daemonset/crds/peerauthentications.yaml",
         f"{k} apply -k daemonset/base",
@@ -481,20 +565,54 @@ def test_make_kind_deploy(tools: tuple[dict[str, str], Path], tmp_path: Path) ->
     ]
     positions = [seq.index(e) for e in expected]
     assert positions == sorted(positions), seq
-    assert any(c.startswith(f"{k} -n ambit-system create secret generic ambit-ca-root") for c in seq)
-    assert any(c.startswith(f"{k} -n ambit-system create configmap ambit-trust-bundle") for c in seq)
-    # The root came out of the (stand-in) container, made by python -m agent.ca --init, private to the user.
     ca_dir = tmp_path / "ca"
+    assert f"{k} -n ambit-system create secret generic ambit-cacerts --from-file={ca_dir}/root-cert.pem " \
+           f"--from-file={ca_dir}/root-key.pem --dry-run=client -o yaml" in seq
+    # Keys reach the cluster only by server-side apply (no copy in a last-applied annotation).
+    server_side = f"{k} apply --server-side --force-conflicts --field-manager=ambit-deploy -f -"
+    assert applied_server_side(seq) == {"made: secret generic ambit-cacerts": server_side,
+                                        "made: configmap ambit-trust-bundle": server_side,
+                                        "made: secret tls ambit-observer-tls": server_side}
+    assert not [c for c in seq if " apply -f -" in c]
+    # The root came out of the (stand-in) container, made by python -m agent.ca --init, private to the user;
+    # with it the Observer's certificate and the operator's.
     assert b"BEGIN CERTIFICATE" in (ca_dir / "root-cert.pem").read_bytes()
-    assert oct((ca_dir / "root-key.pem").stat().st_mode & 0o777) == "0o600"
-    assert oct(ca_dir.stat().st_mode & 0o777) == "0o700"
-    root = (ca_dir / "root-cert.pem").read_bytes()
+    for path, mode in (("", 0o700), ("root-key.pem", 0o600), ("observer/tls.key", 0o600),
+                       ("operator/tls.key", 0o600)):
+        assert stat.S_IMODE((ca_dir / path).stat().st_mode) == mode, path
+    root = CertificateAuthority.load(ca_dir, "cluster.local")
+    observer = x509.load_pem_x509_certificate((ca_dir / "observer" / "tls.crt").read_bytes())
+    observer.verify_directly_issued_by(root.root_cert)
+    assert f"--cert={ca_dir}/observer/tls.crt --key={ca_dir}/observer/tls.key" in " ".join(seq)
+    operator = x509.load_pem_x509_certificate((ca_dir / "operator" / "tls.crt").read_bytes())
+    assert identity_of(operator) == operator_identity("cluster.local")
 
-    # Again, on a cluster with Istio's CRDs: the root is kept and no CRD is touched.
+    # Again, on a cluster with Istio's CRDs: the root is kept, no CRD is touched, the Observer's certificate renewed.
     log.unlink()
     assert make("kind-deploy", env, CRDS_PRESENT="1").returncode == 0
-    assert (ca_dir / "root-cert.pem").read_bytes() == root
-    assert not [c for c in calls(log) if "daemonset/crds" in c or " run " in c]
+    assert (ca_dir / "root-cert.pem").read_bytes() == root.root_pem
+    assert not [c for c in calls(log) if "daemonset/crds" in c]
+    renewed = x509.load_pem_x509_certificate((ca_dir / "observer" / "tls.crt").read_bytes())
+    assert renewed.serial_number != observer.serial_number
+
+
+def test_deploy_with_an_intermediate_keeps_the_root_out_of_the_cluster(tools: tuple[dict[str, str], Path],
+                                                                      tmp_path: Path) -> None:
+    env, log = tools
+    offline, ca_dir = tmp_path / "offline-root", tmp_path / "ca"
+    ca_main.main(["--dir", str(offline), "--init"])
+    ca_main.main(["--dir", str(offline), "--issue", "intermediate", "--out", str(ca_dir)])
+    out = make("kind-deploy", env)
+    assert out.returncode == 0, out.stderr
+    assert f"using the CA in {ca_dir} (intermediate)" in out.stderr
+    files = " ".join(f"--from-file={ca_dir}/{f}" for f in ("ca-cert.pem", "ca-key.pem", "cert-chain.pem",
+                                                           "root-cert.pem"))
+    assert f"kubectl --context kind-ambit -n ambit-system create secret generic ambit-cacerts {files} " \
+           "--dry-run=client -o yaml" in calls(log)
+    assert not (ca_dir / "root-key.pem").exists() and "root-key" not in log.read_text()
+    leaf, middle = x509.load_pem_x509_certificates((ca_dir / "observer" / "tls.crt").read_bytes())
+    leaf.verify_directly_issued_by(middle)
+    middle.verify_directly_issued_by(x509.load_pem_x509_certificate((offline / "root-cert.pem").read_bytes()))
 
 
 def test_make_kind_deploy_names_the_missing_cluster(tools: tuple[dict[str, str], Path]) -> None:
@@ -512,6 +630,9 @@ def test_make_minikube_deploy_and_undeploy(tools: tuple[dict[str, str], Path]) -
     assert out.returncode == 0, out.stderr
     seq = calls(log)
     assert "minikube -p mk image load ambit:dev" in seq
+    for node in ("mk", "mk-m02"):
+        assert f"minikube -p mk ssh -n {node} -- sudo sh -c \"grep -q '^[^ ]* /sys/fs/bpf bpf ' /proc/mounts || " \
+               "mount -t bpf bpf /sys/fs/bpf\"" in seq
     assert "kubectl --context mk apply -k daemonset/base" in seq
     log.unlink()
     assert make("undeploy", env, KUBE_CONTEXT="kind-ambit").returncode == 0

@@ -1,5 +1,5 @@
-"""The Observer gRPC service with a real client, over a unix socket and TCP: number/first/since/until,
-filters, follow, lost events, ServerStatus, argument errors."""
+"""The Observer gRPC service with a real client, over a unix socket and mutual-TLS TCP (the operator's
+certificate): number/first/since/until, filters, follow, lost events, ServerStatus, argument errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from agent.telemetry import observer_pb2 as pb
 from agent.telemetry import observer_pb2_grpc as pb_grpc
 from agent.telemetry.model import Endpoint, timestamp
 from agent.telemetry.observer import ObserverServer
+from agent.telemetry.observer_tls import ClientTlsFiles
 from agent.telemetry.recorder import FlowRecorder
+from tests.conftest import ObserverTlsMaterial
 
 A = Endpoint("10.1.0.7", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-1", {"app": "client"})
 B = Endpoint("10.2.0.9", 5432, "spiffe://cluster.local/ns/data/sa/db", "data", "db-0", {"app": "db"})
@@ -33,11 +35,18 @@ class Clock:
         return self.now
 
 
+OPERATOR: ClientTlsFiles | None = None  # set by the fixture: the TCP address is dialled with it
+
+
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[tuple[FlowRecorder, ObserverServer]]:
+async def served(tmp_path: Path, observer_tls: ObserverTlsMaterial) -> AsyncIterator[tuple[FlowRecorder,
+                                                                                          ObserverServer]]:
+    global OPERATOR
+    OPERATOR = observer_tls.operator
     rec = FlowRecorder("node-1", capacity=10, clock=Clock())
     server = ObserverServer(rec, follower_queue=5)
-    await server.start(unix_path=str(tmp_path / "obs" / "observer.sock"), tcp="127.0.0.1:0")
+    await server.start(unix_path=str(tmp_path / "obs" / "observer.sock"), tcp="127.0.0.1:0",
+                       tls=observer_tls.server_tls())
     yield rec, server
     await server.stop(None)
 
@@ -49,8 +58,11 @@ def record(rec: FlowRecorder, n: int, port: int = 5432) -> None:
 
 
 def stub(address: str) -> tuple[grpc.aio.Channel, pb_grpc.ObserverStub]:
-    target = f"unix:{address}" if address.startswith("/") else address
-    channel = grpc.aio.insecure_channel(target)
+    if address.startswith("/"):
+        channel = grpc.aio.insecure_channel(f"unix:{address}")
+    else:
+        assert OPERATOR is not None
+        channel = grpc.aio.secure_channel(address, OPERATOR.credentials(), options=OPERATOR.options())
     return channel, pb_grpc.ObserverStub(channel)  # type: ignore[no-untyped-call]
 
 

@@ -32,6 +32,7 @@ from agent.telemetry.model import (
 from agent.telemetry.observer import ObserverServer
 from agent.telemetry.printer import Printer
 from agent.telemetry.recorder import FlowRecorder
+from tests.conftest import ObserverTlsMaterial
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("AMBIT_UPDATE_GOLDEN") == "1"
@@ -219,14 +220,16 @@ def node2() -> list[Flow | LostEvent]:
 
 
 @pytest.fixture
-async def two_nodes(tmp_path: Path) -> AsyncIterator[tuple[list[FlowRecorder], list[ObserverServer]]]:
+async def two_nodes(tmp_path: Path, observer_tls: ObserverTlsMaterial
+                    ) -> AsyncIterator[tuple[list[FlowRecorder], list[ObserverServer]]]:
+    """Two agents' observers, each on a unix socket (addresses[0]) and on mutual-TLS TCP (addresses[1])."""
     recorders, servers = [], []
     for name, entries in (("node-1", node1()), ("node-2", node2())):
         rec = FlowRecorder(name, capacity=64)
         for e in entries:
             rec.ring.write(e)
         server = ObserverServer(rec)
-        await server.start(unix_path=str(tmp_path / f"{name}.sock"), tcp="127.0.0.1:0")
+        await server.start(unix_path=str(tmp_path / f"{name}.sock"), tcp="127.0.0.1:0", tls=observer_tls.server_tls())
         recorders.append(rec)
         servers.append(server)
     yield recorders, servers
@@ -242,10 +245,11 @@ async def run(argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("fmt", ["compact", "dict", "json", "table"])
-async def test_golden_output(two_nodes: tuple[list[FlowRecorder], list[ObserverServer]], fmt: str) -> None:
+async def test_golden_output(two_nodes: tuple[list[FlowRecorder], list[ObserverServer]], fmt: str,
+                             observer_tls: ObserverTlsMaterial) -> None:
     _recs, servers = two_nodes
     rc, out, err = await run(["--server", servers[0].addresses[0], "--server", servers[1].addresses[1],
-                              "--all", "--utc", "-o", fmt])
+                              "--all", "--utc", "-o", fmt, *observer_tls.observe_args()])
     assert (rc, err) == (0, "")
     golden = GOLDEN / f"observe_{fmt}.txt"
     if UPDATE:
@@ -253,16 +257,18 @@ async def test_golden_output(two_nodes: tuple[list[FlowRecorder], list[ObserverS
     assert out == golden.read_text(), f"differs from {golden} (AMBIT_UPDATE_GOLDEN=1 rewrites it)"
 
 
-async def test_merged_in_time_order_and_trimmed(two_nodes: tuple[list[FlowRecorder], list[ObserverServer]]) -> None:
+async def test_merged_in_time_order_and_trimmed(two_nodes: tuple[list[FlowRecorder], list[ObserverServer]],
+                                               observer_tls: ObserverTlsMaterial) -> None:
     _recs, servers = two_nodes
     rc, out, _ = await run(["--server", servers[0].addresses[1], "--server", servers[1].addresses[0],
-                            "--last", "3", "-o", "json"])
+                            "--last", "3", "-o", "json", *observer_tls.observe_args()])
     lines = [json.loads(line) for line in out.splitlines()]
     assert rc == 0
     assert [(x["node_name"], x.get("flow", {}).get("uuid", "lost")[-2:]) for x in lines] == \
         [("node-2", "14"), ("node-1", "04"), ("node-1", "05"), ("node-1", "st")]  # (and the lost events after)
     rc, out, _ = await run(["--server", servers[0].addresses[1], "--server", servers[1].addresses[0],
-                            "--first", "2", "-o", "json", "--verdict", "FORWARDED", "--not", "-t", "kernel"])
+                            "--first", "2", "-o", "json", "--verdict", "FORWARDED", "--not", "-t", "kernel",
+                            *observer_tls.observe_args()])
     assert [json.loads(line)["flow"]["uuid"][-2:] for line in out.splitlines()] == ["02", "11"]
 
 
@@ -315,13 +321,17 @@ async def test_follow_prints_history_merged_then_new_flows(
         await task
 
 
-async def test_ambit_observe_command(two_nodes: tuple[list[FlowRecorder], list[ObserverServer]]) -> None:
-    """The real command, as a user runs it."""
+async def test_ambit_observe_command(two_nodes: tuple[list[FlowRecorder], list[ObserverServer]],
+                                    observer_tls: ObserverTlsMaterial) -> None:
+    """The real command, as a user runs it (the operator's certificate from the environment)."""
     _recs, servers = two_nodes
+    op = observer_tls.operator
+    env = {**os.environ, "AMBIT_TLS_CLIENT_CERT_FILE": str(op.cert), "AMBIT_TLS_CLIENT_KEY_FILE": str(op.key),
+           "AMBIT_TLS_CA_CERT_FILES": ",".join(map(str, op.cas))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent.cli", "observe", "--server", servers[0].addresses[0],
         "--server", servers[1].addresses[1], "--verdict", "DROPPED", "-o", "json",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, stderr.decode()
     responses = [json.loads(line) for line in stdout.decode().splitlines()]

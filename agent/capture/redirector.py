@@ -117,6 +117,13 @@ class ReconcileResult:
     missing: list[str] = field(default_factory=list)  # desired pod IPs whose interface does not exist
 
 
+def pin_filesystem(bpffs: str) -> str:
+    """The directory whose filesystem must be a bpffs for tcx pins (``<bpffs>/ambit/<instance>``): ``<bpffs>/ambit``
+    when it exists (the DaemonSet mounts only the host's /sys/fs/bpf/ambit, there), else ``bpffs``."""
+    own = os.path.join(bpffs, "ambit")
+    return own if os.path.isdir(own) else bpffs
+
+
 class Redirector:
     """Captures enrolled pods' TCP into the agent's listeners (see the module docstring for the design).
 
@@ -233,8 +240,9 @@ class Redirector:
             self.backend = "clsact"
             return
         problem = None
-        if not bpfsys.is_bpffs(self._bpffs):
-            problem = f"{self._bpffs} is not a mounted bpffs (mount -t bpf bpf {self._bpffs})"
+        pin_fs = pin_filesystem(self._bpffs)
+        if not bpfsys.is_bpffs(pin_fs):
+            problem = f"{pin_fs} is not a mounted bpffs (mount -t bpf bpf {self._bpffs})"
         else:
             try:  # probe: a tcx link on lo, removed at once
                 with netns_mod.entered(self.netns):

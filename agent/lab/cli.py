@@ -64,7 +64,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     signal.signal(signal.SIGHUP, _raise_on_sigterm)
     info = control.up(args.name, nodes=args.nodes, pods=args.pods, namespaces=args.namespaces.split(","),
-                      agents=not args.no_agents, fail_open=args.fail_open, timeout=args.timeout, say=_say)
+                      agents=not args.no_agents, fail_open=args.fail_open, timeout=args.timeout, say=_say,
+                      observer_tls=args.observer_tls)
     paths = LabPaths.of(info.name)
     flag = "" if info.name == rt.DEFAULT_NAME else f" --name {info.name}"
     print(f"\nlab {info.name!r} is up: {len(info.nodes)} node(s), {len(info.pods)} pod(s), "
@@ -75,6 +76,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  try:  ambit lab status{flag}\n"
               f"        ambit lab exec{flag} {first.key} -- ip -4 addr\n"
               f"        ambit lab label{flag} namespace {first.namespace} istio.io/dataplane-mode=ambient")
+    if info.observer_tls:
+        tls = [f"--tls-client-cert-file {paths.operator}/tls.crt", f"--tls-client-key-file {paths.operator}/tls.key",
+               f"--tls-ca-cert-files {paths.operator}/ca.crt"]
+        print(f"  flows over mutual TLS: ambit lab exec{flag} node-2 -- ambit observe --server "
+              f"{info.nodes[0].ip}:{rt.OBSERVER_PORT} {' '.join(tls)}")
     print(f"  remove with: ambit lab down{flag}")
     return 0
 
@@ -235,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated namespaces; pod k of a node goes to the ((k-1) mod n)-th (default: default)")
     p.add_argument("--no-agents", action="store_true", help="topology, state and CA only")
     p.add_argument("--fail-open", action="store_true", help="start the agents with --fail-open")
+    p.add_argument("--observer-tls", action="store_true",
+                   help="the agents also serve the Observer on <node IP>:4244, to the operator's certificate only "
+                        "(written to the lab's operator/ directory); without it, on unix sockets only")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agents' ready line")
     p.set_defaults(run=cmd_up)
 

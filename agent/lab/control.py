@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from agent.ca.authority import CertificateAuthority
+from agent.ca.issue import CERT_FILE, KEY_FILE, issue
 from agent.capture import netns
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
@@ -83,15 +85,41 @@ def ca_argv(info: LabInfo, paths: LabPaths) -> list[str]:
 
 
 def agent_argv(info: LabInfo, paths: LabPaths, node: NodeInfo) -> list[str]:
-    """The agent's command line (the contract with agent/__main__.py)."""
+    """The agent's command line (the contract with agent/__main__.py). The Observer is on the unix socket
+    only, unless the lab was made with observer_tls: then also on the node's address, mutual TLS."""
     for sock in (paths.observer_socket(node.name), paths.admin_socket(node.name)):
         sock.parent.mkdir(parents=True, exist_ok=True)
+    tls = paths.observer_tls
+    observer_tcp = ["--observer-listen", f"{node.ip}:{rt.OBSERVER_PORT}",
+                    "--observer-tls-cert-file", str(tls / CERT_FILE), "--observer-tls-key-file", str(tls / KEY_FILE),
+                    "--observer-tls-client-ca-files", str(paths.trust_bundle)] if info.observer_tls else []
     return [rt.python(), "-m", "agent", "run", "--node", node.name, "--state", str(paths.state),
-            "--observer-socket", str(paths.observer_socket(node.name)),
+            "--observer-socket", str(paths.observer_socket(node.name)), *observer_tcp,
             "--admin-socket", str(paths.admin_socket(node.name)),
             "--ca", info.ca_address, "--ca-token", str(paths.token_file(node.name)),
             "--trust-bundle", str(paths.trust_bundle), "--trust-domain", info.trust_domain,
             "--uplink", node.uplink, "--drain-seconds", f"{DRAIN_SECONDS:g}", *info.agent_flags]
+
+
+def start_ca(info: LabInfo, paths: LabPaths, say: Say) -> None:
+    """The cluster state, the nodes' tokens, the CA (until ready), and the Observer certificates it issues."""
+    initial_state(info).save(paths.state)
+    write_tokens(paths, info.nodes)
+    paths.ca_dir.mkdir(mode=0o700)
+    say(f"starting the CA in {info.nodes[0].netns} on {info.ca_address}")
+    ca = rt.spawn(paths, "ca", info.nodes[0].netns, ca_argv(info, paths))
+    wait_ready([ca], rt.CA_READY, CA_TIMEOUT)
+    if info.observer_tls:
+        issue_observer_certificates(info, paths)
+        say(f"Observer certificates: the agents' in {paths.observer_tls}, the operator's in {paths.operator}")
+
+
+def issue_observer_certificates(info: LabInfo, paths: LabPaths) -> None:
+    """The agents' Observer server certificate and the operator's, from the lab's CA (what `ambit ca --issue
+    observer|operator` writes)."""
+    authority = CertificateAuthority.load(paths.ca_dir, info.trust_domain)
+    issue(authority, "observer", paths.observer_tls)
+    issue(authority, "operator", paths.operator)
 
 
 def wait_ready(recs: Sequence[ProcRecord], needle: str, timeout: float) -> None:
@@ -117,11 +145,13 @@ def wait_ready(recs: Sequence[ProcRecord], needle: str, timeout: float) -> None:
 
 # -- up / down ---------------------------------------------------------------------------------------------------
 def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = ("default",), agents: bool = True,
-       fail_open: bool = False, timeout: float = 60.0, say: Say = _quiet, agent_flags: Sequence[str] = ()) -> LabInfo:
+       fail_open: bool = False, timeout: float = 60.0, say: Say = _quiet, agent_flags: Sequence[str] = (),
+       observer_tls: bool = False) -> LabInfo:
     """Build a lab and leave it running. On any failure (also Ctrl-C) everything made so far is removed
     before the error propagates; the logs are kept in a temporary directory named in the error.
     ``agent_flags`` are added to every agent's command line (e.g. ``["--flows", "256"]``); they are kept in
-    lab.json, so agents restarted later get them too."""
+    lab.json, so agents restarted later get them too. ``observer_tls``: the agents also serve the Observer on
+    their node's address, port 4244, to clients with the operator's certificate (written to operator/)."""
     paths = LabPaths.of(name)
     if not 1 <= nodes <= 200 or not 0 <= pods <= 200:
         raise LabError("--nodes must be 1..200 and --pods 0..200")
@@ -141,7 +171,8 @@ def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = 
         raise LabError(f"lab {name!r} already exists ({paths.root}); {hint}") from None
     info = LabInfo(name=name, prefix=rt.netns_prefix(name), created_at=dt.datetime.now(dt.UTC).isoformat(),
                    namespaces=[*spaces, *([ROOT_NAMESPACE] if ROOT_NAMESPACE not in spaces else [])],
-                   agents=agents, agent_flags=[*(["--fail-open"] if fail_open else []), *agent_flags])
+                   agents=agents, agent_flags=[*(["--fail-open"] if fail_open else []), *agent_flags],
+                   observer_tls=observer_tls)
     try:
         info.save(paths)
         say(f"building {nodes} node(s) with {pods} pod(s) each")
@@ -150,12 +181,7 @@ def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = 
         info.nodes, info.pods = plan(topo, spaces)
         info.ca_node, info.ca_address = info.nodes[0].name, f"{info.nodes[0].ip}:{rt.CA_PORT}"
         info.save(paths)
-        initial_state(info).save(paths.state)
-        write_tokens(paths, info.nodes)
-        paths.ca_dir.mkdir(mode=0o700)
-        say(f"starting the CA in {info.nodes[0].netns} on {info.ca_address}")
-        ca = rt.spawn(paths, "ca", info.nodes[0].netns, ca_argv(info, paths))
-        wait_ready([ca], rt.CA_READY, CA_TIMEOUT)
+        start_ca(info, paths, say)
         if agents:
             start_agents(info, paths, [n.name for n in info.nodes], timeout, say)
         info.phase = "running"

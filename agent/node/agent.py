@@ -60,6 +60,7 @@ class AgentConfig:
     kubeconfig: Path | None = None  # with state None: a kubeconfig, or None for in-cluster config
     sync_timeout: float = 60.0
     telemetry: TelemetryConfig = TelemetryConfig()
+    bpffs: str = "/sys/fs/bpf"  # tcx links are pinned under <bpffs>/ambit/<node>
     daemonset: tuple[str, str] | None = None  # (namespace, name) of the agent's DaemonSet: gone = uninstall
 
 
@@ -83,7 +84,7 @@ class NodeAgent:
         self.config = config
         self.store = MeshStore()
         self.redirector = Redirector(list(config.uplinks), ports=config.ports, fail_open=config.fail_open,
-                                     instance=config.node)
+                                     bpffs=config.bpffs, instance=config.node)
         self._tasks: set[asyncio.Task[None]] = set()
         self._identities: set[SpiffeId] = set()
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")

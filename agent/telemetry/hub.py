@@ -20,6 +20,7 @@ from agent.telemetry.admin import AdminServer, ConfigDump, ReadyCheck
 from agent.telemetry.kernel import KernelEventSource
 from agent.telemetry.metrics import DENY, Metrics
 from agent.telemetry.observer import ObserverServer
+from agent.telemetry.observer_tls import ServerTls, ServerTlsFiles, operator_identity
 from agent.telemetry.recorder import Endpoint, FlowHandle, FlowRecorder
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,11 @@ class TelemetryConfig:
     enabled: bool = True  # off: no flows, no traffic metrics, no kernel events (to measure what they cost)
     flows: int = 4096  # flows kept in the ring
     observer_socket: str | None = None
-    observer_listen: str | None = "0.0.0.0:4244"
+    observer_listen: str | None = None  # TCP "host:port", served only with observer_tls (mutual TLS)
+    observer_tls: ServerTlsFiles | None = None
     metrics_listen: Address = ("0.0.0.0", 15020)
     ready_listen: Address = ("0.0.0.0", 15021)
-    admin_listen: Address = ("127.0.0.1", 15000)
+    admin_listen: Address | None = ("127.0.0.1", 15000)  # None: the admin endpoints on admin_socket only
     admin_socket: str | None = None  # the admin endpoints on a unix socket too (``ambit status`` in the lab)
 
 
@@ -92,7 +94,9 @@ class Telemetry:
 
     async def start(self, ready: ReadyCheck, config_dump: ConfigDump) -> None:
         cfg = self.config
-        await self.observer.start(unix_path=cfg.observer_socket, tcp=cfg.observer_listen)
+        tls = (ServerTls(cfg.observer_tls, [operator_identity(self.trust_domain)]) if cfg.observer_tls is not None
+               else None)
+        await self.observer.start(unix_path=cfg.observer_socket, tcp=cfg.observer_listen, tls=tls)
         self._admin = AdminServer(self.metrics, ready=ready, config_dump=config_dump)
         await self._admin.start(metrics=cfg.metrics_listen, ready=cfg.ready_listen, admin=cfg.admin_listen,
                                 admin_socket=cfg.admin_socket)
