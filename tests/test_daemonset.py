@@ -277,7 +277,10 @@ def test_agent_runs_with_kubernetes_and_its_node_name_from_the_downward_api(base
 def test_probes_resources_update_strategy_tolerations_priority(base: list[Obj]) -> None:
     ds = agent(base)
     spec = ds["spec"]["template"]["spec"]
-    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    # the next agent beside the old one (SO_REUSEPORT), so no declared port: on hostNetwork it is a hostPort
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert all("ports" not in c for c in ds["spec"]["template"]["spec"]["containers"])
     assert spec["tolerations"] == [{"operator": "Exists"}]
     assert spec["priorityClassName"] == "system-node-critical"
     assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
