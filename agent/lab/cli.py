@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from agent.lab import control
+from agent.lab import control, services
 from agent.lab import runtime as rt
 from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths
@@ -41,7 +41,7 @@ from agent.sources.objectfile import kubernetes_objects
 
 KINDS = {"namespace": "Namespace", "namespaces": "Namespace", "ns": "Namespace",
          "pod": "Pod", "pods": "Pod", "po": "Pod"}
-SHORT_NAMES = {"ns": "Namespace", "svc": "Service", "ep": "EndpointSlice"}
+SHORT_NAMES = {"ns": "Namespace", "svc": "Service"}
 
 
 def _say(msg: str) -> None:
@@ -55,16 +55,6 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 def _labels(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in labels.items()) or "<none>"
-
-
-def _ports(ports: list[dict[str, Any]]) -> str:
-    return ",".join(f"{p['port']}->{p['target_name'] or p['target_port']}/TCP" for p in ports) or "<none>"
-
-
-def _endpoints(service: dict[str, Any]) -> str:
-    """``ip:target`` (``ip:t1,t2`` for several ports) of each endpoint."""
-    return ", ".join(f"{e['ip']}:{','.join(str(t) for t in e['ports'].values()) or '-'}"
-                     for e in service["endpoints"])
 
 
 def _proc(p: dict[str, Any]) -> str:
@@ -127,8 +117,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if s["services"]:
             print()
             print(_table([["SERVICE", "CLUSTER-IP", "PORTS", "ENDPOINTS"],
-                          *([f"{v['namespace']}/{v['name']}", ",".join(v["vips"]) or "None", _ports(v["ports"]),
-                             _endpoints(v) or "<none>"] for v in s["services"])]))
+                          *([f"{v['namespace']}/{v['name']}", ",".join(v["vips"]) or "None",
+                             services.ports_text(v["ports"]), services.endpoints_text(v["endpoints"])]
+                            for v in s["services"])]))
         for error in s["service_errors"]:
             print(f"not in the mesh: {error}")
     print(f"\nlogs: {s['logs']}/ (ca.log, agent-<node>.log)")
@@ -162,9 +153,6 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-APPLIABLE = control.RESOURCES
-
-
 def _objects_from(source: str) -> list[dict[str, Any]]:
     data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     try:
@@ -174,10 +162,10 @@ def _objects_from(source: str) -> list[dict[str, Any]]:
     for i, obj in enumerate(objects):
         if not isinstance(obj, dict) or not isinstance((obj.get("metadata") or {}).get("name"), str):
             raise LabError(f"{source}: object {i + 1} has no metadata.name")
-        if obj.get("kind") not in APPLIABLE:
+        if obj.get("kind") not in control.RESOURCES:
             hint = " (a lab's pods are made by `ambit lab up`)" if obj.get("kind") == "Pod" else ""
             raise LabError(f"{source}: {obj.get('kind')} {obj['metadata']['name']}: the lab applies "
-                           f"{', '.join(APPLIABLE)}{hint}")
+                           f"{', '.join(control.RESOURCES)}{hint}")
     return objects
 
 
@@ -205,9 +193,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if args.kind:
         wanted = args.kind.lower()
         kind = SHORT_NAMES.get(wanted) or next(
-            (k for k in APPLIABLE if wanted in (k.lower(), control.resource(k), k.lower() + "s")), None)
+            (k for k in control.RESOURCES if wanted in (k.lower(), control.resource(k), k.lower() + "s")), None)
         if kind is None:
-            raise LabError(f"unknown kind {args.kind!r}: one of {', '.join(APPLIABLE)}")
+            raise LabError(f"unknown kind {args.kind!r}: one of {', '.join(control.RESOURCES)}")
         for ref in args.objects:
             namespace, _, name = ref.rpartition("/")
             targets.append((kind, namespace or args.namespace, name))

@@ -174,3 +174,15 @@ def sync(info: LabInfo, objects: Iterable[Mapping[str, Any]]) -> list[ObjectErro
     for pod in info.pods:
         hosts.write_pod(pod.netns, hosts.hosts_file(state, pod.namespace, pod.name, pod.ip))
     return errors
+
+
+# -- how status commands show a Service (the form of `ambit lab status --json` and the agents' /config_dump) --
+def ports_text(ports: Sequence[Mapping[str, Any]]) -> str:
+    """``80->8080/TCP,443->https/TCP``."""
+    return ",".join(f"{p['port']}->{p['target_name'] or p['target_port']}/TCP" for p in ports) or "<none>"
+
+
+def endpoints_text(endpoints: Sequence[Mapping[str, Any]]) -> str:
+    """``ip:target`` (``ip:t1,t2`` with several ports) of each endpoint, ``<none>`` without any."""
+    return ", ".join(f"{e['ip']}:{','.join(str(t) for t in e['ports'].values()) or '-'}"
+                     for e in sorted(endpoints, key=lambda e: ipaddress.ip_address(e["ip"]))) or "<none>"
