@@ -464,6 +464,9 @@ class FakeApiServer:
         namespace = request.match_info.get("namespace", "")
         if resource.namespaced and not namespace:
             return _status_response(404, "NotFound", "the server could not find the requested resource")
+        fault = self._fault(resource, False)  # a GET of one object fails like a list
+        if fault is not None:
+            return fault
         obj = self._objects[resource].get((namespace, request.match_info["name"]))
         if obj is None:
             return _status_response(404, "NotFound",

@@ -16,11 +16,16 @@ _SYS_BPF = 321  # x86_64
 _ATTR_SIZE = 144
 
 # commands
+BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_GET_NEXT_ID = 11
+BPF_MAP_GET_NEXT_ID = 12
 BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
@@ -67,6 +72,48 @@ def map_delete(map_fd: int, key: bytes) -> None:
     _bpf(BPF_MAP_DELETE_ELEM, struct.pack("=IIQ", map_fd, 0, _ptr(k)))
 
 
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """BPF_MAP_LOOKUP_ELEM; None when the key is absent."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", map_fd, 0, _ptr(k), _ptr(v), 0))
+    except FileNotFoundError:
+        return None
+    return v.raw
+
+
+def map_next_key(map_fd: int, key: bytes | None, key_size: int) -> bytes | None:
+    """BPF_MAP_GET_NEXT_KEY: the key after ``key`` (the first with None); None at the end."""
+    nxt = ctypes.create_string_buffer(key_size)
+    k = ctypes.create_string_buffer(key, len(key)) if key is not None else None
+    try:
+        _bpf(BPF_MAP_GET_NEXT_KEY, struct.pack("=IIQQ", map_fd, 0, _ptr(k) if k is not None else 0, _ptr(nxt)))
+    except FileNotFoundError:
+        return None
+    return nxt.raw
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """The fields of struct bpf_map_info we use."""
+
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def map_info(map_fd: int) -> MapInfo:
+    """BPF_OBJ_GET_INFO_BY_FD on a map."""
+    raw = _info(map_fd, 88)
+    typ, mid, key_size, value_size, max_entries, _flags = struct.unpack_from("=IIIIII", raw, 0)
+    name = raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
+    return MapInfo(typ, mid, key_size, value_size, max_entries, name)
+
+
 def obj_pin(fd: int, path: str) -> None:
     """Pin a map, program or link in a bpffs."""
     p = ctypes.create_string_buffer(path.encode())
@@ -108,6 +155,37 @@ def link_get_fd_by_id(link_id: int) -> int:
 def prog_get_fd_by_id(prog_id: int) -> int:
     """Open a program by id."""
     return _bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id))
+
+
+def _ids(cmd: int) -> list[int]:
+    ids: list[int] = []
+    current = 0
+    while True:
+        buf = ctypes.create_string_buffer(struct.pack("=II", current, 0).ljust(_ATTR_SIZE, b"\0"), _ATTR_SIZE)
+        if _libc.syscall(_SYS_BPF, cmd, buf, _ATTR_SIZE) < 0:
+            return ids  # ENOENT: no more
+        current = struct.unpack_from("=I", buf.raw, 4)[0]
+        ids.append(current)
+
+
+def prog_ids() -> list[int]:
+    """Every BPF program loaded on the machine (BPF_PROG_GET_NEXT_ID)."""
+    return _ids(BPF_PROG_GET_NEXT_ID)
+
+
+def map_infos() -> list[MapInfo]:
+    """Every BPF map on the machine that can still be opened (one freed meanwhile is skipped)."""
+    out = []
+    for map_id in _ids(BPF_MAP_GET_NEXT_ID):
+        try:
+            fd = _bpf(BPF_MAP_GET_FD_BY_ID, struct.pack("=I", map_id))
+        except OSError:
+            continue
+        try:
+            out.append(map_info(fd))
+        finally:
+            os.close(fd)
+    return out
 
 
 def _info(fd: int, size: int) -> bytes:

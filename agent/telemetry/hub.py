@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from agent.identity.manager import CertificateStatus
@@ -103,16 +104,24 @@ class Telemetry:
         redirector.subscribe(self.recorder.kernel_event)
 
         def pump() -> None:
-            lost = redirector.lost_events
+            lost, checked = redirector.lost_events, time.monotonic()
             while not self._stop.is_set():
                 redirector.poll_events(200)  # delivers to the recorder
-                now = redirector.lost_events  # checked every round: a full ring is when nothing arrives
-                if now > lost:
-                    self.recorder.lost_kernel_events(now - lost)
-                    lost = now
+                # a full ring is when nothing arrives: check every 200 ms, not on every wake-up
+                if time.monotonic() - checked >= 0.2:
+                    now, checked = redirector.lost_events, time.monotonic()
+                    if now > lost:
+                        self.recorder.lost_kernel_events(now - lost)
+                        lost = now
 
         self._events = threading.Thread(target=pump, name="ebpf-events", daemon=True)
         self._events.start()
+
+    async def stop_serving_admin(self) -> None:
+        """Leave the admin, metrics and readiness ports to the next agent (an upgrade's handover)."""
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
 
     async def close(self) -> None:
         self._stop.set()
