@@ -241,6 +241,27 @@ def test_changes_follow_the_state(lab: ServiceLab) -> None:
     assert lab.resolve(CLIENT, "empty") == {"empty": "10.96.0.2"}
 
 
+def test_a_service_without_selector_takes_its_endpoint_slices(lab: ServiceLab) -> None:
+    legacy = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "legacy", "namespace": "default"},
+              "spec": {"ports": [{"port": 80, "protocol": "TCP"}]}}
+    backend = lab.pod("app-2-3")
+    slice_ = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+              "metadata": {"name": "legacy-1", "namespace": "default",
+                           "labels": {"kubernetes.io/service-name": "legacy"}},
+              "ports": [{"port": h.SERVER_PORT, "protocol": "TCP"}],
+              "endpoints": [{"addresses": [backend.ip], "nodeName": backend.node}]}
+    out = lab.apply(json.dumps(legacy) + "\n---\n" + json.dumps(slice_) + "\n")
+    assert out.splitlines() == ["service/legacy created", "endpointslice.discovery.k8s.io/legacy-1 created"]
+    try:
+        assert [o.what for o in lab.connect(CLIENT, "legacy", count=5)] == ["app-2-3"] * 5
+        assert lab.lab("delete", "endpointslice", "legacy-1").strip() == \
+            'endpointslice.discovery.k8s.io "legacy-1" deleted'
+        refused = lab.connect(CLIENT, "legacy")[0]
+        assert refused.what == "ConnectionRefusedError" and refused.seconds < AT_ONCE, refused
+    finally:
+        lab.lab("delete", "service", "legacy")
+
+
 def test_an_invalid_service_is_refused_naming_object_and_field_and_the_rest_keeps_working(lab: ServiceLab) -> None:
     bad_port = service_yaml("bad", "default", {"role": "web"}, port=0)
     taken = service_yaml("thief", "default", {"role": "web"}, WEB_VIP)
