@@ -6,10 +6,12 @@ the text of one ``nft -f`` transaction, shaped like kube-proxy's nftables mode (
 * nat ``prerouting`` (pods' traffic arriving at the node) and ``output`` (the node's own processes):
   ``VIP:port`` is DNATed to a random endpoint ``podIP:targetPort`` (``numgen random mod N map``), TCP only;
 * filter ``input``/``forward``/``output`` before NAT: a new connection to a Service port with no endpoint is
-  rejected with ICMP port unreachable, as kube-proxy rejects it. The client's connect() fails at once with
-  "connection refused" (the kernel turns that ICMP into ECONNREFUSED), exactly what a TCP reset would give it,
-  and the choice stays the one a cluster makes. ``internalTrafficPolicy: Local`` without an endpoint on the
-  node is dropped instead, as kube-proxy drops it;
+  rejected, as kube-proxy rejects it, but with a TCP reset where kube-proxy sends ICMP port unreachable. The
+  client sees the same thing, connect() failing at once with "connection refused"; but the kernel rate-limits
+  the ICMP it sends to one peer (``net.ipv4.icmp_ratelimit``: a burst of 6, then one a second), so from the
+  7th refusal within a second on, kube-proxy's SYNs go unanswered and each connect() waits for the 1 s
+  retransmission (measured in the lab); resets are not rate-limited. Other protocols get the ICMP.
+  ``internalTrafficPolicy: Local`` without an endpoint on the node is dropped instead, as kube-proxy drops it;
 * after NAT: a new connection to a VIP on a port no Service has is rejected the same way;
 * a pod that reaches itself through a VIP is masqueraded (hairpin), or its reply would skip the NAT.
 
@@ -34,7 +36,6 @@ from agent.mesh.model import Preference
 from agent.mesh.store import MeshState
 
 TABLE = "kube-proxy"
-REJECT = "reject with icmp type port-unreachable"
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,11 @@ def ruleset(state: MeshState, node: str) -> str:
         "\tmap no-endpoint-services {", "\t\ttype ipv4_addr . inet_proto . inet_service : verdict",
         *_elements(empty), "\t}",
         "\tset hairpin {", "\t\ttype ipv4_addr . ipv4_addr", *_elements(hairpin), "\t}",
-        "\tchain reject-chain {", f"\t\t{REJECT}", "\t}",
+        "\tchain reject-chain {", "\t\tmeta l4proto tcp reject with tcp reset",
+        "\t\treject with icmp type port-unreachable", "\t}",
         "\tchain service-endpoints-check {", "\t\tip daddr . meta l4proto . th dport vmap @no-endpoint-services",
         "\t}",
-        "\tchain cluster-ips-check {", f"\t\tip daddr @cluster-ips {REJECT}", "\t}",
+        "\tchain cluster-ips-check {", "\t\tip daddr @cluster-ips goto reject-chain", "\t}",
         *_base_chain("filter-input", "filter hook input priority -110",
                      ["ct state new jump service-endpoints-check"]),
         *_base_chain("filter-forward", "filter hook forward priority -110",

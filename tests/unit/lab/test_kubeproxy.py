@@ -122,8 +122,10 @@ def test_the_table_is_replaced_whole_and_hooks_where_kube_proxy_does() -> None:
                      "type nat hook prerouting priority -100; policy accept;",
                      "type nat hook output priority -100; policy accept;",
                      "type nat hook postrouting priority 100; policy accept;"]
-    assert "\t\treject with icmp type port-unreachable" in lines
-    assert "\t\tip daddr @cluster-ips reject with icmp type port-unreachable" in lines
+    reject = lines.index("\tchain reject-chain {")
+    assert lines[reject + 1:reject + 3] == ["\t\tmeta l4proto tcp reject with tcp reset",
+                                            "\t\treject with icmp type port-unreachable"]
+    assert "\t\tip daddr @cluster-ips goto reject-chain" in lines
     assert "\t\tct status dnat ip saddr . ip daddr @hairpin masquerade" in lines
 
 
