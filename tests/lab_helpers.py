@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Self, TypeVar
 
 from agent.capture import netns
-from agent.lab import control
+from agent.lab import control, hosts
 from agent.lab import runtime as rt
 from agent.lab import state as lab_state
 from agent.lab.runtime import LabInfo, LabPaths, PodInfo, ProcRecord
@@ -415,8 +415,14 @@ def running_lab(prefix: str, *, nodes: int, pods: int, namespaces: Sequence[str]
     finally:
         control.down(name, timeout=5)
         left = [n for n in netns.list_netns() if n.startswith(rt.netns_prefix(name))]
-        left += [str(p) for p in [LabPaths.of(name).root] if p.exists()]
+        left += [str(p) for p in [LabPaths.of(name).root] if p.exists()] + netns_files(name)
         assert not left and not lab_processes(name), f"lab {name} left {left} {lab_processes(name)}"
+
+
+def netns_files(name: str) -> list[str]:
+    """The lab's directories in /etc/netns (pods' hosts files and resolv.conf)."""
+    root = hosts.ETC_NETNS
+    return [str(root / e) for e in (os.listdir(root) if root.is_dir() else []) if e.startswith(rt.netns_prefix(name))]
 
 
 def lab_processes(name: str) -> list[str]:

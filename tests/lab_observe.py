@@ -81,7 +81,7 @@ def lab_with_flags(prefix: str, *, nodes: int, pods: int, namespaces: Sequence[s
     finally:
         control.down(name, timeout=5)
         left = [n for n in netns.list_netns() if n.startswith(rt.netns_prefix(name))]
-        left += [str(p) for p in [LabPaths.of(name).root] if p.exists()]
+        left += [str(p) for p in [LabPaths.of(name).root] if p.exists()] + h.netns_files(name)
         procs = h.lab_processes(name)
         assert not left and not procs, f"lab {name} left {left} {procs}"
 

@@ -398,9 +398,14 @@ def test_sample_app_and_its_deny_policy(sample: list[Obj]) -> None:
     assert sorted(d["metadata"]["name"] for d in deployments) == ["client", "server"]
     assert {d["metadata"]["namespace"] for d in deployments} == {"ambit-demo"}
     service = one(sample, "Service", "server")
-    assert service["spec"]["clusterIP"] == "None"  # pod IPs, which the agents capture
+    assert "clusterIP" not in service["spec"] and service["spec"].get("type", "ClusterIP") == "ClusterIP"  # a VIP
     server = one(sample, "Deployment", "server")["spec"]["template"]
     assert service["spec"]["selector"].items() <= server["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    named = {p["name"]: p["containerPort"] for c in server["spec"]["containers"] for p in c.get("ports", [])}
+    assert named[port["targetPort"]] == 8080 and port["port"] == 80
+    client_args = one(sample, "Deployment", "client")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "http://server/" in client_args[0]  # by the Service's name, on its port
     assert "istio.io/dataplane-mode" not in one(sample, "Namespace", "ambit-demo")["metadata"].get("labels", {})
 
     policy = yaml.safe_load((DAEMONSET / "sample" / "deny-client.yaml").read_text())

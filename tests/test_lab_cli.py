@@ -30,7 +30,7 @@ from agent.lab.topology import Lab, Node, Pod
 from agent.mesh.store import AMBIENT, DATAPLANE_MODE, build_state, enrolled
 from agent.sources.objectfile import kubernetes_objects
 from tests.conftest import needs_root
-from tests.lab_helpers import lab_processes
+from tests.lab_helpers import lab_processes, netns_files
 
 LAB_CLI = [sys.executable, "-m", "agent.lab.cli"]
 
@@ -225,7 +225,7 @@ def gone(pid: int) -> bool:
 
 def leftovers(name: str) -> list[str]:
     left = [n for n in netns.list_netns() if n.startswith(rt.netns_prefix(name))]
-    left += [str(p) for p in [LabPaths.of(name).root] if p.exists()]
+    left += [str(p) for p in [LabPaths.of(name).root] if p.exists()] + netns_files(name)
     return left + processes_of(name)
 
 

@@ -77,3 +77,20 @@ def test_render_status() -> None:
         "  certificate:   spiffe://cluster.local/ns/shop/sa/web: available\n"
         "  policies:      AuthorizationPolicy shop/no-web")
     assert render_status({"where": "/x.sock", "error": "agent unreachable: boom"}) == "/x.sock: agent unreachable: boom"
+
+
+def test_render_status_lists_the_agents_services() -> None:
+    dump = {"node": "node-2", "ready": "ready", "version": "0.1.0", "connections": 0, "attachments": [],
+            "workloads": [], "certificates": [], "policies": [],
+            "services": [
+                {"namespace": "shop", "name": "web", "hostname": "web.shop.svc.cluster.local", "vips": ["10.96.0.9"],
+                 "ports": [{"port": 80, "target_port": 8080, "target_name": ""},
+                           {"port": 443, "target_port": 0, "target_name": "https"}],
+                 "endpoints": [{"ip": "10.200.1.10", "node": "node-2", "ports": {"80": 8080, "443": 8443}},
+                               {"ip": "10.200.0.9", "node": "node-1", "ports": {"80": 8080}}]},
+                {"namespace": "default", "name": "db", "hostname": "db.default.svc.cluster.local", "vips": [],
+                 "ports": [{"port": 5432, "target_port": 5432, "target_name": ""}], "endpoints": []}]}
+    assert render_status(dump).splitlines()[-2:] == [
+        "  service:       default/db headless 5432->5432/TCP -> <none>",
+        "  service:       shop/web 10.96.0.9 80->8080/TCP,443->https/TCP -> 10.200.0.9:8080, 10.200.1.10:8080,8443"]
+    assert render_status({**dump, "services": []}).splitlines()[-1] == "  services:      none"

@@ -25,6 +25,7 @@ import aiohttp
 
 from agent.kube.client import KubeConfigError
 from agent.kube.source import KubeSource
+from agent.lab import services
 from agent.lab.runtime import LABS_ROOT, LabError, LabInfo, LabPaths, lab_name
 from agent.mesh.store import MeshState, MeshStore, Workload, build_state
 from agent.policy import Peer, PolicyEngine, Target
@@ -79,6 +80,12 @@ def render_status(dump: dict[str, Any]) -> str:
     for cert in dump.get("certificates", []):
         lines.append(f"  certificate:   {cert['identity']}: {_expiry(cert)}")
     lines.append("  policies:      " + (", ".join(dump.get("policies", [])) or "none"))
+    if "services" in dump:  # agents that know Services: each with its VIPs, ports and endpoints
+        found = sorted(dump["services"], key=lambda s: (s["namespace"], s["name"]))
+        lines += [f"  service:       {s['namespace']}/{s['name']} {','.join(s['vips']) or 'headless'} "
+                  f"{services.ports_text(s['ports'])} -> {services.endpoints_text(s['endpoints'])}" for s in found]
+        if not found:
+            lines.append("  services:      none")
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -24,10 +25,13 @@ import yaml
 from agent.ca.authority import CertificateAuthority
 from agent.ca.issue import CERT_FILE, KEY_FILE, issue
 from agent.capture import netns
+from agent.lab import hosts, services
 from agent.lab import runtime as rt
+from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
 from agent.lab.state import ROOT_NAMESPACE, LabObjects, atomic_write, check_dns_label, namespace_object, pod_object
 from agent.lab.topology import Lab
+from agent.policy import PolicyEngine
 
 CA_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -68,6 +72,14 @@ def initial_state(info: LabInfo) -> LabObjects:
     ])
 
 
+def write_initial_state(info: LabInfo, paths: LabPaths, say: Say = _quiet) -> None:
+    """The state file, and what follows it: each node's kube-proxy table, each pod's hosts file."""
+    state = initial_state(info)
+    state.save(paths.state)
+    say("setting up each node's kube-proxy (nftables) and the pods' Service names (hosts files)")
+    services.sync(info, state.objects)
+
+
 def write_tokens(paths: LabPaths, nodes: Sequence[NodeInfo]) -> None:
     """One random bearer token per node: tokens.yaml for the CA, tokens/<node> for the node's agent."""
     paths.tokens_dir.mkdir(mode=0o700, exist_ok=True)
@@ -102,8 +114,9 @@ def agent_argv(info: LabInfo, paths: LabPaths, node: NodeInfo) -> list[str]:
 
 
 def start_ca(info: LabInfo, paths: LabPaths, say: Say) -> None:
-    """The cluster state, the nodes' tokens, the CA (until ready), and the Observer certificates it issues."""
-    initial_state(info).save(paths.state)
+    """The cluster state (with each node's kube-proxy and the pods' names), the nodes' tokens, the CA (until
+    ready), and the Observer certificates it issues."""
+    write_initial_state(info, paths, say)
     write_tokens(paths, info.nodes)
     paths.ca_dir.mkdir(mode=0o700)
     say(f"starting the CA in {info.nodes[0].netns} on {info.ca_address}")
@@ -252,6 +265,8 @@ def down(name: str, *, timeout: float = STOP_TIMEOUT, say: Say = _quiet) -> bool
         errors.append("namespaces left: " + ", ".join(left))
     else:
         say(f"removed {len(spaces)} network namespace(s)")
+    if left := hosts.remove(spaces, rt.netns_prefix(name)):
+        errors.append("hosts files left: " + ", ".join(left))
     try:
         rt.remove_tree(paths.root)
         say(f"removed {paths.root}")
@@ -267,6 +282,45 @@ def _lab_ids(name: str, info: LabInfo | None, spaces: Sequence[str]) -> list[str
     prefix = rt.netns_prefix(name)
     ids = [info.lab_id] if info is not None and info.lab_id else []
     return ids + [ns[len(prefix):].split("-", 1)[0] for ns in spaces if ns.startswith(prefix)]
+
+
+# -- the cluster state --------------------------------------------------------------------------------------------
+@contextmanager
+def edit(info: LabInfo, paths: LabPaths) -> Iterator[LabObjects]:
+    """Change the cluster state (``state.edit``); when it changed, the nodes' kube-proxy tables and the pods'
+    hosts files follow it before the lock is released (``services.sync``)."""
+    with st.edit(paths.state, lambda state: _sync(info, state)) as state:
+        yield state
+
+
+def _sync(info: LabInfo, state: LabObjects) -> None:
+    try:
+        services.sync(info, state.objects)
+    except (LabError, OSError) as e:
+        raise LabError(f"the cluster state is saved, but the nodes do not follow it yet: {e}") from e
+
+
+def apply(info: LabInfo, paths: LabPaths, objects: Sequence[dict[str, Any]]) -> list[str]:
+    """Create or replace objects as ``kubectl apply -f`` does (whole objects, no field merging), after the
+    checks a cluster makes: Istio's webhook for policies, the API server for Services and EndpointSlices
+    (which also gives a Service its cluster IP). Any refusal refuses the whole batch (LabError naming each
+    object and field); else one "<resource>/<name> created|configured|unchanged" line per object."""
+    errors = [str(e) for e in PolicyEngine().update(objects)]
+    with edit(info, paths) as state:
+        errors += services.admit(state, objects)
+        if errors:
+            raise LabError("refused (nothing applied):\n  " + "\n  ".join(errors))
+        return [f"{resource(obj['kind'])}/{obj['metadata']['name']} {state.put(obj)}" for obj in objects]
+
+
+RESOURCES = {"AuthorizationPolicy": "authorizationpolicy.security.istio.io",
+             "PeerAuthentication": "peerauthentication.security.istio.io", "Namespace": "namespace",
+             "Service": "service", "EndpointSlice": "endpointslice.discovery.k8s.io"}
+
+
+def resource(kind: str) -> str:
+    """kubectl's name of a kind in its messages (``service/web created``)."""
+    return RESOURCES.get(kind, kind.lower())
 
 
 # -- agents ------------------------------------------------------------------------------------------------------
@@ -365,6 +419,7 @@ def status(name: str) -> dict[str, Any]:
                      "netns": pod.netns if pod else None, "host_ifname": pod.host_ifname if pod else None})
     return {
         "name": info.name, "dir": str(paths.root), "phase": info.phase, "trust_domain": info.trust_domain,
+        **service_status(state),
         "state_file": str(paths.state), "trust_bundle": str(paths.trust_bundle), "logs": str(paths.logs),
         "ca": {"node": info.ca_node, "address": info.ca_address,
                "netns": info.node(info.ca_node).netns if info.ca_node else None,
@@ -376,6 +431,26 @@ def status(name: str) -> dict[str, Any]:
         "pods": pods,
         "state_error": None if state is not None else f"cannot read {paths.state}",
     }
+
+
+def service_status(state: LabObjects | None) -> dict[str, Any]:
+    """``services``: each Service with its VIPs, ports and endpoints as the agents compute them;
+    ``service_errors``: the objects they would refuse."""
+    if state is None:
+        return {"services": [], "service_errors": []}
+    mesh, errors = services.mesh_state(state.objects)
+    found = []
+    for key in sorted(mesh.services):
+        svc = mesh.services[key]
+        endpoints = mesh.endpoints.get(key, {})
+        found.append({
+            "namespace": svc.namespace, "name": svc.name, "hostname": svc.hostname, "vips": list(svc.vips),
+            "ports": [{"port": p.port, "target_port": p.target_port, "target_name": p.target_name}
+                      for p in svc.ports],
+            "endpoints": [{"ip": ep.ip, "node": ep.node, "ports": {str(k): v for k, v in sorted(ep.ports.items())}}
+                          for _ip, ep in sorted(endpoints.items())],
+        })
+    return {"services": found, "service_errors": [str(e) for e in errors]}
 
 
 def resolve_target(info: LabInfo, target: str) -> str:

@@ -27,7 +27,7 @@ import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -302,9 +302,10 @@ def lock_path(path: Path) -> Path:
 
 
 @contextmanager
-def edit(path: Path) -> Iterator[LabObjects]:
+def edit(path: Path, changed: Callable[[LabObjects], None] | None = None) -> Iterator[LabObjects]:
     """Read-modify-write of a state file under an exclusive lock; the file is rewritten (atomically) only
-    when the body returns normally and something changed."""
+    when the body returns normally and something changed. ``changed`` is then called with the new state,
+    still under the lock (so that what it derives from the state is made in the order the states were)."""
     with open(lock_path(path), "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         state = LabObjects.load(path)
@@ -312,3 +313,5 @@ def edit(path: Path) -> Iterator[LabObjects]:
         yield state
         if state.dump() != before:
             state.save(path)
+            if changed is not None:
+                changed(state)
