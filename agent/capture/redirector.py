@@ -80,7 +80,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agent.capture import bpfsys
+from agent.capture import bpfsys, conntrack
 from agent.capture import netns as netns_mod
 from agent.capture.attach import FILTER_HANDLE, FILTER_PRIO, Attachment, Backend, Clsact, Tcx
 from agent.capture.kmap import KernelMap
@@ -201,6 +201,7 @@ class Redirector:
             self._open_kernel()
             self._choose_backend()
             self._routing().install()
+            self._untrack_steered()
             if self._uplink_names is None:
                 self._uplink_names = self._default_route_devices()
             for name in self._uplink_names:
@@ -211,6 +212,15 @@ class Redirector:
             self.close()
             raise
         return self
+
+    def _untrack_steered(self) -> None:
+        """Steered packets skip conntrack (see ``conntrack``); without nft, Service VIPs that a kube-proxy also
+        serves fail (reset), which is loud, not a leak: say so and go on."""
+        if not conntrack.available():
+            log.error("nft not found: captured connections to Service VIPs will be reset where kube-proxy DNATs "
+                      "them (install nftables)")
+            return
+        conntrack.install(self.netns, self.mark)
 
     def _open_kernel(self) -> None:
         """Netlink, and the two attachment backends' views of the namespace (no programs needed)."""
@@ -265,7 +275,8 @@ class Redirector:
         exactly as after a crash) and only releases this process's resources."""
         with self._poll_lock:
             if detach and self._ipr is not None:
-                for step in (self._remove_all_attachments, lambda: self._routing().remove()):
+                for step in (self._remove_all_attachments, lambda: self._routing().remove(),
+                             lambda: conntrack.remove(self.netns)):
                     try:
                         step()
                     except Exception:
