@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from agent.ca.authority import CertificateAuthority
-from hbone.identity import SpiffeId, WorkloadCertificate
-
-TRUST_DOMAIN = "cluster.local"
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, bcc)")
+from hbone.identity import WorkloadCertificate
+from tests.fixtures.certificates import TRUST_DOMAIN, spiffe
 
 
 @pytest.fixture(scope="session")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.create(TRUST_DOMAIN)
-
-
-def spiffe(ns: str, sa: str) -> SpiffeId:
-    return SpiffeId(TRUST_DOMAIN, ns, sa)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,19 @@
+"""Every test under tests/e2e/ needs root (network namespaces, most also bcc): each carries the ``root`` marker
+(``-m "not root"`` leaves them out) and is skipped when not run as root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+_ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, bcc)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.root)
+            item.add_marker(_ROOT_ONLY)
