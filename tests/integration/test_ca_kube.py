@@ -30,7 +30,8 @@ from agent.ca.kube import KubePodDirectory, ServiceAccountRef, TokenReviewAuthen
 from agent.ca.service import CaServer
 from agent.identity.ca_client import CaClient, CaRequestError
 from agent.identity.keys import make_csr, new_key
-from agent.kube import Backoff, Connection, connect
+from agent.kube import Connection, connect
+from agent.retry import Backoff
 from agent.sources.objectfile import SourceError
 from hbone.identity import SpiffeId, TrustBundle, identity_of
 from tests.fixtures.eventually import eventually

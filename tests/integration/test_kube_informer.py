@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.kube import AUTHORIZATION_POLICIES, PODS, Backoff, Connection, Delta, Informer, connect
+from agent.kube import AUTHORIZATION_POLICIES, PODS, Connection, Delta, Informer, connect
+from agent.retry import Backoff
 from tests.fixtures.eventually import eventually
 from tests.fixtures.kube_fake import FakeApiServer, authorization_policy, pod, service
 
@@ -171,15 +172,6 @@ async def test_dropped_connections_reconnect_with_exponential_backoff(
             assert gap >= 0.95 * 0.75 * backoff.initial * 2 ** (failures - 1), gaps
         assert informer.failures == 0 and informer.lists == 1
     assert "503" in caplog.text
-
-
-def test_backoff_grows_to_its_cap_with_jitter() -> None:
-    backoff = Backoff(initial=0.5, cap=30.0, factor=2.0, jitter=0.25)
-    for failures in range(1, 20):
-        base = min(30.0, 0.5 * 2 ** (failures - 1))
-        for _ in range(20):
-            assert 0.75 * base <= backoff.delay(failures) <= base <= 30.0
-    assert len({backoff.delay(20) for _ in range(10)}) > 1  # jittered even at the cap
 
 
 async def test_resync_redelivers_the_cache_without_listing(server: FakeApiServer, connection: Connection) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from agent.kube import AUTHORIZATION_POLICIES, PODS, Backoff, KubeConfigError, KubeSource
+from agent.kube import AUTHORIZATION_POLICIES, PODS, KubeConfigError, KubeSource
 from agent.mesh.store import Change, MeshState, MeshStore
+from agent.retry import Backoff
 from tests.fixtures.eventually import eventually
 from tests.fixtures.kube_fake import (
     FakeApiServer,

@@ -17,7 +17,8 @@ from cryptography import x509
 
 from agent.ca.authority import DEFAULT_TTL, CertificateAuthority
 from agent.identity.ca_client import CaRequestError
-from agent.identity.manager import Backoff, CertificateManager, CertificateUnavailable
+from agent.identity.manager import RENEWAL_BACKOFF, CertificateManager, CertificateUnavailable
+from agent.retry import Backoff
 from hbone.identity import (
     SpiffeId,
     TrustBundle,
@@ -77,7 +78,7 @@ def serial(cert: WorkloadCertificate) -> int:
 
 
 def test_backoff_doubles_from_one_second_to_150_with_jitter() -> None:
-    b = Backoff()
+    b = RENEWAL_BACKOFF
     assert [b.delay(n, 0.0) for n in range(1, 11)] == [1, 2, 4, 8, 16, 32, 64, 128, 150, 150]
     assert b.delay(10_000, 0.0) == 150
     assert b.delay(1, 0.999) == pytest.approx(0.8, abs=0.001)  # jitter takes off at most 20 %
@@ -121,7 +122,7 @@ async def test_renews_in_the_background_at_half_of_the_lifetime() -> None:
 
 async def test_failed_renewals_back_off_while_the_old_certificate_stays_in_use() -> None:
     time = ManualTime()
-    manager, ca, _ = local(time, backoff=Backoff(jitter=0.2), rand=lambda: 0.0)
+    manager, ca, _ = local(time, backoff=RENEWAL_BACKOFF, rand=lambda: 0.0)
     first = await manager.get(WEB)
     wait = await time.next_sleep()
     ca.failing = DOWN
@@ -148,7 +149,7 @@ async def test_failed_renewals_back_off_while_the_old_certificate_stays_in_use()
 
 async def test_first_fetch_failure_fails_fast_until_a_retry_succeeds() -> None:
     time = ManualTime()
-    manager, ca, _ = local(time, backoff=Backoff(jitter=0.0))
+    manager, ca, _ = local(time, backoff=Backoff(initial=1.0, cap=150.0, jitter=0.0))
     ca.failing = DOWN
     with pytest.raises(CertificateUnavailable, match="CA is down"):
         await manager.get(WEB)
@@ -168,7 +169,7 @@ async def test_first_fetch_failure_fails_fast_until_a_retry_succeeds() -> None:
 async def test_an_expired_certificate_is_not_handed_out() -> None:
     time = ManualTime()
     manager, ca, _ = local(time, validity=dt.timedelta(hours=1),
-                           backoff=Backoff(initial=1000, maximum=1000, jitter=0.0))
+                           backoff=Backoff(initial=1000, cap=1000, jitter=0.0))
     first = await manager.get(WEB)
     ca.failing = DOWN
     time.advance(await time.next_sleep())  # half-life: renewal fails
@@ -208,7 +209,7 @@ async def test_forget_stops_renewing_and_releases_waiters() -> None:
 
 async def test_certificates_that_do_not_verify_are_refused() -> None:
     time = ManualTime()
-    manager, ca, _ = local(time, backoff=Backoff(jitter=0.0))
+    manager, ca, _ = local(time, backoff=Backoff(initial=1.0, cap=150.0, jitter=0.0))
     ca.authority = CertificateAuthority.create("cluster.local")  # a CA whose root we do not trust
     with pytest.raises(CertificateUnavailable, match="does not chain"):
         await manager.get(WEB)
