@@ -16,6 +16,7 @@ import re
 import socket
 from collections.abc import Callable
 
+from agent.mesh.model import Address
 from agent.proxy.context import Mesh
 from agent.proxy.sockets import addresses, close_with_reset, dial
 from agent.proxy.splice import Splice
@@ -27,7 +28,6 @@ from hbone.server import HboneServer, InboundRequest
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 
 

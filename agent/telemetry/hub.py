@@ -14,16 +14,22 @@ import threading
 from dataclasses import dataclass
 
 from agent.identity.manager import CertificateStatus
+from agent.mesh.model import Address
 from agent.mesh.store import Change, MeshState, MeshStore
-from agent.telemetry.admin import AdminServer, ConfigDump, ReadyCheck
+from agent.telemetry.admin import (
+    ADMIN_ADDRESS,
+    METRICS_ADDRESS,
+    READY_ADDRESS,
+    AdminServer,
+    ConfigDump,
+    ReadyCheck,
+)
 from agent.telemetry.kernel import KernelEventSource
 from agent.telemetry.metrics import Metrics
 from agent.telemetry.observer import ObserverServer
 from agent.telemetry.recorder import Endpoint, FlowHandle, FlowRecorder
 
 log = logging.getLogger(__name__)
-
-Address = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -32,9 +38,9 @@ class TelemetryConfig:
     flows: int = 4096  # flows kept in the ring
     observer_socket: str | None = None
     observer_listen: str | None = "0.0.0.0:4244"
-    metrics_listen: Address = ("0.0.0.0", 15020)
-    ready_listen: Address = ("0.0.0.0", 15021)
-    admin_listen: Address = ("127.0.0.1", 15000)
+    metrics_listen: Address = METRICS_ADDRESS
+    ready_listen: Address = READY_ADDRESS
+    admin_listen: Address = ADMIN_ADDRESS
     admin_socket: str | None = None  # the admin endpoints on a unix socket too (``ambit status`` in the lab)
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.mesh.model import Address
 from bench.harness import Config, run
-from bench.paths import Addr, Place, Running
+from bench.paths import Place, Running
 
 
 class _ToReceiver:
@@ -17,13 +18,13 @@ class _ToReceiver:
 
     def __init__(self, name: str, place: Place) -> None:
         self.name, self.description, self.receiver = name, f"to {place.host}", place
-        self.targets: list[Addr] = []
+        self.targets: list[Address] = []
 
     def unavailable(self) -> str | None:
         return None
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         self.targets.append(target)
         yield Running(target)
 
