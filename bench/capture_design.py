@@ -193,10 +193,10 @@ def _agent_child(
         for att in r.attachments():
             held.append(bpfsys.obj_get(att.ident))
             os.unlink(att.ident)
-    relay = TransparentRelay(None, ports=(15001,))
+    relay = TransparentRelay(None, ports=(15001,)).start()
     conn.send("ready")
     signal.pause()
-    relay.stop()
+    relay.close()
 
 
 def _outcome(a: Pod, c: Pod) -> str:

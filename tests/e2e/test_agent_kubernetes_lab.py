@@ -41,6 +41,7 @@ from agent.capture import netns
 from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabInfo, LabPaths, NodeInfo, PodInfo
+from agent.mesh.model import Address
 from tests.fixtures.eventually import eventually
 from tests.fixtures.kube_fake import FakeApiServer, namespace, pod
 from tests.fixtures.lab_helpers import PodServer
@@ -128,7 +129,7 @@ class Forwarder:
 class RawEcho(PodServer):
     """Echoes each connection's bytes until EOF."""
 
-    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+    def serve(self, conn: socket.socket, peer: Address, port: int) -> None:
         while data := conn.recv(65536):
             conn.sendall(data)
 

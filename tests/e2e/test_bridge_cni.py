@@ -248,11 +248,11 @@ def capture(lab: Lab) -> Iterator[tuple[Redirector, TransparentRelay]]:
     bpffs = tempfile.mkdtemp(prefix="ambit-brcni-bpffs-")
     subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)
     node = lab.nodes[0]
-    servers = [EchoServer(p.netns, ports=(8080,)) for p in lab.pods]
+    servers = [EchoServer(p.netns, ports=(8080,)).start() for p in lab.pods]
     relay: TransparentRelay | None = None
     agent: Redirector | None = None
     try:
-        relay = TransparentRelay(node.netns)
+        relay = TransparentRelay(node.netns).start()
         agent = Redirector(["eth0"], netns=node.netns, bpffs=bpffs).start()
         a, b = lab.pods[0], lab.pods[1]
         agent.enroll(a.ip, host_ifname_for(a.ip, netns=node.netns))
@@ -262,7 +262,7 @@ def capture(lab: Lab) -> Iterator[tuple[Redirector, TransparentRelay]]:
         if agent is not None:
             agent.close()
         for server in [*([relay] if relay else []), *servers]:
-            server.stop()
+            server.close()
         subprocess.run(["umount", "-l", bpffs], check=False)
         os.rmdir(bpffs)
 

@@ -68,13 +68,13 @@ def bpffs() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def servers(lab: Lab) -> Iterator[None]:
-    running = [EchoServer(p.netns, ports=(8080, 15008)) for p in lab.pods]
-    running += [EchoServer(p.netns, ports=(8081,), greet_only=True) for p in lab.pods]
+    running = [EchoServer(p.netns, ports=(8080, 15008)).start() for p in lab.pods]
+    running += [EchoServer(p.netns, ports=(8081,), greet_only=True).start() for p in lab.pods]
     try:
         yield
     finally:
         for s in running:
-            s.stop()
+            s.close()
 
 
 def leftovers(lab: Lab, bpffs: str) -> list[str]:
@@ -129,12 +129,12 @@ def agents(lab: Lab, bpffs: str, servers: None) -> Iterator[Agents]:
 
 @pytest.fixture
 def relays(lab: Lab) -> Iterator[list[TransparentRelay]]:
-    running = [TransparentRelay(node.netns) for node in lab.nodes]
+    running = [TransparentRelay(node.netns).start() for node in lab.nodes]
     try:
         yield running
     finally:
         for r in running:
-            r.stop()
+            r.close()
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ AGENT_PROCESS = textwrap.dedent(
     pod_ip, ifname, backend, bpffs = sys.argv[1:5]
     r = Redirector(["eth0"], backend=backend, bpffs=bpffs).start()
     r.enroll(pod_ip, ifname)
-    relay = TransparentRelay(None, ports=(15001,))
+    relay = TransparentRelay(None, ports=(15001,)).start()
     print("ready", flush=True)
     signal.pause()
     """

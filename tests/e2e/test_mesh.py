@@ -190,7 +190,7 @@ def test_unenrolled_namespace_passes_in_the_clear_untouched(lab: MeshLab, tmp_pa
 def test_enroll_and_leave_while_pods_run(lab: MeshLab, tmp_path: Path) -> None:
     a, b = lab.pod("app-1-2"), lab.pod("app-2-2")
     server = lab.servers[b.name]
-    listener = server._sock
+    listener = server.listeners[SERVER_PORT]
     netns_ids = [os.stat(f"/run/netns/{p.netns}").st_ino for p in (a, b)]
     small = Payload.make(64 << 10)
 
@@ -231,7 +231,7 @@ def test_enroll_and_leave_while_pods_run(lab: MeshLab, tmp_path: Path) -> None:
     finally:
         before.close()
     # The same server process (listener) and the same pod namespaces served everything: no restart.
-    assert server._sock is listener and listener is not None and listener.fileno() >= 0
+    assert server.listeners[SERVER_PORT] is listener and listener.fileno() >= 0
     assert server.accepted - accepted == 4  # before, the enrolled transfer, held, the released transfer
     assert [os.stat(f"/run/netns/{p.netns}").st_ino for p in (a, b)] == netns_ids
 
