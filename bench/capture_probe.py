@@ -10,9 +10,12 @@ sockets live in the target namespace.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from agent.capture import netns as netns_mod
@@ -104,6 +107,34 @@ class EchoServer(ThreadedServer):
         conn.sendall(f"peer={peer[0]}:{peer[1]} got=".encode() + data)
 
 
+def _client(ns: str | None, timeout: float, source_port: int) -> socket.socket:
+    """A TCP socket made in namespace `ns`, bound to `source_port` if given (0: any)."""
+    with netns_mod.entered(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if source_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", source_port))
+        s.settimeout(timeout)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@contextlib.contextmanager
+def private_bpffs() -> Iterator[str]:
+    """A bpffs mounted on a temporary directory for the duration of the block (tcx pins of a test or an
+    experiment; the machine's /sys/fs/bpf is left alone)."""
+    d = tempfile.mkdtemp(prefix="ambit-bpffs-")
+    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=False)
+        os.rmdir(d)
+
+
 def request(
     ns: str | None, ip: str, port: int, payload: bytes = b"hello", timeout: float = 2.0,
     source_port: int = 0,
@@ -118,13 +149,7 @@ def exchange(
 ) -> tuple[tuple[str, int], bytes]:  # fmt: skip
     """Like request(), also returning the client's own address (to tell a relayed connection from a
     direct one: a relay that does not keep the source port shows the server another port)."""
-    with netns_mod.entered(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with s:
-        if source_port:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", source_port))
-        s.settimeout(timeout)
+    with _client(ns, timeout, source_port) as s:
         s.connect((ip, port))
         local = s.getsockname()
         s.sendall(payload)
@@ -137,13 +162,7 @@ def exchange(
 
 def connect_time(ns: str | None, ip: str, port: int, timeout: float = 3.0, source_port: int = 0) -> float:
     """Seconds for one connect() from namespace `ns` (raises on failure)."""
-    with netns_mod.entered(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with s:
-        if source_port:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", source_port))
-        s.settimeout(timeout)
+    with _client(ns, timeout, source_port) as s:
         t0 = time.perf_counter()
         s.connect((ip, port))
         return time.perf_counter() - t0

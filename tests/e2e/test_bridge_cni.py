@@ -14,13 +14,12 @@ an enrolled pod, and pod-to-pod on one node (both ways) all reach the agent.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
-import os
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +28,7 @@ import pytest
 from agent.capture import Redirector, host_ifname_for, netns
 from agent.capture.links import _fdb_port_hint, _Rtnl
 from agent.lab import Lab, Node, Pod, topology
-from bench.capture_probe import EchoServer, TransparentRelay, exchange
+from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
 from tests.fixtures.eventually import eventually_sync
 
 pytestmark = pytest.mark.timeout(120)
@@ -245,26 +244,18 @@ def capture(lab: Lab) -> Iterator[tuple[Redirector, TransparentRelay]]:
     """Node 0's Redirector (private bpffs, tcx or clsact) and a transparent relay in its namespace, echo servers
     on 8080 in every pod; pod A (node 0) is enrolled on the interface host_ifname_for names, B is hooked."""
     pytest.importorskip("bcc", reason="Debian's python3-bpfcc is not importable")
-    bpffs = tempfile.mkdtemp(prefix="ambit-brcni-bpffs-")
-    subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)
     node = lab.nodes[0]
-    servers = [EchoServer(p.netns, ports=(8080,)).start() for p in lab.pods]
-    relay: TransparentRelay | None = None
-    agent: Redirector | None = None
-    try:
-        relay = TransparentRelay(node.netns).start()
+    with contextlib.ExitStack() as running:  # unwound in reverse: the agent, the relay, the servers, the bpffs
+        bpffs = running.enter_context(private_bpffs())
+        for p in lab.pods:
+            running.enter_context(EchoServer(p.netns, ports=(8080,)))
+        relay = running.enter_context(TransparentRelay(node.netns))
         agent = Redirector(["eth0"], netns=node.netns, bpffs=bpffs).start()
+        running.callback(agent.close)
         a, b = lab.pods[0], lab.pods[1]
         agent.enroll(a.ip, host_ifname_for(a.ip, netns=node.netns))
         agent.hook(host_ifname_for(b.ip, netns=node.netns))
         yield agent, relay
-    finally:
-        if agent is not None:
-            agent.close()
-        for server in [*([relay] if relay else []), *servers]:
-            server.close()
-        subprocess.run(["umount", "-l", bpffs], check=False)
-        os.rmdir(bpffs)
 
 
 def test_inbound_from_another_node_to_a_bridge_attached_pod_is_captured(

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from agent.capture import (
 from agent.capture.attach import CLSACT_INGRESS, Backend
 from agent.capture.programs import POD_PROG
 from agent.lab import Lab, Node, Pod
-from bench.capture_probe import EchoServer, TransparentRelay, exchange
+from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
 from tests.fixtures.repo import REPO
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,14 +55,8 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def bpffs() -> Iterator[str]:
-    """A private bpffs for tcx pins (the machine's /sys/fs/bpf is left alone)."""
-    d = tempfile.mkdtemp(prefix="ambit-test-bpffs-")
-    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
-    try:
+    with private_bpffs() as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=False)
-        os.rmdir(d)
 
 
 @pytest.fixture(scope="module")
