@@ -43,16 +43,8 @@ class ThreadedServer:
         raise NotImplementedError
 
     def listener(self, port: int) -> socket.socket:
-        """The listening socket for ``port``, made inside the namespace."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, port))
-            sock.listen(256)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        """The listening socket for ``port``, made inside the namespace (SO_REUSEADDR, as create_server sets it)."""
+        return socket.create_server((self.host, port), backlog=256)
 
     def start(self) -> Self:
         with netns.entered(self.ns):

@@ -8,19 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import netns
-from agent.lab import runtime as rt
-from agent.lab.runtime import LabPaths
 from bench.envoy import find_envoy
 from bench.harness import Config, run
 from bench.lab import MESH, PLAIN, LabAmbitPath, LabDirectPath, LabEnvoyPath, bench_lab
 from bench.paths import BenchPath, MeshCerts
+from tests.fixtures.lab_helpers import lab_leftovers
 from tests.fixtures.machine import needs_bcc
-
-
-def _leftovers(name: str) -> list[str]:
-    left = [n for n in netns.list_netns() if n.startswith(rt.netns_prefix(name))]
-    return left + [str(p) for p in [LabPaths.of(name).root] if p.exists()]
 
 
 @pytest.mark.timeout(300)
@@ -37,7 +30,7 @@ def test_lab_set_measures_three_paths_then_is_removed(tmp_path: Path) -> None:
             results = run(paths, Config(8 << 20, 1, 200, 1024, 20, 1, tmp_path), progress=False)
             agents = {lab.agent(0).pid, lab.agent(1).pid}
     finally:
-        assert _leftovers(name) == []
+        assert lab_leftovers(name, processes=False) == []
     by = {r.name: r for r in results}
     assert all(r.bulk[0].nbytes == 8 << 20 and len(r.rr[0].samples_ns) == 200 for r in results)
     assert by["direct"].bulk[0].proxy_cpu == {}
@@ -51,6 +44,6 @@ def test_lab_set_measures_three_paths_then_is_removed(tmp_path: Path) -> None:
 def test_lab_is_removed_when_the_run_fails(tmp_path: Path) -> None:
     name = f"tb-{secrets.token_hex(3)}"
     with pytest.raises(RuntimeError, match="measurement failed"), bench_lab(tmp_path, lambda _m: None, name=name):
-        assert len(_leftovers(name)) == 8  # seven namespaces and the lab directory
+        assert len(lab_leftovers(name, processes=False)) == 8  # seven namespaces and the lab directory
         raise RuntimeError("measurement failed")
-    assert _leftovers(name) == []
+    assert lab_leftovers(name, processes=False) == []

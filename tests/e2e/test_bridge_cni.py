@@ -15,10 +15,8 @@ an enrolled pod, and pod-to-pod on one node (both ways) all reach the agent.
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import json
-import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +28,7 @@ from agent.capture.links import _fdb_port_hint, _Rtnl
 from agent.lab import Lab, Node, Pod, topology
 from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
 from tests.fixtures.eventually import eventually_sync
+from tests.fixtures.lab_helpers import reachable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,15 +59,6 @@ def ifindex(ns: str, ifname: str) -> int:
 
 def pod_mac(pod: Pod) -> str:
     return str(_json(["ip", "-n", pod.netns, "-j", "link", "show", pod.ifname])[0]["address"])
-
-
-def reachable(src_ns: str, ip: str, port: int = 9) -> bool:
-    """TCP to a closed port: 'connection refused' proves the path both ways."""
-    with netns.entered(src_ns):
-        s = socket.socket()
-    with s:
-        s.settimeout(2)
-        return s.connect_ex((ip, port)) == errno.ECONNREFUSED
 
 
 def ipr_index(ns: str, name: str) -> int:

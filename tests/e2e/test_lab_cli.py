@@ -22,7 +22,7 @@ from agent.lab import runtime as rt
 from agent.lab.runtime import LabInfo, LabPaths
 from agent.lab.state import LabObjects
 from tests.fixtures.eventually import eventually_sync
-from tests.fixtures.lab_helpers import lab_processes
+from tests.fixtures.lab_helpers import lab_leftovers, lab_processes
 from tests.fixtures.machine import needs_bcc
 
 LAB_CLI = [sys.executable, "-m", "agent.lab.cli"]
@@ -48,9 +48,7 @@ def gone(pid: int) -> bool:
 
 
 def leftovers(name: str) -> list[str]:
-    left = [n for n in netns.list_netns() if n.startswith(rt.netns_prefix(name))]
-    left += [str(p) for p in [LabPaths.of(name).root] if p.exists()]
-    return left + processes_of(name)
+    return lab_leftovers(name, processes=False) + processes_of(name)
 
 
 @pytest.fixture

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
-import socket
 import subprocess
 
 import pytest
 
 from agent.capture import netns
 from agent.lab import Lab, topology
-
-
-def _reachable(src_ns: str, ip: str, port: int = 9) -> bool:
-    """TCP to a closed port: 'connection refused' proves the path both ways."""
-    with netns.entered(src_ns):
-        s = socket.socket()
-    with s:
-        s.settimeout(2)
-        err = s.connect_ex((ip, port))
-    return err == errno.ECONNREFUSED
+from tests.fixtures.lab_helpers import reachable
 
 
 def test_up_down_leaves_nothing_and_pods_reach_each_other() -> None:
@@ -34,9 +23,9 @@ def test_up_down_leaves_nothing_and_pods_reach_each_other() -> None:
         for src in lab.pods:
             for dst in lab.pods:
                 if src is not dst:
-                    assert _reachable(src.netns, dst.ip), f"{src.ip} -> {dst.ip}"
+                    assert reachable(src.netns, dst.ip), f"{src.ip} -> {dst.ip}"
         node = lab.nodes[0]
-        assert _reachable(node.netns, lab.pods[2].ip)  # node -> pod on another node
+        assert reachable(node.netns, lab.pods[2].ip)  # node -> pod on another node
         assert lab.pods[0].host_ifname in {link["ifname"] for link in lab.links(node.netns)}
     finally:
         lab.down()
@@ -94,4 +83,4 @@ def test_python_process_in_namespace_and_parallel_labs() -> None:
             proc.join(5)
         # same addresses in both labs, fully isolated from each other
         assert one.pods[0].ip == two.pods[0].ip
-        assert _reachable(one.nodes[0].netns, one.pods[0].ip)
+        assert reachable(one.nodes[0].netns, one.pods[0].ip)

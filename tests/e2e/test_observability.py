@@ -49,8 +49,8 @@ class ObsLab(o.RunningLab):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObsLab]:
-    with o.lab_with_flags("obs", nodes=2, pods=3, namespaces=(FRONT, BACK),
-                          agent_flags=["--flows", str(RING)]) as (info, paths):
+    with h.running_lab("obs", nodes=2, pods=3, namespaces=(FRONT, BACK),
+                       agent_flags=["--flows", str(RING)]) as (info, paths):
         lab = ObsLab(info, paths)
         try:
             for p in info.pods:
