@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -73,11 +74,22 @@ async def run(args: argparse.Namespace) -> None:
     await agent.close(release=args.release_on_exit)
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one, as Envoy and ztunnel do: every proxied connection
+    holds a socket (two on a node that is both ends), and the common soft default of 1024 would cap the agent
+    at a few hundred connections. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_buffers_on_heap()
+    logging.getLogger("agent").info("open files limit: %d", raise_fd_limit())
     uvloop.run(run(args))
     return 0
 

@@ -16,8 +16,10 @@ _SYS_BPF = 321  # x86_64
 _ATTR_SIZE = 144
 
 # commands
+BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_GET_FD_BY_ID = 13
@@ -65,6 +67,48 @@ def map_delete(map_fd: int, key: bytes) -> None:
     """BPF_MAP_DELETE_ELEM."""
     k = ctypes.create_string_buffer(key, len(key))
     _bpf(BPF_MAP_DELETE_ELEM, struct.pack("=IIQ", map_fd, 0, _ptr(k)))
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """BPF_MAP_LOOKUP_ELEM; None when the key is absent."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", map_fd, 0, _ptr(k), _ptr(v), 0))
+    except FileNotFoundError:
+        return None
+    return v.raw
+
+
+def map_next_key(map_fd: int, key: bytes | None, key_size: int) -> bytes | None:
+    """BPF_MAP_GET_NEXT_KEY: the key after ``key`` (the first with None); None at the end."""
+    nxt = ctypes.create_string_buffer(key_size)
+    k = ctypes.create_string_buffer(key, len(key)) if key is not None else None
+    try:
+        _bpf(BPF_MAP_GET_NEXT_KEY, struct.pack("=IIQQ", map_fd, 0, _ptr(k) if k is not None else 0, _ptr(nxt)))
+    except FileNotFoundError:
+        return None
+    return nxt.raw
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """The fields of struct bpf_map_info we use."""
+
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def map_info(map_fd: int) -> MapInfo:
+    """BPF_OBJ_GET_INFO_BY_FD on a map."""
+    raw = _info(map_fd, 88)
+    typ, mid, key_size, value_size, max_entries, _flags = struct.unpack_from("=IIIIII", raw, 0)
+    name = raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
+    return MapInfo(typ, mid, key_size, value_size, max_entries, name)
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -16,6 +16,7 @@ F_LOOKUP_SELECTS = 1 << 1
 
 IF_POD = 1
 IF_UPLINK = 2
+IF_BRIDGE = 3
 
 
 class Listener(enum.IntEnum):
@@ -52,6 +53,7 @@ class Reason(enum.IntEnum):
     ASSIGN_FAIL = 2
     STALE_FLOW = 3
     FAIL_OPEN = 4
+    SPOOFED = 5
 
 
 class Hook(enum.IntEnum):
@@ -74,6 +76,7 @@ class Counter(enum.IntEnum):
     FAIL_OPEN = 7
     EVENTS_LOST = 8
     LOOKUP_SELECTED = 9
+    DROP_SPOOFED = 10
 
 
 COUNTER_COUNT = len(Counter)
@@ -136,6 +139,7 @@ _REASONS = {
     Reason.ASSIGN_FAIL: "the kernel refused to hand the packet to the agent's socket",
     Reason.STALE_FLOW: "packet of a captured flow whose proxy socket is gone",
     Reason.FAIL_OPEN: "fail-open: no agent listener",
+    Reason.SPOOFED: "source address of an enrolled pod arriving on another interface (spoofed)",
 }
 _ACTIONS = {
     Verdict.STEERED: "steered back to the proxy's socket",

@@ -59,7 +59,10 @@ program swapped in place); then `reconcile(desired)` fills the new maps, swaps e
 place and removes anything of ours that is not desired (duplicates, released pods, other backend, pins
 of vanished devices). Call reconcile() right after start().
 
-Limits: IPv4 only (IPv6 TCP of enrolled pods is not captured); IP fragments pass; same-node traffic to an
+Limits: IPv4 only (IPv6 TCP of enrolled pods is not captured); IP fragments pass; a destination the node
+has no route for (a Service VIP on a node without a default route, which Kubernetes requires) is taken for a
+local address by the existing-socket check (bpf_fib_lookup answers NOT_FWDED for both), so its later packets
+are not steered; same-node traffic to an
 enrolled pod is captured only as outbound at an enrolled source. The agent must not spoof the client's
 address towards node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed:
 those replies would bypass the programs.
@@ -80,10 +83,13 @@ from typing import Any, Literal
 from agent.capture import bpfsys
 from agent.capture import netns as netns_mod
 from agent.capture.attach import FILTER_HANDLE, FILTER_PRIO, Attachment, Backend, Clsact, Tcx
+from agent.capture.kmap import KernelMap
+from agent.capture.loader import Loaded, load
 from agent.capture.maps import (
     COUNTER_COUNT,
     F_FAIL_OPEN,
     F_LOOKUP_SELECTS,
+    IF_BRIDGE,
     IF_POD,
     IF_UPLINK,
     BridgePortC,
@@ -95,14 +101,8 @@ from agent.capture.maps import (
     ip_key,
     key_ip,
 )
-from agent.capture.programs import (
-    LOOKUP_PROG,
-    POD_PROG,
-    UPLINK_PROG,
-    RedirectError,
-    bpfsys_table_fd,
-    compile_programs,
-)
+from agent.capture.programs import LOOKUP_PROG, POD_PROG, UPLINK_PROG, RedirectError
+from agent.capture.ringbuf import RingBufferReader
 from agent.capture.routing import ROUTE_TABLE, RULE_PRIORITY, PolicyRouting
 from agent.mesh.ports import AGENT_MARK, Ports
 
@@ -155,7 +155,9 @@ class Redirector:
         self._bpffs = bpffs
         self._instance = instance
         self._uplink_names = list(uplinks) if uplinks is not None else None
-        self._bpf: Any = None
+        self._loaded: Loaded | None = None
+        self._maps: dict[str, KernelMap[Any, Any]] = {}
+        self._ring: RingBufferReader | None = None
         self._ipr: Any = None
         self._fds: dict[str, int] = {}
         self._clsact: Clsact | None = None
@@ -167,27 +169,27 @@ class Redirector:
         self._listeners: dict[Listener, socket.socket] = {}
         self._lookup_link_fd: int | None = None
         self._callbacks: list[Callable[[FlowEvent], None]] = []
-        self._pending: list[FlowEvent] = []
-        self._ring_open = False
         self._poll_lock = threading.Lock()
         self._netns_ino = 0
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> Redirector:
-        """Compile and load the programs, set up policy routing, attach to the uplinks. Idempotent setup:
-        running it over the leftovers of a crashed agent adds nothing twice."""
-        if self._bpf is not None:
+        """Compile and load the programs (in a short-lived loader process: see ``loader``), set up policy
+        routing, attach to the uplinks. Idempotent setup: running it over the leftovers of a crashed agent adds
+        nothing twice."""
+        if self._loaded is not None:
             return self
         try:
-            self._bpf = compile_programs([f"-DAMBIT_RINGBUF_PAGES={self._ringbuf_pages}"])
-            b = self._bpf
-            from bcc import BPF
-
-            self._fds[POD_PROG] = b.load_func(POD_PROG.encode(), BPF.SCHED_CLS).fd
-            self._fds[UPLINK_PROG] = b.load_func(UPLINK_PROG.encode(), BPF.SCHED_CLS).fd
-            self._fds[LOOKUP_PROG] = b.load_func(
-                LOOKUP_PROG.encode(), bpfsys.BPF_PROG_TYPE_SK_LOOKUP, attach_type=bpfsys.BPF_SK_LOOKUP
-            ).fd
+            self._loaded = loaded = load(self._ringbuf_pages)
+            self._fds = dict(loaded.programs)
+            m = loaded.maps
+            self._maps = {
+                "config": KernelMap(m["config"], ctypes.c_uint32, ConfigC),
+                "enrolled": KernelMap(m["enrolled"], ctypes.c_uint32, PodC),
+                "ifaces": KernelMap(m["ifaces"], ctypes.c_uint32, ctypes.c_uint32),
+                "bridge_ports": KernelMap(m["bridge_ports"], ctypes.c_uint32, BridgePortC),
+                "counters": KernelMap(m["counters"], ctypes.c_uint32, ctypes.c_uint64, percpu=True),
+            }
             self._write_config()
             with netns_mod.entered(self.netns):
                 from pyroute2 import IPRoute
@@ -202,8 +204,7 @@ class Redirector:
             for name in self._uplink_names:
                 self.uplinks[name] = self._ifindex(name)
             self._attach_uplinks()
-            b[b"events"].open_ring_buffer(self._on_ring)
-            self._ring_open = True
+            self._ring = RingBufferReader(m["events"])
         except BaseException:
             self.close()
             raise
@@ -249,15 +250,17 @@ class Redirector:
             if self._lookup_link_fd is not None:
                 os.close(self._lookup_link_fd)
                 self._lookup_link_fd = None
-            if self._bpf is not None:
-                with contextlib.suppress(Exception):
-                    self._bpf.cleanup()
-                self._bpf = None
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
+            self._maps.clear()  # their fds belong to the loaded set, closed next
+            if self._loaded is not None:
+                self._loaded.close()
+                self._loaded = None
             if self._ipr is not None:
                 self._ipr.close()
                 self._ipr = None
             self._fds.clear()
-            self._ring_open = False
 
     def __enter__(self) -> Redirector:
         return self.start()
@@ -290,8 +293,8 @@ class Redirector:
         if bridge is None:
             return
         bridge_ix, mac = bridge
-        self._bpf[b"bridge_ports"][ctypes.c_uint32(ifindex)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
-        self._bpf[b"ifaces"][ctypes.c_uint32(bridge_ix)] = ctypes.c_uint32(IF_POD)
+        self._maps["bridge_ports"][ctypes.c_uint32(ifindex)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
+        self._maps["ifaces"][ctypes.c_uint32(bridge_ix)] = ctypes.c_uint32(IF_BRIDGE)
         self._attach(bridge_ix, POD_PROG)
 
     def _ifname(self, ifindex: int) -> str:
@@ -319,8 +322,7 @@ class Redirector:
         cfg.port[Listener.OUTBOUND] = self.ports.outbound
         cfg.port[Listener.INBOUND] = self.ports.inbound
         cfg.port[Listener.HBONE] = self.ports.hbone
-        table = self._bpf[b"config"]
-        table[ctypes.c_int(0)] = cfg
+        self._maps["config"][ctypes.c_uint32(0)] = cfg
 
     # -- attachments -----------------------------------------------------------------------------------
     def _attach(self, ifindex: int, prog: str) -> None:
@@ -365,8 +367,8 @@ class Redirector:
         """Capture the pod's new TCP connections from now on (existing ones continue uncaptured)."""
         self._require_started()
         ifindex = self._ifindex(host_ifname)
-        self._bpf[b"enrolled"][ctypes.c_uint32(ip_key(pod_ip))] = PodC(ifindex=ifindex)
-        self._bpf[b"ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
+        self._maps["enrolled"][ctypes.c_uint32(ip_key(pod_ip))] = PodC(ifindex=ifindex)
+        self._maps["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
         self._attach(ifindex, POD_PROG)
         self._attach_bridge_of(ifindex)
         self._enrolled[pod_ip] = (host_ifname, ifindex)
@@ -377,14 +379,14 @@ class Redirector:
         self._require_started()
         entry = self._enrolled.pop(pod_ip, None)
         with contextlib.suppress(KeyError):
-            del self._bpf[b"enrolled"][ctypes.c_uint32(ip_key(pod_ip))]
+            del self._maps["enrolled"][ctypes.c_uint32(ip_key(pod_ip))]
         if entry is None:
             return
         _name, ifindex = entry
         if ifindex in self._hooked.values() or any(ix == ifindex for _n, ix in self._enrolled.values()):
             return
         with contextlib.suppress(KeyError):
-            del self._bpf[b"ifaces"][ctypes.c_uint32(ifindex)]
+            del self._maps["ifaces"][ctypes.c_uint32(ifindex)]
         self._detach_ifindex(ifindex)
 
     def hook(self, host_ifname: str) -> None:
@@ -392,7 +394,7 @@ class Redirector:
         to that pod with a spoofed (client pod) source address, so the replies reach the proxy."""
         self._require_started()
         ifindex = self._ifindex(host_ifname)
-        self._bpf[b"ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
+        self._maps["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
         self._attach(ifindex, POD_PROG)
         self._attach_bridge_of(ifindex)
         self._hooked[host_ifname] = ifindex
@@ -403,12 +405,12 @@ class Redirector:
         if ifindex is None or any(ix == ifindex for _n, ix in self._enrolled.values()):
             return
         with contextlib.suppress(KeyError):
-            del self._bpf[b"ifaces"][ctypes.c_uint32(ifindex)]
+            del self._maps["ifaces"][ctypes.c_uint32(ifindex)]
         self._detach_ifindex(ifindex)
 
     def _attach_uplinks(self) -> None:
         for ifindex in self.uplinks.values():
-            self._bpf[b"ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_UPLINK)
+            self._maps["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_UPLINK)
             self._attach(ifindex, UPLINK_PROG)
 
     def enrolled(self) -> dict[str, str]:
@@ -433,7 +435,7 @@ class Redirector:
                 want_hooked[name] = self._ifindex(name)
 
         # maps first, so the programs swapped in below see the full state
-        enrolled = self._bpf[b"enrolled"]
+        enrolled = self._maps["enrolled"]
         want_keys = {ip_key(ip) for ip in want_pods}
         for k in list(enrolled.keys()):
             if k.value not in want_keys:
@@ -445,15 +447,15 @@ class Redirector:
         for ix in list(roles):
             if (bridge := self._bridge_of(ix)) is not None:
                 ports[ix] = bridge[1]
-                roles[bridge[0]] = IF_POD
-        bridge_ports = self._bpf[b"bridge_ports"]
+                roles[bridge[0]] = IF_BRIDGE
+        bridge_ports = self._maps["bridge_ports"]
         for k in list(bridge_ports.keys()):
             if k.value not in ports:
                 del bridge_ports[k]
         for ix, mac in ports.items():
             bridge_ports[ctypes.c_uint32(ix)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
         roles |= dict.fromkeys(self.uplinks.values(), IF_UPLINK)
-        ifaces = self._bpf[b"ifaces"]
+        ifaces = self._maps["ifaces"]
         for k in list(ifaces.keys()):
             if k.value not in roles:
                 del ifaces[k]
@@ -488,7 +490,7 @@ class Redirector:
     def set_fail_open(self, fail_open: bool) -> None:
         """Fail-open: when the agent's listener is missing, captured TCP is forwarded unchanged."""
         self._fail_open = fail_open
-        if self._bpf is not None:
+        if self._loaded is not None:
             self._write_config()
 
     @property
@@ -502,7 +504,8 @@ class Redirector:
         reuse) reach the listener at once instead of via challenge ACK, RST and SYN retransmit, and keeps
         such a SYN away from any other node listener on the original port."""
         self._require_started()
-        fd = bpfsys_table_fd(self._bpf, "listeners")
+        assert self._loaded is not None
+        fd = self._loaded.maps["listeners"]
         bpfsys.map_update(fd, int(kind).to_bytes(4, "little"), sock.fileno().to_bytes(4, "little"))
         self._listeners[kind] = sock
         if self._lookup_link_fd is None:
@@ -514,17 +517,13 @@ class Redirector:
                 os.close(nsfd)
 
     # -- events and counters ----------------------------------------------------------------------------
-    def _on_ring(self, _ctx: Any, data: Any, size: int) -> None:
-        ev = FlowEvent.from_bytes(ctypes.string_at(data, size))
-        self._pending.append(ev)
-
     def poll_events(self, timeout_ms: int = 0) -> list[FlowEvent]:
         """Wait up to timeout_ms for events; return those that arrived (and pass them to subscribers)."""
         with self._poll_lock:
-            if self._bpf is None or not self._ring_open:
+            if self._ring is None:
                 return []
-            self._bpf.ring_buffer_poll(timeout_ms)
-            out, self._pending = self._pending, []
+            out: list[FlowEvent] = []
+            self._ring.poll(timeout_ms, lambda raw: out.append(FlowEvent.from_bytes(raw)))
         for ev in out:
             for cb in self._callbacks:
                 cb(ev)
@@ -536,32 +535,33 @@ class Redirector:
 
     def iter_events(self, stop: threading.Event, poll_ms: int = 100) -> Iterator[FlowEvent]:
         """Yield events until `stop` is set (run it in a dedicated thread)."""
-        while not stop.is_set() and self._bpf is not None:
+        while not stop.is_set() and self._loaded is not None:
             yield from self.poll_events(poll_ms)
 
     def counters(self) -> dict[str, int]:
         """Kernel-side counters summed over CPUs (events_lost = ring-buffer records dropped)."""
         self._require_started()
-        table = self._bpf[b"counters"]
+        table = self._maps["counters"]
         out = {}
         for c in Counter:
-            out[c.name.lower()] = int(sum(table[ctypes.c_int(c)]))
+            out[c.name.lower()] = sum(int(v.value) for v in table.per_cpu(ctypes.c_uint32(c)))
         assert len(out) == COUNTER_COUNT
         return out
 
     @property
     def lost_events(self) -> int:
         """Events the kernel could not put in the ring buffer (it was full)."""
-        return self.counters()["events_lost"]
+        self._require_started()
+        return sum(int(v.value) for v in self._maps["counters"].per_cpu(ctypes.c_uint32(Counter.EVENTS_LOST)))
 
     def enrolled_in_kernel(self) -> dict[str, int]:
         """Pod IP -> ifindex as the BPF map holds them (for checks)."""
-        return {key_ip(k.value): v.ifindex for k, v in self._bpf[b"enrolled"].items()}
+        return {key_ip(k.value): v.ifindex for k, v in self._maps["enrolled"].items()}
 
     def prog_fd(self, name: str) -> int:
         """File descriptor of a loaded program (ambit_pod_ingress, ambit_uplink_ingress, ambit_sk_lookup)."""
         return self._fds[name]
 
     def _require_started(self) -> None:
-        if self._bpf is None:
+        if self._loaded is None:
             raise RedirectError("Redirector not started")

@@ -176,7 +176,7 @@ def build_filters(specs: Sequence[FilterSpec]) -> tuple[list[pb.FlowFilter], lis
     filter; either-side flags make it two (the value as source in one, as destination in the other)."""
     namespaces = [s.value for s in specs if s.stem == "namespace" and not s.negated]
 
-    def pod(value: str) -> list[str]:
+    def pod(value: str) -> list[str]:  # pods and services: NAME means NAME in -n's namespaces, else default
         if "/" in value:
             return [value]
         return [f"{ns}/{value}" for ns in namespaces] or [f"default/{value}"]
@@ -186,7 +186,7 @@ def build_filters(specs: Sequence[FilterSpec]) -> tuple[list[pb.FlowFilter], lis
         left, right = pb.FlowFilter(), pb.FlowFilter()
         either = False
         for spec in (s for s in specs if s.negated == negated):
-            values = pod(spec.value) if spec.stem == "pod" else [spec.value]
+            values = pod(spec.value) if spec.stem in ("pod", "service") else [spec.value]
             if spec.side == "":
                 getattr(left, spec.stem).extend(values)
                 getattr(right, spec.stem).extend(values)
@@ -237,6 +237,7 @@ def parser() -> argparse.ArgumentParser:
         ("port", "PORT", _port, "TCP port"),
         ("label", "K=V", str, "pod label selector: k=v, k, or k=v,k2=v2"),
         ("identity", "ID", str, "SPIFFE ID, ID prefix*, or suffix such as ns/NS/sa/SA"),
+        ("service", "[NS/]SVC", str, "Kubernetes Service name prefix (namespace as for pods)"),
     ):
         either = ["-n", "--namespace"] if stem == "namespace" else (["-l", "--label"] if stem == "label"
                                                                      else [f"--{stem}"])

@@ -72,9 +72,10 @@ NAMESPACES = Resource("", "v1", "namespaces", "Namespace")
 PODS = Resource("", "v1", "pods", "Pod")
 SERVICES = Resource("", "v1", "services", "Service")
 ENDPOINT_SLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
+NODES = Resource("", "v1", "nodes", "Node")  # topology.kubernetes.io/zone, for Services' traffic distribution
 AUTHORIZATION_POLICIES = Resource("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", crd=True)
 PEER_AUTHENTICATIONS = Resource("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", crd=True)
-RESOURCES = (NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES, AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS)
+RESOURCES = (NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES, NODES, AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS)
 
 
 class ApiError(Exception):

@@ -55,6 +55,7 @@ class MeshState:
     services: Mapping[str, Service] = field(default_factory=dict)  # by "ns/name"
     vips: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # VIP -> service keys
     hostnames: Mapping[str, str] = field(default_factory=dict)  # FQDN -> service key
+    services_in: Mapping[str, frozenset[str]] = field(default_factory=dict)  # namespace -> service keys
     endpoints: Mapping[str, Mapping[str, Endpoint]] = field(default_factory=dict)  # service key -> ip -> endpoint
     nodes: Mapping[str, Node] = field(default_factory=dict)
     objects: tuple[Mapping[str, Any], ...] = ()  # everything else (policies), for their own parsers
@@ -72,6 +73,18 @@ class MeshState:
         if not found:
             return None
         return next((s for s in found if s.namespace == client_namespace), found[0])
+
+    def service_serving(self, ip: str, port: int) -> Service | None:
+        """A Service whose endpoint ``ip`` serves target ``port`` (ztunnel's guess of the Service of an inbound
+        connection that did not name one); the first by name when several do."""
+        workload = self.by_ip(ip)
+        if workload is None:
+            return None
+        for key in sorted(self.services_in.get(workload.namespace, ())):
+            endpoint = self.endpoints.get(key, {}).get(ip)
+            if endpoint is not None and port in endpoint.ports.values():
+                return self.services[key]
+        return None
 
     def zone(self, node: str) -> str:
         known = self.nodes.get(node)
@@ -353,6 +366,8 @@ class MeshStore:
             services=dict(self._services) if change.services else old.services,
             vips=dict(self._vips) if change.services else old.vips,
             hostnames=dict(self._hostnames) if change.services else old.hostnames,
+            services_in={ns: frozenset(f"{ns}/{n}" for n in names) for ns, names in self._services_in.items()}
+            if change.services else old.services_in,
             endpoints=dict(self._endpoints) if change.services else old.endpoints,
             nodes=dict(self._nodes) if change.nodes else old.nodes,
             objects=tuple(self._others.values()) if change.objects else old.objects)

@@ -187,12 +187,19 @@ class NodeAgent:
 
     async def _config_dump(self) -> dict[str, Any]:
         attachments = await self._in_kernel_thread(self.redirector.attachments)
+        state = self.store.state
         return {
             "node": self.config.node,
             "version": importlib.metadata.version("ambit"),
             "workloads": [{"namespace": w.namespace, "name": w.name, "ip": w.ip, "node": w.node,
                            "service_account": w.service_account, "enrolled": w.enrolled, "labels": dict(w.labels)}
-                          for w in self.store.state.by_uid.values()],
+                          for w in state.by_uid.values()],
+            "services": [{"namespace": s.namespace, "name": s.name, "hostname": s.hostname, "vips": list(s.vips),
+                          "ports": [{"port": p.port, "target_port": p.target_port, "target_name": p.target_name}
+                                    for p in s.ports],
+                          "endpoints": [{"ip": e.ip, "node": e.node, "ports": {str(k): v for k, v in e.ports.items()}}
+                                        for e in state.endpoints.get(s.key, {}).values()]}
+                         for s in state.services.values()],
             "policies": self.authorizer.engine.policies,
             "certificates": [s.as_dict() for s in self.certificates.status()],
             "attachments": [{"ifindex": a.ifindex, "backend": a.backend, "program": a.prog_name} for a in attachments],

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from agent.identity.manager import CertificateManager
 from agent.mesh.store import MeshStore, Workload
 from agent.proxy.connections import ConnectionTable, Proxied
+from agent.proxy.inputs import Connection
 from agent.telemetry.hub import Telemetry
 from agent.telemetry.recorder import FlowHandle
 from hbone.pool import Pool
-from hbone.server import InboundRequest
 
 HBONE_PORT = 15008
 
@@ -21,10 +21,10 @@ class Denial:
     policy: str | None = None  # "AuthorizationPolicy ns/name", "PeerAuthentication ns/name"
 
 
-Policy = Callable[[InboundRequest], Denial | None]  # None allows
+Policy = Callable[[Connection], Denial | None]  # None allows
 
 
-def allow_all(_request: InboundRequest) -> Denial | None:
+def allow_all(_connection: Connection) -> Denial | None:
     return None
 
 

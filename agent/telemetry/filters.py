@@ -85,6 +85,21 @@ def pod_filter(values: Iterable[str], side: Side) -> Predicate:
     return match
 
 
+def service_filter(values: Iterable[str], side: Side) -> Predicate:
+    """ "namespace/name-prefix"; "/prefix" (or a bare "prefix") for any namespace: the Service the flow names
+    for that side (the one the client called, for the destination)."""
+    full = tuple(v for v in values if "/" in v and not v.startswith("/"))
+    any_ns = tuple(v.lstrip("/") for v in values if "/" not in v or v.startswith("/"))
+
+    def match(flow: Flow) -> bool:
+        namespace, name = side(flow).service_ref
+        if not name:
+            return False
+        return (bool(full) and f"{namespace}/{name}".startswith(full)) or (bool(any_ns) and name.startswith(any_ns))
+
+    return match
+
+
 def namespace_filter(values: Iterable[str], side: Side) -> Predicate:
     wanted = frozenset(values)
     return lambda flow: side(flow).namespace in wanted
@@ -158,7 +173,7 @@ def _members(attr: str, values: Iterable[int | str]) -> Predicate:
 # FlowFilter field stem -> predicate maker, for the source_* and destination_* fields.
 SIDED: dict[str, Callable[[list[Any], Side], Predicate]] = {
     "ip": ip_filter, "pod": pod_filter, "namespace": namespace_filter, "label": label_filter,
-    "identity": identity_filter, "port": port_filter,
+    "identity": identity_filter, "port": port_filter, "service": service_filter,
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from agent.identity.manager import CertificateStatus
@@ -25,7 +26,7 @@ from agent.telemetry.admin import (
     ReadyCheck,
 )
 from agent.telemetry.kernel import KernelEventSource
-from agent.telemetry.metrics import Metrics
+from agent.telemetry.metrics import DENY, Metrics
 from agent.telemetry.observer import ObserverServer
 from agent.telemetry.recorder import Endpoint, FlowHandle, FlowRecorder
 
@@ -55,32 +56,35 @@ class Telemetry:
         self._events: threading.Thread | None = None
         store.subscribe(self._forget_deleted)
 
-    def endpoint(self, address: Address) -> Endpoint:
-        """What the store knows of ``address``: the pod, its namespace, labels and identity."""
+    def endpoint(self, address: Address, service: str | None = None) -> Endpoint:
+        """What the store knows of ``address``: the pod, its namespace, labels and identity; ``service`` is the
+        hostname of the Service the client called, when known."""
         w = self.store.state.by_ip(address[0])
         if w is None:
-            return Endpoint(address[0], address[1])
+            return Endpoint(address[0], address[1], service=service or "")
         return Endpoint(address[0], address[1], identity=str(w.identity(self.trust_domain)), namespace=w.namespace,
-                        pod_name=w.name, labels=w.labels, workload=w.labels.get("app", w.name))
+                        pod_name=w.name, labels=w.labels, workload=w.labels.get("app", w.name),
+                        service=service or "")
 
-    def opened(self, *, inbound: bool, client: Address, target: Address, mtls: bool) -> FlowHandle | None:
+    def opened(self, *, inbound: bool, client: Address, target: Address, mtls: bool,
+               service: str | None = None) -> FlowHandle | None:
         if not self.config.enabled:
             return None
         return self.recorder.start(direction="INGRESS" if inbound else "EGRESS",
-                                   reporter="destination" if inbound else "source",
-                                   source=self.endpoint(client), destination=self.endpoint(target), mtls=mtls)
+                                   reporter="destination" if inbound else "source", source=self.endpoint(client),
+                                   destination=self.endpoint(target, service), mtls=mtls)
 
     def dropped(self, *, inbound: bool, client: Address, target: Address, mtls: bool, reason: str,
-               policy: str | None = None) -> None:
+               policy: str | None = None, service: str | None = None, response_flags: str = DENY) -> None:
         if not self.config.enabled:
             return
         self.recorder.drop(direction="INGRESS" if inbound else "EGRESS",
                            reporter="destination" if inbound else "source",
-                           source=self.endpoint(client), destination=self.endpoint(target), mtls=mtls,
-                           reason=reason, policy=policy)
+                           source=self.endpoint(client), destination=self.endpoint(target, service), mtls=mtls,
+                           reason=reason, policy=policy, response_flags=response_flags)
 
     def update_gauges(self, attachments: list[tuple[str, str]], certificates: list[CertificateStatus]) -> None:
-        workloads = self.store.state.workloads.values()
+        workloads = self.store.state.by_uid.values()
         enrolled = sum(1 for w in workloads if w.enrolled)
         self.metrics.set_workloads(enrolled, len(workloads) - enrolled)
         self.metrics.set_ebpf_attachments(attachments)
@@ -106,13 +110,15 @@ class Telemetry:
         redirector.subscribe(self.recorder.kernel_event)
 
         def pump() -> None:
-            lost = redirector.lost_events
+            lost, checked = redirector.lost_events, time.monotonic()
             while not self._stop.is_set():
                 redirector.poll_events(200)  # delivers to the recorder
-                now = redirector.lost_events  # checked every round: a full ring is when nothing arrives
-                if now > lost:
-                    self.recorder.lost_kernel_events(now - lost)
-                    lost = now
+                # a full ring is when nothing arrives: check every 200 ms, not on every wake-up
+                if time.monotonic() - checked >= 0.2:
+                    now, checked = redirector.lost_events, time.monotonic()
+                    if now > lost:
+                        self.recorder.lost_kernel_events(now - lost)
+                        lost = now
 
         self._events = threading.Thread(target=pump, name="ebpf-events", daemon=True)
         self._events.start()

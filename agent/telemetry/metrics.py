@@ -50,6 +50,7 @@ _FLAGS_AT = TRAFFIC_LABELS.index("response_flags")
 
 # Istio's response flags at L4.
 NO_FLAGS = "-"
+NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag (Kiali knows it): nothing could serve the Service port
 DENY = "DENY"
 CONNECT = "CONNECT"
 TLS_FAILURE = "TLS_FAILURE"

@@ -94,6 +94,16 @@ class Endpoint:
         """ "namespace/name", or "" for an endpoint that is not a known pod."""
         return f"{self.namespace}/{self.pod_name}" if self.pod_name else ""
 
+    @property
+    def service_ref(self) -> tuple[str, str]:
+        """(namespace, name) of ``service`` ("name.namespace.svc.<domain>"), ("", "") when there is none."""
+        name, _, rest = self.service.partition(".")
+        return rest.partition(".")[0], name
+
+    def service_proto(self) -> pb.Service | None:
+        namespace, name = self.service_ref
+        return pb.Service(name=name, namespace=namespace) if name else None
+
     def to_proto(self) -> pb.Endpoint:
         return pb.Endpoint(identity=self.identity or "", namespace=self.namespace, pod_name=self.pod_name,
                            labels=sorted(f"{k}={v}" for k, v in self.labels.items()),
@@ -150,6 +160,7 @@ class Flow:
             event_type=cast("pb.EventType", int(self.event_type)), reporter=cast("pb.Reporter", int(self.reporter)),
             bytes_sent=self.bytes_sent, bytes_received=self.bytes_received, close_reason=self.close_reason,
             policy=self.policy, summary=self.summary,
+            source_service=src.service_proto(), destination_service=dst.service_proto(),
         )
         if self.event_type == EventType.END:
             msg.duration.CopyFrom(Duration(seconds=self.duration_ns // 1_000_000_000,

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from agent.telemetry.kernel import KernelEvent
-from agent.telemetry.metrics import CONNECT, NO_FLAGS, TLS_FAILURE, ConnectionSeries, Metrics
+from agent.telemetry.metrics import CONNECT, DENY, NO_FLAGS, TLS_FAILURE, ConnectionSeries, Metrics
 from agent.telemetry.model import (
     ACK,
     FIN,
@@ -171,7 +171,7 @@ class FlowRecorder:
             handle._series.close(bytes_sent, bytes_received, flags, failed=error)
 
     def drop(self, *, direction: DirectionName, reporter: ReporterName, source: Endpoint, destination: Endpoint,
-             mtls: bool, reason: str, policy: str | None = None) -> None:
+             mtls: bool, reason: str, policy: str | None = None, response_flags: str = DENY) -> None:
         """A connection the proxy refused: DROPPED, drop_reason_desc = reason (for a policy deny it names the
         policy and rule); ``policy`` is the deciding policy ("namespace/name")."""
         summary = reason if not policy or policy in reason else f"{reason} (policy {policy})"
@@ -180,7 +180,7 @@ class FlowRecorder:
         self._record(flow, "Drop")
         if self.metrics is not None:
             self.metrics.dropped(drop_code(reason, policy), "TCP")
-            self.metrics.connection_denied(reporter, source, destination, mtls)
+            self.metrics.connection_denied(reporter, source, destination, mtls, response_flags)
 
     def _endpoint(self, ip: str, port: int) -> Endpoint:
         known = self._resolve(ip) if self._resolve is not None else None

@@ -62,7 +62,7 @@ def kinds(state: MeshState) -> dict[str, set[str]]:
     return out
 
 
-async def all_watching(server: FakeApiServer, count: int = 6) -> None:
+async def all_watching(server: FakeApiServer, count: int = 7) -> None:
     await eventually(lambda: server.watchers() == count, f"{count} watches")
 
 
@@ -162,7 +162,7 @@ async def test_resync_replays_the_cache_without_listing(server: FakeApiServer, t
     store = MeshStore()
     async with running(await make_source(server, tmp_path, store, resync=0.1)) as source:
         await eventually(lambda: source.updates >= 3, "updates from resyncs")
-        assert len([r for r in server.requests if not r.watch]) == 6  # one list per resource, no polling
+        assert len([r for r in server.requests if not r.watch]) == 7  # one list per resource, no polling
         assert workloads(store.state)["10.0.0.1"] == ("mesh/a", True)
 
 
@@ -177,7 +177,7 @@ async def test_missing_crds_do_not_block_pods_and_namespaces(
         assert workloads(store.state) == {"10.0.0.1": ("mesh/a", True)}
         assert source.informers[AUTHORIZATION_POLICIES].missing
         assert "peerauthentications.security.istio.io CRD installed?" in caplog.text
-        await all_watching(server, 4)
+        await all_watching(server, 5)
         server.create(pod("b", "mesh", ip="10.0.0.2"))  # the other informers watch on
         await eventually(lambda: "10.0.0.2" in store.state.workloads, "a pod while the CRDs are missing")
         server.set_missing("AuthorizationPolicy", False)  # Istio installed later
@@ -298,3 +298,47 @@ async def test_unusable_config_is_reported(
     with pytest.raises(KubeConfigError, match=message):
         await KubeSource.from_config(tmp_path / kubeconfig if kubeconfig else None, MeshStore(),
                                      environ=environ, service_account=tmp_path / "no-serviceaccount")
+
+
+def endpoint_ips(state: MeshState, key: str) -> set[str]:
+    return set(state.endpoints.get(key, {}))
+
+
+def web_slice(addresses: list[str], port: int = 8443) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": "ext-1", "namespace": "mesh", "labels": {"kubernetes.io/service-name": "ext"}},
+            "endpoints": [{"addresses": [a]} for a in addresses], "ports": [{"name": "https", "port": port}]}
+
+
+async def test_services_and_endpoint_slices_follow_the_api(server: FakeApiServer, tmp_path: Path) -> None:
+    populate(server)
+    ext = service("ext", "mesh", cluster_ip="10.96.0.20", port=443)
+    ext["spec"]["selector"] = {}
+    ext["spec"]["ports"][0]["name"] = "https"
+    store = MeshStore()
+    async with running(await make_source(server, tmp_path, store)) as source:
+        await all_watching(server)
+        server.update(pod("a", "mesh", ip="10.0.0.1", labels={"app": "web"}))  # selected by mesh/web
+        await eventually(lambda: endpoint_ips(store.state, "mesh/web") == {"10.0.0.1"}, "a selected pod")
+        server.create(ext)
+        server.create(web_slice(["10.0.0.1", "10.0.7.7"]))
+        await eventually(lambda: endpoint_ips(store.state, "mesh/ext") == {"10.0.0.1", "10.0.7.7"}, "slice endpoints")
+        assert store.state.service_at("10.96.0.20", 443, "mesh") is not None
+        server.update(web_slice(["10.0.7.8"], port=9443))  # the slice changes
+        await eventually(lambda: dict(store.state.endpoints["mesh/ext"]).keys() == {"10.0.7.8"}, "changed slice")
+        assert dict(store.state.endpoints["mesh/ext"]["10.0.7.8"].ports) == {443: 9443}
+        changed = service("web", "mesh", selector={"app": "web"}, cluster_ip="10.96.0.11")
+        server.update(changed)  # a new VIP
+        await eventually(lambda: "10.96.0.11" in store.state.vips and "10.96.0.10" not in store.state.vips,
+                         "the VIP moved")
+        server.delete("Service", "ext", "mesh")
+        await eventually(lambda: "mesh/ext" not in store.state.services and "10.96.0.20" not in store.state.vips,
+                         "the deleted Service")
+        server.drop_watches()  # then changes the client can only learn of by relisting after 410 Gone
+        server.delete("Service", "web", "mesh")
+        server.create(ext)
+        server.compact()
+        await eventually(lambda: set(store.state.services) == {"mesh/ext"}
+                         and endpoint_ips(store.state, "mesh/ext") == {"10.0.7.8"}, "convergence after 410 Gone")
+        assert "10.96.0.11" not in store.state.vips
+        assert all(i.relists_gone == 1 for i in source.informers.values())

@@ -38,7 +38,7 @@ Obj = dict[str, Any]
 
 AGENT_CAPABILITIES = {"NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"}
 AGENT_RULES = [
-    {"apiGroups": [""], "resources": ["namespaces", "pods", "services"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["namespaces", "pods", "services", "nodes"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["security.istio.io"], "resources": ["authorizationpolicies", "peerauthentications"],
      "verbs": ["get", "list", "watch"]},
