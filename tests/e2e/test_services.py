@@ -20,8 +20,9 @@ import pytest
 
 from agent.lab import state as lab_state
 from agent.lab.runtime import PodInfo
-from tests import lab_helpers as h
-from tests import lab_observe as lo
+from tests.fixtures import lab_helpers as h
+from tests.fixtures import lab_observe as lo
+from tests.fixtures.eventually import eventually_sync
 
 pytestmark = lo.lab_marks()
 
@@ -60,7 +61,7 @@ class ServiceLab(lo.RunningLab):
                     return False
             return True
 
-        h.eventually(settled, EFFECT_WITHIN, f"{SERVICE} endpoints {pods} on every agent", interval=0.05)
+        eventually_sync(settled, f"{SERVICE} endpoints {pods} on every agent", EFFECT_WITHIN, interval=0.05)
 
     def served_by(self, client: PodInfo, connections: int, payload: h.Payload | None = None) -> Counter[str]:
         """``connections`` byte-exact exchanges through the VIP; which backend pod served each."""

@@ -17,8 +17,9 @@ import pytest
 
 from agent.capture import netns
 from agent.lab.runtime import LabInfo, LabPaths, PodInfo
-from tests import lab_helpers as h
-from tests import lab_observe as lo
+from tests.fixtures import lab_helpers as h
+from tests.fixtures import lab_observe as lo
+from tests.fixtures.eventually import eventually_sync
 
 pytestmark = lo.lab_marks()
 
@@ -70,7 +71,7 @@ def test_a_forged_enrolled_source_is_dropped_and_counted(lab: tuple[LabInfo, Lab
     before = spoof_drops(paths, "node-1")
     send_forged(neighbour, victim, lo.pod(info, "app-2-1"), 40001)  # same node: the neighbour's veth
     send_forged(remote, victim, neighbour, 40002)  # another node: arrives on node 1's uplink
-    h.eventually(lambda: spoof_drops(paths, "node-1") >= before + 2, 5, "two SPOOFED drops counted on node-1")
+    eventually_sync(lambda: spoof_drops(paths, "node-1") >= before + 2, "two SPOOFED drops counted on node-1", 5)
     flows = lo.flows(lo.observe(info.name, "--verdict", "DROPPED", "--node-name", "node-1", "--all"))
     spoofs = [f for f in flows if "spoofed" in f.get("drop_reason_desc", "")]
     ports = {lo.tcp(f).get("source_port") for f in spoofs}

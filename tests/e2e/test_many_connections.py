@@ -21,8 +21,9 @@ from pathlib import Path
 
 from agent.capture import netns
 from agent.lab.runtime import PodInfo
-from tests import lab_helpers as h
-from tests import lab_observe as lo
+from tests.fixtures import lab_helpers as h
+from tests.fixtures import lab_observe as lo
+from tests.fixtures.eventually import eventually_sync
 
 pytestmark = lo.lab_marks()
 
@@ -148,8 +149,8 @@ def test_five_thousand_connections_through_one_agent_pair() -> None:
                 for s in open_socks:
                     s.close()
                 open_socks.clear()
-                h.eventually(lambda: all(lo.config_dump(paths, n)["connections"] == 0 for n in pids), 30,
-                             "every proxied connection closed on both agents")
+                eventually_sync(lambda: all(lo.config_dump(paths, n)["connections"] == 0 for n in pids),
+                                "every proxied connection closed on both agents", 30)
     finally:
         for s in open_socks:
             s.close()
