@@ -12,6 +12,7 @@ HERE = Path(__file__).parent
 _ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, bcc)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(HERE):
