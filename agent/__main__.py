@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--fail-open", action="store_true",
                      help="when the agent is down, let enrolled pods' traffic go direct (default: fail closed)")
     run.add_argument("--release-on-exit", action="store_true", help="detach everything when stopping")
+    run.add_argument("--daemonset", default=None, metavar="NAMESPACE/NAME",
+                     help="with --kubernetes: the agent's DaemonSet; when it is gone or being deleted at shutdown, "
+                          "Ambit is being uninstalled and the agent detaches everything (else: an upgrade, the "
+                          "node stays fail-closed for the next agent)")
     run.add_argument("--drain-seconds", type=float, default=0.0,
                      help="on SIGTERM, accept no new connections and let open ones finish for this long")
     run.add_argument("--flows", type=int, default=4096, help="flows kept for the Observer API")
@@ -52,11 +56,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _daemonset(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    namespace, sep, name = text.partition("/")
+    if not sep or not namespace or not name:
+        raise SystemExit(f"--daemonset {text!r}: give NAMESPACE/NAME")
+    return namespace, name
+
+
 async def run(args: argparse.Namespace) -> None:
     config = AgentConfig(node=args.node, state=args.state, ca_address=args.ca, ca_token=args.ca_token,
                          trust_bundle=args.trust_bundle, trust_domain=args.trust_domain,
                          uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open,
                          kubeconfig=args.kubeconfig,
+                         daemonset=_daemonset(args.daemonset),
                          telemetry=TelemetryConfig(enabled=not args.no_telemetry, flows=args.flows,
                                                    observer_socket=args.observer_socket,
                                                    observer_listen=args.observer_listen or None,
@@ -71,7 +85,8 @@ async def run(args: argparse.Namespace) -> None:
     await stop.wait()
     if args.drain_seconds > 0:
         await agent.drain(args.drain_seconds)
-    await agent.close(release=args.release_on_exit)
+    release = args.release_on_exit or await agent.uninstalling()
+    await agent.close(release=release)
 
 
 def raise_fd_limit() -> int:

@@ -22,7 +22,10 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_GET_NEXT_ID = 11
+BPF_MAP_GET_NEXT_ID = 12
 BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
@@ -152,6 +155,37 @@ def link_get_fd_by_id(link_id: int) -> int:
 def prog_get_fd_by_id(prog_id: int) -> int:
     """Open a program by id."""
     return _bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id))
+
+
+def _ids(cmd: int) -> list[int]:
+    ids: list[int] = []
+    current = 0
+    while True:
+        buf = ctypes.create_string_buffer(struct.pack("=II", current, 0).ljust(_ATTR_SIZE, b"\0"), _ATTR_SIZE)
+        if _libc.syscall(_SYS_BPF, cmd, buf, _ATTR_SIZE) < 0:
+            return ids  # ENOENT: no more
+        current = struct.unpack_from("=I", buf.raw, 4)[0]
+        ids.append(current)
+
+
+def prog_ids() -> list[int]:
+    """Every BPF program loaded on the machine (BPF_PROG_GET_NEXT_ID)."""
+    return _ids(BPF_PROG_GET_NEXT_ID)
+
+
+def map_infos() -> list[MapInfo]:
+    """Every BPF map on the machine that can still be opened (one freed meanwhile is skipped)."""
+    out = []
+    for map_id in _ids(BPF_MAP_GET_NEXT_ID):
+        try:
+            fd = _bpf(BPF_MAP_GET_FD_BY_ID, struct.pack("=I", map_id))
+        except OSError:
+            continue
+        try:
+            out.append(map_info(fd))
+        finally:
+            os.close(fd)
+    return out
 
 
 def _info(fd: int, size: int) -> bytes:

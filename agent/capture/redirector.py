@@ -191,12 +191,7 @@ class Redirector:
                 "counters": KernelMap(m["counters"], ctypes.c_uint32, ctypes.c_uint64, percpu=True),
             }
             self._write_config()
-            with netns_mod.entered(self.netns):
-                from pyroute2 import IPRoute
-
-                self._ipr = IPRoute()
-                self._netns_ino = os.stat("/proc/thread-self/ns/net").st_ino
-            self._clsact = Clsact(self._ipr)
+            self._open_kernel()
             self._choose_backend()
             self._routing().install()
             if self._uplink_names is None:
@@ -210,10 +205,30 @@ class Redirector:
             raise
         return self
 
-    def _choose_backend(self) -> None:
-        choice = self._backend_choice
+    def _open_kernel(self) -> None:
+        """Netlink, and the two attachment backends' views of the namespace (no programs needed)."""
+        with netns_mod.entered(self.netns):
+            from pyroute2 import IPRoute
+
+            self._ipr = IPRoute()
+            self._netns_ino = os.stat("/proc/thread-self/ns/net").st_ino
+        self._clsact = Clsact(self._ipr)
         pin_dir = os.path.join(self._bpffs, "ambit", self._instance or f"netns-{self._netns_ino}")
         self._tcx = Tcx(pin_dir, self.netns)
+
+    def uninstall(self) -> list[str]:
+        """Remove everything an agent made in this namespace (programs on every interface, pins, rules,
+        routes) without loading anything: what a crashed or stopped agent left, for ``ambit uninstall-node``.
+        Returns what was found attached."""
+        if self._loaded is not None:
+            raise RedirectError("uninstall() is for a namespace whose agent is gone; close(detach=True) instead")
+        self._open_kernel()
+        found = [f"{a.prog_name} on {self._ifname(a.ifindex)} ({a.backend})" for a in self.attachments()]
+        self.close(detach=True)
+        return found
+
+    def _choose_backend(self) -> None:
+        choice = self._backend_choice
         if choice == "clsact":
             self.backend = "clsact"
             return

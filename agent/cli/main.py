@@ -7,6 +7,7 @@
     ambit observe ...       the agents' flows, filtered and merged (like hubble observe)
     ambit ca ...            Ambit's CA (see ``ambit ca --help``)
     ambit hbone serve|forward ...   a standalone HBONE server or forwarder
+    ambit uninstall-node    take Ambit's programs, rules and routes off this node (no agent running)
     ambit demo              the demo that ``make demo`` runs
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 from agent import __main__ as agent_main
 from agent.ca import __main__ as ca_main
-from agent.cli import demo
+from agent.cli import demo, uninstall
 from agent.cli import observe as observe_cli
 from agent.cli import status as status_cli
 from agent.lab import cli as lab_cli
@@ -32,6 +33,7 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "status": status_cli.status_main,
     "policy": status_cli.policy_main,
     "observe": observe_cli.main,
+    "uninstall-node": uninstall.main,
 }
 
 

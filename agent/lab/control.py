@@ -29,6 +29,7 @@ from agent.lab.topology import Lab
 
 CA_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+DRAIN_SECONDS = 10.0  # a stopped agent lets its proxied connections finish this long (an upgrade's overlap)
 Say = Callable[[str], None]
 
 
@@ -90,7 +91,7 @@ def agent_argv(info: LabInfo, paths: LabPaths, node: NodeInfo) -> list[str]:
             "--admin-socket", str(paths.admin_socket(node.name)),
             "--ca", info.ca_address, "--ca-token", str(paths.token_file(node.name)),
             "--trust-bundle", str(paths.trust_bundle), "--trust-domain", info.trust_domain,
-            "--uplink", node.uplink, *info.agent_flags]
+            "--uplink", node.uplink, "--drain-seconds", f"{DRAIN_SECONDS:g}", *info.agent_flags]
 
 
 def wait_ready(recs: Sequence[ProcRecord], needle: str, timeout: float) -> None:
@@ -266,6 +267,25 @@ def start_agents(info: LabInfo, paths: LabPaths, nodes: Sequence[str], timeout: 
     wait_ready(recs, rt.AGENT_READY, timeout)
     for rec in recs:
         say(f"{rec.name} ready (pid {rec.pid}, {time.time() - rec.started_at:.1f}s)")
+
+
+def upgrade_agents(info: LabInfo, paths: LabPaths, nodes: Sequence[str], timeout: float,
+                   say: Say = _quiet) -> list[str]:
+    """An upgrade as a DaemonSet with maxSurge does it: the next agent starts beside the running one (same
+    ports, SO_REUSEPORT), adopts the node, then the old one gets SIGTERM and drains its connections."""
+    old = []
+    for name in nodes:
+        pid_file = paths.pid_file(rt.agent_proc(name))
+        rec = ProcRecord.load(pid_file)
+        if rec is None or not rt.alive(rec):
+            raise LabError(f"the agent of {name} is not running: nothing to upgrade")
+        old.append(rec)
+        pid_file.unlink()  # the record is the next agent's from now on
+    try:
+        start_agents(info, paths, nodes, timeout, say)
+    finally:
+        report = rt.stop(old, DRAIN_SECONDS + STOP_TIMEOUT)
+    return report
 
 
 def stop_agents(paths: LabPaths, nodes: Sequence[str], kill: bool = False, timeout: float = STOP_TIMEOUT) -> list[str]:

@@ -27,6 +27,7 @@ from pyroute2 import IPRoute
 from agent.capture import Listener, Redirector, host_ifname_for
 from agent.identity.ca_client import CaClient
 from agent.identity.manager import CertificateManager
+from agent.kube.lifecycle import daemonset_removed
 from agent.kube.source import KubeSource
 from agent.mesh.ports import Ports
 from agent.mesh.store import Change, MeshState, MeshStore, Workload
@@ -59,6 +60,17 @@ class AgentConfig:
     kubeconfig: Path | None = None  # with state None: a kubeconfig, or None for in-cluster config
     sync_timeout: float = 60.0
     telemetry: TelemetryConfig = TelemetryConfig()
+    daemonset: tuple[str, str] | None = None  # (namespace, name) of the agent's DaemonSet: gone = uninstall
+
+
+def migrate_queued_connections() -> None:
+    """net.ipv4.tcp_migrate_req=1: connections queued on a closing listener move to another of its
+    SO_REUSEPORT group (the next agent's) instead of being reset. Best effort (a read-only /proc/sys)."""
+    try:
+        Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1\n")
+    except OSError as e:
+        log.info("net.ipv4.tcp_migrate_req not set (%s): an upgrade may reset connections queued at the hand-over",
+                 e.strerror)
 
 
 def node_addresses() -> frozenset[str]:
@@ -77,6 +89,7 @@ class NodeAgent:
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self._dirty = asyncio.Event()
         self._closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._kube: KubeSource | None = None
 
     async def _in_kernel_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._kernel, fn, *args)
@@ -91,6 +104,7 @@ class NodeAgent:
             self._spawn(source.watch())
             return
         kube = await KubeSource.from_config(cfg.kubeconfig, self.store)
+        self._kube = kube
         self._closers.append(kube.close)
         self._spawn(kube.run())
         async with asyncio.timeout(cfg.sync_timeout):
@@ -98,6 +112,7 @@ class NodeAgent:
 
     async def start(self) -> None:
         cfg = self.config
+        await self._in_kernel_thread(migrate_queued_connections)
         await self._watch_cluster()
         listeners = {kind: transparent_listener(port) for kind, port in
                      ((Listener.OUTBOUND, cfg.ports.outbound), (Listener.INBOUND, cfg.ports.inbound),
@@ -222,11 +237,27 @@ class NodeAgent:
         with contextlib.suppress(Exception):  # failures are logged by the manager, which keeps retrying
             await self.certificates.get(identity)
 
+    async def uninstalling(self) -> bool:
+        """Is Ambit being removed from the cluster (the agent's DaemonSet gone or being deleted)? Then the
+        agent should release the node on its way out; otherwise (an upgrade, a crash) it keeps it fail-closed."""
+        if self._kube is None or self.config.daemonset is None:
+            return False
+        removed = await daemonset_removed(self._kube.connection.api, *self.config.daemonset)
+        log.info("DaemonSet %s/%s %s", *self.config.daemonset,
+                 "is being deleted: releasing the node" if removed else "stays: keeping the node fail-closed")
+        return removed
+
     async def drain(self, seconds: float) -> int:
-        """Accept no new connections (enrolled pods' new ones fail closed, as with the agent gone) and give
-        the proxied ones up to ``seconds`` to finish. Returns how many were still open."""
+        """Hand over to the next agent (an upgrade) and give the proxied connections up to ``seconds`` to
+        finish. The listeners close, so new connections reach the next agent (which binds the same ports:
+        SO_REUSEPORT) or, if there is none, fail closed as with the agent gone; this agent stops touching the
+        kernel state the next one adopts, and leaves it the admin ports. Returns how many were still open."""
+        for task in list(self._tasks):
+            task.cancel()  # the reconcile and gauge loops: the next agent owns the kernel state now
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.outbound.stop_accepting()
         await self.inbound.stop_accepting()
+        await self.telemetry.stop_serving_admin()
         left = await self.mesh.connections.wait_empty(seconds)
         log.info("drained: %d proxied connections still open after %.0f s", left, seconds)
         return left

@@ -151,7 +151,9 @@ class AdminServer:
             log.info("%s on unix:%s", name, address)
             return
         host, port = address
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        # reuse_port: during an upgrade the next agent serves these ports beside this one until it stops
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    reuse_port=True)
         await web.SockSite(runner, sock).start()
         self.ports[name] = int(sock.getsockname()[1])
         log.info("%s on %s:%d", name, address[0], self.ports[name])

@@ -123,6 +123,12 @@ class Telemetry:
         self._events = threading.Thread(target=pump, name="ebpf-events", daemon=True)
         self._events.start()
 
+    async def stop_serving_admin(self) -> None:
+        """Leave the admin, metrics and readiness ports to the next agent (an upgrade's handover)."""
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
+
     async def close(self) -> None:
         self._stop.set()
         if self._events is not None:

@@ -20,7 +20,6 @@ import contextlib
 import importlib.metadata
 import logging
 import os
-import socket
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -142,27 +141,18 @@ class ObserverService(pb_grpc.ObserverServicer):
                                        uptime_ns=time.monotonic_ns() - self._started)
 
 
-def _claim_unix_path(unix_path: str) -> Path:
-    """Make way for our socket (its absolute path is returned): refuse if a live server answers there,
-    remove a stale socket file."""
+def _claim_unix_path(unix_path: str) -> tuple[Path, Path]:
+    """(the socket path, a sibling to bind first). The socket is bound beside the path and renamed over it once
+    it serves, so a client always finds a server there: a stale file is replaced, and so is a live server's
+    (an upgrade: the next agent takes the path over while the old one drains; newest wins, as for the pid)."""
     path = Path(unix_path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return path
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(0.5)
-        probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)  # nobody listens: left by a process that died
-        return path
-    finally:
-        probe.close()
-    raise OSError(f"{path}: another server is listening there")
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+    beside = path.with_name(f".{path.name}.{os.getpid()}")
+    beside.unlink(missing_ok=True)
+    return path, beside
 
 
 class ObserverServer:
@@ -174,18 +164,20 @@ class ObserverServer:
                                        follower_queue=follower_queue)
         self._server: grpc.aio.Server | None = None
         self.unix_path: str | None = None
+        self._unix_inode = 0
         self.tcp_port: int | None = None
 
     async def start(self, unix_path: str | None = None, tcp: str | None = None, *, unix_mode: int = 0o660) -> None:
         """Serve on a unix socket path and/or a TCP "host:port" (port 0: any; see ``tcp_port``)."""
         if unix_path is None and tcp is None:
             raise ValueError("give a unix socket path, a TCP address, or both")
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server()  # SO_REUSEPORT (grpc's default): the next agent binds beside this one
         pb_grpc.add_ObserverServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
+        beside: Path | None = None
         if unix_path is not None:
-            path = _claim_unix_path(unix_path)
-            if server.add_insecure_port(f"unix:{path}") == 0:
-                raise OSError(f"cannot listen on unix socket {path}")
+            path, beside = _claim_unix_path(unix_path)
+            if server.add_insecure_port(f"unix:{beside}") == 0:
+                raise OSError(f"cannot listen on unix socket {beside}")
             self.unix_path = str(path)
         if tcp is not None:
             try:
@@ -196,8 +188,10 @@ class ObserverServer:
                 raise OSError(f"cannot listen on {tcp}")
             self.tcp_port = port
         await server.start()
-        if self.unix_path is not None:
-            os.chmod(self.unix_path, unix_mode)
+        if self.unix_path is not None and beside is not None:
+            os.chmod(beside, unix_mode)
+            os.replace(beside, self.unix_path)
+            self._unix_inode = os.stat(self.unix_path).st_ino
         self._server = server
         log.info("flow observer for node %s on %s", self.service.node,
                  ", ".join(a for a in (self.unix_path, tcp and f"{tcp.rpartition(':')[0]}:{self.tcp_port}") if a))
@@ -219,4 +213,5 @@ class ObserverServer:
         self._server = None
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.unix_path)
+                if os.stat(self.unix_path).st_ino == self._unix_inode:  # still ours, not the next agent's
+                    os.unlink(self.unix_path)

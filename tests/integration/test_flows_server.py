@@ -195,14 +195,16 @@ async def test_invalid_requests(served: tuple[FlowRecorder, ObserverServer], req
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (e.value.details() or "")
 
 
-async def test_unix_socket_is_claimed_and_released(tmp_path: Path) -> None:
+async def test_unix_socket_is_claimed_handed_over_and_released(tmp_path: Path) -> None:
     path = tmp_path / "o.sock"
     one = ObserverServer(FlowRecorder("n1"))
     await one.start(unix_path=str(path))
     two = ObserverServer(FlowRecorder("n2"))
-    with pytest.raises(OSError, match="another server"):
-        await two.start(unix_path=str(path))
-    await one.stop(None)
+    await two.start(unix_path=str(path))  # an upgrade: the next server takes the path over
+    assert (await server_status(str(path))).node_name == "n2"
+    await one.stop(None)  # the old one leaves the path alone: it is not its socket any more
+    assert (await server_status(str(path))).node_name == "n2"
+    await two.stop(None)
     assert not path.exists()
     path.write_text("not a socket")
     with pytest.raises(OSError, match="not a socket"):

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import h2.events
 import pytest
@@ -24,6 +24,7 @@ from hbone.identity import ALPN, SpiffeId, WorkloadCertificate, client_context
 from hbone.protocol import KIB, Settings
 from hbone.server import InboundRequest
 from tests.fixtures.certificates import spiffe
+from tests.fixtures.eventually import eventually
 from tests.fixtures.h2peer import TlsH2Peer, connect_headers
 from tests.fixtures.hbone_path import Path, hbone_path
 
@@ -36,16 +37,6 @@ async def path(ca: CertificateAuthority, client_cert: WorkloadCertificate, serve
     caplog.set_level(logging.INFO, logger="hbone")
     async with hbone_path(ca, client_cert, server_cert) as p:
         yield p
-
-
-async def until(condition: Callable[[], bool], within: float = 3.0) -> None:
-    """Poll ``condition`` (bounded); fails the test if it never holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {within}s")
-        await asyncio.sleep(0.01)
 
 
 def server_log(caplog: pytest.LogCaptureFixture) -> str:
@@ -140,7 +131,7 @@ async def test_garbage_on_the_tls_port(path: Path, caplog: pytest.LogCaptureFixt
     writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert await read_until_closed(reader) == b""
     writer.close()
-    await until(lambda: path.server.stats["handshake_failed"] == 1)
+    await eventually(lambda: path.server.stats["handshake_failed"] == 1, "one failed handshake counted")
     assert re.search(rf"HBONE from \('127\.0\.0\.1', {port}\): TLS handshake failed: \w+", server_log(caplog))
     assert not path.server.tunnels
     await still_serves(path)
@@ -149,7 +140,7 @@ async def test_garbage_on_the_tls_port(path: Path, caplog: pytest.LogCaptureFixt
 async def test_tls_without_a_client_certificate(path: Path, ca: CertificateAuthority,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     assert await tls_attempt(path.server.address, no_cert_context(ca)) == b""
-    await until(lambda: path.server.stats["handshake_failed"] == 1)
+    await eventually(lambda: path.server.stats["handshake_failed"] == 1, "one failed handshake counted")
     assert "TLS handshake failed: PEER_DID_NOT_RETURN_A_CERTIFICATE" in server_log(caplog)
     assert not path.server.tunnels
     await still_serves(path)
@@ -158,7 +149,7 @@ async def test_tls_without_a_client_certificate(path: Path, ca: CertificateAutho
 async def test_client_certificate_from_another_ca(path: Path, ca: CertificateAuthority,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     assert await tls_attempt(path.server.address, client_context(foreign_ca_cert(), ca.trust_bundle)) == b""
-    await until(lambda: path.server.stats["handshake_failed"] == 1)
+    await eventually(lambda: path.server.stats["handshake_failed"] == 1, "one failed handshake counted")
     assert "TLS handshake failed: CERTIFICATE_VERIFY_FAILED" in server_log(caplog)
     assert path.server.stats["identity_rejected"] == 0
     await still_serves(path)
@@ -167,7 +158,7 @@ async def test_client_certificate_from_another_ca(path: Path, ca: CertificateAut
 async def test_expired_client_certificate(path: Path, ca: CertificateAuthority,
                                           caplog: pytest.LogCaptureFixture) -> None:
     assert await tls_attempt(path.server.address, client_context(expired_cert(ca), ca.trust_bundle)) == b""
-    await until(lambda: path.server.stats["handshake_failed"] == 1)
+    await eventually(lambda: path.server.stats["handshake_failed"] == 1, "one failed handshake counted")
     assert "TLS handshake failed: CERTIFICATE_VERIFY_FAILED" in server_log(caplog)
     await still_serves(path)
 
@@ -178,7 +169,7 @@ async def test_certificate_rejection_log_says_why(path: Path, ca: CertificateAut
                                                   caplog: pytest.LogCaptureFixture, case: str, why: str) -> None:
     cert = expired_cert(ca) if case == "expired" else foreign_ca_cert()
     await tls_attempt(path.server.address, client_context(cert, ca.trust_bundle))
-    await until(lambda: path.server.stats["handshake_failed"] == 1)
+    await eventually(lambda: path.server.stats["handshake_failed"] == 1, "one failed handshake counted")
     assert why in server_log(caplog)
 
 
@@ -187,7 +178,7 @@ async def test_client_certificate_from_another_trust_domain(path: Path, ca: Cert
     other = CertificateAuthority(trust_domain="other.domain", root_cert=ca.root_cert, root_key=ca.root_key)
     cert = other.issue(SpiffeId("other.domain", "default", "client"))
     assert await tls_attempt(path.server.address, client_context(cert, ca.trust_bundle)) == b""  # chain is fine
-    await until(lambda: path.server.stats["identity_rejected"] == 1)
+    await eventually(lambda: path.server.stats["identity_rejected"] == 1, "one rejected identity counted")
     assert ("peer identity spiffe://other.domain/ns/default/sa/client is outside trust domain 'cluster.local'"
             in server_log(caplog))
     assert path.server.stats["handshake_failed"] == 0
@@ -205,7 +196,7 @@ async def test_handshake_never_completed_times_out(path: Path, caplog: pytest.Lo
     elapsed = loop.time() - started
     writer.close()
     assert 0.4 < elapsed < 2.5, f"closed after {elapsed:.2f}s"
-    await until(lambda: path.server.stats["handshake_failed"] == 1)
+    await eventually(lambda: path.server.stats["handshake_failed"] == 1, "one failed handshake counted")
     assert re.search(r"TLS handshake failed: .*(timed out|taking longer than 0\.5 seconds)", server_log(caplog))
     await still_serves(path)
 
@@ -299,7 +290,7 @@ async def _oversized_header_block(path: Path, ca: CertificateAuthority, client_c
 async def test_oversized_header_block_ends_that_connection_only(path: Path, ca: CertificateAuthority,
                                                                 client_cert: WorkloadCertificate) -> None:
     await _oversized_header_block(path, ca, client_cert)
-    await until(lambda: len(path.server.tunnels) == 1)  # the pooled one; the raw one is gone
+    await eventually(lambda: len(path.server.tunnels) == 1, "the raw tunnel gone, the pooled one left")
     await still_serves(path)
 
 

@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from daemonset import entrypoint as ep
+from tests.fixtures.eventually import eventually_sync
 from tests.fixtures.repo import REPO
 
 RELEASE = "6.8.0-31-generic"
@@ -108,10 +108,8 @@ def test_the_entrypoint_becomes_the_agent_so_sigterm_reaches_it(tmp_path: Path) 
     proc = subprocess.Popen([sys.executable, str(REPO / "daemonset" / "entrypoint.py"), "--", sys.executable, "-c",
                              agent], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists() and int(ready.read_text()) == proc.pid  # the same process: exec, no supervisor
+        eventually_sync(ready.exists, "the agent's ready file", 20, interval=0.05)
+        assert int(ready.read_text()) == proc.pid  # the same process: exec, no supervisor
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 7
     finally:
