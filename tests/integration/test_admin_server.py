@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import json
 import logging
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -129,16 +130,21 @@ async def test_logging(admin: tuple[AdminServer, State]) -> None:
         logging.getLogger("agent.proxy").setLevel(before)
 
 
-async def test_port_in_use_is_an_error() -> None:
+async def test_port_in_use_is_an_error_unless_the_next_agent_shares_it() -> None:
+    """The next agent's listeners share the ports during an upgrade (SO_REUSEPORT); a port another program
+    holds is an error."""
     first = AdminServer(Metrics(), ready=lambda: (True, ""))
     await first.start(metrics=LOCAL, ready=None, admin=None)
     second = AdminServer(Metrics(), ready=lambda: (True, ""))
+    third = AdminServer(Metrics(), ready=lambda: (True, ""))
     try:
-        with pytest.raises(OSError):
-            await second.start(metrics=("127.0.0.1", first.ports["metrics"]), ready=None, admin=None)
+        await second.start(metrics=("127.0.0.1", first.ports["metrics"]), ready=None, admin=None)
+        assert second.ports["metrics"] == first.ports["metrics"]
+        with socket.create_server(("127.0.0.1", 0)) as stranger, pytest.raises(OSError):
+            await third.start(metrics=("127.0.0.1", stranger.getsockname()[1]), ready=None, admin=None)
     finally:
-        await first.close()
-        await second.close()
+        for server in (first, second, third):
+            await server.close()
 
 
 def test_scrub() -> None:
