@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from agent.capture.netns import netns_argv
+from agent.mesh.model import Address
 from bench import procs
-from bench.paths import Addr, BenchPath, Place, Running
+from bench.paths import BenchPath, Place, Running
 from bench.procs import (
     Child,
     ChildError,
@@ -257,7 +258,7 @@ class Receiver:
         self.child = spawn("receiver", netns_argv(place.netns, argv), workdir / log_name, stdout_pipe=True,
                            env=python_env(), cwd=ROOT)
         try:
-            self.addr: Addr = parse_hostport(self.child.wait_for_line("listening on", 15.0))
+            self.addr: Address = parse_hostport(self.child.wait_for_line("listening on", 15.0))
         except BaseException:
             self.child.stop()
             raise

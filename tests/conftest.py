@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,20 +10,13 @@ import pytest
 from agent.ca.authority import CertificateAuthority
 from agent.ca.issue import CA_FILE, CERT_FILE, KEY_FILE, issue
 from agent.telemetry.observer_tls import ClientTlsFiles, ServerTls, ServerTlsFiles, operator_identity
-from hbone.identity import SpiffeId, WorkloadCertificate
-
-TRUST_DOMAIN = "cluster.local"
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, bcc)")
+from hbone.identity import WorkloadCertificate
+from tests.fixtures.certificates import TRUST_DOMAIN, spiffe
 
 
 @pytest.fixture(scope="session")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.create(TRUST_DOMAIN)
-
-
-def spiffe(ns: str, sa: str) -> SpiffeId:
-    return SpiffeId(TRUST_DOMAIN, ns, sa)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ What runs where (node network namespace, where the agent lives):
   - bridge CNIs (cni0): when a pod's veth is a bridge port, a socket assigned there would not survive the
     bridge, and frames between pods of one bridge never reach the IP stack; the port's program then only
     hands enrolled pods' TCP up to the bridge (destination MAC := the bridge's, `bridge_ports` map) and the
-    pod program, attached to the bridge too, decides there (tests/test_bridge_cni.py).
+    pod program, attached to the bridge too, decides there (tests/e2e/test_bridge_cni.py).
   - `ambit_sk_lookup` (SK_LOOKUP, netns link) once the agent registers its listeners: answers the
     listener lookups the tc programs cannot pre-assign (a SYN that meets a TIME_WAIT socket).
   - policy routing: `100: fwmark 0x539 lookup 100` + `local 0.0.0.0/0 dev lo table 100` delivers the

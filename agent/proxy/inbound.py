@@ -15,6 +15,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from agent.mesh.model import Address
 from agent.proxy.context import Mesh
 from agent.proxy.inputs import Connection, forwarded_client, forwarded_host
 from agent.proxy.sockets import addresses, close_with_reset, dial
@@ -26,7 +27,6 @@ from hbone.server import HboneServer, InboundRequest
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 
 

@@ -7,9 +7,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent.mesh.model import Address
 from hbone.identity import SpiffeId
-
-Address = tuple[str, int]
 
 _FORWARDED_FOR = re.compile(r'for="?\[?([0-9A-Fa-f.:]+?)\]?:([0-9]{1,5})"?')
 _FORWARDED_HOST = re.compile(r';\s*host="?([A-Za-z0-9.-]+)"?')

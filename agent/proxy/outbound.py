@@ -15,6 +15,7 @@ import logging
 import socket
 
 from agent.identity.manager import CertificateUnavailable
+from agent.mesh.model import Address
 from agent.mesh.store import Workload
 from agent.proxy.context import Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
@@ -29,7 +30,6 @@ from hbone.relay import Relay
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 class OutboundProxy:

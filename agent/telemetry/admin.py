@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from agent.mesh.model import Address
 from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 Readiness = tuple[bool, str]
 ReadyCheck = Callable[[], Readiness | Awaitable[Readiness]]
 ConfigDump = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
-Address = tuple[str, int]
 
 METRICS_ADDRESS: Address = ("0.0.0.0", 15020)
 READY_ADDRESS: Address = ("0.0.0.0", 15021)

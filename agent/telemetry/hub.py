@@ -15,8 +15,16 @@ import time
 from dataclasses import dataclass
 
 from agent.identity.manager import CertificateStatus
+from agent.mesh.model import Address
 from agent.mesh.store import Change, MeshState, MeshStore
-from agent.telemetry.admin import AdminServer, ConfigDump, ReadyCheck
+from agent.telemetry.admin import (
+    ADMIN_ADDRESS,
+    METRICS_ADDRESS,
+    READY_ADDRESS,
+    AdminServer,
+    ConfigDump,
+    ReadyCheck,
+)
 from agent.telemetry.kernel import KernelEventSource
 from agent.telemetry.metrics import DENY, Metrics
 from agent.telemetry.observer import ObserverServer
@@ -24,8 +32,6 @@ from agent.telemetry.observer_tls import ServerTls, ServerTlsFiles, operator_ide
 from agent.telemetry.recorder import Endpoint, FlowHandle, FlowRecorder
 
 log = logging.getLogger(__name__)
-
-Address = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,9 @@ class TelemetryConfig:
     observer_socket: str | None = None
     observer_listen: str | None = None  # TCP "host:port", served only with observer_tls (mutual TLS)
     observer_tls: ServerTlsFiles | None = None
-    metrics_listen: Address = ("0.0.0.0", 15020)
-    ready_listen: Address = ("0.0.0.0", 15021)
-    admin_listen: Address | None = ("127.0.0.1", 15000)  # None: the admin endpoints on admin_socket only
+    metrics_listen: Address = METRICS_ADDRESS
+    ready_listen: Address = READY_ADDRESS
+    admin_listen: Address | None = ADMIN_ADDRESS  # None: the admin endpoints on admin_socket only
     admin_socket: str | None = None  # the admin endpoints on a unix socket too (``ambit status`` in the lab)
 
 

@@ -29,8 +29,8 @@ from agent.lab import control, hosts
 from agent.lab import runtime as rt
 from agent.lab.kubeproxy import TABLE
 from agent.lab.runtime import LabPaths, PodInfo
-from tests import lab_helpers as h
-from tests import lab_observe as lo
+from tests.fixtures import lab_helpers as h
+from tests.fixtures import lab_observe as lo
 
 pytestmark = lo.lab_marks()
 

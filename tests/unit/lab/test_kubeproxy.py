@@ -11,7 +11,7 @@ import pytest
 
 from agent.lab import kubeproxy, services
 from agent.lab.runtime import LabError
-from tests.conftest import needs_root
+from tests.fixtures.machine import needs_root
 from tests.unit.lab import objects as o
 
 NODE = "node-1"
@@ -129,6 +129,7 @@ def test_the_table_is_replaced_whole_and_hooks_where_kube_proxy_does() -> None:
     assert "\t\tct status dnat ip saddr . ip daddr @hairpin masquerade" in lines
 
 
+@pytest.mark.root
 @needs_root
 def test_nft_accepts_the_rendered_tables() -> None:
     ns = f"lsvc-nft-{secrets.token_hex(3)}"

@@ -31,7 +31,8 @@ from agent.telemetry.observer import ObserverServer
 from agent.telemetry.observer_tls import OBSERVER_SERVER_NAME, ClientTlsFiles, ServerTls, admit, operator_identity
 from agent.telemetry.recorder import FlowRecorder
 from hbone.identity import SpiffeId, WorkloadCertificate
-from tests.conftest import TRUST_DOMAIN, ObserverTlsMaterial, issue_observer_tls
+from tests.conftest import ObserverTlsMaterial, issue_observer_tls
+from tests.fixtures.certificates import TRUST_DOMAIN
 
 A = Endpoint("10.1.0.7", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-1", {"app": "client"})
 B = Endpoint("10.2.0.9", 5432, "spiffe://cluster.local/ns/data/sa/db", "data", "db-0", {"app": "db"})
