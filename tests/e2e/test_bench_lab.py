@@ -74,6 +74,7 @@ def test_lab_set_measures_every_path_then_is_removed(tmp_path: Path) -> None:
 def test_lab_is_removed_when_the_run_fails(tmp_path: Path) -> None:
     name = f"tb-{secrets.token_hex(3)}"
     with pytest.raises(RuntimeError, match="measurement failed"), bench_lab(tmp_path, lambda _m: None, name=name):
-        assert len(lab_leftovers(name, processes=False)) == 8  # seven namespaces and the lab directory
+        # seven namespaces, the lab directory, and the four pods' /etc/netns directories (hosts files)
+        assert len(lab_leftovers(name, processes=False)) == 12
         raise RuntimeError("measurement failed")
     assert lab_leftovers(name, processes=False) == []

@@ -73,7 +73,7 @@ print(json.dumps(found))
 class NameServer(h.PodServer):
     """HTTP/1.0: reads a request head, answers the pod's name, closes."""
 
-    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+    def serve(self, conn: socket.socket, peer: tuple[str, int], port: int) -> None:
         head = b""
         while b"\r\n\r\n" not in head and len(head) < 8192:
             chunk = conn.recv(4096)
