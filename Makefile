@@ -46,6 +46,12 @@ bench: setup
 	$(PY) -m bench.enforcement
 	$(PY) -m bench.observability
 
+# A bounded fuzz campaign against the HBONE protocol layer and server (tests/fuzz): 1,000,000 protocol inputs
+# (atheris) and 20,000 hostile socket sessions against `ambit hbone serve`; FUZZ_ARGS=--inputs N --sessions M.
+.PHONY: fuzz
+fuzz: setup
+	$(PY) -m tests.fuzz.hbone_campaign $(FUZZ_ARGS)
+
 # Kubernetes (daemonset/README.md): the image, and Ambit on a kind or minikube cluster. Settings such as
 # IMAGE=, KIND_CLUSTER=, MINIKUBE_PROFILE=, KUBE_CONTEXT= pass through to daemonset/deploy.sh.
 image kind-deploy minikube-deploy undeploy:

@@ -19,7 +19,7 @@ import uvloop
 from agent.node import AgentConfig, NodeAgent
 from agent.telemetry.hub import TelemetryConfig
 from agent.telemetry.observer_tls import ServerTlsFiles, TlsMaterialError, read_cas, read_key_pair
-from hbone.memory import keep_buffers_on_heap
+from hbone import keep_buffers_on_heap
 
 
 def _address(text: str) -> tuple[str, int] | None:

@@ -29,7 +29,7 @@ import yaml
 
 from agent.identity.ca_client import CA_NAMESPACE
 from agent.sources.objectfile import WatchedFile, kubernetes_objects
-from hbone.identity import SpiffeId
+from hbone import SpiffeId
 
 log = logging.getLogger("ambit.ca.auth")
 

@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.ca.files import private_directory, write_private, write_public
 from agent.identity.keys import key_pem, make_csr, new_key
-from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
+from hbone import SpiffeId, TrustBundle, WorkloadCertificate
 
 DEFAULT_TTL = dt.timedelta(hours=24)
 MAX_TTL = dt.timedelta(days=90)

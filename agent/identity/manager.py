@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from agent.identity.keys import key_pem, make_csr, new_key
 from agent.retry import Backoff
 from agent.sources.objectfile import SourceError, WatchedFile
-from hbone.identity import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
+from hbone import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
 
 log = logging.getLogger("ambit.ca.manager")
 

@@ -39,8 +39,7 @@ from agent.proxy.outbound import OutboundProxy
 from agent.proxy.sockets import dial, transparent_listener
 from agent.sources.statefile import StateFile
 from agent.telemetry.hub import Telemetry, TelemetryConfig
-from hbone.identity import SpiffeId, TrustBundle
-from hbone.pool import Pool
+from hbone import Pool, SpiffeId, TrustBundle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

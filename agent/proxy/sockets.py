@@ -13,9 +13,8 @@ from __future__ import annotations
 import socket
 
 from agent.mesh.ports import AGENT_MARK
-from hbone.client import IP_TRANSPARENT
-from hbone.client import dial as hbone_dial
-from hbone.relay import linger_reset
+from hbone import IP_TRANSPARENT
+from hbone import dial as hbone_dial
 
 
 def transparent_listener(port: int, host: str = "0.0.0.0", backlog: int = 1024) -> socket.socket:
@@ -39,19 +38,3 @@ def transparent_listener(port: int, host: str = "0.0.0.0", backlog: int = 1024) 
 async def dial(address: tuple[str, int], source_ip: str | None) -> socket.socket:
     """Connect to ``address`` with the agent's mark, from ``source_ip`` (any address, spoofed) if given."""
     return await hbone_dial(address, source_ip, mark=AGENT_MARK, transparent=True)
-
-
-def addresses(sock: socket.socket) -> tuple[tuple[str, int], tuple[str, int]] | None:
-    """(client, original destination) of an accepted socket; None (socket closed) if it is gone already."""
-    try:
-        peer, local = sock.getpeername(), sock.getsockname()
-    except OSError:
-        sock.close()
-        return None
-    return (peer[0], peer[1]), (local[0], local[1])
-
-
-def close_with_reset(sock: socket.socket) -> None:
-    """Refuse an accepted connection the way a policy denial or a failed upstream should: RST, not FIN."""
-    linger_reset(sock)
-    sock.close()

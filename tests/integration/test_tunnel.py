@@ -13,8 +13,8 @@ import pytest
 from agent.ca.authority import CertificateAuthority
 from hbone.identity import WorkloadCertificate
 from hbone.pool import PoolKey
-from hbone.relay import Tunnel
 from hbone.server import InboundRequest
+from hbone.tunnel import Tunnel
 from tests.fixtures.certificates import spiffe
 from tests.fixtures.eventually import eventually
 from tests.fixtures.hbone_path import Path, hbone_path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import h2.connection
@@ -13,22 +14,18 @@ import h2.settings
 import pytest
 from h2.errors import ErrorCodes
 
-from hbone.protocol import (
-    KIB,
-    MIB,
-    Authority,
-    ClientConnection,
+from hbone.authority import Authority
+from hbone.events import (
     ConnectionEnded,
     ConnectRequest,
     ConnectResponse,
     Data,
     RequestRejected,
-    ServerConnection,
-    Settings,
     StreamEnded,
     StreamReset,
     WindowOpened,
 )
+from hbone.protocol import KIB, MIB, ClientConnection, ServerConnection, Settings
 from tests.fixtures.h2peer import connect_headers, raw_client, status_of
 
 Endpoint = ClientConnection | ServerConnection | h2.connection.H2Connection
@@ -58,8 +55,16 @@ def pump(a: Endpoint, b: Endpoint) -> tuple[list[object], list[object]]:
     raise AssertionError("the two sides never went quiet")
 
 
-def only(events: list[object], kind: type[T]) -> list[T]:
+def only(events: Sequence[object], kind: type[T]) -> list[T]:
     return [ev for ev in events if isinstance(ev, kind)]
+
+
+def open_stream(client: ClientConnection, authority: Authority = TARGET,
+                headers: Mapping[str, str] | None = None) -> int:
+    """CONNECT sent; the stream's id (the connection can open one)."""
+    stream_id = client.open(authority, headers)
+    assert stream_id is not None
+    return stream_id
 
 
 def connected(settings: Settings = Settings()) -> tuple[ClientConnection, ServerConnection]:
@@ -70,7 +75,7 @@ def connected(settings: Settings = Settings()) -> tuple[ClientConnection, Server
 
 def tunnel(client: ClientConnection, server: ServerConnection, authority: Authority = TARGET) -> int:
     """An established stream: CONNECT sent, 200 received."""
-    stream_id = client.open(authority)
+    stream_id = open_stream(client, authority)
     _, at_server = pump(client, server)
     assert [r.stream_id for r in only(at_server, ConnectRequest)] == [stream_id]
     server.accept(stream_id)
@@ -99,7 +104,7 @@ def test_connect_request_carries_parsed_authority_and_headers() -> None:
     client, server = connected()
     headers = {"forwarded": 'for="10.1.2.3:40000"', "baggage": "k8s.namespace.name=default",
                "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-00"}
-    stream_id = client.open(Authority("10.0.0.7", 8080), headers)
+    stream_id = open_stream(client, Authority("10.0.0.7", 8080), headers)
     _, at_server = pump(client, server)
     [request] = only(at_server, ConnectRequest)
     assert request.stream_id == stream_id == 1
@@ -113,7 +118,7 @@ def test_connect_request_carries_parsed_authority_and_headers() -> None:
 
 def test_accept_answers_200() -> None:
     client, server = connected()
-    stream_id = client.open(TARGET)
+    stream_id = open_stream(client)
     pump(client, server)
     server.accept(stream_id)
     at_client, _ = pump(client, server)
@@ -123,7 +128,7 @@ def test_accept_answers_200() -> None:
 @pytest.mark.parametrize("status", [401, 503])
 def test_final_answer_ends_the_stream(status: int) -> None:
     client, server = connected()
-    stream_id = client.open(TARGET)
+    stream_id = open_stream(client)
     pump(client, server)
     server.respond(stream_id, status)
     at_client, _ = pump(client, server)
@@ -216,7 +221,7 @@ def test_ipv6_authority_parses_and_round_trips() -> None:
     assert str(parsed) == "[::1]:80"
     assert Authority.parse("[2001:DB8:0::0001]:443") == Authority("2001:db8::1", 443)  # normalised
     client, server = connected()
-    stream_id = client.open(parsed)
+    stream_id = open_stream(client, parsed)
     _, at_server = pump(client, server)
     [request] = only(at_server, ConnectRequest)
     assert request.stream_id == stream_id
@@ -377,7 +382,7 @@ def test_excess_stream_is_refused_alone_and_hpack_stays_in_sync() -> None:
 def test_client_sees_a_refused_stream_as_refused() -> None:
     """Streams opened before the server's SETTINGS arrive may exceed its limit: the client is told which."""
     client, server = ClientConnection(), ServerConnection(Settings(max_concurrent_streams=3))
-    streams = [client.open(TARGET) for _ in range(4)]
+    streams = [open_stream(client) for _ in range(4)]
     at_client, at_server = pump(client, server)
     assert [r.stream_id for r in only(at_server, ConnectRequest)] == streams[:3]
     assert only(at_client, StreamReset) == [StreamReset(streams[3], ErrorCodes.REFUSED_STREAM, refused=True)]
