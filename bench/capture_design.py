@@ -8,16 +8,14 @@ one run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -26,7 +24,7 @@ from agent.capture.attach import Backend
 from agent.capture.maps import Listener
 from agent.capture.programs import POD_PROG
 from agent.lab import Lab, Pod
-from bench.capture_probe import EchoServer, TransparentRelay, exchange
+from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
 
 SINK = r"""
 import socket, sys
@@ -48,18 +46,6 @@ while sent < total:
     s.sendall(chunk); sent += len(chunk)
 s.shutdown(socket.SHUT_WR); s.recv(1); print(time.perf_counter() - t0)
 """
-
-
-@contextlib.contextmanager
-def private_bpffs() -> Iterator[str]:
-    """A bpffs mounted on a temporary directory for the duration of the block."""
-    d = tempfile.mkdtemp(prefix="ambit-bpffs-")
-    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", d], check=False)
-        os.rmdir(d)
 
 
 def _us(values: list[float]) -> str:
@@ -193,10 +179,10 @@ def _agent_child(
         for att in r.attachments():
             held.append(bpfsys.obj_get(att.ident))
             os.unlink(att.ident)
-    relay = TransparentRelay(None, ports=(15001,))
+    relay = TransparentRelay(None, ports=(15001,)).start()
     conn.send("ready")
     signal.pause()
-    relay.stop()
+    relay.close()
 
 
 def _outcome(a: Pod, c: Pod) -> str:

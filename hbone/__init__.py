@@ -1,0 +1,80 @@
+"""HBONE: HTTP/2 CONNECT tunnels over mutual TLS with SPIFFE identities (Istio ambient's tunnel).
+
+What users of the library need is here; the modules behind it are:
+
+* ``hbone.protocol`` and ``hbone.events``: the HTTP/2 CONNECT protocol, free of I/O, and its events;
+* ``hbone.tunnel``: a TLS connection carrying streams, and ``StreamHandler``, what consumes one stream;
+* ``hbone.relay``: the TCP relay, the stream handler of an L4 tunnel;
+* ``hbone.server``, ``hbone.client``, ``hbone.pool``, ``hbone.forward``: the server, tunnels to a server,
+  pooled as ztunnel pools them, and a fixed-target forwarder;
+* ``hbone.identity``: SPIFFE IDs, workload certificates, trust bundles, mutual-TLS contexts;
+* ``hbone.sockets``, ``hbone.accept``, ``hbone.memory``: dialling, accepting and allocator settings.
+"""
+
+from hbone.accept import Acceptor
+from hbone.authority import Authority
+from hbone.client import HboneError, StreamFailed, StreamRefused, open_tunnel, request_headers
+from hbone.events import Data
+from hbone.forward import Forwarder
+from hbone.identity import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate, identity_of
+from hbone.memory import keep_buffers_on_heap
+from hbone.pool import Pool, PoolKey
+from hbone.protocol import ProtocolError, Settings
+from hbone.relay import TCP_WRITE_HIGH_WATER, Relay
+from hbone.server import (
+    CertificateLookup,
+    HboneServer,
+    InboundRequest,
+    PolicyHook,
+    UpstreamConnector,
+    connect_plain,
+    fixed_certificate,
+)
+from hbone.sockets import (
+    IP_TRANSPARENT,
+    abort_with_reset,
+    accepted_addresses,
+    close_with_reset,
+    dial,
+    linger_reset,
+)
+from hbone.tunnel import StreamHandler, Tunnel
+
+__all__ = [
+    "IP_TRANSPARENT",
+    "TCP_WRITE_HIGH_WATER",
+    "Acceptor",
+    "Authority",
+    "CertificateLookup",
+    "Data",
+    "Forwarder",
+    "HboneError",
+    "HboneServer",
+    "IdentityError",
+    "InboundRequest",
+    "PolicyHook",
+    "Pool",
+    "PoolKey",
+    "ProtocolError",
+    "Relay",
+    "Settings",
+    "SpiffeId",
+    "StreamFailed",
+    "StreamHandler",
+    "StreamRefused",
+    "TrustBundle",
+    "Tunnel",
+    "UpstreamConnector",
+    "WorkloadCertificate",
+    "abort_with_reset",
+    "accepted_addresses",
+    "close_with_reset",
+    "connect_plain",
+    "dial",
+    "fixed_certificate",
+    "identity_of",
+    "keep_buffers_on_heap",
+    "linger_reset",
+    "open_tunnel",
+    "request_headers",
+]

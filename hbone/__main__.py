@@ -16,11 +16,11 @@ from pathlib import Path
 
 import uvloop
 
+from hbone.authority import Authority
 from hbone.forward import Forwarder
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
 from hbone.memory import keep_buffers_on_heap
 from hbone.pool import Pool
-from hbone.protocol import Authority
 from hbone.server import HboneServer, fixed_certificate
 
 log = logging.getLogger("hbone")

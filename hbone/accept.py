@@ -32,10 +32,11 @@ class Acceptor:
     def start(self) -> None:
         self._loop = asyncio.ensure_future(self._accept_forever())
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)

@@ -11,9 +11,10 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 
-import h2.exceptions
 from h2.errors import ErrorCodes
 
+from hbone.authority import Authority
+from hbone.events import ConnectionEnded, ConnectResponse, Event, GoAwayReceived, StreamReset
 from hbone.identity import (
     IdentityError,
     SpiffeId,
@@ -22,16 +23,9 @@ from hbone.identity import (
     client_context,
     verify_peer,
 )
-from hbone.protocol import (
-    Authority,
-    ClientConnection,
-    ConnectionEnded,
-    ConnectResponse,
-    Event,
-    Settings,
-    StreamReset,
-)
-from hbone.relay import Relay, Tunnel
+from hbone.protocol import ClientConnection, Settings
+from hbone.sockets import dial
+from hbone.tunnel import StreamHandler, Tunnel
 
 Address = tuple[str, int]
 
@@ -91,21 +85,22 @@ class ClientTunnel(Tunnel):
 
     @property
     def usable(self) -> bool:
-        return self.ended is None and self.transport is not None and not self.transport.is_closing()
+        return (self.ended is None and not self.draining and self.transport is not None
+                and not self.transport.is_closing())
 
     @property
     def stream_limit(self) -> int:
         return self.client_conn.peer_stream_limit
 
-    def open(self, relay: Relay, authority: Authority, headers: Mapping[str, str]) -> asyncio.Future[ConnectResponse]:
+    def open(self, relay: StreamHandler, authority: Authority,
+             headers: Mapping[str, str]) -> asyncio.Future[ConnectResponse]:
         """Send CONNECT for ``relay``; the future resolves on 200 and raises StreamRefused/StreamFailed."""
         fut: asyncio.Future[ConnectResponse] = asyncio.get_running_loop().create_future()
         if not self.usable:
             fut.set_exception(StreamRefused("tunnel connection is closed"))
             return fut
-        try:
-            stream_id = self.client_conn.open(authority, headers)
-        except h2.exceptions.TooManyStreamsError:
+        stream_id = self.client_conn.open(authority, headers)
+        if stream_id is None:
             fut.set_exception(StreamRefused("tunnel connection has no free stream"))
             return fut
         relay.bind(self, stream_id)
@@ -142,6 +137,13 @@ class ClientTunnel(Tunnel):
         else:
             super().stream_reset(ev)
 
+    def going_away(self, ev: GoAwayReceived) -> None:
+        """The server is closing: streams beyond its last one were never processed (retry elsewhere); the
+        others carry on to their end."""
+        for stream_id in [s for s in self._answers if s > ev.last_stream_id]:
+            self._settle(stream_id, StreamRefused(f"tunnel going away: {ev.reason}"))
+        super().going_away(ev)
+
     def connection_ended(self, ev: ConnectionEnded) -> None:
         self._fail_pending(ev)
         super().connection_ended(ev)
@@ -158,30 +160,6 @@ class ClientTunnel(Tunnel):
 
 
 Dialer = Callable[[Address, str | None], Awaitable[socket.socket]]  # (address, source ip) -> connected socket
-
-
-IP_TRANSPARENT = 19  # linux/in.h; the socket module does not export it
-
-
-async def dial(address: Address, source_ip: str | None = None, *, mark: int | None = None,
-               transparent: bool = False) -> socket.socket:
-    """Connect to ``address``, from ``source_ip`` if given. ``transparent`` lets that be any address (a
-    proxy speaking for its client, IP_TRANSPARENT); ``mark`` sets SO_MARK for policy routing."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        if source_ip is not None:
-            if transparent:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            sock.bind((source_ip, 0))
-        await loop.sock_connect(sock, address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def open_tunnel(address: Address, cert: WorkloadCertificate, expected: SpiffeId, bundle: TrustBundle,

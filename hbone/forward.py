@@ -12,11 +12,12 @@ import logging
 import socket
 
 from hbone.accept import Acceptor
+from hbone.authority import Authority
 from hbone.client import HboneError, request_headers
 from hbone.identity import SpiffeId, WorkloadCertificate
 from hbone.pool import Pool
-from hbone.protocol import Authority
-from hbone.relay import Relay, linger_reset
+from hbone.relay import Relay
+from hbone.sockets import close_with_reset
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,7 @@ class Forwarder:
         except HboneError as e:
             self.failures += 1
             log.warning("tunnel %s -> %s via %s failed: %s", client, self.authority, self.hbone, e)
-            linger_reset(sock)
-            sock.close()
+            close_with_reset(sock)
             return
         await asyncio.get_running_loop().connect_accepted_socket(lambda: relay, sock)
 

@@ -23,7 +23,7 @@ ALPN = "h2"
 ALLOWED_CIPHERS = frozenset({"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"})
 
 _SEGMENT = r"[A-Za-z0-9._-]+"
-_SPIFFE_RE = re.compile(rf"^spiffe://({_SEGMENT})/ns/({_SEGMENT})/sa/({_SEGMENT})$")
+_SPIFFE_RE = re.compile(rf"spiffe://({_SEGMENT})/ns/({_SEGMENT})/sa/({_SEGMENT})")
 
 
 _SHA256 = hashes.SHA256()
@@ -41,7 +41,7 @@ class SpiffeId:
 
     @classmethod
     def parse(cls, uri: str) -> SpiffeId:
-        m = _SPIFFE_RE.match(uri)
+        m = _SPIFFE_RE.fullmatch(uri)
         if m is None:
             raise IdentityError(f"not a workload SPIFFE ID (spiffe://<td>/ns/<ns>/sa/<sa>): {uri!r}")
         return cls(m.group(1), m.group(2), m.group(3))

@@ -16,10 +16,12 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from hbone.client import ClientTunnel, Dialer, StreamRefused, dial, open_tunnel
+from hbone.authority import Authority
+from hbone.client import ClientTunnel, Dialer, StreamRefused, open_tunnel
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
-from hbone.protocol import Authority, Settings
-from hbone.relay import Relay, Tunnel
+from hbone.protocol import Settings
+from hbone.sockets import dial
+from hbone.tunnel import StreamHandler, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class Pool:
         keys = [key] if key is not None else list(self._entries)
         return sum(1 for k in keys for e in self._entries.get(k, []) if not e.dead)
 
-    async def connect(self, relay: Relay, source: WorkloadCertificate, destination: SpiffeId, address: Address,
+    async def connect(self, relay: StreamHandler, source: WorkloadCertificate, destination: SpiffeId, address: Address,
                       authority: Authority, headers: Mapping[str, str], source_ip: str | None = None) -> None:
         """Open a CONNECT stream for ``relay``; returns once the server answered 200 and the relay runs.
 

@@ -1,19 +1,21 @@
 """HBONE's HTTP/2 CONNECT protocol, free of I/O (in the manner of h2 and h11).
 
 A ``ServerConnection`` or ``ClientConnection`` is fed the bytes read from the TLS session with
-``receive`` and returns events; ``data_to_send`` returns the bytes to write. Everything about HTTP/2
-CONNECT that does not need a socket lives here: request validation and the answers ztunnel gives
-(400 bad method or authority), flow-control windows sized for throughput, the stream limit treated as
-a stream error (RFC 9113 §5.1.2), END_STREAM as TCP FIN and RST_STREAM(CONNECT_ERROR) as TCP RST.
+``receive`` and returns events (``hbone.events``); ``data_to_send`` returns the bytes to write.
+Everything about HTTP/2 CONNECT that does not need a socket lives here: request validation and the
+answers ztunnel gives (400 bad method or authority), flow-control windows sized for throughput, the
+stream limit treated as a stream error (RFC 9113 §5.1.2), END_STREAM as TCP FIN and
+RST_STREAM(CONNECT_ERROR) as TCP RST, and the limits that keep a hostile peer's cost bounded (see
+``Settings``).
+
+The contract holds in every state: no method raises because of what the peer sent or the state the
+connection is in. Once the connection has ended (``closed`` is set) every call is a no-op: ``receive``
+returns no events, ``send`` takes nothing, ``open`` returns None.
 """
 
 from __future__ import annotations
 
-import binascii
-import contextlib
-import ipaddress
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import h2.config
@@ -22,38 +24,67 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
-import hyperframe.frame
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+
+from hbone.authority import Authority
+from hbone.events import (
+    ConnectionEnded,
+    ConnectRequest,
+    ConnectResponse,
+    Data,
+    Event,
+    GoAwayReceived,
+    RequestRejected,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+)
 
 KIB = 1024
 MIB = 1024 * KIB
-
-
-def _short_data_repr(data: bytes | None) -> str:
-    """hyperframe's frame-data repr, with the same output, without hex-encoding the whole payload.
-
-    h2 evaluates ``repr(frame)`` for every frame it receives, for a trace log line, whatever the log
-    level; hyperframe's repr hex-encodes all of a DATA frame's payload (2 MiB of text for a 1 MiB frame)
-    to keep its first 20 characters. That was over a third of the HBONE server's CPU time.
-    """
-    if not data:
-        return "None"
-    return "<hex:" + binascii.hexlify(data[:10]).decode("ascii") + ("..." if len(data) > 10 else "") + ">"
-
-
-hyperframe.frame._raw_data_repr = _short_data_repr
+_FRAME_HEADER = 9
+_CONTROL_REPLY = _FRAME_HEADER + 8  # a PING ACK, the larger of the two replies a peer can ask for
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """HTTP/2 parameters; defaults are ztunnel's (4 MiB stream, 16 MiB connection windows, 1 MiB frames)."""
+    """HTTP/2 parameters and the limits on what one peer may make this side hold or do.
+
+    Windows and the DATA frame size are ztunnel's (4 MiB stream, 16 MiB connection windows, 1 MiB
+    frames): large DATA frames are what makes the tunnel fast. Every other frame is small by nature and
+    is held to ``max_header_block``. The limits follow what the hardened servers do (nghttp2, Go's
+    net/http2, Envoy): see each field.
+    """
 
     stream_window: int = 4 * MIB
     connection_window: int = 16 * MIB
-    max_frame_size: int = 1 * MIB
+    max_frame_size: int = 1 * MIB  # DATA frames; what SETTINGS_MAX_FRAME_SIZE advertises
     max_concurrent_streams: int = 200  # what a server allows
-    max_header_list_size: int = 16 * KIB
+    max_header_list_size: int = 16 * KIB  # decoded, as RFC 7541 counts it
+    # A header block (HEADERS + CONTINUATIONs) is checked as its frames arrive, never assembled beyond
+    # this many encoded bytes or this many CONTINUATION frames (nghttp2 and Node allow 8): a block larger
+    # than twice the decoded limit cannot decode under it. Frames other than DATA are held to the same
+    # byte bound, checked on their 9-byte header before their payload is read.
+    max_header_block: int = 32 * KIB
+    max_continuations: int = 8
+    # Rapid reset (CVE-2023-44487): streams the peer resets before they were answered, plus streams
+    # refused past the concurrency limit, are counted; past this budget, and once they are over half of
+    # the streams the peer opened, the connection ends with ENHANCE_YOUR_CALM (Envoy's rule: 50 % of at
+    # least 500 streams; lower here, a stream costs more in Python).
+    reset_budget: int = 100
+    # PING and SETTINGS each oblige a reply; while the peer does not read (the transport is paused),
+    # at most this many are queued, then ENHANCE_YOUR_CALM (Go's maxQueuedControlFrames).
+    max_queued_control: int = 10_000
+
+    @property
+    def receive_budget(self) -> int:
+        """The most this layer itself holds for one connection: one partial DATA frame, one header block
+        with one frame beyond it, and the queued control replies. Received DATA is held by no one beyond
+        the connection window (the I/O layer acknowledges it only once passed on)."""
+        return (_FRAME_HEADER + self.max_frame_size + 2 * (_FRAME_HEADER + self.max_header_block)
+                + self.max_queued_control * _CONTROL_REPLY)
 
 
 class ProtocolError(Exception):
@@ -64,103 +95,45 @@ class ProtocolError(Exception):
         self.code = code
 
 
-_AUTHORITY_RE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,5})", re.ASCII)
+class _QuietDataFrame(DataFrame):
+    """A received DATA frame whose repr leaves its payload out.
+
+    h2 evaluates ``repr(frame)`` for every frame it receives, for a trace log line, whatever the log
+    level, and hyperframe's repr of a DATA frame re-serializes and hex-encodes the whole payload (2 MiB
+    of text for a 1 MiB frame) to keep 20 characters. Most DATA takes this layer's short path and never
+    reaches h2, but what does (early or stray DATA) should not cost that. Only frames parsed by this
+    connection's own frame buffer are of this class: no other user of hyperframe is affected.
+    """
+
+    def _body_repr(self) -> str:
+        return f"<{len(self.data)} bytes>"
 
 
-@dataclass(frozen=True, slots=True)
-class Authority:
-    """A CONNECT target ``ip:port`` (``[v6]:port`` for IPv6)."""
-
-    ip: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Authority:
-        m = _AUTHORITY_RE.fullmatch(text)
-        if m is None:
-            raise ValueError(f"authority {text!r} is not ip:port (or [ipv6]:port)")
-        try:
-            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = (
-                ipaddress.IPv6Address(m.group(1)) if m.group(1) else ipaddress.IPv4Address(m.group(2)))
-        except ValueError:
-            raise ValueError(f"authority {text!r} does not name an IP address") from None
-        port = int(m.group(3))
-        if not 0 < port < 65536:
-            raise ValueError(f"authority {text!r} has port out of range")
-        return cls(str(ip), port)
-
-    def __str__(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
-
-
-# Events handed to the I/O layer.
-@dataclass(frozen=True, slots=True)
-class ConnectRequest:
-    stream_id: int
-    authority: Authority
-    headers: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRejected:
-    """A request this layer answered itself (status 400); reported so the I/O layer can log it."""
-
-    stream_id: int
-    status: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectResponse:
-    stream_id: int
-    status: int
-    headers: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Data:
-    stream_id: int
-    data: bytes | memoryview  # a view of the bytes read, valid as long as it is referenced
-    flow_length: int  # what to acknowledge once the data has been passed on
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    stream_id: int
-    error_code: int
-    refused: bool  # REFUSED_STREAM: the peer never processed it, the stream may be retried
-
-
-@dataclass(frozen=True, slots=True)
-class WindowOpened:
-    stream_id: int  # 0: the connection window
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionEnded:
-    """The connection ended (GOAWAY received or sent after a protocol error); ``reason`` says why."""
-
-    error_code: int
-    reason: str
-    last_stream_id: int | None = None
-
-
-Event = (ConnectRequest | RequestRejected | ConnectResponse | Data | StreamEnded | StreamReset | WindowOpened
-         | ConnectionEnded)
+class _FrameBuffer(FrameBuffer):
+    def __next__(self) -> Frame:
+        frame = super().__next__()
+        if frame.__class__ is DataFrame:
+            frame.__class__ = _QuietDataFrame
+        return frame
 
 
 class _H2(h2.connection.H2Connection):
     """h2 with the concurrent-stream limit enforced per stream, as RFC 9113 §5.1.2 requires.
 
     h2 raises TooManyStreamsError, a connection error that would take every other stream down with the
-    offending one. Here the excess stream alone is refused, after its header block has been decoded so
-    that the HPACK state stays in step with the peer.
+    offending one. Here the excess stream alone is refused (and counted in ``refused``), after its header
+    block has been decoded so that the HPACK state stays in step with the peer. A graceful GOAWAY from
+    the peer leaves the connection open for the streams it allows (h2 would close it at once). Received
+    DATA frames are parsed as ``_QuietDataFrame``s by this connection's own frame buffer.
     """
+
+    MAX_CLOSED_STREAMS = 1024  # h2 remembers 65536 closed streams per connection; 5 x our stream limit do
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        self._frame_dispatch_table[_QuietDataFrame] = self._receive_data_frame
+        self.refused = 0
 
     def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
         try:
@@ -173,23 +146,45 @@ class _H2(h2.connection.H2Connection):
             except hpack.HPACKError as e:
                 raise h2.exceptions.ProtocolError(f"undecodable header block: {e}") from e
             self.highest_inbound_stream_id = max(self.highest_inbound_stream_id, frame.stream_id)
+            self.refused += 1
             rst = RstStreamFrame(frame.stream_id)
             rst.error_code = ErrorCodes.REFUSED_STREAM
             return [rst], []
 
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2.events.Event]]:
+        state = self.state_machine.state
+        frames, events = super()._receive_goaway_frame(frame)
+        if frame.error_code == ErrorCodes.NO_ERROR:
+            self.state_machine.state = state
+        return frames, events
 
-_DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9
-_END_STREAM, _END_HEADERS, _PADDED = 0x1, 0x4, 0x8
+    def release(self) -> None:
+        """Drop what h2 holds and break its reference cycle (the frame dispatch table holds bound methods
+        of this object), so that the memory goes when the last reference does, not at the next full
+        collection."""
+        self._frame_dispatch_table.clear()
+        self.incoming_buffer = FrameBuffer()
+        self.streams.clear()
+        self._closed_streams.clear()
+        self.clear_outbound_data_buffer()
+
+
+_DATA, _HEADERS, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _CONTINUATION = 0x0, 0x1, 0x4, 0x5, 0x6, 0x7, 0x9
+_ACK = _END_STREAM = 0x1
+_END_HEADERS, _PADDED = 0x4, 0x8
 _PREFACE_LENGTH = 24
 _WINDOW_UPDATE_HEADER = b"\x00\x00\x04\x08\x00"
+_PING_ACK_HEADER = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
+_FRAME_NAMES = {0x1: "HEADERS", 0x2: "PRIORITY", 0x3: "RST_STREAM", 0x4: "SETTINGS", 0x5: "PUSH_PROMISE",
+                0x6: "PING", 0x7: "GOAWAY", 0x8: "WINDOW_UPDATE", 0x9: "CONTINUATION"}
 
 
 def _window_update(stream_id: int, increment: int) -> bytes:
     return _WINDOW_UPDATE_HEADER + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
 
 
-class _Connection:
-    """What client and server share: data, half-close, resets, flow control.
+class Connection:
+    """What client and server share: data, half-close, resets, flow control, limits.
 
     h2 owns the connection's state: HPACK, SETTINGS, stream states, RST_STREAM, GOAWAY, PING. DATA on an
     established stream takes a shorter path that h2's per-frame objects and copies made the bottleneck
@@ -198,6 +193,9 @@ class _Connection:
     layer keeps the inbound windows and sends the WINDOW_UPDATEs. Two rules keep h2's view true: every
     byte sent is taken off h2's outbound windows as its own ``send_data`` would, and a DATA frame with
     END_STREAM reaches h2 as an empty END_STREAM frame, so that h2 still tracks every stream's state.
+
+    Every other frame reaches h2 on its own, so that when h2 rejects one, the events of the frames
+    before it are still delivered. Frame sizes and header blocks are checked here first.
     """
 
     def __init__(self, client_side: bool, settings: Settings) -> None:
@@ -222,10 +220,15 @@ class _Connection:
         if extra > 0:
             self._h2.increment_flow_control_window(extra)
         self.closed: ConnectionEnded | None = None
+        self.going_away: int | None = None  # the last stream id of the peer's graceful GOAWAY
         self._out: list[bytes | memoryview] = []
         self._partial = b""  # received bytes short of a whole frame
         self._preface = 0 if client_side else _PREFACE_LENGTH  # client preface bytes still owed to h2
-        self._in_header_block = False  # HEADERS seen without END_HEADERS: CONTINUATION must follow
+        self._settings_seen = False  # the peer's first SETTINGS (the end of its preface)
+        self._block = -1  # encoded bytes of the header block being received (-1: none)
+        self._block_frames = 0  # CONTINUATION frames in it
+        self._output_blocked = False
+        self._queued_control = 0  # PING/SETTINGS replies owed while the output is blocked
         self._recv_conn_window = settings.connection_window
         self._unacked_conn = 0
         self._recv_windows: dict[int, int] = {}  # streams whose DATA this layer takes -> window left
@@ -241,7 +244,7 @@ class _Connection:
         self._out.append(chunk)
 
     def data_to_send(self) -> bytes:
-        pending = self._h2.data_to_send()
+        pending = self._h2.data_to_send() if self.closed is None else b""
         if not self._out:
             return pending
         if pending:
@@ -252,11 +255,14 @@ class _Connection:
 
     def send(self, stream_id: int, data: bytes | memoryview) -> int:
         """Send as much of ``data`` as the flow-control windows allow; returns how much was taken (0 also
-        when the stream can take no more: ended, reset, or its connection going away)."""
+        when the stream can take no more: ended, reset, or its connection ended)."""
         if stream_id not in self._sendable:
             return 0
         h = self._h2
-        stream = h.streams[stream_id]
+        stream = h.streams.get(stream_id)
+        if stream is None:
+            self._sendable.discard(stream_id)
+            return 0
         room = min(len(data), h.outbound_flow_control_window, stream.outbound_flow_control_window)
         if room <= 0:
             return 0
@@ -275,21 +281,29 @@ class _Connection:
         return room
 
     def window(self, stream_id: int) -> int:
+        """What ``stream_id`` may send now (0 for a stream that cannot send)."""
+        if stream_id not in self._sendable:
+            return 0
         return self._h2.local_flow_control_window(stream_id)
 
     def end(self, stream_id: int) -> None:
-        """Half-close: END_STREAM, the HTTP/2 form of TCP FIN."""
-        self._sendable.discard(stream_id)
-        self._h2.end_stream(stream_id)
+        """Half-close: END_STREAM, the HTTP/2 form of TCP FIN (a no-op on a stream that cannot send)."""
+        if stream_id in self._sendable:
+            self._sendable.discard(stream_id)
+            self._h2_call(self._h2.end_stream, stream_id)
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CONNECT_ERROR) -> None:
-        """RST_STREAM; CONNECT_ERROR (the default) is how HTTP/2 carries a TCP reset."""
+        """RST_STREAM; CONNECT_ERROR (the default) is how HTTP/2 carries a TCP reset. A no-op on a stream
+        that is closed already."""
+        if self.closed is not None:
+            return
         self._forget(stream_id)
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
-            self._h2.reset_stream(stream_id, code)
+        self._h2_call(self._h2.reset_stream, stream_id, code)
 
     def ack(self, stream_id: int, flow_length: int) -> None:
         """Data received on ``stream_id`` was passed on: let the peer send that much more."""
+        if self.closed is not None:
+            return
         self._unacked_conn += flow_length
         if self._unacked_conn >= self.settings.connection_window // 4:
             self._recv_conn_window += self._unacked_conn
@@ -304,11 +318,44 @@ class _Connection:
             self._unacked[stream_id] = unacked
 
     def goaway(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
-        self._h2.close_connection(code)
+        """GOAWAY: the connection ends (after ``data_to_send`` has given the frame)."""
+        if self.closed is None:
+            self._h2_call(self._h2.close_connection, code)
+            self._close(ConnectionEnded(int(code), "closed by this side"))
+
+    def output_blocked(self, blocked: bool) -> None:
+        """The I/O layer's word on the output: ``blocked`` while the peer does not take what is sent."""
+        self._output_blocked = blocked
+        if not blocked:
+            self._queued_control = 0
+
+    def release(self) -> None:
+        """The transport is gone: end the connection if it has not ended and let go of all it holds."""
+        if self.closed is None:
+            self._close(ConnectionEnded(0, "connection released"))
+        self._out.clear()
 
     @property
     def open_streams(self) -> int:
+        if self.closed is not None:
+            return 0
         return self._h2.open_outbound_streams + self._h2.open_inbound_streams
+
+    @property
+    def awaiting_headers(self) -> bool:
+        """The peer owes the rest of its preface, of a header block or of a frame other than DATA: what a
+        header-read timeout applies to."""
+        if self.closed is not None:
+            return False
+        if self._preface or not self._settings_seen or self._block >= 0:
+            return True
+        partial = self._partial
+        return 0 < len(partial) < _FRAME_HEADER or (len(partial) >= _FRAME_HEADER and partial[3] != _DATA)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes this layer holds: the partial frame, h2's header block, the output not yet taken."""
+        return len(self._partial) + max(self._block, 0) + sum(len(c) for c in self._out)
 
     def _established(self, stream_id: int, receiving: bool) -> None:
         """A stream whose DATA now takes the short path (both ways, or only outbound)."""
@@ -321,9 +368,35 @@ class _Connection:
         self._recv_windows.pop(stream_id, None)
         self._unacked.pop(stream_id, None)
 
+    def _h2_call(self, method: Callable[..., object], *args: object, **kwargs: object) -> bool:
+        """Call into h2 for something this side sends; h2 refusing it (the stream or the connection is
+        closed on h2's side) makes it a no-op. Returns whether h2 took it."""
+        try:
+            method(*args, **kwargs)
+        except h2.exceptions.ProtocolError:
+            return False
+        return True
+
+    def _close(self, ended: ConnectionEnded, out: list[Event] | None = None) -> None:
+        """The connection has ended: keep what h2 queued (the GOAWAY), then let go of everything else."""
+        self.closed = ended
+        if out is not None:
+            out.append(ended)
+        pending = self._h2.data_to_send()
+        if pending:
+            self._out.append(pending)
+        self._partial = b""
+        self._block = -1
+        self._sendable.clear()
+        self._recv_windows.clear()
+        self._unacked.clear()
+        self._h2.release()
+
     # -- input
     def receive(self, data: bytes) -> list[Event]:
         out: list[Event] = []
+        if self.closed is not None:
+            return out
         try:
             self._receive(data, out)
         except ProtocolError as e:
@@ -336,36 +409,75 @@ class _Connection:
             self._preface -= len(head)
             self._to_h2(head, out)
         buf = self._partial + data if self._partial else data
-        size, pos, run = len(buf), 0, -1  # run: start of frames queued for h2
+        size, pos = len(buf), 0
         view = memoryview(buf)
-        max_frame = self.settings.max_frame_size
-        while size - pos >= 9 and self.closed is None:
+        settings = self.settings
+        while size - pos >= _FRAME_HEADER and self.closed is None:
             length = int.from_bytes(view[pos:pos + 3], "big")
-            if length > max_frame:
-                self._fail(ErrorCodes.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {max_frame}", out)
-                return
-            end = pos + 9 + length
+            kind, flags = buf[pos + 3], buf[pos + 4]
+            if kind == _DATA:
+                if length > settings.max_frame_size:
+                    raise ProtocolError(f"DATA frame of {length} bytes exceeds {settings.max_frame_size}",
+                                        ErrorCodes.FRAME_SIZE_ERROR)
+            elif length > settings.max_header_block:
+                raise ProtocolError(f"{_FRAME_NAMES.get(kind, f'type {kind}')} frame of {length} bytes exceeds"
+                                    f" {settings.max_header_block}", ErrorCodes.FRAME_SIZE_ERROR)
+            end = pos + _FRAME_HEADER + length
             if end > size:
                 break
-            kind, flags = buf[pos + 3], buf[pos + 4]
             stream_id = int.from_bytes(view[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-            if kind == _DATA and not self._in_header_block:
-                if run >= 0:  # frames before this one may open (or reset) its stream: h2 sees them first
-                    self._to_h2(view[run:pos], out)
-                    run = -1
+            if kind == _DATA and self._block < 0:
                 if stream_id in self._recv_windows:
                     self._take_data(stream_id, flags, view[pos + 9:end], length, out)
                 else:
                     self._to_h2(view[pos:end], out)
+            elif kind == _PING:
+                self._ping(stream_id, flags, view[pos + 9:end])
             else:
-                if kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
-                    self._in_header_block = not flags & _END_HEADERS
-                if run < 0:
-                    run = pos
+                self._control_frame(kind, flags, length)
+                self._to_h2(view[pos:end], out)
             pos = end
-        if run >= 0 and self.closed is None:
-            self._to_h2(view[run:pos], out)
-        self._partial = bytes(view[pos:]) if pos < size else b""
+        self._partial = bytes(view[pos:]) if pos < size and self.closed is None else b""
+
+    def _ping(self, stream_id: int, flags: int, payload: memoryview) -> None:
+        """PING is answered here (h2 would too, at ten times the cost of a frame a peer may send at will)."""
+        if stream_id:
+            raise ProtocolError(f"PING on stream {stream_id}")
+        if len(payload) != 8:
+            raise ProtocolError(f"PING of {len(payload)} bytes", ErrorCodes.FRAME_SIZE_ERROR)
+        if flags & _ACK:
+            return  # this side sends no PING: an answer to nothing
+        self._count_control_reply()
+        self._emit(_PING_ACK_HEADER + bytes(payload))
+
+    def _count_control_reply(self) -> None:
+        if self._output_blocked:
+            self._queued_control += 1
+            if self._queued_control > self.settings.max_queued_control:
+                raise ProtocolError(f"{self._queued_control} PING/SETTINGS frames while not reading the replies",
+                                    ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _control_frame(self, kind: int, flags: int, length: int) -> None:
+        """Checks and bookkeeping for a frame other than DATA, before h2 sees it."""
+        settings = self.settings
+        if kind == _CONTINUATION and self._block >= 0:
+            self._block += length
+            self._block_frames += 1
+            if self._block > settings.max_header_block or self._block_frames > settings.max_continuations:
+                raise ProtocolError(f"header block over {self._block_frames} CONTINUATION frames and {self._block}"
+                                    f" bytes exceeds {settings.max_continuations} frames or"
+                                    f" {settings.max_header_block} bytes", ErrorCodes.ENHANCE_YOUR_CALM)
+            if flags & _END_HEADERS:
+                self._block = -1
+        elif kind in (_HEADERS, _PUSH_PROMISE) and self._block < 0 and not flags & _END_HEADERS:
+            self._block, self._block_frames = length, 0
+        elif kind == _SETTINGS and not flags & _ACK:
+            self._settings_seen = True
+            self._count_control_reply()
+        elif kind == _GOAWAY:
+            pending = self._h2.data_to_send()  # h2 drops its unsent output on GOAWAY: keep it
+            if pending:
+                self._out.append(pending)
 
     def _take_data(self, stream_id: int, flags: int, payload: memoryview, length: int, out: list[Event]) -> None:
         window = self._recv_windows[stream_id]
@@ -391,42 +503,60 @@ class _Connection:
     def _to_h2(self, data: bytes | memoryview, out: list[Event]) -> None:
         if not data or self.closed is not None:
             return
+        h = self._h2
         try:
-            h2_events = self._h2.receive_data(bytes(data))
+            h2_events = h.receive_data(bytes(data))
         except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY (none is due for a bad preface)
-            self.closed = ConnectionEnded(getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR), str(e))
-            out.append(self.closed)
+            self._close(ConnectionEnded(int(getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR)), str(e)), out)
             return
         for ev in h2_events:
             self._translate(ev, out)
+        if h.refused:
+            refused, h.refused = h.refused, 0
+            self._count_premature(refused, opened=refused, out=out)
 
     def _fail(self, code: ErrorCodes, reason: str, out: list[Event]) -> None:
-        self._h2.close_connection(code, additional_data=reason.encode()[:256])
-        self.closed = ConnectionEnded(int(code), reason)
-        out.append(self.closed)
+        self._h2_call(self._h2.close_connection, code, additional_data=reason.encode()[:256])
+        self._close(ConnectionEnded(int(code), reason), out)
+
+    def _count_premature(self, resets: int, opened: int, out: list[Event]) -> None:
+        """Streams reset before their answer (server side: see ``ServerConnection``)."""
 
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
+        if self.closed is not None:
+            return
         if isinstance(ev, h2.events.WindowUpdated):
             out.append(WindowOpened(ev.stream_id or 0))
         elif isinstance(ev, h2.events.StreamEnded):
             self._recv_windows.pop(ev.stream_id or 0, None)
+            self._unacked.pop(ev.stream_id or 0, None)
             out.append(StreamEnded(ev.stream_id or 0))
         elif isinstance(ev, h2.events.StreamReset):
-            self._forget(ev.stream_id or 0)
-            code = int(ev.error_code or 0)
-            out.append(StreamReset(ev.stream_id or 0, code, code == ErrorCodes.REFUSED_STREAM))
-        elif isinstance(ev, h2.events.DataReceived):  # before the stream was established: rare, h2 counted it
-            assert ev.stream_id is not None and ev.data is not None and ev.flow_controlled_length is not None
-            self._h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            out.append(Data(ev.stream_id, ev.data, 0))
+            self._stream_reset(ev.stream_id or 0, int(ev.error_code or 0), out)
+        elif isinstance(ev, h2.events.DataReceived):
+            # Empty: the END_STREAM this layer passes on for a DATA frame it took. Otherwise DATA on a stream
+            # this layer does not take DATA for, before its response (CONNECT answers first, RFC 9113
+            # §8.5): a stream error, the window given back.
+            assert ev.stream_id is not None and ev.flow_controlled_length is not None
+            if not ev.flow_controlled_length:
+                return
+            self._h2_call(self._h2.acknowledge_received_data, ev.flow_controlled_length, ev.stream_id)
+            self._forget(ev.stream_id)
+            if self._h2_call(self._h2.reset_stream, ev.stream_id, ErrorCodes.PROTOCOL_ERROR):
+                out.append(StreamReset(ev.stream_id, int(ErrorCodes.PROTOCOL_ERROR), False))
         elif isinstance(ev, h2.events.ConnectionTerminated):
             reason = (ev.additional_data or b"").decode(errors="replace") or "GOAWAY received"
-            self._sendable.clear()
-            self._recv_windows.clear()
-            self.closed = ConnectionEnded(int(ev.error_code or 0), reason, ev.last_stream_id)
-            out.append(self.closed)
+            if ev.error_code == ErrorCodes.NO_ERROR and ev.last_stream_id is not None:
+                self.going_away = ev.last_stream_id
+                out.append(GoAwayReceived(ev.last_stream_id, reason))
+            else:
+                self._close(ConnectionEnded(int(ev.error_code or 0), reason, ev.last_stream_id), out)
         else:
             self._translate_headers(ev, out)
+
+    def _stream_reset(self, stream_id: int, code: int, out: list[Event]) -> None:
+        self._forget(stream_id)
+        out.append(StreamReset(stream_id, code, code == ErrorCodes.REFUSED_STREAM))
 
     def _translate_headers(self, ev: h2.events.Event, out: list[Event]) -> None:
         """Role-specific events (requests for a server, responses for a client)."""
@@ -436,16 +566,22 @@ def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return {k.decode(): v.decode(errors="replace") for k, v in raw}
 
 
-class ServerConnection(_Connection):
+class ServerConnection(Connection):
     def __init__(self, settings: Settings = Settings()) -> None:
         super().__init__(client_side=False, settings=settings)
+        self._unanswered: set[int] = set()  # requests reported and not yet accepted or answered
+        self._opened = 0  # streams the peer opened (refused ones included)
+        self._premature = 0  # of those, reset by the peer before their answer, or refused
 
     def _translate_headers(self, ev: h2.events.Event, out: list[Event]) -> None:
         if not isinstance(ev, h2.events.RequestReceived) or ev.stream_id is None:
             return
+        self._opened += 1
         headers = _headers(ev.headers or [])
         method = headers.get(":method", "")
-        if method != "CONNECT":
+        if self.going_away is not None:
+            self.reset(ev.stream_id, ErrorCodes.REFUSED_STREAM)  # the peer is closing: no new streams
+        elif method != "CONNECT":
             self._reject(ev.stream_id, 400, f"method {method!r} is not CONNECT", out)
         elif ":protocol" in headers:
             self._reject(ev.stream_id, 400, "extended CONNECT is not HBONE", out)
@@ -457,41 +593,70 @@ class ServerConnection(_Connection):
                 return
             if ev.stream_ended is None:
                 self._recv_windows[ev.stream_id] = self.settings.stream_window
+            self._unanswered.add(ev.stream_id)
             out.append(ConnectRequest(ev.stream_id, authority, headers))
+
+    def _stream_reset(self, stream_id: int, code: int, out: list[Event]) -> None:
+        super()._stream_reset(stream_id, code, out)
+        if stream_id in self._unanswered:
+            self._unanswered.discard(stream_id)
+            self._count_premature(1, opened=0, out=out)
+
+    def _count_premature(self, resets: int, opened: int, out: list[Event]) -> None:
+        self._premature += resets
+        self._opened += opened
+        if self._premature > self.settings.reset_budget and 2 * self._premature > self._opened:
+            self._fail(ErrorCodes.ENHANCE_YOUR_CALM, f"{self._premature} of {self._opened} streams reset before"
+                       " their answer or refused (rapid reset)", out)
 
     def _reject(self, stream_id: int, status: int, reason: str, out: list[Event]) -> None:
         self.respond(stream_id, status)
         out.append(RequestRejected(stream_id, status, reason))
 
     def accept(self, stream_id: int) -> None:
-        """200: the upstream connection is up, the tunnel is open."""
-        self._h2.send_headers(stream_id, [(b":status", b"200")])
-        self._sendable.add(stream_id)
+        """200: the upstream connection is up, the tunnel is open. A no-op for a stream that is gone."""
+        if stream_id not in self._unanswered or self.closed is not None:
+            return
+        self._unanswered.discard(stream_id)
+        if self._h2_call(self._h2.send_headers, stream_id, [(b":status", b"200")]):
+            self._sendable.add(stream_id)
 
     def respond(self, stream_id: int, status: int) -> None:
         """A final answer that closes the stream (400, 401, 503 ...), both ways: the client's side is
         reset with NO_ERROR (RFC 9113 §8.1) so the stream gives its concurrency slot back at once."""
+        if self.closed is not None:
+            return
+        self._unanswered.discard(stream_id)
         self._forget(stream_id)
-        try:
-            self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=True)
-        except h2.exceptions.ProtocolError:
+        if not self._h2_call(self._h2.send_headers, stream_id, [(b":status", str(status).encode())],
+                             end_stream=True):
             self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         stream = self._h2.streams.get(stream_id)
         if stream is not None and not stream.closed:
             self.reset(stream_id, ErrorCodes.NO_ERROR)
 
+    def _close(self, ended: ConnectionEnded, out: list[Event] | None = None) -> None:
+        super()._close(ended, out)
+        self._unanswered.clear()
 
-class ClientConnection(_Connection):
+
+class ClientConnection(Connection):
     def __init__(self, settings: Settings = Settings()) -> None:
         super().__init__(client_side=True, settings=settings)
 
-    def open(self, authority: Authority, headers: Mapping[str, str] | None = None) -> int:
-        """Send a CONNECT request; returns the new stream's id."""
-        stream_id = self._h2.get_next_available_stream_id()
-        request = [(b":method", b"CONNECT"), (b":authority", str(authority).encode())]
-        request += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-        self._h2.send_headers(stream_id, request)
+    def open(self, authority: Authority, headers: Mapping[str, str] | None = None) -> int | None:
+        """Send a CONNECT request; returns the new stream's id, or None when no stream can be opened (the
+        connection ended or is going away, or the peer's stream limit is reached)."""
+        if self.closed is not None or self.going_away is not None:
+            return None
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+            request = [(b":method", b"CONNECT"), (b":authority", str(authority).encode())]
+            request += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+            self._h2.send_headers(stream_id, request)
+        except h2.exceptions.ProtocolError:  # TooManyStreamsError, NoAvailableStreamIDError
+            return None
         return stream_id
 
     @property

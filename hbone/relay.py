@@ -1,5 +1,4 @@
-"""The I/O half of HBONE: a TLS connection carrying CONNECT streams (``Tunnel``), each stream bridged to
-one TCP connection (``Relay``).
+"""A CONNECT stream bridged to one TCP connection (``Relay``): the stream handler of the tunnel (L4).
 
 Built on asyncio protocols rather than streams, so a chunk read from one socket is framed and written
 to the other inside one callback, with no task switch. Back-pressure runs both ways and bounds memory:
@@ -15,45 +14,19 @@ to the other inside one callback, with no task switch. Back-pressure runs both w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
-from collections.abc import Callable
 from typing import cast
 
-from hbone.protocol import (
-    ConnectionEnded,
-    Data,
-    Event,
-    StreamEnded,
-    StreamReset,
-    WindowOpened,
-    _Connection,
-)
+from hbone.events import Data
+from hbone.sockets import abort_with_reset
+from hbone.tunnel import StreamHandler
 
 log = logging.getLogger(__name__)
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
 TCP_WRITE_HIGH_WATER = 1024 * 1024
-TLS_WRITE_HIGH_WATER = 4 * 1024 * 1024
 
 
-def linger_reset(sock: socket.socket) -> None:
-    """Make closing ``sock`` send RST rather than FIN."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-
-
-def abort_with_reset(transport: asyncio.BaseTransport) -> None:
-    """Close a TCP transport with RST rather than FIN (how a reset crosses the tunnel)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        linger_reset(sock)
-    transport.abort()  # type: ignore[attr-defined]
-
-
-class Relay(asyncio.Protocol):
+class Relay(StreamHandler, asyncio.Protocol):
     """One CONNECT stream relayed to one TCP connection; the protocol of that TCP transport.
 
     Either side may come first: an inbound relay exists before its upstream TCP connection, an outbound
@@ -62,8 +35,7 @@ class Relay(asyncio.Protocol):
     """
 
     def __init__(self) -> None:
-        self.tunnel: Tunnel | None = None
-        self.stream_id = 0
+        super().__init__()
         self.transport: asyncio.Transport | None = None
         self.started = False
         self._backlog: memoryview | None = None  # read from TCP, not yet taken by the windows
@@ -73,10 +45,8 @@ class Relay(asyncio.Protocol):
         self._reading = False
         self._tcp_eof = False  # FIN from TCP (END_STREAM owed or sent)
         self._h2_eof = False  # END_STREAM from the tunnel (FIN sent to TCP)
-        self.closed = False
         self.bytes_up = 0  # TCP -> tunnel
         self.bytes_down = 0  # tunnel -> TCP
-        self.on_close: Callable[[Relay, str], None] | None = None
 
     @property
     def buffered(self) -> int:
@@ -86,17 +56,17 @@ class Relay(asyncio.Protocol):
             size += self.transport.get_write_buffer_size()
         return size
 
-    # -- wiring
-    def bind(self, tunnel: Tunnel, stream_id: int) -> None:
-        self.tunnel, self.stream_id = tunnel, stream_id
-        tunnel.streams[stream_id] = self
-
     def start(self) -> None:
-        """The tunnel stream is established: deliver what waited and start reading the TCP side."""
+        """The tunnel stream is established: once the TCP side exists too, deliver what waited (data, then
+        the peer's FIN) and start reading the TCP side."""
         self.started = True
-        for d in self._early:
+        if self.transport is None:
+            return
+        early, self._early = self._early, []
+        for d in early:
             self.on_data(d)
-        self._early.clear()
+        if self._h2_eof:
+            self._write_eof()
         if self._backlog is not None:
             self.on_window()
         else:
@@ -170,9 +140,13 @@ class Relay(asyncio.Protocol):
     def on_end(self) -> None:
         self._h2_eof = True
         if self.transport is not None and self.started:
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self._maybe_close()
+            self._write_eof()
+
+    def _write_eof(self) -> None:
+        assert self.transport is not None
+        if self.transport.can_write_eof() and not self.transport.is_closing():
+            self.transport.write_eof()
+        self._maybe_close()
 
     def on_reset(self, reason: str) -> None:
         if self.transport is not None:
@@ -217,113 +191,3 @@ class Relay(asyncio.Protocol):
         """Reset both ways: RST to the TCP side (which in turn resets the stream)."""
         if self.transport is not None:
             abort_with_reset(self.transport)
-
-    def finish(self, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.tunnel is not None:
-            self.tunnel.stream_closed(self)
-        if self.on_close is not None:
-            self.on_close(self, reason)
-
-
-class Tunnel(asyncio.Protocol):
-    """One TLS connection carrying HBONE streams; base of the server's and the client's tunnels."""
-
-    conn: _Connection
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, Relay] = {}
-        self.write_paused = False
-        self.ended: ConnectionEnded | None = None
-        self.on_stream_closed: Callable[[Tunnel], None] | None = None
-        self.on_lost: Callable[[Tunnel], None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)
-        transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
-        self.flush()
-
-    def data_received(self, data: bytes) -> None:
-        for ev in self.conn.receive(data):
-            self.handle(ev)
-        self.flush()
-
-    def handle(self, ev: Event) -> None:
-        if isinstance(ev, Data):
-            relay = self.streams.get(ev.stream_id)
-            if relay is None:
-                self.conn.ack(ev.stream_id, ev.flow_length)
-            else:
-                relay.on_data(ev)
-        elif isinstance(ev, WindowOpened):
-            if ev.stream_id:
-                relay = self.streams.get(ev.stream_id)
-                if relay is not None:
-                    relay.on_window()
-            else:
-                for relay in list(self.streams.values()):
-                    relay.on_window()
-        elif isinstance(ev, StreamEnded):
-            relay = self.streams.get(ev.stream_id)
-            if relay is not None:
-                relay.on_end()
-        elif isinstance(ev, StreamReset):
-            self.stream_reset(ev)
-        elif isinstance(ev, ConnectionEnded):
-            self.connection_ended(ev)
-        else:
-            self.handle_request_or_response(ev)
-
-    def handle_request_or_response(self, ev: Event) -> None:
-        raise NotImplementedError
-
-    def stream_reset(self, ev: StreamReset) -> None:
-        relay = self.streams.get(ev.stream_id)
-        if relay is not None:
-            relay.on_reset(f"stream reset by peer (code {ev.error_code})")
-
-    def connection_ended(self, ev: ConnectionEnded) -> None:
-        self.ended = ev
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
-
-    def flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out and self.transport is not None:
-            self.transport.write(out)
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        for relay in self.streams.values():
-            relay.on_tunnel_paused(True)
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        for relay in list(self.streams.values()):
-            relay.on_tunnel_paused(False)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.ended is None:
-            self.ended = ConnectionEnded(0, f"connection lost: {exc}" if exc else "connection closed")
-        for relay in list(self.streams.values()):
-            relay.on_reset(f"tunnel {self.ended.reason}")
-        if self.on_lost is not None:
-            self.on_lost(self)
-
-    def stream_closed(self, relay: Relay) -> None:
-        if self.streams.get(relay.stream_id) is relay:
-            del self.streams[relay.stream_id]
-            if self.on_stream_closed is not None:
-                self.on_stream_closed(self)
-
-    def close(self) -> None:
-        """Graceful: GOAWAY, then close once written."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.conn.goaway()
-            self.flush()
-            self.transport.close()
-

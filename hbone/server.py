@@ -18,7 +18,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
+from h2.errors import ErrorCodes
+
 from hbone.accept import Acceptor
+from hbone.authority import Authority
+from hbone.events import ConnectionEnded, ConnectRequest, Data, Event, RequestRejected
 from hbone.identity import (
     IdentityError,
     SpiffeId,
@@ -27,16 +31,10 @@ from hbone.identity import (
     server_context,
     verify_peer,
 )
-from hbone.protocol import (
-    Authority,
-    ConnectionEnded,
-    ConnectRequest,
-    Event,
-    RequestRejected,
-    ServerConnection,
-    Settings,
-)
-from hbone.relay import Relay, Tunnel
+from hbone.protocol import ServerConnection, Settings
+from hbone.relay import Relay
+from hbone.sockets import accepted_addresses
+from hbone.tunnel import StreamHandler, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +53,73 @@ class InboundRequest:
 
 
 PolicyHook = Callable[[InboundRequest], str | None]  # None allows; a string denies and says why
-UpstreamConnector = Callable[[InboundRequest, Callable[[], Relay]], Awaitable[object]]
+# What consumes an admitted stream: connects whatever the stream is for (an upstream TCP connection for
+# a Relay) and returns its handler; OSError or TimeoutError mean the upstream cannot be had (503).
+UpstreamConnector = Callable[[InboundRequest], Awaitable[StreamHandler]]
 CertificateLookup = Callable[[str], Awaitable[WorkloadCertificate | None]]  # local ip -> certificate
 
 
-async def connect_plain(request: InboundRequest, relay: Callable[[], Relay]) -> object:
-    """Default upstream: a TCP connection from this host to the target."""
+async def connect_plain(request: InboundRequest) -> StreamHandler:
+    """Default upstream: a TCP connection from this host to the target, relayed."""
     loop = asyncio.get_running_loop()
-    return await loop.create_connection(relay, request.target.ip, request.target.port)
+    _, relay = await loop.create_connection(Relay, request.target.ip, request.target.port)
+    return relay
 
 
 def fixed_certificate(cert: WorkloadCertificate) -> CertificateLookup:
     async def lookup(_ip: str) -> WorkloadCertificate:
         return cert
     return lookup
+
+
+class _Pending(StreamHandler):
+    """Stands for an admitted stream while its upstream is connected.
+
+    What the client sends meanwhile waits here unacknowledged (so the stream's window bounds it) and is
+    handed, in order, to the real handler once it starts; a reset cancels the connect.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connecting: asyncio.Future[None] | None = None
+        self._data: list[Data] = []
+        self._ended = False
+
+    def hand_over(self, handler: StreamHandler) -> None:
+        """``handler`` takes the stream, is started, and gets what arrived before it."""
+        assert self.tunnel is not None
+        handler.bind(self.tunnel, self.stream_id)
+        handler.start()
+        for d in self._data:
+            handler.on_data(d)
+        self._data.clear()
+        if self._ended:
+            handler.on_end()
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(d.data) for d in self._data)
+
+    def start(self) -> None:
+        raise AssertionError("a pending stream is handed over, never started")
+
+    def on_data(self, d: Data) -> None:
+        self._data.append(d)
+
+    def on_end(self) -> None:
+        self._ended = True
+
+    def on_reset(self, reason: str) -> None:
+        self._data.clear()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.finish(reason)
+
+    def on_window(self) -> None:
+        pass  # nothing to send before the 200
+
+    def on_tunnel_paused(self, paused: bool) -> None:
+        pass
 
 
 class ServerTunnel(Tunnel):
@@ -80,6 +131,8 @@ class ServerTunnel(Tunnel):
         self.server = server
         self.source, self.destination = source, destination
         self.peer: SpiffeId | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline_for = ""  # "headers" or "idle"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
@@ -91,6 +144,45 @@ class ServerTunnel(Tunnel):
             return
         self.server.tunnels.add(self)
         super().connection_made(transport)
+        self._rearm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._rearm()
+
+    def stream_closed(self, handler: StreamHandler) -> None:
+        super().stream_closed(handler)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """Keep the deadline that applies now: the peer owes the rest of its preface, of a header block or
+        of a control frame (``header_timeout``), or the connection has no stream (``idle_timeout``)."""
+        if self.conn.closed is not None or self.transport is None or self.transport.is_closing():
+            want = ""
+        elif self.conn.awaiting_headers:
+            want = "headers"
+        else:
+            want = "" if self.streams else "idle"
+        if want == self._deadline_for:
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._deadline_for = want
+        if want:
+            delay = self.server.header_timeout if want == "headers" else self.server.idle_timeout
+            self._deadline = asyncio.get_running_loop().call_later(delay, self._expired, want)
+
+    def _expired(self, what: str) -> None:
+        self._deadline, self._deadline_for = None, ""
+        self.server.count(f"{what}_timeout")
+        if what == "headers":
+            log.info("HBONE from %s (%s): headers not received within %ss; closing", self.source, self.peer,
+                     self.server.header_timeout)
+            self.close(ErrorCodes.ENHANCE_YOUR_CALM)
+        else:
+            log.info("HBONE from %s (%s): idle for %ss; closing", self.source, self.peer, self.server.idle_timeout)
+            self.close()
 
     def handle_request_or_response(self, ev: Event) -> None:
         if isinstance(ev, ConnectRequest):
@@ -108,6 +200,9 @@ class ServerTunnel(Tunnel):
         super().connection_ended(ev)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         super().connection_lost(exc)
         self.server.tunnels.discard(self)
 
@@ -116,7 +211,12 @@ class HboneServer:
     def __init__(self, certificates: CertificateLookup, bundle: TrustBundle | Callable[[], TrustBundle], *,
                  policy: PolicyHook | None = None, connect: UpstreamConnector = connect_plain,
                  settings: Settings = Settings(), handshake_timeout: float = 10.0,
-                 connect_timeout: float = 10.0, check_authority_ip: bool = True) -> None:
+                 connect_timeout: float = 10.0, header_timeout: float = 10.0, idle_timeout: float = 600.0,
+                 check_authority_ip: bool = True) -> None:
+        """``header_timeout``: the most a client may take over its preface, a header block or a control
+        frame once begun (nginx's client_header_timeout, 60 s; Envoy's request_headers_timeout); ``idle_timeout``:
+        how long a connection without streams stays open (Envoy 1 h, nginx 75 s; 600 s here, twice the
+        pool's 300 s, so that a pooled client always closes first and never reuses a closing connection)."""
         self.certificates = certificates
         self._bundle = bundle
         self.policy = policy
@@ -124,6 +224,8 @@ class HboneServer:
         self.settings = settings
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
         self.check_authority_ip = check_authority_ip
         self.tunnels: set[ServerTunnel] = set()
         self.stats: Counter[str] = Counter()
@@ -163,11 +265,10 @@ class HboneServer:
         self.stats[what] += 1
 
     async def handshake(self, sock: socket.socket) -> None:
-        try:
-            source, destination = sock.getpeername()[:2], sock.getsockname()[:2]
-        except OSError:  # gone already
-            sock.close()
+        ends = accepted_addresses(sock)
+        if ends is None:  # gone already
             return
+        source, destination = ends
         try:
             cert = await self.certificates(destination[0])
         except Exception as e:  # no certificate: nothing to present, refuse the connection
@@ -188,6 +289,8 @@ class HboneServer:
             sock.close()
 
     def handle_connect(self, tunnel: ServerTunnel, ev: ConnectRequest) -> None:
+        if tunnel.conn.closed is not None:  # ended later in the same read: no answer can be sent
+            return
         request = InboundRequest(tunnel.peer, tunnel.source, tunnel.destination, ev.authority, ev.headers)
         if self.check_authority_ip and ev.authority.ip != tunnel.destination[0]:
             self.count("rejected_request")
@@ -202,30 +305,29 @@ class HboneServer:
                 log.info("HBONE %s -> %s denied: %s -> 401", request.peer, request.target, denial)
                 tunnel.server_conn.respond(ev.stream_id, 401)
                 return
-        relay = Relay()
-        relay.bind(tunnel, ev.stream_id)
+        pending = _Pending()
+        pending.bind(tunnel, ev.stream_id)
         assert self._acceptor is not None
-        self._acceptor.spawn(self._open_upstream(tunnel, relay, request))
+        pending.connecting = self._acceptor.spawn(self._open_upstream(tunnel, pending, request))
 
-    async def _open_upstream(self, tunnel: ServerTunnel, relay: Relay, request: InboundRequest) -> None:
+    async def _open_upstream(self, tunnel: ServerTunnel, pending: _Pending, request: InboundRequest) -> None:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await self.connect(request, lambda: relay)
+                handler = await self.connect(request)
         except (OSError, TimeoutError) as e:
             self.count("upstream_failed")
             log.info("HBONE %s -> %s: upstream unreachable: %s -> 503", request.peer, request.target, _reason(e))
-            if not relay.closed:
-                relay.finish("upstream connect failed")
-                tunnel.server_conn.respond(relay.stream_id, 503)
+            if not pending.closed:
+                pending.finish("upstream connect failed")
+                tunnel.server_conn.respond(pending.stream_id, 503)
                 tunnel.flush()
             return
-        if relay.closed:  # the client gave up while we connected
-            if relay.transport is not None:
-                relay.transport.abort()
+        if pending.closed:  # the stream or the tunnel went while we connected
+            handler.on_reset("stream closed before its upstream connected")
             return
         self.count("accepted")
-        tunnel.server_conn.accept(relay.stream_id)
-        relay.start()
+        tunnel.server_conn.accept(pending.stream_id)
+        pending.hand_over(handler)
         tunnel.flush()
 
 

@@ -1,6 +1,6 @@
 """Python mirrors of bpf/redirect.h (map values, the ring-buffer event, constants).
 
-tests/test_redirect_unit.py checks these against the header, so a change on one side fails loudly.
+tests/unit/capture/test_maps_and_programs.py checks these against the header, so a change on one side fails loudly.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ What runs where (node network namespace, where the agent lives):
   - bridge CNIs (cni0): when a pod's veth is a bridge port, a socket assigned there would not survive the
     bridge, and frames between pods of one bridge never reach the IP stack; the port's program then only
     hands enrolled pods' TCP up to the bridge (destination MAC := the bridge's, `bridge_ports` map) and the
-    pod program, attached to the bridge too, decides there (tests/test_bridge_cni.py).
+    pod program, attached to the bridge too, decides there (tests/e2e/test_bridge_cni.py).
   - `ambit_sk_lookup` (SK_LOOKUP, netns link) once the agent registers its listeners: answers the
     listener lookups the tc programs cannot pre-assign (a SYN that meets a TIME_WAIT socket).
   - policy routing: `100: fwmark 0x539 lookup 100` + `local 0.0.0.0/0 dev lo table 100` delivers the
@@ -80,7 +80,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agent.capture import bpfsys
+from agent.capture import bpfsys, conntrack
 from agent.capture import netns as netns_mod
 from agent.capture.attach import FILTER_HANDLE, FILTER_PRIO, Attachment, Backend, Clsact, Tcx
 from agent.capture.kmap import KernelMap
@@ -115,6 +115,13 @@ class ReconcileResult:
     attached: list[str] = field(default_factory=list)  # interfaces now carrying our program
     removed: list[str] = field(default_factory=list)  # leftovers detached (ifname or ifindex/pin)
     missing: list[str] = field(default_factory=list)  # desired pod IPs whose interface does not exist
+
+
+def pin_filesystem(bpffs: str) -> str:
+    """The directory whose filesystem must be a bpffs for tcx pins (``<bpffs>/ambit/<instance>``): ``<bpffs>/ambit``
+    when it exists (the DaemonSet mounts only the host's /sys/fs/bpf/ambit, there), else ``bpffs``."""
+    own = os.path.join(bpffs, "ambit")
+    return own if os.path.isdir(own) else bpffs
 
 
 class Redirector:
@@ -194,6 +201,7 @@ class Redirector:
             self._open_kernel()
             self._choose_backend()
             self._routing().install()
+            self._untrack_steered()
             if self._uplink_names is None:
                 self._uplink_names = self._default_route_devices()
             for name in self._uplink_names:
@@ -204,6 +212,15 @@ class Redirector:
             self.close()
             raise
         return self
+
+    def _untrack_steered(self) -> None:
+        """Steered packets skip conntrack (see ``conntrack``); without nft, Service VIPs that a kube-proxy also
+        serves fail (reset), which is loud, not a leak: say so and go on."""
+        if not conntrack.available():
+            log.error("nft not found: captured connections to Service VIPs will be reset where kube-proxy DNATs "
+                      "them (install nftables)")
+            return
+        conntrack.install(self.netns, self.mark)
 
     def _open_kernel(self) -> None:
         """Netlink, and the two attachment backends' views of the namespace (no programs needed)."""
@@ -233,8 +250,9 @@ class Redirector:
             self.backend = "clsact"
             return
         problem = None
-        if not bpfsys.is_bpffs(self._bpffs):
-            problem = f"{self._bpffs} is not a mounted bpffs (mount -t bpf bpf {self._bpffs})"
+        pin_fs = pin_filesystem(self._bpffs)
+        if not bpfsys.is_bpffs(pin_fs):
+            problem = f"{pin_fs} is not a mounted bpffs (mount -t bpf bpf {self._bpffs})"
         else:
             try:  # probe: a tcx link on lo, removed at once
                 with netns_mod.entered(self.netns):
@@ -257,7 +275,8 @@ class Redirector:
         exactly as after a crash) and only releases this process's resources."""
         with self._poll_lock:
             if detach and self._ipr is not None:
-                for step in (self._remove_all_attachments, lambda: self._routing().remove()):
+                for step in (self._remove_all_attachments, lambda: self._routing().remove(),
+                             lambda: conntrack.remove(self.netns)):
                     try:
                         step()
                     except Exception:

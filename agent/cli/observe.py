@@ -5,17 +5,25 @@
     ambit observe -f --verdict DROPPED             follow denials as they happen
     ambit observe -n shop --to-port 5432 --last 100 -o json | jq .flow.drop_reason_desc
     ambit observe --from-pod shop/web --not --to-namespace shop
-    ambit observe --server /run/ambit/observer.sock --server 10.0.0.7:4244 --since 5m
+    ambit observe --server /run/ambit/observer.sock --since 5m
+    ambit observe --server 10.0.0.7:4244 --tls-client-cert-file op/tls.crt --tls-client-key-file op/tls.key \
+        --tls-ca-cert-files op/ca.crt
 
 Where the flows come from: every ``--server ADDR`` (repeatable; a unix socket path, or host:port of an
 agent's observer port). Without --server, the agents of the lab (``ambit lab``): lab.json lists its nodes,
 and each node's agent serves its observer on ``<lab dir>/observer/<node>.sock`` unless lab.json names
 another address for the node (``"observer"``). See ``lab_servers``.
 
+A unix socket is plain (whoever may open it may read). A host:port is always mutual TLS, with Hubble's flag
+names: the operator's certificate and key (``ambit ca --issue operator``), the CA certificates the agent's
+certificate must chain to, and the name it must carry (observer.ambit.internal). Each flag also reads an
+environment variable: AMBIT_TLS_CLIENT_CERT_FILE, AMBIT_TLS_CLIENT_KEY_FILE, AMBIT_TLS_CA_CERT_FILES
+(comma-separated), AMBIT_TLS_SERVER_NAME.
+
 In Kubernetes, reach each agent pod (DaemonSet) on its observer port: from a workstation with one
 ``kubectl -n <ns> port-forward pod/<agent pod> <local port>:<observer port>`` per agent and
-``--server 127.0.0.1:<local port>`` for each; from inside the cluster with ``--server <pod IP>:<port>``
-for each agent pod (``kubectl get pods -l <agent selector> -o wide`` lists them).
+``--server 127.0.0.1:<local port>`` for each, with the operator certificate; on a node, through its socket
+(``kubectl -n <ns> exec <agent pod> -- ambit observe --server /run/ambit/observer.sock``).
 
 Filters follow hubble's rules: flags about one side (--from-*, --to-*) and flags about either side (--pod,
 -n, --ip, --port, -l, --identity) combine into filters where every flag must hold, several values of one
@@ -40,10 +48,11 @@ from typing import Any, TextIO
 import grpc
 import grpc.aio
 
-from agent.lab.runtime import LABS_ROOT, LabPaths
+from agent.lab.runtime import LABS_ROOT, LabPaths, lab_name, present_labs
 from agent.telemetry import observer_pb2 as pb
 from agent.telemetry import observer_pb2_grpc as pb_grpc
 from agent.telemetry.model import timestamp
+from agent.telemetry.observer_tls import OBSERVER_SERVER_NAME, ClientTlsFiles, TlsMaterialError
 from agent.telemetry.printer import FORMATS, Printer
 
 DEFAULT_LAST = 20
@@ -62,13 +71,11 @@ def lab_observer_socket(lab_dir: Path, node: str) -> Path:
 def lab_servers(lab: str | None = None, root: Path = LABS_ROOT) -> list[str]:
     """The observer addresses of a lab's agents. ``lab``: a name (default $AMBIT_LAB, else the only lab,
     else "ambit")."""
-    name = lab or os.environ.get("AMBIT_LAB")
-    present = sorted(p.name for p in root.iterdir() if (p / "lab.json").exists()) if root.is_dir() else []
-    if name is None:
-        if not present:
-            raise ObserveError(f"no lab found under {root} and no --server given: start one with "
-                               f"`ambit lab up`, or name agents with --server ADDR (unix socket or host:port)")
-        name = present[0] if len(present) == 1 else "ambit"
+    present = present_labs(root)
+    if not (lab or os.environ.get("AMBIT_LAB") or present):
+        raise ObserveError(f"no lab found under {root} and no --server given: start one with "
+                           f"`ambit lab up`, or name agents with --server ADDR (unix socket or host:port)")
+    name = lab_name(lab, root)
     lab_dir = root / name
     try:
         info = json.loads((lab_dir / "lab.json").read_text())
@@ -86,13 +93,52 @@ def lab_servers(lab: str | None = None, root: Path = LABS_ROOT) -> list[str]:
     return [str(n.get("observer") or lab_observer_socket(lab_dir, n["name"])) for n in nodes]
 
 
+def is_unix(address: str) -> bool:
+    """A unix socket: unix:..., or a path (anything with a '/' or ending in .sock)."""
+    if address.startswith(("dns:", "ipv4:", "ipv6:")):
+        return False
+    return address.startswith("unix:") or "/" in address or address.endswith(".sock")
+
+
 def grpc_target(address: str) -> str:
     """A gRPC target for a unix socket path (anything with a '/', or unix:...) or host:port."""
-    if address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
-        return address
-    if "/" in address or address.endswith(".sock"):
+    if is_unix(address) and not address.startswith("unix:"):
         return f"unix:{os.path.abspath(address)}"
     return address
+
+
+@dataclass(frozen=True)
+class Dialer:
+    """How to reach an agent: its unix socket plainly, a TCP address with the operator's mutual TLS."""
+
+    credentials: grpc.ChannelCredentials | None = None
+    options: list[tuple[str, str]] = field(default_factory=list)
+
+    def channel(self, server: str) -> grpc.aio.Channel:
+        if is_unix(server):
+            return grpc.aio.insecure_channel(grpc_target(server))
+        if self.credentials is None:  # (main checks before dialling)
+            raise ObserveError(f"{server}: a TCP observer needs the operator's TLS certificate")
+        return grpc.aio.secure_channel(grpc_target(server), self.credentials, options=self.options)
+
+
+def dialer(args: argparse.Namespace, servers: Sequence[str]) -> Dialer:
+    """The TLS material for the TCP servers among ``servers``, read and checked (none needed without any)."""
+    tcp = [s for s in servers if not is_unix(s)]
+    given = {"--tls-client-cert-file": args.tls_client_cert_file, "--tls-client-key-file": args.tls_client_key_file,
+             "--tls-ca-cert-files": args.tls_ca_cert_files}
+    if not tcp:
+        return Dialer()
+    if missing := [flag for flag, value in given.items() if not value]:
+        raise ObserveError(f"{', '.join(tcp)}: an agent's TCP observer serves mutual TLS only; missing "
+                           f"{', '.join(missing)} (the operator certificate: `ambit ca --issue operator`; or read "
+                           "the node's unix socket)")
+    files = ClientTlsFiles(tuple(Path(p) for p in args.tls_ca_cert_files), Path(args.tls_client_cert_file),
+                           Path(args.tls_client_key_file), args.tls_server_name)
+    try:
+        return Dialer(files.credentials(), files.options())
+    except TlsMaterialError as e:
+        raise ObserveError(str(e)) from None
 
 
 # -- time ---------------------------------------------------------------------------------------------------------
@@ -213,6 +259,17 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--lab", help="lab whose agents to read (default: $AMBIT_LAB, else the only lab)")
     src.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                      help="give up on an agent that has not answered in this time (not with --follow)")
+    env = os.environ
+    tls = p.add_argument_group("mutual TLS (TCP servers)")
+    tls.add_argument("--tls-client-cert-file", default=env.get("AMBIT_TLS_CLIENT_CERT_FILE"), metavar="FILE",
+                     help="the operator's certificate (tls.crt of `ambit ca --issue operator`)")
+    tls.add_argument("--tls-client-key-file", default=env.get("AMBIT_TLS_CLIENT_KEY_FILE"), metavar="FILE",
+                     help="its private key (tls.key)")
+    tls.add_argument("--tls-ca-cert-files", action="append", metavar="FILE",
+                     default=[f for f in env.get("AMBIT_TLS_CA_CERT_FILES", "").split(",") if f] or None,
+                     help="CA certificates the agents' certificate must chain to (ca.crt; repeatable)")
+    tls.add_argument("--tls-server-name", default=env.get("AMBIT_TLS_SERVER_NAME") or OBSERVER_SERVER_NAME,
+                     metavar="NAME", help="the name the agents' certificate must carry (default %(default)s)")
 
     sel = p.add_argument_group("selectors")
     sel.add_argument("--last", type=int, metavar="N", help=f"the last N flows (default {DEFAULT_LAST})")
@@ -342,28 +399,33 @@ class _Done:
 
 
 async def _read(server: str, request: pb.GetFlowsRequest, rpc_timeout: float | None,
-                queue: asyncio.Queue[tuple[str, pb.GetFlowsResponse] | _Done]) -> None:
+                queue: asyncio.Queue[tuple[str, pb.GetFlowsResponse] | _Done], dial: Dialer) -> None:
     try:
-        async with grpc.aio.insecure_channel(grpc_target(server)) as channel:
+        async with dial.channel(server) as channel:
             stub = pb_grpc.ObserverStub(channel)  # type: ignore[no-untyped-call]
             call = stub.GetFlows(request, timeout=rpc_timeout)
             async for resp in call:
                 await queue.put((server, resp))
         await queue.put(_Done(server))
     except grpc.aio.AioRpcError as e:
-        hint = " (is the agent running there? is the address right?)" if e.code() == grpc.StatusCode.UNAVAILABLE else ""
+        hint = ""
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            hint = " (is the agent running there? is the address right?" + (
+                ")" if is_unix(server) else " does the TLS handshake fail: a certificate the agent does not "
+                "accept, or its certificate not from --tls-ca-cert-files or without --tls-server-name?)")
         await queue.put(_Done(server, f"{e.code().name}{hint}: {e.details()}"))
     except Exception as e:  # a bad address, ...: reported per agent, the others go on
         await queue.put(_Done(server, str(e) or type(e).__name__))
 
 
-async def observe(servers: Sequence[str], query: Query, printer: Printer, err: TextIO) -> int:
+async def observe(servers: Sequence[str], query: Query, printer: Printer, err: TextIO,
+                  dial: Dialer | None = None) -> int:
     """Read every agent, print the buffered flows of all of them merged in time order, then (follow) new
     flows as they come. Returns 1 when an agent could not be read, else 0."""
     if not servers:
         raise ObserveError("no agents to read")
     queue: asyncio.Queue[tuple[str, pb.GetFlowsResponse] | _Done] = asyncio.Queue(maxsize=8192)
-    tasks = [asyncio.create_task(_read(s, query.request, query.timeout, queue)) for s in servers]
+    tasks = [asyncio.create_task(_read(s, query.request, query.timeout, queue, dial or Dialer())) for s in servers]
     buffered: dict[str, list[pb.GetFlowsResponse]] = {s: [] for s in servers}  # agents still sending history
     history: list[pb.GetFlowsResponse] = []
     early: list[pb.GetFlowsResponse] = []  # new flows of agents done with history while others are not
@@ -421,12 +483,13 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
     try:
         query = query_from_args(args)
         servers = query.servers or lab_servers(args.lab, labs_root)
+        dial = dialer(args, servers)
     except ObserveError as e:
         err.write(f"ambit observe: {e}\n")
         return 2
     printer = Printer(out, args.output, color=_use_color(args.color, out), tz=dt.UTC if args.utc else None)
     try:
-        return asyncio.run(observe(servers, query, printer, err))
+        return asyncio.run(observe(servers, query, printer, err, dial))
     except ObserveError as e:
         err.write(f"ambit observe: {e}\n")
         return 2

@@ -4,9 +4,10 @@
     ambit policy explain SRC DST:PORT [--lab NAME | --state FILE | --kubernetes [--kubeconfig F]]
 
 ``status`` reads each agent's /config_dump and readiness: from the lab's admin sockets, or from agents
-given by --admin (a unix socket path, or http://HOST:PORT: in Kubernetes,
-``kubectl -n ambit-system port-forward pod/<agent> 15000`` per agent). ``explain`` runs the same policy
-engine the agents run, on the same cluster state, and names the policy and rule that would decide.
+given by --admin (a unix socket path, or http://HOST:PORT). In Kubernetes the agents serve them on their
+socket only: ``kubectl -n ambit-system exec <agent pod> -- ambit status --admin /run/ambit/admin.sock``.
+``explain`` runs the same policy engine the agents run, on the same cluster state, and names the policy and
+rule that would decide.
 SRC is a pod (NAMESPACE/NAME or NAME) or an IP; DST:PORT is a pod or IP with the port.
 """
 
@@ -24,7 +25,8 @@ import aiohttp
 
 from agent.kube.client import KubeConfigError
 from agent.kube.source import KubeSource
-from agent.lab.runtime import DEFAULT_NAME, LabError, LabInfo, LabPaths
+from agent.lab import services
+from agent.lab.runtime import LABS_ROOT, LabError, LabInfo, LabPaths, lab_name
 from agent.mesh.store import MeshState, MeshStore, Workload, build_state
 from agent.policy import Peer, PolicyEngine, Target
 from agent.sources.objectfile import kubernetes_objects
@@ -78,23 +80,32 @@ def render_status(dump: dict[str, Any]) -> str:
     for cert in dump.get("certificates", []):
         lines.append(f"  certificate:   {cert['identity']}: {_expiry(cert)}")
     lines.append("  policies:      " + (", ".join(dump.get("policies", [])) or "none"))
+    if "services" in dump:  # agents that know Services: each with its VIPs, ports and endpoints
+        found = sorted(dump["services"], key=lambda s: (s["namespace"], s["name"]))
+        lines += [f"  service:       {s['namespace']}/{s['name']} {','.join(s['vips']) or 'headless'} "
+                  f"{services.ports_text(s['ports'])} -> {services.endpoints_text(s['endpoints'])}" for s in found]
+        if not found:
+            lines.append("  services:      none")
     return "\n".join(lines)
 
 
-def _lab_admin_sockets(name: str) -> list[str]:
-    paths = LabPaths.of(name)
+def _lab_admin_sockets(name: str, root: Path) -> list[str]:
+    paths = LabPaths.of(name, root)
     info = LabInfo.load(paths)
     return [str(paths.admin_socket(node.name)) for node in info.nodes]
 
 
-def status_main(argv: list[str]) -> int:
+LAB_HELP = "(default: $AMBIT_LAB, else the only lab, else ambit)"
+
+
+def status_main(argv: list[str], *, labs_root: Path = LABS_ROOT) -> int:
     ap = argparse.ArgumentParser(prog="ambit status", description="each agent's view of its node")
-    ap.add_argument("--lab", default=DEFAULT_NAME, help="the lab whose agents to ask (default %(default)s)")
+    ap.add_argument("--lab", help=f"the lab whose agents to ask {LAB_HELP}")
     ap.add_argument("--admin", action="append", help="an agent's admin endpoint: unix socket path or http://H:P")
     ap.add_argument("-o", "--output", choices=["text", "json"], default="text")
     args = ap.parse_args(argv)
     try:
-        places = args.admin or _lab_admin_sockets(args.lab)
+        places = args.admin or _lab_admin_sockets(lab_name(args.lab, labs_root), labs_root)
     except (LabError, OSError) as e:
         print(f"ambit status: {e}; name agents with --admin", file=sys.stderr)
         return 1
@@ -165,14 +176,14 @@ async def _kubernetes_state(kubeconfig: Path | None) -> MeshState:
         await task
 
 
-def policy_main(argv: list[str]) -> int:
+def policy_main(argv: list[str], *, labs_root: Path = LABS_ROOT) -> int:
     ap = argparse.ArgumentParser(prog="ambit policy", description="which policy and rule decide a connection")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("explain", help="explain the decision on SRC -> DST:PORT")
     p.add_argument("source", help="pod (NAMESPACE/NAME or NAME) or IP")
     p.add_argument("destination", help="pod or IP, with :PORT")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--lab", default=DEFAULT_NAME, help="the lab's cluster state (default %(default)s)")
+    where.add_argument("--lab", help=f"the lab's cluster state {LAB_HELP}")
     where.add_argument("--state", type=Path, help="a cluster-state file of Kubernetes objects")
     where.add_argument("--kubernetes", action="store_true", help="read the cluster (in-cluster or --kubeconfig)")
     p.add_argument("--kubeconfig", type=Path, default=None)
@@ -186,7 +197,7 @@ def policy_main(argv: list[str]) -> int:
         if args.kubernetes:
             state = asyncio.run(_kubernetes_state(args.kubeconfig))
         else:
-            path = args.state or LabPaths.of(args.lab).state
+            path = args.state or LabPaths.of(lab_name(args.lab, labs_root), labs_root).state
             state = build_state(kubernetes_objects(path.read_bytes()))
         print(explain(state, args.source, target, int(port_text), args.trust_domain))
     except (ValueError, OSError, LabError, KubeConfigError, TimeoutError) as e:

@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 
 from agent.identity import ca_pb2, ca_pb2_grpc
-from hbone.identity import SpiffeId, TrustBundle
+from hbone import SpiffeId, TrustBundle
 
 CA_NAMESPACE = "ambit-system"
 CA_SERVICE_ACCOUNT = "ambit-ca"

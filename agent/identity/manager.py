@@ -31,8 +31,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.identity.keys import key_pem, make_csr, new_key
+from agent.retry import Backoff
 from agent.sources.objectfile import SourceError, WatchedFile
-from hbone.identity import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
+from hbone import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
 
 log = logging.getLogger("ambit.ca.manager")
 
@@ -53,6 +54,9 @@ class CertificateClient(Protocol):
     def set_trust_bundle(self, bundle: TrustBundle) -> None: ...
 
 
+RENEWAL_BACKOFF = Backoff(initial=1.0, cap=150.0, jitter=0.2)  # after a failed fetch or renewal
+
+
 class CertificateUnavailable(Exception):
     """No usable certificate for an identity right now (first fetch failed, expired, or forgotten)."""
 
@@ -60,21 +64,6 @@ class CertificateUnavailable(Exception):
         super().__init__(f"no certificate for {identity}: {reason}")
         self.identity = identity
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Retry delays: ``initial * factor**(n-1)`` capped at ``maximum``, minus up to ``jitter`` of it."""
-
-    initial: float = 1.0
-    factor: float = 2.0
-    maximum: float = 150.0
-    jitter: float = 0.2
-
-    def delay(self, failures: int, rand: float) -> float:
-        """Seconds to wait after the ``failures``-th consecutive failure; ``rand`` is uniform in [0, 1)."""
-        base = min(self.maximum, self.initial * self.factor ** min(max(failures - 1, 0), 64))
-        return base * (1.0 - self.jitter * rand)
 
 
 @dataclass(frozen=True)
@@ -139,14 +128,14 @@ class CertificateManager:
 
     def __init__(self, client: CertificateClient, trust_bundle: TrustBundle, *,
                  trust_bundle_file: Path | None = None, validity: dt.timedelta | None = None,
-                 clock: Clock = _now, sleep: Sleep = asyncio.sleep, backoff: Backoff | None = None,
+                 clock: Clock = _now, sleep: Sleep = asyncio.sleep, backoff: Backoff = RENEWAL_BACKOFF,
                  rand: Callable[[], float] = random.random, bundle_check_interval: float = 5.0) -> None:
         self._client = client
         self._bundle = trust_bundle
         self._validity = validity
         self._clock = clock
         self._sleep = sleep
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff
         self._rand = rand
         self._entries: dict[SpiffeId, _Entry] = {}
         self._bundle_file = (WatchedFile(trust_bundle_file, self._parse_bundle, "trust bundle")

@@ -24,13 +24,13 @@ from agent.kube.informer import (
     DEFAULT_BACKOFF,
     PODS,
     RESOURCES,
-    Backoff,
     Delta,
     Informer,
     KubeObject,
     Resource,
 )
 from agent.mesh.store import Key, MeshStore, ObjectError
+from agent.retry import Backoff
 
 log = logging.getLogger(__name__)
 

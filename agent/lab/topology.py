@@ -40,7 +40,7 @@ from agent.capture import netns
 GATEWAY_IP = "169.254.1.1"
 HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 NODE_NET = ipaddress.IPv4Network("192.168.200.0/24")
-SERVICE_CIDR = "10.96.0.0/16"  # ClusterIP VIPs (kube-apiserver's default --service-cluster-ip-range)
+SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/16")  # ClusterIPs (kube-apiserver's default range)
 POD_SUPERNET = ipaddress.IPv4Network("10.200.0.0/16")
 POD_BRIDGE = "cni0"
 UPLINK = "eth0"

@@ -10,6 +10,7 @@ to the namespace); pods with a sidecar and hostNetwork pods are never captured.
 from __future__ import annotations
 
 import ipaddress
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,8 +74,19 @@ def _ip(value: Any, where: str, field: str) -> str:
         raise ObjectError(f"{where}: {field} {_short(text)} is not an IP address") from None
 
 
+class _Shown(reprlib.Repr):
+    """``repr`` for messages: a few levels deep, a few items wide, integers of any size."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        return super().repr_int(x, level) if x.bit_length() <= 128 else f"<an integer of {x.bit_length()} bits>"
+
+
+_SHOWN = _Shown()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 40
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _SHOWN.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -193,8 +205,10 @@ def _service_port(raw: Any, where: str, i: int) -> ServicePort | None:
             raise ObjectError(f"{where}: {field}.targetPort must not be empty")
         target_port, target_name = 0, target
     else:
-        target_port, target_name = _port(int(target) if isinstance(target, str) else target, where,
-                                         f"{field}.targetPort"), ""
+        if isinstance(target, str):
+            digits = target.lstrip("0") or "0"  # int() refuses over 4300 digits, leading zeros included
+            target = int(digits) if len(digits) <= 5 else target
+        target_port, target_name = _port(target, where, f"{field}.targetPort"), ""
     return ServicePort(number, target_port, target_name,
                        _string(port.get("appProtocol"), where, f"{field}.appProtocol"),
                        _string(port.get("name"), where, f"{field}.name"))

@@ -19,6 +19,8 @@ SIDECAR_STATUS = "sidecar.istio.io/status"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 CLUSTER_DOMAIN = "cluster.local"
 
+Address = tuple[str, int]  # (IP or host, port): a socket address, where something listens or connects
+
 
 @dataclass(frozen=True, slots=True)
 class Workload:

@@ -39,8 +39,7 @@ from agent.proxy.outbound import OutboundProxy
 from agent.proxy.sockets import dial, transparent_listener
 from agent.sources.statefile import StateFile
 from agent.telemetry.hub import Telemetry, TelemetryConfig
-from hbone.identity import SpiffeId, TrustBundle
-from hbone.pool import Pool
+from hbone import Pool, SpiffeId, TrustBundle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,7 +59,18 @@ class AgentConfig:
     kubeconfig: Path | None = None  # with state None: a kubeconfig, or None for in-cluster config
     sync_timeout: float = 60.0
     telemetry: TelemetryConfig = TelemetryConfig()
+    bpffs: str = "/sys/fs/bpf"  # tcx links are pinned under <bpffs>/ambit/<node>
     daemonset: tuple[str, str] | None = None  # (namespace, name) of the agent's DaemonSet: gone = uninstall
+
+
+def migrate_queued_connections() -> None:
+    """net.ipv4.tcp_migrate_req=1: connections queued on a closing listener move to another of its
+    SO_REUSEPORT group (the next agent's) instead of being reset. Best effort (a read-only /proc/sys)."""
+    try:
+        Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1\n")
+    except OSError as e:
+        log.info("net.ipv4.tcp_migrate_req not set (%s): an upgrade may reset connections queued at the hand-over",
+                 e.strerror)
 
 
 def node_addresses() -> frozenset[str]:
@@ -73,7 +83,7 @@ class NodeAgent:
         self.config = config
         self.store = MeshStore()
         self.redirector = Redirector(list(config.uplinks), ports=config.ports, fail_open=config.fail_open,
-                                     instance=config.node)
+                                     bpffs=config.bpffs, instance=config.node)
         self._tasks: set[asyncio.Task[None]] = set()
         self._identities: set[SpiffeId] = set()
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
@@ -102,6 +112,7 @@ class NodeAgent:
 
     async def start(self) -> None:
         cfg = self.config
+        await self._in_kernel_thread(migrate_queued_connections)
         await self._watch_cluster()
         listeners = {kind: transparent_listener(port) for kind, port in
                      ((Listener.OUTBOUND, cfg.ports.outbound), (Listener.INBOUND, cfg.ports.inbound),
@@ -237,10 +248,16 @@ class NodeAgent:
         return removed
 
     async def drain(self, seconds: float) -> int:
-        """Accept no new connections (enrolled pods' new ones fail closed, as with the agent gone) and give
-        the proxied ones up to ``seconds`` to finish. Returns how many were still open."""
+        """Hand over to the next agent (an upgrade) and give the proxied connections up to ``seconds`` to
+        finish. The listeners close, so new connections reach the next agent (which binds the same ports:
+        SO_REUSEPORT) or, if there is none, fail closed as with the agent gone; this agent stops touching the
+        kernel state the next one adopts, and leaves it the admin ports. Returns how many were still open."""
+        for task in list(self._tasks):
+            task.cancel()  # the reconcile and gauge loops: the next agent owns the kernel state now
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.outbound.stop_accepting()
         await self.inbound.stop_accepting()
+        await self.telemetry.stop_serving_admin()
         left = await self.mesh.connections.wait_empty(seconds)
         log.info("drained: %d proxied connections still open after %.0f s", left, seconds)
         return left

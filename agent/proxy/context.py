@@ -11,7 +11,7 @@ from agent.proxy.connections import ConnectionTable, Proxied
 from agent.proxy.inputs import Connection
 from agent.telemetry.hub import Telemetry
 from agent.telemetry.recorder import FlowHandle
-from hbone.pool import Pool
+from hbone import Pool
 
 HBONE_PORT = 15008
 

@@ -13,20 +13,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
 
+from agent.mesh.model import Address
 from agent.proxy.context import Mesh
 from agent.proxy.inputs import Connection, forwarded_client, forwarded_host
-from agent.proxy.sockets import addresses, close_with_reset, dial
+from agent.proxy.sockets import dial
 from agent.proxy.splice import Splice
-from hbone.accept import Acceptor
-from hbone.identity import SpiffeId, WorkloadCertificate
-from hbone.relay import Relay
-from hbone.server import HboneServer, InboundRequest
+from hbone import (
+    Acceptor,
+    HboneServer,
+    InboundRequest,
+    Relay,
+    SpiffeId,
+    WorkloadCertificate,
+    accepted_addresses,
+    close_with_reset,
+)
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 
 
@@ -81,17 +86,17 @@ class InboundProxy:
             return None
         return await self.mesh.certificates.get(workload.identity(self.mesh.trust_domain))
 
-    async def _connect(self, request: InboundRequest, relay: Callable[[], Relay]) -> object:
+    async def _connect(self, request: InboundRequest) -> Relay:
         sock = await dial((request.target.ip, request.target.port), request.source[0])
-        transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(relay, sock)
+        _, relay = await asyncio.get_running_loop().connect_accepted_socket(Relay, sock)
         connection = _connection(request)
         flow = self.mesh.telemetry.opened(inbound=True, client=connection.client, target=connection.target,
                                           mtls=True, service=self._service(connection))
-        self.mesh.track("inbound-hbone", (request.target.ip,), protocol, flow, server_side=True)
-        return transport
+        self.mesh.track("inbound-hbone", (request.target.ip,), relay, flow, server_side=True)
+        return relay
 
     async def _plain(self, sock: socket.socket) -> None:
-        ends = addresses(sock)
+        ends = accepted_addresses(sock)
         if ends is None:
             return
         client, target = ends

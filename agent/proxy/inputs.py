@@ -7,11 +7,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent.mesh.model import Address
 from hbone.identity import SpiffeId
 
-Address = tuple[str, int]
-
-_FORWARDED_FOR = re.compile(r'for="?\[?([0-9A-Fa-f.:]+?)\]?:([0-9]{1,5})"?')
+_FORWARDED_FOR = re.compile(r'for="?(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,5})"?')  # [v6]:port or v4:port
 _FORWARDED_HOST = re.compile(r';\s*host="?([A-Za-z0-9.-]+)"?')
 
 
@@ -27,8 +26,8 @@ def forwarded_client(headers: Mapping[str, str], source: Address) -> Address:
     """The caller's address: the tunnel's L3 source, with the application's own port from ``forwarded: for=``
     when that names the same IP (the tunnel's port is the agent's)."""
     m = _FORWARDED_FOR.search(headers.get("forwarded", ""))
-    if m is not None and m.group(1) == source[0]:
-        return source[0], int(m.group(2))
+    if m is not None and (m.group(1) or m.group(2)) == source[0]:
+        return source[0], int(m.group(3))
     return source
 
 

@@ -15,21 +15,27 @@ import logging
 import socket
 
 from agent.identity.manager import CertificateUnavailable
+from agent.mesh.model import Address
 from agent.mesh.store import Workload
 from agent.proxy.context import Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
 from agent.proxy.route import Kind, Route, route
-from agent.proxy.sockets import addresses, close_with_reset, dial
+from agent.proxy.sockets import dial
 from agent.proxy.splice import Splice
 from agent.telemetry.metrics import NO_HEALTHY_UPSTREAM
-from hbone.accept import Acceptor
-from hbone.client import HboneError, StreamFailed, request_headers
-from hbone.protocol import Authority
-from hbone.relay import Relay
+from hbone import (
+    Acceptor,
+    Authority,
+    HboneError,
+    Relay,
+    StreamFailed,
+    accepted_addresses,
+    close_with_reset,
+    request_headers,
+)
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 class OutboundProxy:
@@ -50,7 +56,7 @@ class OutboundProxy:
             await self._acceptor.close()
 
     async def _handle(self, sock: socket.socket) -> None:
-        ends = addresses(sock)
+        ends = accepted_addresses(sock)
         if ends is None:
             return
         client, target = ends

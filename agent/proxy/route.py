@@ -27,12 +27,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.mesh.model import Endpoint, Preference, Service, Workload
+from agent.mesh.model import Address, Endpoint, Preference, Service, Workload
 from agent.mesh.ports import Ports
 from agent.mesh.store import MeshState
 from hbone.identity import SpiffeId
 
-Address = tuple[str, int]
 Pick = Callable[[Sequence[Endpoint]], Endpoint]
 
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 import socket
 
 from agent.mesh.ports import AGENT_MARK
-from hbone.client import IP_TRANSPARENT
-from hbone.client import dial as hbone_dial
-from hbone.relay import linger_reset
+from hbone import IP_TRANSPARENT
+from hbone import dial as hbone_dial
 
 
 def transparent_listener(port: int, host: str = "0.0.0.0", backlog: int = 1024) -> socket.socket:
+    """SO_REUSEPORT: an upgrade starts the next agent on the same ports while this one drains; when this one
+    closes its listeners, new connections find only the next agent's (and, with net.ipv4.tcp_migrate_req,
+    those still queued on this one's move there too)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
@@ -35,19 +38,3 @@ def transparent_listener(port: int, host: str = "0.0.0.0", backlog: int = 1024) 
 async def dial(address: tuple[str, int], source_ip: str | None) -> socket.socket:
     """Connect to ``address`` with the agent's mark, from ``source_ip`` (any address, spoofed) if given."""
     return await hbone_dial(address, source_ip, mark=AGENT_MARK, transparent=True)
-
-
-def addresses(sock: socket.socket) -> tuple[tuple[str, int], tuple[str, int]] | None:
-    """(client, original destination) of an accepted socket; None (socket closed) if it is gone already."""
-    try:
-        peer, local = sock.getpeername(), sock.getsockname()
-    except OSError:
-        sock.close()
-        return None
-    return (peer[0], peer[1]), (local[0], local[1])
-
-
-def close_with_reset(sock: socket.socket) -> None:
-    """Refuse an accepted connection the way a policy denial or a failed upstream should: RST, not FIN."""
-    linger_reset(sock)
-    sock.close()

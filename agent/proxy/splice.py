@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
-from hbone.relay import TCP_WRITE_HIGH_WATER, abort_with_reset
+from hbone import TCP_WRITE_HIGH_WATER, abort_with_reset
 
 
 class _Side(asyncio.Protocol):

@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from agent.mesh.model import Address
 from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 Readiness = tuple[bool, str]
 ReadyCheck = Callable[[], Readiness | Awaitable[Readiness]]
 ConfigDump = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
-Address = tuple[str, int]
 
 METRICS_ADDRESS: Address = ("0.0.0.0", 15020)
 READY_ADDRESS: Address = ("0.0.0.0", 15021)
@@ -151,7 +151,9 @@ class AdminServer:
             log.info("%s on unix:%s", name, address)
             return
         host, port = address
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        # reuse_port: during an upgrade the next agent serves these ports beside this one until it stops
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    reuse_port=True)
         await web.SockSite(runner, sock).start()
         self.ports[name] = int(sock.getsockname()[1])
         log.info("%s on %s:%d", name, address[0], self.ports[name])

@@ -15,16 +15,23 @@ import time
 from dataclasses import dataclass
 
 from agent.identity.manager import CertificateStatus
+from agent.mesh.model import Address
 from agent.mesh.store import Change, MeshState, MeshStore
-from agent.telemetry.admin import AdminServer, ConfigDump, ReadyCheck
+from agent.telemetry.admin import (
+    ADMIN_ADDRESS,
+    METRICS_ADDRESS,
+    READY_ADDRESS,
+    AdminServer,
+    ConfigDump,
+    ReadyCheck,
+)
 from agent.telemetry.kernel import KernelEventSource
 from agent.telemetry.metrics import DENY, Metrics
 from agent.telemetry.observer import ObserverServer
+from agent.telemetry.observer_tls import ServerTls, ServerTlsFiles, operator_identity
 from agent.telemetry.recorder import Endpoint, FlowHandle, FlowRecorder
 
 log = logging.getLogger(__name__)
-
-Address = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -32,10 +39,11 @@ class TelemetryConfig:
     enabled: bool = True  # off: no flows, no traffic metrics, no kernel events (to measure what they cost)
     flows: int = 4096  # flows kept in the ring
     observer_socket: str | None = None
-    observer_listen: str | None = "0.0.0.0:4244"
-    metrics_listen: Address = ("0.0.0.0", 15020)
-    ready_listen: Address = ("0.0.0.0", 15021)
-    admin_listen: Address = ("127.0.0.1", 15000)
+    observer_listen: str | None = None  # TCP "host:port", served only with observer_tls (mutual TLS)
+    observer_tls: ServerTlsFiles | None = None
+    metrics_listen: Address = METRICS_ADDRESS
+    ready_listen: Address = READY_ADDRESS
+    admin_listen: Address | None = ADMIN_ADDRESS  # None: the admin endpoints on admin_socket only
     admin_socket: str | None = None  # the admin endpoints on a unix socket too (``ambit status`` in the lab)
 
 
@@ -92,7 +100,9 @@ class Telemetry:
 
     async def start(self, ready: ReadyCheck, config_dump: ConfigDump) -> None:
         cfg = self.config
-        await self.observer.start(unix_path=cfg.observer_socket, tcp=cfg.observer_listen)
+        tls = (ServerTls(cfg.observer_tls, [operator_identity(self.trust_domain)]) if cfg.observer_tls is not None
+               else None)
+        await self.observer.start(unix_path=cfg.observer_socket, tcp=cfg.observer_listen, tls=tls)
         self._admin = AdminServer(self.metrics, ready=ready, config_dump=config_dump)
         await self._admin.start(metrics=cfg.metrics_listen, ready=cfg.ready_listen, admin=cfg.admin_listen,
                                 admin_socket=cfg.admin_socket)
@@ -116,6 +126,12 @@ class Telemetry:
 
         self._events = threading.Thread(target=pump, name="ebpf-events", daemon=True)
         self._events.start()
+
+    async def stop_serving_admin(self) -> None:
+        """Leave the admin, metrics and readiness ports to the next agent (an upgrade's handover)."""
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
 
     async def close(self) -> None:
         self._stop.set()

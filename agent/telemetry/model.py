@@ -2,7 +2,7 @@
 
 Records are plain slotted dataclasses: cheap to make on the data path and to filter. They become protobuf
 messages only when a reader asks for them (``Flow.to_proto``). The enums mirror the proto's numbers
-(tests/test_flows_model.py checks them against the descriptor).
+(tests/unit/telemetry/test_flows_recorder.py checks them against the descriptor).
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
-"""The Observer gRPC service (agent/telemetry/observer.proto), on a unix socket and/or a TCP port.
+"""The Observer gRPC service (agent/telemetry/observer.proto), on a unix socket and/or a mutual-TLS TCP port.
 
     server = ObserverServer(recorder)
-    await server.start(unix_path="/run/ambit/observer.sock", tcp="0.0.0.0:4244")
+    await server.start(unix_path="/run/ambit/observer.sock", tcp="0.0.0.0:4244", tls=ServerTls(files, [operator]))
     ...
     await server.stop()
+
+Who may call it (agent/telemetry/observer_tls.py): anyone who can open the unix socket (mode 0660), and over
+TCP only a client with a certificate from the client CA bundle carrying an allowed identity. There is no
+plaintext TCP listener.
 
 GetFlows semantics, as Hubble's: the last ``number`` flows of the buffer (the first with ``first``) that
 pass the whitelist and not the blacklist, within since/until; then, with ``follow``, a NodeStatusEvent
@@ -20,7 +24,6 @@ import contextlib
 import importlib.metadata
 import logging
 import os
-import socket
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -34,6 +37,7 @@ from agent.telemetry import observer_pb2 as pb
 from agent.telemetry import observer_pb2_grpc as pb_grpc
 from agent.telemetry.filters import FilterError, Predicate, build_request
 from agent.telemetry.model import Entry, Flow, LostEvent, LostSource, timestamp
+from agent.telemetry.observer_tls import ServerTls, admit
 from agent.telemetry.recorder import FlowRecorder
 from agent.telemetry.ring import DEFAULT_FOLLOWER_QUEUE, FlowRing, Snapshot
 
@@ -95,8 +99,15 @@ class ObserverService(pb_grpc.ObserverServicer):
         self.ring = ring
         self.node = node
         self.follower_queue = follower_queue
+        self.allowed_clients: frozenset[str] = frozenset()  # TLS clients' SPIFFE IDs (set with the TLS listener)
         self._started = time.monotonic_ns()
         self._version = version()
+
+    async def _admit(self, context: Context | StatusContext) -> None:
+        denial = admit(context.peer(), context.auth_context(), self.allowed_clients)
+        if denial is not None:
+            log.warning("refused an Observer client at %s: %s", context.peer(), denial.message)
+            await context.abort(denial.code, denial.message)
 
     def _response(self, entry: Entry) -> pb.GetFlowsResponse:
         if isinstance(entry, Flow):
@@ -104,6 +115,7 @@ class ObserverService(pb_grpc.ObserverServicer):
         return pb.GetFlowsResponse(lost_events=entry.to_proto(), node_name=self.node, time=timestamp(entry.time_ns))
 
     async def GetFlows(self, request: pb.GetFlowsRequest, context: Context) -> AsyncIterator[pb.GetFlowsResponse]:
+        await self._admit(context)
         try:
             predicate = build_request(request.whitelist, request.blacklist)
         except FilterError as e:
@@ -136,33 +148,25 @@ class ObserverService(pb_grpc.ObserverServicer):
                 follower.close()
 
     async def ServerStatus(self, request: pb.ServerStatusRequest, context: StatusContext) -> pb.ServerStatusResponse:
+        await self._admit(context)
         ring = self.ring
         return pb.ServerStatusResponse(num_flows=ring.num_flows, max_flows=ring.capacity, seen_flows=ring.seen,
                                        lost_events=ring.lost, node_name=self.node, version=self._version,
                                        uptime_ns=time.monotonic_ns() - self._started)
 
 
-def _claim_unix_path(unix_path: str) -> Path:
-    """Make way for our socket (its absolute path is returned): refuse if a live server answers there,
-    remove a stale socket file."""
+def _claim_unix_path(unix_path: str) -> tuple[Path, Path]:
+    """(the socket path, a sibling to bind first). The socket is bound beside the path and renamed over it once
+    it serves, so a client always finds a server there: a stale file is replaced, and so is a live server's
+    (an upgrade: the next agent takes the path over while the old one drains; newest wins, as for the pid)."""
     path = Path(unix_path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return path
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(0.5)
-        probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)  # nobody listens: left by a process that died
-        return path
-    finally:
-        probe.close()
-    raise OSError(f"{path}: another server is listening there")
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+    beside = path.with_name(f".{path.name}.{os.getpid()}")
+    beside.unlink(missing_ok=True)
+    return path, beside
 
 
 class ObserverServer:
@@ -174,33 +178,44 @@ class ObserverServer:
                                        follower_queue=follower_queue)
         self._server: grpc.aio.Server | None = None
         self.unix_path: str | None = None
+        self._unix_inode = 0
         self.tcp_port: int | None = None
 
-    async def start(self, unix_path: str | None = None, tcp: str | None = None, *, unix_mode: int = 0o660) -> None:
-        """Serve on a unix socket path and/or a TCP "host:port" (port 0: any; see ``tcp_port``)."""
+    async def start(self, unix_path: str | None = None, tcp: str | None = None, *, tls: ServerTls | None = None,
+                    unix_mode: int = 0o660) -> None:
+        """Serve on a unix socket path and/or a TCP "host:port" (port 0: any; see ``tcp_port``), the latter
+        with mutual TLS only."""
         if unix_path is None and tcp is None:
             raise ValueError("give a unix socket path, a TCP address, or both")
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        if tcp is not None and tls is None:
+            raise ValueError(f"the Observer serves TCP ({tcp}) over mutual TLS only: give its certificate, key and "
+                             "client CA, or serve the unix socket alone")
+        server = grpc.aio.server()  # SO_REUSEPORT (grpc's default): the next agent binds beside this one
         pb_grpc.add_ObserverServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
+        beside: Path | None = None
         if unix_path is not None:
-            path = _claim_unix_path(unix_path)
-            if server.add_insecure_port(f"unix:{path}") == 0:
-                raise OSError(f"cannot listen on unix socket {path}")
+            path, beside = _claim_unix_path(unix_path)
+            if server.add_insecure_port(f"unix:{beside}") == 0:
+                raise OSError(f"cannot listen on unix socket {beside}")
             self.unix_path = str(path)
-        if tcp is not None:
+        if tcp is not None and tls is not None:
             try:
-                port = server.add_insecure_port(tcp)
+                port = server.add_secure_port(tcp, tls.credentials())
             except RuntimeError as e:
                 raise OSError(f"cannot listen on {tcp}: {e}") from None
             if port == 0:
                 raise OSError(f"cannot listen on {tcp}")
             self.tcp_port = port
+            self.service.allowed_clients = tls.allowed_clients
         await server.start()
-        if self.unix_path is not None:
-            os.chmod(self.unix_path, unix_mode)
+        if self.unix_path is not None and beside is not None:
+            os.chmod(beside, unix_mode)
+            os.replace(beside, self.unix_path)
+            self._unix_inode = os.stat(self.unix_path).st_ino
         self._server = server
+        tcp_text = tcp and f"{tcp.rpartition(':')[0]}:{self.tcp_port} (mutual TLS)"
         log.info("flow observer for node %s on %s", self.service.node,
-                 ", ".join(a for a in (self.unix_path, tcp and f"{tcp.rpartition(':')[0]}:{self.tcp_port}") if a))
+                 ", ".join(a for a in (self.unix_path, tcp_text) if a))
 
     @property
     def addresses(self) -> list[str]:
@@ -219,4 +234,5 @@ class ObserverServer:
         self._server = None
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.unix_path)
+                if os.stat(self.unix_path).st_ino == self._unix_inode:  # still ours, not the next agent's
+                    os.unlink(self.unix_path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests import lab_helpers as h
-from tests import lab_observe as lo
+from tests.fixtures import lab_helpers as h
+from tests.fixtures import lab_observe as lo
 
 pytestmark = lo.lab_marks()
 

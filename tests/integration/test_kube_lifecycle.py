@@ -11,7 +11,7 @@ import pytest
 
 from agent.kube.client import connect
 from agent.kube.lifecycle import daemonset_removed
-from tests.kube_fake import DEFAULT_RESOURCES, FakeApiServer, FakeResource
+from tests.fixtures.kube_fake import DEFAULT_RESOURCES, FakeApiServer, FakeResource
 
 DAEMONSETS = FakeResource("apps", "v1", "daemonsets", "DaemonSet", namespaced=True)
 

@@ -1,0 +1,217 @@
+"""One TLS connection carrying HBONE streams (``Tunnel``), and the seam between a stream and whatever
+consumes it (``StreamHandler``): a TCP relay today, an HTTP codec (a waypoint's) tomorrow.
+
+The tunnel is an asyncio protocol: bytes read from TLS go through the protocol layer, and each event is
+handed to the handler of its stream within the same callback. It adds nothing per DATA frame beyond one
+dictionary lookup and one method call.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+from h2.errors import ErrorCodes
+
+from hbone.events import ConnectionEnded, Data, Event, GoAwayReceived, StreamEnded, StreamReset, WindowOpened
+from hbone.protocol import Connection
+
+TLS_WRITE_HIGH_WATER = 4 * 1024 * 1024
+CLOSE_GRACE = 5.0  # seconds a closing connection gets to deliver what it has queued (the GOAWAY) before an abort
+
+
+class StreamHandler(abc.ABC):
+    """The consumer of one CONNECT stream.
+
+    The tunnel calls the ``on_*`` methods; the handler answers through ``self.tunnel``: ``conn.send``
+    (returns how much the windows took), ``conn.end``, ``conn.reset``, then ``flush()``. Back-pressure
+    is the handler's to apply, both ways:
+
+    * received data is acknowledged with ``conn.ack(stream_id, data.flow_length)`` only once it has been
+      passed on; until then the peer's window stays that much smaller, so a slow consumer stops the sender;
+    * what ``conn.send`` did not take waits in the handler until ``on_window``, and while the TLS
+      transport is over its high-water mark (``on_tunnel_paused(True)``) the handler produces nothing.
+
+    ``finish`` detaches the handler from its tunnel once the stream is over both ways (or reset).
+    """
+
+    def __init__(self) -> None:
+        self.tunnel: Tunnel | None = None
+        self.stream_id = 0
+        self.closed = False
+        self.on_close: Callable[[StreamHandler, str], None] | None = None
+
+    def bind(self, tunnel: Tunnel, stream_id: int) -> None:
+        """Take over ``stream_id`` of ``tunnel`` (from whatever handled it before)."""
+        self.tunnel, self.stream_id = tunnel, stream_id
+        tunnel.streams[stream_id] = self
+
+    @property
+    @abc.abstractmethod
+    def buffered(self) -> int:
+        """Bytes this handler holds for its stream (received and not passed on, or not yet sent)."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """The stream is established (200 sent or received): deliver what waited, start producing."""
+
+    @abc.abstractmethod
+    def on_data(self, d: Data) -> None:
+        """Data from the peer; acknowledge ``d.flow_length`` once it has been passed on."""
+
+    @abc.abstractmethod
+    def on_end(self) -> None:
+        """END_STREAM: the peer will send no more (a TCP FIN)."""
+
+    @abc.abstractmethod
+    def on_reset(self, reason: str) -> None:
+        """The stream is gone (reset by the peer, or the tunnel lost): stop using it and ``finish``."""
+
+    @abc.abstractmethod
+    def on_window(self) -> None:
+        """The send windows opened: send what waits."""
+
+    @abc.abstractmethod
+    def on_tunnel_paused(self, paused: bool) -> None:
+        """The TLS transport went over (True) or back under (False) its high-water mark."""
+
+    def finish(self, reason: str) -> None:
+        """The stream is over for this handler: detach from the tunnel and tell ``on_close`` once."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.tunnel is not None:
+            self.tunnel.stream_closed(self)
+        if self.on_close is not None:
+            self.on_close(self, reason)
+
+
+class Tunnel(asyncio.Protocol):
+    """One TLS connection carrying HBONE streams; base of the server's and the client's tunnels."""
+
+    conn: Connection
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, StreamHandler] = {}
+        self.write_paused = False
+        self.draining = False  # the peer's graceful GOAWAY: close once the streams left are done
+        self.ended: ConnectionEnded | None = None
+        self.on_stream_closed: Callable[[Tunnel], None] | None = None
+        self.on_lost: Callable[[Tunnel], None] | None = None
+        self._abort_later: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        for ev in self.conn.receive(data):
+            self.handle(ev)
+        self.flush()
+
+    def handle(self, ev: Event) -> None:
+        if isinstance(ev, Data):
+            handler = self.streams.get(ev.stream_id)
+            if handler is None:
+                self.conn.ack(ev.stream_id, ev.flow_length)
+            else:
+                handler.on_data(ev)
+        elif isinstance(ev, WindowOpened):
+            if ev.stream_id:
+                handler = self.streams.get(ev.stream_id)
+                if handler is not None:
+                    handler.on_window()
+            else:
+                for handler in list(self.streams.values()):
+                    handler.on_window()
+        elif isinstance(ev, StreamEnded):
+            handler = self.streams.get(ev.stream_id)
+            if handler is not None:
+                handler.on_end()
+        elif isinstance(ev, StreamReset):
+            self.stream_reset(ev)
+        elif isinstance(ev, ConnectionEnded):
+            self.connection_ended(ev)
+        elif isinstance(ev, GoAwayReceived):
+            self.going_away(ev)
+        else:
+            self.handle_request_or_response(ev)
+
+    def handle_request_or_response(self, ev: Event) -> None:
+        raise NotImplementedError
+
+    def stream_reset(self, ev: StreamReset) -> None:
+        handler = self.streams.get(ev.stream_id)
+        if handler is not None:
+            handler.on_reset(f"stream reset by peer (code {ev.error_code})")
+
+    def going_away(self, ev: GoAwayReceived) -> None:
+        self.draining = True
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if self.draining and not self.streams:
+            self.close_transport()
+
+    def connection_ended(self, ev: ConnectionEnded) -> None:
+        self.ended = ev
+        self.close_transport()
+
+    def close_transport(self) -> None:
+        """Write what is queued (a GOAWAY) and close; a peer that does not read gets an abort instead, at
+        once if it is already not reading (the output is paused), else after ``CLOSE_GRACE``: a closed
+        connection must not keep its buffers for a peer that never takes them."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.flush()
+        if self.write_paused:
+            transport.abort()
+            return
+        transport.close()
+        self._abort_later = asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+
+    def flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.conn.output_blocked(True)
+        for handler in self.streams.values():
+            handler.on_tunnel_paused(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.conn.output_blocked(False)
+        for handler in list(self.streams.values()):
+            handler.on_tunnel_paused(False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_later is not None:
+            self._abort_later.cancel()
+        if self.ended is None:
+            self.ended = ConnectionEnded(0, f"connection lost: {exc}" if exc else "connection closed")
+        for handler in list(self.streams.values()):
+            handler.on_reset(f"tunnel {self.ended.reason}")
+        self.conn.release()
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def stream_closed(self, handler: StreamHandler) -> None:
+        if self.streams.get(handler.stream_id) is handler:
+            del self.streams[handler.stream_id]
+            if self.on_stream_closed is not None:
+                self.on_stream_closed(self)
+            self._close_if_drained()
+
+    def close(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
+        """GOAWAY, then close once written."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.conn.goaway(code)
+            self.close_transport()

@@ -1,0 +1,42 @@
+"""SPIFFE IDs are matched whole: nothing may follow the service account, not even a newline."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from hbone import IdentityError, SpiffeId, identity_of
+
+GOOD = "spiffe://cluster.local/ns/default/sa/web"
+
+
+def test_a_workload_id_parses() -> None:
+    assert SpiffeId.parse(GOOD) == SpiffeId("cluster.local", "default", "web")
+    assert str(SpiffeId.parse(GOOD)) == GOOD
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", "\nspiffe://evil/ns/x/sa/y", " ", "/extra"])
+def test_anything_after_the_service_account_is_refused(suffix: str) -> None:
+    with pytest.raises(IdentityError, match="not a workload SPIFFE ID"):
+        SpiffeId.parse(GOOD + suffix)
+
+
+def _cert_with_uri(uri: str) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "test")])
+    now = dt.datetime.now(dt.UTC)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+            .sign(key, hashes.SHA256()))
+
+
+def test_a_certificate_whose_uri_san_ends_in_a_newline_has_no_identity() -> None:
+    assert identity_of(_cert_with_uri(GOOD)) == SpiffeId("cluster.local", "default", "web")
+    with pytest.raises(IdentityError, match="not a workload SPIFFE ID"):
+        identity_of(_cert_with_uri(GOOD + "\n"))
