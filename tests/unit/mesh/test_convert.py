@@ -11,7 +11,7 @@ import yaml
 from agent.mesh import convert
 from agent.mesh.convert import ObjectError
 from agent.mesh.model import Node, Preference, ServicePort, SliceEndpoints
-from tests.unit.mesh.objects import AMBIENT, endpoint_slice, namespace, node, pod, service
+from tests.fixtures.mesh_objects import AMBIENT, endpoint_slice, namespace, node, pod, service
 
 SIDECAR = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 

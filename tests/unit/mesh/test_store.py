@@ -12,7 +12,7 @@ import pytest
 
 from agent.mesh.model import Endpoint, Node, Preference
 from agent.mesh.store import Change, MeshState, MeshStore, ObjectError, build_state
-from tests.unit.mesh.objects import (
+from tests.fixtures.mesh_objects import (
     AMBIENT,
     Obj,
     endpoint_slice,
