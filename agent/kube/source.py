@@ -29,10 +29,12 @@ from agent.kube.informer import (
     KubeObject,
     Resource,
 )
+from agent.mesh.convert import identify
 from agent.mesh.store import Key, MeshStore, ObjectError
 from agent.retry import Backoff
 
 log = logging.getLogger(__name__)
+APPLY_CHUNK = 4  # objects per store update while catching up with a burst
 
 
 class KubeSource:
@@ -117,13 +119,12 @@ class KubeSource:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _changed(self, delta: Delta) -> None:
-        try:
-            key: Key = (str(delta.obj["kind"]) if delta.obj.get("kind") else delta.resource.kind,
-                        str(delta.obj["metadata"].get("namespace") or ""), str(delta.obj["metadata"]["name"]))
-        except (KeyError, TypeError, AttributeError):
-            log.warning("skipping a %s event without metadata.name", delta.resource)
-            return
         obj = delta.obj if delta.obj.get("kind") else {**delta.obj, "kind": delta.resource.kind}
+        try:
+            key: Key = identify(obj)  # the store's own key, so that a delete finds what an add put there
+        except ObjectError as e:
+            self._report([e])
+            return
         if delta.type == "DELETED":
             self._pending[key] = None
         else:
@@ -152,16 +153,22 @@ class KubeSource:
             await asyncio.sleep(max(self.debounce, self._apply_seconds))
             self._dirty.clear()
             try:
-                self._apply_pending()
+                await self._apply_pending()
             except Exception:
                 log.exception("updating the mesh state failed")
 
-    def _apply_pending(self) -> None:
+    async def _apply_pending(self) -> None:
+        """Apply what is pending a few objects at a time, letting traffic through in between: each apply is one
+        consistent snapshot, and none holds the event loop long (bench/store.py: ~1 ms for 4 objects, ~2 ms for a
+        50 ms burst at 200 events/s in one go)."""
         pending, self._pending = self._pending, {}
         started = time.monotonic()
-        upserts = [obj for obj in pending.values() if obj is not None]
-        deletes = [key for key, obj in pending.items() if obj is None]
-        self._report(self.store.apply(upserts, deletes))
+        items = list(pending.items())
+        for at in range(0, len(items), APPLY_CHUNK):
+            chunk = items[at:at + APPLY_CHUNK]
+            self._report(self.store.apply([obj for _k, obj in chunk if obj is not None],
+                                          [key for key, obj in chunk if obj is None]))
+            await asyncio.sleep(0)
         self.updates += 1
         self._apply_seconds = time.monotonic() - started
         log.debug("applied %d changes in %.2f ms", len(pending), self._apply_seconds * 1000)

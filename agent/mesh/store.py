@@ -169,7 +169,7 @@ class MeshStore:
             except ObjectError as e:
                 errors.append(e)
                 continue
-            if self._raw.get(key) == obj:
+            if _same(self._raw.get(key), obj, key[0]):
                 continue
             try:
                 self._upsert(key, obj, change)
@@ -515,3 +515,25 @@ def build_state(objects: Iterable[Any]) -> MeshState:
                     raise ObjectError(f"Pod {w.key}: status.podIP {ip} is also {taken[ip]}'s")
                 taken[ip] = w.key
     return store.state
+
+
+_VOLATILE_METADATA = ("resourceVersion", "generation", "managedFields")
+
+
+def _same(old: Mapping[str, Any] | None, new: Mapping[str, Any], kind: str) -> bool:
+    """Whether an object's new version changes nothing the mesh reads. For the kinds read raw (policies) a status
+    write (Istio writes one on policies) or a new resourceVersion is no change: the engine need not parse
+    them all again."""
+    if old is None or old == new:
+        return old is not None
+    if kind in TYPED_KINDS:
+        return False
+    return _meaningful(old) == _meaningful(new)
+
+
+def _meaningful(obj: Mapping[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata")
+    kept = {k: v for k, v in obj.items() if k not in ("status", "metadata")}
+    if isinstance(meta, Mapping):
+        kept["metadata"] = {k: v for k, v in meta.items() if k not in _VOLATILE_METADATA}
+    return kept

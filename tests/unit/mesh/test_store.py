@@ -629,3 +629,17 @@ def test_two_pods_at_one_address_in_one_service_the_newest_is_the_endpoint() -> 
         assert store.state.endpoints["shop/web"]["10.0.0.1"].node == "n1"  # the newest is not healthy: the other
         assert store.apply(deletes=[("Pod", "shop", "old")]) == []
         assert store.state.endpoints["shop/web"] == {}
+
+
+def test_a_policy_status_write_is_no_change() -> None:
+    """Istio writes status on policies; a new resourceVersion or status must not make the engine re-read them."""
+    store = MeshStore()
+    policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+              "metadata": {"name": "p", "namespace": "shop", "resourceVersion": "1"}, "spec": {"action": "DENY"}}
+    store.apply([policy])
+    changes: list[Change] = []
+    store.subscribe(lambda _state, change: changes.append(change))
+    store.apply([{**policy, "metadata": {**policy["metadata"], "resourceVersion": "2"}, "status": {"x": "y"}}])
+    assert changes == []
+    store.apply([{**policy, "spec": {"action": "ALLOW"}}])
+    assert len(changes) == 1 and changes[0].objects
