@@ -634,7 +634,7 @@ def test_two_pods_at_one_address_in_one_service_the_newest_is_the_endpoint() -> 
 def test_a_policy_status_write_is_no_change() -> None:
     """Istio writes status on policies; a new resourceVersion or status must not make the engine re-read them."""
     store = MeshStore()
-    policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+    policy: dict[str, Any] = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
               "metadata": {"name": "p", "namespace": "shop", "resourceVersion": "1"}, "spec": {"action": "DENY"}}
     store.apply([policy])
     changes: list[Change] = []
