@@ -281,10 +281,12 @@ class Connection:
         return room
 
     def window(self, stream_id: int) -> int:
-        """What ``stream_id`` may send now (0 for a stream that cannot send)."""
+        """What ``stream_id`` may send now (0 for a stream that cannot send). Never negative, although the
+        window itself may be: a peer that lowers SETTINGS_INITIAL_WINDOW_SIZE after data was sent puts it
+        below zero (RFC 9113 §6.9.2) until WINDOW_UPDATEs bring it back."""
         if stream_id not in self._sendable:
             return 0
-        return self._h2.local_flow_control_window(stream_id)
+        return max(0, self._h2.local_flow_control_window(stream_id))
 
     def end(self, stream_id: int) -> None:
         """Half-close: END_STREAM, the HTTP/2 form of TCP FIN (a no-op on a stream that cannot send)."""

@@ -203,3 +203,21 @@ def test_a_released_connection_is_freed_without_the_collector(no_collector: None
     server.release()
     del client, server
     assert [r() for r in refs] == [None, None]
+
+
+# -- found by the fuzzer
+
+
+def test_a_window_made_negative_by_the_peers_settings_sends_nothing_until_reopened() -> None:
+    """The peer lowers SETTINGS_INITIAL_WINDOW_SIZE below what was already sent (RFC 9113 §6.9.2)."""
+    client, server = connected()
+    stream_id = tunnel(client, server)
+    assert server.send(stream_id, b"s" * 60000) == 60000
+    pump(client, server)
+    lower = (0x4).to_bytes(2, "big") + (1000).to_bytes(4, "big")  # INITIAL_WINDOW_SIZE = 1000
+    server.receive(frame(0x4, 0, 0, lower))
+    assert server._h2.local_flow_control_window(stream_id) < 0
+    assert server.window(stream_id) == 0  # was: negative
+    assert server.send(stream_id, b"more") == 0
+    server.receive(frame(0x8, 0, stream_id, (70000).to_bytes(4, "big")))
+    assert server.window(stream_id) > 0 and server.send(stream_id, b"more") == 4
