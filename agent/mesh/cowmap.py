@@ -9,7 +9,7 @@ it exactly as it was published, forever.
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, Iterator, Mapping, ValuesView
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from typing import Generic, TypeVar, overload
 
 K = TypeVar("K")
@@ -17,13 +17,12 @@ V = TypeVar("V")
 T = TypeVar("T")
 
 
-class FrozenMap(Mapping[K, V]):
-    """A published, read-only mapping: its shards are never written again."""
+class _ShardReads(Generic[K, V]):
+    """Reads by key, the same on both sides: the key's shard is its hash's low bits."""
 
-    __slots__ = ("_len", "_mask", "_shards")
-
-    def __init__(self, shards: tuple[dict[K, V], ...], length: int) -> None:
-        self._shards, self._mask, self._len = shards, len(shards) - 1, length
+    __slots__ = ()
+    _shards: Sequence[dict[K, V]]
+    _mask: int
 
     def __getitem__(self, key: K) -> V:
         return self._shards[hash(key) & self._mask][key]
@@ -38,6 +37,17 @@ class FrozenMap(Mapping[K, V]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._shards[hash(key) & self._mask]
+
+
+class FrozenMap(_ShardReads[K, V], Mapping[K, V]):
+    """A published, read-only mapping: its shards are never written again."""
+
+    __slots__ = ("_len", "_mask", "_shards")
+
+    def __init__(self, shards: tuple[dict[K, V], ...], length: int) -> None:
+        self._shards, self._mask, self._len = shards, len(shards) - 1, length
+
+
 
     def __iter__(self) -> Iterator[K]:
         for shard in self._shards:
@@ -72,7 +82,7 @@ class _Items(ItemsView[K, V]):
             yield from shard.items()
 
 
-class CowMap(Generic[K, V]):
+class CowMap(_ShardReads[K, V]):
     """The writer's map: dict-like reads and writes, and ``snapshot()``."""
 
     __slots__ = ("_len", "_mask", "_shards", "_shared", "_snapshot")
@@ -86,19 +96,7 @@ class CowMap(Generic[K, V]):
         self._len = 0
         self._snapshot: FrozenMap[K, V] | None = None
 
-    def __getitem__(self, key: K) -> V:
-        return self._shards[hash(key) & self._mask][key]
 
-    @overload
-    def get(self, key: K, /) -> V | None: ...
-    @overload
-    def get(self, key: K, default: V | T, /) -> V | T: ...
-
-    def get(self, key: K, default: V | T | None = None, /) -> V | T | None:
-        return self._shards[hash(key) & self._mask].get(key, default)
-
-    def __contains__(self, key: K) -> bool:
-        return key in self._shards[hash(key) & self._mask]
 
     def __len__(self) -> int:
         return self._len
