@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.bootstrapped
 PROTOS := $(shell find agent hbone -name '*.proto' 2>/dev/null)
 PB2    := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: setup demo test lint typecheck unit bench clean image kind-deploy minikube-deploy undeploy
+.PHONY: setup demo test lint typecheck unit e2e bench clean image kind-deploy minikube-deploy undeploy
 .DEFAULT_GOAL := test
 
 setup: $(STAMP) $(PB2)
@@ -22,16 +22,22 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	sed -i 's/\b_Mapping\]/_Mapping[str, object]]/g' $(<:.proto=_pb2.pyi)
 
 demo: setup
-	$(PY) -m agent.demo
+	$(PY) -m agent.cli.demo
 
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
+# tests/README.md: unit and integration tests need no root (under a minute); e2e tests need root, bcc and labs.
 unit: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/unit tests/integration
 
-test: lint unit
+e2e: setup
+	$(PY) -m pytest -q tests/e2e
+
+test: lint
+	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) -m bench
@@ -39,6 +45,7 @@ bench: setup
 	$(PY) -m bench.flows
 	$(PY) -m bench.enforcement
 	$(PY) -m bench.observability
+	$(PY) -m bench.store
 
 # A bounded fuzz campaign against the HBONE protocol layer and server (tests/fuzz): 1,000,000 protocol inputs
 # (atheris) and 20,000 hostile socket sessions against `ambit hbone serve`; FUZZ_ARGS=--inputs N --sessions M.

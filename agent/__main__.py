@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -16,8 +18,18 @@ from pathlib import Path
 import uvloop
 
 from agent.node import AgentConfig, NodeAgent
-from agent.telemetry import TelemetryConfig
+from agent.telemetry.hub import TelemetryConfig
+from agent.telemetry.observer_tls import ServerTlsFiles, TlsMaterialError, read_cas, read_key_pair
 from hbone import keep_buffers_on_heap
+
+
+def _address(text: str) -> tuple[str, int] | None:
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,29 +51,84 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--fail-open", action="store_true",
                      help="when the agent is down, let enrolled pods' traffic go direct (default: fail closed)")
     run.add_argument("--release-on-exit", action="store_true", help="detach everything when stopping")
+    run.add_argument("--bpffs", default="/sys/fs/bpf", metavar="DIR",
+                     help="tcx links are pinned in DIR/ambit/<node>; DIR/ambit may be a bpffs mount of its own "
+                          "(the DaemonSet mounts only the host's /sys/fs/bpf/ambit) (default %(default)s)")
+    run.add_argument("--daemonset", default=None, metavar="NAMESPACE/NAME",
+                     help="with --kubernetes: the agent's DaemonSet; when it is gone or being deleted at shutdown, "
+                          "Ambit is being uninstalled and the agent detaches everything (else: an upgrade, the "
+                          "node stays fail-closed for the next agent)")
     run.add_argument("--drain-seconds", type=float, default=0.0,
                      help="on SIGTERM, accept no new connections and let open ones finish for this long")
     run.add_argument("--flows", type=int, default=4096, help="flows kept for the Observer API")
     run.add_argument("--no-telemetry", action="store_true",
                      help="record no flows or traffic metrics (to measure what observability costs)")
     run.add_argument("--observer-socket", default=None, help="unix socket of the Observer API")
-    run.add_argument("--observer-listen", default="0.0.0.0:4244", help="TCP address of the Observer API ('' for none)")
+    run.add_argument("--observer-listen", default=None, metavar="HOST:PORT",
+                     help="also serve the Observer API on TCP, with mutual TLS only (needs the three files below)")
+    run.add_argument("--observer-tls-cert-file", type=Path, metavar="FILE",
+                     help="the Observer's server certificate (chain), e.g. from `ambit ca --issue observer`")
+    run.add_argument("--observer-tls-key-file", type=Path, metavar="FILE", help="its private key")
+    run.add_argument("--observer-tls-client-ca-files", type=Path, action="append", metavar="FILE",
+                     help="CA certificates a client's certificate must chain to (repeatable; the trust bundle)")
     run.add_argument("--admin-socket", default=None, help="unix socket serving /config_dump, /metrics, readiness")
+    run.add_argument("--admin-listen", default="127.0.0.1:15000", type=_address, metavar="HOST:PORT",
+                     help="TCP address of /config_dump and /logging ('' for none: the admin socket only) "
+                          "(default %(default)s)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        args.observer_tls = _observer_tls(run, args)
+    return args
+
+
+def _observer_tls(run: argparse.ArgumentParser, args: argparse.Namespace) -> ServerTlsFiles | None:
+    """The Observer's TLS files, checked: all three with --observer-listen, none without it."""
+    given = {"--observer-tls-cert-file": args.observer_tls_cert_file, "--observer-tls-key-file":
+             args.observer_tls_key_file, "--observer-tls-client-ca-files": args.observer_tls_client_ca_files}
+    if not args.observer_listen:
+        if any(given.values()):
+            run.error(f"{', '.join(k for k, v in given.items() if v)} without --observer-listen: no TCP listener "
+                      "to use them (the unix socket needs no TLS)")
+        return None
+    if missing := [k for k, v in given.items() if not v]:
+        run.error(f"--observer-listen {args.observer_listen}: the Observer serves TCP over mutual TLS only; "
+                  f"missing {', '.join(missing)}")
+    files = ServerTlsFiles(args.observer_tls_cert_file, args.observer_tls_key_file,
+                           tuple(args.observer_tls_client_ca_files))
+    try:
+        read_key_pair(files.cert, files.key)
+        read_cas(files.client_cas)
+    except TlsMaterialError as e:
+        run.error(str(e))
+    return files
+
+
+def _daemonset(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    namespace, sep, name = text.partition("/")
+    if not sep or not namespace or not name:
+        raise SystemExit(f"--daemonset {text!r}: give NAMESPACE/NAME")
+    return namespace, name
 
 
 async def run(args: argparse.Namespace) -> None:
     config = AgentConfig(node=args.node, state=args.state, ca_address=args.ca, ca_token=args.ca_token,
                          trust_bundle=args.trust_bundle, trust_domain=args.trust_domain,
                          uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open,
-                         kubeconfig=args.kubeconfig,
+                         kubeconfig=args.kubeconfig, bpffs=args.bpffs,
+                         daemonset=_daemonset(args.daemonset),
                          telemetry=TelemetryConfig(enabled=not args.no_telemetry, flows=args.flows,
                                                    observer_socket=args.observer_socket,
                                                    observer_listen=args.observer_listen or None,
-                                                   admin_socket=args.admin_socket))
+                                                   observer_tls=args.observer_tls,
+                                                   admin_listen=args.admin_listen, admin_socket=args.admin_socket))
     agent = NodeAgent(config)
     await agent.start()
+    # What start-up built (the cluster's state, policies, modules) lives on: out of the collector's sight, a
+    # full collection costs ~0 instead of 140-210 ms of a stalled event loop at 10,000 pods (bench/store.py).
+    gc.freeze()
     print(f"ambit-agent ready on node {config.node}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -70,7 +137,18 @@ async def run(args: argparse.Namespace) -> None:
     await stop.wait()
     if args.drain_seconds > 0:
         await agent.drain(args.drain_seconds)
-    await agent.close(release=args.release_on_exit)
+    release = args.release_on_exit or await agent.uninstalling()
+    await agent.close(release=release)
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one, as Envoy and ztunnel do: every proxied connection
+    holds a socket (two on a node that is both ends), and the common soft default of 1024 would cap the agent
+    at a few hundred connections. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_buffers_on_heap()
+    logging.getLogger("agent").info("open files limit: %d", raise_fd_limit())
     uvloop.run(run(args))
     return 0
 

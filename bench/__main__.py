@@ -1,10 +1,11 @@
-"""``python -m bench``: direct TCP vs Ambit vs Envoy; bulk throughput, request/response latency.
+"""``python -m bench``: direct TCP vs Ambit vs Envoy; bulk throughput, request/response latency, new
+connections per second with their set-up latency, and the proxies' CPU and memory.
 
 Two path sets, measured one after the other in one run (``--sets`` picks): ``loopback`` (every process in
 this network namespace) and ``lab`` (between a pod on node 1 and a pod on node 2 of an ``ambit lab`` made
-for the run and removed after it; needs root). A full-size run (>= 1 GiB bulk, >= 10,000 exchanges)
-rewrites each measured set's generated section of BENCHMARKS.md; a reduced run only prints, unless
-``--write`` is given.
+for the run and removed after it; needs root; it adds the ``ambit-svc`` path, through a Service VIP). A
+full-size run (>= 1 GiB bulk, >= 10,000 exchanges, >= 2,000 connections per connection run) rewrites each
+measured set's generated section of BENCHMARKS.md; a reduced run only prints, unless ``--write`` is given.
 """
 
 from __future__ import annotations
@@ -18,29 +19,32 @@ import signal
 import sys
 import tempfile
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.harness import GIB, Config, PathResult, run, wait_until_quiet
-from bench.lab import LabAmbitPath, LabDirectPath, LabEnvoyPath, bench_lab, lab_unavailable
+from bench.lab import LabAmbitPath, LabAmbitServicePath, LabDirectPath, LabEnvoyPath, bench_lab, lab_unavailable
 from bench.paths import AmbitPath, BenchPath, DirectPath, EnvoyPath, MeshCerts
 from bench.report import (
     LAB_SET,
     LOOPBACK_SET,
     SetInfo,
     background,
+    findings,
     machine,
-    ratios,
     section,
-    table,
-    targets,
+    tables,
     write_markdown,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_BULK = GIB
 FULL_RR = 10_000
+FULL_CONN = 2000
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 SETS = ("loopback", "lab")
+PATHS = ("direct", "ambit", "ambit-svc", "envoy")
+LAB_ONLY = {"ambit-svc": "it goes through a Service VIP, and only the lab's agents resolve Services"}
 
 
 def parse_size(text: str) -> int:
@@ -70,6 +74,15 @@ def parse_sets(text: str) -> list[str]:
     return names
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return n
+    return parse
+
+
 def _sigterm(signum: int, frame: types.FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwind: every context manager stops its processes, the lab comes down
 
@@ -84,12 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--rr-warmup", type=int, default=200, help="unmeasured exchanges before measuring")
     ap.add_argument("--rr-runs", type=_positive, default=5,
                     help="rr runs per path (interleaved); the median of the runs' percentiles is reported")
+    ap.add_argument("--conn-count", type=_positive, default=FULL_CONN,
+                    help="connections per connection run (connect, --conn-size bytes each way, close)")
+    ap.add_argument("--conn-concurrency", type=_at_least(2), default=50,
+                    help="clients at once in the concurrent connection runs (the sequential runs use one)")
+    ap.add_argument("--conn-size", type=_positive, default=100, help="bytes each way on every connection")
+    ap.add_argument("--conn-runs", type=_at_least(0), default=3,
+                    help="connection runs per path, each mode (interleaved); 0: no connection workload")
     ap.add_argument("--sets", type=parse_sets, default=list(SETS),
                     help="comma-separated path sets: loopback (all processes here, over loopback) and lab "
                          "(pod on node 1 -> pod on node 2 of an `ambit lab` made for the run; needs root); "
                          "default: both, loopback first")
-    ap.add_argument("--paths", default="direct,ambit,envoy",
-                    help="comma-separated subset of direct,ambit,envoy (in every set)")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help=f"comma-separated subset of {','.join(PATHS)} (in every set; ambit-svc in the lab set "
+                         "only)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="update --output (default: only for a full-size run)")
@@ -111,18 +132,30 @@ def _say(msg: str) -> None:
 def _report(results: list[PathResult], cfg: Config, args: argparse.Namespace, command: str,
             which: SetInfo) -> None:
     print(f"\n{which.title.replace('Latest ', '').capitalize()} ({which.where}):\n")
-    print(table(results, cfg))
+    print("\n\n".join(tables(results, cfg)))
     print()
-    for line in ratios(results) + (targets(results) if which.targets else []):
+    for line in findings(results, cfg, which):
         print(line)
     print(background(results))
-    full = cfg.bulk_bytes >= FULL_BULK and cfg.rr_count >= FULL_RR
+    full = (cfg.bulk_bytes >= FULL_BULK and cfg.rr_count >= FULL_RR and cfg.conn_count >= FULL_CONN
+            and cfg.conn_runs > 0)
     write = full if args.write is None else args.write
     if write:
         write_markdown(args.output, section(results, cfg, command, machine(), which), which)
         print(f"\nwrote its section of {args.output}", flush=True)
     elif args.write is None:
         print(f"\n(reduced run: {args.output} left unchanged; pass --write to update it)", flush=True)
+
+
+def _loopback_paths(names: list[str], certs: MeshCerts, envoy_buffer_limit: int | None,
+                    say_skipped: bool) -> list[BenchPath]:
+    """The loopback set's paths among ``names``; the lab-only ones are skipped with a note."""
+    known: dict[str, BenchPath] = {"direct": DirectPath(), "ambit": AmbitPath(certs),
+                                   "envoy": EnvoyPath(certs, envoy_buffer_limit)}
+    for n in names:
+        if n in LAB_ONLY and say_skipped:
+            _say(f"loopback set: path {n} skipped ({LAB_ONLY[n]})")
+    return [known[n] for n in names if n in known]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,13 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         if not sets:
             return 2
     certs = MeshCerts.create()
-    known: dict[str, BenchPath] = {"direct": DirectPath(), "ambit": AmbitPath(certs),
-                                   "envoy": EnvoyPath(certs, args.envoy_buffer_limit)}
-    names = [n.strip() for n in args.paths.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
+    names = list(dict.fromkeys(n.strip() for n in args.paths.split(",") if n.strip()))
+    unknown = [n for n in names if n not in PATHS]
     if unknown or not names:
-        ap.error(f"unknown path(s) {unknown}; choose from {', '.join(known)}")
-    paths = [known[n] for n in names]
+        ap.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)}")
+    paths = _loopback_paths(names, certs, args.envoy_buffer_limit, "loopback" in sets)
+    if not paths and "loopback" in sets:
+        _say("loopback set skipped: none of its paths was asked for")
+        sets.remove("loopback")
+        if not sets:
+            return 2
     missing = [(p.name, why) for p in paths if (why := p.unavailable())]
     if missing:
         for name, why in missing:
@@ -155,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="ambit-bench-"))
     cfg = Config(args.bulk_size, args.runs, args.rr_count, args.rr_size, args.rr_warmup, args.rr_runs,
-                 workdir, args.max_other_load, args.retries, max(args.quiet_wait, 1.0))
+                 workdir, args.max_other_load, args.retries, max(args.quiet_wait, 1.0),
+                 args.conn_count, args.conn_concurrency, args.conn_runs, args.conn_size)
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     ok = False
     try:
@@ -169,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             _say("== lab set ==")
             with bench_lab(workdir / "lab" / "lab-logs", _say) as lab:
                 lab_known: dict[str, BenchPath] = {
-                    "direct": LabDirectPath(lab), "ambit": LabAmbitPath(lab),
+                    "direct": LabDirectPath(lab), "ambit": LabAmbitPath(lab), "ambit-svc": LabAmbitServicePath(lab),
                     "envoy": LabEnvoyPath(lab, certs, args.envoy_buffer_limit)}
                 if args.quiet_wait > 0:
                     wait_until_quiet(args.quiet_wait, say=_say)

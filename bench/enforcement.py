@@ -17,11 +17,11 @@ import sys
 import time
 from typing import Any
 
-from agent import netns
+from agent.capture import netns
 from agent.lab import control
 from agent.lab.runtime import LabInfo, LabPaths, python
 from agent.lab.state import edit
-from agent.state import AMBIENT, DATAPLANE_MODE
+from agent.mesh.store import AMBIENT, DATAPLANE_MODE
 
 ROUNDS = 10
 PORT = 8080

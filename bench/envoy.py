@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.netns import entered, netns_argv
+from agent.capture.netns import entered, netns_argv
 from bench.procs import Child, ChildError, log_tail, spawn, wait_accepting
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
 

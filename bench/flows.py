@@ -11,8 +11,8 @@ import statistics
 import sys
 import time
 
-from agent.flows.recorder import Endpoint, FlowRecorder
-from agent.metrics import Metrics
+from agent.telemetry.metrics import Metrics
+from agent.telemetry.recorder import Endpoint, FlowRecorder
 
 WORKLOADS = 1000
 CONNECTIONS = 50_000

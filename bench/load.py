@@ -9,6 +9,15 @@
               receiver to close; prints ``{"t_first_send", "bytes"}``.
 ``rr``        ``--count`` sequential exchanges of ``--size`` bytes each way on one TCP_NODELAY connection
               (after ``--warmup`` unmeasured ones); prints ``{"samples_ns": [...]}``.
+``conn``      ``--count`` new connections, made by ``--clients`` threads at once (1: one after another),
+              each: connect, send an echo header and ``--size`` bytes in one write, read the ``--size``-byte
+              echo, shut down the write side, read the receiver's EOF, close (so the connection is over at
+              both ends when the next one starts). Set-up latency per connection: from just before
+              ``connect()`` to the arrival of the reply's first byte (``perf_counter_ns``), i.e. the TCP
+              handshake with the first hop, the path's own set-up and one exchange. Prints
+              ``{"setup_ns": [...], "seconds", "cpu_seconds", "failed", "errors"}``: wall time from the first
+              connect to the last close, this process's CPU over that time, failed connections and the first
+              few errors.
 
 Throughput is measured at the receiver: bytes / (t_eof at the receiver - t_first_send at the sender).
 Socket buffers are set to 4 MiB when the kernel allows it (net.core.[rw]mem_max); application reads and
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import socket
 import struct
 import sys
@@ -109,6 +119,37 @@ def _handle(conn: socket.socket) -> None:
             return
 
 
+class Workers:
+    """Threads serving accepted connections. A thread is started only when none is idle (bulk and echo
+    connections keep theirs for as long as they last), so short connections do not pay for a thread start
+    each: with 50 clients making connections the receiver would otherwise start a thread per connection."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # workers waiting on the queue that no queued connection has claimed yet
+
+    def submit(self, conn: socket.socket) -> None:
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        self._queue.put(conn)
+        if start:
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def idle(self) -> int:
+        """Workers waiting for a connection."""
+        with self._lock:
+            return self._idle
+
+    def _work(self) -> None:
+        for _ in range(MAX_CONNECTIONS):
+            _handle(self._queue.get())
+            with self._lock:
+                self._idle += 1
+
+
 def run_receiver(host: str, port: int, max_seconds: float) -> None:
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -119,6 +160,7 @@ def run_receiver(host: str, port: int, max_seconds: float) -> None:
     h, p = srv.getsockname()
     print(f"listening on {h}:{p}", flush=True)
     deadline = time.monotonic() + max_seconds
+    workers = Workers()
     for _ in range(MAX_CONNECTIONS):
         if time.monotonic() > deadline:
             break
@@ -127,7 +169,7 @@ def run_receiver(host: str, port: int, max_seconds: float) -> None:
         except TimeoutError:
             continue
         conn.settimeout(None)
-        threading.Thread(target=_handle, args=(conn,), daemon=True).start()
+        workers.submit(conn)
 
 
 def _connect(addr: tuple[str, int], nodelay: bool) -> socket.socket:
@@ -183,6 +225,63 @@ def run_rr(addr: tuple[str, int], count: int, size: int, warmup: int, timeout: f
     return {"samples_ns": samples}
 
 
+def _one_connection(addr: tuple[str, int], request: bytes, reply: memoryview, timeout: float) -> int:
+    """One connection of the ``conn`` workload; its set-up latency in ns. The echo must match the request."""
+    size = len(reply)
+    t0 = time.perf_counter_ns()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect(addr)
+        sock.sendall(request)
+        got = sock.recv_into(reply)
+        t1 = time.perf_counter_ns()
+        if got == 0 or not _recv_exact(sock, reply[got:]):
+            raise ConnectionError(f"connection closed after {got} of the {size}-byte echo")
+        if reply != request[-size:]:
+            raise ConnectionError("echo reply differs from the request")
+        sock.shutdown(socket.SHUT_WR)
+        if sock.recv(1) != b"":
+            raise ConnectionError("the receiver sent more than the echo")
+    return t1 - t0
+
+
+def run_conn(addr: tuple[str, int], count: int, clients: int, size: int,
+             timeout: float) -> dict[str, object]:
+    """``count`` connections by ``clients`` threads (shares differ by at most one); see the module doc."""
+    payload = os.urandom(size)
+    request = HEADER.pack(ECHO, os.urandom(8), size) + payload
+    shares = [count // clients + (i < count % clients) for i in range(clients)]
+    setup: list[list[int]] = [[] for _ in shares]
+    errors: list[str] = []
+    failed = [0] * len(shares)
+    lock = threading.Lock()
+    start = threading.Barrier(len(shares) + 1)
+
+    def client(i: int) -> None:
+        reply = memoryview(bytearray(size))
+        start.wait()
+        for _ in range(shares[i]):
+            try:
+                setup[i].append(_one_connection(addr, request, reply, timeout))
+            except OSError as e:
+                failed[i] += 1
+                with lock:
+                    if len(errors) < 5:
+                        errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(shares))]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0, cpu0 = time.monotonic(), time.process_time()
+    for t in threads:
+        t.join()
+    seconds, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    return {"setup_ns": [x for s in setup for x in s], "seconds": seconds, "cpu_seconds": cpu,
+            "failed": sum(failed), "errors": errors}
+
+
 def _hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host, int(port)
@@ -206,14 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--size", type=int, default=1024)
     q.add_argument("--warmup", type=int, default=200)
     q.add_argument("--timeout", type=float, default=30.0)
+    c = sub.add_parser("conn")
+    c.add_argument("--connect", required=True, type=_hostport)
+    c.add_argument("--count", type=int, default=2000)
+    c.add_argument("--clients", type=int, default=1)
+    c.add_argument("--size", type=int, default=100)
+    c.add_argument("--timeout", type=float, default=10.0, help="per socket operation")
     args = ap.parse_args(argv)
     if args.cmd == "receiver":
         run_receiver(args.listen[0], args.listen[1], args.max_seconds)
         return 0
     if args.cmd == "bulk":
         out: object = run_bulk(args.connect, args.bytes, bytes.fromhex(args.tag), args.timeout)
-    else:
+    elif args.cmd == "rr":
         out = run_rr(args.connect, args.count, args.size, args.warmup, args.timeout)
+    else:
+        out = run_conn(args.connect, args.count, args.clients, args.size, args.timeout)
     sys.stdout.write(json.dumps(out) + "\n")
     sys.stdout.flush()
     return 0

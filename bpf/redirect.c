@@ -18,6 +18,8 @@
  *   4. any other packet of a remembered flow whose socket is gone: hand it to the listener (answers
  *      syncookie ACKs / resets) or, with no listener, drop (fail-closed) so nothing leaks in the clear.
  *   5. everything else (pre-enrollment connections, non-enrolled pods, node <-> pod traffic) passes.
+ * Before all of it: a packet whose source is an enrolled pod's address arriving on any interface but that
+ * pod's own is dropped and counted (source verification).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -197,6 +199,19 @@ static __always_inline int refuse(struct __sk_buff *skb, struct pkt *p, struct a
     return TC_ACT_SHOT;
 }
 
+/* A packet claiming an enrolled pod's address must come from that pod's own interface: anything else (a pod
+ * forging a neighbour's address, or the same from another node) is dropped, whatever the fail-open setting,
+ * and never captured as that pod. */
+static __always_inline int spoofed(struct __sk_buff *skb, struct pkt *p)
+{
+    struct ambit_pod *src = enrolled.lookup(&p->saddr);
+    if (!src || src->ifindex == skb->ifindex)
+        return 0;
+    count(AMBIT_C_DROP_SPOOFED);
+    emit(skb, p, AMBIT_EV_DROP, AMBIT_V_DROPPED, 0, AMBIT_R_SPOOFED);
+    return 1;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
 {
     int zero = 0;
@@ -316,11 +331,14 @@ int ambit_pod_ingress(struct __sk_buff *skb)
     struct pkt p = {};
     if (parse(skb, &p))
         return AMBIT_NEXT;
+    p.hook = AMBIT_D_POD;
     __u32 ifindex = skb->ifindex;
     struct ambit_bridge_port *port = bridge_ports.lookup(&ifindex);
     if (port)
-        return via_bridge(skb, &p, port);
-    p.hook = AMBIT_D_POD;
+        return spoofed(skb, &p) ? TC_ACT_SHOT : via_bridge(skb, &p, port);
+    __u32 *role = ifaces.lookup(&ifindex);
+    if (!(role && *role == AMBIT_IF_BRIDGE) && spoofed(skb, &p)) /* the bridge's ports checked already */
+        return TC_ACT_SHOT;
     return handle(skb, &p);
 }
 
@@ -330,6 +348,8 @@ int ambit_uplink_ingress(struct __sk_buff *skb)
     if (parse(skb, &p))
         return AMBIT_NEXT;
     p.hook = AMBIT_D_UPLINK;
+    if (spoofed(skb, &p))
+        return TC_ACT_SHOT;
     return handle(skb, &p);
 }
 

@@ -12,6 +12,7 @@
 /* Role of an interface (ifaces map value); the SK_LOOKUP program uses it to recognise captured flows. */
 #define AMBIT_IF_POD     1 /* host side of an enrolled pod's veth: traffic FROM the pod arrives here */
 #define AMBIT_IF_UPLINK  2 /* node uplink: traffic from other nodes arrives here */
+#define AMBIT_IF_BRIDGE  3 /* a bridge CNI's bridge (cni0): its ports' pods' TCP is decided here */
 
 /* Listener slots (index into the `listeners` sockmap and into config ports). */
 #define AMBIT_L_OUTBOUND 0 /* 15001 */
@@ -72,6 +73,7 @@ struct ambit_flow {
 #define AMBIT_R_ASSIGN_FAIL  2 /* bpf_sk_assign refused the socket */
 #define AMBIT_R_STALE_FLOW   3 /* packet of a taken-over flow whose socket is gone */
 #define AMBIT_R_FAIL_OPEN    4 /* would have dropped, fail-open setting let it through */
+#define AMBIT_R_SPOOFED      5 /* source is an enrolled pod's address, arriving on another interface */
 
 /* Hook that emitted an event */
 #define AMBIT_D_POD    0 /* pod veth ingress (outbound traffic and replies to agent upstream sockets) */
@@ -104,6 +106,7 @@ struct ambit_event {
 #define AMBIT_C_FAIL_OPEN      7
 #define AMBIT_C_EVENTS_LOST    8
 #define AMBIT_C_LOOKUP_SELECTED 9 /* SK_LOOKUP program picked a listener */
-#define AMBIT_C_COUNT          10
+#define AMBIT_C_DROP_SPOOFED   10
+#define AMBIT_C_COUNT          11
 
 #endif

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-venv python3-dev python3-bpfcc linux-headers-amd64 iproute2 iperf3 tshark tcpdump stunnel4)
+APT_PACKAGES=(python3-venv python3-dev python3-bpfcc linux-headers-amd64 iproute2 iperf3 tshark tcpdump stunnel4 nftables)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -3,10 +3,15 @@
     python -m agent.ca --dir DIR --trust-domain TD --listen HOST:PORT --tokens FILE --pods FILE
     python -m agent.ca --dir DIR --trust-domain TD --listen HOST:PORT --kubernetes [--kubeconfig FILE]
     python -m agent.ca --dir DIR --trust-domain TD --init
+    python -m agent.ca --dir DIR --trust-domain TD --issue intermediate|observer|operator --out OUT [--days N]
 
-DIR keeps the root key (root-key.pem, mode 0600) and the root certificate; node agents need only
-DIR/root-cert.pem, their trust bundle. With --init the root is created in DIR (unless one is there) and the
-command exits: how a deployment makes the root it then hands to the CA (a Secret) and to the agents.
+DIR keeps the CA's key (mode 0600, in a directory made 0700; an existing DIR open to other users is refused)
+and certificates: a self-signed root (root-key.pem, root-cert.pem), or, with the root kept offline, an
+intermediate in Istio's plug-in layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem; see
+agent/ca/authority.py). Node agents need only DIR/root-cert.pem, their trust bundle. With --init a root is
+created in DIR (unless a CA is there) and the command exits: how a deployment makes the root it then hands to
+the CA (a Secret) and to the agents. --issue writes a certificate for one of Ambit's own parts into OUT
+(agent/ca/issue.py): an intermediate CA for a cluster, the agents' Observer server, an operator.
 
 Lab mode: --tokens maps bearer tokens to node names (YAML or JSON); --pods holds the Pod objects (a List or
 several YAML documents) that decide which node may obtain which identity. Both files are re-read when they
@@ -23,14 +28,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent.ca.auth import Authenticator, NodeAuthorizer, NodeTokenFile, PodDirectory, PodStateFile
-from agent.ca.authority import ROOT_CERT_FILE, CertificateAuthority
-from agent.ca.client import CA_SERVER_NAME
+from agent.ca.authority import CA_CERT_FILE, ROOT_CERT_FILE, CaMaterialError, CertificateAuthority
+from agent.ca.files import KeyDirectoryError
+from agent.ca.issue import KINDS, default_ttl, issue
 from agent.ca.kube import (
     AGENT_SERVICE_ACCOUNT,
     CA_AUDIENCE,
@@ -39,6 +46,7 @@ from agent.ca.kube import (
     TokenReviewAuthenticator,
 )
 from agent.ca.service import CaServer
+from agent.identity.ca_client import CA_SERVER_NAME
 from agent.kube.client import KubeConfigError, connect
 
 log = logging.getLogger("ambit.ca")
@@ -50,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT to serve gRPC on")
     p.add_argument("--init", action="store_true", help="create the root in --dir (unless there is one) and exit")
+    p.add_argument("--issue", choices=KINDS, help="write a certificate of this kind into --out and exit")
+    p.add_argument("--out", type=Path, help="with --issue: the directory to write (made 0700)")
+    p.add_argument("--days", type=float, help="with --issue: validity in days (default: intermediate "
+                   f"{default_ttl('intermediate').days}, others {default_ttl('observer').days}, the most allowed)")
     p.add_argument("--tokens", type=Path, help="lab: token -> node name file (YAML or JSON)")
     p.add_argument("--pods", type=Path, help="lab: YAML file of Pod objects")
     p.add_argument("--kubernetes", action="store_true",
@@ -64,6 +76,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"extra DNS name for the CA's serving certificate (always has {CA_SERVER_NAME})")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
+    if args.init and args.issue:
+        p.error("--init and --issue are separate steps")
+    if args.issue:
+        if args.out is None:
+            p.error("--issue needs --out DIR")
+        if args.days is not None and args.days <= 0:
+            p.error("--days must be positive")
+        return args
+    if args.out or args.days:
+        p.error("--out and --days go with --issue")
     if args.init:
         return args
     if args.kubernetes:
@@ -105,10 +127,19 @@ async def _kubernetes(args: argparse.Namespace,
     return authenticator, pods
 
 
+def describe(authority: CertificateAuthority) -> str:
+    what = "root" if authority.intermediate is None else "intermediate CA (its root offline)"
+    return f"{what} for {authority.trust_domain}"
+
+
+def valid_until(authority: CertificateAuthority) -> str:
+    return authority.signer.not_valid_after_utc.date().isoformat()
+
+
 async def serve(args: argparse.Namespace) -> None:
     authority = CertificateAuthority.load_or_create(args.dir, args.trust_domain)
-    log.info("root %s (valid until %s) in %s", authority.root_cert.subject.rfc4514_string(),
-             authority.root_cert.not_valid_after_utc.isoformat(), args.dir / ROOT_CERT_FILE)
+    log.info("signing with the %s %r (valid until %s); trust bundle %s", describe(authority),
+             authority.signer.subject.rfc4514_string(), valid_until(authority), args.dir / ROOT_CERT_FILE)
     cleanup: list[Callable[[], Awaitable[None]]] = []
     try:
         authenticator: Authenticator
@@ -134,20 +165,33 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def init(args: argparse.Namespace) -> None:
-    existed = (args.dir / ROOT_CERT_FILE).exists()
+    existed = (args.dir / ROOT_CERT_FILE).exists() or (args.dir / CA_CERT_FILE).exists()
     authority = CertificateAuthority.load_or_create(args.dir, args.trust_domain)
-    print(f"ambit-ca: {'kept the' if existed else 'created a'} root for {authority.trust_domain} in {args.dir} "
-          f"(valid until {authority.root_cert.not_valid_after_utc.date().isoformat()})", flush=True)
+    print(f"ambit-ca: {'kept the' if existed else 'created a'} {describe(authority)} in {args.dir} "
+          f"(valid until {valid_until(authority)})", flush=True)
+
+
+def issue_command(args: argparse.Namespace) -> None:
+    if not ((args.dir / ROOT_CERT_FILE).exists() or (args.dir / CA_CERT_FILE).exists()):
+        raise CaMaterialError(f"no CA in {args.dir}: make one with --init, or name the CA's directory with --dir")
+    authority = CertificateAuthority.load(args.dir, args.trust_domain)
+    ttl = dt.timedelta(days=args.days) if args.days is not None else None
+    print(f"ambit-ca: {issue(authority, args.issue, args.out, ttl)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.init:
-        init(args)
-        return
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args))
+    try:
+        if args.init:
+            init(args)
+        elif args.issue:
+            issue_command(args)
+        else:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(serve(args))
+    except (CaMaterialError, KeyDirectoryError) as e:
+        raise SystemExit(f"ambit-ca: {e}") from None
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from typing import Protocol, TypeVar
 
 import yaml
 
-from agent.objectfile import WatchedFile, kubernetes_objects
+from agent.identity.ca_client import CA_NAMESPACE
+from agent.sources.objectfile import WatchedFile, kubernetes_objects
 from hbone import SpiffeId
 
 log = logging.getLogger("ambit.ca.auth")
@@ -138,12 +139,19 @@ class PodStateFile:
 
 
 class NodeAuthorizer:
-    """A node agent may only obtain identities of workloads scheduled on its own node."""
+    """A node agent may only obtain identities of workloads scheduled on its own node, and never one of
+    Ambit's own namespace: those (the CA's, the Observer's, the operator's, whose certificate reads every
+    node's flows) are made only offline by whoever holds the CA's key (``ambit ca --issue``), so no pod that
+    happens to run there, nor a node agent, can mint them."""
 
-    def __init__(self, pods: PodDirectory) -> None:
+    def __init__(self, pods: PodDirectory, reserved_namespace: str = CA_NAMESPACE) -> None:
         self._pods = pods
+        self._reserved = reserved_namespace
 
     async def authorize(self, caller: Caller, identity: SpiffeId) -> None:
+        if identity.namespace == self._reserved:
+            raise AuthorizationError(f"{identity} is an identity of Ambit's own namespace {self._reserved!r}: "
+                                     "issued offline only (`ambit ca --issue`), never to a node agent")
         on_node = await self._pods.service_accounts_on_node(caller.node_name)
         if (identity.namespace, identity.service_account) not in on_node:
             raise AuthorizationError(

@@ -38,8 +38,9 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
 from agent.ca.auth import AuthenticationError, Caller
-from agent.kube.informer import DEFAULT_BACKOFF, PODS, Backoff, Delta, Informer, KubeObject, object_key
-from agent.objectfile import SourceError
+from agent.kube.informer import DEFAULT_BACKOFF, PODS, Delta, Informer, KubeObject, object_key
+from agent.retry import Backoff
+from agent.sources.objectfile import SourceError
 
 log = logging.getLogger("ambit.ca.kube")
 

@@ -29,7 +29,6 @@ import grpc
 import grpc.aio
 from cryptography import x509
 
-from agent.ca import ca_pb2, ca_pb2_grpc
 from agent.ca.auth import (
     AuthenticationError,
     Authenticator,
@@ -38,8 +37,9 @@ from agent.ca.auth import (
     Caller,
 )
 from agent.ca.authority import DEFAULT_TTL, MAX_TTL, CertificateAuthority, CsrError
-from agent.ca.client import CA_NAMESPACE, CA_SERVER_NAME, CA_SERVICE_ACCOUNT, IMPERSONATED_IDENTITY
-from agent.objectfile import SourceError
+from agent.identity import ca_pb2, ca_pb2_grpc
+from agent.identity.ca_client import CA_NAMESPACE, CA_SERVER_NAME, CA_SERVICE_ACCOUNT, IMPERSONATED_IDENTITY
+from agent.sources.objectfile import SourceError
 from hbone import IdentityError, SpiffeId, WorkloadCertificate
 
 log = logging.getLogger("ambit.ca")

@@ -36,6 +36,8 @@ from typing import Any, Literal, cast
 import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
+from agent.retry import Backoff
+
 log = logging.getLogger(__name__)
 
 KubeObject = dict[str, Any]
@@ -70,9 +72,10 @@ NAMESPACES = Resource("", "v1", "namespaces", "Namespace")
 PODS = Resource("", "v1", "pods", "Pod")
 SERVICES = Resource("", "v1", "services", "Service")
 ENDPOINT_SLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
+NODES = Resource("", "v1", "nodes", "Node")  # topology.kubernetes.io/zone, for Services' traffic distribution
 AUTHORIZATION_POLICIES = Resource("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", crd=True)
 PEER_AUTHENTICATIONS = Resource("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", crd=True)
-RESOURCES = (NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES, AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS)
+RESOURCES = (NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES, NODES, AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS)
 
 
 class ApiError(Exception):
@@ -115,22 +118,7 @@ class Delta:
 Handler = Callable[[Delta], None]
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential back-off: ``initial * factor**n`` capped at ``cap``, scaled down by up to ``jitter``."""
-
-    initial: float = 0.5
-    cap: float = 30.0
-    factor: float = 2.0
-    jitter: float = 0.25
-
-    def delay(self, failures: int) -> float:
-        """The wait after ``failures`` consecutive failures (1 = the first)."""
-        base = min(self.cap, self.initial * self.factor ** max(0, min(failures - 1, 64)))
-        return base * random.uniform(1.0 - self.jitter, 1.0)
-
-
-DEFAULT_BACKOFF = Backoff()
+DEFAULT_BACKOFF = Backoff(initial=0.5, cap=30.0, jitter=0.25)  # between attempts to list or watch
 
 
 def object_key(obj: KubeObject) -> str:
@@ -250,7 +238,7 @@ class Informer:
             except Exception:
                 self.failures += 1
                 log.exception("%s: informer failed", self.resource)
-            delay = self.backoff.delay(self.failures)
+            delay = self.backoff.delay(self.failures, random.random())
             log.debug("%s: retrying in %.2fs (failure %d)", self.resource, delay, self.failures)
             await asyncio.sleep(delay)
 

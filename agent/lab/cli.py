@@ -6,10 +6,17 @@
     ambit lab exec POD|NS/POD|NODE -- CMD...
     ambit lab label namespace NS key=value|key- ... [--overwrite]
     ambit lab label pod NS/NAME key=value|key- ... [--overwrite]
+    ambit lab apply -f FILE [-n NS]        (Namespace, Service, EndpointSlice, AuthorizationPolicy,
+                                            PeerAuthentication)
+    ambit lab delete KIND NAME... [-n NS] | -f FILE
     ambit lab agent start|stop|restart NODE|all [--kill] [--timeout S]
 
 Every command takes --name LAB (default: $AMBIT_LAB, else "ambit"); the lab lives in /run/ambit/labs/LAB.
 Enroll a namespace with: ambit lab label namespace default istio.io/dataplane-mode=ambient
+
+Services work as in a cluster: a Service gets a cluster IP from 10.96.0.0/16 (or keeps the one it names), each
+node's kube-proxy (nftables) sends traffic the agents do not capture from the VIP to an endpoint, and pods
+resolve <svc>, <svc>.<ns> and <svc>.<ns>.svc.cluster.local (hosts files that `lab exec` mounts).
 """
 
 from __future__ import annotations
@@ -26,15 +33,15 @@ from typing import Any
 
 import yaml
 
-from agent.lab import control
+from agent.lab import control, services
 from agent.lab import runtime as rt
 from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths
-from agent.objectfile import kubernetes_objects
-from agent.policy import PolicyEngine
+from agent.sources.objectfile import kubernetes_objects
 
 KINDS = {"namespace": "Namespace", "namespaces": "Namespace", "ns": "Namespace",
          "pod": "Pod", "pods": "Pod", "po": "Pod"}
+SHORT_NAMES = {"ns": "Namespace", "svc": "Service"}
 
 
 def _say(msg: str) -> None:
@@ -64,7 +71,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     signal.signal(signal.SIGHUP, _raise_on_sigterm)
     info = control.up(args.name, nodes=args.nodes, pods=args.pods, namespaces=args.namespaces.split(","),
-                      agents=not args.no_agents, fail_open=args.fail_open, timeout=args.timeout, say=_say)
+                      agents=not args.no_agents, fail_open=args.fail_open, timeout=args.timeout, say=_say,
+                      observer_tls=args.observer_tls)
     paths = LabPaths.of(info.name)
     flag = "" if info.name == rt.DEFAULT_NAME else f" --name {info.name}"
     print(f"\nlab {info.name!r} is up: {len(info.nodes)} node(s), {len(info.pods)} pod(s), "
@@ -75,6 +83,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  try:  ambit lab status{flag}\n"
               f"        ambit lab exec{flag} {first.key} -- ip -4 addr\n"
               f"        ambit lab label{flag} namespace {first.namespace} istio.io/dataplane-mode=ambient")
+    if info.observer_tls:
+        tls = [f"--tls-client-cert-file {paths.operator}/tls.crt", f"--tls-client-key-file {paths.operator}/tls.key",
+               f"--tls-ca-cert-files {paths.operator}/ca.crt"]
+        print(f"  flows over mutual TLS: ambit lab exec{flag} node-2 -- ambit observe --server "
+              f"{info.nodes[0].ip}:{rt.OBSERVER_PORT} {' '.join(tls)}")
     print(f"  remove with: ambit lab down{flag}")
     return 0
 
@@ -107,6 +120,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                           *([f"{p['namespace']}/{p['name']}", p["node"] or "-", p["ip"] or "-", p["service_account"],
                              "yes" if p["enrolled"] else "no", _labels(p["labels"]), p["netns"] or "-"]
                             for p in s["pods"])]))
+        if s["services"]:
+            print()
+            print(_table([["SERVICE", "CLUSTER-IP", "PORTS", "ENDPOINTS"],
+                          *([f"{v['namespace']}/{v['name']}", ",".join(v["vips"]) or "None",
+                             services.ports_text(v["ports"]), services.endpoints_text(v["endpoints"])]
+                            for v in s["services"])]))
+        for error in s["service_errors"]:
+            print(f"not in the mesh: {error}")
     print(f"\nlogs: {s['logs']}/ (ca.log, agent-<node>.log)")
     return 0
 
@@ -132,18 +153,10 @@ def cmd_label(args: argparse.Namespace) -> int:
         namespace = namespace or args.namespace
     changes = st.parse_label_changes(args.labels)
     paths = LabPaths.of(args.name)
-    LabInfo.load(paths)  # a clear error when the lab does not exist
-    with st.edit(paths.state) as state:
+    info = LabInfo.load(paths)  # a clear error when the lab does not exist
+    with control.edit(info, paths) as state:
         print(state.label(kind, namespace, name, changes, overwrite=args.overwrite))
     return 0
-
-
-APPLIABLE = {"AuthorizationPolicy": "authorizationpolicy.security.istio.io",
-             "PeerAuthentication": "peerauthentication.security.istio.io", "Namespace": "namespace"}
-
-
-def _resource(kind: str) -> str:
-    return APPLIABLE.get(kind, kind.lower())
 
 
 def _objects_from(source: str) -> list[dict[str, Any]]:
@@ -155,51 +168,49 @@ def _objects_from(source: str) -> list[dict[str, Any]]:
     for i, obj in enumerate(objects):
         if not isinstance(obj, dict) or not isinstance((obj.get("metadata") or {}).get("name"), str):
             raise LabError(f"{source}: object {i + 1} has no metadata.name")
-        if obj.get("kind") not in APPLIABLE:
+        if obj.get("kind") not in control.RESOURCES:
             hint = " (a lab's pods are made by `ambit lab up`)" if obj.get("kind") == "Pod" else ""
             raise LabError(f"{source}: {obj.get('kind')} {obj['metadata']['name']}: the lab applies "
-                           f"{', '.join(APPLIABLE)}{hint}")
+                           f"{', '.join(control.RESOURCES)}{hint}")
     return objects
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Create or replace objects, like ``kubectl apply -f`` (whole objects, no field merging)."""
     paths = LabPaths.of(args.name)
-    LabInfo.load(paths)
+    info = LabInfo.load(paths)
     objects = [obj for source in args.filename for obj in _objects_from(source)]
-    for obj in objects:  # refused as Istio's admission webhook refuses them: nothing of the batch is applied
+    for obj in objects:
         if obj["kind"] != "Namespace":
             obj["metadata"].setdefault("namespace", args.namespace)
-    errors = PolicyEngine().update(objects)
-    if errors:
-        raise LabError("the policy validation refused:\n  " + "\n  ".join(str(e) for e in errors))
-    with st.edit(paths.state) as state:
-        for obj in objects:
-            print(f"{_resource(obj['kind'])}/{obj['metadata']['name']} {state.put(obj)}")
+    for line in control.apply(info, paths, objects):
+        print(line)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     """Delete objects named on the command line (KIND NAME... or KIND NS/NAME) or in files (-f)."""
     paths = LabPaths.of(args.name)
-    LabInfo.load(paths)
+    info = LabInfo.load(paths)
     targets: list[tuple[str, str, str]] = []
     for source in args.filename or []:
         targets += [(o["kind"], (o.get("metadata") or {}).get("namespace") or args.namespace, o["metadata"]["name"])
                     for o in _objects_from(source)]
     if args.kind:
-        kind = next((k for k in APPLIABLE if args.kind.lower() in (k.lower(), _resource(k), k.lower() + "s")), None)
+        wanted = args.kind.lower()
+        kind = SHORT_NAMES.get(wanted) or next(
+            (k for k in control.RESOURCES if wanted in (k.lower(), control.resource(k), k.lower() + "s")), None)
         if kind is None:
-            raise LabError(f"unknown kind {args.kind!r}: one of {', '.join(APPLIABLE)}")
+            raise LabError(f"unknown kind {args.kind!r}: one of {', '.join(control.RESOURCES)}")
         for ref in args.objects:
             namespace, _, name = ref.rpartition("/")
             targets.append((kind, namespace or args.namespace, name))
     if not targets:
         raise LabError("nothing to delete: give KIND NAME... or -f FILE")
-    with st.edit(paths.state) as state:
+    with control.edit(info, paths) as state:
         for kind, namespace, name in targets:
             state.remove(kind, namespace, name)
-            print(f'{_resource(kind)} "{name}" deleted')
+            print(f'{control.resource(kind)} "{name}" deleted')
     return 0
 
 
@@ -235,6 +246,9 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated namespaces; pod k of a node goes to the ((k-1) mod n)-th (default: default)")
     p.add_argument("--no-agents", action="store_true", help="topology, state and CA only")
     p.add_argument("--fail-open", action="store_true", help="start the agents with --fail-open")
+    p.add_argument("--observer-tls", action="store_true",
+                   help="the agents also serve the Observer on <node IP>:4244, to the operator's certificate only "
+                        "(written to the lab's operator/ directory); without it, on unix sockets only")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agents' ready line")
     p.set_defaults(run=cmd_up)
 
@@ -267,7 +281,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_apply)
 
     p = sub.add_parser("delete", parents=[named], help="delete objects, like kubectl delete")
-    p.add_argument("kind", nargs="?", help="authorizationpolicy, peerauthentication or namespace")
+    p.add_argument("kind", nargs="?", help="service (svc), endpointslice, authorizationpolicy, peerauthentication or "
+                                           "namespace")
     p.add_argument("objects", nargs="*", metavar="NAME|NS/NAME")
     p.add_argument("-f", "--filename", action="append", help="delete the objects of a YAML file")
     p.add_argument("-n", "--namespace", default="default", help="namespace of names given without one")

@@ -16,19 +16,26 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
 
-from agent import netns
+from agent.ca.authority import CertificateAuthority
+from agent.ca.issue import CERT_FILE, KEY_FILE, issue
+from agent.capture import netns
+from agent.lab import hosts, services
 from agent.lab import runtime as rt
+from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
 from agent.lab.state import ROOT_NAMESPACE, LabObjects, atomic_write, check_dns_label, namespace_object, pod_object
 from agent.lab.topology import Lab
+from agent.policy import PolicyEngine
 
 CA_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+DRAIN_SECONDS = 10.0  # a stopped agent lets its proxied connections finish this long (an upgrade's overlap)
 Say = Callable[[str], None]
 
 
@@ -65,6 +72,14 @@ def initial_state(info: LabInfo) -> LabObjects:
     ])
 
 
+def write_initial_state(info: LabInfo, paths: LabPaths, say: Say = _quiet) -> None:
+    """The state file, and what follows it: each node's kube-proxy table, each pod's hosts file."""
+    state = initial_state(info)
+    state.save(paths.state)
+    say("setting up each node's kube-proxy (nftables) and the pods' Service names (hosts files)")
+    services.sync(info, state.objects)
+
+
 def write_tokens(paths: LabPaths, nodes: Sequence[NodeInfo]) -> None:
     """One random bearer token per node: tokens.yaml for the CA, tokens/<node> for the node's agent."""
     paths.tokens_dir.mkdir(mode=0o700, exist_ok=True)
@@ -82,15 +97,42 @@ def ca_argv(info: LabInfo, paths: LabPaths) -> list[str]:
 
 
 def agent_argv(info: LabInfo, paths: LabPaths, node: NodeInfo) -> list[str]:
-    """The agent's command line (the contract with agent/__main__.py)."""
+    """The agent's command line (the contract with agent/__main__.py). The Observer is on the unix socket
+    only, unless the lab was made with observer_tls: then also on the node's address, mutual TLS."""
     for sock in (paths.observer_socket(node.name), paths.admin_socket(node.name)):
         sock.parent.mkdir(parents=True, exist_ok=True)
+    tls = paths.observer_tls
+    observer_tcp = ["--observer-listen", f"{node.ip}:{rt.OBSERVER_PORT}",
+                    "--observer-tls-cert-file", str(tls / CERT_FILE), "--observer-tls-key-file", str(tls / KEY_FILE),
+                    "--observer-tls-client-ca-files", str(paths.trust_bundle)] if info.observer_tls else []
     return [rt.python(), "-m", "agent", "run", "--node", node.name, "--state", str(paths.state),
-            "--observer-socket", str(paths.observer_socket(node.name)),
+            "--observer-socket", str(paths.observer_socket(node.name)), *observer_tcp,
             "--admin-socket", str(paths.admin_socket(node.name)),
             "--ca", info.ca_address, "--ca-token", str(paths.token_file(node.name)),
             "--trust-bundle", str(paths.trust_bundle), "--trust-domain", info.trust_domain,
-            "--uplink", node.uplink, *info.agent_flags]
+            "--uplink", node.uplink, "--drain-seconds", f"{DRAIN_SECONDS:g}", *info.agent_flags]
+
+
+def start_ca(info: LabInfo, paths: LabPaths, say: Say) -> None:
+    """The cluster state (with each node's kube-proxy and the pods' names), the nodes' tokens, the CA (until
+    ready), and the Observer certificates it issues."""
+    write_initial_state(info, paths, say)
+    write_tokens(paths, info.nodes)
+    paths.ca_dir.mkdir(mode=0o700)
+    say(f"starting the CA in {info.nodes[0].netns} on {info.ca_address}")
+    ca = rt.spawn(paths, "ca", info.nodes[0].netns, ca_argv(info, paths))
+    wait_ready([ca], rt.CA_READY, CA_TIMEOUT)
+    if info.observer_tls:
+        issue_observer_certificates(info, paths)
+        say(f"Observer certificates: the agents' in {paths.observer_tls}, the operator's in {paths.operator}")
+
+
+def issue_observer_certificates(info: LabInfo, paths: LabPaths) -> None:
+    """The agents' Observer server certificate and the operator's, from the lab's CA (what `ambit ca --issue
+    observer|operator` writes)."""
+    authority = CertificateAuthority.load(paths.ca_dir, info.trust_domain)
+    issue(authority, "observer", paths.observer_tls)
+    issue(authority, "operator", paths.operator)
 
 
 def wait_ready(recs: Sequence[ProcRecord], needle: str, timeout: float) -> None:
@@ -116,11 +158,13 @@ def wait_ready(recs: Sequence[ProcRecord], needle: str, timeout: float) -> None:
 
 # -- up / down ---------------------------------------------------------------------------------------------------
 def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = ("default",), agents: bool = True,
-       fail_open: bool = False, timeout: float = 60.0, say: Say = _quiet, agent_flags: Sequence[str] = ()) -> LabInfo:
+       fail_open: bool = False, timeout: float = 60.0, say: Say = _quiet, agent_flags: Sequence[str] = (),
+       observer_tls: bool = False) -> LabInfo:
     """Build a lab and leave it running. On any failure (also Ctrl-C) everything made so far is removed
     before the error propagates; the logs are kept in a temporary directory named in the error.
     ``agent_flags`` are added to every agent's command line (e.g. ``["--flows", "256"]``); they are kept in
-    lab.json, so agents restarted later get them too."""
+    lab.json, so agents restarted later get them too. ``observer_tls``: the agents also serve the Observer on
+    their node's address, port 4244, to clients with the operator's certificate (written to operator/)."""
     paths = LabPaths.of(name)
     if not 1 <= nodes <= 200 or not 0 <= pods <= 200:
         raise LabError("--nodes must be 1..200 and --pods 0..200")
@@ -140,7 +184,8 @@ def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = 
         raise LabError(f"lab {name!r} already exists ({paths.root}); {hint}") from None
     info = LabInfo(name=name, prefix=rt.netns_prefix(name), created_at=dt.datetime.now(dt.UTC).isoformat(),
                    namespaces=[*spaces, *([ROOT_NAMESPACE] if ROOT_NAMESPACE not in spaces else [])],
-                   agents=agents, agent_flags=[*(["--fail-open"] if fail_open else []), *agent_flags])
+                   agents=agents, agent_flags=[*(["--fail-open"] if fail_open else []), *agent_flags],
+                   observer_tls=observer_tls)
     try:
         info.save(paths)
         say(f"building {nodes} node(s) with {pods} pod(s) each")
@@ -149,12 +194,7 @@ def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = 
         info.nodes, info.pods = plan(topo, spaces)
         info.ca_node, info.ca_address = info.nodes[0].name, f"{info.nodes[0].ip}:{rt.CA_PORT}"
         info.save(paths)
-        initial_state(info).save(paths.state)
-        write_tokens(paths, info.nodes)
-        paths.ca_dir.mkdir(mode=0o700)
-        say(f"starting the CA in {info.nodes[0].netns} on {info.ca_address}")
-        ca = rt.spawn(paths, "ca", info.nodes[0].netns, ca_argv(info, paths))
-        wait_ready([ca], rt.CA_READY, CA_TIMEOUT)
+        start_ca(info, paths, say)
         if agents:
             start_agents(info, paths, [n.name for n in info.nodes], timeout, say)
         info.phase = "running"
@@ -225,6 +265,8 @@ def down(name: str, *, timeout: float = STOP_TIMEOUT, say: Say = _quiet) -> bool
         errors.append("namespaces left: " + ", ".join(left))
     else:
         say(f"removed {len(spaces)} network namespace(s)")
+    if left := hosts.remove(spaces, rt.netns_prefix(name)):
+        errors.append("hosts files left: " + ", ".join(left))
     try:
         rt.remove_tree(paths.root)
         say(f"removed {paths.root}")
@@ -240,6 +282,45 @@ def _lab_ids(name: str, info: LabInfo | None, spaces: Sequence[str]) -> list[str
     prefix = rt.netns_prefix(name)
     ids = [info.lab_id] if info is not None and info.lab_id else []
     return ids + [ns[len(prefix):].split("-", 1)[0] for ns in spaces if ns.startswith(prefix)]
+
+
+# -- the cluster state --------------------------------------------------------------------------------------------
+@contextmanager
+def edit(info: LabInfo, paths: LabPaths) -> Iterator[LabObjects]:
+    """Change the cluster state (``state.edit``); when it changed, the nodes' kube-proxy tables and the pods'
+    hosts files follow it before the lock is released (``services.sync``)."""
+    with st.edit(paths.state, lambda state: _sync(info, state)) as state:
+        yield state
+
+
+def _sync(info: LabInfo, state: LabObjects) -> None:
+    try:
+        services.sync(info, state.objects)
+    except (LabError, OSError) as e:
+        raise LabError(f"the cluster state is saved, but the nodes do not follow it yet: {e}") from e
+
+
+def apply(info: LabInfo, paths: LabPaths, objects: Sequence[dict[str, Any]]) -> list[str]:
+    """Create or replace objects as ``kubectl apply -f`` does (whole objects, no field merging), after the
+    checks a cluster makes: Istio's webhook for policies, the API server for Services and EndpointSlices
+    (which also gives a Service its cluster IP). Any refusal refuses the whole batch (LabError naming each
+    object and field); else one "<resource>/<name> created|configured|unchanged" line per object."""
+    errors = [str(e) for e in PolicyEngine().update(objects)]
+    with edit(info, paths) as state:
+        errors += services.admit(state, objects)
+        if errors:
+            raise LabError("refused (nothing applied):\n  " + "\n  ".join(errors))
+        return [f"{resource(obj['kind'])}/{obj['metadata']['name']} {state.put(obj)}" for obj in objects]
+
+
+RESOURCES = {"AuthorizationPolicy": "authorizationpolicy.security.istio.io",
+             "PeerAuthentication": "peerauthentication.security.istio.io", "Namespace": "namespace",
+             "Service": "service", "EndpointSlice": "endpointslice.discovery.k8s.io"}
+
+
+def resource(kind: str) -> str:
+    """kubectl's name of a kind in its messages (``service/web created``)."""
+    return RESOURCES.get(kind, kind.lower())
 
 
 # -- agents ------------------------------------------------------------------------------------------------------
@@ -266,6 +347,25 @@ def start_agents(info: LabInfo, paths: LabPaths, nodes: Sequence[str], timeout: 
     wait_ready(recs, rt.AGENT_READY, timeout)
     for rec in recs:
         say(f"{rec.name} ready (pid {rec.pid}, {time.time() - rec.started_at:.1f}s)")
+
+
+def upgrade_agents(info: LabInfo, paths: LabPaths, nodes: Sequence[str], timeout: float,
+                   say: Say = _quiet) -> list[str]:
+    """An upgrade as a DaemonSet with maxSurge does it: the next agent starts beside the running one (same
+    ports, SO_REUSEPORT), adopts the node, then the old one gets SIGTERM and drains its connections."""
+    old = []
+    for name in nodes:
+        pid_file = paths.pid_file(rt.agent_proc(name))
+        rec = ProcRecord.load(pid_file)
+        if rec is None or not rt.alive(rec):
+            raise LabError(f"the agent of {name} is not running: nothing to upgrade")
+        old.append(rec)
+        pid_file.unlink()  # the record is the next agent's from now on
+    try:
+        start_agents(info, paths, nodes, timeout, say)
+    finally:
+        report = rt.stop(old, DRAIN_SECONDS + STOP_TIMEOUT)
+    return report
 
 
 def stop_agents(paths: LabPaths, nodes: Sequence[str], kill: bool = False, timeout: float = STOP_TIMEOUT) -> list[str]:
@@ -319,6 +419,7 @@ def status(name: str) -> dict[str, Any]:
                      "netns": pod.netns if pod else None, "host_ifname": pod.host_ifname if pod else None})
     return {
         "name": info.name, "dir": str(paths.root), "phase": info.phase, "trust_domain": info.trust_domain,
+        **service_status(state),
         "state_file": str(paths.state), "trust_bundle": str(paths.trust_bundle), "logs": str(paths.logs),
         "ca": {"node": info.ca_node, "address": info.ca_address,
                "netns": info.node(info.ca_node).netns if info.ca_node else None,
@@ -330,6 +431,26 @@ def status(name: str) -> dict[str, Any]:
         "pods": pods,
         "state_error": None if state is not None else f"cannot read {paths.state}",
     }
+
+
+def service_status(state: LabObjects | None) -> dict[str, Any]:
+    """``services``: each Service with its VIPs, ports and endpoints as the agents compute them;
+    ``service_errors``: the objects they would refuse."""
+    if state is None:
+        return {"services": [], "service_errors": []}
+    mesh, errors = services.mesh_state(state.objects)
+    found = []
+    for key in sorted(mesh.services):
+        svc = mesh.services[key]
+        endpoints = mesh.endpoints.get(key, {})
+        found.append({
+            "namespace": svc.namespace, "name": svc.name, "hostname": svc.hostname, "vips": list(svc.vips),
+            "ports": [{"port": p.port, "target_port": p.target_port, "target_name": p.target_name}
+                      for p in svc.ports],
+            "endpoints": [{"ip": ep.ip, "node": ep.node, "ports": {str(k): v for k, v in sorted(ep.ports.items())}}
+                          for _ip, ep in sorted(endpoints.items())],
+        })
+    return {"services": found, "service_errors": [str(e) for e in errors]}
 
 
 def resolve_target(info: LabInfo, target: str) -> str:

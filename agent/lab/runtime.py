@@ -8,6 +8,8 @@ Layout of a lab directory, /run/ambit/labs/<name>/::
     tokens.yaml             bearer token -> node name (the CA's --tokens)
     tokens/node-<i>         node i's bearer token (the agent's --ca-token)
     ca/                     the CA's directory; ca/root-cert.pem is the trust bundle
+    observer-tls/, operator/    with ``up(observer_tls=True)``: the agents' Observer server certificate and
+                            the operator's client certificate (tls.crt, tls.key, ca.crt; 0700 directories)
     logs/ca.log, logs/agent-node-<i>.log    stdout and stderr of each process (appended on restart)
     pids/ca.json, pids/agent-node-<i>.json  pid, start time, netns, argv, log offset of the current run
 
@@ -31,13 +33,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import agent
-from agent import netns
+from agent.capture import netns
 from agent.lab.state import atomic_write
 
 LABS_ROOT = Path("/run/ambit/labs")
 DEFAULT_NAME = "ambit"
 TRUST_DOMAIN = "cluster.local"
 CA_PORT = 15012
+OBSERVER_PORT = 4244
 CA_READY = "ambit-ca: serving"  # python -m agent.ca prints this once it accepts connections
 AGENT_READY = "ambit-agent ready"
 PROJECT_ROOT = Path(agent.__file__).resolve().parent.parent
@@ -62,6 +65,21 @@ def netns_prefix(name: str) -> str:
     return f"{name}."
 
 
+def present_labs(root: Path = LABS_ROOT) -> list[str]:
+    """Names of the labs under ``root`` (those with a lab.json)."""
+    return sorted(p.name for p in root.iterdir() if (p / "lab.json").exists()) if root.is_dir() else []
+
+
+def lab_name(name: str | None = None, root: Path = LABS_ROOT) -> str:
+    """The lab a reading command (``ambit observe``, ``status``, ``policy explain``) means: ``name`` when
+    given, else $AMBIT_LAB, else the only lab under ``root``, else "ambit"."""
+    chosen = name or os.environ.get("AMBIT_LAB")
+    if chosen:
+        return chosen
+    present = present_labs(root)
+    return present[0] if len(present) == 1 else DEFAULT_NAME
+
+
 # -- paths ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LabPaths:
@@ -70,8 +88,8 @@ class LabPaths:
     root: Path
 
     @classmethod
-    def of(cls, name: str) -> LabPaths:
-        return cls(LABS_ROOT / check_name(name))
+    def of(cls, name: str, root: Path = LABS_ROOT) -> LabPaths:
+        return cls(root / check_name(name))
 
     @property
     def lab_json(self) -> Path:
@@ -80,6 +98,16 @@ class LabPaths:
     def observer_socket(self, node: str) -> Path:
         """Where a node's agent serves the Observer API (``ambit observe`` looks there)."""
         return self.root / "observer" / f"{node}.sock"
+
+    @property
+    def observer_tls(self) -> Path:
+        """The agents' Observer server certificate (``up(observer_tls=True)``)."""
+        return self.root / "observer-tls"
+
+    @property
+    def operator(self) -> Path:
+        """The operator's certificate for the agents' mutual-TLS Observer ports."""
+        return self.root / "operator"
 
     def admin_socket(self, node: str) -> Path:
         """Where a node's agent serves /config_dump and /metrics (``ambit status`` looks there)."""
@@ -172,6 +200,7 @@ class LabInfo:
     ca_address: str = ""
     agents: bool = True
     agent_flags: list[str] = field(default_factory=list)
+    observer_tls: bool = False  # the agents also serve the Observer on <node ip>:OBSERVER_PORT, mutual TLS
     nodes: list[NodeInfo] = field(default_factory=list)
     pods: list[PodInfo] = field(default_factory=list)
 

@@ -27,15 +27,15 @@ import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from agent.objectfile import kubernetes_objects
-from agent.state import enrolled
+from agent.mesh.store import enrolled
+from agent.sources.objectfile import kubernetes_objects
 
 ROOT_NAMESPACE = "istio-system"  # Istio's root namespace: its policies apply mesh-wide
 CLUSTER_SCOPED = frozenset({"Namespace", "Node", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"})
@@ -122,16 +122,32 @@ def pod_object(*, namespace: str, name: str, uid: str, node: str, pod_ip: str, h
 
 
 def object_key(obj: Mapping[str, Any]) -> ObjectKey:
-    """(kind, namespace, name) of an object; a namespaced object without a namespace is in "default"."""
+    """(kind, namespace, name) of an object; a namespaced object without a namespace is in "default" (as
+    kubectl applies it), one given must be a non-empty string."""
     kind = obj.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise StateError(f"an object without a kind: kind must be a non-empty string, not {_short(kind)}")
     meta = obj.get("metadata")
-    if not isinstance(kind, str) or not kind or not isinstance(meta, dict):
-        raise StateError("every object needs a kind and metadata")
+    if not isinstance(meta, dict):
+        raise StateError(f"{_short(kind)}: metadata must be a mapping, not {_short(meta)}")
     name = meta.get("name")
     if not isinstance(name, str) or not name:
-        raise StateError(f"{kind} without metadata.name")
-    namespace = "" if kind in CLUSTER_SCOPED else str(meta.get("namespace") or "default")
+        raise StateError(f"{_short(kind)}: metadata.name must be a non-empty string, not {_short(name)}")
+    if kind in CLUSTER_SCOPED:
+        return kind, "", name
+    namespace = meta.get("namespace")
+    if namespace is None:
+        return kind, "default", name
+    if not isinstance(namespace, str) or not namespace:
+        raise StateError(f"{_short(kind)} {_short(name)}: metadata.namespace must be a non-empty string, "
+                         f"not {_short(namespace)}")
     return kind, namespace, name
+
+
+def _short(value: Any) -> str:
+    """``value`` for a message: strings as they are, anything else by type, at most 60 characters."""
+    text = value if isinstance(value, str) else f"a {type(value).__name__}" if value is not None else "null"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def describe(key: ObjectKey) -> str:
@@ -158,11 +174,9 @@ class LabObjects:
         """Parse a YAML stream of objects (a ``kind: List`` or several documents)."""
         raw = data.encode() if isinstance(data, str) else data
         try:
-            objects = list(kubernetes_objects(raw))
-        except (ValueError, yaml.YAMLError) as e:
+            objects = list(kubernetes_objects(raw))  # mappings, or ObjectError naming the document
+        except ValueError as e:
             raise StateError(f"cannot parse cluster state: {e}") from None
-        if not all(isinstance(o, dict) for o in objects):
-            raise StateError("every item of the cluster state must be an object")
         return cls(objects)
 
     @classmethod
@@ -288,9 +302,10 @@ def lock_path(path: Path) -> Path:
 
 
 @contextmanager
-def edit(path: Path) -> Iterator[LabObjects]:
+def edit(path: Path, changed: Callable[[LabObjects], None] | None = None) -> Iterator[LabObjects]:
     """Read-modify-write of a state file under an exclusive lock; the file is rewritten (atomically) only
-    when the body returns normally and something changed."""
+    when the body returns normally and something changed. ``changed`` is then called with the new state,
+    still under the lock (so that what it derives from the state is made in the order the states were)."""
     with open(lock_path(path), "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         state = LabObjects.load(path)
@@ -298,3 +313,5 @@ def edit(path: Path) -> Iterator[LabObjects]:
         yield state
         if state.dump() != before:
             state.save(path)
+            if changed is not None:
+                changed(state)

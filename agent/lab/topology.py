@@ -5,7 +5,8 @@ Layout for a lab with id X (names are `<prefix><X>-...`, so parallel labs never 
     <prefix>X-sw            switch namespace: bridge br0 plus one port per node (n0, n1, ...)
     <prefix>X-n<i>          node i: uplink eth0 = 192.168.200.(10+i)/24 on the switch,
                             pod CIDR 10.200.i.0/24, a host-side veth lxc<k> per local pod,
-                            ip_forward on, a route to every other node's pod CIDR via that node
+                            ip_forward on, a route to every other node's pod CIDR via that node,
+                            and the Service CIDR 10.96.0.0/16 routed on the uplink
     <prefix>X-n<i>p<k>      pod k of node i: eth0 = 10.200.i.(10+k)/32, default route via the
                             link-local gateway 169.254.1.1 whose MAC is the node-side veth's
                             (fixed ee:ee:ee:ee:ee:ee, as Calico does; a permanent neighbour entry)
@@ -34,11 +35,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
-from agent import netns
+from agent.capture import netns
 
 GATEWAY_IP = "169.254.1.1"
 HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 NODE_NET = ipaddress.IPv4Network("192.168.200.0/24")
+SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/16")  # ClusterIPs (kube-apiserver's default range)
 POD_SUPERNET = ipaddress.IPv4Network("10.200.0.0/16")
 POD_BRIDGE = "cni0"
 UPLINK = "eth0"
@@ -162,6 +164,9 @@ class Lab:
             for other in self.nodes:
                 if other is not node:
                     cmds.append(f"route add {other.pod_cidr} via {other.ip} dev {UPLINK}")
+            # Service VIPs are routable from the node, as a Kubernetes node's default route makes them (Kubernetes
+            # requires one); the capture programs treat a destination the node cannot route as a local one.
+            cmds.append(f"route add {SERVICE_CIDR} dev {UPLINK}")
             pod_net = ipaddress.IPv4Network(node.pod_cidr)
             if node.bridge is not None:
                 cmds += [

@@ -5,9 +5,10 @@
     rejected = engine.update(kubernetes_objects)   # the whole set; other kinds are ignored
     decision = engine.evaluate(Peer(principal, namespace, ip), Target(namespace, labels, ip, port))
 
-Modules: ``model`` (the values), ``objects`` (reading and validating the Kubernetes objects into rules),
-``matchers`` (what rules test, as data), ``compiler`` (rules into straight-line functions), ``engine``
-(scopes, caches, decisions).
+Modules: ``model`` (the values), ``objects`` (reading and validating the Kubernetes objects into typed
+values, the whole API: what a waypoint would read too), ``l4`` (the L4 projection: what ztunnel enforces of
+those values, as rules), ``matchers`` (what rules test, as data), ``compiler`` (rules into straight-line
+functions), ``engine`` (scopes, caches, decisions).
 
 Choices where Istio's documentation says nothing explicit, following istiod's ambient translation and
 ztunnel's enforcement where they settle it:
@@ -26,11 +27,17 @@ ztunnel's enforcement where they settle it:
   before selector ones, by name within each; rules by index.
 * A connection denied because no ALLOW policy matched has ``policy=None`` and names the ALLOW policies
   that applied in its reason.
-* Rejected, as Istio's webhook would: unknown fields, AUDIT and CUSTOM, DENY without rules, empty
-  ``from``/``to``/source/operation, ``when`` keys Istio does not know, ``serviceAccounts`` together with
-  ``principals``/``namespaces``, ``portLevelMtls`` without a selector, selector together with targetRefs.
-  Port numbers must be strings in 1..65535 (port 0 too is refused). ``*`` in the middle of a value and
-  principals written with ``spiffe://`` are accepted (they never match) with a note.
+* Rejected, as Istio's webhook would: unknown fields, DENY (and CUSTOM) without rules, CUSTOM without a
+  provider or with the source fields and ``when`` keys it cannot check, empty ``from``/``to``/source/operation,
+  ``when`` keys Istio does not know, ``serviceAccounts`` together with ``principals``/``namespaces``,
+  ``portLevelMtls`` without a selector, selector together with targetRefs, targetRefs to kinds other than
+  Service, ServiceEntry, Gateway and GatewayClass, path templates other than ``{*}``/``{**}``. Port numbers
+  must be strings in 1..65535 (port 0 too is refused). A ``metadata.namespace`` left out is ``default``; one
+  given must be a non-empty string. ``*`` in the middle of a value and principals written with ``spiffe://``
+  are accepted (they never match) with a note.
+* Refused at L4, as istiod refuses to hand them to ztunnel: AUDIT and CUSTOM policies. Policies with
+  targetRefs are accepted, kept whole (``PolicyEngine.waypoint_policies``) and not enforced here, whatever
+  their action: Istio applies them at waypoints and gateways.
 """
 
 from agent.policy.engine import ALLOWED_BY_DEFAULT, PolicyEngine

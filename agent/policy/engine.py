@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from agent.policy.compiler import RuleGroup, compile_rules
+from agent.policy.l4 import L4Policy, project
 from agent.policy.model import Decision, Peer, PolicyError, Target
 from agent.policy.objects import (
     DENY,
@@ -33,7 +34,7 @@ from agent.policy.objects import (
     AuthorizationPolicy,
     Note,
     PeerAuthentication,
-    read,
+    read_all,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _short(ref: str) -> str:
     return ref.partition(" ")[2]
 
 
-def _rules(policies: Iterable[AuthorizationPolicy], name: str) -> RuleGroup:
+def _rules(policies: Iterable[L4Policy], name: str) -> RuleGroup:
     return RuleGroup([(r.condition, r.decision) for p in policies for r in p.rules], name)
 
 
@@ -76,10 +77,10 @@ class _Base:
 
     deny: RuleGroup
     allow: RuleGroup
-    allowing: tuple[AuthorizationPolicy, ...]  # its ALLOW policies (some may have no rule that can match)
+    allowing: tuple[L4Policy, ...]  # its ALLOW policies (some may have no rule that can match)
 
     @classmethod
-    def of(cls, policies: list[AuthorizationPolicy], name: str) -> _Base:
+    def of(cls, policies: list[L4Policy], name: str) -> _Base:
         allowing = tuple(p for p in policies if p.action != DENY)
         return cls(_rules((p for p in policies if p.action == DENY), f"DENY {name}"),
                    _rules(allowing, f"ALLOW {name}"), allowing)
@@ -96,12 +97,12 @@ def _plaintext_decision(mode: str, source: PeerAuthentication | None, port: int 
 class _Index:
     """One update's policies by scope, and the cache of scopes."""
 
-    def __init__(self, root: str, policies: Iterable[AuthorizationPolicy],
+    def __init__(self, root: str, policies: Iterable[L4Policy],
                  authentications: Iterable[PeerAuthentication]) -> None:
         self.root = root
-        mesh_wide: list[AuthorizationPolicy] = []
-        namespace_wide: dict[str, list[AuthorizationPolicy]] = defaultdict(list)
-        self.selected: dict[str, list[tuple[AuthorizationPolicy, RuleGroup]]] = defaultdict(list)  # by namespace
+        mesh_wide: list[L4Policy] = []
+        namespace_wide: dict[str, list[L4Policy]] = defaultdict(list)
+        self.selected: dict[str, list[tuple[L4Policy, RuleGroup]]] = defaultdict(list)  # by namespace
         for policy in sorted(policies, key=lambda p: (p.namespace, p.name)):
             if policy.selector is not None:
                 self.selected[policy.namespace].append((policy, _rules([policy], policy.ref)))
@@ -220,11 +221,18 @@ class _Index:
 def _snapshot(objects: list[Mapping[str, Any]]) -> object:
     """A copy of ``objects`` to tell later whether they changed (the caller may change them in place): their
     pickle, several times cheaper than a deep copy. Equal objects pickle alike (at worst, objects sharing
-    parts differently do not, and the set is read again); different ones never do."""
+    parts differently do not, and the set is read again); different ones never do. Objects nested too deep
+    to pickle get a snapshot equal to nothing: they are read again each time."""
     try:
         return pickle.dumps(objects, pickle.HIGHEST_PROTOCOL)
+    except RecursionError:
+        return object()
     except (pickle.PicklingError, TypeError, AttributeError):  # mappings that do not pickle
-        return _plain(objects)
+        pass
+    try:
+        return pickle.dumps(_plain(objects), pickle.HIGHEST_PROTOCOL)
+    except (RecursionError, pickle.PicklingError, TypeError, AttributeError):
+        return object()
 
 
 def _plain(value: Any) -> Any:
@@ -245,6 +253,7 @@ class PolicyEngine:
         self._in_force: list[str] = []
         self._notes: list[str] = []
         self._errors: list[PolicyError] = []
+        self._waypoint: tuple[AuthorizationPolicy, ...] = ()
         self._loaded: object = None  # a snapshot of the policy objects of the last update
 
     def update(self, objects: Iterable[Mapping[str, Any]]) -> list[PolicyError]:
@@ -257,30 +266,10 @@ class PolicyEngine:
         snapshot = _snapshot(relevant)
         if snapshot == self._loaded:
             return list(self._errors)
-        errors: list[PolicyError] = []
-        policies: list[AuthorizationPolicy] = []
-        authentications: list[PeerAuthentication] = []
-        notes: list[Note] = []
-        seen: set[str] = set()
-        for obj in relevant:
-            result = read(obj)
-            if result is None:
-                continue
-            if result.errors:
-                errors += result.errors
-                continue
-            if result.ref in seen:
-                errors.append(PolicyError(result.ref, "", "given more than once; the first one is in force"))
-                continue
-            seen.add(result.ref)
-            compiled = result.policy
-            if isinstance(compiled, AuthorizationPolicy):
-                notes += compiled.notes
-                if not compiled.targeted:
-                    policies.append(compiled)
-            elif isinstance(compiled, PeerAuthentication):
-                notes += compiled.notes
-                authentications.append(compiled)
+        parsed = read_all(relevant)
+        l4 = project(parsed.values)
+        errors = parsed.errors + l4.errors
+        policies, authentications, notes = l4.policies, l4.authentications, l4.notes
         index = _Index(self.root_namespace, policies, authentications)
         notes += index.notes
         for level, note in notes:
@@ -289,6 +278,7 @@ class PolicyEngine:
         self._in_force = sorted([p.ref for p in policies] + [a.ref for a in authentications])
         self._notes = [note for _, note in notes]
         self._errors = errors
+        self._waypoint = tuple(l4.waypoint)
         self._loaded = snapshot
         return list(errors)
 
@@ -311,6 +301,12 @@ class PolicyEngine:
     def policies(self) -> list[str]:
         """The objects in force ("AuthorizationPolicy ns/name", "PeerAuthentication ns/name"), sorted."""
         return list(self._in_force)
+
+    @property
+    def waypoint_policies(self) -> tuple[AuthorizationPolicy, ...]:
+        """The accepted AuthorizationPolicies with targetRefs, whole: Istio applies them at waypoints and
+        gateways, never here."""
+        return self._waypoint
 
     @property
     def notes(self) -> list[str]:

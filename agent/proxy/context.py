@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.ca.manager import CertificateManager
-from agent.flows.recorder import FlowHandle
+from agent.identity.manager import CertificateManager
+from agent.mesh.store import MeshStore, Workload
 from agent.proxy.connections import ConnectionTable, Proxied
-from agent.state import Workload, WorkloadStore
-from agent.telemetry import Telemetry
-from hbone import InboundRequest, Pool
+from agent.proxy.inputs import Connection
+from agent.telemetry.hub import Telemetry
+from agent.telemetry.recorder import FlowHandle
+from hbone import Pool
 
 HBONE_PORT = 15008
 
@@ -20,10 +21,10 @@ class Denial:
     policy: str | None = None  # "AuthorizationPolicy ns/name", "PeerAuthentication ns/name"
 
 
-Policy = Callable[[InboundRequest], Denial | None]  # None allows
+Policy = Callable[[Connection], Denial | None]  # None allows
 
 
-def allow_all(_request: InboundRequest) -> Denial | None:
+def allow_all(_connection: Connection) -> Denial | None:
     return None
 
 
@@ -31,7 +32,7 @@ def allow_all(_request: InboundRequest) -> Denial | None:
 class Mesh:
     node: str
     trust_domain: str
-    store: WorkloadStore
+    store: MeshStore
     certificates: CertificateManager
     pool: Pool
     local_addresses: frozenset[str]  # the node's own addresses: never spoofed towards

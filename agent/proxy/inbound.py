@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 
+from agent.mesh.model import Address
 from agent.proxy.context import Mesh
+from agent.proxy.inputs import Connection, forwarded_client, forwarded_host
 from agent.proxy.sockets import dial
 from agent.proxy.splice import Splice
 from hbone import (
     Acceptor,
-    Authority,
     HboneServer,
     InboundRequest,
     Relay,
@@ -32,24 +32,12 @@ from hbone import (
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 
 
-def _address(authority: Authority) -> Address:
-    return authority.ip, authority.port
-
-
-_FORWARDED_FOR = re.compile(r'for="?\[?([0-9A-Fa-f.:]+?)\]?:([0-9]{1,5})"?')
-
-
-def _client(request: InboundRequest) -> Address:
-    """The calling pod's address as its flows show it: the tunnel's L3 source, with the application's own
-    port from ``forwarded: for=`` when that names the same IP (the tunnel's port is the agent's)."""
-    m = _FORWARDED_FOR.search(request.headers.get("forwarded", ""))
-    if m is not None and m.group(1) == request.source[0]:
-        return request.source[0], int(m.group(2))
-    return request.source
+def _connection(request: InboundRequest) -> Connection:
+    return Connection(request.peer, forwarded_client(request.headers, request.source),
+                      (request.target.ip, request.target.port), forwarded_host(request.headers))
 
 
 class InboundProxy:
@@ -74,12 +62,21 @@ class InboundProxy:
         if self._plaintext is not None:
             await self._plaintext.close()
 
+    def _service(self, connection: Connection) -> str | None:
+        """The Service hostname for the destination's telemetry: the one the source named, else the local pod's
+        Service serving the target port (ztunnel's guess)."""
+        if connection.service is not None:
+            return connection.service
+        service = self.mesh.store.state.service_serving(*connection.target)
+        return service.hostname if service is not None else None
+
     def _decide(self, request: InboundRequest) -> str | None:
-        denial = self.mesh.policy(request)
+        connection = _connection(request)
+        denial = self.mesh.policy(connection)
         if denial is None:
             return None
-        self.mesh.telemetry.dropped(inbound=True, client=_client(request), target=_address(request.target),
-                                   mtls=True, reason=denial.reason, policy=denial.policy)
+        self.mesh.telemetry.dropped(inbound=True, client=connection.client, target=connection.target, mtls=True,
+                                    reason=denial.reason, policy=denial.policy, service=self._service(connection))
         return denial.reason
 
     async def _certificate(self, ip: str) -> WorkloadCertificate | None:
@@ -92,8 +89,9 @@ class InboundProxy:
     async def _connect(self, request: InboundRequest) -> Relay:
         sock = await dial((request.target.ip, request.target.port), request.source[0])
         _, relay = await asyncio.get_running_loop().connect_accepted_socket(Relay, sock)
-        flow = self.mesh.telemetry.opened(inbound=True, client=_client(request), target=_address(request.target),
-                                          mtls=True)
+        connection = _connection(request)
+        flow = self.mesh.telemetry.opened(inbound=True, client=connection.client, target=connection.target,
+                                          mtls=True, service=self._service(connection))
         self.mesh.track("inbound-hbone", (request.target.ip,), relay, flow, server_side=True)
         return relay
 
@@ -106,18 +104,20 @@ class InboundProxy:
             log.warning("plaintext %s -> %s: not an enrolled pod of this node; refused", client, target)
             close_with_reset(sock)
             return
-        await self.deliver(sock, None, client, target, target)
+        await self.deliver(sock, None, client, target)
 
     async def deliver(self, sock: socket.socket, peer: SpiffeId | None, client: Address, target: Address,
-                      via: Address) -> None:
-        """Policy, then a TCP connection from ``client`` to the pod at ``target``, spliced to ``sock``."""
-        request = InboundRequest(peer, client, via, Authority(*target), {})
+                      service: str | None = None) -> None:
+        """Policy, then a TCP connection from ``client`` to the pod at ``target``, spliced to ``sock``.
+        ``service``: the hostname of the Service the client called (same node), when it called one."""
+        connection = Connection(peer, client, target, service)
+        service = self._service(connection)
         telemetry, mtls = self.mesh.telemetry, peer is not None
-        denial = self.mesh.policy(request)
+        denial = self.mesh.policy(connection)
         if denial is not None:
             log.info("%s %s -> %s denied: %s", "plaintext" if peer is None else peer, client, target, denial.reason)
             telemetry.dropped(inbound=True, client=client, target=target, mtls=mtls, reason=denial.reason,
-                             policy=denial.policy)
+                              policy=denial.policy, service=service)
             close_with_reset(sock)
             return
         try:
@@ -126,13 +126,13 @@ class InboundProxy:
         except (OSError, TimeoutError) as e:
             log.info("%s -> %s: pod unreachable: %s", client, target, e or "timed out")
             telemetry.dropped(inbound=True, client=client, target=target, mtls=mtls,
-                             reason=f"pod unreachable: {e or 'timed out'}")
+                              reason=f"pod unreachable: {e or 'timed out'}", service=service)
             close_with_reset(sock)
             return
         splice = Splice()
         await splice.join(sock, upstream)
         pods = tuple(ip for ip in (client[0], target[0]) if self.mesh.local_enrolled(ip) is not None)
-        flows = [telemetry.opened(inbound=True, client=client, target=target, mtls=mtls)]
+        flows = [telemetry.opened(inbound=True, client=client, target=target, mtls=mtls, service=service)]
         if peer is not None:  # same node: this agent is the source's reporter as well
-            flows.append(telemetry.opened(inbound=False, client=client, target=target, mtls=mtls))
+            flows.append(telemetry.opened(inbound=False, client=client, target=target, mtls=mtls, service=service))
         self.mesh.track("outbound-local" if peer is not None else "inbound-plaintext", pods, splice, *flows)

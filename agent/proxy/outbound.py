@@ -1,11 +1,11 @@
 """Outbound: every TCP connection an enrolled pod of this node opens, captured to 15001.
 
-The accepted socket's local address is where the pod meant to go. Then:
-  * an enrolled workload on another node: an HBONE stream to ``<its ip>:15008``, presenting the source
-    pod's certificate, expecting the destination's identity, dialled from the pod's own address;
-  * an enrolled workload on this node: handed to the inbound side (policy, then a local connection);
-  * anything else (outside the mesh): passed through unchanged, from the pod's address.
-No transport exists until the route is ready, so what the pod sends waits in the kernel meanwhile.
+The accepted socket's local address is where the pod meant to go; ``route`` (a pure function of the mesh
+state) says what that means, and this module only carries it out: an HBONE stream presenting the source
+pod's certificate and expecting the destination's identity, dialled from the pod's own address; the local
+inbound path for an enrolled pod of this node; a plain connection (a Service endpoint outside the mesh, or
+anything not the mesh's); or a reset when nothing can serve a Service port. No transport exists until the
+route is ready, so what the pod sends waits in the kernel meanwhile.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ import asyncio
 import logging
 import socket
 
-from agent.ca.manager import CertificateUnavailable
-from agent.proxy.context import HBONE_PORT, Mesh
+from agent.identity.manager import CertificateUnavailable
+from agent.mesh.model import Address
+from agent.mesh.store import Workload
+from agent.proxy.context import Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
+from agent.proxy.route import Kind, Route, route
 from agent.proxy.sockets import dial
 from agent.proxy.splice import Splice
-from agent.state import Workload
+from agent.telemetry.metrics import NO_HEALTHY_UPSTREAM
 from hbone import (
     Acceptor,
     Authority,
@@ -33,7 +36,6 @@ from hbone import (
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 class OutboundProxy:
@@ -65,47 +67,57 @@ class OutboundProxy:
                         client, target, mesh.node)
             close_with_reset(sock)
             return
-        destination = mesh.store.state.by_ip(target[0])
-        if destination is not None and destination.enrolled:
-            if destination.node == mesh.node:
-                await self.inbound.deliver(sock, source.identity(mesh.trust_domain), client, target, target)
-            else:
-                await self._tunnel(sock, source, destination, client, target)
+        r = route(source, target, mesh.store.state, mesh.trust_domain)
+        if r.kind is Kind.HBONE:
+            await self._tunnel(sock, source, r, client, target)
+        elif r.kind is Kind.LOCAL:
+            await self.inbound.deliver(sock, source.identity(mesh.trust_domain), client, r.target,
+                                       service=r.service_host)
+        elif r.kind is Kind.REFUSE:
+            log.info("outbound %s (%s) -> %s refused: %s", client, source.key, target, r.reason)
+            mesh.telemetry.dropped(inbound=False, client=client, target=target, mtls=False, reason=r.reason,
+                                   service=r.service_host, response_flags=NO_HEALTHY_UPSTREAM)
+            close_with_reset(sock)
         else:
-            await self._passthrough(sock, client, target)
+            await self._plain(sock, client, r)
 
-    async def _tunnel(self, sock: socket.socket, source: Workload, destination: Workload, client: Address,
+    async def _tunnel(self, sock: socket.socket, source: Workload, r: Route, client: Address,
                       target: Address) -> None:
-        td = self.mesh.trust_domain
+        assert r.dial is not None and r.identity is not None and r.workload is not None
         relay = Relay()
         try:
-            cert = await self.mesh.certificates.get(source.identity(td))
-            await self.mesh.pool.connect(relay, cert, destination.identity(td), (destination.ip, HBONE_PORT),
-                                         Authority(*target), request_headers(client), source_ip=client[0])
+            cert = await self.mesh.certificates.get(source.identity(self.mesh.trust_domain))
+            await self.mesh.pool.connect(relay, cert, r.identity, r.dial, Authority(*r.target),
+                                         request_headers(client, r.service_host), source_ip=client[0])
         except (HboneError, CertificateUnavailable, OSError) as e:
-            log.warning("outbound %s (%s) -> %s (%s): %s", client, source.key, target, destination.key, e)
+            log.warning("outbound %s (%s) -> %s (%s): %s", client, source.key, target, r.workload.key, e)
             reason = f"tunnel failed: {e}"
             if isinstance(e, StreamFailed) and e.status == 401:
                 reason = "denied by the destination (CONNECT answered 401)"
-            self.mesh.telemetry.dropped(inbound=False, client=client, target=target, mtls=True, reason=reason)
+            self.mesh.telemetry.dropped(inbound=False, client=client, target=r.target, mtls=True, reason=reason,
+                                        service=r.service_host)
             close_with_reset(sock)
             return
         await asyncio.get_running_loop().connect_accepted_socket(lambda: relay, sock)
-        flow = self.mesh.telemetry.opened(inbound=False, client=client, target=target, mtls=True)
+        flow = self.mesh.telemetry.opened(inbound=False, client=client, target=r.target, mtls=True,
+                                          service=r.service_host)
         self.mesh.track("outbound-hbone", (client[0],), relay, flow)
 
-    async def _passthrough(self, sock: socket.socket, client: Address, target: Address) -> None:
-        source_ip = None if target[0] in self.mesh.local_addresses else client[0]
+    async def _plain(self, sock: socket.socket, client: Address, r: Route) -> None:
+        """Plain TCP to ``r.dial`` from the pod's own address (the node's, towards the node itself)."""
+        assert r.dial is not None
+        source_ip = None if r.dial[0] in self.mesh.local_addresses else client[0]
         try:
             async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT):
-                upstream = await dial(target, source_ip)
+                upstream = await dial(r.dial, source_ip)
         except (OSError, TimeoutError) as e:
-            log.info("passthrough %s -> %s failed: %s", client, target, e or "timed out")
-            self.mesh.telemetry.dropped(inbound=False, client=client, target=target, mtls=False,
-                                       reason=f"upstream unreachable: {e or 'timed out'}")
+            log.info("%s %s -> %s failed: %s", r.kind.value, client, r.dial, e or "timed out")
+            self.mesh.telemetry.dropped(inbound=False, client=client, target=r.target, mtls=False,
+                                        reason=f"upstream unreachable: {e or 'timed out'}", service=r.service_host)
             close_with_reset(sock)
             return
         splice = Splice()
         await splice.join(sock, upstream)
-        flow = self.mesh.telemetry.opened(inbound=False, client=client, target=target, mtls=False)
-        self.mesh.track("passthrough", (client[0],), splice, flow)
+        flow = self.mesh.telemetry.opened(inbound=False, client=client, target=r.target, mtls=False,
+                                          service=r.service_host)
+        self.mesh.track(r.kind.value, (client[0],), splice, flow)

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import socket
 
-from agent.redirect import AGENT_MARK
+from agent.mesh.ports import AGENT_MARK
 from hbone import IP_TRANSPARENT
 from hbone import dial as hbone_dial
 
 
 def transparent_listener(port: int, host: str = "0.0.0.0", backlog: int = 1024) -> socket.socket:
+    """SO_REUSEPORT: an upgrade starts the next agent on the same ports while this one drains; when this one
+    closes its listeners, new connections find only the next agent's (and, with net.ipv4.tcp_migrate_req,
+    those still queued on this one's move there too)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((host, port))
         sock.listen(backlog)

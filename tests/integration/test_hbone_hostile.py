@@ -17,7 +17,9 @@ import pytest
 from agent.ca.authority import CertificateAuthority
 from hbone import Settings, WorkloadCertificate
 from hbone.identity import client_context
-from tests.integration.rawh2 import (
+from tests.fixtures.eventually import eventually
+from tests.fixtures.hbone_path import Path, echo, hbone_path
+from tests.fixtures.rawh2 import (
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -30,8 +32,7 @@ from tests.integration.rawh2 import (
     ping,
     rst_stream,
 )
-from tests.test_tunnel_rejects import still_serves, until
-from tests.tunnel_fixtures import Path, echo, hbone_path
+from tests.integration.test_tunnel_rejects import still_serves
 
 ENHANCE_YOUR_CALM, PROTOCOL_ERROR, NO_ERROR = 0xB, 0x1, 0x0
 
@@ -115,7 +116,7 @@ async def test_flooding_connections_are_cut_while_a_legitimate_client_is_served(
     for peer in peers:
         assert (await peer.read_until(lambda f: f.kind == GOAWAY)).error_code == ENHANCE_YOUR_CALM
         await peer.read_to_eof()
-    await until(lambda: len(hostile.path.server.tunnels) == 1)  # only the pooled one is left
+    await eventually(lambda: len(hostile.path.server.tunnels) == 1, "only the pooled tunnel left")
 
 
 # -- 2: rapid reset
@@ -160,7 +161,7 @@ async def test_connect_data_and_end_stream_in_one_write(hostile: Hostile) -> Non
     assert answer.headers[b":status"] == b"200"
     await peer.read_until(lambda f: peer.ended(1), within=3.0)  # the upstream saw the FIN and echoed its own
     assert peer.body(1) == b"hello, early"
-    await until(lambda: hostile.upstream["open"] == 0)
+    await eventually(lambda: hostile.upstream["open"] == 0, "no upstream connection open")
     await peer.close()
 
 
@@ -169,7 +170,7 @@ async def test_connect_with_end_stream_on_its_headers(hostile: Hostile) -> None:
     peer.write(peer.connect_request(1, hostile.authority, end_stream=True))
     await peer.read_until(lambda f: peer.ended(1), within=3.0)
     assert peer.body(1) == b""
-    await until(lambda: hostile.upstream["open"] == 0)
+    await eventually(lambda: hostile.upstream["open"] == 0, "no upstream connection open")
     await peer.close()
 
 
@@ -217,7 +218,7 @@ async def test_pings_from_a_peer_that_never_reads_are_bounded(hostile: Hostile) 
     small = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
     tunnels = set(hostile.path.server.tunnels)
     peer = await hostile.peer(sock_options=small)
-    await until(lambda: len(hostile.path.server.tunnels) > len(tunnels))
+    await eventually(lambda: len(hostile.path.server.tunnels) > len(tunnels), "a new tunnel")
     batch = ping() * 20_000
     closed = False
     for _ in range(40):  # up to 800,000 PINGs (13.6 MB), far more than the replies the server may queue

@@ -13,7 +13,7 @@ import pytest
 from agent.ca.authority import CertificateAuthority
 from hbone import Data, HboneServer, InboundRequest, StreamHandler, WorkloadCertificate, fixed_certificate
 from hbone.identity import client_context
-from tests.integration.rawh2 import DATA, END_STREAM, HEADERS, RawPeer, frame
+from tests.fixtures.rawh2 import DATA, END_STREAM, HEADERS, RawPeer, frame
 
 
 class Shout(StreamHandler):

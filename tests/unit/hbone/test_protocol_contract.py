@@ -1,6 +1,6 @@
 """hbone.protocol's contract in every state, and its limits, without sockets (issue 17, rows 1 and 4-7).
 
-Frames are written byte by byte (tests.integration.rawh2.frame) where no HTTP/2 library would write them."""
+Frames are written byte by byte (tests.fixtures.rawh2.frame) where no HTTP/2 library would write them."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from h2.errors import ErrorCodes
 from hbone.authority import Authority
 from hbone.events import ConnectionEnded, Data, GoAwayReceived, StreamEnded, StreamReset
 from hbone.protocol import KIB, ClientConnection, ServerConnection, Settings
-from tests.integration.rawh2 import CONTINUATION, HEADERS, PING, frame, goaway, ping, rst_stream
-from tests.test_protocol import connected, only, pump, received, tunnel
+from tests.fixtures.rawh2 import CONTINUATION, HEADERS, PING, frame, goaway, ping, rst_stream
+from tests.unit.hbone.test_protocol import connected, only, pump, received, tunnel
 
 WINDOW_UPDATE_ZERO = frame(0x8, 0, 0, (0).to_bytes(4, "big"))  # a connection error (PROTOCOL_ERROR)
 

@@ -1,0 +1,187 @@
+"""Putting the tc programs on interfaces: tcx links pinned in bpffs, or clsact filters through pyroute2.
+
+Both kinds outlive the agent process (a pin keeps a tcx link; a tc filter is owned by the qdisc), which is
+what makes enrolled pods fail closed while the agent is down. Both can be listed again by a restarted
+agent, so `Redirector.reconcile()` can replace programs in place and remove leftovers:
+  - tcx: one pin per interface, `<pin_dir>/tcx-<ifindex>`; a restarted agent swaps the program with
+    BPF_LINK_UPDATE (atomic), a stale pin (device gone) is unpinned;
+  - clsact: a bpf filter at a fixed (prio, handle) on the ingress hook, named after the program
+    (`ambit_*`); "replace" swaps the program atomically, so there is never a duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent.capture import bpfsys
+from agent.capture import netns as netns_mod
+
+Backend = Literal["tcx", "clsact"]
+PROG_PREFIX = "ambit_"
+CLSACT_INGRESS = 0xFFFFFFF2
+FILTER_PRIO = 1
+FILTER_HANDLE = 0x539
+ETH_P_ALL = 0x0003
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One of our programs on an interface's ingress hook."""
+
+    ifindex: int
+    backend: Backend
+    prog_name: str
+    ident: str  # tcx: pin path; clsact: "prio:handle"
+
+
+def _filter_name(msg: Any) -> str | None:
+    opts = msg.get_attr("TCA_OPTIONS")
+    if msg.get_attr("TCA_KIND") != "bpf" or opts is None:
+        return None
+    name = opts.get_attr("TCA_BPF_NAME")
+    return str(name) if name else None
+
+
+class Clsact:
+    """bpf filters on the clsact ingress hook (works on every kernel with cls_bpf)."""
+
+    def __init__(self, ipr: Any) -> None:
+        self.ipr = ipr
+
+    def attach(self, ifindex: int, prog_fd: int, prog_name: str) -> None:
+        """Install or atomically replace our filter on `ifindex`."""
+        try:
+            self.ipr.tc("add", "clsact", ifindex)
+        except Exception as e:  # pyroute2 raises NetlinkError(code) for EEXIST
+            if getattr(e, "code", None) != errno.EEXIST:
+                raise
+        self.ipr.tc(
+            "replace-filter", "bpf", ifindex, FILTER_HANDLE,
+            fd=prog_fd, name=prog_name, parent=CLSACT_INGRESS, classid=1, direct_action=True,
+            prio=FILTER_PRIO, protocol=ETH_P_ALL,
+        )  # fmt: skip
+
+    def _filters(self, ifindex: int) -> list[Any]:
+        try:
+            return list(self.ipr.get_filters(index=ifindex, parent=CLSACT_INGRESS))
+        except Exception as e:
+            if getattr(e, "code", None) in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
+                return []  # no clsact qdisc / device gone
+            raise
+
+    def list(self, ifindexes: list[int]) -> list[Attachment]:
+        """Our filters (any prio/handle, so duplicates left by someone else show up too)."""
+        found = []
+        for ifindex in ifindexes:
+            for msg in self._filters(ifindex):
+                name = _filter_name(msg)
+                if name and name.startswith(PROG_PREFIX):
+                    prio = (msg["info"] >> 16) & 0xFFFF
+                    found.append(Attachment(ifindex, "clsact", name, f"{prio}:{msg['handle']}"))
+        return found
+
+    def detach(self, att: Attachment) -> None:
+        """Remove one filter; drop the clsact qdisc when nothing else is left on it."""
+        prio, handle = (int(x) for x in att.ident.split(":"))
+        with contextlib.suppress(Exception):
+            self.ipr.tc("del-filter", "bpf", att.ifindex, handle, parent=CLSACT_INGRESS, prio=prio, protocol=ETH_P_ALL)
+        remaining = self._filters(att.ifindex)
+        with contextlib.suppress(Exception):
+            remaining += list(self.ipr.get_filters(index=att.ifindex, parent=0xFFFFFFF3))  # egress hook
+        if not remaining:
+            with contextlib.suppress(Exception):
+                self.ipr.tc("del", "clsact", att.ifindex)
+
+
+class Tcx:
+    """tcx links (kernel >= 6.6), first in the interface's chain, pinned so they outlive the agent.
+
+    BPF_LINK_CREATE resolves the ifindex in the calling thread's namespace, so every operation runs
+    with the thread inside `netns`."""
+
+    def __init__(self, pin_dir: str, netns: str | None = None) -> None:
+        self.pin_dir = pin_dir
+        self.netns = netns
+
+    def _path(self, ifindex: int) -> str:
+        return os.path.join(self.pin_dir, f"tcx-{ifindex}")
+
+    def attach(self, ifindex: int, prog_fd: int, prog_name: str) -> None:
+        """Create and pin a link, or swap the program of the pinned one for `ifindex`."""
+        with netns_mod.entered(self.netns):
+            self._attach(ifindex, prog_fd)
+
+    def _attach(self, ifindex: int, prog_fd: int) -> None:
+        path = self._path(ifindex)
+        if os.path.exists(path):
+            fd = bpfsys.obj_get(path)
+            try:
+                if bpfsys.link_info(fd).target == ifindex:
+                    bpfsys.link_update(fd, prog_fd)
+                    return
+            finally:
+                os.close(fd)
+            os.unlink(path)  # defunct link of a vanished device that had this ifindex
+        os.makedirs(self.pin_dir, exist_ok=True)
+        fd = bpfsys.link_create_tcx(prog_fd, ifindex)
+        try:
+            bpfsys.obj_pin(fd, path)
+        except OSError:
+            bpfsys.link_detach(fd)
+            raise
+        finally:
+            os.close(fd)
+
+    def list(self) -> tuple[list[Attachment], list[str]]:
+        """(live pinned links, pins of defunct links)."""
+        live: list[Attachment] = []
+        stale: list[str] = []
+        try:
+            names = sorted(os.listdir(self.pin_dir))
+        except FileNotFoundError:
+            return live, stale
+        for name in names:
+            if not name.startswith("tcx-"):
+                continue
+            path = os.path.join(self.pin_dir, name)
+            try:
+                fd = bpfsys.obj_get(path)
+            except OSError:
+                stale.append(path)
+                continue
+            try:
+                info = bpfsys.link_info(fd)
+                prog = bpfsys.prog_info_by_id(info.prog_id).name if info.prog_id else ""
+            finally:
+                os.close(fd)
+            if info.target == 0 or name != f"tcx-{info.target}":
+                stale.append(path)
+            else:
+                live.append(Attachment(info.target, "tcx", prog, path))
+        return live, stale
+
+    def detach(self, att: Attachment) -> None:
+        """Detach and unpin."""
+        self.unpin(att.ident)
+
+    @staticmethod
+    def unpin(path: str) -> None:
+        """Detach the link behind a pin (if still attached) and remove the pin."""
+        with contextlib.suppress(OSError):
+            fd = bpfsys.obj_get(path)
+            try:
+                with contextlib.suppress(OSError):
+                    bpfsys.link_detach(fd)
+            finally:
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def remove_dir(self) -> None:
+        """Remove the pin directory if empty."""
+        with contextlib.suppress(OSError):
+            os.rmdir(self.pin_dir)

@@ -1,0 +1,331 @@
+"""The node agent's certificate manager: workload certificates on demand, kept fresh in the background.
+
+For each identity one worker task owns fetching: the first ``get`` starts it and every concurrent ``get``
+waits for the same request (one RPC however many connections ask at once). After a success the worker
+sleeps until half of the certificate's lifetime and renews; after a failure it retries with exponential
+backoff (1 s doubling to 150 s, with jitter) while the previous certificate stays in use until it expires.
+Like ztunnel, an identity whose first fetch failed answers ``get`` at once with the error until a retry
+succeeds, instead of piling callers onto the CA.
+
+Every certificate the CA returns is checked before use: it must be for the identity asked for, match the
+key made here, and chain to the trust bundle. The trust bundle may hold several roots (a root rotation):
+``update_trust_bundle`` adds roots (or replaces them), and a bundle file, when given, is re-read when it
+changes. Certificates that no longer chain to a replaced bundle are renewed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from agent.identity.keys import key_pem, make_csr, new_key
+from agent.retry import Backoff
+from agent.sources.objectfile import SourceError, WatchedFile
+from hbone import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
+
+log = logging.getLogger("ambit.ca.manager")
+
+Clock = Callable[[], dt.datetime]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class CertificateClient(Protocol):
+    """What the manager needs from a CA client (``agent.identity.ca_client.CaClient``)."""
+
+    async def create_certificate(self, csr_pem: bytes, identity: SpiffeId | None,
+                                 validity: dt.timedelta | None = None) -> list[bytes]: ...
+
+    def set_trust_bundle(self, bundle: TrustBundle) -> None: ...
+
+
+RENEWAL_BACKOFF = Backoff(initial=1.0, cap=150.0, jitter=0.2)  # after a failed fetch or renewal
+
+
+class CertificateUnavailable(Exception):
+    """No usable certificate for an identity right now (first fetch failed, expired, or forgotten)."""
+
+    def __init__(self, identity: SpiffeId, reason: str) -> None:
+        super().__init__(f"no certificate for {identity}: {reason}")
+        self.identity = identity
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CertificateStatus:
+    """One identity as ``ambit status`` shows it; never the key."""
+
+    identity: SpiffeId
+    state: str  # initializing | available | renewing (after failures) | unavailable | expired
+    not_before: dt.datetime | None
+    not_after: dt.datetime | None
+    refresh_at: dt.datetime | None
+    next_attempt: dt.datetime | None
+    failures: int
+    last_error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        def iso(t: dt.datetime | None) -> str | None:
+            return t.isoformat() if t else None
+
+        return {"identity": str(self.identity), "state": self.state, "not_before": iso(self.not_before),
+                "not_after": iso(self.not_after), "refresh_at": iso(self.refresh_at),
+                "next_attempt": iso(self.next_attempt), "failures": self.failures,
+                "last_error": self.last_error}
+
+
+@dataclass(eq=False)
+class _Entry:
+    identity: SpiffeId
+    ready: asyncio.Future[WorkloadCertificate]
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    cert: WorkloadCertificate | None = None
+    error: BaseException | None = None  # the first fetch failed and nothing succeeded since
+    failures: int = 0
+    last_error: str | None = None
+    next_attempt: dt.datetime | None = None
+
+
+def verify_chain(chain: list[x509.Certificate], bundle: TrustBundle) -> None:
+    """Check that ``chain`` (leaf, then intermediates; a trailing root may be included) is signed up to a
+    root in ``bundle``. Raises IdentityError."""
+    roots = bundle.roots
+    path = [c for c in chain if c.issuer != c.subject or c is chain[0]]  # drop self-signed roots sent along
+    for child, parent in itertools.pairwise(path):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise IdentityError(f"certificate chain is broken at {child.issuer.rfc4514_string()!r}: "
+                                f"{e or type(e).__name__}") from None
+    for root in roots:
+        try:
+            path[-1].verify_directly_issued_by(root)
+            return
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    raise IdentityError(f"certificate issued by {path[-1].issuer.rfc4514_string()!r} does not chain to any "
+                        f"of the {len(roots)} root(s) in the trust bundle (is a new root missing from it?)")
+
+
+class CertificateManager:
+    """Workload certificates for the identities of the pods on this node."""
+
+    def __init__(self, client: CertificateClient, trust_bundle: TrustBundle, *,
+                 trust_bundle_file: Path | None = None, validity: dt.timedelta | None = None,
+                 clock: Clock = _now, sleep: Sleep = asyncio.sleep, backoff: Backoff = RENEWAL_BACKOFF,
+                 rand: Callable[[], float] = random.random, bundle_check_interval: float = 5.0) -> None:
+        self._client = client
+        self._bundle = trust_bundle
+        self._validity = validity
+        self._clock = clock
+        self._sleep = sleep
+        self._backoff = backoff
+        self._rand = rand
+        self._entries: dict[SpiffeId, _Entry] = {}
+        self._bundle_file = (WatchedFile(trust_bundle_file, self._parse_bundle, "trust bundle")
+                             if trust_bundle_file is not None else None)
+        self._bundle_check_interval = dt.timedelta(seconds=bundle_check_interval)
+        self._bundle_checked: dt.datetime | None = None
+        client.set_trust_bundle(trust_bundle)
+
+    # --- trust bundle -------------------------------------------------------------------------------
+
+    @property
+    def trust_bundle(self) -> TrustBundle:
+        """The roots to verify peers with. Re-reads the bundle file (if any) at most every few seconds."""
+        now = self._clock()
+        if self._bundle_file is not None and (self._bundle_checked is None
+                                              or now - self._bundle_checked >= self._bundle_check_interval):
+            self.reload_trust_bundle()
+        return self._bundle
+
+    def _parse_bundle(self, pem: bytes) -> TrustBundle:
+        try:
+            return TrustBundle(self._bundle.trust_domain, pem)
+        except IdentityError as e:
+            raise ValueError(str(e)) from None
+
+    def reload_trust_bundle(self) -> bool:
+        """Take the bundle file's roots (the whole bundle) if it changed; True when the bundle changed."""
+        if self._bundle_file is None:
+            return False
+        self._bundle_checked = self._clock()
+        try:
+            bundle = self._bundle_file.get()
+        except SourceError as e:
+            log.error("keeping the current trust bundle: %s", e)
+            return False
+        return self._set_bundle(bundle)
+
+    def update_trust_bundle(self, roots_pem: bytes, *, replace: bool = False) -> TrustBundle:
+        """Trust the roots in ``roots_pem`` as well (or, with ``replace``, only those)."""
+        bundle = (TrustBundle(self._bundle.trust_domain, roots_pem) if replace
+                  else self._bundle.merged(roots_pem))
+        self._set_bundle(bundle)
+        return bundle
+
+    def _set_bundle(self, bundle: TrustBundle) -> bool:
+        if bundle == self._bundle:
+            return False
+        self._bundle = bundle
+        self._client.set_trust_bundle(bundle)
+        log.info("trust bundle for %r now holds %d root(s)", bundle.trust_domain, len(bundle.roots))
+        for entry in self._entries.values():  # renew what a dropped root signed
+            if entry.cert is not None and not self._chains(entry.cert, bundle):
+                log.info("certificate of %s no longer chains to the trust bundle, renewing", entry.identity)
+                entry.wake.set()
+        return True
+
+    @staticmethod
+    def _chains(cert: WorkloadCertificate, bundle: TrustBundle) -> bool:
+        try:
+            verify_chain(x509.load_pem_x509_certificates(cert.chain_pem), bundle)
+        except IdentityError:
+            return False
+        return True
+
+    # --- certificates --------------------------------------------------------------------------------
+
+    async def get(self, identity: SpiffeId) -> WorkloadCertificate:
+        """The current certificate for ``identity``, fetching it first if needed."""
+        entry = self._entries.get(identity)
+        if entry is None:
+            if identity.trust_domain != self._bundle.trust_domain:
+                raise CertificateUnavailable(identity, f"outside trust domain {self._bundle.trust_domain!r}")
+            entry = _Entry(identity, asyncio.get_running_loop().create_future())
+            entry.ready.add_done_callback(_consume_exception)
+            self._entries[identity] = entry
+            entry.task = asyncio.create_task(self._maintain(entry), name=f"cert {identity}")
+        if entry.cert is not None:
+            if self._clock() < entry.cert.not_after:
+                return entry.cert
+            raise CertificateUnavailable(identity, f"certificate expired at {entry.cert.not_after.isoformat()}"
+                                                   f" and renewing failed: {entry.last_error}")
+        if entry.error is not None:
+            raise CertificateUnavailable(identity, entry.last_error or "fetch failed") from entry.error
+        return await asyncio.shield(entry.ready)
+
+    def forget(self, identity: SpiffeId) -> None:
+        """Stop renewing ``identity`` and drop its certificate (its last pod left the node)."""
+        entry = self._entries.pop(identity, None)
+        if entry is None:
+            return
+        if entry.task is not None:
+            entry.task.cancel()
+        if not entry.ready.done():
+            entry.ready.set_exception(CertificateUnavailable(identity, "forgotten"))
+        log.info("forgot %s", identity)
+
+    def identities(self) -> list[SpiffeId]:
+        return sorted(self._entries)
+
+    def status(self) -> list[CertificateStatus]:
+        now = self._clock()
+        out = []
+        for identity in sorted(self._entries):
+            e = self._entries[identity]
+            c = e.cert
+            if c is None:
+                state = "unavailable" if e.error is not None else "initializing"
+            elif now >= c.not_after:
+                state = "expired"
+            else:
+                state = "renewing" if e.failures else "available"
+            out.append(CertificateStatus(identity, state, c.not_before if c else None,
+                                         c.not_after if c else None, c.refresh_at if c else None,
+                                         e.next_attempt, e.failures, e.last_error))
+        return out
+
+    async def close(self) -> None:
+        """Stop every worker."""
+        tasks = [e.task for e in self._entries.values() if e.task is not None]
+        for identity in list(self._entries):
+            self.forget(identity)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- worker --------------------------------------------------------------------------------------
+
+    async def _fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+        key = new_key()
+        chain = await self._client.create_certificate(make_csr(identity, key), identity, self._validity)
+        certs = [c for pem in chain for c in x509.load_pem_x509_certificates(pem)]
+        if not certs:
+            raise IdentityError("the CA returned no certificate")
+        # The CA sends its root last; the chain we present is the leaf and any intermediates.
+        presented = [c for c in certs if c is certs[0] or c.issuer != c.subject]
+        cert = WorkloadCertificate.from_pem(b"".join(c.public_bytes(Encoding.PEM) for c in presented), key_pem(key))
+        if cert.identity != identity:
+            raise IdentityError(f"the CA issued a certificate for {cert.identity}, not {identity}")
+        if cert.not_after <= self._clock():
+            raise IdentityError(f"the CA issued a certificate that expired at {cert.not_after.isoformat()}")
+        try:
+            verify_chain(presented, self._bundle)
+        except IdentityError:
+            if not self.reload_trust_bundle():  # a new root may have been published meanwhile
+                raise
+            verify_chain(presented, self._bundle)
+        return cert
+
+    async def _pause(self, entry: _Entry, seconds: float) -> None:
+        """Sleep ``seconds`` (with the injected sleep), or less if ``entry.wake`` is or gets set."""
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        waker = asyncio.ensure_future(entry.wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sleeper, waker):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+    async def _maintain(self, entry: _Entry) -> None:
+        identity = entry.identity
+        while True:
+            entry.wake.clear()  # a wake-up from here on (say, a root dropped mid-fetch) ends the next pause
+            try:
+                cert = await self._fetch(identity)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                entry.failures += 1
+                entry.last_error = f"{type(e).__name__}: {e}"
+                delay = self._backoff.delay(entry.failures, self._rand())
+                entry.next_attempt = self._clock() + dt.timedelta(seconds=delay)
+                in_use = "keeping the current certificate" if entry.cert else "no certificate yet"
+                log.warning("fetching a certificate for %s failed (%d in a row, %s), retrying in %.1fs: %s",
+                            identity, entry.failures, in_use, delay, entry.last_error)
+                if entry.cert is None:
+                    entry.error = e
+                    if not entry.ready.done():
+                        entry.ready.set_exception(CertificateUnavailable(identity, entry.last_error))
+                await self._pause(entry, delay)
+                continue
+            entry.cert, entry.error, entry.failures, entry.last_error = cert, None, 0, None
+            entry.next_attempt = cert.refresh_at
+            if not entry.ready.done():
+                entry.ready.set_result(cert)
+            log.info("certificate for %s valid until %s, renewing at %s", identity,
+                     cert.not_after.isoformat(), cert.refresh_at.isoformat())
+            await self._pause(entry, max(0.0, (cert.refresh_at - self._clock()).total_seconds()))
+
+
+def _consume_exception(fut: asyncio.Future[WorkloadCertificate]) -> None:
+    """Mark a failed first fetch as seen: nobody may have been waiting for it."""
+    if not fut.cancelled():
+        fut.exception()

@@ -1,0 +1,132 @@
+"""The lab's kube-proxy: each node's nftables table that sends Service VIPs to endpoints, as kube-proxy does.
+
+``ruleset(state, node)`` is a pure function from the mesh state (the agents' own Services and endpoints) to
+the text of one ``nft -f`` transaction, shaped like kube-proxy's nftables mode (table ``ip kube-proxy``):
+
+* nat ``prerouting`` (pods' traffic arriving at the node) and ``output`` (the node's own processes):
+  ``VIP:port`` is DNATed to a random endpoint ``podIP:targetPort`` (``numgen random mod N map``), TCP only;
+* filter ``input``/``forward``/``output`` before NAT: a new connection to a Service port with no endpoint is
+  rejected, as kube-proxy rejects it, but with a TCP reset where kube-proxy sends ICMP port unreachable. The
+  client sees the same thing, connect() failing at once with "connection refused"; but the kernel rate-limits
+  the ICMP it sends to one peer (``net.ipv4.icmp_ratelimit``: a burst of 6, then one a second), so from the
+  7th refusal within a second on, kube-proxy's SYNs go unanswered and each connect() waits for the 1 s
+  retransmission (measured in the lab); resets are not rate-limited. Other protocols get the ICMP.
+  ``internalTrafficPolicy: Local`` without an endpoint on the node is dropped instead, as kube-proxy drops it;
+* after NAT: a new connection to a VIP on a port no Service has is rejected the same way;
+* a pod that reaches itself through a VIP is masqueraded (hairpin), or its reply would skip the NAT.
+
+Nothing here knows about Ambit: like kube-proxy, the table applies to every packet that reaches the node's
+netfilter hooks, including those the agent's tc programs have already steered to its listeners (tc ingress
+runs before netfilter, but a socket assignment does not exempt a packet from netfilter's NAT). The agent
+has to keep its steered packets out of conntrack NAT, as it has to on a real node.
+
+Every node's table is replaced whole in one transaction (``add``/``delete``/define): a packet sees the old
+table or the new one. Connections already made keep their endpoint (conntrack).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.capture import netns
+from agent.lab.runtime import LabError
+from agent.mesh.model import Preference
+from agent.mesh.store import MeshState
+
+TABLE = "kube-proxy"
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """One ``VIP:port`` of a Service and the endpoints (``(ip, target port)``, sorted) it goes to on a node."""
+
+    service: str  # "ns/name"
+    vip: str
+    port: int
+    backends: tuple[tuple[str, int], ...]
+    local_only: bool = False  # internalTrafficPolicy: Local
+
+    @property
+    def element(self) -> str:
+        return f"{self.vip} . tcp . {self.port}"
+
+
+def _ipv4(ip: str) -> bool:
+    return ipaddress.ip_address(ip).version == 4
+
+
+def frontends(state: MeshState, node: str) -> list[Frontend]:
+    """Every IPv4 ``VIP:port`` of the state's Services with its endpoints as seen from ``node``."""
+    found = []
+    for key in sorted(state.services):
+        svc = state.services[key]
+        local = svc.preference is Preference.NODE_ONLY
+        endpoints = [ep for ep in state.endpoints.get(key, {}).values()
+                     if _ipv4(ep.ip) and (not local or ep.node == node)]
+        for vip in (v for v in svc.vips if _ipv4(v)):
+            for port in sorted(svc.ports, key=lambda p: p.port):
+                backends = tuple(sorted((ep.ip, ep.ports[port.port]) for ep in endpoints if port.port in ep.ports))
+                found.append(Frontend(key, vip, port.port, backends, local))
+    return found
+
+
+def _elements(items: Sequence[str]) -> list[str]:
+    return [f"\t\telements = {{ {', '.join(items)} }}"] if items else []
+
+
+def ruleset(state: MeshState, node: str) -> str:
+    """The ``nft -f`` text that makes ``node``'s kube-proxy table match ``state``."""
+    fronts = frontends(state, node)
+    served = [f for f in fronts if f.backends]
+    empty = [f"{f.element} : {'drop' if f.local_only else 'goto reject-chain'}" for f in fronts if not f.backends]
+    vips = sorted({f.vip for f in fronts}, key=ipaddress.IPv4Address)
+    hairpin = sorted({f"{ip} . {ip}" for f in served for ip, _port in f.backends})
+    rules = []
+    for f in served:
+        choices = ", ".join(f"{i} : {ip} . {port}" for i, (ip, port) in enumerate(f.backends))
+        rules.append(f"\t\tip daddr {f.vip} tcp dport {f.port} dnat ip to numgen random mod {len(f.backends)} "
+                     f'map {{ {choices} }} comment "{f.service}:{f.port}"')
+    lines = [
+        f"# the lab's kube-proxy on {node} (agent/lab/kubeproxy.py): {len(served)} served and "
+        f"{len(fronts) - len(served)} empty Service port(s)",
+        f"add table ip {TABLE}",
+        f"delete table ip {TABLE}",
+        f"table ip {TABLE} {{",
+        "\tset cluster-ips {", "\t\ttype ipv4_addr", *_elements(vips), "\t}",
+        "\tmap no-endpoint-services {", "\t\ttype ipv4_addr . inet_proto . inet_service : verdict",
+        *_elements(empty), "\t}",
+        "\tset hairpin {", "\t\ttype ipv4_addr . ipv4_addr", *_elements(hairpin), "\t}",
+        "\tchain reject-chain {", "\t\tmeta l4proto tcp reject with tcp reset",
+        "\t\treject with icmp type port-unreachable", "\t}",
+        "\tchain service-endpoints-check {", "\t\tip daddr . meta l4proto . th dport vmap @no-endpoint-services",
+        "\t}",
+        "\tchain cluster-ips-check {", "\t\tip daddr @cluster-ips goto reject-chain", "\t}",
+        *_base_chain("filter-input", "filter hook input priority -110",
+                     ["ct state new jump service-endpoints-check"]),
+        *_base_chain("filter-forward", "filter hook forward priority -110",
+                     ["ct state new jump service-endpoints-check", "ct state new jump cluster-ips-check"]),
+        *_base_chain("filter-output", "filter hook output priority -110",
+                     ["ct state new jump service-endpoints-check"]),
+        *_base_chain("filter-output-post-dnat", "filter hook output priority -90",
+                     ["ct state new jump cluster-ips-check"]),
+        *_base_chain("nat-prerouting", "nat hook prerouting priority -100", ["jump services"]),
+        *_base_chain("nat-output", "nat hook output priority -100", ["jump services"]),
+        *_base_chain("nat-postrouting", "nat hook postrouting priority 100",
+                     ["ct status dnat ip saddr . ip daddr @hairpin masquerade"]),
+        "\tchain services {", *rules, "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _base_chain(name: str, hook: str, rules: Sequence[str]) -> list[str]:
+    return [f"\tchain {name} {{", f"\t\ttype {hook}; policy accept;", *(f"\t\t{r}" for r in rules), "\t}"]
+
+
+def install(node_netns: str, text: str) -> None:
+    """Load a ruleset into a node's namespace (one transaction); LabError with nft's message if refused."""
+    res = netns.run(node_netns, ["nft", "-f", "-"], input=text, check=False, timeout=30)
+    if res.returncode != 0:
+        raise LabError(f"nft refused the kube-proxy table of {node_netns}: {res.stderr.strip()}")

@@ -1,0 +1,281 @@
+"""Kubernetes objects (plain dicts, as the API and the lab's file give them) to the mesh's typed values.
+
+Each function reads one object and raises ``ObjectError`` naming the object and the field when the object
+is malformed, whatever the types; ``None`` means "valid, but nothing for the mesh" (a pod not running yet,
+an ExternalName Service). Enrollment follows Istio ambient exactly: ``istio.io/dataplane-mode=ambient`` on
+the pod or its namespace enrolls it, ``none`` on the pod opts it out (any other pod value leaves the decision
+to the namespace); pods with a sidecar and hostNetwork pods are never captured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import reprlib
+from collections.abc import Mapping
+from typing import Any
+
+from agent.mesh.model import (
+    AMBIENT,
+    DATAPLANE_MODE,
+    NONE,
+    SIDECAR_STATUS,
+    ZONE_LABEL,
+    Node,
+    Preference,
+    Service,
+    ServicePort,
+    SliceEndpoints,
+    Workload,
+)
+
+TRAFFIC_DISTRIBUTION_ANNOTATION = "networking.istio.io/traffic-distribution"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+class ObjectError(ValueError):
+    """A Kubernetes object the mesh cannot take; the message names the object and the field."""
+
+
+def _mapping(value: Any, where: str, field: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ObjectError(f"{where}: {field} must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, where: str, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ObjectError(f"{where}: {field} must be a list, not {type(value).__name__}")
+    return value
+
+
+def _string(value: Any, where: str, field: str, default: str = "") -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ObjectError(f"{where}: {field} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _port(value: Any, where: str, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ObjectError(f"{where}: {field} must be a port number 1-65535, not {_short(value)}")
+    return value
+
+
+def _ip(value: Any, where: str, field: str) -> str:
+    text = _string(value, where, field)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ObjectError(f"{where}: {field} {_short(text)} is not an IP address") from None
+
+
+class _Shown(reprlib.Repr):
+    """``repr`` for messages: a few levels deep, a few items wide, integers of any size."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        return super().repr_int(x, level) if x.bit_length() <= 128 else f"<an integer of {x.bit_length()} bits>"
+
+
+_SHOWN = _Shown()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 40
+
+
+def _short(value: Any) -> str:
+    text = _SHOWN.repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def string_map(value: Any, where: str, field: str) -> dict[str, str]:
+    labels = _mapping(value, where, field)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ObjectError(f"{where}: {field} must map strings to strings")
+    return dict(labels)
+
+
+def identify(obj: Any) -> tuple[str, str, str]:
+    """(kind, namespace, name) of an object; ``namespace`` is "" for cluster-scoped kinds."""
+    if not isinstance(obj, Mapping):
+        raise ObjectError(f"every item must be a Kubernetes object (a mapping), not {type(obj).__name__}")
+    kind = obj.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise ObjectError(f"an object without a kind: kind must be a non-empty string, not {_short(kind)}")
+    meta = _mapping(obj.get("metadata"), kind, "metadata")
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ObjectError(f"{kind}: metadata.name must be a non-empty string, not {_short(name)}")
+    if kind in ("Namespace", "Node"):
+        return kind, "", name
+    namespace = meta.get("namespace", "default")
+    if not isinstance(namespace, str) or not namespace:
+        raise ObjectError(f"{kind} {name}: metadata.namespace must be a non-empty string, not {_short(namespace)}")
+    return kind, namespace, name
+
+
+def namespace_labels(obj: Mapping[str, Any]) -> dict[str, str]:
+    _kind, _ns, name = identify(obj)
+    return string_map(obj["metadata"].get("labels"), f"Namespace {name}", "metadata.labels")
+
+
+def namespace_annotations(obj: Mapping[str, Any]) -> dict[str, str]:
+    _kind, _ns, name = identify(obj)
+    return string_map(obj["metadata"].get("annotations"), f"Namespace {name}", "metadata.annotations")
+
+
+def enrolled(pod: Mapping[str, Any], namespace_labels: Mapping[str, str]) -> bool:
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    if spec.get("hostNetwork"):
+        return False
+    if SIDECAR_STATUS in (meta.get("annotations") or {}) or any(
+            c.get("name") == "istio-proxy" for c in spec.get("containers") or [] if isinstance(c, dict)):
+        return False
+    mode = (meta.get("labels") or {}).get(DATAPLANE_MODE)
+    if mode == AMBIENT:
+        return True
+    if mode == NONE:
+        return False
+    return namespace_labels.get(DATAPLANE_MODE) == AMBIENT  # any other pod value leaves it to the namespace
+
+
+def _ready(status: Mapping[str, Any], where: str) -> bool:
+    for i, raw in enumerate(_list(status.get("conditions"), where, "status.conditions")):
+        condition = _mapping(raw, where, f"status.conditions[{i}]")
+        if condition.get("type") == "Ready":
+            return condition.get("status") == "True"
+    return True  # no conditions reported (the lab's pods): a running pod is ready
+
+
+def _container_ports(spec: Mapping[str, Any], where: str) -> dict[str, int]:
+    named: dict[str, int] = {}
+    for i, raw in enumerate(_list(spec.get("containers"), where, "spec.containers")):
+        container = _mapping(raw, where, f"spec.containers[{i}]")
+        for j, raw_port in enumerate(_list(container.get("ports"), where, f"spec.containers[{i}].ports")):
+            field = f"spec.containers[{i}].ports[{j}]"
+            port = _mapping(raw_port, where, field)
+            name = _string(port.get("name"), where, f"{field}.name")
+            number = _port(port.get("containerPort"), where, f"{field}.containerPort")
+            if name and _string(port.get("protocol"), where, f"{field}.protocol", "TCP") == "TCP":
+                named.setdefault(name, number)
+    return named
+
+
+def pod_workload(pod: Mapping[str, Any], namespace_labels: Mapping[str, str]) -> Workload | None:
+    """The workload a Pod is, or None when it has no address of its own yet (not running, not scheduled,
+    hostNetwork)."""
+    _kind, namespace, name = identify(pod)
+    where = f"Pod {namespace}/{name}"
+    meta = pod["metadata"]
+    spec = _mapping(pod.get("spec"), where, "spec")
+    status = _mapping(pod.get("status"), where, "status")
+    labels = string_map(meta.get("labels"), where, "metadata.labels")
+    string_map(meta.get("annotations"), where, "metadata.annotations")
+    node = _string(spec.get("nodeName"), where, "spec.nodeName")
+    phase = _string(status.get("phase"), where, "status.phase", "Running")
+    ips = [_ip(status.get("podIP"), where, "status.podIP")] if status.get("podIP") else []
+    for i, entry in enumerate(_list(status.get("podIPs"), where, "status.podIPs")):
+        ip = _ip(_mapping(entry, where, f"status.podIPs[{i}]").get("ip"), where, f"status.podIPs[{i}].ip")
+        if ip not in ips:
+            ips.append(ip)
+    ports = _container_ports(spec, where)
+    ready = _ready(status, where) and meta.get("deletionTimestamp") is None
+    if not ips or not node or phase != "Running" or spec.get("hostNetwork"):
+        return None
+    account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    return Workload(
+        namespace=namespace, name=name, node=node, ips=tuple(ips),
+        uid=_string(meta.get("uid"), where, "metadata.uid") or f"{namespace}/{name}",
+        service_account=_string(account, where, "spec.serviceAccountName"), labels=labels,
+        enrolled=enrolled(pod, namespace_labels), ready=ready, ports=ports,
+        created=_string(meta.get("creationTimestamp"), where, "metadata.creationTimestamp"))
+
+
+def _service_port(raw: Any, where: str, i: int) -> ServicePort | None:
+    field = f"spec.ports[{i}]"
+    port = _mapping(raw, where, field)
+    if _string(port.get("protocol"), where, f"{field}.protocol", "TCP") != "TCP":
+        return None  # the mesh carries TCP
+    number = _port(port.get("port"), where, f"{field}.port")
+    target = port.get("targetPort", number)
+    if isinstance(target, str) and not target.isdigit():
+        if not target:
+            raise ObjectError(f"{where}: {field}.targetPort must not be empty")
+        target_port, target_name = 0, target
+    else:
+        if isinstance(target, str):
+            digits = target.lstrip("0") or "0"  # int() refuses over 4300 digits, leading zeros included
+            target = int(digits) if len(digits) <= 5 else target
+        target_port, target_name = _port(target, where, f"{field}.targetPort"), ""
+    return ServicePort(number, target_port, target_name,
+                       _string(port.get("appProtocol"), where, f"{field}.appProtocol"),
+                       _string(port.get("name"), where, f"{field}.name"))
+
+
+def _preference(spec: Mapping[str, Any], annotations: Mapping[str, str],
+                namespace_annotations: Mapping[str, str], where: str) -> Preference:
+    if _string(spec.get("internalTrafficPolicy"), where, "spec.internalTrafficPolicy") == "Local":
+        return Preference.NODE_ONLY
+    distribution = (_string(spec.get("trafficDistribution"), where, "spec.trafficDistribution")
+                    or annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION)
+                    or namespace_annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION, ""))
+    if distribution in ("PreferClose", "PreferSameZone"):
+        return Preference.SAME_ZONE
+    if distribution == "PreferSameNode":
+        return Preference.SAME_NODE
+    return Preference.NONE
+
+
+def service(obj: Mapping[str, Any], namespace_annotations: Mapping[str, str] | None = None) -> Service | None:
+    """The Service a Kubernetes Service is; None for ExternalName Services (not in the mesh)."""
+    _kind, namespace, name = identify(obj)
+    where = f"Service {namespace}/{name}"
+    meta = obj["metadata"]
+    annotations = string_map(meta.get("annotations"), where, "metadata.annotations")
+    spec = _mapping(obj.get("spec"), where, "spec")
+    if spec.get("type") == "ExternalName":
+        return None
+    raw_vips = _list(spec.get("clusterIPs"), where, "spec.clusterIPs") or (
+        [spec["clusterIP"]] if spec.get("clusterIP") is not None else [])
+    vips = tuple(_ip(v, where, "spec.clusterIPs") for v in raw_vips if v not in ("", "None"))
+    ports = tuple(p for i, raw in enumerate(_list(spec.get("ports"), where, "spec.ports"))
+                  if (p := _service_port(raw, where, i)) is not None)
+    selector = string_map(spec.get("selector"), where, "spec.selector") or None
+    publish = spec.get("publishNotReadyAddresses", False)
+    if not isinstance(publish, bool):
+        raise ObjectError(f"{where}: spec.publishNotReadyAddresses must be true or false")
+    return Service(namespace, name, vips, ports, selector,
+                   _preference(spec, annotations, namespace_annotations or {}, where), publish)
+
+
+def endpoint_slice(obj: Mapping[str, Any]) -> SliceEndpoints | None:
+    """An EndpointSlice's addresses and ports; None when it belongs to no Service or is not IP-addressed."""
+    _kind, namespace, name = identify(obj)
+    where = f"EndpointSlice {namespace}/{name}"
+    labels = string_map(obj["metadata"].get("labels"), where, "metadata.labels")
+    service_name = labels.get(SERVICE_NAME_LABEL)
+    if not service_name or obj.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+        return None
+    ports: dict[str, int] = {}
+    for i, raw in enumerate(_list(obj.get("ports"), where, "ports")):
+        port = _mapping(raw, where, f"ports[{i}]")
+        if _string(port.get("protocol"), where, f"ports[{i}].protocol", "TCP") == "TCP":
+            ports[_string(port.get("name"), where, f"ports[{i}].name")] = _port(port.get("port"), where,
+                                                                                f"ports[{i}].port")
+    endpoints: list[tuple[str, str, bool]] = []
+    for i, raw in enumerate(_list(obj.get("endpoints"), where, "endpoints")):
+        endpoint = _mapping(raw, where, f"endpoints[{i}]")
+        conditions = _mapping(endpoint.get("conditions"), where, f"endpoints[{i}].conditions")
+        ready = conditions.get("ready") is not False  # unset means ready
+        node = _string(endpoint.get("nodeName"), where, f"endpoints[{i}].nodeName")
+        for j, address in enumerate(_list(endpoint.get("addresses"), where, f"endpoints[{i}].addresses")):
+            endpoints.append((_ip(address, where, f"endpoints[{i}].addresses[{j}]"), node, ready))
+    return SliceEndpoints(namespace, name, service_name, ports, tuple(endpoints))
+
+
+def node(obj: Mapping[str, Any]) -> Node:
+    _kind, _ns, name = identify(obj)
+    labels = string_map(obj["metadata"].get("labels"), f"Node {name}", "metadata.labels")
+    return Node(name, labels.get(ZONE_LABEL, ""))

@@ -1,0 +1,113 @@
+"""Where an enrolled pod's outbound connection goes: a pure function of the mesh state (ztunnel's
+``build_request``), carried out by the outbound proxy.
+
+Order of decisions for a connection from local pod S to the original destination D = ip:port:
+  1. D.ip is a workload's IP (workloads first, as ztunnel's ``find_address``): an enrolled workload is reached
+     by HBONE to ``<its ip>:15008`` (or, on this node, through the local inbound path); any other workload is
+     passed through unchanged.
+  2. D.ip:D.port is a Service VIP: pick an endpoint (below); an enrolled endpoint gets HBONE with the CONNECT
+     authority ``<pod ip>:<target port>`` and the Service's FQDN in ``forwarded: host=``, or local delivery on
+     this node; an endpoint that is not enrolled gets plain TCP to ``<pod ip>:<target port>``. No endpoint
+     serves that port: refused (``no healthy upstream``). A VIP without that port is refused too.
+  3. Anything else is outside the mesh: passed through to D.
+
+Endpoint choice: the candidates are the Service's endpoints that serve the port (unhealthy ones are not in
+the store unless the Service publishes them); the Service's preference narrows them to the client's node
+(``internalTrafficPolicy: Local``: only there), or prefers its node and then its zone (``PreferSameNode``),
+or its zone (``PreferClose``), falling back to all; then one is drawn uniformly at random, which is
+ztunnel's random choice weighted by capacity, every capacity being 1 here. Random choice needs no shared
+state between connections or agents and spreads load evenly in expectation; ztunnel uses it for the same
+reasons.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from agent.mesh.model import Address, Endpoint, Preference, Service, Workload
+from agent.mesh.ports import Ports
+from agent.mesh.store import MeshState
+from hbone.identity import SpiffeId
+
+Pick = Callable[[Sequence[Endpoint]], Endpoint]
+
+
+class Kind(Enum):
+    HBONE = "hbone"  # a tunnel to the destination node's agent
+    LOCAL = "local"  # an enrolled pod of this node: the local inbound path (policy included)
+    DIRECT = "direct"  # a Service endpoint outside the mesh: plain TCP to it, from the client's address
+    PASSTHROUGH = "passthrough"  # not the mesh's: to the original destination, unchanged
+    REFUSE = "refuse"  # nothing can serve it: the client is reset at once
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: Kind
+    target: Address  # where the bytes end up: the pod and its target port, or the original destination
+    dial: Address | None = None  # what to connect to: the HBONE port of the target's node, or the target
+    identity: SpiffeId | None = None  # HBONE: the identity the destination must prove
+    workload: Workload | None = None  # the destination workload, when known
+    service: Service | None = None  # when the client called a Service VIP
+    reason: str = ""  # REFUSE: why
+
+    @property
+    def service_host(self) -> str | None:
+        return self.service.hostname if self.service is not None else None
+
+
+def route(source: Workload, destination: Address, state: MeshState, trust_domain: str, *,
+          ports: Ports = Ports(), pick: Pick = random.choice) -> Route:
+    """The route for a connection from ``source`` (an enrolled pod of this node) to ``destination``."""
+    ip, port = destination
+    workload = state.by_ip(ip)
+    if workload is not None:
+        return _to_workload(source, workload, destination, None, trust_domain, ports)
+    service = state.service_at(ip, port, source.namespace)
+    if service is None:
+        if ip in state.vips:
+            return Route(Kind.REFUSE, destination, reason=f"no healthy upstream: {_names(state, ip)}:{port}")
+        return Route(Kind.PASSTHROUGH, destination, dial=destination)
+    candidates = _candidates(source, service, port, state)
+    if not candidates:
+        return Route(Kind.REFUSE, destination, service=service,
+                     reason=f"no healthy upstream: {service.key}:{port}")
+    endpoint = pick(candidates)
+    target = (endpoint.ip, endpoint.ports[port])
+    backend = state.by_ip(endpoint.ip)
+    if backend is None or not backend.enrolled:
+        return Route(Kind.DIRECT, target, dial=target, workload=backend, service=service)
+    return _to_workload(source, backend, target, service, trust_domain, ports)
+
+
+def _to_workload(source: Workload, workload: Workload, target: Address, service: Service | None,
+                 trust_domain: str, ports: Ports) -> Route:
+    if not workload.enrolled:
+        return Route(Kind.PASSTHROUGH, target, dial=target, workload=workload, service=service)
+    if workload.node == source.node:
+        return Route(Kind.LOCAL, target, workload=workload, service=service)
+    return Route(Kind.HBONE, target, dial=(target[0], ports.hbone), identity=workload.identity(trust_domain),
+                 workload=workload, service=service)
+
+
+def _candidates(source: Workload, service: Service, port: int, state: MeshState) -> list[Endpoint]:
+    serving = [ep for ep in state.endpoints.get(service.key, {}).values() if port in ep.ports]
+    preference = service.preference
+    if preference is Preference.NODE_ONLY:
+        return [ep for ep in serving if ep.node == source.node]
+    if preference is Preference.SAME_NODE:
+        same_node = [ep for ep in serving if ep.node == source.node]
+        if same_node:
+            return same_node
+    if preference in (Preference.SAME_NODE, Preference.SAME_ZONE):
+        zone = state.zone(source.node)
+        same_zone = [ep for ep in serving if zone and state.zone(ep.node) == zone]
+        if same_zone:
+            return same_zone
+    return serving
+
+
+def _names(state: MeshState, vip: str) -> str:
+    return ",".join(state.vips[vip])

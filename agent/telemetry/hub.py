@@ -1,0 +1,142 @@
+"""What an agent tells about itself: flows (Observer API), Prometheus metrics, readiness, config dump.
+
+The proxies record a flow when a connection's route is ready and end it with the bytes moved each way;
+a denial is a DROPPED flow naming the policy and rule. The eBPF programs' events (SYN/FIN/RST seen,
+packets dropped while failing closed) come from the ring buffer, read on a thread of its own; events
+the kernel could not queue are counted and shown to readers as lost, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from agent.identity.manager import CertificateStatus
+from agent.mesh.model import Address
+from agent.mesh.store import Change, MeshState, MeshStore
+from agent.telemetry.admin import (
+    ADMIN_ADDRESS,
+    METRICS_ADDRESS,
+    READY_ADDRESS,
+    AdminServer,
+    ConfigDump,
+    ReadyCheck,
+)
+from agent.telemetry.kernel import KernelEventSource
+from agent.telemetry.metrics import DENY, Metrics
+from agent.telemetry.observer import ObserverServer
+from agent.telemetry.observer_tls import ServerTls, ServerTlsFiles, operator_identity
+from agent.telemetry.recorder import Endpoint, FlowHandle, FlowRecorder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    enabled: bool = True  # off: no flows, no traffic metrics, no kernel events (to measure what they cost)
+    flows: int = 4096  # flows kept in the ring
+    observer_socket: str | None = None
+    observer_listen: str | None = None  # TCP "host:port", served only with observer_tls (mutual TLS)
+    observer_tls: ServerTlsFiles | None = None
+    metrics_listen: Address = METRICS_ADDRESS
+    ready_listen: Address = READY_ADDRESS
+    admin_listen: Address | None = ADMIN_ADDRESS  # None: the admin endpoints on admin_socket only
+    admin_socket: str | None = None  # the admin endpoints on a unix socket too (``ambit status`` in the lab)
+
+
+class Telemetry:
+    def __init__(self, node: str, store: MeshStore, trust_domain: str, config: TelemetryConfig) -> None:
+        self.store, self.trust_domain, self.config = store, trust_domain, config
+        self.metrics = Metrics()
+        self.recorder = FlowRecorder(node, config.flows, self.metrics, resolve=lambda ip: self.endpoint((ip, 0)))
+        self.observer = ObserverServer(self.recorder)
+        self._admin: AdminServer | None = None
+        self._stop = threading.Event()
+        self._events: threading.Thread | None = None
+        store.subscribe(self._forget_deleted)
+
+    def endpoint(self, address: Address, service: str | None = None) -> Endpoint:
+        """What the store knows of ``address``: the pod, its namespace, labels and identity; ``service`` is the
+        hostname of the Service the client called, when known."""
+        w = self.store.state.by_ip(address[0])
+        if w is None:
+            return Endpoint(address[0], address[1], service=service or "")
+        return Endpoint(address[0], address[1], identity=str(w.identity(self.trust_domain)), namespace=w.namespace,
+                        pod_name=w.name, labels=w.labels, workload=w.labels.get("app", w.name),
+                        service=service or "")
+
+    def opened(self, *, inbound: bool, client: Address, target: Address, mtls: bool,
+               service: str | None = None) -> FlowHandle | None:
+        if not self.config.enabled:
+            return None
+        return self.recorder.start(direction="INGRESS" if inbound else "EGRESS",
+                                   reporter="destination" if inbound else "source", source=self.endpoint(client),
+                                   destination=self.endpoint(target, service), mtls=mtls)
+
+    def dropped(self, *, inbound: bool, client: Address, target: Address, mtls: bool, reason: str,
+               policy: str | None = None, service: str | None = None, response_flags: str = DENY) -> None:
+        if not self.config.enabled:
+            return
+        self.recorder.drop(direction="INGRESS" if inbound else "EGRESS",
+                           reporter="destination" if inbound else "source",
+                           source=self.endpoint(client), destination=self.endpoint(target, service), mtls=mtls,
+                           reason=reason, policy=policy, response_flags=response_flags)
+
+    def update_gauges(self, attachments: list[tuple[str, str]], certificates: list[CertificateStatus]) -> None:
+        workloads = self.store.state.by_uid.values()
+        enrolled = sum(1 for w in workloads if w.enrolled)
+        self.metrics.set_workloads(enrolled, len(workloads) - enrolled)
+        self.metrics.set_ebpf_attachments(attachments)
+        for status in certificates:
+            if status.not_after is not None:
+                self.metrics.set_certificate_expiry(str(status.identity), status.not_after.timestamp())
+
+    def _forget_deleted(self, _state: MeshState, change: Change) -> None:
+        for w in change.removed.values():
+            self.metrics.forget_workload(w.namespace, w.name)
+
+    async def start(self, ready: ReadyCheck, config_dump: ConfigDump) -> None:
+        cfg = self.config
+        tls = (ServerTls(cfg.observer_tls, [operator_identity(self.trust_domain)]) if cfg.observer_tls is not None
+               else None)
+        await self.observer.start(unix_path=cfg.observer_socket, tcp=cfg.observer_listen, tls=tls)
+        self._admin = AdminServer(self.metrics, ready=ready, config_dump=config_dump)
+        await self._admin.start(metrics=cfg.metrics_listen, ready=cfg.ready_listen, admin=cfg.admin_listen,
+                                admin_socket=cfg.admin_socket)
+
+    def watch_kernel(self, redirector: KernelEventSource) -> None:
+        """Read the eBPF ring buffer on a thread: each event becomes a flow; losses are counted."""
+        if not self.config.enabled:
+            return
+        redirector.subscribe(self.recorder.kernel_event)
+
+        def pump() -> None:
+            lost, checked = redirector.lost_events, time.monotonic()
+            while not self._stop.is_set():
+                redirector.poll_events(200)  # delivers to the recorder
+                # a full ring is when nothing arrives: check every 200 ms, not on every wake-up
+                if time.monotonic() - checked >= 0.2:
+                    now, checked = redirector.lost_events, time.monotonic()
+                    if now > lost:
+                        self.recorder.lost_kernel_events(now - lost)
+                        lost = now
+
+        self._events = threading.Thread(target=pump, name="ebpf-events", daemon=True)
+        self._events.start()
+
+    async def stop_serving_admin(self) -> None:
+        """Leave the admin, metrics and readiness ports to the next agent (an upgrade's handover)."""
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._events is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._events.join, 2.0)
+        await self.observer.stop()
+        if self._admin is not None:
+            await self._admin.close()

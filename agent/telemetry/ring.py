@@ -1,0 +1,163 @@
+"""The last N flows of a node, and the readers following new ones.
+
+``FlowRing`` keeps the most recent ``capacity`` entries (flows, and markers of lost events in time order,
+as Hubble keeps LostEvents in its ring). Overwritten flows are counted. Writers may be on any thread (the
+proxies on the event loop, the eBPF event reader on its own thread): one lock guards the ring.
+
+A ``Follower`` is a reader that receives each new entry its predicate accepts, through a bounded queue. A
+follower that falls behind loses entries, and the next thing it reads says how many (a LostEvent from
+OBSERVER_EVENTS_QUEUE): never silent. Taking a snapshot and registering a follower happen under the same
+lock, so a reader that follows sees every flow exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.telemetry.model import Entry, Flow, LostEvent, LostSource
+
+Predicate = Callable[[Flow], bool]
+DEFAULT_FOLLOWER_QUEUE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The ring's entries at one moment, oldest first, and how many flows had been overwritten before them."""
+
+    entries: list[Entry]
+    evicted: int
+
+    @property
+    def oldest_ns(self) -> int | None:
+        return self.entries[0].time_ns if self.entries else None
+
+
+class Follower:
+    """New entries for one reader, bounded; wake-ups cross threads safely."""
+
+    def __init__(self, ring: FlowRing, predicate: Predicate, loop: asyncio.AbstractEventLoop, maxsize: int) -> None:
+        self._ring = ring
+        self._predicate = predicate
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._maxsize = maxsize
+        self._items: collections.deque[Entry] = collections.deque()
+        self._lost = 0
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+        self.closed = False
+
+    def push(self, entry: Entry) -> bool:
+        """From the writer (any thread, the ring's lock held). False when this follower's loop is gone."""
+        if isinstance(entry, Flow) and not self._predicate(entry):
+            return True
+        same_thread = threading.get_ident() == self._loop_thread
+        with self._lock:
+            if len(self._items) >= self._maxsize:
+                self._lost += 1 if isinstance(entry, Flow) else entry.count
+                if isinstance(entry, Flow):
+                    self._ring.lost += 1  # (markers were counted when written)
+            else:
+                self._items.append(entry)
+            wake = same_thread or not self._wake_pending
+            if wake and not same_thread:
+                self._wake_pending = True
+        if not wake:
+            return True
+        if same_thread:
+            self._ready.set()
+            return True
+        try:
+            self._loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the reader's loop is closed: nobody will read
+            self.closed = True
+            return False
+        return True
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def get(self) -> list[Entry]:
+        """Wait for new entries; a LostEvent at the end says how many did not fit in the queue."""
+        while True:
+            with self._lock:
+                self._ready.clear()
+                batch = list(self._items)
+                self._items.clear()
+                lost, self._lost = self._lost, 0
+            if lost:
+                batch.append(LostEvent(time.time_ns(), LostSource.OBSERVER_EVENTS_QUEUE, lost))
+            if batch:
+                return batch
+            await self._ready.wait()
+
+    def close(self) -> None:
+        self._ring.unfollow(self)
+
+
+class FlowRing:
+    """The most recent ``capacity`` entries. Thread-safe."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        if capacity < 1:
+            raise ValueError(f"flow buffer capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._entries: collections.deque[Entry] = collections.deque()
+        self._lock = threading.Lock()
+        self._followers: list[Follower] = []
+        self._flows = 0  # flows in the ring now
+        self.seen = 0  # flows ever written
+        self.evicted = 0  # flows overwritten
+        self.lost = 0  # events lost before the ring (kernel) or before a follower (queue full)
+
+    def write(self, entry: Entry) -> None:
+        """Append a flow or a lost-events marker, overwriting the oldest entry when full."""
+        with self._lock:
+            entries = self._entries
+            if len(entries) >= self.capacity:
+                old = entries.popleft()
+                if isinstance(old, Flow):
+                    self._flows -= 1
+                    self.evicted += 1
+            entries.append(entry)
+            if isinstance(entry, Flow):
+                self._flows += 1
+                self.seen += 1
+            else:
+                self.lost += entry.count
+            gone = [f for f in self._followers if not f.push(entry)]
+            for follower in gone:
+                self._followers.remove(follower)
+
+    @property
+    def num_flows(self) -> int:
+        return self._flows
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(list(self._entries), self.evicted)
+
+    def follow(self, predicate: Predicate, maxsize: int = DEFAULT_FOLLOWER_QUEUE) -> tuple[Snapshot, Follower]:
+        """The current entries and a follower that gets every later one (call on the reader's event loop)."""
+        follower = Follower(self, predicate, asyncio.get_running_loop(), maxsize)
+        with self._lock:
+            self._followers.append(follower)
+            return Snapshot(list(self._entries), self.evicted), follower
+
+    def unfollow(self, follower: Follower) -> None:
+        with self._lock:
+            follower.closed = True
+            if follower in self._followers:
+                self._followers.remove(follower)
+
+    @property
+    def followers(self) -> int:
+        return len(self._followers)

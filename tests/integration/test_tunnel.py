@@ -1,0 +1,263 @@
+"""HBONE end to end on loopback with real TLS: transfers, pooling, half-close, resets, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+
+import pytest
+
+from agent.ca.authority import CertificateAuthority
+from hbone.identity import WorkloadCertificate
+from hbone.pool import PoolKey
+from hbone.server import InboundRequest
+from hbone.tunnel import Tunnel
+from tests.fixtures.certificates import spiffe
+from tests.fixtures.eventually import eventually
+from tests.fixtures.hbone_path import Path, hbone_path
+
+
+async def test_bulk_byte_exact_both_ways(ca: CertificateAuthority, client_cert: WorkloadCertificate,
+                                         server_cert: WorkloadCertificate) -> None:
+    down = os.urandom(24 << 20)
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        digest = hashlib.sha256()
+        while data := await reader.read(1 << 20):
+            digest.update(data)
+        writer.write(digest.digest())
+        writer.write(down)
+        await writer.drain()
+        writer.close()
+
+    async with hbone_path(ca, client_cert, server_cert, upstream) as path:
+        up = os.urandom(32 << 20)
+        reader, writer = await path.open()
+        writer.write(up)
+        await writer.drain()
+        writer.write_eof()
+        got = await reader.read(-1)
+        writer.close()
+    assert got[:32] == hashlib.sha256(up).digest()
+    assert got[32:] == down
+
+
+async def test_many_concurrent_streams_share_one_connection(ca: CertificateAuthority,
+                                                            client_cert: WorkloadCertificate,
+                                                            server_cert: WorkloadCertificate) -> None:
+    async with hbone_path(ca, client_cert, server_cert) as path:
+        async def one(i: int) -> bool:
+            payload = os.urandom(64 * 1024 + i)
+            reader, writer = await path.open()
+            writer.write(payload)
+            writer.write_eof()
+            back = await reader.read(-1)
+            writer.close()
+            return back == payload
+
+        results = await asyncio.gather(*(one(i) for i in range(60)))
+        assert all(results)
+        assert path.pool.connections() == 1
+        assert path.server.stats["accepted"] == 60
+
+
+async def test_pool_opens_a_new_connection_past_the_stream_limit(ca: CertificateAuthority,
+                                                                 client_cert: WorkloadCertificate,
+                                                                 server_cert: WorkloadCertificate) -> None:
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        writer.close()
+
+    async with hbone_path(ca, client_cert, server_cert, hold, max_streams=10) as path:
+        conns = [await path.open() for _ in range(25)]
+        await eventually(lambda: path.server.stats["accepted"] == 25, "25 accepted connections")
+        key = PoolKey(client_cert.identity, server_cert.identity, path.server.address)
+        assert path.pool.connections(key) == 3  # 10 + 10 + 5
+        assert len(path.server.tunnels) == 3
+        release.set()
+        for reader, writer in conns:
+            assert await reader.read(-1) == b""
+            writer.close()
+
+
+async def test_idle_connection_is_closed_and_then_redialled(ca: CertificateAuthority,
+                                                           client_cert: WorkloadCertificate,
+                                                           server_cert: WorkloadCertificate) -> None:
+    async with hbone_path(ca, client_cert, server_cert, idle_timeout=0.2) as path:
+        for _ in range(2):
+            reader, writer = await path.open()
+            writer.write(b"ping")
+            writer.write_eof()
+            assert await reader.read(-1) == b"ping"
+            writer.close()
+            assert path.pool.connections() == 1
+            await eventually(lambda: path.pool.connections() == 0 and not path.server.tunnels,
+                             "the idle connection closed")
+
+
+async def test_half_close_both_ways(ca: CertificateAuthority, client_cert: WorkloadCertificate,
+                                    server_cert: WorkloadCertificate) -> None:
+    """The client's FIN reaches upstream as EOF while the reverse direction keeps flowing, and back."""
+
+    async def answer_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read(-1)  # returns only at EOF: the client's FIN crossed the tunnel
+        for _ in range(3):
+            writer.write(b"late:" + request)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write_eof()
+        await writer.drain()
+        writer.close()
+
+    async with hbone_path(ca, client_cert, server_cert, answer_after_eof) as path:
+        reader, writer = await path.open()
+        writer.write(b"question")
+        writer.write_eof()
+        assert await reader.read(-1) == b"late:question" * 3
+        writer.close()
+
+
+async def test_upstream_reset_becomes_client_reset(ca: CertificateAuthority, client_cert: WorkloadCertificate,
+                                                   server_cert: WorkloadCertificate) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with hbone_path(ca, client_cert, server_cert, reset) as path:
+        reader, writer = await path.open()
+        writer.write(b"hello")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(-1), 5)
+        writer.close()
+        # the pooled connection survives a stream reset
+        reader, writer = await path.open()
+        writer.write(b"hello")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(-1), 5)
+        assert len(path.server.tunnels) == 1
+
+
+async def test_client_reset_becomes_upstream_reset(ca: CertificateAuthority, client_cert: WorkloadCertificate,
+                                                   server_cert: WorkloadCertificate) -> None:
+    seen: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def watch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(-1)
+            seen.set_result("eof")
+        except ConnectionResetError:
+            seen.set_result("reset")
+
+    async with hbone_path(ca, client_cert, server_cert, watch) as path:
+        _, writer = await path.open()
+        writer.write(b"x")
+        await writer.drain()
+        await eventually(lambda: path.server.stats["accepted"] == 1, "one accepted connection")
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        assert await asyncio.wait_for(seen, 5) == "reset"
+
+
+async def test_unreachable_upstream_answers_503_and_resets_client(ca: CertificateAuthority,
+                                                                  client_cert: WorkloadCertificate,
+                                                                  server_cert: WorkloadCertificate) -> None:
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    async with hbone_path(ca, client_cert, server_cert, upstream_port=closed_port) as path:
+        reader, _ = await path.open()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(-1), 5)
+        assert path.server.stats["upstream_failed"] == 1
+        assert path.forwarder.failures == 1
+
+
+async def test_policy_denial_answers_401(ca: CertificateAuthority, client_cert: WorkloadCertificate,
+                                         server_cert: WorkloadCertificate) -> None:
+    asked: list[InboundRequest] = []
+
+    def deny(request: InboundRequest) -> str | None:
+        asked.append(request)
+        return "test policy denies everyone"
+
+    async with hbone_path(ca, client_cert, server_cert, policy=deny) as path:
+        reader, _ = await path.open()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(-1), 5)
+        assert path.server.stats["denied"] == 1
+        assert asked[0].peer == client_cert.identity
+        assert asked[0].target.port == path.upstream[1]
+        assert asked[0].headers["forwarded"].startswith('for="127.0.0.1:')
+        assert "traceparent" in asked[0].headers
+
+
+async def test_client_refuses_server_with_unexpected_identity(ca: CertificateAuthority,
+                                                              client_cert: WorkloadCertificate,
+                                                              server_cert: WorkloadCertificate,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    async with hbone_path(ca, client_cert, server_cert, expect=spiffe("default", "someone-else")) as path:
+        reader, _ = await path.open()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(-1), 5)
+        assert path.server.stats["accepted"] == 0
+        assert "is not the expected spiffe://cluster.local/ns/default/sa/someone-else" in caplog.text
+
+
+async def test_slow_reader_bounds_agent_memory(ca: CertificateAuthority, client_cert: WorkloadCertificate,
+                                               server_cert: WorkloadCertificate) -> None:
+    """An upstream that writes far more than the client reads fills windows, then stops: the agent's
+    buffers (transport write buffers, relay backlogs) never exceed what the windows allow."""
+    total = 256 << 20
+    chunk = os.urandom(1 << 20)
+    written = 0
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        while written < total:
+            writer.write(chunk)
+            written += len(chunk)
+            await writer.drain()
+        writer.close()
+
+    async with hbone_path(ca, client_cert, server_cert, firehose) as path:
+        reader, writer = await path.open()
+        peak = 0
+        for _ in range(40):  # 2 s of not reading at all
+            await asyncio.sleep(0.05)
+            peak = max(peak, _agent_buffered(path))
+        stalled_at = written
+        assert stalled_at < 48 << 20, f"upstream wrote {stalled_at >> 20} MiB to a client that reads nothing"
+        # stream window (4 MiB) + TCP high-water (1 MiB) + TLS high-water (4 MiB) + one read, per side
+        assert peak <= 2 * (4 + 1 + 4 + 1) << 20, f"agent buffered {peak >> 20} MiB"
+        received = 0
+        digest = hashlib.sha256()
+        while data := await reader.read(1 << 20):
+            received += len(data)
+            digest.update(data)
+        writer.close()
+    assert received == total
+    assert digest.digest() == hashlib.sha256(chunk * (total >> 20)).digest()
+
+
+def _agent_buffered(path: Path) -> int:
+    """Bytes the in-process agent holds: write buffers of every transport plus relay backlogs."""
+    size = 0
+    tunnels: list[Tunnel] = list(path.server.tunnels)
+    for entries in path.pool._entries.values():
+        for entry in entries:
+            if entry.dial.done() and not entry.dial.exception():
+                tunnels.append(entry.dial.result())
+    for tunnel in tunnels:
+        if tunnel.transport is not None:
+            size += tunnel.transport.get_write_buffer_size()
+        for relay in tunnel.streams.values():
+            size += relay.buffered
+    return size

@@ -1,0 +1,128 @@
+"""What the lab's API server does with Services: cluster IPs (kept, allocated, refused) and the validation of
+Services and EndpointSlices, each error naming the object and the field; and the mesh view made from a state
+holding an object the agents would refuse."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from agent.lab import services
+from agent.lab.state import LabObjects
+from agent.lab.topology import SERVICE_CIDR
+from agent.mesh.convert import ObjectError
+from tests.unit.lab import objects as o
+
+
+def state(*objs: dict[str, Any]) -> LabObjects:
+    return LabObjects([o.namespace("default"), o.namespace("shop"), *objs])
+
+
+def admitted(st: LabObjects, *batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The batch as admit() completes it; fails on any error."""
+    objs = [copy.deepcopy(b) for b in batch]
+    assert services.admit(st, objs) == []
+    return objs
+
+
+def ips(objs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    return [(obj["spec"]["clusterIP"], obj["spec"]["clusterIPs"]) for obj in objs]
+
+
+def test_a_service_keeps_the_cluster_ip_it_is_given_else_gets_the_lowest_free_one() -> None:
+    st = state(o.service("old", clusterIP="10.96.0.1", clusterIPs=["10.96.0.1"]))
+    objs = admitted(st, o.service("a"), o.service("b", clusterIP="10.96.0.2"), o.service("c", "shop"))
+    # b's address is reserved before a and c are given theirs, though it comes later in the batch
+    assert ips(objs) == [("10.96.0.3", ["10.96.0.3"]), ("10.96.0.2", ["10.96.0.2"]), ("10.96.0.4", ["10.96.0.4"])]
+    assert all(obj["spec"]["type"] == "ClusterIP" for obj in objs)
+
+
+def test_reapplying_keeps_the_address_and_a_deleted_services_address_is_free_again() -> None:
+    st = state()
+    first = admitted(st, o.service("web"))[0]
+    st.put(first)
+    again = admitted(st, o.service("web"))[0]  # applied again without clusterIP: keeps its address
+    assert again["spec"]["clusterIP"] == first["spec"]["clusterIP"] == "10.96.0.1"
+    assert admitted(st, o.service("web", clusterIP="10.96.0.1"))[0]["spec"]["clusterIP"] == "10.96.0.1"
+    st.remove("Service", "default", "web")
+    assert admitted(st, o.service("other"))[0]["spec"]["clusterIP"] == "10.96.0.1"
+
+
+def test_headless_and_external_name_services_get_no_address() -> None:
+    headless, external = admitted(state(), o.service("h", clusterIP="None"),
+                                  o.service("x", type="ExternalName", externalName="example.org", ports=[]))
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["clusterIPs"] == ["None"]
+    assert "clusterIP" not in external["spec"]
+
+
+def test_the_range_is_used_up_with_a_clear_error() -> None:
+    st = state()
+    allocator = services._Allocator([])
+    for _ in range(SERVICE_CIDR.num_addresses - 2):
+        allocator.allocate("default/x", "Service default/x")
+    with pytest.raises(ObjectError, match=r"Service default/y: spec.clusterIP: the service range "
+                                                  r"10.96.0.0/16 is full"):
+        allocator.allocate("default/y", "Service default/y")
+    assert st.of_kind("Service") == []
+
+
+@pytest.mark.parametrize(("batch", "existing", "error"), [
+    ([o.service("web", clusterIP="10.97.0.1")], [],
+     "Service default/web: spec.clusterIP 10.97.0.1 is not in the service range 10.96.0.0/16"),
+    ([o.service("web", clusterIP="10.96.0.0")], [],
+     "Service default/web: spec.clusterIP 10.96.0.0 is not in the service range 10.96.0.0/16"),
+    ([o.service("web", clusterIP="banana")], [], "Service default/web: spec.clusterIP 'banana' is not an IP address"),
+    ([o.service("web", clusterIP=7)], [], "Service default/web: spec.clusterIP must be a string, not int"),
+    ([o.service("web", clusterIPs=["10.96.0.9", "fd00::9"])], [],
+     "Service default/web: spec.clusterIPs: the lab is IPv4 only (one cluster IP), not ['10.96.0.9', 'fd00::9']"),
+    ([o.service("web", clusterIP="10.96.0.9", clusterIPs=["10.96.0.8"])], [],
+     "Service default/web: spec.clusterIPs[0] '10.96.0.8' must equal spec.clusterIP '10.96.0.9'"),
+    ([o.service("web", clusterIP="10.96.0.5")], [o.service("db", "shop", clusterIP="10.96.0.5")],
+     "Service default/web: spec.clusterIP 10.96.0.5 is already allocated to Service shop/db"),
+    ([o.service("a", clusterIP="10.96.0.5"), o.service("b", clusterIP="10.96.0.5")], [],
+     "Service default/b: spec.clusterIP 10.96.0.5 is already allocated to Service default/a"),
+    ([o.service("web", clusterIP="10.96.0.6")], [o.service("web", clusterIP="10.96.0.5")],
+     "Service default/web: spec.clusterIP: field is immutable (10.96.0.5, not 10.96.0.6)"),
+    ([o.service("web", type="NodePort")], [],
+     "Service default/web: spec.type 'NodePort': the lab has ClusterIP and ExternalName Services only"),
+    ([o.service("web", ports=[{"port": 0}])], [],
+     "Service default/web: spec.ports[0].port must be a port number 1-65535, not 0"),
+    ([o.service("web", ports=[{"port": 80, "targetPort": ""}])], [],
+     "Service default/web: spec.ports[0].targetPort must not be empty"),
+    ([o.service("web", selector={"app": True})], [], "Service default/web: spec.selector must map strings to strings"),
+    ([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"}, "spec": [1]}], [],
+     "Service default/web: spec must be a mapping, not list"),
+    ([o.endpoint_slice("web-1", "web", [("10.200.0.300", "node-1")], 8080)], [],
+     "EndpointSlice default/web-1: endpoints[0].addresses[0] '10.200.0.300' is not an IP address"),
+    ([o.endpoint_slice("web-1", "web", [("10.200.0.3", "node-1")], 99999)], [],
+     "EndpointSlice default/web-1: ports[0].port must be a port number 1-65535, not 99999"),
+])
+def test_a_bad_object_is_refused_naming_object_and_field(batch: list[dict[str, Any]],
+                                                         existing: list[dict[str, Any]], error: str) -> None:
+    st = state(*existing)
+    before = st.dump()
+    good = o.service("fine")
+    errors = services.admit(st, [copy.deepcopy(good), *copy.deepcopy(batch)])
+    assert errors == [error]
+    assert st.dump() == before  # admit only looks at the state
+
+
+def test_every_bad_object_of_a_batch_is_named() -> None:
+    errors = services.admit(state(), [o.service("a", ports=[{"port": 0}]), o.service("b", clusterIP="1.2.3.4"),
+                                      o.service("c")])
+    assert errors == ["Service default/b: spec.clusterIP 1.2.3.4 is not in the service range 10.96.0.0/16",
+                      "Service default/a: spec.ports[0].port must be a port number 1-65535, not 0"]
+
+
+def test_the_mesh_view_leaves_out_what_the_agents_refuse_and_keeps_the_rest() -> None:
+    """A Service that reached the state without the API server's checks: left out, the others computed."""
+    bad = o.service("bad", ports=[{"port": "eighty"}])
+    mesh, errors = services.mesh_state(state(
+        o.pod("a", "10.200.0.10", app="web"), o.service("web", selector={"app": "web"}, clusterIP="10.96.0.1"),
+        bad).objects)
+    assert [str(e) for e in errors] == ["Service default/bad: spec.ports[0].port must be a port number 1-65535, "
+                                        "not 'eighty'"]
+    assert sorted(mesh.services) == ["default/web"]
+    assert list(mesh.endpoints["default/web"]) == ["10.200.0.10"]

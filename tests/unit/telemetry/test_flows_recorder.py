@@ -1,0 +1,181 @@
+"""FlowRecorder: what each agent-facing call puts in the ring and in the metrics; the model's protobuf form."""
+
+from __future__ import annotations
+
+import enum
+
+import pytest
+
+from agent.capture.maps import EventType as KEvent
+from agent.capture.maps import FlowEvent, Hook, Reason
+from agent.capture.maps import Verdict as KVerdict
+from agent.node.kernel_events import kernel_event
+from agent.telemetry import observer_pb2 as pb
+from agent.telemetry.kernel import KernelEvent
+from agent.telemetry.metrics import Metrics
+from agent.telemetry.model import (
+    Direction,
+    Endpoint,
+    EventType,
+    Flow,
+    LostEvent,
+    LostSource,
+    Reporter,
+    Verdict,
+    flag_names,
+)
+from agent.telemetry.recorder import FlowRecorder, drop_code, response_flags_for
+
+SRC = Endpoint("10.1.0.7", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-1", {"app": "client"})
+DST = Endpoint("10.2.0.9", 5432, "spiffe://cluster.local/ns/data/sa/db", "data", "db-0", {"app": "db"})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.wall = 1_700_000_000_000_000_000
+        self.mono = 5_000_000_000
+
+    def advance(self, ns: int) -> None:
+        self.wall += ns
+        self.mono += ns
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def recorder(clock: Clock, metrics: Metrics | None = None, **kw: object) -> FlowRecorder:
+    return FlowRecorder("node-1", capacity=16, metrics=metrics, clock=lambda: clock.wall,
+                        monotonic=lambda: clock.mono, **kw)  # type: ignore[arg-type]
+
+
+def flows(rec: FlowRecorder) -> list[Flow]:
+    return [e for e in rec.ring.snapshot().entries if isinstance(e, Flow)]
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [(Verdict, pb.Verdict), (Direction, pb.TrafficDirection),
+                                              (EventType, pb.EventType), (Reporter, pb.Reporter),
+                                              (LostSource, pb.LostEventSource)])
+def test_enums_mirror_the_proto(ours: type[enum.IntEnum], theirs: object) -> None:
+    assert {m.name: m.value for m in ours} == dict(theirs.items())  # type: ignore[attr-defined]
+
+
+def test_start_and_end(clock: Clock) -> None:
+    rec = recorder(clock)
+    handle = rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True)
+    clock.advance(1_500_000_000)
+    handle.end(120, 4096, "closed by client")
+    handle.end(1, 1, "again")  # ignored
+    start, end = flows(rec)
+    assert (start.verdict, start.event_type, start.direction, start.reporter) == \
+        (Verdict.FORWARDED, EventType.START, Direction.EGRESS, Reporter.SOURCE)
+    assert start.encrypted and start.node_name == "node-1" and handle.uuid == start.uuid
+    assert (end.verdict, end.event_type, end.bytes_sent, end.bytes_received, end.duration_ns, end.close_reason) == \
+        (Verdict.FORWARDED, EventType.END, 120, 4096, 1_500_000_000, "closed by client")
+    assert end.summary == "closed by client; sent 120 B, received 4096 B in 1.500s"
+    assert start.uuid != end.uuid
+
+
+def test_end_with_error(clock: Clock) -> None:
+    rec = recorder(clock)
+    rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=False).end(
+        0, 0, "connect refused by 10.2.0.9:5432", error=True)
+    end = flows(rec)[-1]
+    assert end.verdict == Verdict.ERROR and end.drop_reason_desc == "connect refused by 10.2.0.9:5432"
+    assert flag_names(end.tcp_flags) == ["RST"]
+
+
+def test_drop_names_policy(clock: Clock) -> None:
+    rec = recorder(clock)
+    rec.drop(direction="INGRESS", reporter="destination", source=SRC, destination=DST, mtls=True,
+             reason="denied by AuthorizationPolicy data/deny-shop rule 0", policy="data/deny-shop")
+    (drop,) = flows(rec)
+    assert (drop.verdict, drop.event_type, drop.policy) == (Verdict.DROPPED, EventType.DROP, "data/deny-shop")
+    assert drop.drop_reason_desc == "denied by AuthorizationPolicy data/deny-shop rule 0"
+    proto = drop.to_proto()
+    assert proto.verdict == pb.DROPPED and proto.policy == "data/deny-shop" and proto.ip.encrypted
+
+
+def test_bad_direction_is_refused(clock: Clock) -> None:
+    with pytest.raises(ValueError, match="direction"):
+        recorder(clock).start(direction="UP", reporter="source", source=SRC, destination=DST,  # type: ignore[arg-type]
+                              mtls=True)
+
+
+def kernel(**kw: object) -> KernelEvent:
+    fields: dict[str, object] = dict(ts_ns=4_000_000_000, src="10.1.0.7", sport=41000, dst="10.2.0.9", dport=5432,
+                                     ifindex=7, type=KEvent.SYN, tcp_flags=0x02, hook=Hook.POD,
+                                     verdict=KVerdict.REDIRECTED, listener_port=15001, reason=Reason.NONE)
+    fields.update(kw)
+    return kernel_event(FlowEvent(**fields))  # type: ignore[arg-type]
+
+
+def test_kernel_events(clock: Clock) -> None:
+    metrics = Metrics()
+    rec = recorder(clock, metrics, resolve=lambda ip: SRC if ip == SRC.ip else None)
+    rec.kernel_event(kernel())
+    rec.kernel_event(kernel(type=KEvent.DROP, verdict=KVerdict.DROPPED, reason=Reason.NO_LISTENER, hook=Hook.UPLINK,
+                            listener_port=0))
+    rec.kernel_event(kernel(type=KEvent.SYN, tcp_flags=0x12, verdict=KVerdict.STEERED))
+    syn, drop, synack = flows(rec)
+    # the kernel's monotonic timestamp becomes wall time (1 s before "now")
+    assert syn.time_ns == clock.wall - 1_000_000_000
+    assert syn.event_type == EventType.KERNEL and syn.verdict == Verdict.FORWARDED
+    assert syn.source.pod_name == "client-1" and syn.source.port == 41000 and not syn.destination.pod_name
+    assert syn.summary == "TCP Flags: SYN; redirected to the proxy on :15001"
+    assert (drop.verdict, drop.direction, drop.reporter) == (Verdict.DROPPED, Direction.INGRESS, Reporter.DESTINATION)
+    assert "fail-closed" in drop.drop_reason_desc
+    assert synack.summary.startswith("TCP Flags: SYN, ACK; steered")
+    assert metrics.series("hubble_tcp_flags") == {("SYN", "IPv4"): 2, ("SYN-ACK", "IPv4"): 1}
+    assert metrics.series("hubble_drop") == {("NO_LISTENER", "TCP"): 1}
+    assert metrics.series("hubble_flows_processed") == {("Trace", "kernel", "FORWARDED"): 2,
+                                                        ("Drop", "kernel", "DROPPED"): 1}
+
+
+def test_lost_kernel_events(clock: Clock) -> None:
+    metrics = Metrics()
+    rec = recorder(clock, metrics)
+    rec.lost_kernel_events(0)
+    rec.lost_kernel_events(12)
+    (lost,) = rec.ring.snapshot().entries
+    assert isinstance(lost, LostEvent) and (lost.source, lost.count) == (LostSource.PERF_EVENT_RING_BUFFER, 12)
+    assert rec.ring.lost == 12
+    assert metrics.series("hubble_lost_events") == {("PERF_EVENT_RING_BUFFER",): 12}
+
+
+@pytest.mark.parametrize(("reason", "policy", "code"), [
+    ("denied by AuthorizationPolicy a/b rule 1", "a/b", "POLICY_DENIED"),
+    ("STRICT mTLS: plaintext from 10.0.0.5", None, "STRICT_MTLS"),
+    ("unknown destination", None, "UNKNOWN_DESTINATION"),
+    (":::", None, "UNKNOWN"),
+])
+def test_drop_code(reason: str, policy: str | None, code: str) -> None:
+    assert drop_code(reason, policy) == code
+
+
+def test_response_flags() -> None:
+    assert response_flags_for("TLS handshake failed: bad certificate") == "TLS_FAILURE"
+    assert response_flags_for("peer identity mismatch") == "TLS_FAILURE"
+    assert response_flags_for("connection refused") == "CONNECT"
+
+
+def test_proto_form(clock: Clock) -> None:
+    rec = recorder(clock)
+    rec.start(direction="INGRESS", reporter="destination", source=Endpoint("fd00::1", 5000), destination=DST,
+              mtls=False).end(1, 2, "eof")
+    start, end = (f.to_proto() for f in flows(rec))
+    assert start.ip.ipVersion == pb.IPv6 and start.l4.tcp.flags.SYN and not start.HasField("duration")
+    assert start.source.workload == "" and start.destination.workload == "db-0"
+    assert list(start.destination.labels) == ["app=db"]
+    assert end.bytes_sent == 1 and end.bytes_received == 2 and end.l4.tcp.flags.FIN
+    assert end.Type == pb.L3_L4 and end.traffic_direction == pb.INGRESS and end.reporter == pb.DESTINATION
+
+
+def test_flow_ids_are_unique_uuid4s(clock: Clock) -> None:
+    import uuid
+
+    rec, other = recorder(clock), recorder(clock)
+    ids = [rec._uuid() for _ in range(1000)] + [other._uuid() for _ in range(1000)]
+    assert len(set(ids)) == 2000
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in ids)
