@@ -10,6 +10,7 @@ import struct
 
 Address = tuple[str, int]
 
+IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>
 IP_TRANSPARENT = 19  # linux/in.h; the socket module does not export it
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -27,6 +28,10 @@ async def dial(address: Address, source_ip: str | None = None, *, mark: int | No
         if source_ip is not None:
             if transparent:
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            # The port is chosen at connect() for the whole 4-tuple, not at bind() for the address alone: a
+            # proxy dialling from its clients' few addresses would otherwise search an ever fuller port range
+            # (every TIME_WAIT holds its port) in the kernel on each new connection.
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
         await loop.sock_connect(sock, address)
     except BaseException:
