@@ -229,6 +229,7 @@ class HboneServer:
         self.check_authority_ip = check_authority_ip
         self.tunnels: set[ServerTunnel] = set()
         self.stats: Counter[str] = Counter()
+        self.draining = False  # stop_accepting(): new streams are refused
         self._acceptor: Acceptor | None = None
 
     @property
@@ -251,7 +252,10 @@ class HboneServer:
         return self._acceptor.address
 
     async def stop_accepting(self) -> None:
-        """Take no new tunnel connections; the tunnels open now carry on."""
+        """Take no new tunnel connections, and no new streams on the open ones: those are refused with
+        REFUSED_STREAM (RFC 9113 8.7: not processed, safe to retry), which a client retries on a new connection,
+        reaching whoever listens now (the next agent, during an upgrade). The streams open now carry on."""
+        self.draining = True
         if self._acceptor is not None:
             await self._acceptor.stop()
 
@@ -290,6 +294,10 @@ class HboneServer:
 
     def handle_connect(self, tunnel: ServerTunnel, ev: ConnectRequest) -> None:
         if tunnel.conn.closed is not None:  # ended later in the same read: no answer can be sent
+            return
+        if self.draining:
+            self.count("refused_draining")
+            tunnel.server_conn.reset(ev.stream_id, ErrorCodes.REFUSED_STREAM)
             return
         request = InboundRequest(tunnel.peer, tunnel.source, tunnel.destination, ev.authority, ev.headers)
         if self.check_authority_ip and ev.authority.ip != tunnel.destination[0]:
