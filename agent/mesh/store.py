@@ -61,6 +61,7 @@ class MeshState:
     vips: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # VIP -> service keys
     hostnames: Mapping[str, str] = field(default_factory=dict)  # FQDN -> service key
     services_in: Mapping[str, frozenset[str]] = field(default_factory=dict)  # namespace -> service keys
+    serving_at: Mapping[str, frozenset[str]] = field(default_factory=dict)  # endpoint IP -> service keys
     endpoints: Mapping[str, Mapping[str, Endpoint]] = field(default_factory=dict)  # service key -> ip -> endpoint
     nodes: Mapping[str, Node] = field(default_factory=dict)
     objects: tuple[Mapping[str, Any], ...] = ()  # everything else (policies), for their own parsers
@@ -82,12 +83,9 @@ class MeshState:
     def service_serving(self, ip: str, port: int) -> Service | None:
         """A Service whose endpoint ``ip`` serves target ``port`` (ztunnel's guess of the Service of an inbound
         connection that did not name one); the first by name when several do."""
-        workload = self.by_ip(ip)
-        if workload is None:
-            return None
-        for key in sorted(self.services_in.get(workload.namespace, ())):
-            endpoint = self.endpoints.get(key, {}).get(ip)
-            if endpoint is not None and port in endpoint.ports.values():
+        for key in sorted(self.serving_at.get(ip, ())):
+            endpoint = self.endpoints[key][ip]
+            if port in endpoint.ports.values():
                 return self.services[key]
         return None
 
@@ -136,6 +134,7 @@ class MeshStore:
         self._hostnames: CowMap[str, str] = CowMap()
         self._service_keys_in: CowMap[str, frozenset[str]] = CowMap(16)  # namespace -> its Services' keys
         self._endpoints: CowMap[str, Mapping[str, Endpoint]] = CowMap()  # each value is replaced, never changed
+        self._serving_at: CowMap[str, frozenset[str]] = CowMap()  # endpoint IP -> service keys (_set_endpoints)
         self._nodes: CowMap[str, Node] = CowMap(8)
         # the store's own
         self._ns_annotations: dict[str, dict[str, str]] = {}
@@ -344,7 +343,7 @@ class MeshStore:
                     else:
                         updated[ip] = endpoint
             if updated is not None:
-                self._endpoints[svc.key] = updated
+                self._set_endpoints(svc.key, updated)
                 change.services.add(svc.key)
 
     def _endpoint_at(self, svc: Service, ip: str) -> Endpoint | None:
@@ -373,7 +372,7 @@ class MeshStore:
             self._services_in[namespace].discard(name)
             if old.selector:
                 self._selectors.remove(namespace, name, [_anchor(old.selector)])
-            self._endpoints.pop(key, None)
+            self._set_endpoints(key, None)
         change.services.add(key)
         if svc is None:
             keys = self._service_keys_in[namespace] - {key}
@@ -428,8 +427,25 @@ class MeshStore:
                         ports = {svc.ports[0].port: next(iter(eps.ports.values()))}
                     endpoints[ip] = Endpoint(ip, node, ports, ready)
         if self._endpoints.get(svc.key) != endpoints:
-            self._endpoints[svc.key] = endpoints
+            self._set_endpoints(svc.key, endpoints)
             change.services.add(svc.key)
+
+    def _set_endpoints(self, key: str, endpoints: Mapping[str, Endpoint] | None) -> None:
+        """The one writer of a Service's endpoints (None: the Service is gone), keeping the by-IP index."""
+        before = set(self._endpoints.get(key, {}))
+        after = set(endpoints or ())
+        if endpoints is None:
+            self._endpoints.pop(key, None)
+        else:
+            self._endpoints[key] = endpoints
+        for ip in before - after:
+            rest = self._serving_at[ip] - {key}
+            if rest:
+                self._serving_at[ip] = rest
+            else:
+                del self._serving_at[ip]
+        for ip in after - before:
+            self._serving_at[ip] = self._serving_at.get(ip, frozenset()) | {key}
 
     def _publish(self, change: Change) -> None:
         self.state = MeshState(
@@ -437,6 +453,7 @@ class MeshStore:
             by_uid=self._workloads.snapshot(), by_node=self._by_node.snapshot(), services=self._services.snapshot(),
             vips=self._vips.snapshot(), hostnames=self._hostnames.snapshot(),
             services_in=self._service_keys_in.snapshot(), endpoints=self._endpoints.snapshot(),
+            serving_at=self._serving_at.snapshot(),
             nodes=self._nodes.snapshot(),
             objects=tuple(self._others.values()) if change.objects else self.state.objects)
         for subscriber in self._subscribers:

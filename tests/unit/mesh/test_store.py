@@ -62,6 +62,7 @@ def plain(state: MeshState) -> dict[str, Any]:
         "vips": {vip: sorted(keys) for vip, keys in state.vips.items()},
         "hostnames": dict(state.hostnames),
         "services_in": dict(state.services_in),
+        "serving_at": dict(state.serving_at),
         "endpoints": {k: {ip: (e, dict(e.ports)) for ip, e in eps.items()} for k, eps in state.endpoints.items()},
         "nodes": dict(state.nodes),
         "objects": sorted(repr(o) for o in state.objects),
@@ -643,3 +644,22 @@ def test_a_policy_status_write_is_no_change() -> None:
     assert changes == []
     store.apply([{**policy, "spec": {"action": "ALLOW"}}])
     assert len(changes) == 1 and changes[0].objects
+
+
+def test_the_service_serving_an_endpoints_port_is_found_by_its_address() -> None:
+    """The destination's guess of the Service of an inbound connection that named none: an index by endpoint
+    address, kept by every change of endpoints (here: the Service added, the pod relabelled out, back in)."""
+    pod: dict[str, Any] = {"kind": "Pod", "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+           "spec": {"nodeName": "n1"}, "status": {"phase": "Running", "podIP": "10.0.0.1"}}
+    svc = {"kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+           "spec": {"clusterIP": "10.96.0.1", "selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    store = MeshStore()
+    assert store.apply([pod]) == [] and store.state.service_serving("10.0.0.1", 8080) is None
+    store.apply([svc])
+    found = store.state.service_serving("10.0.0.1", 8080)
+    assert found is not None and found.key == "shop/web"
+    assert store.state.service_serving("10.0.0.1", 9090) is None  # not a port the Service targets
+    store.apply([{**pod, "metadata": {**pod["metadata"], "labels": {"app": "old"}}}])
+    assert store.state.service_serving("10.0.0.1", 8080) is None and dict(store.state.serving_at) == {}
+    store.apply([pod])
+    assert store.state.serving_at == {"10.0.0.1": frozenset({"shop/web"})}
