@@ -116,9 +116,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(_table([["NAMESPACE", "LABELS"], *([n["name"], _labels(n["labels"])] for n in s["namespaces"])]))
         if s["pods"]:
             print()
-            print(_table([["POD", "NODE", "IP", "SERVICE ACCOUNT", "ENROLLED", "LABELS", "NETNS"],
+            print(_table([["POD", "NODE", "IP", "SERVICE ACCOUNT", "ENROLLED", "LABELS", "NETNS", "PROBE PORTS"],
                           *([f"{p['namespace']}/{p['name']}", p["node"] or "-", p["ip"] or "-", p["service_account"],
-                             "yes" if p["enrolled"] else "no", _labels(p["labels"]), p["netns"] or "-"]
+                             "yes" if p["enrolled"] else "no", _labels(p["labels"]), p["netns"] or "-",
+                             ",".join(str(n) for n in p["probe_ports"]) or "-"]
                             for p in s["pods"])]))
         if s["services"]:
             print()

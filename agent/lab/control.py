@@ -31,6 +31,9 @@ from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
 from agent.lab.state import ROOT_NAMESPACE, LabObjects, atomic_write, check_dns_label, namespace_object, pod_object
 from agent.lab.topology import Lab
+from agent.mesh import views
+from agent.mesh.convert import ObjectError
+from agent.mesh.store import MeshState
 from agent.policy import PolicyEngine
 
 CA_TIMEOUT = 30.0
@@ -408,18 +411,21 @@ def status(name: str) -> dict[str, Any]:
     except (OSError, LabError, ValueError):
         state = None
     by_key = {p.key: p for p in info.pods}
+    mesh, errors = services.mesh_state(state.objects) if state is not None else (None, [])
     pods = []
     for obj in state.of_kind("Pod") if state else []:
         meta, spec, st = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status", {})
         pod = by_key.get(f"{meta.get('namespace', 'default')}/{meta.get('name')}")
+        workload = mesh.by_ip(st.get("podIP") or "") if mesh is not None else None
         pods.append({"namespace": meta.get("namespace", "default"), "name": meta.get("name"),
                      "node": spec.get("nodeName"), "ip": st.get("podIP"),
                      "service_account": spec.get("serviceAccountName") or "default",
                      "labels": meta.get("labels") or {}, "enrolled": state.is_enrolled(obj) if state else False,
+                     "probe_ports": sorted(workload.probe_ports) if workload is not None else [],
                      "netns": pod.netns if pod else None, "host_ifname": pod.host_ifname if pod else None})
     return {
         "name": info.name, "dir": str(paths.root), "phase": info.phase, "trust_domain": info.trust_domain,
-        **service_status(state),
+        **service_status(mesh, errors),
         "state_file": str(paths.state), "trust_bundle": str(paths.trust_bundle), "logs": str(paths.logs),
         "ca": {"node": info.ca_node, "address": info.ca_address,
                "netns": info.node(info.ca_node).netns if info.ca_node else None,
@@ -433,23 +439,12 @@ def status(name: str) -> dict[str, Any]:
     }
 
 
-def service_status(state: LabObjects | None) -> dict[str, Any]:
-    """``services``: each Service with its VIPs, ports and endpoints as the agents compute them;
-    ``service_errors``: the objects they would refuse."""
-    if state is None:
+def service_status(mesh: MeshState | None, errors: Sequence[ObjectError]) -> dict[str, Any]:
+    """``services``: each Service of the agents' view of the cluster state (``services.mesh_state``) with its VIPs,
+    ports and endpoints; ``service_errors``: the objects they refuse."""
+    if mesh is None:
         return {"services": [], "service_errors": []}
-    mesh, errors = services.mesh_state(state.objects)
-    found = []
-    for key in sorted(mesh.services):
-        svc = mesh.services[key]
-        endpoints = mesh.endpoints.get(key, {})
-        found.append({
-            "namespace": svc.namespace, "name": svc.name, "hostname": svc.hostname, "vips": list(svc.vips),
-            "ports": [{"port": p.port, "target_port": p.target_port, "target_name": p.target_name}
-                      for p in svc.ports],
-            "endpoints": [{"ip": ep.ip, "node": ep.node, "ports": {str(k): v for k, v in sorted(ep.ports.items())}}
-                          for _ip, ep in sorted(endpoints.items())],
-        })
+    found = [views.service(mesh.services[key], mesh.endpoints.get(key, {})) for key in sorted(mesh.services)]
     return {"services": found, "service_errors": [str(e) for e in errors]}
 
 

@@ -297,8 +297,8 @@ def test_preference_as_istiod_derives_it(spec: dict[str, Any], annotations: dict
     ("spec.internalTrafficPolicy", 1, "spec.internalTrafficPolicy must be a string, not int"),
     ("spec.externalTrafficPolicy", 1, "spec.externalTrafficPolicy must be a string, not int"),
     ("spec.externalTrafficPolicy", "Global", "spec.externalTrafficPolicy must be Cluster or Local, not 'Global'"),
-    ("spec.ports", [{"port": 80, "nodePort": 70000}], "spec.ports[0].nodePort must be a port number 1-65535, not 70000"),
-    ("spec.ports", [{"port": 80, "nodePort": "30080"}], "spec.ports[0].nodePort must be a port number 1-65535, not '30"),
+    ("spec.ports", [{"port": 80, "nodePort": 70000}], "spec.ports[0].nodePort must be a port number 1-65535, not 7"),
+    ("spec.ports", [{"port": 80, "nodePort": "30080"}], "spec.ports[0].nodePort must be a port number 1-65535, not '"),
     ("spec.trafficDistribution", ["PreferClose"], "spec.trafficDistribution must be a string, not list"),
     ("metadata.annotations", "x", "Service shop/web: metadata.annotations must be a mapping, not str"),
 ])
