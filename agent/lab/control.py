@@ -25,7 +25,7 @@ import yaml
 from agent.ca.authority import CertificateAuthority
 from agent.ca.issue import CERT_FILE, KEY_FILE, issue
 from agent.capture import netns
-from agent.lab import hosts, services
+from agent.lab import hosts, pods, services
 from agent.lab import runtime as rt
 from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
@@ -306,11 +306,12 @@ def _sync(info: LabInfo, state: LabObjects) -> None:
 def apply(info: LabInfo, paths: LabPaths, objects: Sequence[dict[str, Any]]) -> list[str]:
     """Create or replace objects as ``kubectl apply -f`` does (whole objects, no field merging), after the
     checks a cluster makes: Istio's webhook for policies, the API server for Services and EndpointSlices
-    (which also gives a Service its cluster IP). Any refusal refuses the whole batch (LabError naming each
-    object and field); else one "<resource>/<name> created|configured|unchanged" line per object."""
+    (which also gives a Service its cluster IP and node ports); a Pod changes one of the lab's pods (``pods``).
+    Any refusal refuses the whole batch (LabError naming each object and field); else one
+    "<resource>/<name> created|configured|unchanged" line per object."""
     errors = [str(e) for e in PolicyEngine().update(objects)]
     with edit(info, paths) as state:
-        errors += services.admit(state, objects)
+        errors += services.admit(state, objects) + pods.admit(state, objects)
         if errors:
             raise LabError("refused (nothing applied):\n  " + "\n  ".join(errors))
         return [f"{resource(obj['kind'])}/{obj['metadata']['name']} {state.put(obj)}" for obj in objects]
@@ -318,7 +319,7 @@ def apply(info: LabInfo, paths: LabPaths, objects: Sequence[dict[str, Any]]) -> 
 
 RESOURCES = {"AuthorizationPolicy": "authorizationpolicy.security.istio.io",
              "PeerAuthentication": "peerauthentication.security.istio.io", "Namespace": "namespace",
-             "Service": "service", "EndpointSlice": "endpointslice.discovery.k8s.io"}
+             "Service": "service", "EndpointSlice": "endpointslice.discovery.k8s.io", "Pod": "pod"}
 
 
 def resource(kind: str) -> str:

@@ -248,9 +248,11 @@ def _normal_ip(text: str) -> str:
         return text  # a host name: not one of the pod's addresses
 
 
-def pod_workload(pod: Mapping[str, Any], namespace_labels: Mapping[str, str]) -> Workload | None:
+def pod_workload(pod: Mapping[str, Any], namespace_labels: Mapping[str, str],
+                 problems: list[str] | None = None) -> Workload | None:
     """The workload a Pod is, or None when it has no address of its own yet (not running, not scheduled,
-    hostNetwork)."""
+    hostNetwork). A probe whose port names no port of its container is left out of ``probe_ports`` and its
+    problem appended to ``problems``, or logged (for a workload) when that is None."""
     _kind, namespace, name = identify(pod)
     where = f"Pod {namespace}/{name}"
     meta = pod["metadata"]
@@ -266,11 +268,13 @@ def pod_workload(pod: Mapping[str, Any], namespace_labels: Mapping[str, str]) ->
         if ip not in ips:
             ips.append(ip)
     ports = _container_ports(spec, where)
-    probed, problems = probe_ports(spec, tuple(ips), where)
+    probed, unresolved = probe_ports(spec, tuple(ips), where)
     ready = _ready(status, where) and meta.get("deletionTimestamp") is None
+    if problems is not None:
+        problems += unresolved
     if not ips or not node or phase != "Running" or spec.get("hostNetwork"):
         return None
-    for problem in problems:
+    for problem in unresolved if problems is None else ():
         log.warning("%s", problem)
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     return Workload(
