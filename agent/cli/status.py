@@ -67,6 +67,11 @@ def _expiry(cert: dict[str, Any]) -> str:
     return f"{cert.get('state')}, expires {not_after} (in {left.total_seconds() / 3600:.1f} h)"
 
 
+def _probes(workload: dict[str, Any]) -> str:
+    ports = workload.get("probe_ports") or []
+    return f"; probe ports {','.join(str(p) for p in ports)}" if ports else ""
+
+
 def render_status(dump: dict[str, Any]) -> str:
     if "error" in dump:
         return f"{dump['where']}: {dump['error']}"
@@ -75,8 +80,8 @@ def render_status(dump: dict[str, Any]) -> str:
     lines = [f"{dump['node']}: {dump['ready']}; agent {dump.get('version', '?')}; "
              f"{len(dump.get('attachments', []))} eBPF attachments ({', '.join(backends) or '-'}); "
              f"{dump.get('connections', 0)} proxied connections"]
-    lines.append("  enrolled pods: " + (", ".join(f"{w['namespace']}/{w['name']} ({w['ip']})" for w in enrolled)
-                                        or "none"))
+    lines.append("  enrolled pods: " + (", ".join(f"{w['namespace']}/{w['name']} ({w['ip']}{_probes(w)})"
+                                                  for w in enrolled) or "none"))
     for cert in dump.get("certificates", []):
         lines.append(f"  certificate:   {cert['identity']}: {_expiry(cert)}")
     lines.append("  policies:      " + (", ".join(dump.get("policies", [])) or "none"))

@@ -29,6 +29,7 @@ from agent.identity.ca_client import CaClient
 from agent.identity.manager import CertificateManager
 from agent.kube.lifecycle import daemonset_removed
 from agent.kube.source import KubeSource
+from agent.mesh import views
 from agent.mesh.ports import Ports
 from agent.mesh.store import Change, MeshState, MeshStore, Workload
 from agent.node.kernel_events import KernelEvents
@@ -209,15 +210,8 @@ class NodeAgent:
         return {
             "node": self.config.node,
             "version": importlib.metadata.version("ambit"),
-            "workloads": [{"namespace": w.namespace, "name": w.name, "ip": w.ip, "node": w.node,
-                           "service_account": w.service_account, "enrolled": w.enrolled, "labels": dict(w.labels)}
-                          for w in state.by_uid.values()],
-            "services": [{"namespace": s.namespace, "name": s.name, "hostname": s.hostname, "vips": list(s.vips),
-                          "ports": [{"port": p.port, "target_port": p.target_port, "target_name": p.target_name}
-                                    for p in s.ports],
-                          "endpoints": [{"ip": e.ip, "node": e.node, "ports": {str(k): v for k, v in e.ports.items()}}
-                                        for e in state.endpoints.get(s.key, {}).values()]}
-                         for s in state.services.values()],
+            "workloads": [views.workload(w) for w in state.by_uid.values()],
+            "services": [views.service(s, state.endpoints.get(s.key, {})) for s in state.services.values()],
             "policies": self.authorizer.engine.policies,
             "certificates": [s.as_dict() for s in self.certificates.status()],
             "attachments": [{"ifindex": a.ifindex, "backend": a.backend, "program": a.prog_name} for a in attachments],
