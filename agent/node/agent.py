@@ -179,6 +179,7 @@ class NodeAgent:
                 hooked.append(ifname)
         before = set(self.redirector.enrolled())
         self.redirector.reconcile(desired, hooked)
+        self.redirector.set_probe_ports({w.ip: w.probe_ports for w in local if w.ip in desired})
         return before, desired
 
     async def _reconcile(self, new: MeshState) -> None:

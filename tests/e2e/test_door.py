@@ -22,7 +22,8 @@ works, captured: node-1's agent records a flow of plaintext from an unknown sour
 throughout. From the node, the pod's probe port passes whatever the policy (kubelet), and any other port is
 judged.
 
-Lab: 2 nodes, 3 pods each; app-i-1 in ``plain`` (not enrolled), app-i-2 and app-i-3 in ``mesh`` (enrolled).
+Lab: 2 nodes, 3 pods each; app-i-1 in ``plain`` (not enrolled), app-i-2 in ``mesh`` and app-i-3 in ``mesh2``
+(both enrolled).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from tests.fixtures.eventually import eventually_sync
 pytestmark = lo.lab_marks()
 
 MESH = "mesh"
+MESH2 = "mesh2"
 VICTIM = "app-1-2"
 NODE_PORT = 30080
 PROBE_PORT = 8081  # the victim's readiness probe (tcpSocket); its server listens on 8080 and 8081
@@ -125,6 +127,12 @@ SERVICES = f"""\
           "ports": [{{"name": "tcp", "port": 80, "targetPort": {h.SERVER_PORT}, "nodePort": {NODE_PORT}}}]}}}}
 """
 
+# The victim as the kubelet knows it: its server on 8080, a readiness probe on PROBE_PORT.
+VICTIM_POD = f"""{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{VICTIM}", "namespace": "{MESH}"}},
+ "spec": {{"containers": [{{"name": "app", "ports": [{{"name": "http", "containerPort": {h.SERVER_PORT}}},
+                                                   {{"name": "health", "containerPort": {PROBE_PORT}}}],
+                          "readinessProbe": {{"tcpSocket": {{"port": "health"}}}}}}]}}}}
+"""
 STRICT = f"""{{"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
  "metadata": {{"name": "strict", "namespace": "{MESH}"}}, "spec": {{"mtls": {{"mode": "STRICT"}}}}}}
 """
@@ -135,7 +143,7 @@ ALLOW_NOTHING = f"""{{"apiVersion": "security.istio.io/v1", "kind": "Authorizati
 DENY_APP_1_3 = f"""{{"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
  "metadata": {{"name": "deny-app-1-3", "namespace": "{MESH}"}},
  "spec": {{"selector": {{"matchLabels": {{"app": "{VICTIM}"}}}}, "action": "DENY",
-          "rules": [{{"from": [{{"source": {{"principals": ["cluster.local/ns/{MESH}/sa/app-1-3"]}}}}]}}]}}}}
+          "rules": [{{"from": [{{"source": {{"principals": ["cluster.local/ns/{MESH2}/sa/app-1-3"]}}}}]}}]}}}}
 """
 
 
@@ -169,13 +177,14 @@ def overlay_host(lab_name: str, node_netns: str) -> Iterator[Place]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorLab]:
-    with h.running_lab("door", nodes=2, pods=3, namespaces=("plain", MESH, MESH)) as (info, paths):
+    with h.running_lab("door", nodes=2, pods=3, namespaces=("plain", MESH, MESH2)) as (info, paths):
         lab = DoorLab(info, paths)
         lab.tmp = tmp_path_factory.mktemp("door")
-        lab.apply(SERVICES)
+        lab.apply(SERVICES + "---\n" + VICTIM_POD)
         status = json.loads(lo.ambit_ok("lab", "--name", lab.name, "status", "--json"))
         lab.vip = next(s["vips"][0] for s in status["services"] if s["name"] == "victim")
-        h.set_namespace_label(paths, MESH, "ambient")
+        for namespace in (MESH, MESH2):
+            h.set_namespace_label(paths, namespace, "ambient")
         victim = lab.pod(VICTIM)
         servers = [h.EchoServer(victim, port).start() for port in (h.SERVER_PORT, PROBE_PORT)]
         servers += [h.EchoServer(lab.pod(p)).start() for p in ("app-2-2",)]
@@ -261,3 +270,18 @@ def test_the_denied_pod_is_refused_by_name_where_its_identity_survives(lab: Door
     with in_force(lab, DENY_APP_1_3, "AuthorizationPolicy", "deny-app-1-3"):
         assert lo.attempt(lab.pod("app-1-3"), lab.pod(VICTIM)).refused
         assert lo.attempt(lab.pod("app-2-2"), lab.pod(VICTIM)).outcome == "ok"
+
+
+def test_from_the_node_the_probe_port_passes_and_any_other_is_judged(lab: DoorLab) -> None:
+    """Kubelet probes need no policy: with allow-nothing and STRICT in force, the node reaches the victim's
+    probe port directly (uncaptured: no flow), while its connection to 8080 is refused."""
+    node, victim = lab.node(0), lab.pod(VICTIM)
+    with in_force(lab, ALLOW_NOTHING, "AuthorizationPolicy", "allow-nothing"):
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1)) + "Z"
+        probe = lo.attempt_at(node, (victim.ip, PROBE_PORT), size=64)
+        assert probe.outcome == "ok", probe
+        assert lo.attempt_at(node, (victim.ip, h.SERVER_PORT), size=64).refused
+        time.sleep(0.5)
+        seen = {lo.tcp(f).get("destination_port") for f in flows_to_victim(lab, since, "DROPPED")}
+        seen |= {lo.tcp(f).get("destination_port") for f in flows_to_victim(lab, since, "FORWARDED")}
+        assert PROBE_PORT not in seen and h.SERVER_PORT in seen, seen
