@@ -140,6 +140,9 @@ def test_external_traffic_policy_local_keeps_the_source_and_drops_without_a_loca
     # from outside node-1 (a process on node-2, neither a pod nor node-1 itself): to node-1, which has the endpoint
     assert ask(node2.netns, (node1.ip, LOCAL)) == f"{BACKEND} {node2.ip}"  # no masquerade: the client's address
     assert ask(node1.netns, (node2.ip, LOCAL), timeout=DROPPED_AFTER) == "timeout"  # node-2 has none: dropped
+    # node-2 itself too: kube-proxy's filter output chain checks before its NAT output chain could short-cut it
+    assert ask(node2.netns, (node2.ip, LOCAL), timeout=DROPPED_AFTER) == "timeout"
+    assert ask(node1.netns, (node1.ip, LOCAL)) == f"{BACKEND} {node1.ip}"  # node-1 has one (masqueraded: its own)
     # kube-proxy's short cut for the cluster's pods: any endpoint, the pod's own address kept
     client: PodInfo = lab.pod("app-2-1")
     assert ask(client.netns, (node2.ip, LOCAL)) == f"{BACKEND} {client.ip}"
