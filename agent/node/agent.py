@@ -56,6 +56,8 @@ class AgentConfig:
     trust_domain: str = "cluster.local"
     uplinks: tuple[str, ...] = ("eth0",)
     fail_open: bool = False
+    node_passes: bool = False  # every connection the node opens to a pod passes (Istio); else its probe ports only
+    proc_sys: str = "/proc/sys"  # the node's /proc/sys (a container mounts the host's /proc/sys/net elsewhere)
     ports: Ports = Ports()
     kubeconfig: Path | None = None  # with state None: a kubeconfig, or None for in-cluster config
     sync_timeout: float = 60.0
@@ -84,7 +86,8 @@ class NodeAgent:
         self.config = config
         self.store = MeshStore()
         self.redirector = Redirector(list(config.uplinks), ports=config.ports, fail_open=config.fail_open,
-                                     bpffs=config.bpffs, instance=config.node)
+                                     bpffs=config.bpffs, instance=config.node, node_passes=config.node_passes,
+                                     proc_sys=config.proc_sys)
         self._tasks: set[asyncio.Task[None]] = set()
         self._identities: set[SpiffeId] = set()
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")

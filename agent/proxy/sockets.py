@@ -2,8 +2,10 @@
 upstream connections that carry the client's own address.
 
 Listeners are IP_TRANSPARENT: the eBPF programs hand them connections whose destination is a pod, and
-the accepted socket's local address is that original destination. Upstream sockets carry the agent's
-mark (0x539), so the programs and policy routing leave them alone, and, when they speak for a pod, are
+the accepted socket's local address is that original destination. Every socket of the agent carries its
+mark (0x539), listeners (hence their SYN-ACKs and accepted sockets) and upstream sockets alike, so the
+programs (an enrolled pod's door among them) and policy routing leave its packets alone; upstream sockets,
+when they speak for a pod, are
 bound to the pod's IP (IP_TRANSPARENT again) so the other end sees the client, not the node; the
 programs steer the replies back to the agent.
 """
@@ -26,6 +28,7 @@ def transparent_listener(port: int, host: str = "0.0.0.0", backlog: int = 1024) 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
