@@ -18,7 +18,8 @@ pod IP from another node, the uplink:
 
 With STRICT in ``mesh``, or an allow-nothing AuthorizationPolicy on app-1-2, every path is refused and
 node-1's agent records a DROPPED flow naming STRICT or the policy; with PERMISSIVE and no policy every path
-works, captured: node-1's agent records a flow of plaintext from an unknown source. Mesh clients keep working
+works, captured: node-1's agent records a flow of plaintext (a pod's address names the pod in the flow, as
+Hubble does, but no identity was proved). Mesh clients keep working
 throughout. From the node, the pod's probe port passes whatever the policy (kubelet), and any other port is
 judged.
 
@@ -261,7 +262,7 @@ def test_permissive_serves_every_path_captured(lab: DoorLab, path: Path_) -> Non
     a, since = run_path(lab, path)
     assert a.outcome == "ok", f"{path.name}: {a}"
     flow = assert_recorded(lab, path, since, "FORWARDED", "")
-    assert not flow["ip"].get("encrypted") and not flow.get("source", {}).get("identity"), flow
+    assert not flow["ip"].get("encrypted"), flow  # plaintext: whoever the source address names, nothing proved it
 
 
 def test_the_denied_pod_is_refused_by_name_where_its_identity_survives(lab: DoorLab) -> None:
