@@ -85,6 +85,7 @@ class KubeClient:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         if self._session is None:
+            # trust_env: HTTPS_PROXY and NO_PROXY apply, as they do to kubectl and client-go
             self._session = aiohttp.ClientSession(trust_env=True, read_bufsize=READ_BUFFER)
         response = await self._session.request(
             method, self.access.server + path, params=list(params), data=data, headers=headers, timeout=timeouts,

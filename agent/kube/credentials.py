@@ -6,7 +6,9 @@ An exec plugin (``client.authentication.k8s.io/v1`` or ``v1beta1``) is run as ku
 ``ExecCredential`` request (``spec.interactive`` is false: the agent has no terminal; ``spec.cluster`` when
 ``provideClusterInfo``), stdin closed; it prints an ``ExecCredential`` whose ``status`` has a ``token`` and/or a
 ``clientCertificateData``/``clientKeyData`` pair, and maybe an ``expirationTimestamp``. The answer is kept until
-shortly before it expires, or until the API server answers 401 to it; concurrent requests share one run.
+shortly before it expires, or until the API server answers 401 to it; concurrent requests share one run. A re-run
+that fails before the credential has expired is logged and tried again a little later, the credential meanwhile
+still in use; once it has expired (or was refused), the failure is the request's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 TOKEN_RELOAD = 60.0  # seconds between reads of a token file (client-go's period)
 EXEC_TIMEOUT = 60.0  # seconds an exec plugin may take
 EXEC_REFRESH_BEFORE = 30.0  # re-run a plugin this long before its credential expires (at most a quarter of its life)
+EXEC_RETRY = 5.0  # after a failed early re-run, seconds before the next try (the credential still works meanwhile)
 
 
 @dataclass(frozen=True)
@@ -114,14 +117,23 @@ class ExecPlugin:
         self.spec, self.cluster, self.where, self.base = spec, cluster, f"{where}: exec plugin {spec.command}", base
         self.timeout, self.clock = timeout, clock
         self.credential: Credential | None = None
-        self.refresh_at = 0.0  # wall clock (the plugin states expiry in wall-clock time)
+        self.expiry: float | None = None  # wall clock (the plugin states expiry in wall-clock time); None: never
+        self.refresh_at: float | None = None
         self.runs = 0
         self._lock = asyncio.Lock()
 
     async def get(self) -> Credential:
         async with self._lock:
-            if self.credential is None or (self.refresh_at and self.clock() >= self.refresh_at):
-                self.credential = await self._run()
+            if self.credential is None or (self.refresh_at is not None and self.clock() >= self.refresh_at):
+                try:
+                    self.credential = await self._run()
+                except KubeConfigError as e:
+                    now = self.clock()
+                    if self.credential is None or self.expiry is None or now >= self.expiry:
+                        raise
+                    self.refresh_at = min(self.expiry, now + EXEC_RETRY)
+                    log.warning("%s; the current credential stays in use until it expires in %.0f s", e,
+                                self.expiry - now)
             return self.credential
 
     def rejected(self, credential: Credential) -> None:
@@ -154,7 +166,8 @@ class ExecPlugin:
             raise KubeConfigError(f"{self.where}: exited with status {process.returncode}: {said}")
         credential, expiry = parse_exec_credential(out, self.spec.api_version, self.where)
         now = self.clock()
-        self.refresh_at = 0.0 if expiry is None else expiry - min(EXEC_REFRESH_BEFORE, max(expiry - now, 0) / 4)
+        self.expiry = expiry
+        self.refresh_at = None if expiry is None else expiry - min(EXEC_REFRESH_BEFORE, max(expiry - now, 0) / 4)
         log.debug("%s: credential obtained%s", self.where,
                   "" if expiry is None else f", expires in {expiry - now:.0f} s")
         base = self.base

@@ -257,9 +257,8 @@ def _material(entry: _Entry, key: str, kind: str) -> bytes | None:
 
 def _cluster(entry: _Entry, user: UserSpec, origin: str) -> ClusterAccess:
     where = entry.where("cluster")
-    for key in ("proxy-url",):
-        if entry.body.get(key):
-            raise KubeConfigError(f"{where}: {key} is not supported")
+    if entry.body.get("proxy-url"):
+        raise KubeConfigError(f"{where}: proxy-url is not supported")
     server = _string(entry.body, "server", where)
     if not server:
         raise KubeConfigError(f"{where}: server is not set")

@@ -1,6 +1,7 @@
 """Ambit's Kubernetes client against the API-server fake over real HTTP and TLS: client certificates, tokens,
 the in-cluster token's rotation, exec credential plugins (a real script, run as kubectl runs it), merged
-``$KUBECONFIG`` files and contexts, ``insecure-skip-tls-verify`` and ``tls-server-name``."""
+``$KUBECONFIG`` files and contexts (and a command line's ``--context``), ``insecure-skip-tls-verify`` and
+``tls-server-name``."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ import aiohttp
 import pytest
 import yaml
 
+from agent.cli.status import policy_main
 from agent.kube import PODS, Informer, KubeClient, KubeConfigError, connect
 from agent.kube.credentials import ExecPlugin
 from agent.kube.kubeconfig import in_cluster, kubeconfig_files, load_kubeconfig
 from agent.retry import Backoff
 from tests.fixtures.eventually import eventually
-from tests.fixtures.kube_fake import FakeApiServer, pod
+from tests.fixtures.kube_fake import FakeApiServer, namespace, pod
 
 TIMEOUTS = aiohttp.ClientTimeout(total=5)
 FAST = Backoff(initial=0.02, cap=0.1)
@@ -317,6 +319,27 @@ async def test_exec_plugin_is_run_again_before_its_token_expires(tmp_path: Path,
         await connection.close()
 
 
+async def test_a_failed_early_re_run_keeps_the_credential_until_it_expires(
+        tmp_path: Path, tls_server: FakeApiServer, caplog: pytest.LogCaptureFixture) -> None:
+    plugin = Plugin(tmp_path / "plugin")
+    plugin.token("t1", lifetime=5.0)  # re-run 1.25 s before it expires
+    connection = await connect(write_kubeconfig(tmp_path / "config", tls_server, plugin.user()))
+    started = time.monotonic()
+    try:
+        fails(plugin)
+        await asyncio.sleep(max(0.0, 3.9 - (time.monotonic() - started)))
+        with caplog.at_level(logging.WARNING, "agent.kube.credentials"):
+            assert await status_of(connection.api) == 200  # the re-run failed; t1 still works
+            assert await status_of(connection.api) == 200  # and the plugin is not run on every request
+        assert len(plugin.runs()) == 2
+        assert "exited with status 3" in caplog.text and "stays in use until it expires" in caplog.text
+        await asyncio.sleep(max(0.0, 5.2 - (time.monotonic() - started)))
+        with pytest.raises(KubeConfigError, match="exited with status 3"):  # expired: no credential now
+            await status_of(connection.api)
+    finally:
+        await connection.close()
+
+
 async def test_exec_plugin_is_run_again_after_a_401(tmp_path: Path, tls_server: FakeApiServer) -> None:
     plugin = Plugin(tmp_path / "plugin")
     plugin.token("t1")
@@ -455,3 +478,24 @@ async def test_informers_survive_a_plugin_that_fails_for_a_while(tmp_path: Path,
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await connection.close()
+
+
+# -- a command line's --context -------------------------------------------------------------------------------
+
+
+async def test_policy_explain_reads_the_cluster_of_the_context_given(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    async with FakeApiServer() as server:
+        server.create(namespace("shop", {"istio.io/dataplane-mode": "ambient"}))
+        server.create(pod("web", "shop", ip="10.0.0.1", node="node-1", service_account="web"))
+        server.create(pod("db", "shop", ip="10.0.1.1", node="node-2", service_account="db"))
+        config = tmp_path / "config"
+        config.write_text(yaml.safe_dump({
+            "current-context": "dead",
+            "clusters": [{"name": "live", "cluster": {"server": server.url}},
+                         {"name": "dead", "cluster": {"server": "http://127.0.0.1:9"}}],
+            "contexts": [{"name": "live", "context": {"cluster": "live"}},
+                         {"name": "dead", "context": {"cluster": "dead"}}]}))
+        argv = ["explain", "shop/web", "db:5432", "--kubernetes", "--kubeconfig", str(config), "--context", "live"]
+        assert await asyncio.to_thread(policy_main, argv) == 0  # its own event loop, in a thread
+    assert "decision: ALLOW" in capsys.readouterr().out
