@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,15 +73,14 @@ class TokenFile:
     """A bearer token read from ``path``, again every ``reload`` seconds and after a 401. A read that fails (the
     file being replaced, empty) keeps the last token and is logged."""
 
-    def __init__(self, path: Path, where: str, *, reload: float = TOKEN_RELOAD, base: Credential = Credential(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.path, self.where, self.reload, self.base, self.clock = path, where, reload, base, clock
+    def __init__(self, path: Path, where: str, *, reload: float = TOKEN_RELOAD,
+                 base: Credential = Credential()) -> None:
+        self.path, self.where, self.reload, self.base = path, where, reload, base
         token = self._read()
         if isinstance(token, str):
             raise KubeConfigError(f"{where}: token file {path}: {token}")
         self.credential = Credential(bearer(token.decode()), base.cert_pem, base.key_pem)
-        self.read_at = clock()
-        self.reads = 1
+        self.read_at = time.monotonic()
 
     def _read(self) -> bytes | str:
         """The token, or why there is none."""
@@ -92,9 +91,8 @@ class TokenFile:
         return token if token else "empty"
 
     async def get(self) -> Credential:
-        if self.clock() - self.read_at >= self.reload:
-            self.read_at = self.clock()
-            self.reads += 1
+        if time.monotonic() - self.read_at >= self.reload:
+            self.read_at = time.monotonic()
             token = self._read()
             if isinstance(token, str):
                 log.warning("%s: cannot re-read the token file %s (%s): keeping the last token", self.where,
@@ -113,22 +111,21 @@ class ExecPlugin:
     pair) takes precedence over what the plugin gives, as in kubectl."""
 
     def __init__(self, spec: ExecSpec, cluster: ClusterAccess, where: str, *, base: Credential = Credential(),
-                 timeout: float = EXEC_TIMEOUT, clock: Callable[[], float] = time.time) -> None:
+                 timeout: float = EXEC_TIMEOUT) -> None:
         self.spec, self.cluster, self.where, self.base = spec, cluster, f"{where}: exec plugin {spec.command}", base
-        self.timeout, self.clock = timeout, clock
+        self.timeout = timeout
         self.credential: Credential | None = None
         self.expiry: float | None = None  # wall clock (the plugin states expiry in wall-clock time); None: never
         self.refresh_at: float | None = None
-        self.runs = 0
         self._lock = asyncio.Lock()
 
     async def get(self) -> Credential:
         async with self._lock:
-            if self.credential is None or (self.refresh_at is not None and self.clock() >= self.refresh_at):
+            if self.credential is None or (self.refresh_at is not None and time.time() >= self.refresh_at):
                 try:
                     self.credential = await self._run()
                 except KubeConfigError as e:
-                    now = self.clock()
+                    now = time.time()
                     if self.credential is None or self.expiry is None or now >= self.expiry:
                         raise
                     self.refresh_at = min(self.expiry, now + EXEC_RETRY)
@@ -143,7 +140,6 @@ class ExecPlugin:
     async def _run(self) -> Credential:
         if self.spec.interactive_mode == "Always":
             raise KubeConfigError(f"{self.where}: interactiveMode Always needs a terminal, which this process has not")
-        self.runs += 1
         env = {**os.environ, **dict(self.spec.env), "KUBERNETES_EXEC_INFO": json.dumps(self._request())}
         try:
             process = await asyncio.create_subprocess_exec(
@@ -159,13 +155,14 @@ class ExecPlugin:
             raise KubeConfigError(f"{self.where}: no answer within {self.timeout:g} s") from None
         finally:
             if process.returncode is None:  # timed out or cancelled: do not leave it running
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
                 await process.wait()
         if process.returncode != 0:
             said = err.decode(errors="replace").strip()[-500:] or "nothing on stderr"
             raise KubeConfigError(f"{self.where}: exited with status {process.returncode}: {said}")
         credential, expiry = parse_exec_credential(out, self.spec.api_version, self.where)
-        now = self.clock()
+        now = time.time()
         self.expiry = expiry
         self.refresh_at = None if expiry is None else expiry - min(EXEC_REFRESH_BEFORE, max(expiry - now, 0) / 4)
         log.debug("%s: credential obtained%s", self.where,
