@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cluster.add_argument("--kubernetes", action="store_true",
                          help="watch the Kubernetes API (in-cluster config, or --kubeconfig)")
     run.add_argument("--kubeconfig", type=Path, default=None, help="with --kubernetes: a kubeconfig file")
+    run.add_argument("--context", default=None,
+                     help="with --kubernetes and a kubeconfig: the context to use (default: its current-context)")
     run.add_argument("--ca", required=True, help="CA address host:port")
     run.add_argument("--ca-token", type=Path, required=True, help="file with this node's bearer token")
     run.add_argument("--trust-bundle", type=Path, required=True, help="PEM file of the trusted roots")
@@ -127,7 +129,7 @@ async def run(args: argparse.Namespace) -> None:
                          trust_bundle=args.trust_bundle, trust_domain=args.trust_domain,
                          uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open,
                          node_passes=args.node_traffic == "all", proc_sys=args.proc_sys,
-                         kubeconfig=args.kubeconfig, bpffs=args.bpffs,
+                         kubeconfig=args.kubeconfig, kube_context=args.context, bpffs=args.bpffs,
                          daemonset=_daemonset(args.daemonset),
                          telemetry=TelemetryConfig(enabled=not args.no_telemetry, flows=args.flows,
                                                    observer_socket=args.observer_socket,

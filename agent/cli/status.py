@@ -1,7 +1,7 @@
 """``ambit status``: each agent's view of its node, and ``ambit policy explain``: who would decide a connection.
 
     ambit status [--lab NAME] [--admin URL_OR_SOCKET ...]
-    ambit policy explain SRC DST:PORT [--lab NAME | --state FILE | --kubernetes [--kubeconfig F]]
+    ambit policy explain SRC DST:PORT [--lab NAME | --state FILE | --kubernetes [--kubeconfig F] [--context C]]
 
 ``status`` reads each agent's /config_dump and readiness: from the lab's admin sockets, or from agents
 given by --admin (a unix socket path, or http://HOST:PORT). In Kubernetes the agents serve them on their
@@ -168,9 +168,9 @@ def explain(state: MeshState, source: str, destination: str, port: int, trust_do
     return "\n".join(lines)
 
 
-async def _kubernetes_state(kubeconfig: Path | None) -> MeshState:
+async def _kubernetes_state(kubeconfig: Path | None, context: str | None) -> MeshState:
     store = MeshStore()
-    source = await KubeSource.from_config(kubeconfig, store)
+    source = await KubeSource.from_config(kubeconfig, store, context=context)
     task = asyncio.ensure_future(source.run())
     try:
         async with asyncio.timeout(30):
@@ -192,6 +192,8 @@ def policy_main(argv: list[str], *, labs_root: Path = LABS_ROOT) -> int:
     where.add_argument("--state", type=Path, help="a cluster-state file of Kubernetes objects")
     where.add_argument("--kubernetes", action="store_true", help="read the cluster (in-cluster or --kubeconfig)")
     p.add_argument("--kubeconfig", type=Path, default=None)
+    p.add_argument("--context", default=None,
+                   help="with --kubernetes and a kubeconfig: the context to use (default: its current-context)")
     p.add_argument("--trust-domain", default=TRUST_DOMAIN)
     args = ap.parse_args(argv)
     target, _, port_text = args.destination.rpartition(":")
@@ -200,7 +202,7 @@ def policy_main(argv: list[str], *, labs_root: Path = LABS_ROOT) -> int:
         return 2
     try:
         if args.kubernetes:
-            state = asyncio.run(_kubernetes_state(args.kubeconfig))
+            state = asyncio.run(_kubernetes_state(args.kubeconfig, args.context))
         else:
             path = args.state or LabPaths.of(lab_name(args.lab, labs_root), labs_root).state
             state = build_state(kubernetes_objects(path.read_bytes()))

@@ -60,6 +60,7 @@ class AgentConfig:
     proc_sys: str = "/proc/sys"  # the node's /proc/sys (a container mounts the host's /proc/sys/net elsewhere)
     ports: Ports = Ports()
     kubeconfig: Path | None = None  # with state None: a kubeconfig, or None for in-cluster config
+    kube_context: str | None = None  # the kubeconfig's context (None: its current-context)
     sync_timeout: float = 60.0
     telemetry: TelemetryConfig = TelemetryConfig()
     bpffs: str = "/sys/fs/bpf"  # tcx links are pinned under <bpffs>/ambit/<node>
@@ -107,7 +108,7 @@ class NodeAgent:
             source.load()
             self._spawn(source.watch())
             return
-        kube = await KubeSource.from_config(cfg.kubeconfig, self.store)
+        kube = await KubeSource.from_config(cfg.kubeconfig, self.store, context=cfg.kube_context)
         self._kube = kube
         self._closers.append(kube.close)
         self._spawn(kube.run())
