@@ -43,6 +43,7 @@ import pytest
 from agent.lab import runtime as rt
 from tests.fixtures import lab_helpers as h
 from tests.fixtures import lab_observe as lo
+from tests.fixtures import packets
 from tests.fixtures.eventually import eventually_sync
 
 pytestmark = lo.lab_marks()
@@ -286,3 +287,17 @@ def test_from_the_node_the_probe_port_passes_and_any_other_is_judged(lab: DoorLa
         seen = {lo.tcp(f).get("destination_port") for f in flows_to_victim(lab, since, "DROPPED")}
         seen |= {lo.tcp(f).get("destination_port") for f in flows_to_victim(lab, since, "FORWARDED")}
         assert PROBE_PORT not in seen and h.SERVER_PORT in seen, seen
+
+
+def test_a_forged_enrolled_source_from_the_overlay_is_dropped_at_the_door(lab: DoorLab) -> None:
+    """The door verifies sources too: a SYN from behind the overlay claiming app-1-3's address (an enrolled pod of
+    node-1, whose own traffic comes in on its own veth) is dropped and counted, never captured as app-1-3."""
+    def spoofed() -> float:
+        _families, samples = lo.scrape(lab.paths, "node-1")
+        return sum(s.value for s in samples if s.name == "hubble_drop_total" and s.labels.get("reason") == "SPOOFED")
+
+    before = spoofed()
+    packets.send_syn(lab.overlay.netns, lab.pod("app-1-3").ip, lab.pod(VICTIM).ip, 40003, h.SERVER_PORT)
+    eventually_sync(lambda: spoofed() >= before + 1, "a SPOOFED drop counted on node-1", 5)
+    drops = lo.flows(lo.observe(lab.name, "--verdict", "DROPPED", "--node-name", "node-1", "--all"))
+    assert any("spoofed" in f.get("drop_reason_desc", "") and lo.tcp(f).get("source_port") == 40003 for f in drops)

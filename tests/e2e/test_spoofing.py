@@ -8,47 +8,21 @@ node 1 on its uplink), both forging app-1-1's address.
 
 from __future__ import annotations
 
-import os
-import socket
-import struct
 from collections.abc import Iterator
 
 import pytest
 
-from agent.capture import netns
 from agent.lab.runtime import LabInfo, LabPaths, PodInfo
 from tests.fixtures import lab_helpers as h
 from tests.fixtures import lab_observe as lo
+from tests.fixtures import packets
 from tests.fixtures.eventually import eventually_sync
 
 pytestmark = lo.lab_marks()
 
 
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
-
-
-def syn(src: str, dst: str, sport: int, dport: int) -> bytes:
-    """An IPv4 packet carrying a TCP SYN, checksums included."""
-    s, d = socket.inet_aton(src), socket.inet_aton(dst)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, int.from_bytes(os.urandom(4), "big"), 0, 5 << 4, 0x02, 64240, 0, 0)
-    tcp = tcp[:16] + struct.pack("!H", checksum(s + d + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp)) + tcp)) \
-        + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, s, d)
-    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
-    return ip + tcp
-
-
 def send_forged(attacker: PodInfo, victim: PodInfo, target: PodInfo, sport: int) -> None:
-    with netns.entered(attacker.netns):
-        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    with raw:
-        raw.sendto(syn(victim.ip, target.ip, sport, h.SERVER_PORT), (target.ip, 0))
+    packets.send_syn(attacker.netns, victim.ip, target.ip, sport, h.SERVER_PORT)
 
 
 @pytest.fixture(scope="module")
