@@ -39,7 +39,7 @@ from agent.proxy.outbound import OutboundProxy
 from agent.proxy.sockets import dial, transparent_listener
 from agent.sources.statefile import StateFile
 from agent.telemetry.hub import Telemetry, TelemetryConfig
-from hbone import Pool, SpiffeId, TrustBundle
+from hbone import Pool, SpiffeId, TrustBundle, canonical_ip
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,8 +74,10 @@ def migrate_queued_connections() -> None:
 
 
 def node_addresses() -> frozenset[str]:
+    """The node's own addresses, both families (the proxies never spoof a pod's address towards them)."""
     with IPRoute() as ipr:
-        return frozenset(a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()) | {"127.0.0.1"}
+        found = {canonical_ip(ip) for a in ipr.get_addr() if (ip := a.get_attr("IFA_ADDRESS"))}
+    return frozenset(found | {"127.0.0.1", "::1"})
 
 
 class NodeAgent:
@@ -160,7 +162,9 @@ class NodeAgent:
                 self._dirty.set()
 
     def _attach(self, local: list[Workload]) -> tuple[set[str], dict[str, str]]:
-        """In the kernel thread: capture exactly ``local``'s enrolled pods, steer replies for the others."""
+        """In the kernel thread: capture exactly ``local``'s enrolled pods, every address of each (both families
+        of a dual-stack pod, all behind the one interface the primary address leads to), steer replies for the
+        others."""
         desired: dict[str, str] = {}
         hooked: list[str] = []
         for workload in local:
@@ -170,7 +174,7 @@ class NodeAgent:
                 log.warning("pod %s (%s): no interface on this node: %s", workload.key, workload.ip, e)
                 continue
             if workload.enrolled:
-                desired[workload.ip] = ifname
+                desired.update(dict.fromkeys(workload.ips, ifname))
             else:
                 hooked.append(ifname)
         before = set(self.redirector.enrolled())
@@ -206,7 +210,7 @@ class NodeAgent:
         return {
             "node": self.config.node,
             "version": importlib.metadata.version("ambit"),
-            "workloads": [{"namespace": w.namespace, "name": w.name, "ip": w.ip, "node": w.node,
+            "workloads": [{"namespace": w.namespace, "name": w.name, "ip": w.ip, "ips": list(w.ips), "node": w.node,
                            "service_account": w.service_account, "enrolled": w.enrolled, "labels": dict(w.labels)}
                           for w in state.by_uid.values()],
             "services": [{"namespace": s.namespace, "name": s.name, "hostname": s.hostname, "vips": list(s.vips),
