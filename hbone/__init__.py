@@ -13,7 +13,7 @@ What users of the library need is here; the modules behind it are:
 """
 
 from hbone.accept import Acceptor
-from hbone.addresses import canonical_ip, format_address, parse_host_port
+from hbone.addresses import canonical_address, canonical_ip, format_address, parse_host_port
 from hbone.authority import Authority
 from hbone.client import HboneError, StreamFailed, StreamRefused, open_tunnel, request_headers
 from hbone.events import Data
@@ -69,6 +69,7 @@ __all__ = [
     "WorkloadCertificate",
     "abort_with_reset",
     "accepted_addresses",
+    "canonical_address",
     "canonical_ip",
     "close_with_reset",
     "connect_plain",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
@@ -17,6 +18,7 @@ from hbone.forward import Forwarder
 from hbone.identity import WorkloadCertificate
 from hbone.pool import Pool
 from hbone.server import HboneServer, InboundRequest, fixed_certificate
+from hbone.sockets import IP_BIND_ADDRESS_NO_PORT, dial
 from tests.fixtures.hbone_path import echo, hbone_path
 
 
@@ -102,3 +104,34 @@ async def test_one_dual_stack_listener_serves_both_families(ca: CertificateAutho
             await forwarder.close()
         await pool.close()
         await server.close()
+
+
+async def test_dial_from_an_ipv6_source_binds_the_address_and_leaves_the_port_to_connect() -> None:
+    """The HBONE and upstream dial of an IPv6 destination: an AF_INET6 socket bound to the source address with
+    IP_BIND_ADDRESS_NO_PORT (its port chosen at connect for the 4-tuple); a source of the other family is refused
+    as an OSError the proxies treat as a failed dial."""
+    peers: list[tuple[str, int]] = []
+
+    async def note(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[:2])
+        writer.close()
+
+    server = await asyncio.start_server(note, "::1", 0)
+    address = server.sockets[0].getsockname()[:2]
+    try:
+        sock = await dial(address, "::1")
+        with sock:
+            assert sock.family == socket.AF_INET6
+            assert sock.getsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+            local = sock.getsockname()[:2]
+            assert local[0] == "::1" and local[1] != 0
+        with pytest.raises(OSError) as raised:
+            await dial(address, "127.0.0.1")
+        assert raised.value.errno == errno.EAFNOSUPPORT and "not the same IP family" in str(raised.value)
+        for _ in range(100):  # bounded: the server task notes the peer soon after the connect
+            if peers:
+                break
+            await asyncio.sleep(0.01)
+        assert peers == [local]
+    finally:
+        server.close()
