@@ -31,6 +31,7 @@ from agent.kube.lifecycle import daemonset_removed
 from agent.kube.source import KubeSource
 from agent.mesh.ports import Ports
 from agent.mesh.store import Change, MeshState, MeshStore, Workload
+from agent.node.capture_plan import capture_plan
 from agent.node.kernel_events import KernelEvents
 from agent.proxy.authorize import Authorizer
 from agent.proxy.context import Mesh
@@ -162,24 +163,14 @@ class NodeAgent:
                 self._dirty.set()
 
     def _attach(self, local: list[Workload]) -> tuple[set[str], dict[str, str]]:
-        """In the kernel thread: capture exactly ``local``'s enrolled pods, every address of each (both families
-        of a dual-stack pod, all behind the one interface the primary address leads to), steer replies for the
-        others."""
-        desired: dict[str, str] = {}
-        hooked: list[str] = []
-        for workload in local:
-            try:
-                ifname = host_ifname_for(workload.ip)
-            except LookupError as e:
-                log.warning("pod %s (%s): no interface on this node: %s", workload.key, workload.ip, e)
-                continue
-            if workload.enrolled:
-                desired.update(dict.fromkeys(workload.ips, ifname))
-            else:
-                hooked.append(ifname)
+        """In the kernel thread: capture exactly ``local``'s enrolled pods (every address of each), steer replies
+        for the others (``capture_plan``)."""
+        plan = capture_plan(local, host_ifname_for)
+        for workload, why in plan.missing:
+            log.warning("pod %s (%s): no interface on this node: %s", workload.key, workload.ip, why)
         before = set(self.redirector.enrolled())
-        self.redirector.reconcile(desired, hooked)
-        return before, desired
+        self.redirector.reconcile(plan.capture, plan.hooked)
+        return before, plan.capture
 
     async def _reconcile(self, new: MeshState) -> None:
         """Capture follows enrollment; identities of local enrolled workloads are fetched ahead of use."""
