@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cluster.add_argument("--kubernetes", action="store_true",
                          help="watch the Kubernetes API (in-cluster config, or --kubeconfig)")
     run.add_argument("--kubeconfig", type=Path, default=None, help="with --kubernetes: a kubeconfig file")
+    run.add_argument("--context", default=None,
+                     help="with --kubernetes and a kubeconfig: the context to use (default: its current-context)")
     run.add_argument("--ca", required=True, help="CA address host:port")
     run.add_argument("--ca-token", type=Path, required=True, help="file with this node's bearer token")
     run.add_argument("--trust-bundle", type=Path, required=True, help="PEM file of the trusted roots")
@@ -51,6 +53,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--uplink", action="append", default=None, help="node uplink interface (repeatable)")
     run.add_argument("--fail-open", action="store_true",
                      help="when the agent is down, let enrolled pods' traffic go direct (default: fail closed)")
+    run.add_argument("--node-traffic", choices=("probes", "all"), default="probes",
+                     help="connections the node itself (kubelet, hostNetwork pods) opens to enrolled pods: 'probes' "
+                          "lets only those to the ports the pod's own liveness/readiness/startup probes name pass "
+                          "uncaptured and judges every other as plaintext from an unknown source; 'all' lets every "
+                          "one pass, as Istio does (default %(default)s)")
+    run.add_argument("--proc-sys", default="/proc/sys", metavar="DIR",
+                     help="the node's /proc/sys, where the agent sets what enrolled pods' doors need "
+                          "(net.ipv4.tcp_early_demux, per-veth accept_local and rp_filter); the DaemonSet mounts the "
+                          "host's /proc/sys/net under DIR, as a container's own is read-only (default %(default)s)")
     run.add_argument("--release-on-exit", action="store_true", help="detach everything when stopping")
     run.add_argument("--bpffs", default="/sys/fs/bpf", metavar="DIR",
                      help="tcx links are pinned in DIR/ambit/<node>; DIR/ambit may be a bpffs mount of its own "
@@ -118,7 +129,8 @@ async def run(args: argparse.Namespace) -> None:
     config = AgentConfig(node=args.node, state=args.state, ca_address=args.ca, ca_token=args.ca_token,
                          trust_bundle=args.trust_bundle, trust_domain=args.trust_domain,
                          uplinks=tuple(args.uplink or ["eth0"]), fail_open=args.fail_open,
-                         kubeconfig=args.kubeconfig, bpffs=args.bpffs,
+                         node_passes=args.node_traffic == "all", proc_sys=args.proc_sys,
+                         kubeconfig=args.kubeconfig, kube_context=args.context, bpffs=args.bpffs,
                          daemonset=_daemonset(args.daemonset),
                          telemetry=TelemetryConfig(enabled=not args.no_telemetry, flows=args.flows,
                                                    observer_socket=args.observer_socket,

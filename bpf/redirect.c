@@ -1,8 +1,11 @@
 /* Ambit transparent capture of enrolled pods' TCP into the node agent's listeners.
  *
- * Programs (loaded by agent/redirect through bcc):
+ * Programs (loaded by agent/capture through bcc):
  *   ambit_pod_ingress     SCHED_CLS, ingress of the host side of a pod's veth (packets FROM the pod)
  *   ambit_uplink_ingress  SCHED_CLS, ingress of the node's uplink (packets from other nodes)
+ *   ambit_pod_egress      SCHED_CLS, egress of the host side of an enrolled pod's veth: the pod's door, which
+ *                         every packet INTO the pod crosses, whatever way it came (a Service DNAT on this node,
+ *                         a NodePort, the node's own processes, an overlay or any other interface)
  *   ambit_sk_lookup       SK_LOOKUP, attached to the node netns; picks the agent listener for lookups the
  *                         tc programs cannot pre-assign (a SYN that meets a TIME_WAIT socket)
  *
@@ -10,16 +13,26 @@
  *   1. mark == config.mark: the agent's own traffic, pass.
  *   2. an existing socket of the node namespace owns the 4-tuple (the agent's accepted socket for a captured
  *      flow, or its IP_TRANSPARENT upstream socket bound to the client pod's address) and the destination is
- *      not a local address (those are delivered to their socket anyway: kubelet probes stay untouched):
- *      assign the packet to it and set the mark, so policy routing (fwmark -> local table) delivers it.
+ *      not a local address (those are delivered to their socket anyway): assign the packet to it and set the
+ *      mark, so policy routing (fwmark -> local table) delivers it.
  *   3. a new connection (SYN without ACK) from an enrolled pod (pod hook) or to an enrolled local pod (uplink
- *      hook): assign the agent listener 15001 / 15008 (dport 15008) / 15006 and mark; remember the flow.
+ *      hook, door): assign the agent listener 15001 / 15008 (dport 15008) / 15006 and mark; remember the flow.
  *      No listener: drop (fail-closed) unless config.flags has AMBIT_F_FAIL_OPEN.
  *   4. any other packet of a remembered flow whose socket is gone: hand it to the listener (answers
  *      syncookie ACKs / resets) or, with no listener, drop (fail-closed) so nothing leaks in the clear.
  *   5. everything else (pre-enrollment connections, non-enrolled pods, node <-> pod traffic) passes.
  * Before all of it: a packet whose source is an enrolled pod's address arriving on any interface but that
  * pod's own is dropped and counted (source verification).
+ *
+ * The door: sk_assign works only at tc ingress, so the egress program takes what it must capture back to the
+ * ingress of the same veth (bpf_redirect BPF_F_INGRESS, destination MAC := the veth's own), where
+ * ambit_pod_ingress recognises it (a packet entering a pod's veth from the node side, addressed to that very
+ * pod, can only be a door's) and assigns it as the pod's inbound. Conntrack is reset by the redirect and the
+ * assigned packet is marked, so the nft notrack rule keeps it out of conntrack: the Service/NodePort NAT of
+ * the first pass stays with the first pass's entry, which also un-NATs the agent's replies. The egress program
+ * only takes what the ingress will keep (a SYN when a listener exists; later packets of a flow the agent
+ * owns), so a packet never loops between the two. Connections the node itself opens to the pod's probe ports
+ * pass (kubelet probes); with AMBIT_F_NODE_PASSES every connection the node opens passes, as in Istio.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -46,6 +59,7 @@ BPF_ARRAY(config, struct ambit_config, 1);
 BPF_HASH(enrolled, __be32, struct ambit_pod, 16384);
 BPF_HASH(ifaces, __u32, __u32, 16384);
 BPF_HASH(bridge_ports, __u32, struct ambit_bridge_port, 16384);
+BPF_HASH(probe_ports, struct ambit_probe_port, __u8, 65536);
 BPF_TABLE("lru_hash", struct ambit_flow_key, struct ambit_flow, flows, 65536);
 BPF_PERCPU_ARRAY(counters, __u64, AMBIT_C_COUNT);
 #ifndef AMBIT_RINGBUF_PAGES
@@ -61,6 +75,7 @@ struct pkt {
     __be16 dport;
     __u8 flags;
     __u8 hook;
+    __u32 ifindex; /* skb->ifindex, read once: clang may otherwise keep a ctx pointer the verifier refuses */
 };
 
 static __always_inline void count(int idx)
@@ -83,7 +98,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u8 type
     ev->daddr = p->daddr;
     ev->sport = p->sport;
     ev->dport = p->dport;
-    ev->ifindex = skb->ifindex;
+    ev->ifindex = p->ifindex;
     ev->type = type;
     ev->tcp_flags = p->flags;
     ev->hook = p->hook;
@@ -136,6 +151,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
     p->sport = tcp->source;
     p->dport = tcp->dest;
     p->flags = ((__u8 *)tcp)[13];
+    p->ifindex = skb->ifindex;
     return 0;
 }
 
@@ -205,33 +221,25 @@ static __always_inline int refuse(struct __sk_buff *skb, struct pkt *p, struct a
 static __always_inline int spoofed(struct __sk_buff *skb, struct pkt *p)
 {
     struct ambit_pod *src = enrolled.lookup(&p->saddr);
-    if (!src || src->ifindex == skb->ifindex)
+    if (!src || src->ifindex == p->ifindex)
         return 0;
     count(AMBIT_C_DROP_SPOOFED);
     emit(skb, p, AMBIT_EV_DROP, AMBIT_V_DROPPED, 0, AMBIT_R_SPOOFED);
     return 1;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
+static __always_inline struct ambit_config *active_config(struct __sk_buff *skb)
 {
     int zero = 0;
     struct ambit_config *cfg = config.lookup(&zero);
     if (!cfg || !cfg->mark || skb->mark == cfg->mark)
-        return AMBIT_NEXT;
+        return NULL;
+    return cfg;
+}
 
-    /* Whose traffic is it? From a pod: the pod's own (outbound), unless the pod is not enrolled and calls an
-     * enrolled pod of this node: then it is that pod's inbound, captured whatever its source (as Istio's
-     * ambient does), so that STRICT and policy apply to it too. From the uplink: the destination's. */
-    int inbound = p->hook == AMBIT_D_UPLINK;
-    __be32 pod_ip = inbound ? p->daddr : p->saddr;
-    struct ambit_pod *pod = enrolled.lookup(&pod_ip);
-    if (!pod && !inbound) {
-        pod = enrolled.lookup(&p->daddr);
-        inbound = 1;
-    }
-    if (!pod)
-        return AMBIT_NEXT; /* no enrolled pod of this node on either end */
-
+/* Steps 2-4 for a packet of `inbound` (to an enrolled local pod) or outbound (from one) traffic. */
+static __always_inline int handle(struct __sk_buff *skb, struct pkt *p, struct ambit_config *cfg, int inbound)
+{
     int syn = (p->flags & (TCP_FL_SYN | TCP_FL_ACK)) == TCP_FL_SYN;
 
     /* 2. existing socket for this exact 4-tuple */
@@ -291,6 +299,8 @@ static __always_inline int handle(struct __sk_buff *skb, struct pkt *p)
     if (!sk)
         return refuse(skb, p, cfg, AMBIT_R_NO_LISTENER, AMBIT_C_DROP_NO_LISTENER);
     long err = 0;
+    if (p->hook == AMBIT_D_DOOR)
+        counter = AMBIT_C_REDIRECT_DOOR;
     if (time_wait || (cfg->flags & AMBIT_F_LOOKUP_SELECTS))
         err = 0; /* only mark: the socket lookup (SK_LOOKUP program) picks the listener */
     else
@@ -326,20 +336,51 @@ static __always_inline int via_bridge(struct __sk_buff *skb, struct pkt *p, stru
     return AMBIT_NEXT;
 }
 
+/* Whose traffic is a packet from a pod? The pod's own (outbound) when it is enrolled; else, when it calls an
+ * enrolled pod of this node, that pod's inbound, captured whatever its source (as Istio's ambient does), so
+ * that STRICT and policy apply to it too. Returns -1 when neither end is an enrolled pod of this node. */
+static __always_inline int pod_direction(struct pkt *p)
+{
+    if (enrolled.lookup(&p->saddr))
+        return 0;
+    return enrolled.lookup(&p->daddr) ? 1 : -1;
+}
+
+/* A packet coming back from the door (see the top of the file): addressed to the enrolled pod whose veth it
+ * enters from the node side. */
+static __always_inline int from_door(__u32 ifindex, struct pkt *p)
+{
+    struct ambit_pod *pod = enrolled.lookup(&p->daddr);
+    return pod && pod->ifindex == ifindex;
+}
+
 int ambit_pod_ingress(struct __sk_buff *skb)
 {
     struct pkt p = {};
     if (parse(skb, &p))
         return AMBIT_NEXT;
     p.hook = AMBIT_D_POD;
-    __u32 ifindex = skb->ifindex;
+    __u32 ifindex = p.ifindex;
     struct ambit_bridge_port *port = bridge_ports.lookup(&ifindex);
     if (port)
         return spoofed(skb, &p) ? TC_ACT_SHOT : via_bridge(skb, &p, port);
+    struct ambit_config *cfg = active_config(skb);
+    if (!cfg)
+        return AMBIT_NEXT;
+    if (from_door(ifindex, &p)) {
+        p.hook = AMBIT_D_DOOR;
+        int verdict = handle(skb, &p, cfg, 1);
+        /* the door took it because this program keeps it: never hand it back to the stack, which would
+         * forward it to the door again */
+        return verdict == AMBIT_NEXT ? TC_ACT_SHOT : verdict;
+    }
     __u32 *role = ifaces.lookup(&ifindex);
     if (!(role && *role == AMBIT_IF_BRIDGE) && spoofed(skb, &p)) /* the bridge's ports checked already */
         return TC_ACT_SHOT;
-    return handle(skb, &p);
+    int inbound = pod_direction(&p);
+    if (inbound < 0)
+        return AMBIT_NEXT;
+    return handle(skb, &p, cfg, inbound);
 }
 
 int ambit_uplink_ingress(struct __sk_buff *skb)
@@ -350,7 +391,90 @@ int ambit_uplink_ingress(struct __sk_buff *skb)
     p.hook = AMBIT_D_UPLINK;
     if (spoofed(skb, &p))
         return TC_ACT_SHOT;
-    return handle(skb, &p);
+    struct ambit_config *cfg = active_config(skb);
+    if (!cfg || !enrolled.lookup(&p.daddr))
+        return AMBIT_NEXT;
+    return handle(skb, &p, cfg, 1);
+}
+
+/* Does the agent own this packet's flow (a socket for its 4-tuple, or the flow table remembers it)? */
+static __always_inline int agent_flow(struct __sk_buff *skb, struct pkt *p)
+{
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = p->saddr;
+    t.ipv4.daddr = p->daddr;
+    t.ipv4.sport = p->sport;
+    t.ipv4.dport = p->dport;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (sk) {
+        int listening = sk->state == BPF_TCP_LISTEN;
+        bpf_sk_release(sk);
+        if (!listening)
+            return 1;
+    }
+    struct ambit_flow_key key = {};
+    flow_key(p, &key);
+    return flows.lookup(&key) != NULL;
+}
+
+/* The node itself calls the pod: kubelet probes of the pod's own probe ports pass (or everything, with
+ * AMBIT_F_NODE_PASSES). A packet the node sends carries its socket; a forwarded one does not. */
+static __always_inline int node_probe(struct __sk_buff *skb, struct pkt *p, struct ambit_config *cfg)
+{
+    if (!skb->sk)
+        return 0;
+    if (cfg->flags & AMBIT_F_NODE_PASSES)
+        return 1;
+    struct ambit_probe_port key = {};
+    key.addr = p->daddr;
+    key.port = p->dport;
+    if (!probe_ports.lookup(&key))
+        return 0;
+    count(AMBIT_C_PROBE_PASSED);
+    return 1;
+}
+
+int ambit_pod_egress(struct __sk_buff *skb)
+{
+    struct pkt p = {};
+    if (parse(skb, &p))
+        return AMBIT_NEXT;
+    p.hook = AMBIT_D_DOOR;
+    struct ambit_config *cfg = active_config(skb);
+    if (!cfg)
+        return AMBIT_NEXT;
+    struct ambit_pod *pod = enrolled.lookup(&p.daddr);
+    if (!pod || pod->ifindex != p.ifindex)
+        return AMBIT_NEXT;
+    /* Source verification for what the node forwards from interfaces without a pod program (overlays):
+     * a local enrolled pod's own traffic comes in on its own veth, where it is captured. */
+    struct ambit_pod *src = enrolled.lookup(&p.saddr);
+    if (src && !skb->sk && src->ifindex != skb->ingress_ifindex) {
+        count(AMBIT_C_DROP_SPOOFED);
+        emit(skb, &p, AMBIT_EV_DROP, AMBIT_V_DROPPED, 0, AMBIT_R_SPOOFED);
+        return TC_ACT_SHOT;
+    }
+    if (node_probe(skb, &p, cfg))
+        return AMBIT_NEXT;
+    if ((p.flags & (TCP_FL_SYN | TCP_FL_ACK)) == TCP_FL_SYN) {
+        __u16 lport = cfg->port[p.dport == bpf_htons(cfg->port[AMBIT_L_HBONE]) ? AMBIT_L_HBONE : AMBIT_L_INBOUND];
+        struct bpf_sock *sk = find_listener(skb, &p, lport);
+        if (!sk)
+            return refuse(skb, &p, cfg, AMBIT_R_NO_LISTENER, AMBIT_C_DROP_NO_LISTENER);
+        bpf_sk_release(sk);
+    } else if (!agent_flow(skb, &p)) {
+        return AMBIT_NEXT; /* a connection made before enrollment, or a probe's */
+    }
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end)
+        return TC_ACT_SHOT;
+    __u8 own[ETH_ALEN];
+    __builtin_memcpy(own, eth->h_source, ETH_ALEN);
+    if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), own, ETH_ALEN, 0))
+        return TC_ACT_SHOT;
+    return bpf_redirect(p.ifindex, BPF_F_INGRESS);
 }
 
 /* Listener lookups in the node namespace that the tc programs left to the kernel (SYN meeting a TIME_WAIT
@@ -373,10 +497,16 @@ int ambit_sk_lookup(struct bpf_sk_lookup *ctx)
     __u32 slot;
     if (*role == AMBIT_IF_POD) {
         __be32 remote = ctx->remote_ip4;
+        __be32 local = ctx->local_ip4;
         struct ambit_pod *pod = enrolled.lookup(&remote);
-        if (!pod || pod->ifindex != ifindex)
-            return SK_PASS;
-        slot = AMBIT_L_OUTBOUND;
+        if (pod && pod->ifindex == ifindex) {
+            slot = AMBIT_L_OUTBOUND;
+        } else {
+            pod = enrolled.lookup(&local); /* came back from the pod's door */
+            if (!pod || pod->ifindex != ifindex)
+                return SK_PASS;
+            slot = ctx->local_port == cfg->port[AMBIT_L_HBONE] ? AMBIT_L_HBONE : AMBIT_L_INBOUND;
+        }
     } else if (*role == AMBIT_IF_UPLINK) {
         __be32 local = ctx->local_ip4;
         if (!enrolled.lookup(&local))

@@ -8,6 +8,8 @@
 /* config.flags */
 #define AMBIT_F_FAIL_OPEN        (1u << 0) /* no listener: forward captured TCP unchanged instead of dropping */
 #define AMBIT_F_LOOKUP_SELECTS   (1u << 1) /* new flows: only mark; the SK_LOOKUP program picks the listener */
+#define AMBIT_F_NODE_PASSES      (1u << 2) /* every connection the node itself opens to a pod passes (Istio's
+                                            * behaviour); without it only the pod's probe ports pass */
 
 /* Role of an interface (ifaces map value); the SK_LOOKUP program uses it to recognise captured flows. */
 #define AMBIT_IF_POD     1 /* host side of an enrolled pod's veth: traffic FROM the pod arrives here */
@@ -36,6 +38,14 @@ struct ambit_pod {
 /* bridge_ports map: key = ifindex of a pod's veth that is a port of a bridge CNI's bridge (cni0) */
 struct ambit_bridge_port {
     __u8 mac[6];        /* the bridge's own address */
+    __u16 _pad;
+};
+
+/* probe_ports map: key = (pod IPv4, TCP port) that the pod's own liveness/readiness/startup probes name;
+ * connections from the node itself to them pass uncaptured (kubelet probes). Value unused (1). */
+struct ambit_probe_port {
+    __be32 addr;
+    __be16 port;
     __u16 _pad;
 };
 
@@ -78,6 +88,7 @@ struct ambit_flow {
 /* Hook that emitted an event */
 #define AMBIT_D_POD    0 /* pod veth ingress (outbound traffic and replies to agent upstream sockets) */
 #define AMBIT_D_UPLINK 1 /* uplink ingress (inbound traffic) */
+#define AMBIT_D_DOOR   2 /* an enrolled pod's door: host veth egress, everything going into the pod */
 
 /* One ring-buffer record, 32 bytes. Addresses/ports in network byte order as on the wire. */
 struct ambit_event {
@@ -107,6 +118,8 @@ struct ambit_event {
 #define AMBIT_C_EVENTS_LOST    8
 #define AMBIT_C_LOOKUP_SELECTED 9 /* SK_LOOKUP program picked a listener */
 #define AMBIT_C_DROP_SPOOFED   10
-#define AMBIT_C_COUNT          11
+#define AMBIT_C_REDIRECT_DOOR  11 /* new connections into a pod that only its door saw (DNAT, NodePort, node) */
+#define AMBIT_C_PROBE_PASSED   12 /* packets from the node to a pod's probe port, passed uncaptured */
+#define AMBIT_C_COUNT          13
 
 #endif

@@ -1,7 +1,7 @@
 """Run Ambit's CA.
 
     python -m agent.ca --dir DIR --trust-domain TD --listen HOST:PORT --tokens FILE --pods FILE
-    python -m agent.ca --dir DIR --trust-domain TD --listen HOST:PORT --kubernetes [--kubeconfig FILE]
+    python -m agent.ca --dir DIR --trust-domain TD --listen HOST:PORT --kubernetes [--kubeconfig FILE [--context C]]
     python -m agent.ca --dir DIR --trust-domain TD --init
     python -m agent.ca --dir DIR --trust-domain TD --issue intermediate|observer|operator --out OUT [--days N]
 
@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="authenticate node agents with TokenReview and watch pods through the Kubernetes API")
     p.add_argument("--kubeconfig", type=Path, default=None, help="with --kubernetes: a kubeconfig file "
                    "(default: in-cluster config, else $KUBECONFIG or ~/.kube/config)")
+    p.add_argument("--context", default=None,
+                   help="with --kubernetes and a kubeconfig: the context to use (default: its current-context)")
     p.add_argument("--agent-service-account", default=str(AGENT_SERVICE_ACCOUNT), metavar="NAMESPACE/NAME",
                    help=f"with --kubernetes: the node agents' service account (default {AGENT_SERVICE_ACCOUNT})")
     p.add_argument("--token-audience", default=CA_AUDIENCE,
@@ -103,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def _kubernetes(args: argparse.Namespace,
                       cleanup: list[Callable[[], Awaitable[None]]]) -> tuple[Authenticator, PodDirectory]:
     try:
-        connection = await connect(args.kubeconfig)
+        connection = await connect(args.kubeconfig, context=args.context)
     except KubeConfigError as e:
         raise SystemExit(f"ambit-ca: {e}") from None
     cleanup.append(connection.close)

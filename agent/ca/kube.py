@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient
 
 from agent.ca.auth import AuthenticationError, Caller
+from agent.kube.client import KubeClient, KubeConfigError
 from agent.kube.informer import DEFAULT_BACKOFF, PODS, Delta, Informer, KubeObject, object_key
 from agent.retry import Backoff
 from agent.sources.objectfile import SourceError
@@ -95,7 +94,7 @@ class KubePodDirectory:
     refuses an identity only because it has not seen the pod yet.
     """
 
-    def __init__(self, api: ApiClient, *, resync: float | None = 300.0, backoff: Backoff = DEFAULT_BACKOFF,
+    def __init__(self, api: KubeClient, *, resync: float | None = 300.0, backoff: Backoff = DEFAULT_BACKOFF,
                  watch_timeout: float = 300.0, sync_timeout: float = 10.0) -> None:
         self.informer = Informer(api, PODS, resync=resync, backoff=backoff, watch_timeout=watch_timeout)
         self.informer.add_handler(self._changed)
@@ -160,7 +159,7 @@ def _one(extra: Mapping[str, Any], key: str) -> str | None:
 class TokenReviewAuthenticator:
     """``Authenticator`` for node agents' projected ServiceAccount tokens (see the module docstring)."""
 
-    def __init__(self, api: ApiClient, *, agent: ServiceAccountRef = AGENT_SERVICE_ACCOUNT,
+    def __init__(self, api: KubeClient, *, agent: ServiceAccountRef = AGENT_SERVICE_ACCOUNT,
                  audience: str = CA_AUDIENCE, pods: KubePodDirectory | None = None,
                  request_timeout: float = 10.0) -> None:
         self.api = api
@@ -241,25 +240,20 @@ class TokenReviewAuthenticator:
                     what: str) -> dict[str, Any] | None:
         """One API request; the JSON object answered, None for 404, ``SourceError`` for anything else."""
         try:
-            response = cast(aiohttp.ClientResponse, await self.api.call_api(
-                path, method, body=body, header_params={"Accept": "application/json",
-                                                         "Content-Type": "application/json"},
-                auth_settings=["BearerToken"], _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=self.request_timeout)))
-            async with response:
-                data = await response.read()
+            reply = await self.api.call(method, path, body=body,
+                                        timeouts=aiohttp.ClientTimeout(total=self.request_timeout))
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             log.warning("%s: the Kubernetes API is unreachable: %s", what, str(e) or type(e).__name__)
             raise SourceError(f"{what}: the Kubernetes API is unreachable") from None
-        if response.status == 404:
+        except KubeConfigError as e:  # the CA's own credential cannot be had (an exec plugin failing)
+            log.error("%s: %s", what, e)
+            raise SourceError(f"{what}: no credential for the Kubernetes API") from None
+        if reply.status == 404:
             return None
-        try:
-            answer = json.loads(data)
-        except ValueError:
-            answer = None
-        if response.status not in (200, 201) or not isinstance(answer, dict):
-            message = answer.get("message") if isinstance(answer, dict) else data[:200].decode(errors="replace")
-            hint = " (does the CA's ClusterRole grant it?)" if response.status == 403 else ""
-            log.error("%s: the Kubernetes API answered %d: %s%s", what, response.status, message, hint)
-            raise SourceError(f"{what}: the Kubernetes API answered {response.status}")
+        answer = reply.json()
+        if reply.status not in (200, 201) or not isinstance(answer, dict):
+            message = answer.get("message") if isinstance(answer, dict) else reply.body[:200].decode(errors="replace")
+            hint = " (does the CA's ClusterRole grant it?)" if reply.status == 403 else ""
+            log.error("%s: the Kubernetes API answered %d: %s%s", what, reply.status, message, hint)
+            raise SourceError(f"{what}: the Kubernetes API answered {reply.status}")
         return answer

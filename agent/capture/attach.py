@@ -3,9 +3,10 @@
 Both kinds outlive the agent process (a pin keeps a tcx link; a tc filter is owned by the qdisc), which is
 what makes enrolled pods fail closed while the agent is down. Both can be listed again by a restarted
 agent, so `Redirector.reconcile()` can replace programs in place and remove leftovers:
-  - tcx: one pin per interface, `<pin_dir>/tcx-<ifindex>`; a restarted agent swaps the program with
-    BPF_LINK_UPDATE (atomic), a stale pin (device gone) is unpinned;
-  - clsact: a bpf filter at a fixed (prio, handle) on the ingress hook, named after the program
+  - tcx: one pin per interface and direction, `<pin_dir>/tcx-<ifindex>` (ingress) and
+    `<pin_dir>/tcx-egress-<ifindex>`; a restarted agent swaps the program with BPF_LINK_UPDATE (atomic), a
+    stale pin (device gone) is unpinned;
+  - clsact: a bpf filter at a fixed (prio, handle) on the ingress or egress hook, named after the program
     (`ambit_*`); "replace" swaps the program atomically, so there is never a duplicate.
 """
 
@@ -21,8 +22,14 @@ from agent.capture import bpfsys
 from agent.capture import netns as netns_mod
 
 Backend = Literal["tcx", "clsact"]
+Direction = Literal["ingress", "egress"]
+DIRECTIONS: tuple[Direction, ...] = ("ingress", "egress")
 PROG_PREFIX = "ambit_"
 CLSACT_INGRESS = 0xFFFFFFF2
+CLSACT_EGRESS = 0xFFFFFFF3
+CLSACT_PARENT: dict[Direction, int] = {"ingress": CLSACT_INGRESS, "egress": CLSACT_EGRESS}
+TCX_ATTACH_TYPE: dict[Direction, int] = {"ingress": bpfsys.BPF_TCX_INGRESS, "egress": bpfsys.BPF_TCX_EGRESS}
+TCX_PIN_PREFIX: dict[Direction, str] = {"ingress": "tcx-", "egress": "tcx-egress-"}
 FILTER_PRIO = 1
 FILTER_HANDLE = 0x539
 ETH_P_ALL = 0x0003
@@ -30,12 +37,13 @@ ETH_P_ALL = 0x0003
 
 @dataclass(frozen=True)
 class Attachment:
-    """One of our programs on an interface's ingress hook."""
+    """One of our programs on an interface's ingress or egress hook."""
 
     ifindex: int
     backend: Backend
     prog_name: str
     ident: str  # tcx: pin path; clsact: "prio:handle"
+    direction: Direction = "ingress"
 
 
 def _filter_name(msg: Any) -> str | None:
@@ -47,13 +55,13 @@ def _filter_name(msg: Any) -> str | None:
 
 
 class Clsact:
-    """bpf filters on the clsact ingress hook (works on every kernel with cls_bpf)."""
+    """bpf filters on the clsact hooks (works on every kernel with cls_bpf)."""
 
     def __init__(self, ipr: Any) -> None:
         self.ipr = ipr
 
-    def attach(self, ifindex: int, prog_fd: int, prog_name: str) -> None:
-        """Install or atomically replace our filter on `ifindex`."""
+    def attach(self, ifindex: int, prog_fd: int, prog_name: str, direction: Direction = "ingress") -> None:
+        """Install or atomically replace our filter on `ifindex`'s `direction` hook."""
         try:
             self.ipr.tc("add", "clsact", ifindex)
         except Exception as e:  # pyroute2 raises NetlinkError(code) for EEXIST
@@ -61,13 +69,13 @@ class Clsact:
                 raise
         self.ipr.tc(
             "replace-filter", "bpf", ifindex, FILTER_HANDLE,
-            fd=prog_fd, name=prog_name, parent=CLSACT_INGRESS, classid=1, direct_action=True,
+            fd=prog_fd, name=prog_name, parent=CLSACT_PARENT[direction], classid=1, direct_action=True,
             prio=FILTER_PRIO, protocol=ETH_P_ALL,
         )  # fmt: skip
 
-    def _filters(self, ifindex: int) -> list[Any]:
+    def _filters(self, ifindex: int, direction: Direction) -> list[Any]:
         try:
-            return list(self.ipr.get_filters(index=ifindex, parent=CLSACT_INGRESS))
+            return list(self.ipr.get_filters(index=ifindex, parent=CLSACT_PARENT[direction]))
         except Exception as e:
             if getattr(e, "code", None) in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
                 return []  # no clsact qdisc / device gone
@@ -77,24 +85,30 @@ class Clsact:
         """Our filters (any prio/handle, so duplicates left by someone else show up too)."""
         found = []
         for ifindex in ifindexes:
-            for msg in self._filters(ifindex):
-                name = _filter_name(msg)
-                if name and name.startswith(PROG_PREFIX):
-                    prio = (msg["info"] >> 16) & 0xFFFF
-                    found.append(Attachment(ifindex, "clsact", name, f"{prio}:{msg['handle']}"))
+            for direction in DIRECTIONS:
+                for msg in self._filters(ifindex, direction):
+                    name = _filter_name(msg)
+                    if name and name.startswith(PROG_PREFIX):
+                        prio = (msg["info"] >> 16) & 0xFFFF
+                        found.append(Attachment(ifindex, "clsact", name, f"{prio}:{msg['handle']}", direction))
         return found
 
     def detach(self, att: Attachment) -> None:
         """Remove one filter; drop the clsact qdisc when nothing else is left on it."""
         prio, handle = (int(x) for x in att.ident.split(":"))
         with contextlib.suppress(Exception):
-            self.ipr.tc("del-filter", "bpf", att.ifindex, handle, parent=CLSACT_INGRESS, prio=prio, protocol=ETH_P_ALL)
-        remaining = self._filters(att.ifindex)
-        with contextlib.suppress(Exception):
-            remaining += list(self.ipr.get_filters(index=att.ifindex, parent=0xFFFFFFF3))  # egress hook
-        if not remaining:
+            self.ipr.tc("del-filter", "bpf", att.ifindex, handle, parent=CLSACT_PARENT[att.direction], prio=prio,
+                        protocol=ETH_P_ALL)
+        if not any(self._filters(att.ifindex, direction) for direction in DIRECTIONS):
             with contextlib.suppress(Exception):
                 self.ipr.tc("del", "clsact", att.ifindex)
+
+
+def _tcx_direction(attach_type: int) -> Direction | None:
+    for direction in DIRECTIONS:
+        if TCX_ATTACH_TYPE[direction] == attach_type:
+            return direction
+    return None
 
 
 class Tcx:
@@ -107,16 +121,16 @@ class Tcx:
         self.pin_dir = pin_dir
         self.netns = netns
 
-    def _path(self, ifindex: int) -> str:
-        return os.path.join(self.pin_dir, f"tcx-{ifindex}")
+    def _path(self, ifindex: int, direction: Direction) -> str:
+        return os.path.join(self.pin_dir, f"{TCX_PIN_PREFIX[direction]}{ifindex}")
 
-    def attach(self, ifindex: int, prog_fd: int, prog_name: str) -> None:
-        """Create and pin a link, or swap the program of the pinned one for `ifindex`."""
+    def attach(self, ifindex: int, prog_fd: int, prog_name: str, direction: Direction = "ingress") -> None:
+        """Create and pin a link, or swap the program of the pinned one for `ifindex` and `direction`."""
         with netns_mod.entered(self.netns):
-            self._attach(ifindex, prog_fd)
+            self._attach(ifindex, prog_fd, direction)
 
-    def _attach(self, ifindex: int, prog_fd: int) -> None:
-        path = self._path(ifindex)
+    def _attach(self, ifindex: int, prog_fd: int, direction: Direction) -> None:
+        path = self._path(ifindex, direction)
         if os.path.exists(path):
             fd = bpfsys.obj_get(path)
             try:
@@ -127,7 +141,7 @@ class Tcx:
                 os.close(fd)
             os.unlink(path)  # defunct link of a vanished device that had this ifindex
         os.makedirs(self.pin_dir, exist_ok=True)
-        fd = bpfsys.link_create_tcx(prog_fd, ifindex)
+        fd = bpfsys.link_create_tcx(prog_fd, ifindex, TCX_ATTACH_TYPE[direction])
         try:
             bpfsys.obj_pin(fd, path)
         except OSError:
@@ -158,10 +172,11 @@ class Tcx:
                 prog = bpfsys.prog_info_by_id(info.prog_id).name if info.prog_id else ""
             finally:
                 os.close(fd)
-            if info.target == 0 or name != f"tcx-{info.target}":
+            direction = _tcx_direction(info.attach_type)
+            if info.target == 0 or direction is None or name != f"{TCX_PIN_PREFIX[direction]}{info.target}":
                 stale.append(path)
             else:
-                live.append(Attachment(info.target, "tcx", prog, path))
+                live.append(Attachment(info.target, "tcx", prog, path, direction))
         return live, stale
 
     def detach(self, att: Attachment) -> None:

@@ -17,10 +17,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from agent.capture.programs import LOOKUP_PROG, POD_PROG, UPLINK_PROG, RedirectError
+from agent.capture.programs import DOOR_PROG, LOOKUP_PROG, POD_PROG, UPLINK_PROG, RedirectError
 
-MAPS = ("config", "enrolled", "ifaces", "bridge_ports", "flows", "counters", "events", "listeners")
-PROGRAMS = (POD_PROG, UPLINK_PROG, LOOKUP_PROG)
+MAPS = ("config", "enrolled", "ifaces", "bridge_ports", "probe_ports", "flows", "counters", "events", "listeners")
+PROGRAMS = (POD_PROG, UPLINK_PROG, DOOR_PROG, LOOKUP_PROG)
 LOAD_TIMEOUT = 120.0
 
 
@@ -77,9 +77,8 @@ def _serve(sock_fd: int, ringbuf_pages: int) -> int:
     with socket.socket(fileno=sock_fd) as sock:
         try:
             b = compile_programs([f"-DAMBIT_RINGBUF_PAGES={ringbuf_pages}"])
-            fds = {POD_PROG: b.load_func(POD_PROG.encode(), BPF.SCHED_CLS).fd,
-                   UPLINK_PROG: b.load_func(UPLINK_PROG.encode(), BPF.SCHED_CLS).fd,
-                   LOOKUP_PROG: b.load_func(LOOKUP_PROG.encode(), bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
+            fds = {name: b.load_func(name.encode(), BPF.SCHED_CLS).fd for name in (POD_PROG, UPLINK_PROG, DOOR_PROG)}
+            fds |= {LOOKUP_PROG: b.load_func(LOOKUP_PROG.encode(), bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
                                             attach_type=bpfsys.BPF_SK_LOOKUP).fd}
             fds |= {name: bpfsys_table_fd(b, name) for name in MAPS}
         except RedirectError as e:

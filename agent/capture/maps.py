@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 F_FAIL_OPEN = 1 << 0
 F_LOOKUP_SELECTS = 1 << 1
+F_NODE_PASSES = 1 << 2
 
 IF_POD = 1
 IF_UPLINK = 2
@@ -61,6 +62,7 @@ class Hook(enum.IntEnum):
 
     POD = 0
     UPLINK = 1
+    DOOR = 2
 
 
 class Counter(enum.IntEnum):
@@ -77,6 +79,8 @@ class Counter(enum.IntEnum):
     EVENTS_LOST = 8
     LOOKUP_SELECTED = 9
     DROP_SPOOFED = 10
+    REDIRECT_DOOR = 11
+    PROBE_PASSED = 12
 
 
 COUNTER_COUNT = len(Counter)
@@ -97,6 +101,16 @@ class PodC(ctypes.Structure):
     """struct ambit_pod"""
 
     _fields_ = [("ifindex", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+class ProbePortC(ctypes.Structure):
+    """struct ambit_probe_port (key of the probe_ports map; address and port in network byte order)"""
+
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
+
+    @classmethod
+    def of(cls, ip: str, port: int) -> ProbePortC:
+        return cls(addr=ip_key(ip), port=socket.htons(port))
 
 
 class BridgePortC(ctypes.Structure):

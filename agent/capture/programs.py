@@ -10,6 +10,7 @@ from typing import Any
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 POD_PROG = "ambit_pod_ingress"
 UPLINK_PROG = "ambit_uplink_ingress"
+DOOR_PROG = "ambit_pod_egress"
 LOOKUP_PROG = "ambit_sk_lookup"
 
 

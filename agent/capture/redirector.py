@@ -15,8 +15,16 @@ What runs where (node network namespace, where the agent lives):
   - policy routing: `100: fwmark 0x539 lookup 100` + `local 0.0.0.0/0 dev lo table 100` delivers the
     assigned (marked) packets locally; `99: fwmark 0x539 iif lo goto 32766` exempts the agent's OWN marked
     packets (its upstream connections), which that rule would otherwise loop back to itself.
-  - No sysctl is needed: with rp_filter 0, 1 and 2 on every node interface capture, inbound 15006/15008
-    and return steering all worked the same; forwarding is the node's business, not ours.
+  - `ambit_pod_egress` on the egress of every enrolled pod's veth (routed CNIs): the pod's door, which sees
+    every packet going INTO the pod whatever way it came (a Service VIP DNATed on this node, a NodePort, the
+    node's own processes, an overlay): it hands new connections (and the later packets of flows the agent
+    owns) back to the veth's ingress, where `ambit_pod_ingress` assigns them as the pod's inbound. Connections
+    the node itself opens to the pod's probe ports pass (`set_probe_ports`); `node_passes=True` lets every
+    connection from the node pass, as Istio does. Needs `tcp_early_demux` off and two settings per door veth
+    (`sysctls`). Not on a bridge CNI's ports (their frames are switched before the veth's egress runs our
+    decision in the bridge's stack; those pods keep the capture at the other hooks only).
+  - rp_filter 0 and 2 on the node's interfaces both work; 1 (strict) drops door captures from other pods of
+    the node (logged); forwarding is the node's business, not ours.
 
 Mechanism, chosen by measurement (`python -m bench.capture_design`, this VM: Linux 6.18, 2 vCPU,
 bcc 0.26; lab pods are network namespaces; two runs, numbers from the second where they differ):
@@ -72,23 +80,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agent.capture import bpfsys, conntrack
+from agent.capture import bpfsys, conntrack, sysctls
 from agent.capture import netns as netns_mod
-from agent.capture.attach import FILTER_HANDLE, FILTER_PRIO, Attachment, Backend, Clsact, Tcx
+from agent.capture.attach import FILTER_HANDLE, FILTER_PRIO, Attachment, Backend, Clsact, Direction, Tcx
 from agent.capture.kmap import KernelMap
 from agent.capture.loader import Loaded, load
 from agent.capture.maps import (
     COUNTER_COUNT,
     F_FAIL_OPEN,
     F_LOOKUP_SELECTS,
+    F_NODE_PASSES,
     IF_BRIDGE,
     IF_POD,
     IF_UPLINK,
@@ -98,10 +108,11 @@ from agent.capture.maps import (
     FlowEvent,
     Listener,
     PodC,
+    ProbePortC,
     ip_key,
     key_ip,
 )
-from agent.capture.programs import LOOKUP_PROG, POD_PROG, UPLINK_PROG, RedirectError
+from agent.capture.programs import DOOR_PROG, LOOKUP_PROG, POD_PROG, UPLINK_PROG, RedirectError
 from agent.capture.ringbuf import RingBufferReader
 from agent.capture.routing import ROUTE_TABLE, RULE_PRIORITY, PolicyRouting
 from agent.mesh.ports import AGENT_MARK, Ports
@@ -147,6 +158,8 @@ class Redirector:
         instance: str | None = None,
         lookup_selects: bool = False,
         ringbuf_pages: int = 64,
+        node_passes: bool = False,
+        proc_sys: str = sysctls.PROC_SYS,
     ) -> None:
         if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
             raise ValueError("ringbuf_pages must be a power of two")
@@ -158,6 +171,9 @@ class Redirector:
         self.rule_priority = rule_priority
         self._fail_open = fail_open
         self._lookup_selects = lookup_selects
+        self._node_passes = node_passes
+        self._proc_sys = proc_sys
+        self._probe_ports: frozenset[tuple[str, int]] = frozenset()
         self._backend_choice = backend
         self._bpffs = bpffs
         self._instance = instance
@@ -195,6 +211,7 @@ class Redirector:
                 "enrolled": KernelMap(m["enrolled"], ctypes.c_uint32, PodC),
                 "ifaces": KernelMap(m["ifaces"], ctypes.c_uint32, ctypes.c_uint32),
                 "bridge_ports": KernelMap(m["bridge_ports"], ctypes.c_uint32, BridgePortC),
+                "probe_ports": KernelMap(m["probe_ports"], ProbePortC, ctypes.c_uint8),
                 "counters": KernelMap(m["counters"], ctypes.c_uint32, ctypes.c_uint64, percpu=True),
             }
             self._write_config()
@@ -202,6 +219,7 @@ class Redirector:
             self._choose_backend()
             self._routing().install()
             self._untrack_steered()
+            sysctls.install(self.netns, self._proc_sys)
             if self._uplink_names is None:
                 self._uplink_names = self._default_route_devices()
             for name in self._uplink_names:
@@ -276,7 +294,7 @@ class Redirector:
         with self._poll_lock:
             if detach and self._ipr is not None:
                 for step in (self._remove_all_attachments, lambda: self._routing().remove(),
-                             lambda: conntrack.remove(self.netns)):
+                             lambda: conntrack.remove(self.netns), lambda: sysctls.remove(self.netns, self._proc_sys)):
                     try:
                         step()
                     except Exception:
@@ -351,7 +369,8 @@ class Redirector:
 
     def _write_config(self) -> None:
         cfg = ConfigC()
-        cfg.flags = (F_FAIL_OPEN if self._fail_open else 0) | (F_LOOKUP_SELECTS if self._lookup_selects else 0)
+        cfg.flags = ((F_FAIL_OPEN if self._fail_open else 0) | (F_LOOKUP_SELECTS if self._lookup_selects else 0)
+                     | (F_NODE_PASSES if self._node_passes else 0))
         cfg.mark = self.mark
         cfg.port[Listener.OUTBOUND] = self.ports.outbound
         cfg.port[Listener.INBOUND] = self.ports.inbound
@@ -359,18 +378,32 @@ class Redirector:
         self._maps["config"][ctypes.c_uint32(0)] = cfg
 
     # -- attachments -----------------------------------------------------------------------------------
-    def _attach(self, ifindex: int, prog: str) -> None:
+    def _attach(self, ifindex: int, prog: str, direction: Direction = "ingress") -> None:
         assert self.backend is not None and self._tcx is not None and self._clsact is not None
         if self.backend == "tcx":
-            self._tcx.attach(ifindex, self._fds[prog], prog)
+            self._tcx.attach(ifindex, self._fds[prog], prog, direction)
         else:
-            self._clsact.attach(ifindex, self._fds[prog], prog)
+            self._clsact.attach(ifindex, self._fds[prog], prog, direction)
+
+    def _open_door(self, ifindex: int) -> bool:
+        """The door program toward an enrolled pod (not on a bridge CNI's ports: see the module docstring)."""
+        if self._bridge_of(ifindex) is not None:
+            return False
+        sysctls.open_door(self.netns, self._ifname(ifindex), self._proc_sys)
+        self._attach(ifindex, DOOR_PROG, "egress")
+        return True
+
+    def _close_door(self, ifindex: int) -> None:
+        for att in self.attachments():
+            if att.ifindex == ifindex and att.direction == "egress":
+                self._detach(att)
+        sysctls.close_door(self.netns, self._ifname(ifindex), self._proc_sys)
 
     def _all_ifindexes(self) -> list[int]:
         return [int(link["index"]) for link in self._ipr.get_links()]
 
     def attachments(self) -> list[Attachment]:
-        """Every ambit program on an ingress hook in this namespace, of either backend, whoever made it."""
+        """Every ambit program on a tc hook in this namespace, of either backend, whoever made it."""
         assert self._tcx is not None and self._clsact is not None
         live, _stale = self._tcx.list()
         return live + self._clsact.list(self._all_ifindexes())
@@ -405,6 +438,7 @@ class Redirector:
         self._maps["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
         self._attach(ifindex, POD_PROG)
         self._attach_bridge_of(ifindex)
+        self._open_door(ifindex)
         self._enrolled[pod_ip] = (host_ifname, ifindex)
 
     def release(self, pod_ip: str) -> None:
@@ -417,7 +451,10 @@ class Redirector:
         if entry is None:
             return
         _name, ifindex = entry
-        if ifindex in self._hooked.values() or any(ix == ifindex for _n, ix in self._enrolled.values()):
+        if any(ix == ifindex for _n, ix in self._enrolled.values()):
+            return
+        self._close_door(ifindex)
+        if ifindex in self._hooked.values():
             return
         with contextlib.suppress(KeyError):
             del self._maps["ifaces"][ctypes.c_uint32(ifindex)]
@@ -496,21 +533,26 @@ class Redirector:
         for ix, role in roles.items():
             ifaces[ctypes.c_uint32(ix)] = ctypes.c_uint32(role)
 
-        want_prog = {ix: (UPLINK_PROG if role == IF_UPLINK else POD_PROG) for ix, role in roles.items()}
+        want_prog: dict[tuple[int, Direction], str] = {
+            (ix, "ingress"): (UPLINK_PROG if role == IF_UPLINK else POD_PROG) for ix, role in roles.items()}
+        doors = {ix for _n, ix in want_pods.values() if ix not in ports}
+        want_prog |= {(ix, "egress"): DOOR_PROG for ix in doors}
+        for ix in doors:
+            sysctls.open_door(self.netns, self._ifname(ix), self._proc_sys)
         before = self.attachments()
-        for ix, prog in want_prog.items():  # attach (or swap in place) first: no capture gap
-            self._attach(ix, prog)
-            result.attached.append(self._ifname(ix))
+        for (ix, direction), prog in want_prog.items():  # attach (or swap in place) first: no capture gap
+            self._attach(ix, prog, direction)
+            result.attached.append(self._ifname(ix) + ("" if direction == "ingress" else " (door)"))
         canonical_clsact = f"{FILTER_PRIO}:{FILTER_HANDLE}"
         for att in before:
             keep = (
-                att.ifindex in want_prog
+                (att.ifindex, att.direction) in want_prog
                 and att.backend == self.backend
                 and (att.backend == "tcx" or att.ident == canonical_clsact)
             )
             if not keep:
                 self._detach(att)
-                result.removed.append(f"{self._ifname(att.ifindex)}({att.backend})")
+                result.removed.append(f"{self._ifname(att.ifindex)}({att.backend} {att.direction})")
         assert self._tcx is not None
         _live, stale = self._tcx.list()
         for path in stale:
@@ -531,6 +573,27 @@ class Redirector:
     def fail_open(self) -> bool:
         """Current fail-open setting."""
         return self._fail_open
+
+    def set_node_passes(self, node_passes: bool) -> None:
+        """Every connection the node itself opens to an enrolled pod passes uncaptured (Istio's behaviour),
+        instead of only those to the pod's probe ports."""
+        self._node_passes = node_passes
+        if self._loaded is not None:
+            self._write_config()
+
+    def set_probe_ports(self, probes: Mapping[str, Iterable[int]]) -> None:
+        """Make the kernel's probe ports exactly `probes` (pod IPv4 -> the TCP ports its own probes name):
+        connections from the node to them pass uncaptured, so kubelet probes need no policy."""
+        self._require_started()
+        want = frozenset((ip, port) for ip, ports in probes.items() for port in ports
+                         if ipaddress.ip_address(ip).version == 4)
+        table = self._maps["probe_ports"]
+        for ip, port in self._probe_ports - want:
+            with contextlib.suppress(KeyError):
+                del table[ProbePortC.of(ip, port)]
+        for ip, port in want - self._probe_ports:
+            table[ProbePortC.of(ip, port)] = ctypes.c_uint8(1)
+        self._probe_ports = want
 
     def register_listener(self, kind: Listener, sock: socket.socket) -> None:
         """Give the agent's listener to the SK_LOOKUP program. Optional for plain capture (the tc programs

@@ -1,7 +1,7 @@
 """``ambit status``: each agent's view of its node, and ``ambit policy explain``: who would decide a connection.
 
     ambit status [--lab NAME] [--admin URL_OR_SOCKET ...]
-    ambit policy explain SRC DST:PORT [--lab NAME | --state FILE | --kubernetes [--kubeconfig F]]
+    ambit policy explain SRC DST:PORT [--lab NAME | --state FILE | --kubernetes [--kubeconfig F] [--context C]]
 
 ``status`` reads each agent's /config_dump and readiness: from the lab's admin sockets, or from agents
 given by --admin (a unix socket path, or http://HOST:PORT). In Kubernetes the agents serve them on their
@@ -70,6 +70,11 @@ def _expiry(cert: dict[str, Any]) -> str:
     return f"{cert.get('state')}, expires {not_after} (in {left.total_seconds() / 3600:.1f} h)"
 
 
+def _probes(workload: dict[str, Any]) -> str:
+    ports = workload.get("probe_ports") or []
+    return f"; probe ports {','.join(str(p) for p in ports)}" if ports else ""
+
+
 def render_status(dump: dict[str, Any]) -> str:
     if "error" in dump:
         return f"{dump['where']}: {dump['error']}"
@@ -78,8 +83,8 @@ def render_status(dump: dict[str, Any]) -> str:
     lines = [f"{dump['node']}: {dump['ready']}; agent {dump.get('version', '?')}; "
              f"{len(dump.get('attachments', []))} eBPF attachments ({', '.join(backends) or '-'}); "
              f"{dump.get('connections', 0)} proxied connections"]
-    lines.append("  enrolled pods: " + (", ".join(f"{w['namespace']}/{w['name']} ({w['ip']})" for w in enrolled)
-                                        or "none"))
+    lines.append("  enrolled pods: " + (", ".join(f"{w['namespace']}/{w['name']} ({w['ip']}{_probes(w)})"
+                                                  for w in enrolled) or "none"))
     for cert in dump.get("certificates", []):
         lines.append(f"  certificate:   {cert['identity']}: {_expiry(cert)}")
     lines.append("  policies:      " + (", ".join(dump.get("policies", [])) or "none"))
@@ -172,9 +177,9 @@ def explain(state: MeshState, source: str, destination: str, port: int, trust_do
     return "\n".join(lines)
 
 
-async def _kubernetes_state(kubeconfig: Path | None) -> MeshState:
+async def _kubernetes_state(kubeconfig: Path | None, context: str | None) -> MeshState:
     store = MeshStore()
-    source = await KubeSource.from_config(kubeconfig, store)
+    source = await KubeSource.from_config(kubeconfig, store, context=context)
     task = asyncio.ensure_future(source.run())
     try:
         async with asyncio.timeout(30):
@@ -196,6 +201,8 @@ def policy_main(argv: list[str], *, labs_root: Path = LABS_ROOT) -> int:
     where.add_argument("--state", type=Path, help="a cluster-state file of Kubernetes objects")
     where.add_argument("--kubernetes", action="store_true", help="read the cluster (in-cluster or --kubeconfig)")
     p.add_argument("--kubeconfig", type=Path, default=None)
+    p.add_argument("--context", default=None,
+                   help="with --kubernetes and a kubeconfig: the context to use (default: its current-context)")
     p.add_argument("--trust-domain", default=TRUST_DOMAIN)
     args = ap.parse_args(argv)
     try:
@@ -205,7 +212,7 @@ def policy_main(argv: list[str], *, labs_root: Path = LABS_ROOT) -> int:
         return 2
     try:
         if args.kubernetes:
-            state = asyncio.run(_kubernetes_state(args.kubeconfig))
+            state = asyncio.run(_kubernetes_state(args.kubeconfig, args.context))
         else:
             path = args.state or LabPaths.of(lab_name(args.lab, labs_root), labs_root).state
             state = build_state(kubernetes_objects(path.read_bytes()))

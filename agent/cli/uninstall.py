@@ -20,9 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instance", default=None, help="the agent's instance (its node name): names its pin directory")
     ap.add_argument("--bpffs", default="/sys/fs/bpf", help="where bpffs is mounted")
     ap.add_argument("--netns", default=None, help="a named network namespace instead of this one (the lab's nodes)")
+    ap.add_argument("--proc-sys", default="/proc/sys", help="the node's /proc/sys (the agent's --proc-sys)")
     args = ap.parse_args(argv)
     try:
-        removed = Redirector([], netns=args.netns, bpffs=args.bpffs, instance=args.instance).uninstall()
+        removed = Redirector([], netns=args.netns, bpffs=args.bpffs, instance=args.instance,
+                             proc_sys=args.proc_sys).uninstall()
     except (RedirectError, OSError) as e:
         print(f"ambit uninstall-node: {e}", file=sys.stderr)
         return 1

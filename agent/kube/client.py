@@ -1,43 +1,130 @@
-"""Connecting to the API server: in-cluster service account, or a kubeconfig file.
+"""Connecting to the API server: an authenticated JSON request/stream client on aiohttp.
 
 In a pod (the agent's DaemonSet) the service account's token and CA come from
 ``/var/run/secrets/kubernetes.io/serviceaccount`` and the address from ``KUBERNETES_SERVICE_HOST``/``_PORT``;
-the token file is re-read every minute, since projected tokens are rotated. Outside a cluster a kubeconfig
-(client certificates, tokens, exec plugins, OIDC) is used as kubectl would.
+the token file is re-read every minute, since projected tokens are rotated. Outside a cluster kubeconfig files
+(client certificates, tokens, exec credential plugins) are read as kubectl reads them (agent/kube/kubeconfig.py).
+
+``KubeClient.request`` sends one request and returns the aiohttp response unread, so that a watch can be
+streamed line by line; ``KubeClient.call`` reads the whole answer. Paths are the API's own
+(``/api/v1/pods``, ``/apis/apps/v1/namespaces/x/daemonsets/y``): the client knows no resource types.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 import os
-from collections.abc import Mapping
+import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import ConfigException, load_kube_config, refresh_token
-from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+import aiohttp
+
+from agent.kube.credentials import TOKEN_RELOAD, Credential, CredentialSource, source_for
+from agent.kube.kubeconfig import (
+    SERVICE_ACCOUNT,
+    ClusterAccess,
+    KubeConfigError,
+    in_cluster,
+    kubeconfig_files,
+    load_kubeconfig,
+)
+from agent.kube.tls import TlsMaterialError, client_context
+
+__all__ = ["SERVICE_ACCOUNT", "Connection", "KubeClient", "KubeConfigError", "Reply", "connect"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# Watch events carry whole objects; there is no hard limit on their size, but etcd's default request limit is
+# 1.5 MiB: a line must fit in aiohttp's read buffer.
+READ_BUFFER = 2**21
 
 
-class KubeConfigError(Exception):
-    """No usable way to reach the API server."""
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A whole answer: the HTTP status and the body."""
+
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON, or None when it is not JSON."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+class KubeClient:
+    """Requests to one API server with one user's credentials (see the module docstring)."""
+
+    def __init__(self, access: ClusterAccess, *, token_reload: float = TOKEN_RELOAD) -> None:
+        self.access = access
+        self.credentials: CredentialSource = source_for(access, token_reload=token_reload)
+        self._session: aiohttp.ClientSession | None = None
+        self._tls: tuple[bytes | None, bytes | None, ssl.SSLContext] | None = None  # for (cert, key)
+
+    async def credential(self) -> Credential:
+        """The credential the next request will carry (``KubeConfigError`` when none can be had)."""
+        return await self.credentials.get()
+
+    async def request(self, method: str, path: str, *, params: Sequence[tuple[str, str]] = (),
+                      body: Mapping[str, Any] | None = None,
+                      timeouts: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """Send one request; the response is not read (``async with`` it). Raises aiohttp's errors, or
+        ``KubeConfigError`` when no credential can be had (an exec plugin that fails)."""
+        credential = await self.credentials.get()
+        headers = {"Accept": "application/json", "User-Agent": "ambit"}
+        if credential.authorization:
+            headers["Authorization"] = credential.authorization
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self._session is None:
+            # trust_env: HTTPS_PROXY and NO_PROXY apply, as they do to kubectl and client-go
+            self._session = aiohttp.ClientSession(trust_env=True, read_bufsize=READ_BUFFER)
+        response = await self._session.request(
+            method, self.access.server + path, params=list(params), data=data, headers=headers, timeout=timeouts,
+            ssl=self._tls_for(credential), server_hostname=self.access.tls_server_name)
+        if response.status == 401:
+            self.credentials.rejected(credential)
+        return response
+
+    async def call(self, method: str, path: str, *, body: Mapping[str, Any] | None = None,
+                   timeouts: aiohttp.ClientTimeout) -> Reply:
+        """One request, its answer read whole."""
+        async with await self.request(method, path, body=body, timeouts=timeouts) as response:
+            return Reply(response.status, await response.read())
+
+    def _tls_for(self, credential: Credential) -> ssl.SSLContext | bool:
+        if not self.access.https:
+            return True  # aiohttp's default: no TLS for http://
+        pair = (credential.cert_pem, credential.key_pem)
+        if self._tls is None or self._tls[:2] != pair:
+            try:
+                context = client_context(self.access.ca_pem, self.access.insecure, *pair)
+            except TlsMaterialError as e:  # the kubeconfig's own material was checked when loaded: an exec plugin's
+                raise KubeConfigError(f"{self.access.user.where}: exec plugin's clientCertificateData, "
+                                      f"clientKeyData: {e}") from None
+            self._tls = (*pair, context)  # new connections use it; pooled ones of the old pair expire
+        return self._tls[2]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 @dataclass
 class Connection:
-    api: ApiClient
-    origin: str  # "in-cluster" or the kubeconfig path, for logs
-    refresher: asyncio.Task[None] | None = None  # re-runs a kubeconfig's exec/gcp credential plugin
+    api: KubeClient
+    origin: str  # "in-cluster" or the kubeconfig path(s), for logs
 
     async def close(self) -> None:
-        if self.refresher is not None:
-            self.refresher.cancel()
-            await asyncio.gather(self.refresher, return_exceptions=True)
         await self.api.close()
 
 
@@ -50,41 +137,17 @@ async def connect(
 ) -> Connection:
     """A client for ``kubeconfig``; with None, in-cluster config when in a pod, else the default kubeconfig.
 
-    The default kubeconfig is ``$KUBECONFIG`` (which may list several files) or ``~/.kube/config``.
+    The default kubeconfig is ``$KUBECONFIG`` (which may list several files, merged) or ``~/.kube/config``;
+    ``context`` overrides their ``current-context``. The credential is obtained now (an exec plugin is run), so
+    that a configuration that cannot work fails here with ``KubeConfigError``.
     """
     env = os.environ if environ is None else environ
-    configuration = Configuration()
     if kubeconfig is None and env.get("KUBERNETES_SERVICE_HOST"):
-        try:
-            InClusterConfigLoader(str(service_account / "token"), str(service_account / "ca.crt"),
-                                  environ=dict(env)).load_and_set(configuration)
-        except ConfigException as e:
-            raise KubeConfigError(f"in-cluster Kubernetes config ({service_account}): {e}") from None
-        log.info("Kubernetes API %s (in-cluster service account)", configuration.host)
-        return Connection(ApiClient(configuration), "in-cluster")
-    where = _kubeconfig(kubeconfig, env)
-    try:
-        loader = await load_kube_config(config_file=where, context=context, client_configuration=configuration,
-                                        persist_config=False)
-    except (ConfigException, OSError, ValueError, KeyError, AssertionError) as e:
-        raise KubeConfigError(f"kubeconfig {where}: {e or type(e).__name__}") from None
-    api = ApiClient(configuration)
-    refresher = None
-    user = getattr(loader, "_user", None)
-    if loader.provider == "gcp" or (user is not None and "exec" in user):
-        # Plugin-issued tokens expire; the library's refresher re-runs the plugin and updates the client.
-        refresher = asyncio.create_task(refresh_token(loader, configuration), name="kubeconfig token refresh")
-    log.info("Kubernetes API %s (kubeconfig %s)", configuration.host, where)
-    return Connection(api, where, refresher)
-
-
-def _kubeconfig(kubeconfig: Path | None, env: Mapping[str, str]) -> str:
-    """The kubeconfig file(s) to load (``os.pathsep``-separated, as ``$KUBECONFIG``), checked to exist."""
-    if kubeconfig is not None:
-        if not kubeconfig.is_file():
-            raise KubeConfigError(f"kubeconfig {kubeconfig} does not exist")
-        return str(kubeconfig)
-    paths = env.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
-    if not any(Path(p).expanduser().is_file() for p in paths.split(os.pathsep) if p):
-        raise KubeConfigError(f"not in a cluster (KUBERNETES_SERVICE_HOST unset) and no kubeconfig at {paths}")
-    return paths
+        access = in_cluster(service_account, env)
+    else:
+        access = load_kubeconfig(kubeconfig_files(kubeconfig, env), context)
+    client = KubeClient(access)
+    await client.credential()
+    log.info("Kubernetes API %s (%s)", access.server,
+             "in-cluster service account" if access.origin == "in-cluster" else f"kubeconfig {access.origin}")
+    return Connection(client, access.origin)

@@ -1,6 +1,6 @@
 """Informers: a local cache of one Kubernetes resource kept current by LIST + WATCH, as client-go's reflector.
 
-The protocol, which this module speaks itself over the client library's authenticated HTTP session:
+The protocol, which this module speaks itself over the client's authenticated HTTP requests (agent/kube/client.py):
 
 - LIST (paged with ``limit``/``continue``) gives the items and the collection's ``metadata.resourceVersion``;
   the cache is replaced by the items, and the differences are delivered to the handlers as deltas.
@@ -31,11 +31,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient
 
+from agent.kube.client import KubeClient, KubeConfigError
 from agent.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class Informer:
 
     def __init__(
         self,
-        api: ApiClient,
+        api: KubeClient,
         resource: Resource,
         *,
         field_selector: str | None = None,
@@ -226,10 +226,12 @@ class Informer:
                         log.warning("%s is not served: is the %s CRD installed? Treating it as empty; retrying "
                                     "with back-off", self.resource, f"{self.resource.plural}.{self.resource.group}")
                     self.missing = True
-            except ApiError as e:
+            except (ApiError, KubeConfigError) as e:  # KubeConfigError: no credential to be had (an exec plugin)
                 self.failures += 1
-                level = logging.ERROR if e.code in (401, 403) else logging.WARNING
-                log.log(level, "%s", e)
+                if isinstance(e, ApiError):  # its message names the resource
+                    log.log(logging.ERROR if e.code in (401, 403) else logging.WARNING, "%s", e)
+                else:
+                    log.error("%s: %s", self.resource, e)
             except (aiohttp.ClientError, TimeoutError, OSError, ProtocolError) as e:
                 self.failures += 1
                 # A dropped watch is routine (API server restarts, load balancers); repeated failures are not.
@@ -248,9 +250,7 @@ class Informer:
             params.append(("fieldSelector", self.field_selector))
         if self.label_selector:
             params.append(("labelSelector", self.label_selector))
-        response = cast(aiohttp.ClientResponse, await self.api.call_api(
-            self.resource.path, "GET", query_params=params, header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=client_timeout))
+        response = await self.api.request("GET", self.resource.path, params=params, timeouts=client_timeout)
         if response.status != 200:
             async with response:
                 body = await response.read()

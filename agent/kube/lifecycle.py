@@ -5,38 +5,31 @@ fail-closed for it to adopt."""
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import cast
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient
+
+from agent.kube.client import KubeClient, KubeConfigError
 
 log = logging.getLogger(__name__)
 ANSWER_WITHIN = 5.0  # seconds: the pod is terminating, its grace period is short
 
 
-async def daemonset_removed(api: ApiClient, namespace: str, name: str) -> bool:
+async def daemonset_removed(api: KubeClient, namespace: str, name: str) -> bool:
     """True when DaemonSet ``namespace/name`` no longer exists or carries a deletionTimestamp. An answer that
     says neither (the API unreachable, forbidden) counts as an upgrade: keeping the capture fails closed."""
     path = f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}"
     try:
-        response = cast(aiohttp.ClientResponse, await api.call_api(
-            path, "GET", header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-            _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=ANSWER_WITHIN)))
-        async with response:
-            body = await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        reply = await api.call("GET", path, timeouts=aiohttp.ClientTimeout(total=ANSWER_WITHIN))
+    except (aiohttp.ClientError, OSError, TimeoutError, KubeConfigError) as e:
         log.warning("cannot tell whether DaemonSet %s/%s is being deleted (%s): keeping the capture", namespace,
                     name, e)
         return False
-    if response.status == 404:
+    if reply.status == 404:
         return True
-    if response.status != 200:
-        log.warning("DaemonSet %s/%s: the API answered %d: keeping the capture", namespace, name, response.status)
+    if reply.status != 200:
+        log.warning("DaemonSet %s/%s: the API answered %d: keeping the capture", namespace, name, reply.status)
         return False
-    try:
-        meta = json.loads(body).get("metadata") or {}
-    except (ValueError, AttributeError):
-        return False
-    return bool(meta.get("deletionTimestamp"))
+    daemonset = reply.json()
+    meta = daemonset.get("metadata") if isinstance(daemonset, dict) else None
+    return isinstance(meta, dict) and bool(meta.get("deletionTimestamp"))

@@ -7,7 +7,7 @@
     ambit lab label namespace NS key=value|key- ... [--overwrite]
     ambit lab label pod NS/NAME key=value|key- ... [--overwrite]
     ambit lab apply -f FILE [-n NS]        (Namespace, Service, EndpointSlice, AuthorizationPolicy,
-                                            PeerAuthentication)
+                                            PeerAuthentication, Pod)
     ambit lab delete KIND NAME... [-n NS] | -f FILE
     ambit lab agent start|stop|restart NODE|all [--kill] [--timeout S]
 
@@ -17,6 +17,22 @@ Enroll a namespace with: ambit lab label namespace default istio.io/dataplane-mo
 Services work as in a cluster: a Service gets a cluster IP from 10.96.0.0/16 (or keeps the one it names), each
 node's kube-proxy (nftables) sends traffic the agents do not capture from the VIP to an endpoint, and pods
 resolve <svc>, <svc>.<ns> and <svc>.<ns>.svc.cluster.local (hosts files that `lab exec` mounts).
+A NodePort (or LoadBalancer) Service also gets a node port per port from 30000-32767 (or keeps the one it
+names): every node forwards <any of its addresses>:<node port> (not 127.0.0.1, as kube-proxy's nftables mode)
+to an endpoint, masqueraded unless externalTrafficPolicy is Local; `status` shows it as 80:30080->8080/TCP.
+
+Pods: `up` makes them; a Pod applied with `apply -f` is a new version of one of them (same node, address,
+service account and uid), carrying its containers, e.g. their probes, whose ports the agents then know
+(`status` PROBE PORTS, `ambit status`):
+    kind: Pod
+    metadata: {name: app-1-1, namespace: default}
+    spec:
+      containers:
+      - name: app
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /ready, port: http}}
+        livenessProbe: {tcpSocket: {port: 8081}}
+Labels and annotations it gives replace the pod's (else they stay); `delete` leaves pods alone.
 """
 
 from __future__ import annotations
@@ -116,10 +132,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(_table([["NAMESPACE", "LABELS"], *([n["name"], _labels(n["labels"])] for n in s["namespaces"])]))
         if s["pods"]:
             print()
-            print(_table([["POD", "NODE", "IP", "SERVICE ACCOUNT", "ENROLLED", "LABELS", "NETNS"],
+            print(_table([["POD", "NODE", "IP", "SERVICE ACCOUNT", "ENROLLED", "LABELS", "NETNS", "PROBE PORTS"],
                           *([f"{p['namespace']}/{p['name']}", p["node"] or "-", ",".join(p["ips"]) or "-",
-                             p["service_account"],
-                             "yes" if p["enrolled"] else "no", _labels(p["labels"]), p["netns"] or "-"]
+                             p["service_account"], "yes" if p["enrolled"] else "no", _labels(p["labels"]),
+                             p["netns"] or "-", ",".join(str(n) for n in p["probe_ports"]) or "-"]
                             for p in s["pods"])]))
         if s["services"]:
             print()
@@ -170,9 +186,8 @@ def _objects_from(source: str) -> list[dict[str, Any]]:
         if not isinstance(obj, dict) or not isinstance((obj.get("metadata") or {}).get("name"), str):
             raise LabError(f"{source}: object {i + 1} has no metadata.name")
         if obj.get("kind") not in control.RESOURCES:
-            hint = " (a lab's pods are made by `ambit lab up`)" if obj.get("kind") == "Pod" else ""
             raise LabError(f"{source}: {obj.get('kind')} {obj['metadata']['name']}: the lab applies "
-                           f"{', '.join(control.RESOURCES)}{hint}")
+                           f"{', '.join(control.RESOURCES)}")
     return objects
 
 
@@ -208,6 +223,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
             targets.append((kind, namespace or args.namespace, name))
     if not targets:
         raise LabError("nothing to delete: give KIND NAME... or -f FILE")
+    if any(kind == "Pod" for kind, _namespace, _name in targets):
+        raise LabError("the lab's pods stay while the lab is up (a network namespace each): change one with "
+                       "`ambit lab apply -f` of a Pod, or its labels with `ambit lab label pod`")
     with control.edit(info, paths) as state:
         for kind, namespace, name in targets:
             state.remove(kind, namespace, name)

@@ -25,12 +25,15 @@ import yaml
 from agent.ca.authority import CertificateAuthority
 from agent.ca.issue import CERT_FILE, KEY_FILE, issue
 from agent.capture import netns
-from agent.lab import hosts, services
+from agent.lab import hosts, pods, services
 from agent.lab import runtime as rt
 from agent.lab import state as st
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
 from agent.lab.state import ROOT_NAMESPACE, LabObjects, atomic_write, check_dns_label, namespace_object, pod_object
 from agent.lab.topology import Lab
+from agent.mesh import views
+from agent.mesh.convert import ObjectError
+from agent.mesh.store import MeshState
 from agent.policy import PolicyEngine
 
 CA_TIMEOUT = 30.0
@@ -306,11 +309,12 @@ def _sync(info: LabInfo, state: LabObjects) -> None:
 def apply(info: LabInfo, paths: LabPaths, objects: Sequence[dict[str, Any]]) -> list[str]:
     """Create or replace objects as ``kubectl apply -f`` does (whole objects, no field merging), after the
     checks a cluster makes: Istio's webhook for policies, the API server for Services and EndpointSlices
-    (which also gives a Service its cluster IP). Any refusal refuses the whole batch (LabError naming each
-    object and field); else one "<resource>/<name> created|configured|unchanged" line per object."""
+    (which also gives a Service its cluster IP and node ports); a Pod changes one of the lab's pods (``pods``).
+    Any refusal refuses the whole batch (LabError naming each object and field); else one
+    "<resource>/<name> created|configured|unchanged" line per object."""
     errors = [str(e) for e in PolicyEngine().update(objects)]
     with edit(info, paths) as state:
-        errors += services.admit(state, objects)
+        errors += services.admit(state, objects) + pods.admit(state, objects)
         if errors:
             raise LabError("refused (nothing applied):\n  " + "\n  ".join(errors))
         return [f"{resource(obj['kind'])}/{obj['metadata']['name']} {state.put(obj)}" for obj in objects]
@@ -318,7 +322,7 @@ def apply(info: LabInfo, paths: LabPaths, objects: Sequence[dict[str, Any]]) -> 
 
 RESOURCES = {"AuthorizationPolicy": "authorizationpolicy.security.istio.io",
              "PeerAuthentication": "peerauthentication.security.istio.io", "Namespace": "namespace",
-             "Service": "service", "EndpointSlice": "endpointslice.discovery.k8s.io"}
+             "Service": "service", "EndpointSlice": "endpointslice.discovery.k8s.io", "Pod": "pod"}
 
 
 def resource(kind: str) -> str:
@@ -411,18 +415,21 @@ def status(name: str) -> dict[str, Any]:
     except (OSError, LabError, ValueError):
         state = None
     by_key = {p.key: p for p in info.pods}
+    mesh, errors = services.mesh_state(state.objects) if state is not None else (None, [])
     pods = []
     for obj in state.of_kind("Pod") if state else []:
         meta, spec, st = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status", {})
         pod = by_key.get(f"{meta.get('namespace', 'default')}/{meta.get('name')}")
+        workload = mesh.by_ip(st.get("podIP") or "") if mesh is not None else None
         pods.append({"namespace": meta.get("namespace", "default"), "name": meta.get("name"),
                      "node": spec.get("nodeName"), "ip": st.get("podIP"), "ips": _pod_ips(st),
                      "service_account": spec.get("serviceAccountName") or "default",
                      "labels": meta.get("labels") or {}, "enrolled": state.is_enrolled(obj) if state else False,
+                     "probe_ports": sorted(workload.probe_ports) if workload is not None else [],
                      "netns": pod.netns if pod else None, "host_ifname": pod.host_ifname if pod else None})
     return {
         "name": info.name, "dir": str(paths.root), "phase": info.phase, "trust_domain": info.trust_domain,
-        **service_status(state),
+        **service_status(mesh, errors),
         "state_file": str(paths.state), "trust_bundle": str(paths.trust_bundle), "logs": str(paths.logs),
         "ca": {"node": info.ca_node, "address": info.ca_address,
                "netns": info.node(info.ca_node).netns if info.ca_node else None,
@@ -448,23 +455,12 @@ def _pod_ips(status: Any) -> list[str]:
     return ips or ([status["podIP"]] if isinstance(status.get("podIP"), str) and status["podIP"] else [])
 
 
-def service_status(state: LabObjects | None) -> dict[str, Any]:
-    """``services``: each Service with its VIPs, ports and endpoints as the agents compute them;
-    ``service_errors``: the objects they would refuse."""
-    if state is None:
+def service_status(mesh: MeshState | None, errors: Sequence[ObjectError]) -> dict[str, Any]:
+    """``services``: each Service of the agents' view of the cluster state (``services.mesh_state``) with its VIPs,
+    ports and endpoints; ``service_errors``: the objects they refuse."""
+    if mesh is None:
         return {"services": [], "service_errors": []}
-    mesh, errors = services.mesh_state(state.objects)
-    found = []
-    for key in sorted(mesh.services):
-        svc = mesh.services[key]
-        endpoints = mesh.endpoints.get(key, {})
-        found.append({
-            "namespace": svc.namespace, "name": svc.name, "hostname": svc.hostname, "vips": list(svc.vips),
-            "ports": [{"port": p.port, "target_port": p.target_port, "target_name": p.target_name}
-                      for p in svc.ports],
-            "endpoints": [{"ip": ep.ip, "node": ep.node, "ports": {str(k): v for k, v in sorted(ep.ports.items())}}
-                          for _ip, ep in sorted(endpoints.items())],
-        })
+    found = [views.service(mesh.services[key], mesh.endpoints.get(key, {})) for key in sorted(mesh.services)]
     return {"services": found, "service_errors": [str(e) for e in errors]}
 
 

@@ -13,7 +13,18 @@ the text of one ``nft -f`` transaction, shaped like kube-proxy's nftables mode (
   retransmission (measured in the lab); resets are not rate-limited. Other protocols get the ICMP.
   ``internalTrafficPolicy: Local`` without an endpoint on the node is dropped instead, as kube-proxy drops it;
 * after NAT: a new connection to a VIP on a port no Service has is rejected the same way;
-* a pod that reaches itself through a VIP is masqueraded (hairpin), or its reply would skip the NAT.
+* a pod that reaches itself through a VIP is masqueraded (hairpin), or its reply would skip the NAT;
+* node ports (NodePort and LoadBalancer Services): a TCP connection to ``<any address of the node>:nodePort``
+  (``fib daddr type local``, 127.0.0.0/8 excepted: kube-proxy's nftables mode serves no node port on localhost,
+  unlike its iptables mode with ``route_localnet``), from outside the node (prerouting) or from the node itself
+  (output), is DNATed to an endpoint. ``externalTrafficPolicy: Cluster`` (the default): any endpoint, and the
+  connection is masqueraded (mark bit 0x4000, kube-proxy's default ``--masquerade-bit`` 14, then ``masquerade
+  fully-random`` after NAT), so the endpoint sees the address of the node that forwarded it. ``Local``: this
+  node's endpoints only, the client's address kept; kube-proxy's two short cuts stay (``detect-local-mode``
+  ClusterCIDR, the lab's pod range ``POD_SUPERNET``): a pod of the cluster goes to any endpoint unmasqueraded,
+  the node itself to any endpoint masqueraded. Without an endpoint the connection is rejected (none at all) or
+  dropped (Local, none on this node), before NAT, as for a VIP; so from the node itself (whose filter output
+  chain runs before its NAT output chain) a Local node port without a local endpoint is dropped too.
 
 Nothing here knows about Ambit: like kube-proxy, the table applies to every packet that reaches the node's
 netfilter hooks, including those the agent's tc programs have already steered to its listeners (tc ingress
@@ -32,10 +43,14 @@ from dataclasses import dataclass
 
 from agent.capture import netns
 from agent.lab.runtime import LabError
-from agent.mesh.model import Preference
+from agent.lab.topology import POD_SUPERNET
+from agent.mesh.model import Endpoint, Preference
 from agent.mesh.store import MeshState
 
 TABLE = "kube-proxy"
+MASQUERADE_MARK = 0x4000  # kube-proxy's --masquerade-bit 14
+NODE_ADDRESS = "fib daddr type local ip daddr != 127.0.0.0/8"  # kube-proxy's node ports: any address but localhost
+Backends = tuple[tuple[str, int], ...]  # (ip, target port), sorted
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,7 @@ class Frontend:
     service: str  # "ns/name"
     vip: str
     port: int
-    backends: tuple[tuple[str, int], ...]
+    backends: Backends
     local_only: bool = False  # internalTrafficPolicy: Local
 
     @property
@@ -57,19 +72,77 @@ def _ipv4(ip: str) -> bool:
     return ipaddress.ip_address(ip).version == 4
 
 
+def _endpoints(state: MeshState, key: str) -> list[Endpoint]:
+    return [ep for ep in state.endpoints.get(key, {}).values() if _ipv4(ep.ip)]
+
+
+def _backends(endpoints: Sequence[Endpoint], port: int) -> Backends:
+    return tuple(sorted((ep.ip, ep.ports[port]) for ep in endpoints if port in ep.ports))
+
+
 def frontends(state: MeshState, node: str) -> list[Frontend]:
     """Every IPv4 ``VIP:port`` of the state's Services with its endpoints as seen from ``node``."""
     found = []
     for key in sorted(state.services):
         svc = state.services[key]
         local = svc.preference is Preference.NODE_ONLY
-        endpoints = [ep for ep in state.endpoints.get(key, {}).values()
-                     if _ipv4(ep.ip) and (not local or ep.node == node)]
+        endpoints = [ep for ep in _endpoints(state, key) if not local or ep.node == node]
         for vip in (v for v in svc.vips if _ipv4(v)):
             for port in sorted(svc.ports, key=lambda p: p.port):
-                backends = tuple(sorted((ep.ip, ep.ports[port.port]) for ep in endpoints if port.port in ep.ports))
-                found.append(Frontend(key, vip, port.port, backends, local))
+                found.append(Frontend(key, vip, port.port, _backends(endpoints, port.port), local))
     return found
+
+
+@dataclass(frozen=True)
+class NodePort:
+    """One node port of a Service, with its endpoints: all of them, and those on the node."""
+
+    service: str  # "ns/name"
+    port: int  # the Service port
+    node_port: int
+    backends: Backends
+    local: Backends
+    external_local: bool = False  # externalTrafficPolicy: Local
+
+    @property
+    def comment(self) -> str:
+        return f"{self.service}:{self.port} nodePort {self.node_port}"
+
+    def rules(self) -> list[str]:
+        """The rules of the node-ports chain (first match wins: DNAT ends the chain)."""
+        if not self.backends:
+            return []
+        start, masquerade = f"tcp dport {self.node_port}", f"meta mark set meta mark or {MASQUERADE_MARK:#x}"
+        if not self.external_local:
+            return [f"{start} {masquerade} {_dnat(self.backends)} comment \"{self.comment}\""]
+        rules = [f"{start} ip saddr {POD_SUPERNET} {_dnat(self.backends)} comment \"{self.comment}: a pod\"",
+                 f"{start} fib saddr type local {masquerade} {_dnat(self.backends)} "
+                 f"comment \"{self.comment}: the node\""]
+        return rules + ([f"{start} {_dnat(self.local)} comment \"{self.comment}\""] if self.local else [])
+
+    @property
+    def no_endpoint(self) -> str | None:
+        """The verdict on a new connection before NAT when there is no endpoint to go to, if none."""
+        if not self.backends:
+            return "goto reject-chain"
+        return "drop" if self.external_local and not self.local else None
+
+
+def node_ports(state: MeshState, node: str) -> list[NodePort]:
+    """Every node port of the state's Services, by number, with its endpoints as seen from ``node``."""
+    found = []
+    for key in sorted(state.services):
+        svc = state.services[key]
+        endpoints = _endpoints(state, key)
+        here = [ep for ep in endpoints if ep.node == node]
+        found += [NodePort(key, p.port, p.node_port, _backends(endpoints, p.port), _backends(here, p.port),
+                           svc.external_local) for p in svc.ports if p.node_port]
+    return sorted(found, key=lambda n: n.node_port)
+
+
+def _dnat(backends: Backends) -> str:
+    choices = ", ".join(f"{i} : {ip} . {port}" for i, (ip, port) in enumerate(backends))
+    return f"dnat ip to numgen random mod {len(backends)} map {{ {choices} }}"
 
 
 def _elements(items: Sequence[str]) -> list[str]:
@@ -78,30 +151,31 @@ def _elements(items: Sequence[str]) -> list[str]:
 
 def ruleset(state: MeshState, node: str) -> str:
     """The ``nft -f`` text that makes ``node``'s kube-proxy table match ``state``."""
-    fronts = frontends(state, node)
+    fronts, ports = frontends(state, node), node_ports(state, node)
     served = [f for f in fronts if f.backends]
     empty = [f"{f.element} : {'drop' if f.local_only else 'goto reject-chain'}" for f in fronts if not f.backends]
+    empty_ports = [f"tcp . {n.node_port} : {n.no_endpoint}" for n in ports if n.no_endpoint]
     vips = sorted({f.vip for f in fronts}, key=ipaddress.IPv4Address)
-    hairpin = sorted({f"{ip} . {ip}" for f in served for ip, _port in f.backends})
-    rules = []
-    for f in served:
-        choices = ", ".join(f"{i} : {ip} . {port}" for i, (ip, port) in enumerate(f.backends))
-        rules.append(f"\t\tip daddr {f.vip} tcp dport {f.port} dnat ip to numgen random mod {len(f.backends)} "
-                     f'map {{ {choices} }} comment "{f.service}:{f.port}"')
+    hairpin = sorted({f"{ip} . {ip}" for backends in [*(f.backends for f in served), *(n.backends for n in ports)]
+                      for ip, _port in backends})
+    rules = [f'\t\tip daddr {f.vip} tcp dport {f.port} {_dnat(f.backends)} comment "{f.service}:{f.port}"'
+             for f in served]
     lines = [
         f"# the lab's kube-proxy on {node} (agent/lab/kubeproxy.py): {len(served)} served and "
-        f"{len(fronts) - len(served)} empty Service port(s)",
+        f"{len(fronts) - len(served)} empty Service port(s), {len(ports)} node port(s)",
         f"add table ip {TABLE}",
         f"delete table ip {TABLE}",
         f"table ip {TABLE} {{",
         "\tset cluster-ips {", "\t\ttype ipv4_addr", *_elements(vips), "\t}",
         "\tmap no-endpoint-services {", "\t\ttype ipv4_addr . inet_proto . inet_service : verdict",
         *_elements(empty), "\t}",
+        "\tmap no-endpoint-nodeports {", "\t\ttype inet_proto . inet_service : verdict", *_elements(empty_ports),
+        "\t}",
         "\tset hairpin {", "\t\ttype ipv4_addr . ipv4_addr", *_elements(hairpin), "\t}",
         "\tchain reject-chain {", "\t\tmeta l4proto tcp reject with tcp reset",
         "\t\treject with icmp type port-unreachable", "\t}",
         "\tchain service-endpoints-check {", "\t\tip daddr . meta l4proto . th dport vmap @no-endpoint-services",
-        "\t}",
+        f"\t\t{NODE_ADDRESS} meta l4proto . th dport vmap @no-endpoint-nodeports", "\t}",
         "\tchain cluster-ips-check {", "\t\tip daddr @cluster-ips goto reject-chain", "\t}",
         *_base_chain("filter-input", "filter hook input priority -110",
                      ["ct state new jump service-endpoints-check"]),
@@ -113,9 +187,12 @@ def ruleset(state: MeshState, node: str) -> str:
                      ["ct state new jump cluster-ips-check"]),
         *_base_chain("nat-prerouting", "nat hook prerouting priority -100", ["jump services"]),
         *_base_chain("nat-output", "nat hook output priority -100", ["jump services"]),
-        *_base_chain("nat-postrouting", "nat hook postrouting priority 100",
-                     ["ct status dnat ip saddr . ip daddr @hairpin masquerade"]),
-        "\tchain services {", *rules, "\t}",
+        *_base_chain("nat-postrouting", "nat hook postrouting priority 100", [
+            f"meta mark & {MASQUERADE_MARK:#x} != 0 meta mark set meta mark xor {MASQUERADE_MARK:#x} "
+            "masquerade fully-random",
+            "ct status dnat ip saddr . ip daddr @hairpin masquerade"]),
+        "\tchain services {", *rules, f"\t\t{NODE_ADDRESS} jump nodeports", "\t}",
+        "\tchain nodeports {", *(f"\t\t{rule}" for n in ports for rule in n.rules()), "\t}",
         "}",
     ]
     return "\n".join(lines) + "\n"

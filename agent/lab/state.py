@@ -8,7 +8,8 @@ The file is the lab's API server. Its format is the contract with the agent and 
     - {apiVersion: v1, kind: Namespace, metadata: {name, labels}}
     - {apiVersion: v1, kind: Pod,
        metadata: {name, namespace, labels, uid},
-       spec: {nodeName, serviceAccountName, hostNetwork: false},
+       spec: {nodeName, serviceAccountName, hostNetwork: false,
+              containers: [...]},   # once a Pod is applied (agent/lab/pods.py): ports, probes
        status: {podIP, podIPs: [{ip}, ...], hostIP, phase: Running}}
 
 Objects are identified the way the API server identifies them: (kind, namespace, name), with no

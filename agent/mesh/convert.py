@@ -10,6 +10,7 @@ to the namespace); pods with a sidecar and hostNetwork pods are never captured.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import reprlib
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +33,10 @@ from agent.mesh.model import (
 
 TRAFFIC_DISTRIBUTION_ANNOTATION = "networking.istio.io/traffic-distribution"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+EXTERNAL_TRAFFIC_POLICIES = ("Cluster", "Local")
+
+log = logging.getLogger(__name__)
 
 
 class ObjectError(ValueError):
@@ -151,23 +156,105 @@ def _ready(status: Mapping[str, Any], where: str) -> bool:
     return True  # no conditions reported (the lab's pods): a running pod is ready
 
 
+def _containers(spec: Mapping[str, Any], where: str, kind: str = "containers") -> list[tuple[str, Mapping[str, Any]]]:
+    """``spec.<kind>`` (containers or initContainers): each container with its field path."""
+    return [(f"spec.{kind}[{i}]", _mapping(raw, where, f"spec.{kind}[{i}]"))
+            for i, raw in enumerate(_list(spec.get(kind), where, f"spec.{kind}"))]
+
+
+def _declared_ports(container: Mapping[str, Any], where: str, field: str) -> list[tuple[str, int, str]]:
+    """(name, number, protocol) of each port a container declares."""
+    found = []
+    for j, raw_port in enumerate(_list(container.get("ports"), where, f"{field}.ports")):
+        at = f"{field}.ports[{j}]"
+        port = _mapping(raw_port, where, at)
+        name = _string(port.get("name"), where, f"{at}.name")
+        number = _port(port.get("containerPort"), where, f"{at}.containerPort")
+        found.append((name, number, _string(port.get("protocol"), where, f"{at}.protocol", "TCP")))
+    return found
+
+
 def _container_ports(spec: Mapping[str, Any], where: str) -> dict[str, int]:
     named: dict[str, int] = {}
-    for i, raw in enumerate(_list(spec.get("containers"), where, "spec.containers")):
-        container = _mapping(raw, where, f"spec.containers[{i}]")
-        for j, raw_port in enumerate(_list(container.get("ports"), where, f"spec.containers[{i}].ports")):
-            field = f"spec.containers[{i}].ports[{j}]"
-            port = _mapping(raw_port, where, field)
-            name = _string(port.get("name"), where, f"{field}.name")
-            number = _port(port.get("containerPort"), where, f"{field}.containerPort")
-            if name and _string(port.get("protocol"), where, f"{field}.protocol", "TCP") == "TCP":
+    for field, container in _containers(spec, where):
+        for name, number, protocol in _declared_ports(container, where, field):
+            if name and protocol == "TCP":
                 named.setdefault(name, number)
     return named
 
 
-def pod_workload(pod: Mapping[str, Any], namespace_labels: Mapping[str, str]) -> Workload | None:
+PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+PROBE_HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")  # the kubelet runs the first one a probe sets
+
+
+class _Unresolved(Exception):
+    """A probe's port that names no port of its container: the kubelet's probe fails, the pod stays."""
+
+
+def probe_ports(spec: Mapping[str, Any], ips: tuple[str, ...], where: str) -> tuple[frozenset[int], list[str]]:
+    """The TCP ports of the pod that the kubelet connects to for its probes, and the probes whose port could not
+    be resolved (each message naming the object and the field). The probed containers are the app containers
+    and the init containers that run beside them (sidecars: ``restartPolicy: Always``), as the kubelet probes
+    them. A port is a number, or a name resolved against that container's own ``ports`` (the kubelet's lookup:
+    any protocol; a name of digits that no port has is read as a number). ``exec`` probes, and probes whose
+    ``host`` is not one of the pod's addresses, connect to no port of the pod. A malformed probe raises
+    ObjectError; a name no port has is a problem of that probe only."""
+    sidecars = [(field, c) for field, c in _containers(spec, where, "initContainers")
+                if _string(c.get("restartPolicy"), where, f"{field}.restartPolicy") == "Always"]
+    ports: set[int] = set()
+    problems: list[str] = []
+    for field, container in [*_containers(spec, where), *sidecars]:
+        named: dict[str, int] = {}
+        for name, number, _protocol in _declared_ports(container, where, field):
+            named.setdefault(name, number)
+        for kind in PROBES:
+            if container.get(kind) is None:
+                continue
+            probe = _mapping(container[kind], where, f"{field}.{kind}")
+            try:
+                port = _probe_port(probe, named, ips, where, f"{field}.{kind}")
+            except _Unresolved as e:
+                name = _string(container.get("name"), where, f"{field}.name")
+                problems.append(f"{where}: {e}: container {name!r} has no port of that name (the kubelet cannot run "
+                                "this probe; it adds no probe port)")
+                continue
+            if port is not None:
+                ports.add(port)
+    return frozenset(ports), problems
+
+
+def _probe_port(probe: Mapping[str, Any], named: Mapping[str, int], ips: tuple[str, ...], where: str,
+                field: str) -> int | None:
+    handler = next((h for h in PROBE_HANDLERS if probe.get(h) is not None), None)
+    if handler is None or handler == "exec":
+        return None
+    action = _mapping(probe[handler], where, f"{field}.{handler}")
+    at = f"{field}.{handler}.port"
+    host = "" if handler == "grpc" else _string(action.get("host"), where, f"{field}.{handler}.host")
+    value = action.get("port")
+    if handler == "grpc" or not isinstance(value, str):  # grpc.port is a number only
+        port = _port(value, where, at)
+    elif value in named:
+        port = named[value]
+    elif value.isascii() and value.isdigit() and len(value.lstrip("0")) <= 5 and 1 <= int(value) <= 65535:
+        port = int(value)
+    else:
+        raise _Unresolved(f"{at} {_short(value)}")
+    return port if not host or _normal_ip(host) in ips else None  # another host: not a port of this pod
+
+
+def _normal_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text  # a host name: not one of the pod's addresses
+
+
+def pod_workload(pod: Mapping[str, Any], namespace_labels: Mapping[str, str],
+                 problems: list[str] | None = None) -> Workload | None:
     """The workload a Pod is, or None when it has no address of its own yet (not running, not scheduled,
-    hostNetwork)."""
+    hostNetwork). A probe whose port names no port of its container is left out of ``probe_ports`` and its
+    problem appended to ``problems``, or logged (for a workload) when that is None."""
     _kind, namespace, name = identify(pod)
     where = f"Pod {namespace}/{name}"
     meta = pod["metadata"]
@@ -183,15 +270,20 @@ def pod_workload(pod: Mapping[str, Any], namespace_labels: Mapping[str, str]) ->
         if ip not in ips:
             ips.append(ip)
     ports = _container_ports(spec, where)
+    probed, unresolved = probe_ports(spec, tuple(ips), where)
     ready = _ready(status, where) and meta.get("deletionTimestamp") is None
+    if problems is not None:
+        problems += unresolved
     if not ips or not node or phase != "Running" or spec.get("hostNetwork"):
         return None
+    for problem in unresolved if problems is None else ():
+        log.warning("%s", problem)
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     return Workload(
         namespace=namespace, name=name, node=node, ips=tuple(ips),
         uid=_string(meta.get("uid"), where, "metadata.uid") or f"{namespace}/{name}",
         service_account=_string(account, where, "spec.serviceAccountName"), labels=labels,
-        enrolled=enrolled(pod, namespace_labels), ready=ready, ports=ports,
+        enrolled=enrolled(pod, namespace_labels), ready=ready, ports=ports, probe_ports=probed,
         created=_string(meta.get("creationTimestamp"), where, "metadata.creationTimestamp"))
 
 
@@ -211,9 +303,11 @@ def _service_port(raw: Any, where: str, i: int) -> ServicePort | None:
             digits = target.lstrip("0") or "0"  # int() refuses over 4300 digits, leading zeros included
             target = int(digits) if len(digits) <= 5 else target
         target_port, target_name = _port(target, where, f"{field}.targetPort"), ""
+    node_port = port.get("nodePort")
     return ServicePort(number, target_port, target_name,
                        _string(port.get("appProtocol"), where, f"{field}.appProtocol"),
-                       _string(port.get("name"), where, f"{field}.name"))
+                       _string(port.get("name"), where, f"{field}.name"),
+                       0 if node_port in (None, 0) else _port(node_port, where, f"{field}.nodePort"))
 
 
 def _preference(spec: Mapping[str, Any], annotations: Mapping[str, str],
@@ -273,8 +367,11 @@ def service(obj: Mapping[str, Any], namespace_annotations: Mapping[str, str] | N
     publish = spec.get("publishNotReadyAddresses", False)
     if not isinstance(publish, bool):
         raise ObjectError(f"{where}: spec.publishNotReadyAddresses must be true or false")
+    external = _string(spec.get("externalTrafficPolicy"), where, "spec.externalTrafficPolicy") or "Cluster"
+    if external not in EXTERNAL_TRAFFIC_POLICIES:
+        raise ObjectError(f"{where}: spec.externalTrafficPolicy must be Cluster or Local, not {_short(external)}")
     return Service(namespace, name, vips, ports, selector,
-                   _preference(spec, annotations, namespace_annotations or {}, where), publish,
+                   _preference(spec, annotations, namespace_annotations or {}, where), publish, external == "Local",
                    _families(spec, vips, where))
 
 

@@ -43,6 +43,9 @@ class Workload:
     ready: bool = True  # Ready condition true and not being deleted: a healthy endpoint
     ports: Mapping[str, int] = field(default_factory=dict)  # named container ports (TCP)
     created: str = ""  # creationTimestamp: the newest of two pods claiming one IP wins it
+    # The TCP ports the kubelet connects to for its probes of the pod's containers (liveness, readiness,
+    # startup: httpGet, tcpSocket, grpc; named ports resolved in their container): ``convert.probe_ports``.
+    probe_ports: frozenset[int] = frozenset()
 
     @property
     def ip(self) -> str:
@@ -72,6 +75,7 @@ class ServicePort:
     target_name: str = ""  # the container port name, when named
     app_protocol: str = ""
     name: str = ""
+    node_port: int = 0  # spec.ports[].nodePort of a NodePort or LoadBalancer Service; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,7 @@ class Service:
     selector: Mapping[str, str] | None  # None: endpoints come from EndpointSlices
     preference: Preference = Preference.NONE
     publish_not_ready: bool = False
+    external_local: bool = False  # externalTrafficPolicy: Local (node ports reach this node's endpoints only)
     families: frozenset[int] = BOTH_FAMILIES  # spec.ipFamilies: the pod addresses that are its endpoints
 
     @property

@@ -29,6 +29,7 @@ from agent.identity.ca_client import CaClient
 from agent.identity.manager import CertificateManager
 from agent.kube.lifecycle import daemonset_removed
 from agent.kube.source import KubeSource
+from agent.mesh import views
 from agent.mesh.ports import Ports
 from agent.mesh.store import Change, MeshState, MeshStore, Workload
 from agent.node.capture_plan import capture_plan
@@ -56,8 +57,11 @@ class AgentConfig:
     trust_domain: str = "cluster.local"
     uplinks: tuple[str, ...] = ("eth0",)
     fail_open: bool = False
+    node_passes: bool = False  # every connection the node opens to a pod passes (Istio); else its probe ports only
+    proc_sys: str = "/proc/sys"  # the node's /proc/sys (a container mounts the host's /proc/sys/net elsewhere)
     ports: Ports = Ports()
     kubeconfig: Path | None = None  # with state None: a kubeconfig, or None for in-cluster config
+    kube_context: str | None = None  # the kubeconfig's context (None: its current-context)
     sync_timeout: float = 60.0
     telemetry: TelemetryConfig = TelemetryConfig()
     bpffs: str = "/sys/fs/bpf"  # tcx links are pinned under <bpffs>/ambit/<node>
@@ -86,7 +90,8 @@ class NodeAgent:
         self.config = config
         self.store = MeshStore()
         self.redirector = Redirector(list(config.uplinks), ports=config.ports, fail_open=config.fail_open,
-                                     bpffs=config.bpffs, instance=config.node)
+                                     bpffs=config.bpffs, instance=config.node, node_passes=config.node_passes,
+                                     proc_sys=config.proc_sys)
         self._tasks: set[asyncio.Task[None]] = set()
         self._identities: set[SpiffeId] = set()
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
@@ -106,7 +111,7 @@ class NodeAgent:
             source.load()
             self._spawn(source.watch())
             return
-        kube = await KubeSource.from_config(cfg.kubeconfig, self.store)
+        kube = await KubeSource.from_config(cfg.kubeconfig, self.store, context=cfg.kube_context)
         self._kube = kube
         self._closers.append(kube.close)
         self._spawn(kube.run())
@@ -170,6 +175,7 @@ class NodeAgent:
             log.warning("pod %s (%s): no interface on this node: %s", workload.key, workload.ip, why)
         before = set(self.redirector.enrolled())
         self.redirector.reconcile(plan.capture, plan.hooked)
+        self.redirector.set_probe_ports(plan.probe_ports)
         return before, plan.capture
 
     async def _reconcile(self, new: MeshState) -> None:
@@ -201,15 +207,8 @@ class NodeAgent:
         return {
             "node": self.config.node,
             "version": importlib.metadata.version("ambit"),
-            "workloads": [{"namespace": w.namespace, "name": w.name, "ip": w.ip, "ips": list(w.ips), "node": w.node,
-                           "service_account": w.service_account, "enrolled": w.enrolled, "labels": dict(w.labels)}
-                          for w in state.by_uid.values()],
-            "services": [{"namespace": s.namespace, "name": s.name, "hostname": s.hostname, "vips": list(s.vips),
-                          "ports": [{"port": p.port, "target_port": p.target_port, "target_name": p.target_name}
-                                    for p in s.ports],
-                          "endpoints": [{"ip": e.ip, "node": e.node, "ports": {str(k): v for k, v in e.ports.items()}}
-                                        for e in state.endpoints.get(s.key, {}).values()]}
-                         for s in state.services.values()],
+            "workloads": [views.workload(w) for w in state.by_uid.values()],
+            "services": [views.service(s, state.endpoints.get(s.key, {})) for s in state.services.values()],
             "policies": self.authorizer.engine.policies,
             "certificates": [s.as_dict() for s in self.certificates.status()],
             "attachments": [{"ifindex": a.ifindex, "backend": a.backend, "program": a.prog_name} for a in attachments],

@@ -2,9 +2,10 @@
 
 Every address of an enrolled pod is captured (both families of a dual-stack pod, ``status.podIPs``), each mapped
 to the pod's host interface, which is found once per pod from its primary address (all of a pod's addresses
-sit behind its one interface). The pods that are not enrolled only get their interface hooked, for the return
-path of connections the agent makes to them from a client's address. The agent hands this to the capture in one
-call: ``Redirector.reconcile(plan.capture, plan.hooked)``.
+sit behind its one interface), with the TCP ports its own probes name (the node's connections to them pass at
+the pod's door) at each address. The pods that are not enrolled only get their interface hooked, for the return
+path of connections the agent makes to them from a client's address. The agent hands this to the capture:
+``Redirector.reconcile(plan.capture, plan.hooked)`` and ``Redirector.set_probe_ports(plan.probe_ports)``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from agent.mesh.model import Workload
 class CapturePlan:
     capture: dict[str, str] = field(default_factory=dict)  # pod address (any family) -> host interface
     hooked: list[str] = field(default_factory=list)  # host interfaces of local pods that are not enrolled
+    probe_ports: dict[str, frozenset[int]] = field(default_factory=dict)  # captured address -> its pod's probes
     missing: list[tuple[Workload, str]] = field(default_factory=list)  # pods with no interface here, and why
 
 
@@ -34,6 +36,7 @@ def capture_plan(local: Iterable[Workload], interface_of: Callable[[str], str]) 
             continue
         if workload.enrolled:
             plan.capture.update(dict.fromkeys(workload.ips, ifname))
+            plan.probe_ports.update(dict.fromkeys(workload.ips, workload.probe_ports))
         else:
             plan.hooked.append(ifname)
     return plan

@@ -11,7 +11,7 @@ from agent.telemetry.kernel import KernelEvent
 def kernel_event(ev: FlowEvent) -> KernelEvent:
     return KernelEvent(
         ts_ns=ev.ts_ns, src=ev.src, sport=ev.sport, dst=ev.dst, dport=ev.dport, tcp_flags=ev.tcp_flags,
-        toward_pod=ev.hook == Hook.UPLINK, dropped=ev.verdict == Verdict.DROPPED, action=ev.action,
+        toward_pod=ev.hook in (Hook.UPLINK, Hook.DOOR), dropped=ev.verdict == Verdict.DROPPED, action=ev.action,
         reason=ev.reason_text, reason_code=ev.reason.name if ev.reason != Reason.NONE else "")
 
 

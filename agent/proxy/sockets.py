@@ -8,10 +8,12 @@ off), whose IPv4 connections read as IPv4 (``hbone.accepted_addresses``); on a k
 AF_INET socket on 0.0.0.0. Either way one socket per port is what the capture programs look up and what
 ``Redirector.register_listener`` is given, for both families.
 
-Upstream sockets carry the agent's mark (0x539), so the programs and policy routing leave them alone, and,
-when they speak for a pod, are bound to the pod's IP (transparent again) so the other end sees the client, not
-the node; the programs steer the replies back to the agent. An upstream socket is of the family of its
-destination, and ``route`` only ever pairs a client with a destination of its own family.
+Every socket of the agent carries its mark (0x539), listeners (hence their SYN-ACKs and accepted sockets) and
+upstream sockets alike, so the programs (an enrolled pod's door among them) and policy routing leave its
+packets alone; upstream sockets, when they speak for a pod, are bound to the pod's IP (transparent again) so
+the other end sees the client, not the node; the programs steer the replies back to the agent. An upstream
+socket is of the family of its destination, and ``route`` only ever pairs a client with a destination of its
+own family.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def transparent_listener(port: int, host: str = ANY, backlog: int = 1024) -> soc
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         set_transparent(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

@@ -71,18 +71,21 @@ def servers(lab: Lab) -> Iterator[None]:
 
 
 def leftovers(lab: Lab, bpffs: str) -> list[str]:
-    """Anything of ours still in the lab's node namespaces: filters, tcx links, rules, routes, pins."""
+    """Anything of ours still in the lab's node namespaces: filters, tcx links, rules, routes, pins, settings."""
+    from agent.capture import bpfsys, sysctls
+
     found = []
     for node in lab.nodes:
         for link in lab.links(node.netns):
-            out = lab.exec(node.netns, ["tc", "filter", "show", "dev", link["ifname"], "ingress"]).stdout
-            if "ambit" in out:
-                found.append(f"{node.netns}/{link['ifname']}: {out.strip()}")
-            with netns.entered(node.netns):
-                from agent.capture import bpfsys
-
-                if bpfsys.tcx_query(link["ifindex"]):
-                    found.append(f"{node.netns}/{link['ifname']}: tcx programs")
+            for hook, attach_type in (("ingress", bpfsys.BPF_TCX_INGRESS), ("egress", bpfsys.BPF_TCX_EGRESS)):
+                out = lab.exec(node.netns, ["tc", "filter", "show", "dev", link["ifname"], hook]).stdout
+                if "ambit" in out:
+                    found.append(f"{node.netns}/{link['ifname']} {hook}: {out.strip()}")
+                with netns.entered(node.netns):
+                    if bpfsys.tcx_query(link["ifindex"], attach_type):
+                        found.append(f"{node.netns}/{link['ifname']}: tcx {hook} programs")
+        if sysctls.read(node.netns, sysctls.EARLY_DEMUX) != "1":
+            found.append(f"{node.netns}: tcp_early_demux left off")
         rules = lab.exec(node.netns, ["ip", "rule"]).stdout
         if "0x539" in rules:
             found.append(f"{node.netns}: {rules}")
@@ -205,11 +208,10 @@ def test_inbound_hbone_and_plaintext_ports(lab: Lab, agents: Agents, relays: lis
     assert counters["redirect_in"] == 1 and counters["redirect_hbone"] == 1
 
 
-def test_not_captured_unenrolled_udp_and_node_traffic(lab: Lab, agents: Agents, relays: list[TransparentRelay]) -> None:
+def test_not_captured_unenrolled_and_udp(lab: Lab, agents: Agents, relays: list[TransparentRelay]) -> None:
     a, b, c, _d = lab.pods
     agents[0].enroll(a.ip, a.host_ifname)
     assert talk(b, c.ip) == (b.ip, True)  # un-enrolled pod: direct
-    assert talk(lab.nodes[0], a.ip) == (lab.nodes[0].ip, True)  # node -> pod (kubelet-like probe)
     # UDP (DNS) from an enrolled pod is never captured
     with netns.entered(c.netns):
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -224,7 +226,30 @@ def test_not_captured_unenrolled_udp_and_node_traffic(lab: Lab, agents: Agents, 
         assert data == b"dns?" and src == tx.getsockname()
     assert relays[0].accepted == []
     events = agents[0].poll_events(100)
-    assert all(lab.nodes[0].ip not in (e.src, e.dst) and b.ip not in (e.src, e.dst) for e in events), events
+    assert all(b.ip not in (e.src, e.dst) for e in events), events
+
+
+def test_the_door_takes_node_traffic_but_probe_ports(lab: Lab, agents: Agents, relays: list[TransparentRelay]) -> None:
+    """A connection the node itself opens to an enrolled pod crosses only the pod's door (its veth's egress):
+    captured as the pod's inbound (15006, the node's address kept), except to the ports the pod's probes name;
+    with node_passes every connection of the node passes, as in Istio."""
+    a, *_ = lab.pods
+    node = lab.nodes[0]
+    agents[0].enroll(a.ip, a.host_ifname)
+    assert talk(node, a.ip) == (node.ip, False)  # through the agent's relay
+    assert [(x.listener_port, x.original_dst, x.peer[0]) for x in relays[0].accepted] == [(15006, (a.ip, 8080),
+                                                                                           node.ip)]
+    syn = [e for e in agents[0].poll_events(200) if e.type is EventType.SYN and e.verdict is Verdict.REDIRECTED]
+    assert [(e.src, e.dst, e.listener_port, e.hook) for e in syn] == [(node.ip, a.ip, 15006, Hook.DOOR)]
+    agents[0].set_probe_ports({a.ip: [8080]})
+    assert talk(node, a.ip) == (node.ip, True)  # the probe port: direct
+    assert agents[0].counters()["probe_passed"] > 0
+    agents[0].set_probe_ports({})
+    agents[0].set_node_passes(True)
+    assert talk(node, a.ip) == (node.ip, True)
+    agents[0].set_node_passes(False)
+    assert talk(node, a.ip) == (node.ip, False)
+    assert len(relays[0].accepted) == 2 and agents[0].counters()["redirect_door"] == 2
 
 
 def test_enroll_and_release_with_pods_running(lab: Lab, agents: Agents, relays: list[TransparentRelay]) -> None:
@@ -354,8 +379,9 @@ def test_restart_reconcile_leaves_exactly_the_desired_state(
     try:
         result = restarted.reconcile({a.ip: a.host_ifname})
         atts = restarted.attachments()
-        assert sorted(att.ifindex for att in atts) == sorted(
-            [restarted.uplinks["eth0"], socket_ifindex(node.netns, a.host_ifname)]
+        pod_ix = socket_ifindex(node.netns, a.host_ifname)
+        assert sorted((att.ifindex, att.direction) for att in atts) == sorted(
+            [(restarted.uplinks["eth0"], "ingress"), (pod_ix, "ingress"), (pod_ix, "egress")]  # the pod's door
         )
         assert {att.backend for att in atts} == {second}
         assert any("lxc1" in r for r in result.removed)
@@ -363,9 +389,10 @@ def test_restart_reconcile_leaves_exactly_the_desired_state(
         assert rules.count("fwmark 0x539 lookup 100") == 1 and rules.count("goto 32766") == 1
         assert lab.exec(node.netns, ["ip", "route", "show", "table", "100"]).stdout.count("local") == 1
         for ifname in ("lxc0", "lxc1", "eth0"):
-            out = lab.exec(node.netns, ["tc", "filter", "show", "dev", ifname, "ingress"]).stdout
-            ours = [line for line in out.splitlines() if "ambit" in line]
-            assert len(ours) <= (0 if second == "tcx" else 1), out
+            for hook in ("ingress", "egress"):
+                out = lab.exec(node.netns, ["tc", "filter", "show", "dev", ifname, hook]).stdout
+                ours = [line for line in out.splitlines() if "ambit" in line]
+                assert len(ours) <= (0 if second == "tcx" else 1), out
         assert restarted.enrolled_in_kernel() == {a.ip: socket_ifindex(node.netns, a.host_ifname)}
         assert talk(a, c.ip) == (a.ip, False)  # captured by the restarted agent
         assert talk(b, c.ip) == (b.ip, True)  # no longer desired: direct

@@ -355,11 +355,9 @@ def test_strict_refuses_plaintext_through_the_vip_from_another_node(lab: Service
     assert http_outcome(lab.pod("app-2-1"), (vip, 80)) in ("reset", "eof")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "same-node STRICT bypass through a VIP: the pod program on the client's veth sees the VIP (not an enrolled "
-    "pod), lets it pass, the kube-proxy DNATs it to the enrolled pod of the same node, and nothing captures it "
-    "on the way in (no program on the pod's veth towards the pod), so the plaintext reaches the pod"))
 def test_strict_refuses_plaintext_through_the_vip_from_the_same_node(lab: ServiceLab, strict_shop: PodInfo) -> None:
+    """app-1-1 (not enrolled, node-1) -> shop/web's VIP: node-1's kube-proxy DNATs it to app-1-2 on the same node;
+    app-1-2's door (the program on its veth toward the pod) captures it as inbound, and STRICT refuses it."""
     vip = lab.vip("shop/web")
     assert http_outcome(lab.pod(CLIENT), (strict_shop.ip, h.SERVER_PORT)) in ("reset", "eof")  # by its IP: refused
     assert http_outcome(lab.pod(CLIENT), (vip, 80)) in ("reset", "eof")

@@ -1,4 +1,4 @@
-"""Informers against the API-server fake over real HTTP, with the real client library (kubernetes_asyncio)."""
+"""Informers against the API-server fake over real HTTP, with the real client (agent/kube/client.py)."""
 
 from __future__ import annotations
 

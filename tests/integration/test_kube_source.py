@@ -1,4 +1,4 @@
-"""KubeSource: the API-server fake -> real client (kubernetes_asyncio) -> informers -> the agent's MeshStore."""
+"""KubeSource: the API-server fake -> real client (agent/kube/client.py) -> informers -> the agent's MeshStore."""
 
 from __future__ import annotations
 

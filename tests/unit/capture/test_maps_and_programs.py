@@ -45,6 +45,7 @@ def test_flags_and_roles_match_header() -> None:
     d = _defines("F") | _defines("IF")
     assert d["AMBIT_F_FAIL_OPEN"] == maps.F_FAIL_OPEN
     assert d["AMBIT_F_LOOKUP_SELECTS"] == maps.F_LOOKUP_SELECTS
+    assert d["AMBIT_F_NODE_PASSES"] == maps.F_NODE_PASSES
     assert d["AMBIT_IF_POD"] == maps.IF_POD
     assert d["AMBIT_IF_UPLINK"] == maps.IF_UPLINK
 
@@ -53,6 +54,12 @@ def test_struct_sizes() -> None:
     assert ctypes.sizeof(maps.EventC) == 32
     assert ctypes.sizeof(maps.ConfigC) == 16
     assert ctypes.sizeof(maps.PodC) == 8
+    assert ctypes.sizeof(maps.ProbePortC) == 8 and "struct ambit_probe_port" in HEADER
+
+
+def test_probe_port_key_is_network_order() -> None:
+    key = bytes(maps.ProbePortC.of("10.0.0.1", 8080))
+    assert key == socket.inet_aton("10.0.0.1") + (8080).to_bytes(2, "big") + b"\0\0"
     assert "struct ambit_event" in HEADER and "32 bytes" in HEADER
 
 

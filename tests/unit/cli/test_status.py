@@ -97,13 +97,15 @@ def test_render_status() -> None:
     dump = {"node": "node-1", "ready": "ready", "version": "0.1.0", "connections": 3,
             "attachments": [{"backend": "clsact"}, {"backend": "clsact"}],
             "workloads": [{"namespace": "shop", "name": "web", "ip": "10.0.0.1", "node": "node-1", "enrolled": True},
+                          {"namespace": "shop", "name": "api", "ip": "10.0.0.2", "node": "node-1", "enrolled": True,
+                           "probe_ports": [8080, 15021]},
                           {"namespace": "shop", "name": "db", "ip": "10.0.1.1", "node": "node-2", "enrolled": True}],
             "certificates": [{"identity": "spiffe://cluster.local/ns/shop/sa/web", "state": "available",
                               "not_after": None}],
             "policies": ["AuthorizationPolicy shop/no-web"]}
     assert render_status(dump) == (
         "node-1: ready; agent 0.1.0; 2 eBPF attachments (clsact); 3 proxied connections\n"
-        "  enrolled pods: shop/web (10.0.0.1)\n"
+        "  enrolled pods: shop/web (10.0.0.1), shop/api (10.0.0.2; probe ports 8080,15021)\n"
         "  certificate:   spiffe://cluster.local/ns/shop/sa/web: available\n"
         "  policies:      AuthorizationPolicy shop/no-web")
     assert render_status({"where": "/x.sock", "error": "agent unreachable: boom"}) == "/x.sock: agent unreachable: boom"
@@ -119,8 +121,13 @@ def test_render_status_lists_the_agents_services() -> None:
                  "endpoints": [{"ip": "10.200.1.10", "node": "node-2", "ports": {"80": 8080, "443": 8443}},
                                {"ip": "10.200.0.9", "node": "node-1", "ports": {"80": 8080}}]},
                 {"namespace": "default", "name": "db", "hostname": "db.default.svc.cluster.local", "vips": [],
-                 "ports": [{"port": 5432, "target_port": 5432, "target_name": ""}], "endpoints": []}]}
-    assert render_status(dump).splitlines()[-2:] == [
+                 "ports": [{"port": 5432, "target_port": 5432, "target_name": ""}], "endpoints": []},
+                {"namespace": "shop", "name": "front", "hostname": "front.shop.svc.cluster.local",
+                 "vips": ["10.96.0.7"], "external_traffic_policy": "Cluster",
+                 "ports": [{"port": 80, "target_port": 8080, "target_name": "", "node_port": 30080}],
+                 "endpoints": [{"ip": "10.200.0.9", "node": "node-1", "ports": {"80": 8080}}]}]}
+    assert render_status(dump).splitlines()[-3:] == [
         "  service:       default/db headless 5432->5432/TCP -> <none>",
+        "  service:       shop/front 10.96.0.7 80:30080->8080/TCP -> 10.200.0.9:8080",
         "  service:       shop/web 10.96.0.9 80->8080/TCP,443->https/TCP -> 10.200.0.9:8080, 10.200.1.10:8080,8443"]
     assert render_status({**dump, "services": []}).splitlines()[-1] == "  services:      none"

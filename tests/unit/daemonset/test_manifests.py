@@ -60,7 +60,8 @@ CA_RULES = [
     {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
 ]
-SETTINGS = {"AMBIT_TRUST_DOMAIN", "AMBIT_FAIL_OPEN", "AMBIT_LOG_LEVEL", "AMBIT_UPLINK", "AMBIT_DRAIN_SECONDS"}
+SETTINGS = {"AMBIT_TRUST_DOMAIN", "AMBIT_FAIL_OPEN", "AMBIT_LOG_LEVEL", "AMBIT_UPLINK", "AMBIT_DRAIN_SECONDS",
+            "AMBIT_NODE_TRAFFIC"}
 
 
 # -- rendering ------------------------------------------------------------------------------------------------
@@ -206,9 +207,11 @@ def test_agent_mounts_exactly_what_it_needs(base: list[Obj]) -> None:
     spec = agent(base)["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     host_paths = {v["hostPath"]["path"]: name for name, v in volumes.items() if "hostPath" in v}
-    # No /proc, no /sys/fs/cgroup, and of bpffs only the agent's own directory.
-    assert set(host_paths) == {"/sys/fs/bpf/ambit", "/lib/modules", "/usr/src"}
+    # No /proc but its network sysctls, no /sys/fs/cgroup, and of bpffs only the agent's own directory.
+    assert set(host_paths) == {"/sys/fs/bpf/ambit", "/lib/modules", "/usr/src", "/proc/sys/net"}
     mounts = {m["name"]: m for m in agent_container(base)["volumeMounts"]}
+    sysctls = mounts[host_paths["/proc/sys/net"]]  # writable: the doors' settings (agent/capture/sysctls.py)
+    assert sysctls["mountPath"] == f"{flag(agent_container(base)['args'], '--proc-sys')}/net"
     bpffs = mounts[host_paths["/sys/fs/bpf/ambit"]]
     assert volumes[bpffs["name"]]["hostPath"]["type"] == "DirectoryOrCreate"
     assert not bpffs.get("readOnly") and "mountPropagation" not in bpffs  # tcx links are pinned there

@@ -33,16 +33,27 @@ def elements(text: str, block: str) -> list[str]:
     return found[0].removeprefix("elements = { ").removesuffix(" }").split(", ") if found else []
 
 
-def dnat_rules(text: str) -> list[str]:
+def chain(text: str, name: str) -> list[str]:
     lines = text.splitlines()
-    start = lines.index("\tchain services {")
+    start = lines.index(f"\tchain {name} {{")
     return [line.strip() for line in lines[start + 1:lines.index("\t}", start)]]
+
+
+def dnat_rules(text: str) -> list[str]:
+    """The VIPs' rules: the services chain but its last rule, the jump to the node ports."""
+    *rules, last = chain(text, "services")
+    assert last == "fib daddr type local ip daddr != 127.0.0.0/8 jump nodeports"
+    return rules
 
 
 def web(**spec: Any) -> dict[str, Any]:
     return o.service("web", selector=WEB, clusterIP="10.96.0.10", **spec)
 
 
+NP80 = {"port": 80, "targetPort": 8080, "nodePort": 30080}
+MASQ = "meta mark set meta mark or 0x4000"
+ALL3 = "0 : 10.200.0.10 . 8080, 1 : 10.200.0.11 . 8080, 2 : 10.200.1.10 . 8080"
+VIP80 = f'ip daddr 10.96.0.10 tcp dport 80 dnat ip to numgen random mod 3 map {{ {ALL3} }} comment "default/web:80"'
 THREE = (o.pod("a", "10.200.0.11", app="web"), o.pod("b", "10.200.1.10", "node-2", app="web"),
          o.pod("c", "10.200.0.10", app="web"), o.pod("other", "10.200.0.12", app="db"))
 
@@ -99,6 +110,49 @@ CASES: list[tuple[str, tuple[dict[str, Any], ...], str, dict[str, list[str]]]] =
         "set cluster-ips": ["10.96.0.9", "10.96.0.10", "10.96.0.11"],
         "map no-endpoint-services": ["10.96.0.11 . tcp . 80 : goto reject-chain",
                                      "10.96.0.9 . tcp . 80 : goto reject-chain"]}),
+    # -- node ports --
+    ("a NodePort Service: any endpoint, masqueraded", (*THREE, web(type="NodePort", ports=[NP80])), NODE, {
+        "rules": [VIP80], "nodeports": [
+            f"tcp dport 30080 {MASQ} dnat ip to numgen random mod 3 map {{ {ALL3} }} "
+            'comment "default/web:80 nodePort 30080"'],
+        "map no-endpoint-nodeports": []}),
+    ("externalTrafficPolicy Local: this node's endpoints, the client's address kept; pods and the node itself "
+     "go to any endpoint (kube-proxy's short cuts)",
+     (*THREE, web(type="NodePort", externalTrafficPolicy="Local", ports=[NP80])), "node-2", {
+         "nodeports": [
+             f"tcp dport 30080 ip saddr 10.200.0.0/16 dnat ip to numgen random mod 3 map {{ {ALL3} }} "
+             'comment "default/web:80 nodePort 30080: a pod"',
+             f"tcp dport 30080 fib saddr type local {MASQ} dnat ip to numgen random mod 3 map {{ {ALL3} }} "
+             'comment "default/web:80 nodePort 30080: the node"',
+             "tcp dport 30080 dnat ip to numgen random mod 1 map { 0 : 10.200.1.10 . 8080 } "
+             'comment "default/web:80 nodePort 30080"'],
+         "map no-endpoint-nodeports": []}),
+    ("... and none on the node: dropped before NAT but for the short cuts",
+     (THREE[1], web(type="LoadBalancer", externalTrafficPolicy="Local", ports=[NP80])), NODE, {
+         "nodeports": [
+             "tcp dport 30080 ip saddr 10.200.0.0/16 dnat ip to numgen random mod 1 map { 0 : 10.200.1.10 . 8080 } "
+             'comment "default/web:80 nodePort 30080: a pod"',
+             f"tcp dport 30080 fib saddr type local {MASQ} dnat ip to numgen random mod 1 map "
+             '{ 0 : 10.200.1.10 . 8080 } comment "default/web:80 nodePort 30080: the node"'],
+         "map no-endpoint-nodeports": ["tcp . 30080 : drop"]}),
+    ("a node port without any endpoint: rejected", (THREE[3], web(type="NodePort", ports=[NP80])), NODE, {
+        "rules": [], "nodeports": [], "map no-endpoint-nodeports": ["tcp . 30080 : goto reject-chain"],
+        "map no-endpoint-services": ["10.96.0.10 . tcp . 80 : goto reject-chain"]}),
+    ("node ports in number order; internalTrafficPolicy narrows the VIP only, the hairpins cover both",
+     (*THREE, web(type="NodePort", internalTrafficPolicy="Local",
+                  ports=[{"port": 443, "targetPort": 8443, "nodePort": 30443}, NP80])), "node-2", {
+         "rules": ['ip daddr 10.96.0.10 tcp dport 80 dnat ip to numgen random mod 1 map { 0 : 10.200.1.10 . 8080 } '
+                   'comment "default/web:80"',
+                   'ip daddr 10.96.0.10 tcp dport 443 dnat ip to numgen random mod 1 map { 0 : 10.200.1.10 . 8443 } '
+                   'comment "default/web:443"'],
+         "nodeports": [
+             f"tcp dport 30080 {MASQ} dnat ip to numgen random mod 3 map {{ {ALL3} }} "
+             'comment "default/web:80 nodePort 30080"',
+             f"tcp dport 30443 {MASQ} dnat ip to numgen random mod 3 map {{ {ALL3.replace('8080', '8443')} }} "
+             'comment "default/web:443 nodePort 30443"'],
+         "set hairpin": ["10.200.0.10 . 10.200.0.10", "10.200.0.11 . 10.200.0.11", "10.200.1.10 . 10.200.1.10"]}),
+    ("a ClusterIP Service has no node port", (*THREE, web()), NODE,
+     {"nodeports": [], "map no-endpoint-nodeports": []}),
 ]
 
 
@@ -106,7 +160,8 @@ CASES: list[tuple[str, tuple[dict[str, Any], ...], str, dict[str, list[str]]]] =
 def test_ruleset(objs: tuple[dict[str, Any], ...], node: str, expected: dict[str, list[str]]) -> None:
     text = render(*objs, node=node)
     for block, want in expected.items():
-        got = dnat_rules(text) if block == "rules" else elements(text, block)
+        got = dnat_rules(text) if block == "rules" else chain(text, block) if block == "nodeports" else \
+            elements(text, block)
         assert got == want, block
 
 
@@ -127,6 +182,11 @@ def test_the_table_is_replaced_whole_and_hooks_where_kube_proxy_does() -> None:
                                             "\t\treject with icmp type port-unreachable"]
     assert "\t\tip daddr @cluster-ips goto reject-chain" in lines
     assert "\t\tct status dnat ip saddr . ip daddr @hairpin masquerade" in lines
+    # node ports: any local address but localhost, checked before NAT and served in prerouting and output
+    assert chain(text, "service-endpoints-check")[1] == \
+        "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @no-endpoint-nodeports"
+    assert chain(text, "nat-postrouting")[1] == \
+        "meta mark & 0x4000 != 0 meta mark set meta mark xor 0x4000 masquerade fully-random"
 
 
 @pytest.mark.root
@@ -139,7 +199,8 @@ def test_nft_accepts_the_rendered_tables() -> None:
             kubeproxy.install(ns, render(*objs, node=node))
             listed = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "ip", "kube-proxy"],
                                     check=True, capture_output=True, text=True, timeout=10).stdout
-            assert listed.count("comment \"") == len(dnat_rules(render(*objs, node=node)))
+            text = render(*objs, node=node)
+            assert listed.count("comment \"") == len(dnat_rules(text)) + len(chain(text, "nodeports"))
         with pytest.raises(LabError, match="nft refused the kube-proxy table of lsvc-nft-"):
             kubeproxy.install(ns, "table ip kube-proxy { chain x { nonsense } }\n")
     finally:

@@ -94,6 +94,62 @@ def test_the_range_is_used_up_with_a_clear_error() -> None:
     assert st.of_kind("Service") == []
 
 
+def node_ports(obj: dict[str, Any]) -> list[int | None]:
+    return [p.get("nodePort") for p in obj["spec"]["ports"]]
+
+
+def nodeport(name: str, *ports: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return o.service(name, type="NodePort", ports=list(ports) or [{"port": 80, "name": "http"}], **spec)
+
+
+def test_node_ports_given_kept_else_the_lowest_free_above_the_static_band() -> None:
+    st = state(nodeport("old", {"port": 80, "nodePort": 30086}))
+    a, b, c = admitted(st, nodeport("a", {"port": 80, "name": "http"}, {"port": 443, "name": "https"}),
+                       nodeport("b", {"port": 80, "nodePort": 30087}), nodeport("c", {"port": 80, "nodePort": 30000}))
+    # b's port is reserved before a gets its two, though b comes later in the batch; the static band is not used
+    assert (node_ports(a), node_ports(b), node_ports(c)) == ([30088, 30089], [30087], [30000])
+    assert a["spec"]["type"] == "NodePort" and a["spec"]["externalTrafficPolicy"] == "Cluster"
+    assert a["spec"]["clusterIP"] == "10.96.0.1"  # a NodePort Service has a cluster IP too
+    local = admitted(st, nodeport("l", externalTrafficPolicy="Local"))[0]
+    assert local["spec"]["externalTrafficPolicy"] == "Local"
+
+
+def test_node_ports_by_protocol_and_the_static_band_when_the_rest_is_used_up() -> None:
+    pair = admitted(state(), nodeport("dns", {"port": 53, "name": "tcp", "nodePort": 30053},
+                                      {"port": 53, "name": "udp", "protocol": "UDP", "nodePort": 30053}))[0]
+    assert node_ports(pair) == [30053, 30053]
+    ports = services._NodePorts([])
+    taken = [ports.allocate("TCP", "default/x", "Service default/x", "f") for _ in range(len(services.NODE_PORTS))]
+    assert taken[:2] == [30086, 30087] and taken[-86:] == list(range(30000, 30086))
+    assert ports.allocate("UDP", "default/x", "Service default/x", "f") == 30086
+    with pytest.raises(ObjectError, match=r"Service default/y: spec.ports\[0\].nodePort: the node port range "
+                                          r"30000-32767 is full"):
+        ports.allocate("TCP", "default/y", "Service default/y", "spec.ports[0].nodePort")
+
+
+def test_reapplying_keeps_each_ports_node_port_by_name() -> None:
+    st = state()
+    first = admitted(st, nodeport("web", {"port": 80, "name": "http"}, {"port": 443, "name": "https"}))[0]
+    st.put(first)
+    again = admitted(st, nodeport("web", {"port": 443, "name": "https"}, {"port": 8080, "name": "http"},
+                                  {"port": 9000, "name": "admin"}))[0]
+    assert node_ports(first) == [30086, 30087] and node_ports(again) == [30087, 30086, 30088]
+    # a port asking for its namesake's old number elsewhere: the namesake gets a new one, no duplicate
+    moved = admitted(st, nodeport("web", {"port": 80, "name": "http"}, {"port": 81, "name": "x", "nodePort": 30086}))
+    assert node_ports(moved[0]) == [30087, 30086]  # its old https port is free in this batch
+    # a batch that frees a node port and gives it to another Service
+    swapped = admitted(st, nodeport("web", {"port": 80, "name": "http", "nodePort": 30090}),
+                       nodeport("other", {"port": 80, "nodePort": 30086}))
+    assert [node_ports(x) for x in swapped] == [[30090], [30086]]
+
+
+def test_load_balancers_get_node_ports_unless_told_not_to() -> None:
+    lb, bare = admitted(state(), o.service("lb", type="LoadBalancer"),
+                        o.service("bare", type="LoadBalancer", allocateLoadBalancerNodePorts=False))
+    assert node_ports(lb) == [30086] and node_ports(bare) == [None]
+    assert lb["spec"]["externalTrafficPolicy"] == "Cluster"
+
+
 @pytest.mark.parametrize(("batch", "existing", "error"), [
     ([o.service("web", clusterIP="10.97.0.1")], [],
      "Service default/web: spec.clusterIP 10.97.0.1 is not in the service range 10.96.0.0/16"),
@@ -111,8 +167,29 @@ def test_the_range_is_used_up_with_a_clear_error() -> None:
      "Service default/b: spec.clusterIP 10.96.0.5 is already allocated to Service default/a"),
     ([o.service("web", clusterIP="10.96.0.6")], [o.service("web", clusterIP="10.96.0.5")],
      "Service default/web: spec.clusterIP: field is immutable (10.96.0.5, not 10.96.0.6)"),
-    ([o.service("web", type="NodePort")], [],
-     "Service default/web: spec.type 'NodePort': the lab has ClusterIP and ExternalName Services only"),
+    ([o.service("web", type="ExternalIP")], [],
+     "Service default/web: spec.type 'ExternalIP': the lab has ClusterIP, NodePort, LoadBalancer, ExternalName "
+     "Services only"),
+    ([nodeport("web", {"port": 80, "nodePort": 30080})], [nodeport("db", {"port": 5432, "nodePort": 30080})],
+     "Service default/web: spec.ports[0].nodePort 30080 is already allocated to Service default/db"),
+    ([nodeport("a", {"port": 80, "nodePort": 30080}), nodeport("b", {"port": 80, "nodePort": 30080})], [],
+     "Service default/b: spec.ports[0].nodePort 30080 is already allocated to Service default/a"),
+    ([nodeport("web", {"port": 80, "nodePort": 30080}, {"port": 81, "nodePort": 30080})], [],
+     "Service default/web: spec.ports[1].nodePort 30080 is given to another port of the Service"),
+    ([nodeport("web", {"port": 80, "nodePort": 8080})], [],
+     "Service default/web: spec.ports[0].nodePort 8080 is not in the node port range 30000-32767"),
+    ([nodeport("web", {"port": 80, "nodePort": "30080"})], [],
+     "Service default/web: spec.ports[0].nodePort '30080' is not in the node port range 30000-32767"),
+    ([o.service("web", ports=[{"port": 80, "nodePort": 30080}])], [],
+     "Service default/web: spec.ports[0].nodePort may not be used when spec.type is ClusterIP"),
+    ([nodeport("web", clusterIP="None")], [],
+     "Service default/web: spec.clusterIP: may not be None for NodePort Services"),
+    ([o.service("web", externalTrafficPolicy="Local")], [],
+     "Service default/web: spec.externalTrafficPolicy may only be set for NodePort and LoadBalancer Services"),
+    ([nodeport("web", externalTrafficPolicy="Nearby")], [],
+     "Service default/web: spec.externalTrafficPolicy must be Cluster or Local, not 'Nearby'"),
+    ([o.service("web", type="LoadBalancer", allocateLoadBalancerNodePorts="no")], [],
+     "Service default/web: spec.allocateLoadBalancerNodePorts must be true or false"),
     ([o.service("web", ports=[{"port": 0}])], [],
      "Service default/web: spec.ports[0].port must be a port number 1-65535, not 0"),
     ([o.service("web", ports=[{"port": 80, "targetPort": ""}])], [],

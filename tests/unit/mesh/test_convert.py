@@ -247,6 +247,19 @@ def test_service_ports() -> None:
     assert _service(obj).port(53) is None
 
 
+def test_node_ports_and_external_traffic_policy() -> None:
+    obj = service("web", "shop", selector={"app": "web"}, type="NodePort", externalTrafficPolicy="Local", ports=[
+        {"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080},
+        {"name": "admin", "port": 9000, "nodePort": 0},                              # 0: none (not allocated)
+        {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}])
+    svc = _service(obj)
+    assert [(p.port, p.node_port) for p in svc.ports] == [(80, 30080), (9000, 0)]
+    assert svc.external_local
+    assert not _service(service("web", type="NodePort", externalTrafficPolicy="Cluster")).external_local
+    assert not _service(service("web", externalTrafficPolicy="")).external_local      # unset: Cluster
+    assert _service(service("web")).ports[0].node_port == 0
+
+
 def test_selector_and_publish_not_ready() -> None:
     assert _service(service("a", selector={"app": "a"})).selector == {"app": "a"}
     assert _service(service("a")).selector is None          # no selector: endpoints from EndpointSlices
@@ -296,6 +309,10 @@ def test_preference_as_istiod_derives_it(spec: dict[str, Any], annotations: dict
     ("spec.ports", [{"port": 80, "appProtocol": 2}], "spec.ports[0].appProtocol must be a string, not int"),
     ("spec.publishNotReadyAddresses", "yes", "spec.publishNotReadyAddresses must be true or false"),
     ("spec.internalTrafficPolicy", 1, "spec.internalTrafficPolicy must be a string, not int"),
+    ("spec.externalTrafficPolicy", 1, "spec.externalTrafficPolicy must be a string, not int"),
+    ("spec.externalTrafficPolicy", "Global", "spec.externalTrafficPolicy must be Cluster or Local, not 'Global'"),
+    ("spec.ports", [{"port": 80, "nodePort": 70000}], "spec.ports[0].nodePort must be a port number 1-65535, not 7"),
+    ("spec.ports", [{"port": 80, "nodePort": "30080"}], "spec.ports[0].nodePort must be a port number 1-65535, not '"),
     ("spec.trafficDistribution", ["PreferClose"], "spec.trafficDistribution must be a string, not list"),
     ("metadata.annotations", "x", "Service shop/web: metadata.annotations must be a mapping, not str"),
     ("spec.ipFamilies", "IPv4", "Service shop/web: spec.ipFamilies must be a list, not str"),

@@ -10,9 +10,10 @@ INTERFACES = {"10.200.0.10": "lxc0", "10.200.0.11": "lxc1", "fd00:200::12": "lxc
 
 
 def test_every_address_of_an_enrolled_pod_is_captured_behind_its_one_interface() -> None:
+    dual = pod("dual", "mesh", "10.200.0.10", ips=["fd00:200::10"], node="n1")
+    dual["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": 8081}}
     state = build_state([
-        namespace("mesh", AMBIENT), namespace("plain"),
-        pod("dual", "mesh", "10.200.0.10", ips=["fd00:200::10"], node="n1"),
+        namespace("mesh", AMBIENT), namespace("plain"), dual,
         pod("v4", "mesh", "10.200.0.11", node="n1"),
         pod("v6", "mesh", "fd00:200::12", node="n1"),          # an IPv6-only pod: its primary is IPv6
         pod("out", "plain", "10.200.0.13", ips=["fd00:200::13"], node="n1"),
@@ -22,4 +23,6 @@ def test_every_address_of_an_enrolled_pod_is_captured_behind_its_one_interface()
     assert plan.capture == {"10.200.0.10": "lxc0", "fd00:200::10": "lxc0", "10.200.0.11": "lxc1",
                             "fd00:200::12": "lxc2"}
     assert plan.hooked == ["lxc3"]  # not enrolled: return-path steering only, whatever its families
+    assert plan.probe_ports == {"10.200.0.10": {8081}, "fd00:200::10": {8081}, "10.200.0.11": frozenset(),
+                                "fd00:200::12": frozenset()}  # the pod's probes at each of its addresses
     assert [(w.key, why) for w, why in plan.missing] == [("mesh/gone", "'10.200.0.14'")]
