@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import random
+import socket
+
 import pytest
 
 from hbone.addresses import canonical_address, canonical_ip, format_address, parse_host_port
@@ -66,7 +70,8 @@ def test_canonical_ip_refuses_what_is_not_an_ipv6_address() -> None:
 @pytest.mark.parametrize(("address", "expected"), [
     (("10.0.0.1", 80), ("10.0.0.1", 80)),
     (("::ffff:10.0.0.1", 80, 0, 0), ("10.0.0.1", 80)),
-    (("fd00:0::1", 443, 0, 0), ("fd00::1", 443)),
+    (("fd00::1", 443, 0, 0), ("fd00::1", 443)),
+    (("::1.2.3.4", 443, 0, 0), ("::102:304", 443)),  # the kernel's dotted IPv4-compatible form, as ipaddress spells it
 ])
 def test_canonical_address_of_either_family(address: tuple[str, int] | tuple[str, int, int, int],
                                             expected: tuple[str, int]) -> None:
@@ -77,3 +82,15 @@ def test_forwarded_for_brackets_an_ipv6_client() -> None:
     assert request_headers(("fd00:200:1::11", 40000))["forwarded"] == 'for="[fd00:200:1::11]:40000"'
     assert request_headers(("10.200.0.11", 40000), "web.shop.svc.cluster.local")["forwarded"] == \
         'for="10.200.0.11:40000";host=web.shop.svc.cluster.local'
+
+
+def test_the_kernels_spelling_of_ipv6_is_kept_only_where_it_is_already_canonical() -> None:
+    """``canonical_address`` trusts inet_ntop's text unless it has a dot: random addresses rich in zero runs
+    (mapped, compatible and plain ones among them) read the same as a full parse would give."""
+    rng = random.Random(7)
+    for _ in range(20000):
+        packed = b"".join(rng.choice([0, 0, 0, 0xFFFF, rng.randrange(65536)]).to_bytes(2, "big") for _ in range(8))
+        kernel = socket.inet_ntop(socket.AF_INET6, packed)
+        parsed = ipaddress.IPv6Address(packed)
+        expected = str(parsed.ipv4_mapped) if parsed.ipv4_mapped is not None else str(parsed)
+        assert canonical_address((kernel, 1, 0, 0)) == (expected, 1), kernel
