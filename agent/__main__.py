@@ -20,16 +20,17 @@ import uvloop
 from agent.node import AgentConfig, NodeAgent
 from agent.telemetry.hub import TelemetryConfig
 from agent.telemetry.observer_tls import ServerTlsFiles, TlsMaterialError, read_cas, read_key_pair
-from hbone import keep_buffers_on_heap
+from hbone import keep_buffers_on_heap, parse_host_port
 
 
 def _address(text: str) -> tuple[str, int] | None:
+    """A listening address, HOST:PORT or [IPV6]:PORT (port 0: any); "" for none."""
     if not text:
         return None
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(text, listen=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

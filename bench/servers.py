@@ -43,8 +43,10 @@ class ThreadedServer:
         raise NotImplementedError
 
     def listener(self, port: int) -> socket.socket:
-        """The listening socket for ``port``, made inside the namespace (SO_REUSEADDR, as create_server sets it)."""
-        return socket.create_server((self.host, port), backlog=256)
+        """The listening socket for ``port``, made inside the namespace (SO_REUSEADDR, as create_server sets it),
+        of the family of ``host``."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        return socket.create_server((self.host, port), family=family, backlog=256)
 
     def start(self) -> Self:
         with netns.entered(self.ns):

@@ -8,10 +8,12 @@ What users of the library need is here; the modules behind it are:
 * ``hbone.server``, ``hbone.client``, ``hbone.pool``, ``hbone.forward``: the server, tunnels to a server,
   pooled as ztunnel pools them, and a fixed-target forwarder;
 * ``hbone.identity``: SPIFFE IDs, workload certificates, trust bundles, mutual-TLS contexts;
-* ``hbone.sockets``, ``hbone.accept``, ``hbone.memory``: dialling, accepting and allocator settings.
+* ``hbone.sockets``, ``hbone.accept``, ``hbone.memory``: dialling, accepting and allocator settings;
+* ``hbone.addresses``: ``ip:port`` and ``[ipv6]:port`` text, canonical IPs.
 """
 
 from hbone.accept import Acceptor
+from hbone.addresses import canonical_address, canonical_ip, format_address, parse_host_port
 from hbone.authority import Authority
 from hbone.client import HboneError, StreamFailed, StreamRefused, open_tunnel, request_headers
 from hbone.events import Data
@@ -31,17 +33,16 @@ from hbone.server import (
     fixed_certificate,
 )
 from hbone.sockets import (
-    IP_TRANSPARENT,
     abort_with_reset,
     accepted_addresses,
     close_with_reset,
     dial,
     linger_reset,
+    set_transparent,
 )
 from hbone.tunnel import StreamHandler, Tunnel
 
 __all__ = [
-    "IP_TRANSPARENT",
     "TCP_WRITE_HIGH_WATER",
     "Acceptor",
     "Authority",
@@ -68,13 +69,18 @@ __all__ = [
     "WorkloadCertificate",
     "abort_with_reset",
     "accepted_addresses",
+    "canonical_address",
+    "canonical_ip",
     "close_with_reset",
     "connect_plain",
     "dial",
     "fixed_certificate",
+    "format_address",
     "identity_of",
     "keep_buffers_on_heap",
     "linger_reset",
     "open_tunnel",
+    "parse_host_port",
     "request_headers",
+    "set_transparent",
 ]

@@ -1,7 +1,7 @@
 """``python -m hbone``: a standalone HBONE server or forwarder (for benchmarks, interop tests, the demo).
 
     python -m hbone serve   --listen H:P --cert C --key K --bundle B --trust-domain TD
-    python -m hbone forward --listen H:P --hbone H:P --authority IP:PORT --expect SPIFFE_ID
+    python -m hbone forward --listen H:P --hbone H:P --authority IP:PORT|[IPV6]:PORT --expect SPIFFE_ID
                             --cert C --key K --bundle B --trust-domain TD
 """
 
@@ -12,10 +12,13 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import uvloop
 
+from hbone.addresses import format_address, parse_host_port
 from hbone.authority import Authority
 from hbone.forward import Forwarder
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
@@ -24,11 +27,7 @@ from hbone.pool import Pool
 from hbone.server import HboneServer, fixed_certificate
 
 log = logging.getLogger("hbone")
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
+T = TypeVar("T")
 
 
 def _identity(args: argparse.Namespace) -> tuple[WorkloadCertificate, TrustBundle]:
@@ -38,10 +37,9 @@ def _identity(args: argparse.Namespace) -> tuple[WorkloadCertificate, TrustBundl
 
 async def _serve(args: argparse.Namespace) -> None:
     cert, bundle = _identity(args)
-    host, port = _hostport(args.listen)
     server = HboneServer(fixed_certificate(cert), bundle)
-    await server.start(host, port)
-    print(f"listening on {server.address[0]}:{server.address[1]}", flush=True)
+    await server.start(*args.listen)
+    print(f"listening on {format_address(*server.address)}", flush=True)
     await _until_signal()
     await server.close()
 
@@ -49,10 +47,9 @@ async def _serve(args: argparse.Namespace) -> None:
 async def _forward(args: argparse.Namespace) -> None:
     cert, bundle = _identity(args)
     pool = Pool(bundle)
-    forwarder = Forwarder(pool, cert, SpiffeId.parse(args.expect), _hostport(args.hbone),
-                          Authority.parse(args.authority))
-    host, port = await forwarder.start(*_hostport(args.listen))
-    print(f"listening on {host}:{port}", flush=True)
+    forwarder = Forwarder(pool, cert, SpiffeId.parse(args.expect), args.hbone, args.authority)
+    address = await forwarder.start(*args.listen)
+    print(f"listening on {format_address(*address)}", flush=True)
     await _until_signal()
     await forwarder.close()
     await pool.close()
@@ -66,21 +63,34 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
+def _typed(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser raising ValueError with its own message (argparse would hide it)."""
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hbone", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("serve", "forward"):
         p = sub.add_parser(name)
-        p.add_argument("--listen", required=True)
+        p.add_argument("--listen", required=True, metavar="HOST:PORT",
+                       type=_typed(lambda t: parse_host_port(t, "--listen", listen=True)))
         p.add_argument("--cert", required=True)
         p.add_argument("--key", required=True)
         p.add_argument("--bundle", required=True)
         p.add_argument("--trust-domain", required=True)
         p.add_argument("-v", "--verbose", action="store_true")
         if name == "forward":
-            p.add_argument("--hbone", required=True, help="HBONE server address")
-            p.add_argument("--authority", required=True, help="CONNECT target ip:port")
+            p.add_argument("--hbone", required=True, help="HBONE server address", metavar="HOST:PORT",
+                           type=_typed(lambda t: parse_host_port(t, "--hbone")))
+            p.add_argument("--authority", required=True, help="CONNECT target ip:port or [ipv6]:port",
+                           type=_typed(Authority.parse))
             p.add_argument("--expect", required=True, help="SPIFFE ID the server must present")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

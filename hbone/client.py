@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from h2.errors import ErrorCodes
 
+from hbone.addresses import Address, format_address
 from hbone.authority import Authority
 from hbone.events import ConnectionEnded, ConnectResponse, Event, GoAwayReceived, StreamReset
 from hbone.identity import (
@@ -26,8 +27,6 @@ from hbone.identity import (
 from hbone.protocol import ClientConnection, Settings
 from hbone.sockets import dial
 from hbone.tunnel import StreamHandler, Tunnel
-
-Address = tuple[str, int]
 
 
 class HboneError(ConnectionError):
@@ -44,16 +43,12 @@ class StreamFailed(HboneError):
         self.status = status  # the CONNECT answer (0 when the stream broke before one came)
 
 
-def _hostport(addr: Address) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-
-
 def request_headers(client: Address | None = None, service_host: str | None = None,
                     baggage: Mapping[str, str] | None = None) -> dict[str, str]:
     """The headers ztunnel sends with CONNECT: forwarded (client address), baggage, traceparent."""
     headers: dict[str, str] = {}
     if client is not None:
-        headers["forwarded"] = f'for="{_hostport(client)}"' + (f";host={service_host}" if service_host else "")
+        headers["forwarded"] = f'for="{format_address(*client)}"' + (f";host={service_host}" if service_host else "")
     if baggage:
         headers["baggage"] = ",".join(f"{k}={v}" for k, v in baggage.items())
     headers["traceparent"] = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
@@ -174,9 +169,9 @@ async def open_tunnel(address: Address, cert: WorkloadCertificate, expected: Spi
             await loop.create_connection(lambda: tunnel, sock=sock, server_hostname=address[0],
                                          ssl=client_context(cert, bundle), ssl_handshake_timeout=handshake_timeout)
     except TimeoutError:
-        raise HboneError(f"HBONE connect to {_hostport(address)} timed out after {handshake_timeout}s") from None
+        raise HboneError(f"HBONE connect to {format_address(*address)} timed out after {handshake_timeout}s") from None
     except OSError as e:
-        raise HboneError(f"HBONE connect to {_hostport(address)} failed: {e}") from e
+        raise HboneError(f"HBONE connect to {format_address(*address)} failed: {e}") from e
     if tunnel.peer_error is not None:
-        raise HboneError(f"HBONE server at {_hostport(address)} rejected: {tunnel.peer_error}")
+        raise HboneError(f"HBONE server at {format_address(*address)} rejected: {tunnel.peer_error}")
     return tunnel

@@ -12,16 +12,16 @@ import logging
 import socket
 
 from hbone.accept import Acceptor
+from hbone.addresses import Address, canonical_address
 from hbone.authority import Authority
 from hbone.client import HboneError, request_headers
 from hbone.identity import SpiffeId, WorkloadCertificate
 from hbone.pool import Pool
 from hbone.relay import Relay
-from hbone.sockets import close_with_reset
+from hbone.sockets import close_with_reset, listener
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 class Forwarder:
@@ -33,12 +33,12 @@ class Forwarder:
         self._acceptor: Acceptor | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> Address:
-        self._acceptor = Acceptor(socket.create_server((host, port), backlog=1024), self._tunnel, "forwarder")
+        self._acceptor = Acceptor(listener(host, port), self._tunnel, "forwarder")
         self._acceptor.start()
         return self._acceptor.address
 
     async def _tunnel(self, sock: socket.socket) -> None:
-        client = sock.getpeername()[:2]
+        client = canonical_address(sock.getpeername())
         relay = Relay()
         try:
             await self.pool.connect(relay, self.cert, self.expected, self.hbone, self.authority,

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from hbone.addresses import Address
 from hbone.authority import Authority
 from hbone.client import ClientTunnel, Dialer, StreamRefused, open_tunnel
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
@@ -25,7 +26,6 @@ from hbone.tunnel import StreamHandler, Tunnel
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from typing import cast
 from h2.errors import ErrorCodes
 
 from hbone.accept import Acceptor
+from hbone.addresses import Address
 from hbone.authority import Authority
 from hbone.events import ConnectionEnded, ConnectRequest, Data, Event, RequestRejected
 from hbone.identity import (
@@ -33,12 +34,11 @@ from hbone.identity import (
 )
 from hbone.protocol import ServerConnection, Settings
 from hbone.relay import Relay
-from hbone.sockets import accepted_addresses
+from hbone.sockets import accepted_addresses, listener
 from hbone.tunnel import StreamHandler, Tunnel
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +240,7 @@ class HboneServer:
                     reuse_port: bool = False) -> None:
         """Listen on ``host:port``, or on ``sock`` (the agent's IP_TRANSPARENT listener)."""
         if sock is None:
-            sock = socket.create_server((host, port), backlog=1024, reuse_port=reuse_port)
+            sock = listener(host, port, reuse_port=reuse_port)
         # Accepting ourselves: the certificate depends on the accepted socket's local address, and TLS
         # must own the socket from its first byte.
         self._acceptor = Acceptor(sock, self.handshake, "HBONE server")

@@ -1,33 +1,40 @@
 """Socket helpers shared by the HBONE library and the proxies built on it: dialling (with a mark and a
-transparent source address), the two ends of an accepted connection, and closing with a reset."""
+transparent source address), the two ends of an accepted connection, and closing with a reset. Both IP
+families: a socket's family follows the address it connects to."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 
-Address = tuple[str, int]
+from hbone.addresses import Address, canonical_address
 
-IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>
+IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>; SOL_IP, and it applies to AF_INET6 sockets as well
 IP_TRANSPARENT = 19  # linux/in.h; the socket module does not export it
+IPV6_TRANSPARENT = 75  # linux/in6.h; the same socket flag as IP_TRANSPARENT, set at the IPv6 level
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 async def dial(address: Address, source_ip: str | None = None, *, mark: int | None = None,
                transparent: bool = False) -> socket.socket:
-    """Connect to ``address``, from ``source_ip`` if given. ``transparent`` lets that be any address (a
-    proxy speaking for its client, IP_TRANSPARENT); ``mark`` sets SO_MARK for policy routing."""
+    """Connect to ``address``, from ``source_ip`` if given (of the same family: OSError EAFNOSUPPORT otherwise).
+    ``transparent`` lets that be any address (a proxy speaking for its client, IP_TRANSPARENT or
+    IPV6_TRANSPARENT); ``mark`` sets SO_MARK for policy routing."""
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+    v6 = ":" in address[0]
+    if source_ip is not None and (":" in source_ip) != v6:
+        raise OSError(errno.EAFNOSUPPORT, f"cannot dial {address[0]} from {source_ip}: not the same IP family")
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         if source_ip is not None:
             if transparent:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                set_transparent(sock)
             # The port is chosen at connect() for the whole 4-tuple, not at bind() for the address alone: a
             # proxy dialling from its clients' few addresses would otherwise search an ever fuller port range
             # (every TIME_WAIT holds its port) in the kernel on each new connection.
@@ -40,15 +47,31 @@ async def dial(address: Address, source_ip: str | None = None, *, mark: int | No
     return sock
 
 
+def listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A TCP listener on ``host:port``, of the family of ``host`` (an IPv6 one for ``[::]`` and ``::1``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port)
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """Let ``sock`` bind (and accept for) addresses that are not the host's: IP_TRANSPARENT, or IPV6_TRANSPARENT
+    on an AF_INET6 socket (the kernel keeps one flag for both: a dual-stack socket is transparent for IPv4 too)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
 def accepted_addresses(sock: socket.socket) -> tuple[Address, Address] | None:
     """(peer, local) of an accepted socket, the local address being the original destination of a
-    transparently accepted connection; None, with the socket closed, if the connection is gone already."""
+    transparently accepted connection; None, with the socket closed, if the connection is gone already.
+    IPs are canonical: an IPv4 connection accepted by a dual-stack listener reads as IPv4."""
     try:
         peer, local = sock.getpeername(), sock.getsockname()
     except OSError:
         sock.close()
         return None
-    return (peer[0], peer[1]), (local[0], local[1])
+    return canonical_address(peer), canonical_address(local)
 
 
 def linger_reset(sock: socket.socket) -> None:

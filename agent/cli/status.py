@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -27,9 +28,11 @@ from agent.kube.client import KubeConfigError
 from agent.kube.source import KubeSource
 from agent.lab import services
 from agent.lab.runtime import LABS_ROOT, LabError, LabInfo, LabPaths, lab_name
+from agent.mesh.model import ip_family
 from agent.mesh.store import MeshState, MeshStore, Workload, build_state
 from agent.policy import Peer, PolicyEngine, Target
 from agent.sources.objectfile import kubernetes_objects
+from hbone import canonical_ip, format_address, parse_host_port
 
 TRUST_DOMAIN = "cluster.local"
 
@@ -127,25 +130,30 @@ def status_main(argv: list[str], *, labs_root: Path = LABS_ROOT) -> int:
 
 
 # -- policy explain ----------------------------------------------------------------------------------------------
-def _find(state: MeshState, ref: str) -> tuple[str, Workload | None]:
-    """(ip, workload) for a pod reference (NAMESPACE/NAME or NAME) or an IP."""
-    if ref in state.workloads:
-        return ref, state.workloads[ref]
+def _find(state: MeshState, ref: str, family: int | None = None) -> tuple[str, Workload | None]:
+    """(ip, workload) for a pod reference (NAMESPACE/NAME or NAME) or an IP; a pod's address of ``family`` when
+    it has one (else its primary address)."""
+    try:
+        ip = canonical_ip(str(ipaddress.ip_address(ref)))
+    except ValueError:
+        ip = ""
+    if ip in state.workloads:
+        return ip, state.workloads[ip]
     namespace, _, name = ref.rpartition("/")
-    found = [w for w in state.workloads.values() if w.name == name and namespace in ("", w.namespace)]
+    found = [w for w in state.by_uid.values() if w.name == name and namespace in ("", w.namespace)]
     if len(found) > 1:
         raise ValueError(f"{ref!r} names pods in several namespaces: say NAMESPACE/NAME")
     if not found:
-        if ref.replace(".", "").isdigit() or ":" in ref:
-            return ref, None
+        if ip:
+            return ip, None
         raise ValueError(f"no pod {ref!r} in the cluster state")
-    return found[0].ip, found[0]
+    return next((a for a in found[0].ips if ip_family(a) == family), found[0].ip), found[0]
 
 
 def explain(state: MeshState, source: str, destination: str, port: int, trust_domain: str = TRUST_DOMAIN,
             root_namespace: str = "istio-system") -> str:
-    src_ip, src = _find(state, source)
     dst_ip, dst = _find(state, destination)
+    src_ip, src = _find(state, source, ip_family(dst_ip))  # a connection's two ends are of one family
     src_text = f"{src.key} ({src_ip})" if src else src_ip
     lines = []
     if src is not None and src.enrolled:
@@ -156,7 +164,8 @@ def explain(state: MeshState, source: str, destination: str, port: int, trust_do
         peer = Peer(None, None, src_ip)
         lines.append(f"from {src_text}: not in the mesh, arrives as plaintext (no peer identity)")
     if dst is None or not dst.enrolled:
-        lines.append(f"to {dst.key + ' (' + dst_ip + ')' if dst else dst_ip}:{port}: not in the mesh: "
+        to = f"{dst.key} ({dst_ip}):{port}" if dst else format_address(dst_ip, port)
+        lines.append(f"to {to}: not in the mesh: "
                      "no agent decides, the connection passes through")
         return "\n".join(lines)
     engine = PolicyEngine(root_namespace)
@@ -196,9 +205,10 @@ def policy_main(argv: list[str], *, labs_root: Path = LABS_ROOT) -> int:
                    help="with --kubernetes and a kubeconfig: the context to use (default: its current-context)")
     p.add_argument("--trust-domain", default=TRUST_DOMAIN)
     args = ap.parse_args(argv)
-    target, _, port_text = args.destination.rpartition(":")
-    if not target or not port_text.isdigit():
-        print(f"ambit policy explain: DST must be POD:PORT or IP:PORT, not {args.destination!r}", file=sys.stderr)
+    try:
+        target, port = parse_host_port(args.destination, "DST")
+    except ValueError as e:
+        print(f"ambit policy explain: {e}: DST must be POD:PORT, IP:PORT or [IPV6]:PORT", file=sys.stderr)
         return 2
     try:
         if args.kubernetes:
@@ -206,7 +216,7 @@ def policy_main(argv: list[str], *, labs_root: Path = LABS_ROOT) -> int:
         else:
             path = args.state or LabPaths.of(lab_name(args.lab, labs_root), labs_root).state
             state = build_state(kubernetes_objects(path.read_bytes()))
-        print(explain(state, args.source, target, int(port_text), args.trust_domain))
+        print(explain(state, args.source, target, port, args.trust_domain))
     except (ValueError, OSError, LabError, KubeConfigError, TimeoutError) as e:
         print(f"ambit policy explain: {e or 'timed out'}", file=sys.stderr)
         return 1

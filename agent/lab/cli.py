@@ -1,6 +1,6 @@
 """``ambit lab``: a cluster of network namespaces with Ambit's CA and one agent per node.
 
-    ambit lab up [--nodes N] [--pods M] [--namespaces A,B] [--no-agents] [--fail-open] [--timeout S]
+    ambit lab up [--nodes N] [--pods M] [--namespaces A,B] [--dual-stack] [--no-agents] [--fail-open] [--timeout S]
     ambit lab down
     ambit lab status [--json]
     ambit lab exec POD|NS/POD|NODE -- CMD...
@@ -88,7 +88,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, _raise_on_sigterm)
     info = control.up(args.name, nodes=args.nodes, pods=args.pods, namespaces=args.namespaces.split(","),
                       agents=not args.no_agents, fail_open=args.fail_open, timeout=args.timeout, say=_say,
-                      observer_tls=args.observer_tls)
+                      observer_tls=args.observer_tls, dual_stack=args.dual_stack)
     paths = LabPaths.of(info.name)
     flag = "" if info.name == rt.DEFAULT_NAME else f" --name {info.name}"
     print(f"\nlab {info.name!r} is up: {len(info.nodes)} node(s), {len(info.pods)} pod(s), "
@@ -97,7 +97,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if info.pods:
         first = info.pods[0]
         print(f"  try:  ambit lab status{flag}\n"
-              f"        ambit lab exec{flag} {first.key} -- ip -4 addr\n"
+              f"        ambit lab exec{flag} {first.key} -- ip {'' if info.dual_stack else '-4 '}addr\n"
               f"        ambit lab label{flag} namespace {first.namespace} istio.io/dataplane-mode=ambient")
     if info.observer_tls:
         tls = [f"--tls-client-cert-file {paths.operator}/tls.crt", f"--tls-client-key-file {paths.operator}/tls.key",
@@ -123,8 +123,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     ca = s["ca"]
     print(f"CA: {_proc(ca)} on {ca['address']} in {ca['netns']}; trust bundle {s['trust_bundle']}\n")
     print(_table([["NODE", "NETNS", "IP", "UPLINK", "POD CIDR", "AGENT"],
-                  *([n["name"], n["netns"], n["ip"], n["uplink"], n["pod_cidr"], _proc(n["agent"])]
-                    for n in s["nodes"])]))
+                  *([n["name"], n["netns"], ",".join(n["ips"]), n["uplink"], ",".join(n["pod_cidrs"]),
+                     _proc(n["agent"])] for n in s["nodes"])]))
     if s["state_error"]:
         print(f"\n{s['state_error']}")
     else:
@@ -133,9 +133,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if s["pods"]:
             print()
             print(_table([["POD", "NODE", "IP", "SERVICE ACCOUNT", "ENROLLED", "LABELS", "NETNS", "PROBE PORTS"],
-                          *([f"{p['namespace']}/{p['name']}", p["node"] or "-", p["ip"] or "-", p["service_account"],
-                             "yes" if p["enrolled"] else "no", _labels(p["labels"]), p["netns"] or "-",
-                             ",".join(str(n) for n in p["probe_ports"]) or "-"]
+                          *([f"{p['namespace']}/{p['name']}", p["node"] or "-", ",".join(p["ips"]) or "-",
+                             p["service_account"], "yes" if p["enrolled"] else "no", _labels(p["labels"]),
+                             p["netns"] or "-", ",".join(str(n) for n in p["probe_ports"]) or "-"]
                             for p in s["pods"])]))
         if s["services"]:
             print()
@@ -268,6 +268,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--observer-tls", action="store_true",
                    help="the agents also serve the Observer on <node IP>:4244, to the operator's certificate only "
                         "(written to the lab's operator/ directory); without it, on unix sockets only")
+    p.add_argument("--dual-stack", action="store_true",
+                   help="IPv6 too: every node and pod gets an IPv6 address (fd00:192:168::/64, fd00:200:<node>::/64) "
+                        "beside its IPv4 one, and status.podIPs lists both; Services stay IPv4")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agents' ready line")
     p.set_defaults(run=cmd_up)
 

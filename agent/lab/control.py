@@ -54,14 +54,14 @@ def _quiet(_msg: str) -> None:
 def plan(topo: Lab, namespaces: Sequence[str]) -> tuple[list[NodeInfo], list[PodInfo]]:
     """Names for the topology's nodes and pods (see the module docstring)."""
     nodes = [NodeInfo(name=f"node-{n.index + 1}", index=n.index, netns=n.netns, ip=n.ip, uplink=n.uplink,
-                      pod_cidr=n.pod_cidr) for n in topo.nodes]
+                      pod_cidr=n.pod_cidr, ip6=n.ip6, pod_cidr6=n.pod_cidr6) for n in topo.nodes]
     pods = []
     for node, tnode in zip(nodes, topo.nodes, strict=True):
         for k, tpod in enumerate(topo.pods_of(tnode), 1):
             name = f"app-{node.index + 1}-{k}"
             pods.append(PodInfo(namespace=namespaces[(k - 1) % len(namespaces)], name=name, node=node.name,
                                 netns=tpod.netns, ip=tpod.ip, ifname=tpod.ifname, host_ifname=tpod.host_ifname,
-                                service_account=name))
+                                service_account=name, ip6=tpod.ip6))
     return nodes, pods
 
 
@@ -69,7 +69,7 @@ def initial_state(info: LabInfo) -> LabObjects:
     nodes = {n.name: n for n in info.nodes}
     return LabObjects([
         *(namespace_object(ns) for ns in info.namespaces),
-        *(pod_object(namespace=p.namespace, name=p.name, uid=str(uuid.uuid4()), node=p.node, pod_ip=p.ip,
+        *(pod_object(namespace=p.namespace, name=p.name, uid=str(uuid.uuid4()), node=p.node, pod_ips=p.ips,
                      host_ip=nodes[p.node].ip, service_account=p.service_account, labels={"app": p.name})
           for p in info.pods),
     ])
@@ -162,12 +162,14 @@ def wait_ready(recs: Sequence[ProcRecord], needle: str, timeout: float) -> None:
 # -- up / down ---------------------------------------------------------------------------------------------------
 def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = ("default",), agents: bool = True,
        fail_open: bool = False, timeout: float = 60.0, say: Say = _quiet, agent_flags: Sequence[str] = (),
-       observer_tls: bool = False) -> LabInfo:
+       observer_tls: bool = False, dual_stack: bool = False) -> LabInfo:
     """Build a lab and leave it running. On any failure (also Ctrl-C) everything made so far is removed
     before the error propagates; the logs are kept in a temporary directory named in the error.
     ``agent_flags`` are added to every agent's command line (e.g. ``["--flows", "256"]``); they are kept in
     lab.json, so agents restarted later get them too. ``observer_tls``: the agents also serve the Observer on
-    their node's address, port 4244, to clients with the operator's certificate (written to operator/)."""
+    their node's address, port 4244, to clients with the operator's certificate (written to operator/).
+    ``dual_stack``: every node and pod has an IPv6 address beside its IPv4 one (``topology``), and each pod's
+    ``status.podIPs`` lists both; without it the lab is IPv4 only, as ``make demo`` runs it."""
     paths = LabPaths.of(name)
     if not 1 <= nodes <= 200 or not 0 <= pods <= 200:
         raise LabError("--nodes must be 1..200 and --pods 0..200")
@@ -188,11 +190,12 @@ def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = 
     info = LabInfo(name=name, prefix=rt.netns_prefix(name), created_at=dt.datetime.now(dt.UTC).isoformat(),
                    namespaces=[*spaces, *([ROOT_NAMESPACE] if ROOT_NAMESPACE not in spaces else [])],
                    agents=agents, agent_flags=[*(["--fail-open"] if fail_open else []), *agent_flags],
-                   observer_tls=observer_tls)
+                   observer_tls=observer_tls, dual_stack=dual_stack)
     try:
         info.save(paths)
-        say(f"building {nodes} node(s) with {pods} pod(s) each")
-        topo = Lab.up(nodes=nodes, pods_per_node=pods, prefix=info.prefix)
+        stack = ", dual stack (IPv4 and IPv6)" if dual_stack else ""
+        say(f"building {nodes} node(s) with {pods} pod(s) each{stack}")
+        topo = Lab.up(nodes=nodes, pods_per_node=pods, prefix=info.prefix, dual_stack=dual_stack)
         info.lab_id, info.switch, info.netns = topo.lab_id, topo.switch, topo.namespaces
         info.nodes, info.pods = plan(topo, spaces)
         info.ca_node, info.ca_address = info.nodes[0].name, f"{info.nodes[0].ip}:{rt.CA_PORT}"
@@ -419,7 +422,7 @@ def status(name: str) -> dict[str, Any]:
         pod = by_key.get(f"{meta.get('namespace', 'default')}/{meta.get('name')}")
         workload = mesh.by_ip(st.get("podIP") or "") if mesh is not None else None
         pods.append({"namespace": meta.get("namespace", "default"), "name": meta.get("name"),
-                     "node": spec.get("nodeName"), "ip": st.get("podIP"),
+                     "node": spec.get("nodeName"), "ip": st.get("podIP"), "ips": _pod_ips(st),
                      "service_account": spec.get("serviceAccountName") or "default",
                      "labels": meta.get("labels") or {}, "enrolled": state.is_enrolled(obj) if state else False,
                      "probe_ports": sorted(workload.probe_ports) if workload is not None else [],
@@ -431,13 +434,25 @@ def status(name: str) -> dict[str, Any]:
         "ca": {"node": info.ca_node, "address": info.ca_address,
                "netns": info.node(info.ca_node).netns if info.ca_node else None,
                **proc_status(paths, "ca", rt.CA_READY)},
-        "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "uplink": n.uplink, "pod_cidr": n.pod_cidr,
+        "dual_stack": info.dual_stack,
+        "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "ips": [ip for ip in (n.ip, n.ip6) if ip],
+                   "uplink": n.uplink, "pod_cidr": n.pod_cidr,
+                   "pod_cidrs": [c for c in (n.pod_cidr, n.pod_cidr6) if c],
                    "agent": proc_status(paths, rt.agent_proc(n.name), rt.AGENT_READY)} for n in info.nodes],
         "namespaces": [{"name": o["metadata"]["name"], "labels": o["metadata"].get("labels") or {}}
                        for o in (state.of_kind("Namespace") if state else [])],
         "pods": pods,
         "state_error": None if state is not None else f"cannot read {paths.state}",
     }
+
+
+def _pod_ips(status: Any) -> list[str]:
+    """A Pod's addresses as its status gives them: status.podIPs, else status.podIP (what kubectl shows)."""
+    if not isinstance(status, dict):
+        return []
+    listed = [entry.get("ip") for entry in status.get("podIPs") or [] if isinstance(entry, dict)]
+    ips = [ip for ip in listed if isinstance(ip, str) and ip]
+    return ips or ([status["podIP"]] if isinstance(status.get("podIP"), str) and status["podIP"] else [])
 
 
 def service_status(mesh: MeshState | None, errors: Sequence[ObjectError]) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 ``ip netns exec NS`` (``ambit lab exec``, and every process the lab starts in a pod) bind-mounts
 ``/etc/netns/NS/hosts`` over ``/etc/hosts``. ``hosts_file`` makes the text for a pod: what kubelet writes
-(localhost, the pod's own name) and, for every Service, ``<svc>.<ns>``, ``<svc>.<ns>.svc`` and
-``<svc>.<ns>.svc.cluster.local``, plus the bare ``<svc>`` for the Services of the pod's own namespace (the
-search path ``<ns>.svc.cluster.local`` a pod's resolv.conf gives it). A ClusterIP Service resolves to its VIP, a
-headless one to its endpoints' addresses.
+(localhost, the pod's own name at each of its addresses, IPv6 too in a dual-stack lab) and, for every
+Service, ``<svc>.<ns>``, ``<svc>.<ns>.svc`` and ``<svc>.<ns>.svc.cluster.local``, plus the bare ``<svc>``
+for the Services of the pod's own namespace (the search path ``<ns>.svc.cluster.local`` a pod's resolv.conf
+gives it). A ClusterIP Service resolves to its VIP, a headless one to its endpoints' addresses.
 
 Next to it, ``resolv.conf`` names a DNS server that is not there (127.0.0.1 in the pod, where nothing
 listens): the lab has no DNS server, and a lookup the hosts file cannot answer (an IPv6 address for a
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from agent.mesh.model import Service
@@ -42,10 +42,11 @@ def names(svc: Service, client_namespace: str) -> list[str]:
     return [svc.name, *qualified] if svc.namespace == client_namespace else qualified
 
 
-def hosts_file(state: MeshState, namespace: str, pod_name: str, pod_ip: str) -> str:
-    """The hosts file of pod ``namespace/pod_name``."""
+def hosts_file(state: MeshState, namespace: str, pod_name: str, pod_ips: Sequence[str]) -> str:
+    """The hosts file of pod ``namespace/pod_name``, whose addresses are ``pod_ips``."""
     lines = ["# written by `ambit lab` (agent/lab/hosts.py): the pod's names and the cluster's Services",
-             "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{pod_ip}\t{pod_name}"]
+             "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+             *(f"{ip}\t{pod_name}" for ip in pod_ips)]
     for key in sorted(state.services):
         svc = state.services[key]
         addresses = svc.vips or tuple(sorted(state.endpoints.get(key, {})))

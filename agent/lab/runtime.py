@@ -2,7 +2,7 @@
 
 Layout of a lab directory, /run/ambit/labs/<name>/::
 
-    lab.json                topology: nodes (netns, IP, uplink, pod CIDR), pods (netns, IP, node, veth
+    lab.json                topology: nodes (netns, IPs, uplink, pod CIDRs), pods (netns, IPs, node, veth
                             names, service account), every namespace made, CA address, agent flags
     state.yaml              the cluster state (agent/lab/state.py), the agents' and the CA's --state/--pods
     tokens.yaml             bearer token -> node name (the CA's --tokens)
@@ -165,6 +165,8 @@ class NodeInfo:
     ip: str
     uplink: str
     pod_cidr: str
+    ip6: str = ""  # a dual-stack lab's IPv6 address of the uplink
+    pod_cidr6: str = ""
 
 
 @dataclass(frozen=True)
@@ -177,10 +179,16 @@ class PodInfo:
     ifname: str
     host_ifname: str  # the node-side veth, in the node's namespace
     service_account: str
+    ip6: str = ""  # a dual-stack lab's IPv6 address of the pod
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def ips(self) -> list[str]:
+        """status.podIPs: IPv4 first, then IPv6 in a dual-stack lab."""
+        return [self.ip, self.ip6] if self.ip6 else [self.ip]
 
 
 @dataclass
@@ -201,6 +209,7 @@ class LabInfo:
     agents: bool = True
     agent_flags: list[str] = field(default_factory=list)
     observer_tls: bool = False  # the agents also serve the Observer on <node ip>:OBSERVER_PORT, mutual TLS
+    dual_stack: bool = False  # nodes and pods have IPv6 addresses too
     nodes: list[NodeInfo] = field(default_factory=list)
     pods: list[PodInfo] = field(default_factory=list)
 

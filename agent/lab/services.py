@@ -4,7 +4,8 @@ the nodes' kube-proxy tables (``kubeproxy``) and the pods' hosts files (``hosts`
 A Service keeps the ``spec.clusterIP`` it is given (it must lie in ``SERVICE_CIDR`` and be free), keeps the
 one it already has when it is applied again without one (a cluster IP is immutable), and otherwise gets the
 lowest free address of ``SERVICE_CIDR``. ``clusterIP: None`` makes it headless (no VIP); ExternalName
-Services get none. IPv4 only.
+Services get none. IPv4 only, also in a dual-stack lab (``spec.ipFamilies: [IPv4]``: their endpoints are the
+pods' IPv4 addresses).
 
 NodePort and LoadBalancer Services also get a node port per port (``spec.ports[].nodePort``), as the API server
 gives them: one given must lie in ``NODE_PORTS`` (30000-32767) and be free for its protocol; a port applied
@@ -198,9 +199,9 @@ def _check_external(obj: dict[str, Any], kind: str, cluster_ip: str | None) -> N
 
 def admit(state: LabObjects, objects: Sequence[dict[str, Any]]) -> list[str]:
     """Validate the Services and EndpointSlices of a batch about to be applied to ``state`` and complete the
-    Services as the API server does (``spec.type``, ``spec.clusterIP``, ``spec.clusterIPs``, the node ports
-    and ``spec.externalTrafficPolicy``), in place. Returns the errors, each naming the object and the field;
-    the caller applies nothing when there are any."""
+    Services as the API server does (``spec.type``, ``spec.clusterIP``, ``spec.clusterIPs``, ``spec.ipFamilies``
+    and ``spec.ipFamilyPolicy``, the node ports and ``spec.externalTrafficPolicy``), in place. Returns the errors,
+    each naming the object and the field; the caller applies nothing when there are any."""
     errors: list[str] = []
     failed: set[tuple[str, str, str]] = set()  # one error per object: the first
     services = [o for o in objects if o.get("kind") == "Service"]
@@ -220,6 +221,7 @@ def admit(state: LabObjects, objects: Sequence[dict[str, Any]]) -> list[str]:
                 raise ObjectError(f"{where}: spec.clusterIP: field is immutable ({current}, not {asked})")
             if kind == "ExternalName":
                 continue
+            _set_families(obj, where)
             ip = asked or current
             if ip is not None and ip != HEADLESS:
                 allocator.take(ip, owner, where)
@@ -248,6 +250,20 @@ def admit(state: LabObjects, objects: Sequence[dict[str, Any]]) -> list[str]:
         except ObjectError as e:
             errors.append(str(e))
     return errors
+
+
+def _set_families(obj: dict[str, Any], where: str) -> None:
+    """``spec.ipFamilies`` and ``spec.ipFamilyPolicy`` as the API server of a cluster whose Services are IPv4 only
+    sets them (the lab's, even when its pods are dual-stack): IPv4, single-stack; RequireDualStack or an IPv6
+    family is refused, PreferDualStack ends single-stack."""
+    spec = obj["spec"]
+    families, policy = spec.get("ipFamilies"), spec.get("ipFamilyPolicy")
+    if families not in (None, [], ["IPv4"]):
+        raise ObjectError(f"{where}: spec.ipFamilies {families!r}: the lab's Services are IPv4 only")
+    if policy not in (None, "SingleStack", "PreferDualStack"):
+        raise ObjectError(f"{where}: spec.ipFamilyPolicy {policy!r}: the lab's Services are IPv4 only "
+                          "(SingleStack or PreferDualStack)")
+    spec["ipFamilies"], spec["ipFamilyPolicy"] = ["IPv4"], "SingleStack"
 
 
 def _admit_node_ports(state: LabObjects, services: Sequence[dict[str, Any]],
@@ -298,7 +314,7 @@ def sync(info: LabInfo, objects: Iterable[Mapping[str, Any]]) -> list[ObjectErro
     for node in info.nodes:
         kubeproxy.install(node.netns, kubeproxy.ruleset(state, node.name))
     for pod in info.pods:
-        hosts.write_pod(pod.netns, hosts.hosts_file(state, pod.namespace, pod.name, pod.ip))
+        hosts.write_pod(pod.netns, hosts.hosts_file(state, pod.namespace, pod.name, pod.ips))
     return errors
 
 

@@ -10,7 +10,7 @@ The file is the lab's API server. Its format is the contract with the agent and 
        metadata: {name, namespace, labels, uid},
        spec: {nodeName, serviceAccountName, hostNetwork: false,
               containers: [...]},   # once a Pod is applied (agent/lab/pods.py): ports, probes
-       status: {podIP, hostIP, phase: Running}}
+       status: {podIP, podIPs: [{ip}, ...], hostIP, phase: Running}}
 
 Objects are identified the way the API server identifies them: (kind, namespace, name), with no
 namespace for cluster-scoped kinds. Changes are made like kubectl makes them (``label`` with the same
@@ -109,16 +109,19 @@ def namespace_object(name: str, labels: Mapping[str, str] | None = None) -> dict
             "metadata": {"name": check_dns_label(name, "namespace name"), "labels": dict(labels or {})}}
 
 
-def pod_object(*, namespace: str, name: str, uid: str, node: str, pod_ip: str, host_ip: str,
+def pod_object(*, namespace: str, name: str, uid: str, node: str, pod_ips: Sequence[str], host_ip: str,
                service_account: str, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A running v1 Pod scheduled on `node` (the fields the agent and the CA read, nothing else)."""
+    """A running v1 Pod scheduled on `node` (the fields the agent and the CA read, nothing else). ``pod_ips``:
+    its addresses, the primary first (``status.podIP`` is the primary, ``status.podIPs`` all of them, as the
+    kubelet reports a dual-stack pod)."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": check_dns_label(name, "pod name"), "namespace": check_dns_label(namespace, "namespace"),
                      "labels": dict(labels or {}), "uid": uid},
         "spec": {"nodeName": node, "serviceAccountName": service_account, "hostNetwork": False},
-        "status": {"podIP": pod_ip, "hostIP": host_ip, "phase": "Running"},
+        "status": {"podIP": pod_ips[0], "podIPs": [{"ip": ip} for ip in pod_ips], "hostIP": host_ip,
+                   "phase": "Running"},
     }
 
 

@@ -18,9 +18,19 @@ MAC) is a port of cni0 with hairpin mode on (as the plugin's `hairpinMode: true`
 eth0 = 10.200.i.(10+k)/24 and a default route via 10.200.i.1. Pods of one node reach each other at L2
 through the bridge; nodes route the other nodes' pod CIDRs as in the default layout.
 
-Addresses are private and exist only inside the lab's namespaces. IPv6 is disabled everywhere to keep
-the wire quiet. `down()` deletes every namespace the lab made (links, routes and rules die with them),
-also after a partial `up()`, and sweeps any namespace carrying the lab's id.
+Dual stack (`Lab.up(..., dual_stack=True)`): every node and pod gets an IPv6 address beside its IPv4 one,
+spelled to match it: node i's uplink fd00:192:168::(10+i)/64, pod CIDR fd00:200:i::/64, pod k
+fd00:200:i::(10+k) (the decimal digits of the IPv4 address, read as hex: 10.200.1.11 is fd00:200:1::11).
+Routed layout: the pod's /128 is routed on its veth like the IPv4 /32, and the pod's IPv6 default route is via
+fe80::ecee:eeff:feee:eeee (the link-local address of the host veth's MAC, as Calico does), a permanent neighbour
+entry; bridge layout: cni0 holds fd00:200:i::1/64 and the pods' /64 addresses route via it. Nodes forward IPv6
+and route every other node's IPv6 pod CIDR via that node's IPv6 address. Addresses are added without duplicate
+address detection and router solicitations are off, so the addresses work at once and the wire stays quiet
+(neighbour discovery and MLD remain). Service VIPs stay IPv4.
+
+Addresses are private and exist only inside the lab's namespaces. Without dual stack, IPv6 is disabled
+everywhere to keep the wire quiet. `down()` deletes every namespace the lab made (links, routes and rules die
+with them), also after a partial `up()`, and sweeps any namespace carrying the lab's id.
 """
 
 from __future__ import annotations
@@ -42,6 +52,9 @@ HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 NODE_NET = ipaddress.IPv4Network("192.168.200.0/24")
 SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/16")  # ClusterIPs (kube-apiserver's default range)
 POD_SUPERNET = ipaddress.IPv4Network("10.200.0.0/16")
+NODE_NET6 = ipaddress.IPv6Network("fd00:192:168::/64")
+POD_SUPERNET6 = ipaddress.IPv6Network("fd00:200::/32")  # node i: fd00:200:i::/64
+GATEWAY_IP6 = "fe80::ecee:eeff:feee:eeee"  # the EUI-64 link-local address of HOST_VETH_MAC
 POD_BRIDGE = "cni0"
 UPLINK = "eth0"
 P = ParamSpec("P")
@@ -58,6 +71,8 @@ class Node:
     uplink: str
     pod_cidr: str
     bridge: str | None = None  # bridge mode: the pod bridge (its address is the pods' gateway)
+    ip6: str = ""  # dual stack: the uplink's IPv6 address ("" without)
+    pod_cidr6: str = ""  # dual stack: the IPv6 pod CIDR
 
     @property
     def pod_gateway(self) -> str:
@@ -65,6 +80,13 @@ class Node:
         if self.bridge is None:
             return GATEWAY_IP
         return str(ipaddress.IPv4Network(self.pod_cidr).network_address + 1)
+
+    @property
+    def pod_gateway6(self) -> str:
+        """Pods' IPv6 next hop: the bridge's fd00:200:i::1 in bridge mode, else the host veth's link-local."""
+        if self.bridge is None:
+            return GATEWAY_IP6
+        return str(ipaddress.IPv6Network(self.pod_cidr6).network_address + 1)
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,13 @@ class Pod:
     node: Node
     host_ifname: str
     ifname: str = "eth0"
+    ip6: str = ""  # dual stack: the pod's IPv6 address ("" without)
+
+
+def mirrored(n: int) -> int:
+    """The IPv6 group spelled with ``n``'s decimal digits (11 -> 0x11), so that IPv6 addresses read like the
+    IPv4 ones they stand beside."""
+    return int(str(n), 16)
 
 
 def _bridge_mac(node_index: int) -> str:
@@ -106,16 +135,18 @@ class Lab:
     pods: list[Pod] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     bridge: bool = False  # bridge mode (see the module docstring)
+    dual_stack: bool = False  # IPv6 addresses beside the IPv4 ones (see the module docstring)
 
     @classmethod
-    def up(cls, nodes: int = 2, pods_per_node: int = 2, prefix: str = "ambit-", *, bridge: bool = False) -> Lab:
-        """Create the lab (`bridge=True`: pods on a per-node cni0 bridge instead of /32 routes); on any
-        failure everything made so far is removed before the error propagates."""
+    def up(cls, nodes: int = 2, pods_per_node: int = 2, prefix: str = "ambit-", *, bridge: bool = False,
+           dual_stack: bool = False) -> Lab:
+        """Create the lab (`bridge=True`: pods on a per-node cni0 bridge instead of /32 routes; `dual_stack=True`:
+        IPv6 too); on any failure everything made so far is removed before the error propagates."""
         if not 1 <= nodes <= 200 or not 0 <= pods_per_node <= 200:
             raise ValueError("nodes must be 1..200 and pods_per_node 0..200")
         lab_id = secrets.token_hex(3)
         base = f"{prefix}{lab_id}"
-        lab = cls(lab_id=lab_id, prefix=prefix, switch=f"{base}-sw", bridge=bridge)
+        lab = cls(lab_id=lab_id, prefix=prefix, switch=f"{base}-sw", bridge=bridge, dual_stack=dual_stack)
         try:
             lab._build(base, nodes, pods_per_node)
         except BaseException:
@@ -124,20 +155,27 @@ class Lab:
         return lab
 
     # -- construction -------------------------------------------------------------------------------
-    def _add_netns(self, name: str) -> None:
+    def _add_netns(self, name: str, ipv6: bool = False) -> None:
+        """A namespace, IPv6 off unless ``ipv6`` (then on, quiet: no duplicate address detection, no router
+        solicitations or advertisements taken; set before any interface exists, so every one inherits it)."""
         subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
         self.created.append(name)
-        netns.sysctl_write(name, "net.ipv6.conf.all.disable_ipv6", "1")
-        netns.sysctl_write(name, "net.ipv6.conf.default.disable_ipv6", "1")
+        settings = {"disable_ipv6": "0", "accept_dad": "0", "router_solicitations": "0", "accept_ra": "0"} \
+            if ipv6 else {"disable_ipv6": "1"}
+        for scope in ("all", "default"):
+            for key, value in settings.items():
+                netns.sysctl_write(name, f"net.ipv6.conf.{scope}.{key}", value)
 
     def _build(self, base: str, n_nodes: int, pods_per_node: int) -> None:
         self._add_netns(self.switch)
         sw_cmds = ["link add br0 type bridge", "link set br0 up"]
         hosts = list(NODE_NET.hosts())
+        v6 = self.dual_stack
         for i in range(n_nodes):
             name = f"{base}-n{i}"
-            self._add_netns(name)
+            self._add_netns(name, ipv6=v6)
             pod_cidr = ipaddress.IPv4Network((int(POD_SUPERNET.network_address) + (i << 8), 24))
+            pod_cidr6 = ipaddress.IPv6Network((int(POD_SUPERNET6.network_address) + (mirrored(i) << 80), 64))
             node = Node(
                 index=i,
                 netns=name,
@@ -145,6 +183,8 @@ class Lab:
                 uplink=UPLINK,
                 pod_cidr=str(pod_cidr),
                 bridge=POD_BRIDGE if self.bridge else None,
+                ip6=str(NODE_NET6.network_address + mirrored(10 + i)) if v6 else "",
+                pod_cidr6=str(pod_cidr6) if v6 else "",
             )
             self.nodes.append(node)
             sw_cmds += [
@@ -156,14 +196,19 @@ class Lab:
 
         for node in self.nodes:
             netns.sysctl_write(node.netns, "net.ipv4.ip_forward", "1")
+            if v6:
+                netns.sysctl_write(node.netns, "net.ipv6.conf.all.forwarding", "1")
             cmds = [
                 "link set lo up",
                 f"addr add {node.ip}/{NODE_NET.prefixlen} dev {UPLINK}",
+                *([f"addr add {node.ip6}/{NODE_NET6.prefixlen} dev {UPLINK} nodad"] if v6 else []),
                 f"link set {UPLINK} up",
             ]
             for other in self.nodes:
                 if other is not node:
                     cmds.append(f"route add {other.pod_cidr} via {other.ip} dev {UPLINK}")
+                    if v6:
+                        cmds.append(f"route add {other.pod_cidr6} via {other.ip6} dev {UPLINK}")
             # Service VIPs are routable from the node, as a Kubernetes node's default route makes them (Kubernetes
             # requires one); the capture programs treat a destination the node cannot route as a local one.
             cmds.append(f"route add {SERVICE_CIDR} dev {UPLINK}")
@@ -172,6 +217,7 @@ class Lab:
                 cmds += [
                     f"link add {node.bridge} address {_bridge_mac(node.index)} type bridge",
                     f"addr add {node.pod_gateway}/{pod_net.prefixlen} dev {node.bridge}",
+                    *([f"addr add {node.pod_gateway6}/64 dev {node.bridge} nodad"] if v6 else []),
                     f"link set {node.bridge} up",
                 ]
             for k in range(pods_per_node):
@@ -181,8 +227,9 @@ class Lab:
                     ip=str(pod_net.network_address + 10 + k),
                     node=node,
                     host_ifname=f"veth{k}" if node.bridge is not None else f"lxc{k}",
+                    ip6=str(ipaddress.IPv6Network(node.pod_cidr6).network_address + mirrored(10 + k)) if v6 else "",
                 )
-                self._add_netns(pod.netns)
+                self._add_netns(pod.netns, ipv6=v6)
                 self.pods.append(pod)
                 if node.bridge is not None:
                     cmds += [
@@ -197,6 +244,7 @@ class Lab:
                         f"peer name {pod.ifname} netns {pod.netns}",
                         f"link set {pod.host_ifname} up",
                         f"route add {pod.ip}/32 dev {pod.host_ifname} scope link src {node.ip}",
+                        *([f"route add {pod.ip6}/128 dev {pod.host_ifname}"] if v6 else []),
                     ]
             _ip_batch(node.netns, cmds)
             for pod in self.pods_of(node):
@@ -204,20 +252,25 @@ class Lab:
 
     @staticmethod
     def _pod_commands(pod: Pod) -> list[str]:
-        gateway = pod.node.pod_gateway
+        gateway, gateway6 = pod.node.pod_gateway, pod.node.pod_gateway6 if pod.ip6 else ""
         if pod.node.bridge is not None:
             prefixlen = ipaddress.IPv4Network(pod.node.pod_cidr).prefixlen
             return [
                 f"addr add {pod.ip}/{prefixlen} dev {pod.ifname}",
+                *([f"addr add {pod.ip6}/64 dev {pod.ifname} nodad"] if pod.ip6 else []),
                 f"link set {pod.ifname} up",
                 f"route add default via {gateway} dev {pod.ifname} src {pod.ip}",
+                *([f"route add ::/0 via {gateway6} dev {pod.ifname} src {pod.ip6}"] if pod.ip6 else []),
             ]
         return [
             f"addr add {pod.ip}/32 dev {pod.ifname}",
+            *([f"addr add {pod.ip6}/128 dev {pod.ifname} nodad"] if pod.ip6 else []),
             f"link set {pod.ifname} up",
             f"route add {gateway} dev {pod.ifname} scope link",
             f"route add default via {gateway} dev {pod.ifname} src {pod.ip}",
             f"neigh add {gateway} lladdr {HOST_VETH_MAC} dev {pod.ifname} nud permanent",
+            *([f"route add ::/0 via {gateway6} dev {pod.ifname} src {pod.ip6}",
+               f"neigh add {gateway6} lladdr {HOST_VETH_MAC} dev {pod.ifname} nud permanent"] if pod.ip6 else []),
         ]
 
     # -- queries --------------------------------------------------------------------------------------

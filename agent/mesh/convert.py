@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.mesh.model import (
     AMBIENT,
+    BOTH_FAMILIES,
     DATAPLANE_MODE,
     NONE,
     SIDECAR_STATUS,
@@ -27,6 +28,7 @@ from agent.mesh.model import (
     ServicePort,
     SliceEndpoints,
     Workload,
+    ip_family,
 )
 
 TRAFFIC_DISTRIBUTION_ANNOTATION = "networking.istio.io/traffic-distribution"
@@ -322,6 +324,31 @@ def _preference(spec: Mapping[str, Any], annotations: Mapping[str, str],
     return Preference.NONE
 
 
+_FAMILIES = {"IPv4": 4, "IPv6": 6}
+
+
+def _families(spec: Mapping[str, Any], vips: tuple[str, ...], where: str) -> frozenset[int]:
+    """``spec.ipFamilies`` as IP versions; without it, the families of the cluster IPs (a headless Service with
+    neither takes pod addresses of both). Each cluster IP must be of the family at its index, as the API
+    server requires."""
+    given = _list(spec.get("ipFamilies"), where, "spec.ipFamilies")
+    families = []
+    for i, raw in enumerate(given):
+        family = _FAMILIES.get(_string(raw, where, f"spec.ipFamilies[{i}]"))
+        if family is None or family in families:
+            raise ObjectError(f"{where}: spec.ipFamilies[{i}] must be IPv4 or IPv6, each once, not {_short(raw)}")
+        families.append(family)
+    for i, vip in enumerate(vips):
+        if ip_family(vip) in map(ip_family, vips[:i]):
+            raise ObjectError(f"{where}: spec.clusterIPs[{i}] {vip}: a Service has one cluster IP of each family")
+        if i < len(families) and ip_family(vip) != families[i]:
+            raise ObjectError(f"{where}: spec.clusterIPs[{i}] {vip} is not of spec.ipFamilies[{i}] "
+                              f"IPv{families[i]}")
+    if not families:
+        return frozenset(ip_family(v) for v in vips) or BOTH_FAMILIES
+    return frozenset(families)
+
+
 def service(obj: Mapping[str, Any], namespace_annotations: Mapping[str, str] | None = None) -> Service | None:
     """The Service a Kubernetes Service is; None for ExternalName Services (not in the mesh)."""
     _kind, namespace, name = identify(obj)
@@ -344,7 +371,8 @@ def service(obj: Mapping[str, Any], namespace_annotations: Mapping[str, str] | N
     if external not in EXTERNAL_TRAFFIC_POLICIES:
         raise ObjectError(f"{where}: spec.externalTrafficPolicy must be Cluster or Local, not {_short(external)}")
     return Service(namespace, name, vips, ports, selector,
-                   _preference(spec, annotations, namespace_annotations or {}, where), publish, external == "Local")
+                   _preference(spec, annotations, namespace_annotations or {}, where), publish, external == "Local",
+                   _families(spec, vips, where))
 
 
 def endpoint_slice(obj: Mapping[str, Any]) -> SliceEndpoints | None:

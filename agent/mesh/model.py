@@ -20,6 +20,12 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 CLUSTER_DOMAIN = "cluster.local"
 
 Address = tuple[str, int]  # (IP or host, port): a socket address, where something listens or connects
+BOTH_FAMILIES = frozenset({4, 6})
+
+
+def ip_family(ip: str) -> int:
+    """4 or 6: the IP version of an address as the store spells it (``convert`` makes every one canonical)."""
+    return 6 if ":" in ip else 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +36,7 @@ class Workload:
     name: str
     uid: str
     node: str
-    ips: tuple[str, ...]  # status.podIPs, the primary (status.podIP) first
+    ips: tuple[str, ...]  # status.podIPs, the primary (status.podIP) first; one of each family at most
     service_account: str
     labels: Mapping[str, str]
     enrolled: bool
@@ -82,6 +88,7 @@ class Service:
     preference: Preference = Preference.NONE
     publish_not_ready: bool = False
     external_local: bool = False  # externalTrafficPolicy: Local (node ports reach this node's endpoints only)
+    families: frozenset[int] = BOTH_FAMILIES  # spec.ipFamilies: the pod addresses that are its endpoints
 
     @property
     def key(self) -> str:
@@ -97,9 +104,10 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One backend of a Service (a selected pod, or an EndpointSlice address: ``MeshState.by_ip`` tells which
-    workload, if any, is there) and the target port for each service port it serves; a pod lacking a named
-    target port has no entry for that port."""
+    """One backend address of a Service (an address of a selected pod, or an EndpointSlice address:
+    ``MeshState.by_ip`` tells which workload, if any, is there) and the target port for each service port it
+    serves; a pod lacking a named target port has no entry for that port. A dual-stack pod of a dual-stack
+    Service is two endpoints, one per family, as in the Service's two EndpointSlices."""
 
     ip: str
     node: str

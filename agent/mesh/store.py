@@ -12,8 +12,10 @@ Subscribers are told what changed (``Change``).
 Endpoints follow istiod's ambient rules: a Service with a selector has the Running pods of its namespace
 that match it, healthy (Ready, not being deleted) unless ``publishNotReadyAddresses``; a named target port
 is resolved per pod from its container ports and a pod without that name serves nothing on that port; a
-Service without a selector takes its EndpointSlices' addresses. Two pods claiming one IP: the newest holds it,
-in the IP index and as a Service's endpoint at that address.
+Service without a selector takes its EndpointSlices' addresses. Endpoints are addresses, as in EndpointSlices:
+a selected pod is one endpoint per address of a family the Service has (``spec.ipFamilies``), so a dual-stack
+pod of a dual-stack Service is two. Workloads are found by every address of ``status.podIPs``. Two pods claiming
+one IP: the newest holds it, in the IP index and as a Service's endpoint at that address.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from agent.mesh.model import (
     Service,
     SliceEndpoints,
     Workload,
+    ip_family,
 )
 
 __all__ = [
@@ -321,7 +324,7 @@ class MeshStore:
     def _refresh_selected(self, namespace: str, old: Workload | None, new: Workload | None, change: Change) -> None:
         """Update, in the Services of ``namespace`` whose selector picks the pod before or now, the endpoints at
         the pod's old and new address (an endpoint depends only on the pods claiming its address)."""
-        ips = {w.ip for w in (old, new) if w is not None}
+        ips = {ip for w in (old, new) if w is not None for ip in w.ips}
         candidates: set[str] = set()  # the Services anchored on one of the pod's labels, before or now
         for w in (old, new):
             if w is not None:
@@ -348,12 +351,14 @@ class MeshStore:
 
     def _endpoint_at(self, svc: Service, ip: str) -> Endpoint | None:
         """The endpoint of selector Service ``svc`` at ``ip``: the newest pod there that it takes, if any."""
+        if ip_family(ip) not in svc.families:
+            return None
         chosen: Workload | None = None
         for uid in self._claims.get(ip, ()):
             w = self._workloads[uid]
-            if w.ip == ip and _takes(svc, w) and (chosen is None or _age(w) > _age(chosen)):
+            if _takes(svc, w) and (chosen is None or _age(w) > _age(chosen)):
                 chosen = w
-        return _endpoint(svc, chosen) if chosen is not None else None
+        return _endpoint(svc, chosen, ip) if chosen is not None else None
 
     def _set_service(self, namespace: str, name: str, svc: Service | None, change: Change) -> None:
         key = f"{namespace}/{name}"
@@ -413,9 +418,12 @@ class MeshStore:
             for name in pods:
                 uid = self._pod_uid.get((svc.namespace, name))
                 w = self._workloads.get(uid) if uid is not None else None
-                if w is not None and _takes(svc, w) and (w.ip not in chosen or _age(w) > _age(chosen[w.ip])):
-                    chosen[w.ip] = w
-            endpoints = {ip: _endpoint(svc, w) for ip, w in chosen.items()}
+                if w is None or not _takes(svc, w):
+                    continue
+                for ip in w.ips:
+                    if ip_family(ip) in svc.families and (ip not in chosen or _age(w) > _age(chosen[ip])):
+                        chosen[ip] = w
+            endpoints = {ip: _endpoint(svc, w, ip) for ip, w in chosen.items()}
         else:
             for slice_key in sorted(self._slices_of.get(svc.key, ())):
                 eps = self._slices[slice_key]
@@ -504,9 +512,10 @@ def _takes(svc: Service, w: Workload) -> bool:
             and (w.ready or svc.publish_not_ready))
 
 
-def _endpoint(svc: Service, w: Workload) -> Endpoint:
+def _endpoint(svc: Service, w: Workload, ip: str) -> Endpoint:
+    """Pod ``w`` at its address ``ip`` as an endpoint of ``svc``."""
     ports = {p.port: (w.ports.get(p.target_name, 0) if p.target_name else p.target_port) for p in svc.ports}
-    return Endpoint(w.ip, w.node, {s: t for s, t in ports.items() if t}, w.ready)
+    return Endpoint(ip, w.node, {s: t for s, t in ports.items() if t}, w.ready)
 
 
 def _age(w: Workload) -> tuple[str, str]:
@@ -529,7 +538,7 @@ def build_state(objects: Iterable[Any]) -> MeshState:
         for w in sorted(store.state.by_uid.values(), key=lambda w: w.key):
             for ip in w.ips:
                 if ip in taken:
-                    raise ObjectError(f"Pod {w.key}: status.podIP {ip} is also {taken[ip]}'s")
+                    raise ObjectError(f"Pod {w.key}: status.podIPs: {ip} is also {taken[ip]}'s")
                 taken[ip] = w.key
     return store.state
 

@@ -10,8 +10,9 @@ from agent.mesh.model import Endpoint, Service, Workload
 
 
 def workload(w: Workload) -> dict[str, Any]:
-    return {"namespace": w.namespace, "name": w.name, "ip": w.ip, "node": w.node, "service_account": w.service_account,
-            "enrolled": w.enrolled, "labels": dict(w.labels), "probe_ports": sorted(w.probe_ports)}
+    return {"namespace": w.namespace, "name": w.name, "ip": w.ip, "ips": list(w.ips), "node": w.node,
+            "service_account": w.service_account, "enrolled": w.enrolled, "labels": dict(w.labels),
+            "probe_ports": sorted(w.probe_ports)}
 
 
 def service(svc: Service, endpoints: Mapping[str, Endpoint]) -> dict[str, Any]:

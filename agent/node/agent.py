@@ -32,6 +32,7 @@ from agent.kube.source import KubeSource
 from agent.mesh import views
 from agent.mesh.ports import Ports
 from agent.mesh.store import Change, MeshState, MeshStore, Workload
+from agent.node.capture_plan import capture_plan
 from agent.node.kernel_events import KernelEvents
 from agent.proxy.authorize import Authorizer
 from agent.proxy.context import Mesh
@@ -40,7 +41,7 @@ from agent.proxy.outbound import OutboundProxy
 from agent.proxy.sockets import dial, transparent_listener
 from agent.sources.statefile import StateFile
 from agent.telemetry.hub import Telemetry, TelemetryConfig
-from hbone import Pool, SpiffeId, TrustBundle
+from hbone import Pool, SpiffeId, TrustBundle, canonical_ip
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,8 +79,10 @@ def migrate_queued_connections() -> None:
 
 
 def node_addresses() -> frozenset[str]:
+    """The node's own addresses, both families (the proxies never spoof a pod's address towards them)."""
     with IPRoute() as ipr:
-        return frozenset(a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()) | {"127.0.0.1"}
+        found = {canonical_ip(ip) for a in ipr.get_addr() if (ip := a.get_attr("IFA_ADDRESS"))}
+    return frozenset(found | {"127.0.0.1", "::1"})
 
 
 class NodeAgent:
@@ -165,23 +168,15 @@ class NodeAgent:
                 self._dirty.set()
 
     def _attach(self, local: list[Workload]) -> tuple[set[str], dict[str, str]]:
-        """In the kernel thread: capture exactly ``local``'s enrolled pods, steer replies for the others."""
-        desired: dict[str, str] = {}
-        hooked: list[str] = []
-        for workload in local:
-            try:
-                ifname = host_ifname_for(workload.ip)
-            except LookupError as e:
-                log.warning("pod %s (%s): no interface on this node: %s", workload.key, workload.ip, e)
-                continue
-            if workload.enrolled:
-                desired[workload.ip] = ifname
-            else:
-                hooked.append(ifname)
+        """In the kernel thread: capture exactly ``local``'s enrolled pods (every address of each), steer replies
+        for the others (``capture_plan``)."""
+        plan = capture_plan(local, host_ifname_for)
+        for workload, why in plan.missing:
+            log.warning("pod %s (%s): no interface on this node: %s", workload.key, workload.ip, why)
         before = set(self.redirector.enrolled())
-        self.redirector.reconcile(desired, hooked)
-        self.redirector.set_probe_ports({w.ip: w.probe_ports for w in local if w.ip in desired})
-        return before, desired
+        self.redirector.reconcile(plan.capture, plan.hooked)
+        self.redirector.set_probe_ports(plan.probe_ports)
+        return before, plan.capture
 
     async def _reconcile(self, new: MeshState) -> None:
         """Capture follows enrollment; identities of local enrolled workloads are fetched ahead of use."""

@@ -3,7 +3,9 @@
 Strings follow Istio's four forms: exact ``abc``, prefix ``abc*`` (matches ``abc`` too), suffix ``*abc`` and
 presence ``*`` (any non-empty value). A plaintext peer has no principal and no namespace: it matches no
 positive string pattern (not even ``*``) and every ``not*`` one, as in ztunnel. IP blocks are compared as
-integers (an IPv4-mapped IPv6 address counts as its IPv4 address).
+integers, each against the addresses of its own family. A connection's IPv4-mapped IPv6 address counts as its
+IPv4 address (ztunnel's ``to_canonical``), while a block written IPv4-mapped (``::ffff:10.0.0.0/104``) stays an
+IPv6 block, as ztunnel keeps it, and so matches no connection (the policy reader notes it).
 
 A rule's condition is a conjunction of clauses, a clause a disjunction of alternatives, an alternative a
 conjunction of checks: ``from`` is one clause whose alternatives are its sources, ``to`` one whose
@@ -82,6 +84,11 @@ def parse_block(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(ipaddress.ip_address(text))
 
 
+def ipv4_mapped(block: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Whether ``block`` lies in ``::ffff:0:0/96``, the IPv4-mapped IPv6 addresses (no connection is spelled so)."""
+    return block.version == 6 and block.prefixlen >= 96 and int(block.network_address) >> 32 == 0xFFFF
+
+
 @dataclass(frozen=True, slots=True)
 class IpSet:
     """IP blocks: single addresses in a set, wider blocks as (version, network, mask) triples."""
@@ -93,10 +100,7 @@ class IpSet:
     def of(cls, blocks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> IpSet:
         hosts: set[Address] = set()
         networks: list[tuple[int, int, int]] = []
-        for given in blocks:
-            block = given
-            if block.version == 6 and block.prefixlen >= 96 and int(block.network_address) >> 32 == 0xFFFF:
-                block = ipaddress.ip_network((int(block.network_address) & 0xFFFFFFFF, block.prefixlen - 96))
+        for block in blocks:
             if block.prefixlen == block.max_prefixlen:
                 hosts.add((block.version, int(block.network_address)))
             else:

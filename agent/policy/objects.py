@@ -418,13 +418,21 @@ class _Reader:
         return tuple(v for _, v in values)
 
     def blocks(self, values: list[tuple[int, str]], path: str) -> tuple[Network, ...]:
+        """IP blocks of either family, noting the IPv4-mapped ones (they match no connection, as in Istio)."""
         networks = []
         for i, v in values:
             try:
-                networks.append(matchers.parse_block(v))
+                block = matchers.parse_block(v)
             except ValueError:
                 what = "a CIDR" if "/" in v else "an IP address or CIDR"
                 self.error(f"{path}[{i}]", f"{_show(v)} is not {what}")
+                continue
+            networks.append(block)
+            if matchers.ipv4_mapped(block):
+                ipv4 = ipaddress.ip_network((int(block.network_address) & 0xFFFFFFFF, block.prefixlen - 96))
+                self.notes.append((logging.WARNING, f"{self.ref}: {path}[{i}] {_show(v)} is IPv4-mapped: a "
+                                   "connection's IPv4 address is matched as IPv4, so this block matches none (as "
+                                   f"in Istio); write {ipv4}"))
         return tuple(networks)
 
     def ports(self, values: list[tuple[int, str]], path: str) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.mesh.model import Address
+from hbone import canonical_ip
 from hbone.identity import SpiffeId
 
 _FORWARDED_FOR = re.compile(r'for="?(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,5})"?')  # [v6]:port or v4:port
@@ -24,11 +25,17 @@ class Connection:
 
 def forwarded_client(headers: Mapping[str, str], source: Address) -> Address:
     """The caller's address: the tunnel's L3 source, with the application's own port from ``forwarded: for=``
-    when that names the same IP (the tunnel's port is the agent's)."""
+    when that names the same IP (the tunnel's port is the agent's); IPv6 compared as addresses, not as text."""
     m = _FORWARDED_FOR.search(headers.get("forwarded", ""))
-    if m is not None and (m.group(1) or m.group(2)) == source[0]:
-        return source[0], int(m.group(3))
-    return source
+    if m is None:
+        return source
+    named = m.group(2) or m.group(1)
+    if named != source[0] and m.group(1):
+        try:
+            named = canonical_ip(named)
+        except ValueError:
+            return source
+    return (source[0], int(m.group(3))) if named == source[0] else source
 
 
 def forwarded_host(headers: Mapping[str, str]) -> str | None:

@@ -12,7 +12,13 @@ Order of decisions for a connection from local pod S to the original destination
   3. Anything else is outside the mesh: passed through to D.
 
 Endpoint choice: the candidates are the Service's endpoints that serve the port (unhealthy ones are not in
-the store unless the Service publishes them); the Service's preference narrows them to the client's node
+the store unless the Service publishes them) and whose address is of the family of D, the address the client
+used: an IPv4 VIP leads to IPv4 pod addresses, an IPv6 VIP to IPv6 ones, as kube-proxy's per-family rules
+and ztunnel's same-family pick do. When no endpoint has an address of that family (a single-stack pod behind a
+dual-stack Service), the connection is refused as ``no healthy upstream`` naming the family, as kube-proxy
+refuses it; ztunnel would fall back to the other family, but then the agent could not dial from the
+client's own address (a socket has one family), and the destination's policy would see another source
+than the client's. The Service's preference narrows the candidates to the client's node
 (``internalTrafficPolicy: Local``: only there), or prefers its node and then its zone (``PreferSameNode``),
 or its zone (``PreferClose``), falling back to all; then one is drawn uniformly at random, which is
 ztunnel's random choice weighted by capacity, every capacity being 1 here. Random choice needs no shared
@@ -27,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.mesh.model import Address, Endpoint, Preference, Service, Workload
+from agent.mesh.model import Address, Endpoint, Preference, Service, Workload, ip_family
 from agent.mesh.ports import Ports
 from agent.mesh.store import MeshState
 from hbone.identity import SpiffeId
@@ -70,10 +76,15 @@ def route(source: Workload, destination: Address, state: MeshState, trust_domain
         if ip in state.vips:
             return Route(Kind.REFUSE, destination, reason=f"no healthy upstream: {_names(state, ip)}:{port}")
         return Route(Kind.PASSTHROUGH, destination, dial=destination)
-    candidates = _candidates(source, service, port, state)
+    endpoints = state.endpoints.get(service.key, {}).values()
+    v6 = ":" in ip  # the family test inline: a call per endpoint would double route()'s cost on a big Service
+    serving = [ep for ep in endpoints if port in ep.ports and (":" in ep.ip) == v6]
+    candidates = _preferred(source, service, serving, state)
     if not candidates:
+        other_family_only = not serving and any(port in ep.ports for ep in endpoints)
+        why = f" (no IPv{ip_family(ip)} endpoint)" if other_family_only else ""
         return Route(Kind.REFUSE, destination, service=service,
-                     reason=f"no healthy upstream: {service.key}:{port}")
+                     reason=f"no healthy upstream: {service.key}:{port}{why}")
     endpoint = pick(candidates)
     target = (endpoint.ip, endpoint.ports[port])
     backend = state.by_ip(endpoint.ip)
@@ -92,8 +103,8 @@ def _to_workload(source: Workload, workload: Workload, target: Address, service:
                  workload=workload, service=service)
 
 
-def _candidates(source: Workload, service: Service, port: int, state: MeshState) -> list[Endpoint]:
-    serving = [ep for ep in state.endpoints.get(service.key, {}).values() if port in ep.ports]
+def _preferred(source: Workload, service: Service, serving: list[Endpoint], state: MeshState) -> list[Endpoint]:
+    """The endpoints ``service``'s preference keeps for a client on ``source``'s node."""
     preference = service.preference
     if preference is Preference.NODE_ONLY:
         return [ep for ep in serving if ep.node == source.node]

@@ -32,6 +32,7 @@ from prometheus_client.exposition import choose_encoder
 
 from agent.mesh.model import Address
 from agent.telemetry.metrics import Metrics
+from hbone import format_address
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class AdminServer:
                                     reuse_port=True)
         await web.SockSite(runner, sock).start()
         self.ports[name] = int(sock.getsockname()[1])
-        log.info("%s on %s:%d", name, address[0], self.ports[name])
+        log.info("%s on %s", name, format_address(host, self.ports[name]))
 
     async def start(self, *, metrics: Address | None = METRICS_ADDRESS, ready: Address | None = READY_ADDRESS,
                     admin: Address | None = ADMIN_ADDRESS, admin_socket: str | None = None) -> None:

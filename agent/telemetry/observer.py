@@ -40,6 +40,7 @@ from agent.telemetry.model import Entry, Flow, LostEvent, LostSource, timestamp
 from agent.telemetry.observer_tls import ServerTls, admit
 from agent.telemetry.recorder import FlowRecorder
 from agent.telemetry.ring import DEFAULT_FOLLOWER_QUEUE, FlowRing, Snapshot
+from hbone import format_address
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ class ObserverServer:
         self.unix_path: str | None = None
         self._unix_inode = 0
         self.tcp_port: int | None = None
+        self._tcp_host = ""
 
     async def start(self, unix_path: str | None = None, tcp: str | None = None, *, tls: ServerTls | None = None,
                     unix_mode: int = 0o660) -> None:
@@ -205,7 +207,7 @@ class ObserverServer:
                 raise OSError(f"cannot listen on {tcp}: {e}") from None
             if port == 0:
                 raise OSError(f"cannot listen on {tcp}")
-            self.tcp_port = port
+            self.tcp_port, self._tcp_host = port, tcp.rpartition(":")[0].strip("[]")
             self.service.allowed_clients = tls.allowed_clients
         await server.start()
         if self.unix_path is not None and beside is not None:
@@ -219,12 +221,13 @@ class ObserverServer:
 
     @property
     def addresses(self) -> list[str]:
-        """Addresses ``ambit observe --server`` accepts (the TCP one on loopback)."""
+        """Addresses ``ambit observe --server`` accepts (the TCP one on loopback when it listens on every address)."""
         out = []
         if self.unix_path is not None:
             out.append(self.unix_path)
         if self.tcp_port is not None:
-            out.append(f"127.0.0.1:{self.tcp_port}")
+            host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self._tcp_host, self._tcp_host)
+            out.append(format_address(host, self.tcp_port))
         return out
 
     async def stop(self, grace: float | None = 1.0) -> None:

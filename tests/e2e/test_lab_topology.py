@@ -33,6 +33,23 @@ def test_up_down_leaves_nothing_and_pods_reach_each_other() -> None:
     lab.down()  # idempotent
 
 
+@pytest.mark.parametrize("bridge", [False, True], ids=["routed", "bridge"])
+def test_dual_stack_every_pod_reaches_every_other_over_both_families(bridge: bool) -> None:
+    prefix = f"ads{secrets.token_hex(2)}-"
+    lab = Lab.up(nodes=2, pods_per_node=2, prefix=prefix, bridge=bridge, dual_stack=True)
+    try:
+        assert [p.ip6 for p in lab.pods] == ["fd00:200::10", "fd00:200::11", "fd00:200:1::10", "fd00:200:1::11"]
+        assert [n.ip6 for n in lab.nodes] == ["fd00:192:168::10", "fd00:192:168::11"]
+        unreachable = [(src.netns, dst_ip) for src in lab.pods for dst in lab.pods if src is not dst
+                       for dst_ip in (dst.ip, dst.ip6) if not reachable(src.netns, dst_ip)]
+        unreachable += [(node.netns, pod.ip6) for node in lab.nodes for pod in lab.pods
+                        if not reachable(node.netns, pod.ip6)]
+        assert unreachable == []
+    finally:
+        lab.down()
+    assert [n for n in netns.list_netns() if n.startswith(prefix)] == []
+
+
 def test_partial_failure_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
     prefix = f"abt{secrets.token_hex(2)}-"
     real = topology._ip_batch

@@ -340,6 +340,43 @@ async def test_ambit_observe_command(two_nodes: tuple[list[FlowRecorder], list[O
     assert responses[-1]["lost_events"] == {"source": "PERF_EVENT_RING_BUFFER", "num_events_lost": "7"}
 
 
+async def test_ipv6_flows_from_an_observer_on_ipv6(tmp_path: Path, observer_tls: ObserverTlsMaterial) -> None:
+    """An Observer on [::1] (mutual TLS), flows between IPv6 addresses: an address outside the mesh prints as
+    [v6]:port, and --from-ip takes IPv6 addresses and CIDRs."""
+    client6 = Endpoint("fd00:200::10", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-1",
+                       {"app": "client"})
+    db6 = Endpoint("fd00:200:1::11", 5432, "spiffe://cluster.local/ns/data/sa/db", "data", "db-0", {"app": "db"})
+    outside6, external6 = Endpoint("fd00:192:168::99", 55000), Endpoint("2001:db8::7", 443)
+    rec = FlowRecorder("node-1", capacity=8)
+    for flow in (fixed(21, "node-1", 100, Verdict.FORWARDED, EventType.START, Direction.EGRESS, Reporter.SOURCE,
+                       client6, external6, tcp_flags=SYN, summary="opened, plaintext"),
+                 fixed(22, "node-1", 200, Verdict.DROPPED, EventType.DROP, Direction.INGRESS, Reporter.DESTINATION,
+                       outside6, db6, tcp_flags=SYN, summary="denied by PeerAuthentication data/strict")):
+        rec.ring.write(flow)
+    server = ObserverServer(rec)
+    await server.start(tcp="[::1]:0", tls=observer_tls.server_tls())
+    try:
+        [address] = server.addresses
+        assert address == f"[::1]:{server.tcp_port}"
+        argv = ["--server", address, "--all", "--utc", *observer_tls.observe_args()]
+        rc, out, err = await run([*argv, "-o", "compact"])
+        assert (rc, err) == (0, "")
+        assert out.splitlines() == [
+            "May  1 12:00:00.100 [node-1]: shop/client-1:41000 (sa:client) -> [2001:db8::7]:443 start EGRESS "
+            "FORWARDED (opened, plaintext)",
+            "May  1 12:00:00.200 [node-1]: [fd00:192:168::99]:55000 -> data/db-0:5432 (sa:db) drop INGRESS "
+            "DROPPED (denied by PeerAuthentication data/strict)"]
+        for selector, expected in ((["--from-ip", "fd00:200::/48"], ["21"]),
+                                   (["--from-ip", "fd00:192:168::99"], ["22"]),
+                                   (["--to-ip", "fd00:200:1:0::11"], ["22"]), (["--from-ip", "10.0.0.0/8"], [])):
+            rc, out, _ = await run([*argv, *selector, "-o", "json"])
+            flows = [json.loads(line)["flow"] for line in out.splitlines()]
+            assert rc == 0 and [f["uuid"][-2:] for f in flows] == expected, selector
+            assert all(f["ip"]["ipVersion"] == "IPv6" for f in flows)
+    finally:
+        await server.stop(None)
+
+
 def test_printer_colour_and_table_after_flush() -> None:
     responses = [pb.GetFlowsResponse(flow=f.to_proto(), node_name=f.node_name, time=f.to_proto().time)
                  for f in node2() if isinstance(f, Flow)]

@@ -6,13 +6,14 @@ from typing import Any
 
 import pytest
 
-from agent.cli.status import explain, render_status
+from agent.cli.status import explain, policy_main, render_status
 from agent.mesh.store import build_state
 
 
-def _pod(ns: str, name: str, ip: str, node: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+def _pod(ns: str, name: str, ip: str, node: str, labels: dict[str, str] | None = None, ip6: str = "") -> dict[str, Any]:
     return {"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels or {"app": name}},
-            "spec": {"nodeName": node, "serviceAccountName": name}, "status": {"podIP": ip, "phase": "Running"}}
+            "spec": {"nodeName": node, "serviceAccountName": name},
+            "status": {"podIP": ip, "podIPs": [{"ip": a} for a in (ip, ip6) if a], "phase": "Running"}}
 
 
 def _state(*extra: dict[str, Any]) -> Any:
@@ -61,6 +62,35 @@ def test_explain_refuses_unknown_and_ambiguous_pods() -> None:
     twin = _pod("legacy", "web", "10.0.2.9", "node-2")
     with pytest.raises(ValueError, match="several namespaces"):
         explain(_state(twin), "web", "db", 1)
+
+
+def test_explain_a_dual_stack_connection_over_ipv6() -> None:
+    """Pods named on both sides: the source's address of the destination's family is the one policy sees."""
+    only_v6 = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "v6-only", "namespace": "shop"},
+               "spec": {"selector": {"matchLabels": {"app": "db6"}},
+                        "rules": [{"from": [{"source": {"ipBlocks": ["fd00:200::/32"]}}]}]}}
+    state = _state(_pod("shop", "web6", "10.0.0.6", "node-1", ip6="fd00:200::6"),
+                   _pod("shop", "db6", "10.0.1.6", "node-2", ip6="fd00:200:1::6"), only_v6)
+    text = explain(state, "web6", "fd00:200:1:0::6", 5432)  # any spelling of the address
+    assert "from shop/web6 (fd00:200::6)" in text and "to shop/db6 (fd00:200:1::6):5432" in text
+    assert text.endswith("decision: ALLOW: allowed by AuthorizationPolicy shop/v6-only rule 0")
+    text = explain(state, "web6", "10.0.1.6", 5432)  # over IPv4, the same pods: the IPv6 block does not match
+    assert "from shop/web6 (10.0.0.6)" in text
+    assert text.endswith("decision: DENY: no ALLOW policy matched (shop/v6-only)")
+    outside = explain(state, "web6", "2001:db8::7", 443)
+    assert "to [2001:db8::7]:443: not in the mesh" in outside
+
+
+@pytest.mark.parametrize(("destination", "message"), [
+    ("fd00::1:80", "an IPv6 address must be written in brackets, [fd00::1]:80"),
+    ("db", "is not HOST:PORT"),
+])
+def test_policy_explain_refuses_a_destination_that_is_not_host_port(destination: str, message: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert policy_main(["explain", "web", destination, "--state", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "DST must be POD:PORT, IP:PORT or [IPV6]:PORT" in err
 
 
 def test_render_status() -> None:

@@ -207,6 +207,47 @@ def test_malformed_authority_answers_400_naming_it(authority: str) -> None:
     assert f"authority {authority!r}" in rejected.reason
 
 
+@pytest.mark.parametrize(("authority", "why"), [
+    ("[fd00::1:80", "has '[' without its closing ']'"),
+    ("[fd00::1]80", "must be [ipv6]:port: ']' is not followed by ':port'"),
+    ("[fd00::1]:", "has no port number after its last ':'"),
+    ("[fd00::1]", "must be [ipv6]:port: ']' is not followed by ':port'"),
+    ("fd00", "has no ':port'"),
+    ("fd00::1]:80", "has ']' without '['"),
+    ("fd00::1:80", "is IPv6 without brackets: write [ipv6]:port"),
+    ("[fe80::1%eth0]:80", "names an IPv6 zone"),
+    ("[10.0.0.1]:80", "does not name an IP address: brackets hold an IPv6 address only"),
+    ("[fd00::1::2]:80", "does not name an IP address"),
+    ("[]:80", "is not ip:port (or [ipv6]:port)"),
+    ("[fd00::1]:0", "has port out of range"),
+])
+def test_a_malformed_ipv6_authority_is_rejected_saying_what_is_wrong(authority: str, why: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        Authority.parse(authority)
+    assert str(raised.value).startswith(f"authority {authority!r} {why}"), raised.value
+
+
+@pytest.mark.parametrize(("text", "ip", "port"), [
+    ("[fd00::1]:8080", "fd00::1", 8080),
+    ("[FD00:0200:0001::0011]:80", "fd00:200:1::11", 80),    # normalised: compared with the socket's address
+    ("[::1]:65535", "::1", 65535),
+    ("[::ffff:10.0.0.1]:80", "::ffff:a00:1", 80),          # kept IPv6: it is not the IPv4 destination (ztunnel)
+])
+def test_ipv6_authority_round_trip(text: str, ip: str, port: int) -> None:
+    authority = Authority.parse(text)
+    assert authority == Authority(ip, port)
+    assert str(authority) == f"[{ip}]:{port}" and Authority.parse(str(authority)) == authority
+
+
+def test_an_ipv6_connect_carries_a_bracketed_authority_both_ways() -> None:
+    client, server = connected()
+    stream_id = open_stream(client, Authority("fd00:200:1::11", 8080))
+    at_server = pump(client, server)[1]
+    [request] = only(at_server, ConnectRequest)
+    assert request.stream_id == stream_id and request.authority == Authority("fd00:200:1::11", 8080)
+    assert request.headers[":authority"] == "[fd00:200:1::11]:8080"
+
+
 def test_authority_parse_bounds() -> None:
     for bad in ("10.0.0.1", "example.com:80", "10.0.0.1:65536"):
         with pytest.raises(ValueError, match=re.escape(f"authority {bad!r}")):

@@ -13,7 +13,7 @@ def namespace(name: str) -> dict[str, Any]:
 
 def pod(name: str, ip: str, node: str = "node-1", namespace: str = "default", *, ready: bool = True,
         ports: dict[str, int] | None = None, **labels: str) -> dict[str, Any]:
-    obj = pod_object(namespace=namespace, name=name, uid=f"uid-{namespace}-{name}", node=node, pod_ip=ip,
+    obj = pod_object(namespace=namespace, name=name, uid=f"uid-{namespace}-{name}", node=node, pod_ips=[ip],
                      host_ip="192.168.200.10", service_account=name, labels=labels)
     if not ready:
         obj["status"]["conditions"] = [{"type": "Ready", "status": "False"}]

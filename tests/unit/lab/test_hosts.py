@@ -22,7 +22,7 @@ def test_a_pod_resolves_every_service_qualified_and_its_own_namespaces_by_short_
         o.service("mail", type="ExternalName", externalName="mail.example.org", ports=[]),
     ])
     assert errors == []
-    assert hosts.hosts_file(mesh, "default", "a", "10.200.0.10").splitlines()[1:] == [
+    assert hosts.hosts_file(mesh, "default", "a", ["10.200.0.10"]).splitlines()[1:] == [
         "127.0.0.1\tlocalhost",
         "::1\tlocalhost ip6-localhost ip6-loopback",
         "10.200.0.10\ta",
@@ -32,9 +32,16 @@ def test_a_pod_resolves_every_service_qualified_and_its_own_namespaces_by_short_
         "10.200.1.12\tdb.shop db.shop.svc db.shop.svc.cluster.local",
         "10.96.0.11\tweb.shop web.shop.svc web.shop.svc.cluster.local",
     ]
-    shop = hosts.hosts_file(mesh, "shop", "b", "10.200.0.11").splitlines()
+    shop = hosts.hosts_file(mesh, "shop", "b", ["10.200.0.11"]).splitlines()
     assert "10.96.0.11\tweb web.shop web.shop.svc web.shop.svc.cluster.local" in shop
     assert "10.96.0.10\tweb.default web.default.svc web.default.svc.cluster.local" in shop
+
+
+def test_a_dual_stack_pod_is_named_at_both_addresses() -> None:
+    mesh, errors = services.mesh_state([o.namespace("default")])
+    assert errors == []
+    lines = hosts.hosts_file(mesh, "default", "a", ["10.200.0.10", "fd00:200::10"]).splitlines()
+    assert lines[3:] == ["10.200.0.10\ta", "fd00:200::10\ta"]
 
 
 @pytest.fixture

@@ -57,6 +57,32 @@ def test_headless_and_external_name_services_get_no_address() -> None:
     assert "clusterIP" not in external["spec"]
 
 
+def test_services_get_the_ipv4_family_as_the_api_server_of_an_ipv4_service_cluster_sets_it() -> None:
+    """The lab's Services are IPv4 only, also in a dual-stack lab: admitted single-stack IPv4, so a selected
+    dual-stack pod is their endpoint at its IPv4 address only (a headless one resolves to IPv4 addresses)."""
+    plain, prefer, headless = admitted(state(), o.service("a", selector={"app": "a"}),
+                                       o.service("b", selector={"app": "a"}, ipFamilyPolicy="PreferDualStack"),
+                                       o.service("h", selector={"app": "a"}, clusterIP="None", ipFamilies=["IPv4"]))
+    for obj in (plain, prefer, headless):
+        assert (obj["spec"]["ipFamilies"], obj["spec"]["ipFamilyPolicy"]) == (["IPv4"], "SingleStack")
+    dual_pod = o.pod("a-1", "10.200.0.10", app="a")
+    dual_pod["status"]["podIPs"].append({"ip": "fd00:200:0::10"})
+    mesh, errors = services.mesh_state([o.namespace("default"), dual_pod, plain, headless])
+    assert errors == [] and mesh.by_ip("fd00:200::10") is mesh.by_ip("10.200.0.10") is not None
+    assert sorted(mesh.endpoints["default/a"]) == sorted(mesh.endpoints["default/h"]) == ["10.200.0.10"]
+
+
+@pytest.mark.parametrize(("spec", "error"), [
+    ({"ipFamilies": ["IPv6"]}, "Service default/web: spec.ipFamilies ['IPv6']: the lab's Services are IPv4 only"),
+    ({"ipFamilies": ["IPv4", "IPv6"]}, "spec.ipFamilies ['IPv4', 'IPv6']: the lab's Services are IPv4 only"),
+    ({"ipFamilyPolicy": "RequireDualStack"},
+     "Service default/web: spec.ipFamilyPolicy 'RequireDualStack': the lab's Services are IPv4 only"),
+])
+def test_an_ipv6_or_dual_stack_service_is_refused_naming_the_field(spec: dict[str, Any], error: str) -> None:
+    errors = services.admit(state(), [o.service("web", **spec)])
+    assert len(errors) == 1 and error in errors[0], errors
+
+
 def test_the_range_is_used_up_with_a_clear_error() -> None:
     st = state()
     allocator = services._Allocator([])

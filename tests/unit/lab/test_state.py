@@ -25,16 +25,17 @@ from agent.sources.objectfile import kubernetes_objects
 LAB_CLI = [sys.executable, "-m", "agent.lab.cli"]
 
 
-def fake_topology(nodes: int, pods: int) -> Lab:
+def fake_topology(nodes: int, pods: int, dual_stack: bool = False) -> Lab:
     """A topology as `Lab.up` describes one, without making namespaces."""
-    lab = Lab(lab_id="abc123", prefix="x.", switch="x.abc123-sw")
+    lab = Lab(lab_id="abc123", prefix="x.", switch="x.abc123-sw", dual_stack=dual_stack)
     for i in range(nodes):
         node = Node(index=i, netns=f"x.abc123-n{i}", ip=f"192.168.200.{10 + i}", uplink="eth0",
-                    pod_cidr=f"10.200.{i}.0/24")
+                    pod_cidr=f"10.200.{i}.0/24", ip6=f"fd00:192:168::{10 + i}" if dual_stack else "",
+                    pod_cidr6=f"fd00:200:{i}::/64" if dual_stack else "")
         lab.nodes.append(node)
         for k in range(pods):
             lab.pods.append(Pod(index=len(lab.pods), netns=f"x.abc123-n{i}p{k}", ip=f"10.200.{i}.{10 + k}",
-                                node=node, host_ifname=f"lxc{k}"))
+                                node=node, host_ifname=f"lxc{k}", ip6=f"fd00:200:{i}::{10 + k}" if dual_stack else ""))
     return lab
 
 
@@ -42,6 +43,20 @@ def planned_info(nodes: int = 2, pods: int = 3, namespaces: tuple[str, ...] = ("
     info = LabInfo(name="x", prefix="x.", namespaces=[*namespaces, "istio-system"])
     info.nodes, info.pods = control.plan(fake_topology(nodes, pods), list(namespaces))
     return info
+
+
+def test_a_dual_stack_lab_lists_both_addresses_of_each_pod() -> None:
+    info = LabInfo(name="x", prefix="x.", namespaces=["default", "istio-system"], dual_stack=True)
+    info.nodes, info.pods = control.plan(fake_topology(2, 1, dual_stack=True), ["default"])
+    assert [(n.ip6, n.pod_cidr6) for n in info.nodes] == [("fd00:192:168::10", "fd00:200:0::/64"),
+                                                          ("fd00:192:168::11", "fd00:200:1::/64")]
+    pods = control.initial_state(info).of_kind("Pod")
+    assert [p["status"]["podIPs"] for p in pods] == [[{"ip": "10.200.0.10"}, {"ip": "fd00:200:0::10"}],
+                                                     [{"ip": "10.200.1.10"}, {"ip": "fd00:200:1::10"}]]
+    assert [p["status"]["podIP"] for p in pods] == ["10.200.0.10", "10.200.1.10"]  # the primary: IPv4
+    mesh = build_state(control.initial_state(info).objects)
+    second = mesh.by_ip("fd00:200:1::10")
+    assert second is not None and second is mesh.by_ip("10.200.1.10") and second.name == "app-2-1"
 
 
 def test_initial_state_follows_the_contract() -> None:
@@ -59,7 +74,8 @@ def test_initial_state_follows_the_contract() -> None:
     assert first["metadata"]["labels"] == {"app": "app-1-1"}
     assert re.fullmatch(r"[0-9a-f-]{36}", first["metadata"]["uid"])
     assert first["spec"] == {"nodeName": "node-1", "serviceAccountName": "app-1-1", "hostNetwork": False}
-    assert first["status"] == {"podIP": "10.200.0.10", "hostIP": "192.168.200.10", "phase": "Running"}
+    assert first["status"] == {"podIP": "10.200.0.10", "podIPs": [{"ip": "10.200.0.10"}], "hostIP": "192.168.200.10",
+                               "phase": "Running"}
     assert pods[4]["spec"]["nodeName"] == "node-2" and pods[4]["status"]["podIP"] == "10.200.1.11"
     assert len({p["metadata"]["uid"] for p in pods}) == len(pods)
 
@@ -146,7 +162,7 @@ def test_put_and_remove_are_apply_and_delete() -> None:
 ])
 def test_enrollment(pod_labels: dict[str, str], ns_labels: dict[str, str], extra: dict[str, object],
                     expected: bool) -> None:
-    pod = state.pod_object(namespace="default", name="p", uid="u", node="node-1", pod_ip="10.0.0.1",
+    pod = state.pod_object(namespace="default", name="p", uid="u", node="node-1", pod_ips=["10.0.0.1"],
                            host_ip="192.168.0.1", service_account="p", labels=pod_labels)
     pod["spec"].update(extra)
     assert enrolled(pod, ns_labels) is expected

@@ -212,6 +212,20 @@ def test_vips_are_the_cluster_ips(spec: dict[str, Any], vips: tuple[str, ...]) -
     assert svc.hostname == "web.shop.svc.cluster.local" and svc.key == "shop/web"
 
 
+@pytest.mark.parametrize(("spec", "families"), [
+    ({"clusterIPs": ["10.96.0.1", "fd00:96::1"], "ipFamilies": ["IPv4", "IPv6"]}, {4, 6}),
+    ({"clusterIPs": ["fd00:96::1", "10.96.0.1"], "ipFamilies": ["IPv6", "IPv4"]}, {4, 6}),  # IPv6 primary
+    ({"clusterIPs": ["10.96.0.1"], "ipFamilies": ["IPv4"]}, {4}),
+    ({"clusterIPs": ["fd00:96::1"], "ipFamilies": ["IPv6"]}, {6}),
+    ({"clusterIPs": ["10.96.0.1"]}, {4}),                                       # no ipFamilies: the VIPs'
+    ({"clusterIPs": ["10.96.0.1", "fd00:96::1"]}, {4, 6}),
+    ({"clusterIP": "None", "ipFamilies": ["IPv6"]}, {6}),                       # headless, one family
+    ({"clusterIP": "None"}, {4, 6}),                                            # headless, no families: both
+])
+def test_service_ip_families(spec: dict[str, Any], families: set[int]) -> None:
+    assert _service(service("web", "shop", None, selector={"app": "web"}, **spec)).families == families
+
+
 def test_external_name_services_are_not_in_the_mesh() -> None:
     obj = service("ext", "shop", None, type="ExternalName", externalName="example.com")
     assert convert.service(obj) is None
@@ -301,6 +315,13 @@ def test_preference_as_istiod_derives_it(spec: dict[str, Any], annotations: dict
     ("spec.ports", [{"port": 80, "nodePort": "30080"}], "spec.ports[0].nodePort must be a port number 1-65535, not '"),
     ("spec.trafficDistribution", ["PreferClose"], "spec.trafficDistribution must be a string, not list"),
     ("metadata.annotations", "x", "Service shop/web: metadata.annotations must be a mapping, not str"),
+    ("spec.ipFamilies", "IPv4", "Service shop/web: spec.ipFamilies must be a list, not str"),
+    ("spec.ipFamilies", ["IPv5"], "Service shop/web: spec.ipFamilies[0] must be IPv4 or IPv6, each once, not 'IPv5'"),
+    ("spec.ipFamilies", ["IPv4", "IPv4"], "spec.ipFamilies[1] must be IPv4 or IPv6, each once, not 'IPv4'"),
+    ("spec.ipFamilies", [4], "Service shop/web: spec.ipFamilies[0] must be a string, not int"),
+    ("spec.ipFamilies", ["IPv6"], "Service shop/web: spec.clusterIPs[0] 10.96.0.1 is not of spec.ipFamilies[0] IPv6"),
+    ("spec.clusterIPs", ["10.96.0.1", "10.96.0.2"],
+     "Service shop/web: spec.clusterIPs[1] 10.96.0.2: a Service has one cluster IP of each family"),
 ])
 def test_malformed_services_are_rejected_naming_the_field(path: str, value: Any, message: str) -> None:
     base = service("web", "shop", selector={"app": "web"})
@@ -310,6 +331,12 @@ def test_malformed_services_are_rejected_naming_the_field(path: str, value: Any,
 
 
 # -- EndpointSlices ---------------------------------------------------------------------------------------------
+def test_an_ipv6_endpoint_slice_is_read_like_an_ipv4_one() -> None:
+    obj = endpoint_slice("db-v6", "shop", "db", ["fd00:0:0::0001", "fd00::2"], ports={"sql": 5432}, addressType="IPv6")
+    eps = convert.endpoint_slice(obj)
+    assert eps is not None and eps.endpoints == (("fd00::1", "node-a", True), ("fd00::2", "node-a", True))
+
+
 def test_endpoint_slice_addresses_readiness_and_ports() -> None:
     obj = endpoint_slice("db-x", "shop", "db", ["10.1.0.1", "10.1.0.2"], ports={"sql": 5432, "": 80})
     obj["endpoints"][1]["conditions"] = {"ready": False}

@@ -570,7 +570,7 @@ def test_a_pod_taking_another_pods_uid_is_rejected_and_leaves_no_stale_endpoint(
 def test_build_state_raises_the_first_error() -> None:
     with pytest.raises(ObjectError, match=re.escape("Pod shop/a: status.podIP 'x' is not an IP address")):
         build_state([namespace("shop"), pod("a", "shop", "x"), service("web", "shop", ports=[{"port": 0}])])
-    with pytest.raises(ObjectError, match=re.escape("Pod shop/b: status.podIP 10.0.0.1 is also shop/a's")):
+    with pytest.raises(ObjectError, match=re.escape("Pod shop/b: status.podIPs: 10.0.0.1 is also shop/a's")):
         build_state([pod("a", "shop", "10.0.0.1"), pod("b", "shop", "10.0.0.1")])
 
 
@@ -581,15 +581,19 @@ def _random_object(rng: random.Random) -> Obj:
     if roll < 0.5:
         i = rng.randrange(8)
         return pod(f"p{i}", ns, rng.choice([f"10.{ns == 'ops':d}.0.{i + 1}", f"10.{ns == 'ops':d}.0.{i + 11}", None]),
+                   ips=rng.choice([(), (f"fd00:{ns == 'ops':d}::{i + 1}",), (f"fd00:{ns == 'ops':d}::{i + 11}",)]),
                    labels={"app": rng.choice(["web", "api"]), **rng.choice([{}, AMBIENT, OPT_OUT])},
                    ready=rng.choice([True, False, None]), deleting=rng.random() < 0.1,
                    ports=rng.choice([{}, {"http": 8080}, {"http": 8081}]), node=rng.choice(["n1", "n2"]))
     if roll < 0.7:
         i = rng.randrange(3)
-        return service(f"s{i}", ns, f"10.96.{ns == 'ops':d}.{i + 1}",
+        vip = f"10.96.{ns == 'ops':d}.{i + 1}"
+        families: dict[str, Any] = rng.choice([{}, {"ipFamilies": ["IPv4"]},
+                               {"ipFamilies": ["IPv4", "IPv6"], "clusterIPs": [vip, f"fd00:96::{i + 1}"]}])
+        return service(f"s{i}", ns, vip,
                        selector=rng.choice([None, {"app": "web"}, {"app": "api"}]),
                        ports=[{"name": "http", "port": 80, "targetPort": rng.choice(["http", 8080])}],
-                       publishNotReadyAddresses=rng.random() < 0.3)
+                       publishNotReadyAddresses=rng.random() < 0.3, **families)
     if roll < 0.8:
         return endpoint_slice(f"s{rng.randrange(3)}-x", ns, f"s{rng.randrange(3)}", [f"10.5.0.{rng.randrange(4)}"],
                               ports={"http": 9000}, ready=rng.choice([True, False, None]))
@@ -663,3 +667,36 @@ def test_the_service_serving_an_endpoints_port_is_found_by_its_address() -> None
     assert store.state.service_serving("10.0.0.1", 8080) is None and dict(store.state.serving_at) == {}
     store.apply([pod])
     assert store.state.serving_at == {"10.0.0.1": frozenset({"shop/web"})}
+
+
+def test_a_dual_stack_pod_is_an_endpoint_at_each_address_its_service_has_a_family_for() -> None:
+    dual: dict[str, Any] = {"clusterIPs": ["10.96.0.1", "fd00:96::1"], "ipFamilies": ["IPv4", "IPv6"]}
+    web = pod("web-1", "shop", "10.0.0.1", ips=["fd00::1"], labels=WEB, ports={"http": 8080})
+    store = store_with(service("web", "shop", selector=WEB, ports=[{"port": 80, "targetPort": "http"}], **dual),
+                       service("web4", "shop", "10.96.0.2", selector=WEB, ports=[{"port": 80, "targetPort": "http"}],
+                               ipFamilies=["IPv4"]),
+                       service("web6", "shop", "fd00:96::3", selector=WEB, ports=[{"port": 80, "targetPort": "http"}],
+                               ipFamilies=["IPv6"]),
+                       web)
+    state = store.state
+    assert endpoints(state, "shop/web") == {"10.0.0.1": {80: 8080}, "fd00::1": {80: 8080}}
+    assert endpoints(state, "shop/web4") == {"10.0.0.1": {80: 8080}}
+    assert endpoints(state, "shop/web6") == {"fd00::1": {80: 8080}}
+    assert state.vips == {"10.96.0.1": ("shop/web",), "fd00:96::1": ("shop/web",), "10.96.0.2": ("shop/web4",),
+                          "fd00:96::3": ("shop/web6",)}
+    found = state.service_serving("fd00::1", 8080)
+    assert found is not None and found.key in ("shop/web", "shop/web6")
+    # the pod's IPv6 address changes: the old endpoint goes, the new one comes, the IPv4 one stays
+    assert store.apply([pod("web-1", "shop", "10.0.0.1", ips=["fd00::2"], labels=WEB, ports={"http": 8080})]) == []
+    assert endpoints(store.state, "shop/web") == {"10.0.0.1": {80: 8080}, "fd00::2": {80: 8080}}
+    assert store.state.by_ip("fd00::1") is None and store.state.by_ip("fd00::2") is store.state.by_ip("10.0.0.1")
+    assert "fd00::1" not in store.state.serving_at
+    # relabelled out: no endpoint at either address
+    assert store.apply([pod("web-1", "shop", "10.0.0.1", ips=["fd00::2"], labels={"app": "old"})]) == []
+    assert endpoints(store.state, "shop/web") == {} and dict(store.state.serving_at) == {}
+
+
+def test_a_headless_service_without_families_takes_both() -> None:
+    store = store_with(service("db", "shop", None, selector=WEB, clusterIP="None"),
+                       pod("db-1", "shop", "10.0.0.1", ips=["fd00::1"], labels=WEB))
+    assert sorted(store.state.endpoints["shop/db"]) == ["10.0.0.1", "fd00::1"]

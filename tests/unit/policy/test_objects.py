@@ -263,3 +263,18 @@ def test_notes_are_kept_with_the_value() -> None:
                                                          "namespaces": ["a*b"]}}]}]}))
     assert [level for level, _ in value.notes] == [logging.WARNING, logging.WARNING]
     assert "without spiffe://" in value.notes[0][1] and "matched literally" in value.notes[1][1]
+
+
+def test_ipv6_blocks_are_read_and_ipv4_mapped_ones_noted() -> None:
+    value = accepted(ap({"rules": [{"from": [{"source": {"ipBlocks": ["fd00:200::/32", "::ffff:10.0.0.0/104"],
+                                                         "notIpBlocks": ["fd00:200:1::11"],
+                                                         "remoteIpBlocks": ["2001:db8::/32"]}}],
+                                    "when": [{"key": "destination.ip", "values": ["fd00:200:2::/48"]}]}]}))
+    assert isinstance(value, AuthorizationPolicy)
+    source = value.rules[0].sources[0]
+    assert source.ip_blocks == (net("fd00:200::/32"), net("::ffff:10.0.0.0/104"))
+    assert source.not_ip_blocks == (net("fd00:200:1::11/128"),)
+    assert source.remote_ip_blocks == (net("2001:db8::/32"),)
+    [(level, note)] = value.notes
+    assert level == logging.WARNING
+    assert '.ipBlocks[1] "::ffff:10.0.0.0/104" is IPv4-mapped' in note and "write 10.0.0.0/8" in note

@@ -21,6 +21,11 @@ SERVER_IP = "10.0.2.1"
     ({"forwarded": 'for="[fd00::1]:41000"'}, ("fd00::1", 15008), ("fd00::1", 41000)),
     ({"forwarded": 'for="10.9.9.9:41000"'}, ("10.0.1.1", 15008), ("10.0.1.1", 15008)),  # not the tunnel's peer
     ({}, ("10.0.1.1", 15008), ("10.0.1.1", 15008)),
+    # IPv6 compared as addresses: another peer's spelling of the same address, not its text
+    ({"forwarded": 'for="[FD00:0:0::1]:41000"'}, ("fd00::1", 15008), ("fd00::1", 41000)),
+    ({"forwarded": 'for="[fd00::2]:41000"'}, ("fd00::1", 15008), ("fd00::1", 15008)),
+    ({"forwarded": 'for="[fd00:::1]:41000"'}, ("fd00::1", 15008), ("fd00::1", 15008)),  # not an address at all
+    ({"forwarded": 'for="[::ffff:10.0.1.1]:41000"'}, ("10.0.1.1", 15008), ("10.0.1.1", 41000)),  # mapped: IPv4
 ])
 def test_the_caller_is_the_tunnels_peer_with_the_applications_port(
         headers: dict[str, str], source: tuple[str, int], client: tuple[str, int]) -> None:

@@ -23,12 +23,13 @@ def ns(name: str, labels: Mapping[str, str] = AMBIENT, annotations: Mapping[str,
 
 
 def pod(name: str, ip: str, node: str, *, namespace: str = "shop", labels: Mapping[str, str] | None = None,
-        ports: Mapping[str, int] | None = None, ready: bool = True, sa: str = "") -> dict[str, Any]:
+        ports: Mapping[str, int] | None = None, ready: bool = True, sa: str = "", ip6: str = "") -> dict[str, Any]:
+    """A running pod at ``ip`` (and ``ip6`` too: a dual-stack pod, status.podIPs listing both)."""
     return {"kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
             "spec": {"nodeName": node, "serviceAccountName": sa or name,
                      "containers": [{"name": "c", "ports": [{"name": n, "containerPort": p}
                                                             for n, p in (ports or {}).items()]}]},
-            "status": {"phase": "Running", "podIP": ip,
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": a} for a in (ip, ip6) if a],
                        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
 
 
@@ -46,13 +47,21 @@ def node(name: str, zone: str) -> dict[str, Any]:
 BASE = [
     ns("shop"), ns("plain", labels={}),
     node("n1", "z1"), node("n2", "z1"), node("n3", "z2"),
-    pod("client", "10.0.1.1", "n1"),
+    pod("client", "10.0.1.1", "n1", ip6="fd00:1::1"),
     pod("web-1", "10.0.2.1", "n2", labels={"app": "web"}, ports={"http": 8080}),
     pod("web-2", "10.0.3.1", "n3", labels={"app": "web"}, ports={"http": 9090}),
     pod("web-local", "10.0.1.2", "n1", labels={"app": "web"}, ports={"http": 7070}),
     pod("api-1", "10.0.2.2", "n2", labels={"app": "api"}),  # no named port at all
     pod("legacy", "10.0.3.9", "n3", namespace="plain", labels={"app": "legacy"}),
+    # dual stack: web6-1, web6-2 and db6-local have an address of each family, v4only-1 has none of IPv6
+    pod("web6-1", "10.0.2.6", "n2", labels={"app": "web6"}, ip6="fd00:2::6"),
+    pod("web6-2", "10.0.3.6", "n3", labels={"app": "web6"}, ip6="fd00:3::6"),
+    pod("v4only-1", "10.0.2.7", "n2", labels={"app": "web6"}),
+    pod("db6-local", "10.0.1.6", "n1", labels={"app": "db6"}, ip6="fd00:1::6"),
+    pod("legacy6", "10.0.3.8", "n3", namespace="plain", labels={"app": "legacy6"}, ip6="fd00:3::8"),
 ]
+DUAL: dict[str, Any] = {"clusterIPs": ["10.96.6.1", "fd00:96::6:1"], "ipFamilies": ["IPv4", "IPv6"],
+        "ipFamilyPolicy": "RequireDualStack"}
 
 
 def first(candidates: Sequence[Endpoint]) -> Endpoint:
@@ -127,6 +136,58 @@ CASES = [
            "endpoints": [{"addresses": ["10.0.2.1"], "nodeName": "n2"}]}],
          ("10.96.0.5", 443), Kind.HBONE, target=("10.0.2.1", 8443), dial=("10.0.2.1", 15008),
          identity="spiffe://cluster.local/ns/shop/sa/web-1", service="ext.shop.svc.cluster.local"),
+    # -- IPv6 and dual stack -----------------------------------------------------------------------------
+    Case("a dual-stack pod called at its IPv6 address: HBONE to [v6]:15008, the target as called",
+         [], ("fd00:2::6", 8080), Kind.HBONE, target=("fd00:2::6", 8080), dial=("fd00:2::6", 15008),
+         identity="spiffe://cluster.local/ns/shop/sa/web6-1"),
+    Case("the same pod at its IPv4 address: IPv4 all the way", [], ("10.0.2.6", 8080), Kind.HBONE,
+         target=("10.0.2.6", 8080), dial=("10.0.2.6", 15008), identity="spiffe://cluster.local/ns/shop/sa/web6-1"),
+    Case("an enrolled pod of this node at its IPv6 address: local delivery", [], ("fd00:1::6", 5432), Kind.LOCAL,
+         target=("fd00:1::6", 5432)),
+    Case("a pod outside the mesh at its IPv6 address: passthrough", [], ("fd00:3::8", 80), Kind.PASSTHROUGH,
+         target=("fd00:3::8", 80), dial=("fd00:3::8", 80)),
+    Case("an unknown IPv6 address: passthrough", [], ("2001:db8::7", 443), Kind.PASSTHROUGH,
+         dial=("2001:db8::7", 443)),
+    Case("dual-stack Service at its IPv6 VIP: the pods' IPv6 addresses only (the IPv4-only pod is not offered)",
+         [svc("web6", "10.96.6.1", [{"port": 80, "targetPort": 8080}], **DUAL)], ("fd00:96::6:1", 80), Kind.HBONE,
+         target=("fd00:2::6", 8080), dial=("fd00:2::6", 15008), identity="spiffe://cluster.local/ns/shop/sa/web6-1",
+         service="web6.shop.svc.cluster.local", candidates={"fd00:2::6", "fd00:3::6"}),
+    Case("dual-stack Service at its IPv4 VIP: the pods' IPv4 addresses",
+         [svc("web6", "10.96.6.1", [{"port": 80, "targetPort": 8080}], **DUAL)], ("10.96.6.1", 80), Kind.HBONE,
+         target=("10.0.2.6", 8080), dial=("10.0.2.6", 15008), identity="spiffe://cluster.local/ns/shop/sa/web6-1",
+         candidates={"10.0.2.6", "10.0.2.7", "10.0.3.6"}),
+    Case("dual-stack Service, IPv6 VIP, same-node preference among the IPv6 endpoints",
+         [svc("db6", "10.96.6.2", [{"port": 5432}], trafficDistribution="PreferSameNode",
+              **{**DUAL, "clusterIPs": ["10.96.6.2", "fd00:96::6:2"]}),
+          pod("db6-remote", "10.0.2.9", "n2", labels={"app": "db6"}, ip6="fd00:2::9")],
+         ("fd00:96::6:2", 5432), Kind.LOCAL, target=("fd00:1::6", 5432), candidates={"fd00:1::6"}),
+    Case("IPv6 VIP and no endpoint with an IPv6 address: refused, naming the family",
+         [svc("old", "10.96.6.3", [{"port": 80}], selector={"app": "api"},
+              **{**DUAL, "clusterIPs": ["10.96.6.3", "fd00:96::6:3"]})],
+         ("fd00:96::6:3", 80), Kind.REFUSE, service="old.shop.svc.cluster.local",
+         reason="no healthy upstream: shop/old:80 (no IPv6 endpoint)"),
+    Case("IPv6-only Service: its IPv6 VIP leads to the pods' IPv6 addresses",
+         [svc("web6", "fd00:96::6:4", [{"port": 80, "targetPort": 8080}], ipFamilies=["IPv6"])],
+         ("fd00:96::6:4", 80), Kind.HBONE, target=("fd00:2::6", 8080), dial=("fd00:2::6", 15008),
+         identity="spiffe://cluster.local/ns/shop/sa/web6-1", candidates={"fd00:2::6", "fd00:3::6"}),
+    Case("IPv6 endpoint outside the mesh: plain TCP to [v6]:targetPort",
+         [svc("legacy6", "fd00:96::6:5", [{"port": 80, "targetPort": 8081}], namespace="plain",
+              ipFamilies=["IPv6"])],
+         ("fd00:96::6:5", 80), Kind.DIRECT, target=("fd00:3::8", 8081), dial=("fd00:3::8", 8081),
+         service="legacy6.plain.svc.cluster.local"),
+    Case("selector-less dual-stack Service: the IPv6 EndpointSlice for the IPv6 VIP",
+         [svc("ext6", "10.96.6.6", [{"port": 443, "name": "https"}], selector={},
+              **{**DUAL, "clusterIPs": ["10.96.6.6", "fd00:96::6:6"]}),
+          {"kind": "EndpointSlice", "metadata": {"name": "ext6-v4", "namespace": "shop",
+                                                 "labels": {"kubernetes.io/service-name": "ext6"}},
+           "addressType": "IPv4", "ports": [{"name": "https", "port": 8443}],
+           "endpoints": [{"addresses": ["10.0.2.6"], "nodeName": "n2"}]},
+          {"kind": "EndpointSlice", "metadata": {"name": "ext6-v6", "namespace": "shop",
+                                                 "labels": {"kubernetes.io/service-name": "ext6"}},
+           "addressType": "IPv6", "ports": [{"name": "https", "port": 8443}],
+           "endpoints": [{"addresses": ["fd00:2::6"], "nodeName": "n2"}]}],
+         ("fd00:96::6:6", 443), Kind.HBONE, target=("fd00:2::6", 8443), dial=("fd00:2::6", 15008),
+         identity="spiffe://cluster.local/ns/shop/sa/web6-1", candidates={"fd00:2::6"}),
 ]
 
 
@@ -191,3 +252,17 @@ def test_random_choice_spreads_over_every_endpoint() -> None:
         target = route(source, ("10.96.0.1", 80), state, TD).target
         counts[target[0]] = counts.get(target[0], 0) + 1
     assert set(counts) == {"10.0.2.1", "10.0.3.1", "10.0.1.2"} and min(counts.values()) > 100
+
+
+def test_a_single_stack_service_of_dual_stack_pods_has_their_ipv4_addresses_only() -> None:
+    state = state_with([svc("web6", "10.96.6.1", [{"port": 80, "targetPort": 8080}], ipFamilies=["IPv4"])])
+    assert sorted(state.endpoints["shop/web6"]) == ["10.0.2.6", "10.0.2.7", "10.0.3.6"]
+    dual = state_with([svc("web6", "10.96.6.1", [{"port": 80, "targetPort": 8080}], **DUAL)])
+    assert sorted(dual.endpoints["shop/web6"]) == ["10.0.2.6", "10.0.2.7", "10.0.3.6", "fd00:2::6", "fd00:3::6"]
+
+
+def test_every_address_of_a_dual_stack_pod_finds_it() -> None:
+    state = state_with([])
+    assert state.by_ip("fd00:2::6") is state.by_ip("10.0.2.6") is not None
+    source = state.by_ip("fd00:1::1")
+    assert source is not None and source.key == "shop/client" and source.ips == ("10.0.1.1", "fd00:1::1")

@@ -1,0 +1,122 @@
+"""`ambit lab up --dual-stack`: every node and pod has an IPv6 address beside its IPv4 one, the state file lists
+both in status.podIPs, pods reach pods on other nodes over IPv6 by address, and `ambit lab status` shows both.
+
+The agents run (their listeners are dual-stack) with nothing enrolled: the capture of IPv6 is not part of this
+test. The lab is removed in a `finally`, and nothing of it may be left."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from agent.capture import netns
+from agent.lab import control, hosts
+from agent.lab.runtime import LabInfo, LabPaths
+from agent.lab.state import LabObjects
+from agent.mesh.store import build_state
+from tests.e2e.test_lab_cli import lab_cli, leftovers
+from tests.fixtures import lab_helpers as h
+from tests.fixtures.lab_helpers import Client, EchoServer, Payload
+from tests.fixtures.machine import needs_bcc
+
+pytestmark = [needs_bcc]
+
+PORT = 8080
+
+
+@pytest.fixture
+def lab_name() -> Iterator[str]:
+    name = f"ds-{secrets.token_hex(3)}"
+    try:
+        yield name
+    finally:
+        try:
+            control.down(name, timeout=5)
+        finally:
+            assert leftovers(name) == []
+
+
+@pytest.mark.timeout(240)
+def test_dual_stack_lab_pods_reach_each_other_over_ipv6(lab_name: str) -> None:
+    res = lab_cli(lab_name, "up", "--dual-stack", "--nodes", "2", "--pods", "2", timeout=200)
+    assert "dual stack (IPv4 and IPv6)" in res.stdout and "agents ready" in res.stdout
+    paths = LabPaths.of(lab_name)
+    info = LabInfo.load(paths)
+    assert info.dual_stack
+    assert [(n.ip, n.ip6, n.pod_cidr6) for n in info.nodes] == [
+        ("192.168.200.10", "fd00:192:168::10", "fd00:200::/64"),
+        ("192.168.200.11", "fd00:192:168::11", "fd00:200:1::/64")]
+    assert [(p.name, p.ip, p.ip6) for p in info.pods] == [
+        ("app-1-1", "10.200.0.10", "fd00:200::10"), ("app-1-2", "10.200.0.11", "fd00:200::11"),
+        ("app-2-1", "10.200.1.10", "fd00:200:1::10"), ("app-2-2", "10.200.1.11", "fd00:200:1::11")]
+
+    # The state file: status.podIPs lists both families, the primary (status.podIP) IPv4; the agents' store finds
+    # every pod by either address.
+    state = LabObjects.load(paths.state)
+    pods = {p["metadata"]["name"]: p["status"] for p in state.of_kind("Pod")}
+    assert pods["app-2-1"]["podIP"] == "10.200.1.10"
+    assert pods["app-2-1"]["podIPs"] == [{"ip": "10.200.1.10"}, {"ip": "fd00:200:1::10"}]
+    mesh = build_state(state.objects)
+    assert all(mesh.by_ip(p.ip6) is mesh.by_ip(p.ip) is not None for p in info.pods)
+
+    # In the pods: the IPv6 address, the IPv6 default route, the pod's name at both addresses.
+    a, b = info.pods[0], info.pods[2]
+    assert a.node != b.node
+    out = lab_cli(lab_name, "exec", a.key, "--", "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope",
+                  "global").stdout
+    assert f"{a.ip6}/128" in out
+    assert "default via fe80::ecee:eeff:feee:eeee" in lab_cli(lab_name, "exec", a.key, "--", "ip", "-6",
+                                                             "route").stdout
+    own = hosts.path(a.netns).read_text().splitlines()
+    assert f"{a.ip}\t{a.name}" in own and f"{a.ip6}\t{a.name}" in own
+
+    # A pod reaches a pod on the other node over IPv6, by address, and is seen there at its own IPv6 address
+    # (routed, not translated); IPv4 works as before.
+    payload = Payload.make(1 << 20)
+    with EchoServer(b, PORT, host="::") as server6, EchoServer(b, PORT) as server4:
+        with Client(a, (b.ip6, PORT)) as client:
+            echo = client.exchange(payload)
+        assert echo.server_sha256 == echo.echoed_sha256 == payload.sha256
+        assert echo.peer == client.local and echo.peer[0] == a.ip6
+        with Client(a, (b.ip, PORT)) as client:
+            assert client.exchange(payload).peer[0] == a.ip
+        assert server6.accepted == server4.accepted == 1
+    for node in info.nodes:  # each node routes the other node's IPv6 pod CIDR, and reaches its pods itself
+        assert h.reachable(node.netns, b.ip6 if node.name != b.node else a.ip6)
+
+    # The agents run with nothing enrolled; their listeners take both families (one socket per port, on [::]).
+    assert not any(control.status(lab_name)["pods"][i]["enrolled"] for i in range(len(info.pods)))
+    for node in info.nodes:
+        listeners = h.listening(node.netns, [15001, 15006, 15008])
+        assert len(listeners) == 3 and all(re.search(r"(\[::\]|\*):1500[168]\s", line) for line in listeners), \
+            listeners
+        assert netns.run(node.netns, ["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).stdout.strip() == "1"
+
+    # `ambit lab status` shows both addresses of every node and pod.
+    text = lab_cli(lab_name, "status").stdout
+    assert re.search(r"node-2\s+\S+-n1\s+192\.168\.200\.11,fd00:192:168::11\s+eth0\s+"
+                     r"10\.200\.1\.0/24,fd00:200:1::/64\s+ready", text), text
+    assert re.search(r"default/app-2-1\s+node-2\s+10\.200\.1\.10,fd00:200:1::10\s+app-2-1\s+no\s", text), text
+    status = json.loads(lab_cli(lab_name, "status", "--json").stdout)
+    assert status["dual_stack"] is True
+    assert [p["ips"] for p in status["pods"]] == [[p.ip, p.ip6] for p in info.pods]
+
+    assert lab_cli(lab_name, "down", timeout=60).returncode == 0
+    assert leftovers(lab_name) == []
+
+
+@pytest.mark.timeout(120)
+def test_without_dual_stack_the_lab_stays_ipv4_only(lab_name: str) -> None:
+    """The default (what `make demo` runs): no IPv6 address anywhere, IPv6 off in every namespace."""
+    lab_cli(lab_name, "up", "--no-agents", "--nodes", "1", "--pods", "1")
+    info = LabInfo.load(LabPaths.of(lab_name))
+    assert not info.dual_stack and info.pods[0].ip6 == "" and info.nodes[0].ip6 == ""
+    pod = info.pods[0]
+    assert netns.run(pod.netns, ["sysctl", "-n", "net.ipv6.conf.all.disable_ipv6"]).stdout.strip() == "1"
+    assert netns.run(pod.netns, ["ip", "-6", "-o", "addr"]).stdout.strip() == ""
+    status = json.loads(lab_cli(lab_name, "status", "--json").stdout)
+    assert status["dual_stack"] is False and status["pods"][0]["ips"] == [pod.ip]
