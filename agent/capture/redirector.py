@@ -76,18 +76,17 @@ interface: `enroll(ip4, veth)` and `enroll(ip6, veth)`, or both as keys of `reco
 (the agent's), or an IPv4 and an IPV6_V6ONLY IPv6 socket. Node-wide settings: `tcp_early_demux` covers IPv6
 too (the IPv6 input path reads the same net.ipv4 setting); IPv6 has no rp_filter and no accept_local: a
 connection from the node (source: one of its own addresses) re-enters the door veth and is accepted without
-one (tests/e2e/test_capture_ipv6.py).
+one (tests/e2e/test_capture.py, the IPv6 door test).
 
 Limits: IP fragments pass (IPv4, and IPv6 fragment headers), as do IPv6 packets with an extension header the
 programs do not skip (see bpf/redirect.c): the receiving pod's kernel drops all of these but fragments, which
 it reassembles, so a TCP connection whose every segment is fragmented on purpose would reach an enrolled pod
 uncaptured (argued from the code, not measured; dropping TCP fragments to and from enrolled pods would close it);
-a destination the node has no route for (a Service VIP on a node without a default route, which Kubernetes requires) is taken for a
-local address by the existing-socket check (bpf_fib_lookup answers NOT_FWDED for both), so its later packets
-are not steered; same-node traffic to an
-enrolled pod is captured only as outbound at an enrolled source. The agent must not spoof the client's
-address towards node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed:
-those replies would bypass the programs.
+a destination the node has no route for (a Service VIP on a node without a default route, which Kubernetes
+requires) is taken for a local address by the existing-socket check (bpf_fib_lookup answers NOT_FWDED for both,
+in either family), so its later packets are not steered. The agent must not spoof the client's address towards
+node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed: those replies would
+bypass the programs.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def test_ip_key_is_16_bytes_ipv4_mapped() -> None:
 
 
 def test_bad_address_named() -> None:
-    with pytest.raises(ValueError, match="not an IP address: '10.0.0.256'"):
+    with pytest.raises(ValueError, match=r"not an IP address: '10\.0\.0\.256'"):
         maps.ip_key("10.0.0.256")
     with pytest.raises(ValueError, match="'pod-a'"):
         maps.ProbePortC.of("pod-a", 80)
