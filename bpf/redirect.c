@@ -169,19 +169,30 @@ static __always_inline void emit_flags(struct __sk_buff *skb, struct pkt *p, __u
         emit(skb, p, AMBIT_EV_SYN, verdict, lport, AMBIT_R_NONE);
 }
 
+/* `len` (a constant) bytes at `off` of the packet: a pointer into it when they lie in the linear area (the usual
+ * case: read in place), else a copy in `buf` (bpf_skb_load_bytes reads a paged skb too); NULL past its end. */
+#define HEAD(skb, off, type, buf)                                                                                   \
+    ({                                                                                                              \
+        void *data_ = (void *)(long)(skb)->data;                                                                    \
+        void *end_ = (void *)(long)(skb)->data_end;                                                                 \
+        type *h_ = data_ + (off);                                                                                   \
+        if ((void *)(h_ + 1) > end_)                                                                                \
+            h_ = bpf_skb_load_bytes((skb), (off), (buf), sizeof(type)) ? NULL : (buf);                              \
+        h_;                                                                                                         \
+    })
+
 /* IPv4: addresses and the offset of the TCP header; -1 for anything but an unfragmented TCP packet. */
 static __always_inline int parse4(struct __sk_buff *skb, struct pkt *p)
 {
-    struct iphdr ip;
-    if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &ip, sizeof(ip)))
+    struct iphdr buf;
+    struct iphdr *ip = HEAD(skb, sizeof(struct ethhdr), struct iphdr, &buf);
+    if (!ip || ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(IP_FRAG_MASK)))
         return -1;
-    if (ip.protocol != IPPROTO_TCP || (ip.frag_off & bpf_htons(IP_FRAG_MASK)))
-        return -1;
-    __u32 ihl = (ip.ihl & 0xf) * 4;
+    __u32 ihl = (ip->ihl & 0xf) * 4;
     if (ihl < sizeof(struct iphdr))
         return -1;
-    map_v4(&p->saddr, ip.saddr);
-    map_v4(&p->daddr, ip.daddr);
+    map_v4(&p->saddr, ip->saddr);
+    map_v4(&p->daddr, ip->daddr);
     return sizeof(struct ethhdr) + ihl;
 }
 
@@ -189,14 +200,15 @@ static __always_inline int parse4(struct __sk_buff *skb, struct pkt *p)
  * the top of the file); -1 for anything else, and for an IPv4-mapped address in either field. */
 static __always_inline int parse6(struct __sk_buff *skb, struct pkt *p)
 {
-    struct ipv6hdr ip6;
-    if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &ip6, sizeof(ip6)))
+    struct ipv6hdr buf;
+    struct ipv6hdr *ip6 = HEAD(skb, sizeof(struct ethhdr), struct ipv6hdr, &buf);
+    if (!ip6)
         return -1;
-    __builtin_memcpy(&p->saddr, &ip6.saddr, sizeof(struct ambit_addr));
-    __builtin_memcpy(&p->daddr, &ip6.daddr, sizeof(struct ambit_addr));
+    __builtin_memcpy(&p->saddr, &ip6->saddr, sizeof(struct ambit_addr));
+    __builtin_memcpy(&p->daddr, &ip6->daddr, sizeof(struct ambit_addr));
     if (is_v4_mapped(&p->saddr) || is_v4_mapped(&p->daddr))
         return -1;
-    __u8 next = ip6.nexthdr;
+    __u8 next = ip6->nexthdr;
     int off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
 #pragma unroll
     for (int i = 0; i < AMBIT_IPV6_EXT_MAX; i++) {
@@ -231,12 +243,15 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
     } else {
         return -1;
     }
-    struct tcp_head tcp;
-    if (off < 0 || bpf_skb_load_bytes(skb, off, &tcp, sizeof(tcp)))
+    if (off < 0 || off > 0xffff)
         return -1;
-    p->sport = tcp.source;
-    p->dport = tcp.dest;
-    p->flags = tcp.flags;
+    struct tcp_head buf;
+    struct tcp_head *tcp = HEAD(skb, off, struct tcp_head, &buf);
+    if (!tcp)
+        return -1;
+    p->sport = tcp->source;
+    p->dport = tcp->dest;
+    p->flags = tcp->flags;
     p->ifindex = skb->ifindex;
     return 0;
 }

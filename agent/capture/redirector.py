@@ -50,7 +50,12 @@ bcc 0.26; lab pods are network namespaces; two runs, numbers from the second whe
      - Per-packet cost: the same program either way, 420-470 ns per run on an enrolled pod's full path
        (socket lookup miss + flow-table miss); bulk a -> b with b enrolled, 7 interleaved rounds of
        256 MiB: none 17.2-18.2, clsact 16.9-17.8, tcx 17.8-18.8 Gbit/s median, ranges overlapping
-       (13-26): no measurable difference.
+       (13-26): no measurable difference. With the door and both IP families (16-byte keys), over a
+       connection older than b's enrollment (so b's ACKs take the pod program's full path and a's data the
+       door's), three interleaved runs of 7 rounds before/after the IPv6 change, medians: pod program
+       461-550 -> 480-580 ns/run, door 343-397 -> 355-413 ns/run, throughput 17-25 Gbit/s either way with
+       ranges overlapping; IPv6 over the same path in a dual-stack lab: 505-950 ns/run (IPv4 in the same
+       run 495-1200; a loaded machine), throughput the same.
      - Cost of control operations: start (compile + load) 0.76-0.92 s; enroll 1.0-1.3 ms/pod with
        clsact, 12 ms/pod with tcx (link create 6 ms + first-attach RCU grace periods; detach 16 ms);
        reconcile of 20 pods after a restart 53-74 ms clsact, 25-34 ms tcx (BPF_LINK_UPDATE in place).
