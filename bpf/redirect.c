@@ -169,8 +169,8 @@ static __always_inline void emit_flags(struct __sk_buff *skb, struct pkt *p, __u
         emit(skb, p, AMBIT_EV_SYN, verdict, lport, AMBIT_R_NONE);
 }
 
-/* `len` (a constant) bytes at `off` of the packet: a pointer into it when they lie in the linear area (the usual
- * case: read in place), else a copy in `buf` (bpf_skb_load_bytes reads a paged skb too); NULL past its end. */
+/* The `type` at byte `off` of the packet: a pointer into it when it lies in the linear area (the usual case: read
+ * in place), else a copy in `buf` (bpf_skb_load_bytes reads a paged skb too); NULL past the packet's end. */
 #define HEAD(skb, off, type, buf)                                                                                   \
     ({                                                                                                              \
         void *data_ = (void *)(long)(skb)->data;                                                                    \
