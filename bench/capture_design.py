@@ -8,6 +8,7 @@ one run.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ from typing import Any
 from agent.capture import Redirector, bpfsys, netns
 from agent.capture.attach import Backend
 from agent.capture.maps import Listener
-from agent.capture.programs import POD_PROG
+from agent.capture.programs import DOOR_PROG, POD_PROG
 from agent.lab import Lab, Pod
 from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
 
@@ -40,13 +41,13 @@ while True:
 SOURCE = r"""
 import socket, sys, time
 total = int(sys.argv[3]); chunk = b"\0" * (1 << 20)
-t0 = time.perf_counter(); s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-sent = 0
+s = socket.create_connection((sys.argv[1], int(sys.argv[2]))); print("connected", flush=True)
+sys.stdin.readline()  # go: the caller may enroll the receiver meanwhile (the connection stays uncaptured)
+t0 = time.perf_counter(); sent = 0
 while sent < total:
     s.sendall(chunk); sent += len(chunk)
-s.shutdown(socket.SHUT_WR); s.recv(1); print(time.perf_counter() - t0)
+s.shutdown(socket.SHUT_WR); s.recv(1); print(time.perf_counter() - t0, flush=True)
 """
-
 
 def _us(values: list[float]) -> str:
     values = sorted(values)
@@ -119,17 +120,30 @@ def exp_time_wait(bpffs: str, n: int) -> list[str]:
     return rows
 
 
-def _throughput(lab: Lab, src: Pod, dst: Pod, size: int) -> float:
-    out = lab.exec(src.netns, [sys.executable, "-c", SOURCE, dst.ip, "5201", str(size)]).stdout
-    return size * 8 / float(out) / 1e9
+def _throughput(lab: Lab, src: Pod, dst_ip: str, size: int, before_go: Callable[[], None] = lambda: None) -> float:
+    """Gbit/s of one bulk transfer src -> dst_ip:5201; `before_go` runs once the connection is open."""
+    proc = lab.popen(src.netns, [sys.executable, "-c", SOURCE, dst_ip, "5201", str(size)],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline().strip() == "connected"
+        before_go()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        return size * 8 / float(proc.stdout.readline()) / 1e9
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def exp_hook_cost(bpffs: str, size: int, rounds: int) -> list[str]:
-    """Bulk traffic a -> b (same node, not captured: same-node inbound is not) with b ENROLLED, so every
-    ACK of b runs the full per-packet path of an enrolled pod (socket lookup miss, flow table miss):
-    nothing vs clsact vs tcx, interleaved round by round (this VM's throughput drifts with other load),
-    plus the program's own run time per invocation."""
+    """Bulk traffic a -> b (same node) with b ENROLLED over a connection opened just BEFORE b's enrollment, which
+    therefore stays uncaptured while every one of its packets takes the full per-packet path: b's ACKs that of
+    b's veth ingress (source verification, socket lookup miss, flow-table miss), a's data that of b's door
+    (socket lookup miss, flow-table miss). Nothing vs clsact vs tcx, interleaved round by round (this VM's
+    throughput drifts with other load), plus each program's own run time per invocation."""
     stats_fd = bpfsys.enable_stats()
+    progs = (POD_PROG, DOOR_PROG)
     try:
         with Lab.up(1, 2) as lab:
             a, b = lab.pods
@@ -138,20 +152,21 @@ def exp_hook_cost(bpffs: str, size: int, rounds: int) -> list[str]:
             backends: tuple[Backend, ...] = ("clsact", "tcx")
             agents = {be: Redirector(["eth0"], netns=node.netns, bpffs=bpffs, backend=be).start() for be in backends}
             gbit: dict[str, list[float]] = {"none": [], "clsact": [], "tcx": []}
-            ns_per_run: dict[str, list[float]] = {"clsact": [], "tcx": []}
+            ns_per_run: dict[tuple[str, str], list[float]] = {(be, p): [] for be in backends for p in progs}
             try:
                 assert sink.stdout is not None
                 sink.stdout.readline()
                 for _ in range(rounds):
-                    gbit["none"].append(_throughput(lab, a, b, size))
+                    gbit["none"].append(_throughput(lab, a, b.ip, size))
                     for be, r in agents.items():
-                        r.enroll(b.ip, b.host_ifname)
-                        before = bpfsys.prog_info(r.prog_fd(POD_PROG))
-                        gbit[be].append(_throughput(lab, a, b, size))
-                        after = bpfsys.prog_info(r.prog_fd(POD_PROG))
+                        before = {p: bpfsys.prog_info(r.prog_fd(p)) for p in progs}
+                        enroll = functools.partial(r.enroll, b.ip, b.host_ifname)
+                        gbit[be].append(_throughput(lab, a, b.ip, size, enroll))
+                        after = {p: bpfsys.prog_info(r.prog_fd(p)) for p in progs}
                         r.release(b.ip)
-                        runs = max(after.run_cnt - before.run_cnt, 1)
-                        ns_per_run[be].append((after.run_time_ns - before.run_time_ns) / runs)
+                        for p in progs:
+                            runs = max(after[p].run_cnt - before[p].run_cnt, 1)
+                            ns_per_run[be, p].append((after[p].run_time_ns - before[p].run_time_ns) / runs)
             finally:
                 sink.kill()
                 sink.wait()
@@ -161,7 +176,8 @@ def exp_hook_cost(bpffs: str, size: int, rounds: int) -> list[str]:
         os.close(stats_fd)
     rows = []
     for label, values in gbit.items():
-        cost = f"   program {statistics.median(ns_per_run[label]):4.0f} ns/run" if label in ns_per_run else ""
+        cost = "".join(f"   {p} {statistics.median(ns_per_run[label, p]):4.0f} ns/run"
+                       for p in progs if (label, p) in ns_per_run)
         rows.append(
             f"{label:6s} median {statistics.median(values):5.1f} Gbit/s  (min {min(values):5.1f}, "
             f"max {max(values):5.1f}, {len(values)} rounds){cost}"
@@ -302,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run all experiments and print their results."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--only", metavar="WORD", help="only the experiments whose title contains WORD")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
@@ -311,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         ("connection set-up, pod -> pod on another node", lambda d: exp_connect(d, n)),
         ("source-port reuse over a proxy-side TIME_WAIT", lambda d: exp_time_wait(d, 30 if args.quick else 100)),
         (
-            "bulk a -> b on one node, b enrolled (its ACKs take the full path; 256 MiB per run)",
+            "bulk a -> b on one node over a connection older than b's enrollment (full path, uncaptured; 256 MiB)",
             lambda d: exp_hook_cost(d, 256 << 20, 3 if args.quick else 7),
         ),
         ("agent killed (kill -9)", exp_agent_death),
@@ -321,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with private_bpffs() as bpffs:
         for title, fn in experiments:
+            if args.only and args.only not in title:
+                continue
             print(f"== {title}", flush=True)
             rows = fn(bpffs)
             results[title] = rows

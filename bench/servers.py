@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Self
 
 from agent.capture import netns
+from agent.capture.maps import canonical
 from agent.mesh.model import Address
 
 ACCEPT_POLL = 0.2  # seconds between looks at the stop flag while no connection comes
@@ -26,7 +27,8 @@ class ThreadedServer:
     """TCP listeners on ``ports`` in namespace ``ns``, each connection served by ``serve`` on its own thread;
     ``peers`` lists every accepted connection's peer. ``io_timeout`` bounds each socket operation of a
     connection (None: no bound, for relays of connections that may sit idle; ``close()`` still ends them).
-    ``listeners`` maps each port to its listening socket once started."""
+    ``listeners`` maps each port to its listening socket once started. ``host`` "::" listens on both families
+    (IPv4 peers read as IPv4, not IPv4-mapped)."""
 
     def __init__(self, ns: str | None, ports: Iterable[int], *, host: str = "0.0.0.0",
                  io_timeout: float | None = 20.0) -> None:
@@ -44,9 +46,9 @@ class ThreadedServer:
 
     def listener(self, port: int) -> socket.socket:
         """The listening socket for ``port``, made inside the namespace (SO_REUSEADDR, as create_server sets it),
-        of the family of ``host``."""
+        of the family of ``host`` (``::`` takes both families)."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        return socket.create_server((self.host, port), family=family, backlog=256)
+        return socket.create_server((self.host, port), family=family, backlog=256, dualstack_ipv6=self.host == "::")
 
     def start(self) -> Self:
         with netns.entered(self.ns):
@@ -84,6 +86,7 @@ class ThreadedServer:
                 continue
             except OSError:
                 return
+            ip = canonical(ip)
             with self._lock:
                 self.peers.append((ip, peer_port))
             self.track(conn)

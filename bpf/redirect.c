@@ -9,7 +9,7 @@
  *   ambit_sk_lookup       SK_LOOKUP, attached to the node netns; picks the agent listener for lookups the
  *                         tc programs cannot pre-assign (a SYN that meets a TIME_WAIT socket)
  *
- * Per packet (TCP over IPv4 only; everything else, UDP/DNS included, passes untouched):
+ * Per packet (TCP over IPv4 or IPv6, one code path for both; everything else, UDP/DNS included, passes untouched):
  *   1. mark == config.mark: the agent's own traffic, pass.
  *   2. an existing socket of the node namespace owns the 4-tuple (the agent's accepted socket for a captured
  *      flow, or its IP_TRANSPARENT upstream socket bound to the client pod's address) and the destination is
@@ -33,11 +33,23 @@
  * only takes what the ingress will keep (a SYN when a listener exists; later packets of a flow the agent
  * owns), so a packet never loops between the two. Connections the node itself opens to the pod's probe ports
  * pass (kubelet probes); with AMBIT_F_NODE_PASSES every connection the node opens passes, as in Istio.
+ *
+ * IPv6: addresses are kept as 16 bytes everywhere (struct ambit_addr, IPv4 as IPv4-mapped), so the maps, the
+ * flow table and the events serve both families and a dual-stack pod is enrolled once per address. Only the
+ * kernel helpers differ by family: socket lookups take the IPv4 or IPv6 tuple, the agent's listeners are looked
+ * up at 127.0.0.1 or ::1 (so a listener bound to 0.0.0.0/127.0.0.1 serves IPv4, one on ::/::1 IPv6, and the
+ * agent's dual-stack socket on :: with IPV6_V6ONLY off both), the local-address check asks the IPv6 FIB. IPv6
+ * extension headers: hop-by-hop and destination options are skipped, as is a routing header with no segments
+ * left (the destination in the header is then the final one), up to AMBIT_IPV6_EXT_MAX of them; a packet with
+ * any other (a fragment, a routing header with segments left, AH, ESP, an unknown one) or with more is left
+ * alone (AMBIT_NEXT), as IPv4 fragments are: the receiver's kernel drops what it cannot process, except
+ * fragments, which it reassembles (see the redirector's limits).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/tcp.h>
 
@@ -49,6 +61,7 @@
 #define TCP_FL_ACK 0x10
 #define LOOPBACK_BE 0x0100007f /* 127.0.0.1 in network byte order (little-endian host) */
 #define IP_FRAG_MASK 0x3fff    /* MF flag + fragment offset */
+#define AMBIT_IPV6_EXT_MAX 4   /* IPv6 extension headers skipped before TCP, at most */
 
 /* Verdicts: a packet we do not act on continues to the next program of the hook (later tcx programs or
  * clsact filters of other tools, e.g. the CNI's); one we assigned to a socket is final. */
@@ -56,27 +69,64 @@
 #define AMBIT_TAKEN TC_ACT_OK
 
 BPF_ARRAY(config, struct ambit_config, 1);
-BPF_HASH(enrolled, __be32, struct ambit_pod, 16384);
+BPF_HASH(enrolled, struct ambit_addr, struct ambit_pod, 16384);
 BPF_HASH(ifaces, __u32, __u32, 16384);
 BPF_HASH(bridge_ports, __u32, struct ambit_bridge_port, 16384);
 BPF_HASH(probe_ports, struct ambit_probe_port, __u8, 65536);
 BPF_TABLE("lru_hash", struct ambit_flow_key, struct ambit_flow, flows, 65536);
 BPF_PERCPU_ARRAY(counters, __u64, AMBIT_C_COUNT);
 #ifndef AMBIT_RINGBUF_PAGES
-#define AMBIT_RINGBUF_PAGES 64 /* 256 KiB: 6553 events of 32 bytes + 8 bytes of record header */
+#define AMBIT_RINGBUF_PAGES 64 /* 256 KiB: 4096 events of 56 bytes + 8 bytes of record header */
 #endif
 BPF_RINGBUF_OUTPUT(events, AMBIT_RINGBUF_PAGES);
-BPF_TABLE("sockmap", __u32, __u32, listeners, AMBIT_L_COUNT); /* value: socket fd from user space */
+BPF_TABLE("sockmap", __u32, __u32, listeners, AMBIT_LISTENER_SLOTS); /* value: socket fd from user space */
 
 struct pkt {
-    __be32 saddr;
-    __be32 daddr;
+    struct ambit_addr saddr; /* IPv4 as IPv4-mapped */
+    struct ambit_addr daddr;
     __be16 sport;
     __be16 dport;
     __u8 flags;
     __u8 hook;
+    __u8 v6;       /* an IPv6 packet */
+    __u8 _pad;
     __u32 ifindex; /* skb->ifindex, read once: clang may otherwise keep a ctx pointer the verifier refuses */
 };
+
+/* The first 14 bytes of a TCP header: ports and flags. */
+struct tcp_head {
+    __be16 source;
+    __be16 dest;
+    __be32 seq;
+    __be32 ack_seq;
+    __u8 doff;
+    __u8 flags;
+};
+
+static __always_inline void map_v4(struct ambit_addr *a, __be32 v4)
+{
+    a->w[0] = 0;
+    a->w[1] = 0;
+    a->w[2] = bpf_htonl(0xffff);
+    a->w[3] = v4;
+}
+
+static __always_inline int is_v4_mapped(const struct ambit_addr *a)
+{
+    return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void set_loopback(struct ambit_addr *a, int v6)
+{
+    if (v6) {
+        a->w[0] = 0;
+        a->w[1] = 0;
+        a->w[2] = 0;
+        a->w[3] = bpf_htonl(1);
+    } else {
+        map_v4(a, LOOPBACK_BE);
+    }
+}
 
 static __always_inline void count(int idx)
 {
@@ -94,8 +144,8 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u8 type
         return;
     }
     ev->ts_ns = bpf_ktime_get_ns();
-    ev->saddr = p->saddr;
-    ev->daddr = p->daddr;
+    __builtin_memcpy(&ev->saddr, &p->saddr, sizeof(struct ambit_addr));
+    __builtin_memcpy(&ev->daddr, &p->daddr, sizeof(struct ambit_addr));
     ev->sport = p->sport;
     ev->dport = p->dport;
     ev->ifindex = p->ifindex;
@@ -119,66 +169,149 @@ static __always_inline void emit_flags(struct __sk_buff *skb, struct pkt *p, __u
         emit(skb, p, AMBIT_EV_SYN, verdict, lport, AMBIT_R_NONE);
 }
 
+/* The `type` at byte `off` of the packet: a pointer into it when it lies in the linear area (the usual case: read
+ * in place), else a copy in `buf` (bpf_skb_load_bytes reads a paged skb too); NULL past the packet's end. */
+#define HEAD(skb, off, type, buf)                                                                                   \
+    ({                                                                                                              \
+        void *data_ = (void *)(long)(skb)->data;                                                                    \
+        void *end_ = (void *)(long)(skb)->data_end;                                                                 \
+        type *h_ = data_ + (off);                                                                                   \
+        if ((void *)(h_ + 1) > end_)                                                                                \
+            h_ = bpf_skb_load_bytes((skb), (off), (buf), sizeof(type)) ? NULL : (buf);                              \
+        h_;                                                                                                         \
+    })
+
+/* IPv4: addresses and the offset of the TCP header; -1 for anything but an unfragmented TCP packet. */
+static __always_inline int parse4(struct __sk_buff *skb, struct pkt *p)
+{
+    struct iphdr buf;
+    struct iphdr *ip = HEAD(skb, sizeof(struct ethhdr), struct iphdr, &buf);
+    if (!ip || ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(IP_FRAG_MASK)))
+        return -1;
+    __u32 ihl = (ip->ihl & 0xf) * 4;
+    if (ihl < sizeof(struct iphdr))
+        return -1;
+    map_v4(&p->saddr, ip->saddr);
+    map_v4(&p->daddr, ip->daddr);
+    return sizeof(struct ethhdr) + ihl;
+}
+
+/* IPv6: addresses and the offset of the TCP header past the extension headers that can be skipped safely (see
+ * the top of the file); -1 for anything else, and for an IPv4-mapped address in either field. */
+static __always_inline int parse6(struct __sk_buff *skb, struct pkt *p)
+{
+    struct ipv6hdr buf;
+    struct ipv6hdr *ip6 = HEAD(skb, sizeof(struct ethhdr), struct ipv6hdr, &buf);
+    if (!ip6)
+        return -1;
+    __builtin_memcpy(&p->saddr, &ip6->saddr, sizeof(struct ambit_addr));
+    __builtin_memcpy(&p->daddr, &ip6->daddr, sizeof(struct ambit_addr));
+    if (is_v4_mapped(&p->saddr) || is_v4_mapped(&p->daddr))
+        return -1;
+    __u8 next = ip6->nexthdr;
+    int off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+#pragma unroll
+    for (int i = 0; i < AMBIT_IPV6_EXT_MAX; i++) {
+        if (next == IPPROTO_TCP)
+            return off;
+        if (next != IPPROTO_HOPOPTS && next != IPPROTO_DSTOPTS && next != IPPROTO_ROUTING)
+            return -1;
+        struct ipv6_rt_hdr ext; /* the first 4 bytes; segments_left only means something in a routing header */
+        if (bpf_skb_load_bytes(skb, off, &ext, sizeof(ext)))
+            return -1;
+        if (next == IPPROTO_ROUTING && ext.segments_left)
+            return -1;
+        next = ext.nexthdr;
+        off += (ext.hdrlen + 1) * 8;
+    }
+    return next == IPPROTO_TCP ? off : -1;
+}
+
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
-
-    if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+    if ((void *)(eth + 1) > end)
         return -1;
-    struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(IP_FRAG_MASK)))
+    int off;
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        off = parse4(skb, p);
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        p->v6 = 1;
+        off = parse6(skb, p);
+    } else {
         return -1;
-    __u32 ihl = (ip->ihl & 0xf) * 4;
-    if (ihl < sizeof(struct iphdr))
-        return -1;
-    if ((void *)ip + ihl + sizeof(struct tcphdr) > end) {
-        /* headers not in the linear area: pull them and parse again from the new pointers */
-        if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + ihl + sizeof(struct tcphdr)))
-            return -1;
-        data = (void *)(long)skb->data;
-        end = (void *)(long)skb->data_end;
-        ip = data + sizeof(struct ethhdr);
-        if ((void *)(ip + 1) > end)
-            return -1;
     }
-    struct tcphdr *tcp = (void *)ip + ihl;
-    if ((void *)(tcp + 1) > end)
+    if (off < 0 || off > 0xffff)
         return -1;
-    p->saddr = ip->saddr;
-    p->daddr = ip->daddr;
+    struct tcp_head buf;
+    struct tcp_head *tcp = HEAD(skb, off, struct tcp_head, &buf);
+    if (!tcp)
+        return -1;
     p->sport = tcp->source;
     p->dport = tcp->dest;
-    p->flags = ((__u8 *)tcp)[13];
+    p->flags = tcp->flags;
     p->ifindex = skb->ifindex;
     return 0;
 }
 
+/* (a, a_port) < (b, b_port) in a fixed total order (any one does: the flow key only needs both directions of a
+ * flow to agree). */
+static __always_inline int endpoint_lt(const struct ambit_addr *a, __be16 a_port, const struct ambit_addr *b,
+                                       __be16 b_port)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (a->w[i] != b->w[i])
+            return a->w[i] < b->w[i];
+    }
+    return a_port < b_port;
+}
+
 static __always_inline void flow_key(struct pkt *p, struct ambit_flow_key *k)
 {
-    if (p->saddr < p->daddr || (p->saddr == p->daddr && p->sport < p->dport)) {
-        k->addr_lo = p->saddr;
+    if (endpoint_lt(&p->saddr, p->sport, &p->daddr, p->dport)) {
+        __builtin_memcpy(&k->addr_lo, &p->saddr, sizeof(struct ambit_addr));
         k->port_lo = p->sport;
-        k->addr_hi = p->daddr;
+        __builtin_memcpy(&k->addr_hi, &p->daddr, sizeof(struct ambit_addr));
         k->port_hi = p->dport;
     } else {
-        k->addr_lo = p->daddr;
+        __builtin_memcpy(&k->addr_lo, &p->daddr, sizeof(struct ambit_addr));
         k->port_lo = p->dport;
-        k->addr_hi = p->saddr;
+        __builtin_memcpy(&k->addr_hi, &p->saddr, sizeof(struct ambit_addr));
         k->port_hi = p->sport;
     }
 }
 
-/* The agent listener on `port` (bound to 0.0.0.0 or 127.0.0.1, IP_TRANSPARENT), referenced; or NULL. */
+/* The socket tuple p->saddr:sport -> daddr:dport of the packet's family; returns its size, which tells the lookup
+ * helpers the family. */
+static __always_inline __u32 sock_tuple(struct pkt *p, const struct ambit_addr *daddr, __be16 dport,
+                                        struct bpf_sock_tuple *t)
+{
+    if (p->v6) {
+        __builtin_memcpy(t->ipv6.saddr, &p->saddr, sizeof(struct ambit_addr));
+        __builtin_memcpy(t->ipv6.daddr, daddr, sizeof(struct ambit_addr));
+        t->ipv6.sport = p->sport;
+        t->ipv6.dport = dport;
+        return sizeof(t->ipv6);
+    }
+    t->ipv4.saddr = p->saddr.w[3];
+    t->ipv4.daddr = daddr->w[3];
+    t->ipv4.sport = p->sport;
+    t->ipv4.dport = dport;
+    return sizeof(t->ipv4);
+}
+
+/* The agent listener on `port` for the packet's family (looked up at 127.0.0.1 or ::1, so bound there or to the
+ * unspecified address; IP_TRANSPARENT), referenced; or NULL. */
 static __always_inline struct bpf_sock *find_listener(struct __sk_buff *skb, struct pkt *p, __u16 port)
 {
     struct bpf_sock_tuple t = {};
-    t.ipv4.saddr = p->saddr;
-    t.ipv4.sport = p->sport;
-    t.ipv4.daddr = LOOPBACK_BE;
-    t.ipv4.dport = bpf_htons(port);
-    struct bpf_sock *sk = bpf_sk_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    struct ambit_addr lo;
+    set_loopback(&lo, p->v6);
+    __u32 size = sock_tuple(p, &lo, bpf_htons(port), &t);
+    struct bpf_sock *sk = bpf_sk_lookup_tcp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
     if (sk && sk->state != BPF_TCP_LISTEN) {
         bpf_sk_release(sk);
         return NULL;
@@ -191,12 +324,18 @@ static __always_inline struct bpf_sock *find_listener(struct __sk_buff *skb, str
 static __always_inline int to_local_address(struct __sk_buff *skb, struct pkt *p)
 {
     struct bpf_fib_lookup fib = {};
-    fib.family = AF_INET;
     fib.l4_protocol = IPPROTO_TCP;
     fib.sport = p->sport;
     fib.dport = p->dport;
-    fib.ipv4_src = p->saddr;
-    fib.ipv4_dst = p->daddr;
+    if (p->v6) {
+        fib.family = AF_INET6;
+        __builtin_memcpy(fib.ipv6_src, &p->saddr, sizeof(struct ambit_addr));
+        __builtin_memcpy(fib.ipv6_dst, &p->daddr, sizeof(struct ambit_addr));
+    } else {
+        fib.family = AF_INET;
+        fib.ipv4_src = p->saddr.w[3];
+        fib.ipv4_dst = p->daddr.w[3];
+    }
     fib.ifindex = skb->ingress_ifindex;
     return bpf_fib_lookup(skb, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
 }
@@ -244,11 +383,8 @@ static __always_inline int handle(struct __sk_buff *skb, struct pkt *p, struct a
 
     /* 2. existing socket for this exact 4-tuple */
     struct bpf_sock_tuple t = {};
-    t.ipv4.saddr = p->saddr;
-    t.ipv4.daddr = p->daddr;
-    t.ipv4.sport = p->sport;
-    t.ipv4.dport = p->dport;
-    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    __u32 size = sock_tuple(p, &p->daddr, p->dport, &t);
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
     long assigned = -1;
     int time_wait = 0;
     if (sk) {
@@ -401,11 +537,8 @@ int ambit_uplink_ingress(struct __sk_buff *skb)
 static __always_inline int agent_flow(struct __sk_buff *skb, struct pkt *p)
 {
     struct bpf_sock_tuple t = {};
-    t.ipv4.saddr = p->saddr;
-    t.ipv4.daddr = p->daddr;
-    t.ipv4.sport = p->sport;
-    t.ipv4.dport = p->dport;
-    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    __u32 size = sock_tuple(p, &p->daddr, p->dport, &t);
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
     if (sk) {
         int listening = sk->state == BPF_TCP_LISTEN;
         bpf_sk_release(sk);
@@ -426,7 +559,7 @@ static __always_inline int node_probe(struct __sk_buff *skb, struct pkt *p, stru
     if (cfg->flags & AMBIT_F_NODE_PASSES)
         return 1;
     struct ambit_probe_port key = {};
-    key.addr = p->daddr;
+    __builtin_memcpy(&key.addr, &p->daddr, sizeof(struct ambit_addr));
     key.port = p->dport;
     if (!probe_ports.lookup(&key))
         return 0;
@@ -481,13 +614,34 @@ int ambit_pod_egress(struct __sk_buff *skb)
  * socket, or every new flow with AMBIT_F_LOOKUP_SELECTS): choose the agent listener from the sockmap. */
 int ambit_sk_lookup(struct bpf_sk_lookup *ctx)
 {
-    if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+    if (ctx->protocol != IPPROTO_TCP)
         return SK_PASS;
+    struct ambit_addr remote, local;
+    __u32 family_slots;
+    if (ctx->family == AF_INET) {
+        map_v4(&remote, ctx->remote_ip4);
+        map_v4(&local, ctx->local_ip4);
+        family_slots = 0;
+    } else if (ctx->family == AF_INET6) {
+        remote.w[0] = ctx->remote_ip6[0];
+        remote.w[1] = ctx->remote_ip6[1];
+        remote.w[2] = ctx->remote_ip6[2];
+        remote.w[3] = ctx->remote_ip6[3];
+        local.w[0] = ctx->local_ip6[0];
+        local.w[1] = ctx->local_ip6[1];
+        local.w[2] = ctx->local_ip6[2];
+        local.w[3] = ctx->local_ip6[3];
+        family_slots = AMBIT_L_COUNT;
+    } else {
+        return SK_PASS;
+    }
     int zero = 0;
     struct ambit_config *cfg = config.lookup(&zero);
     if (!cfg || !cfg->mark)
         return SK_PASS;
-    if (ctx->local_ip4 == LOOPBACK_BE)
+    struct ambit_addr lo;
+    set_loopback(&lo, family_slots != 0);
+    if (local.w[0] == lo.w[0] && local.w[1] == lo.w[1] && local.w[2] == lo.w[2] && local.w[3] == lo.w[3])
         return SK_PASS; /* the tc programs' own listener probes: answer them from the normal tables */
     __u32 ifindex = ctx->ingress_ifindex;
     __u32 *role = ifaces.lookup(&ifindex);
@@ -496,8 +650,6 @@ int ambit_sk_lookup(struct bpf_sk_lookup *ctx)
 
     __u32 slot;
     if (*role == AMBIT_IF_POD) {
-        __be32 remote = ctx->remote_ip4;
-        __be32 local = ctx->local_ip4;
         struct ambit_pod *pod = enrolled.lookup(&remote);
         if (pod && pod->ifindex == ifindex) {
             slot = AMBIT_L_OUTBOUND;
@@ -508,13 +660,13 @@ int ambit_sk_lookup(struct bpf_sk_lookup *ctx)
             slot = ctx->local_port == cfg->port[AMBIT_L_HBONE] ? AMBIT_L_HBONE : AMBIT_L_INBOUND;
         }
     } else if (*role == AMBIT_IF_UPLINK) {
-        __be32 local = ctx->local_ip4;
         if (!enrolled.lookup(&local))
             return SK_PASS;
         slot = ctx->local_port == cfg->port[AMBIT_L_HBONE] ? AMBIT_L_HBONE : AMBIT_L_INBOUND;
     } else {
         return SK_PASS;
     }
+    slot += family_slots;
 
     /* Slot empty (listener not registered or closed): normal lookup. Fail-closed needs nothing here: the
      * tc programs already dropped the SYN if no listener exists on the agent's port. */

@@ -1,6 +1,6 @@
-/* Ambit traffic capture: types shared by bpf/redirect.c and agent/redirect (mirrored with ctypes there).
+/* Ambit traffic capture: types shared by bpf/redirect.c and agent/capture (mirrored with ctypes there).
  *
- * Keep this file and agent/redirect/maps.py in sync: field order, sizes and constant values are ABI.
+ * Keep this file and agent/capture/maps.py in sync: field order, sizes and constant values are ABI.
  */
 #ifndef AMBIT_REDIRECT_H
 #define AMBIT_REDIRECT_H
@@ -16,11 +16,20 @@
 #define AMBIT_IF_UPLINK  2 /* node uplink: traffic from other nodes arrives here */
 #define AMBIT_IF_BRIDGE  3 /* a bridge CNI's bridge (cni0): its ports' pods' TCP is decided here */
 
-/* Listener slots (index into the `listeners` sockmap and into config ports). */
+/* Listener slots (index into config ports; into the `listeners` sockmap for IPv4 lookups, that plus
+ * AMBIT_L_COUNT for IPv6 ones: a dual-stack listener sits in both). */
 #define AMBIT_L_OUTBOUND 0 /* 15001 */
 #define AMBIT_L_INBOUND  1 /* 15006 */
 #define AMBIT_L_HBONE    2 /* 15008 */
 #define AMBIT_L_COUNT    3
+#define AMBIT_LISTENER_SLOTS (2 * AMBIT_L_COUNT)
+
+/* An address in every map key and event: IPv6 as on the wire, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d), so one
+ * key serves both families (Linux drops IPv6 packets with an IPv4-mapped source, and the programs leave alone any
+ * IPv6 packet carrying one, so the two never meet). Network byte order. */
+struct ambit_addr {
+    __be32 w[4];
+};
 
 struct ambit_config {
     __u32 flags;        /* AMBIT_F_* */
@@ -29,7 +38,7 @@ struct ambit_config {
     __u16 _pad;
 };
 
-/* enrolled map: key = pod IPv4 (network order) */
+/* enrolled map: key = a pod address (struct ambit_addr): each address of a dual-stack pod is a key of its own */
 struct ambit_pod {
     __u32 ifindex;      /* host-side veth in the node namespace */
     __u32 _pad;
@@ -41,10 +50,10 @@ struct ambit_bridge_port {
     __u16 _pad;
 };
 
-/* probe_ports map: key = (pod IPv4, TCP port) that the pod's own liveness/readiness/startup probes name;
+/* probe_ports map: key = (pod address, TCP port) that the pod's own liveness/readiness/startup probes name;
  * connections from the node itself to them pass uncaptured (kubelet probes). Value unused (1). */
 struct ambit_probe_port {
-    __be32 addr;
+    struct ambit_addr addr;
     __be16 port;
     __u16 _pad;
 };
@@ -53,8 +62,8 @@ struct ambit_probe_port {
  * A packet of such a flow that finds no socket any more (the agent died or closed it) is dropped in
  * fail-closed mode instead of being forwarded in the clear. */
 struct ambit_flow_key {
-    __be32 addr_lo;
-    __be32 addr_hi;
+    struct ambit_addr addr_lo;
+    struct ambit_addr addr_hi;
     __be16 port_lo;
     __be16 port_hi;
 };
@@ -90,11 +99,12 @@ struct ambit_flow {
 #define AMBIT_D_UPLINK 1 /* uplink ingress (inbound traffic) */
 #define AMBIT_D_DOOR   2 /* an enrolled pod's door: host veth egress, everything going into the pod */
 
-/* One ring-buffer record, 32 bytes. Addresses/ports in network byte order as on the wire. */
+/* One ring-buffer record, 56 bytes. Addresses (struct ambit_addr: IPv4 as IPv4-mapped) and ports in network
+ * byte order as on the wire. */
 struct ambit_event {
     __u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
-    __be32 saddr;
-    __be32 daddr;
+    struct ambit_addr saddr;
+    struct ambit_addr daddr;
     __be16 sport;
     __be16 dport;
     __u32 ifindex;      /* interface the packet arrived on */

@@ -5,7 +5,7 @@ node with kube-proxy, the nat PREROUTING DNAT of a Service VIP still rewrites a 
 address, the listener's request socket is keyed by that address, and the handshake's ACK (steered by the VIP
 tuple) meets the listener, which resets. The agent resolves VIPs itself (ztunnel's own DNAT), so what it
 steers (the packets carrying its mark) skips conntrack from the raw priority on: one nftables table,
-``inet ambit``, written and removed whole (``nft``; idempotent).
+``inet ambit`` (the inet family: IPv4 and IPv6 alike), written and removed whole (``nft``; idempotent).
 """
 
 from __future__ import annotations

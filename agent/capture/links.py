@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from agent.capture import netns as netns_mod
+from agent.capture.maps import canonical
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP = 0x1, 0x4, 0x300
 _RTM_GETLINK, _RTM_GETADDR, _RTM_GETNEIGH = 18, 22, 30  # answered by RTM_NEWLINK/ADDR/NEIGH = each - 2
 _IFLA_IFNAME, _IFLA_LINK, _IFLA_MASTER, _IFLA_LINKINFO, _IFLA_LINK_NETNSID, _IFLA_INFO_KIND = 3, 5, 10, 18, 37, 1
-_IFA_LOCAL, _IFA_TARGET_NETNSID = 2, 10
+_IFA_ADDRESS, _IFA_LOCAL, _IFA_TARGET_NETNSID = 1, 2, 10
 _NDA_DST, _NDA_LLADDR, _NDA_MASTER = 1, 2, 9
 _NLA_TYPE_MASK = 0x3FFF
 _NLMSG = struct.Struct("=IHHII")
@@ -147,8 +148,9 @@ class _Rtnl:
         return out
 
     def neighbour_mac(self, ip: str, ifindex: int) -> bytes | None:
-        """Link-layer address of `ip` in the neighbour table of `ifindex` (None: no usable entry)."""
-        body = _NDMSG.pack(socket.AF_INET, ifindex, 0, 0, 0) + _nla(_NDA_DST, socket.inet_aton(ip))
+        """Link-layer address of `ip` (IPv4 or IPv6) in the neighbour table of `ifindex` (None: no usable entry)."""
+        family = _ip_family(ip)
+        body = _NDMSG.pack(family, ifindex, 0, 0, 0) + _nla(_NDA_DST, socket.inet_pton(family, ip))
         try:
             answers = self._request(_RTM_GETNEIGH, body, dump=False)
         except OSError as e:
@@ -178,17 +180,20 @@ class _Rtnl:
                 return port
         return None
 
-    def ipv4_addresses(self, nsid: int, ifindex: int) -> set[str]:
-        """IPv4 addresses on interface `ifindex` of ANOTHER namespace, named by its id here (IFA_TARGET_NETNSID:
-        Linux >= 4.20, CAP_NET_ADMIN over that namespace; no setns, no path to it). OSError EINVAL: no such id
-        (e.g. the namespace went away)."""
-        body = _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, ifindex) + _nla(_IFA_TARGET_NETNSID, struct.pack("=i", nsid))
+    def addresses(self, nsid: int, ifindex: int, family: int) -> set[str]:
+        """Addresses of `family` on interface `ifindex` of ANOTHER namespace, named by its id here
+        (IFA_TARGET_NETNSID: Linux >= 4.20, CAP_NET_ADMIN over that namespace; no setns, no path to it), as
+        ``maps.canonical`` spells them. OSError EINVAL: no such id (e.g. the namespace went away)."""
+        body = _IFADDRMSG.pack(family, 0, 0, 0, ifindex) + _nla(_IFA_TARGET_NETNSID, struct.pack("=i", nsid))
+        # IPv4: IFA_LOCAL is the interface's own address (IFA_ADDRESS the far end's on a point-to-point link);
+        # IPv6 gives IFA_ADDRESS alone
+        kind, size = (_IFA_LOCAL, 4) if family == socket.AF_INET else (_IFA_ADDRESS, 16)
         out = set()
         for msg in self._request(_RTM_GETADDR, body, dump=True):
-            family, _plen, _flags, _scope, index = _IFADDRMSG.unpack_from(msg)
-            local = _attrs(msg, _IFADDRMSG.size).get(_IFA_LOCAL)
-            if family == socket.AF_INET and index == ifindex and local is not None and len(local) == 4:
-                out.add(socket.inet_ntoa(local))
+            got, _plen, _flags, _scope, index = _IFADDRMSG.unpack_from(msg)
+            raw = _attrs(msg, _IFADDRMSG.size).get(kind)
+            if got == family and index == ifindex and raw is not None and len(raw) == size:
+                out.add(canonical(socket.inet_ntop(family, raw)))
         return out
 
 
@@ -205,12 +210,16 @@ def _fdb_port_hint(rtnl: _Rtnl, bridge: int, pod_ip: str) -> int | None:
         return None
 
 
+def _ip_family(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
 def _leads_to(rtnl: _Rtnl, port: _Link, pod_ip: str) -> bool:
-    """Is `port` a veth whose peer, in another namespace, holds `pod_ip`?"""
+    """Is `port` a veth whose peer, in another namespace, holds `pod_ip` (canonical)?"""
     if port.kind != "veth" or port.peer_nsid is None or port.peer_nsid < 0 or port.peer <= 0:
         return False  # not a veth, or its peer is in the node's own namespace: not a pod
     try:
-        return pod_ip in rtnl.ipv4_addresses(port.peer_nsid, port.peer)
+        return pod_ip in rtnl.addresses(port.peer_nsid, port.peer, _ip_family(pod_ip))
     except OSError as e:  # that pod's namespace is going away; the one we look for is elsewhere
         log.debug("bridge port %s: peer netns id %s unreadable: %s", port.name, port.peer_nsid, e)
         return False
@@ -235,7 +244,8 @@ def _bridge_port_for(rtnl: _Rtnl, bridge: int, bridge_name: str, pod_ip: str) ->
 
 
 def host_ifname_for(pod_ip: str, netns: str | None = None) -> str:
-    """Host-side interface of a local pod, from the node's route to `pod_ip` (`ip route get`). IPv4 only.
+    """Host-side interface of a local pod, from the node's route to `pod_ip` (`ip route get`), IPv4 or IPv6
+    (a dual-stack pod's two addresses lead to the same interface). ValueError names a bad address.
 
     Routed CNIs (kindnet, Calico, Cilium, the lab): the route is `pod_ip/32 dev <veth>` and the answer is
     that device (one route lookup, one link lookup).
@@ -268,10 +278,11 @@ def host_ifname_for(pod_ip: str, netns: str | None = None) -> str:
     the agent tries again on its next reconcile)."""
     from pyroute2 import IPRoute
 
+    pod_ip = canonical(pod_ip)
     with netns_mod.entered(netns):
         ipr = IPRoute()
     try:
-        routes = ipr.route("get", dst=pod_ip)
+        routes = ipr.route("get", dst=pod_ip, family=_ip_family(pod_ip))
         if not routes:
             raise LookupError(f"no route to {pod_ip}")
         route = routes[0]

@@ -21,11 +21,14 @@ IF_BRIDGE = 3
 
 
 class Listener(enum.IntEnum):
-    """Agent listener slots (sockmap index and config.port index)."""
+    """Agent listener slots (config.port index; the sockmap index for IPv4, plus LISTENER_FAMILY_STRIDE for IPv6)."""
 
     OUTBOUND = 0
     INBOUND = 1
     HBONE = 2
+
+
+LISTENER_FAMILY_STRIDE = len(Listener)  # AMBIT_L_COUNT: the IPv6 slots follow the IPv4 ones
 
 
 class EventType(enum.IntEnum):
@@ -97,6 +100,20 @@ class ConfigC(ctypes.Structure):
     ]
 
 
+class AddrC(ctypes.Structure):
+    """struct ambit_addr: an IPv6 address, or an IPv4 one as IPv4-mapped (::ffff:a.b.c.d), network byte order"""
+
+    _fields_ = [("w", ctypes.c_uint32 * 4)]  # four network-order words, as the C side reads them
+
+    @classmethod
+    def of(cls, ip: str) -> AddrC:
+        return cls.from_buffer_copy(ip_key(ip))
+
+    @property
+    def ip(self) -> str:
+        return key_ip(bytes(self))
+
+
 class PodC(ctypes.Structure):
     """struct ambit_pod"""
 
@@ -106,11 +123,11 @@ class PodC(ctypes.Structure):
 class ProbePortC(ctypes.Structure):
     """struct ambit_probe_port (key of the probe_ports map; address and port in network byte order)"""
 
-    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
+    _fields_ = [("addr", AddrC), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
 
     @classmethod
     def of(cls, ip: str, port: int) -> ProbePortC:
-        return cls(addr=ip_key(ip), port=socket.htons(port))
+        return cls(addr=AddrC.of(ip), port=socket.htons(port))
 
 
 class BridgePortC(ctypes.Structure):
@@ -120,12 +137,12 @@ class BridgePortC(ctypes.Structure):
 
 
 class EventC(ctypes.Structure):
-    """struct ambit_event (32 bytes)"""
+    """struct ambit_event (56 bytes)"""
 
     _fields_ = [
         ("ts_ns", ctypes.c_uint64),
-        ("saddr", ctypes.c_uint32),
-        ("daddr", ctypes.c_uint32),
+        ("saddr", AddrC),
+        ("daddr", AddrC),
         ("sport", ctypes.c_uint16),
         ("dport", ctypes.c_uint16),
         ("ifindex", ctypes.c_uint32),
@@ -138,14 +155,31 @@ class EventC(ctypes.Structure):
     ]
 
 
-def ip_key(ip: str) -> int:
-    """An IPv4 address as the u32 the BPF maps use (network byte order bytes read as a native u32)."""
-    return int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
+IPV4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
-def key_ip(key: int) -> str:
-    """Inverse of ip_key."""
-    return str(ipaddress.IPv4Address(int(key).to_bytes(4, "little")))
+def canonical(ip: str) -> str:
+    """An address as the capture spells it: IPv4 dotted (also for an IPv4-mapped IPv6 one), IPv6 compressed.
+    ValueError names the bad address."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"not an IP address: {ip!r}") from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def ip_key(ip: str) -> bytes:
+    """An address as the 16 bytes the BPF maps use (struct ambit_addr): IPv6 as is, IPv4 as IPv4-mapped."""
+    addr = ipaddress.ip_address(canonical(ip))
+    return addr.packed if addr.version == 6 else IPV4_MAPPED_PREFIX + addr.packed
+
+
+def key_ip(key: bytes) -> str:
+    """Inverse of ip_key (an IPv4-mapped key reads as IPv4)."""
+    addr = ipaddress.IPv6Address(bytes(key))
+    return str(addr.ipv4_mapped or addr)
 
 
 _REASONS = {
@@ -198,9 +232,9 @@ class FlowEvent:
         ev = EventC.from_buffer_copy(raw[: ctypes.sizeof(EventC)])
         return cls(
             ts_ns=ev.ts_ns,
-            src=key_ip(ev.saddr),
+            src=ev.saddr.ip,
             sport=socket.ntohs(ev.sport),
-            dst=key_ip(ev.daddr),
+            dst=ev.daddr.ip,
             dport=socket.ntohs(ev.dport),
             ifindex=ev.ifindex,
             type=EventType(ev.type),

@@ -14,7 +14,8 @@ What runs where (node network namespace, where the agent lives):
     listener lookups the tc programs cannot pre-assign (a SYN that meets a TIME_WAIT socket).
   - policy routing: `100: fwmark 0x539 lookup 100` + `local 0.0.0.0/0 dev lo table 100` delivers the
     assigned (marked) packets locally; `99: fwmark 0x539 iif lo goto 32766` exempts the agent's OWN marked
-    packets (its upstream connections), which that rule would otherwise loop back to itself.
+    packets (its upstream connections), which that rule would otherwise loop back to itself. The same for
+    IPv6 (`ip -6 rule`, `local ::/0 dev lo table 100`) where the namespace has IPv6 (`routing`).
   - `ambit_pod_egress` on the egress of every enrolled pod's veth (routed CNIs): the pod's door, which sees
     every packet going INTO the pod whatever way it came (a Service VIP DNATed on this node, a NodePort, the
     node's own processes, an overlay): it hands new connections (and the later packets of flows the agent
@@ -49,7 +50,12 @@ bcc 0.26; lab pods are network namespaces; two runs, numbers from the second whe
      - Per-packet cost: the same program either way, 420-470 ns per run on an enrolled pod's full path
        (socket lookup miss + flow-table miss); bulk a -> b with b enrolled, 7 interleaved rounds of
        256 MiB: none 17.2-18.2, clsact 16.9-17.8, tcx 17.8-18.8 Gbit/s median, ranges overlapping
-       (13-26): no measurable difference.
+       (13-26): no measurable difference. With the door and both IP families (16-byte keys), over a
+       connection older than b's enrollment (so b's ACKs take the pod program's full path and a's data the
+       door's), three interleaved runs of 7 rounds before/after the IPv6 change, medians: pod program
+       461-550 -> 480-580 ns/run, door 343-397 -> 355-413 ns/run, throughput 17-25 Gbit/s either way with
+       ranges overlapping; IPv6 over the same path in a dual-stack lab: 505-950 ns/run (IPv4 in the same
+       run 495-1200; a loaded machine), throughput the same.
      - Cost of control operations: start (compile + load) 0.76-0.92 s; enroll 1.0-1.3 ms/pod with
        clsact, 12 ms/pod with tcx (link create 6 ms + first-attach RCU grace periods; detach 16 ms);
        reconcile of 20 pods after a restart 53-74 ms clsact, 25-34 ms tcx (BPF_LINK_UPDATE in place).
@@ -67,20 +73,31 @@ program swapped in place); then `reconcile(desired)` fills the new maps, swaps e
 place and removes anything of ours that is not desired (duplicates, released pods, other backend, pins
 of vanished devices). Call reconcile() right after start().
 
-Limits: IPv4 only (IPv6 TCP of enrolled pods is not captured); IP fragments pass; a destination the node
-has no route for (a Service VIP on a node without a default route, which Kubernetes requires) is taken for a
-local address by the existing-socket check (bpf_fib_lookup answers NOT_FWDED for both), so its later packets
-are not steered; same-node traffic to an
-enrolled pod is captured only as outbound at an enrolled source. The agent must not spoof the client's
-address towards node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed:
-those replies would bypass the programs.
+IPv4 and IPv6: every program handles both (bpf/redirect.c keeps addresses as 16 bytes, IPv4 as IPv4-mapped),
+and the maps are keyed by address, so a dual-stack pod is enrolled by each of its addresses with the same
+interface: `enroll(ip4, veth)` and `enroll(ip6, veth)`, or both as keys of `reconcile()`'s mapping (likewise
+`set_probe_ports`); an address not given is not captured. The agent's listeners must answer a lookup of
+127.0.0.1:port for IPv4 and [::1]:port for IPv6: one dual-stack socket per port on :: with IPV6_V6ONLY off
+(the agent's), or an IPv4 and an IPV6_V6ONLY IPv6 socket. Node-wide settings: `tcp_early_demux` covers IPv6
+too (the IPv6 input path reads the same net.ipv4 setting); IPv6 has no rp_filter and no accept_local: a
+connection from the node (source: one of its own addresses) re-enters the door veth and is accepted without
+one (tests/e2e/test_capture.py, the IPv6 door test).
+
+Limits: IP fragments pass (IPv4, and IPv6 fragment headers), as do IPv6 packets with an extension header the
+programs do not skip (see bpf/redirect.c): the receiving pod's kernel drops all of these but fragments, which
+it reassembles, so a TCP connection whose every segment is fragmented on purpose would reach an enrolled pod
+uncaptured (argued from the code, not measured; dropping TCP fragments to and from enrolled pods would close it);
+a destination the node has no route for (a Service VIP on a node without a default route, which Kubernetes
+requires) is taken for a local address by the existing-socket check (bpf_fib_lookup answers NOT_FWDED for both,
+in either family), so its later packets are not steered. The agent must not spoof the client's address towards
+node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed: those replies would
+bypass the programs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ipaddress
 import logging
 import os
 import socket
@@ -102,6 +119,8 @@ from agent.capture.maps import (
     IF_BRIDGE,
     IF_POD,
     IF_UPLINK,
+    LISTENER_FAMILY_STRIDE,
+    AddrC,
     BridgePortC,
     ConfigC,
     Counter,
@@ -109,8 +128,7 @@ from agent.capture.maps import (
     Listener,
     PodC,
     ProbePortC,
-    ip_key,
-    key_ip,
+    canonical,
 )
 from agent.capture.programs import DOOR_PROG, LOOKUP_PROG, POD_PROG, UPLINK_PROG, RedirectError
 from agent.capture.ringbuf import RingBufferReader
@@ -189,7 +207,7 @@ class Redirector:
         self.uplinks: dict[str, int] = {}
         self._enrolled: dict[str, tuple[str, int]] = {}  # pod ip -> (ifname, ifindex)
         self._hooked: dict[str, int] = {}  # non-enrolled pod veths with return-path steering
-        self._listeners: dict[Listener, socket.socket] = {}
+        self._listeners: dict[int, socket.socket] = {}  # sockmap slot -> the socket held there
         self._lookup_link_fd: int | None = None
         self._callbacks: list[Callable[[FlowEvent], None]] = []
         self._poll_lock = threading.Lock()
@@ -208,7 +226,7 @@ class Redirector:
             m = loaded.maps
             self._maps = {
                 "config": KernelMap(m["config"], ctypes.c_uint32, ConfigC),
-                "enrolled": KernelMap(m["enrolled"], ctypes.c_uint32, PodC),
+                "enrolled": KernelMap(m["enrolled"], AddrC, PodC),
                 "ifaces": KernelMap(m["ifaces"], ctypes.c_uint32, ctypes.c_uint32),
                 "bridge_ports": KernelMap(m["bridge_ports"], ctypes.c_uint32, BridgePortC),
                 "probe_ports": KernelMap(m["probe_ports"], ProbePortC, ctypes.c_uint8),
@@ -356,10 +374,11 @@ class Redirector:
 
     def _default_route_devices(self) -> list[str]:
         devs = []
-        for r in self._ipr.get_default_routes(family=socket.AF_INET):
-            oif = r.get_attr("RTA_OIF")
-            if oif:
-                devs.append(self._ifname(oif))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for r in self._ipr.get_default_routes(family=family):
+                oif = r.get_attr("RTA_OIF")
+                if oif:
+                    devs.append(self._ifname(oif))
         if not devs:
             raise RedirectError("no uplink given and no default route to find one: pass uplinks=[...]")
         return sorted(set(devs))
@@ -431,10 +450,12 @@ class Redirector:
 
     # -- enrollment -----------------------------------------------------------------------------------
     def enroll(self, pod_ip: str, host_ifname: str) -> None:
-        """Capture the pod's new TCP connections from now on (existing ones continue uncaptured)."""
+        """Capture the pod's new TCP connections to and from `pod_ip` (IPv4 or IPv6) from now on (existing ones
+        continue uncaptured). A dual-stack pod is enrolled once per address, each with its one interface."""
         self._require_started()
+        pod_ip = canonical(pod_ip)
         ifindex = self._ifindex(host_ifname)
-        self._maps["enrolled"][ctypes.c_uint32(ip_key(pod_ip))] = PodC(ifindex=ifindex)
+        self._maps["enrolled"][AddrC.of(pod_ip)] = PodC(ifindex=ifindex)
         self._maps["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
         self._attach(ifindex, POD_PROG)
         self._attach_bridge_of(ifindex)
@@ -445,9 +466,10 @@ class Redirector:
         """Stop capturing the pod. Connections the agent proxies for it lose their steering (the proxy
         should close them); new connections go direct."""
         self._require_started()
+        pod_ip = canonical(pod_ip)
         entry = self._enrolled.pop(pod_ip, None)
         with contextlib.suppress(KeyError):
-            del self._maps["enrolled"][ctypes.c_uint32(ip_key(pod_ip))]
+            del self._maps["enrolled"][AddrC.of(pod_ip)]
         if entry is None:
             return
         _name, ifindex = entry
@@ -485,17 +507,20 @@ class Redirector:
             self._attach(ifindex, UPLINK_PROG)
 
     def enrolled(self) -> dict[str, str]:
-        """Pod IP -> host interface, as this Redirector has them."""
+        """Pod address -> host interface, as this Redirector has them (addresses as ``maps.canonical`` spells
+        them)."""
         return {ip: name for ip, (name, _ix) in self._enrolled.items()}
 
     def reconcile(self, desired: Mapping[str, str], hooked: Sequence[str] = ()) -> ReconcileResult:
-        """Make the kernel state exactly `desired` (pod IP -> host ifname) plus `hooked` interfaces and
-        the uplinks: fills the maps, replaces programs in place (a restarted agent takes over the
-        attachments of the crashed one without a capture gap), removes anything else of ours."""
+        """Make the kernel state exactly `desired` (pod address -> host ifname: every address of each pod, IPv4
+        and IPv6, a dual-stack pod's two under the same ifname) plus `hooked` interfaces and the uplinks: fills
+        the maps, replaces programs in place (a restarted agent takes over the attachments of the crashed one
+        without a capture gap), removes anything else of ours. ValueError names an address that is not one,
+        before anything changes."""
         self._require_started()
         result = ReconcileResult()
         want_pods: dict[str, tuple[str, int]] = {}
-        for ip, name in desired.items():
+        for ip, name in {canonical(ip): name for ip, name in desired.items()}.items():
             try:
                 want_pods[ip] = (name, self._ifindex(name))
             except LookupError:
@@ -507,12 +532,11 @@ class Redirector:
 
         # maps first, so the programs swapped in below see the full state
         enrolled = self._maps["enrolled"]
-        want_keys = {ip_key(ip) for ip in want_pods}
         for k in list(enrolled.keys()):
-            if k.value not in want_keys:
+            if k.ip not in want_pods:
                 del enrolled[k]
         for ip, (_name, ifindex) in want_pods.items():
-            enrolled[ctypes.c_uint32(ip_key(ip))] = PodC(ifindex=ifindex)
+            enrolled[AddrC.of(ip)] = PodC(ifindex=ifindex)
         roles = {ix: IF_POD for _n, ix in want_pods.values()} | dict.fromkeys(want_hooked.values(), IF_POD)
         ports: dict[int, bytes] = {}  # bridge CNI: pod veth -> its bridge's MAC; the bridge runs the pod program
         for ix in list(roles):
@@ -582,11 +606,11 @@ class Redirector:
             self._write_config()
 
     def set_probe_ports(self, probes: Mapping[str, Iterable[int]]) -> None:
-        """Make the kernel's probe ports exactly `probes` (pod IPv4 -> the TCP ports its own probes name):
-        connections from the node to them pass uncaptured, so kubelet probes need no policy."""
+        """Make the kernel's probe ports exactly `probes` (pod address, IPv4 or IPv6 -> the TCP ports its own
+        probes name): connections from the node to them pass uncaptured, so kubelet probes need no policy.
+        Give every address of a dual-stack pod (kubelet probes the primary one, but the node may reach any)."""
         self._require_started()
-        want = frozenset((ip, port) for ip, ports in probes.items() for port in ports
-                         if ipaddress.ip_address(ip).version == 4)
+        want = frozenset((canonical(ip), port) for ip, ports in probes.items() for port in ports)
         table = self._maps["probe_ports"]
         for ip, port in self._probe_ports - want:
             with contextlib.suppress(KeyError):
@@ -599,12 +623,18 @@ class Redirector:
         """Give the agent's listener to the SK_LOOKUP program. Optional for plain capture (the tc programs
         find listeners by port); it makes a SYN that meets a TIME_WAIT socket of the agent (client port
         reuse) reach the listener at once instead of via challenge ACK, RST and SYN retransmit, and keeps
-        such a SYN away from any other node listener on the original port."""
+        such a SYN away from any other node listener on the original port. The socket serves the families it
+        takes: an AF_INET one IPv4, an AF_INET6 one with IPV6_V6ONLY IPv6, a dual-stack one (AF_INET6 on ::,
+        IPV6_V6ONLY off: the agent's) both."""
         self._require_started()
         assert self._loaded is not None
         fd = self._loaded.maps["listeners"]
-        bpfsys.map_update(fd, int(kind).to_bytes(4, "little"), sock.fileno().to_bytes(4, "little"))
-        self._listeners[kind] = sock
+        v6only = sock.family == socket.AF_INET6 and sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        slots = ([int(kind)] if not v6only else []) + (
+            [int(kind) + LISTENER_FAMILY_STRIDE] if sock.family == socket.AF_INET6 else [])
+        for slot in slots:
+            bpfsys.map_update(fd, slot.to_bytes(4, "little"), sock.fileno().to_bytes(4, "little"))
+            self._listeners[slot] = sock
         if self._lookup_link_fd is None:
             with netns_mod.entered(self.netns):
                 nsfd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -652,8 +682,8 @@ class Redirector:
         return sum(int(v.value) for v in self._maps["counters"].per_cpu(ctypes.c_uint32(Counter.EVENTS_LOST)))
 
     def enrolled_in_kernel(self) -> dict[str, int]:
-        """Pod IP -> ifindex as the BPF map holds them (for checks)."""
-        return {key_ip(k.value): v.ifindex for k, v in self._maps["enrolled"].items()}
+        """Pod address -> ifindex as the BPF map holds them (for checks)."""
+        return {k.ip: v.ifindex for k, v in self._maps["enrolled"].items()}
 
     def prog_fd(self, name: str) -> int:
         """File descriptor of a loaded program (ambit_pod_ingress, ambit_uplink_ingress, ambit_sk_lookup)."""

@@ -17,6 +17,11 @@ host veth, so the packet re-enters the node's IP stack on an interface it did no
   1 (strict) overrides the per-interface 0: door captures from other pods of the node are then dropped by
   the kernel (fail-closed, not a leak); ``start()`` logs it.
 
+IPv6 needs nothing more: its input path reads the same ``net.ipv4.tcp_early_demux`` (``ip6_rcv_finish_core``;
+from the kernel's code, not measured: the lab has no IPv6 Services to NAT), and it has neither ``accept_local`` nor
+``rp_filter``, so a door capture of a connection from the node's own IPv6 address or from a neighbour pod
+re-enters the veth without any setting (measured: tests/e2e/test_capture.py, the door over IPv6).
+
 ``root`` is where the node's /proc/sys is: /proc/sys for an agent that may write it, the host's /proc/sys/net
 mounted elsewhere in a container (a container's own /proc/sys is read-only; Cilium mounts the host's the
 same way).

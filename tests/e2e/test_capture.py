@@ -1,10 +1,11 @@
-"""Capture end to end in a lab (2 nodes x 2 pods): real eBPF programs, a transparent relay standing in for
-the agent's proxies (bench.capture_probe.TransparentRelay: accept, getsockname() = original destination,
-connect there bound to the client's IP with IP_TRANSPARENT, relay).
+"""Capture end to end in a dual-stack lab (2 nodes x 2 pods, IPv4 and IPv6): real eBPF programs, a transparent
+relay standing in for the agent's proxies (bench.capture_probe.TransparentRelay: one dual-stack listener per port,
+accept, getsockname() = original destination, connect there bound to the client's address, transparent, relay).
 
-Pods: A, B on node 0; C, D on node 1. Every pod runs an echo server on 8080 and 15008 that answers
+Pods: A, B on node 0; C, D on node 1. Every pod runs a dual-stack echo server on 8080 and 15008 that answers
 `peer=<ip>:<port> got=<data>`, so a test sees the source address the destination saw; a relayed connection
-shows the client's IP with another port, a direct one the client's own port.
+shows the client's address with another port, a direct one the client's own port. The IPv4 tests run exactly as
+on an IPv4-only lab; the `_v6` tests repeat the paths over IPv6 (addresses from tests.fixtures.dual_stack).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -35,6 +36,7 @@ from agent.capture.attach import CLSACT_INGRESS, Backend
 from agent.capture.programs import POD_PROG
 from agent.lab import Lab, Node, Pod
 from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
+from tests.fixtures.dual_stack import add_ipv6
 from tests.fixtures.repo import REPO
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,13 +46,27 @@ FAIL_TIMEOUT = 1.0  # seconds a connection that must fail gets
 
 
 # -- fixtures -----------------------------------------------------------------------------------------
+IPv6Of = Callable[[Pod | Node], str]
+
+
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
+def dual_stack_lab() -> Iterator[tuple[Lab, dict[str, str]]]:
     lab = Lab.up(nodes=2, pods_per_node=2)
     try:
-        yield lab
+        yield lab, add_ipv6(lab)
     finally:
         lab.down()
+
+
+@pytest.fixture(scope="module")
+def lab(dual_stack_lab: tuple[Lab, dict[str, str]]) -> Lab:
+    return dual_stack_lab[0]
+
+
+@pytest.fixture(scope="module")
+def ip6(dual_stack_lab: tuple[Lab, dict[str, str]]) -> IPv6Of:
+    """The IPv6 address of a pod or node of the lab."""
+    return lambda x: dual_stack_lab[1][x.netns]
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +102,14 @@ def leftovers(lab: Lab, bpffs: str) -> list[str]:
                         found.append(f"{node.netns}/{link['ifname']}: tcx {hook} programs")
         if sysctls.read(node.netns, sysctls.EARLY_DEMUX) != "1":
             found.append(f"{node.netns}: tcp_early_demux left off")
-        rules = lab.exec(node.netns, ["ip", "rule"]).stdout
-        if "0x539" in rules:
-            found.append(f"{node.netns}: {rules}")
-        table = lab.exec(node.netns, ["ip", "route", "show", "table", "100"], check=False)  # fails if never made
-        if table.stdout.strip():
-            found.append(f"{node.netns}: table 100 not empty")
+        for family in ("-4", "-6"):
+            rules = lab.exec(node.netns, ["ip", family, "rule"]).stdout
+            if "0x539" in rules:
+                found.append(f"{node.netns}: {rules}")
+            # `ip route show table 100` fails if the table was never made
+            table = lab.exec(node.netns, ["ip", family, "route", "show", "table", "100"], check=False)
+            if table.stdout.strip():
+                found.append(f"{node.netns}: table 100 ({family}) not empty")
     for root, _dirs, files in os.walk(os.path.join(bpffs, "ambit")):
         found += [os.path.join(root, f) for f in files]
     return found
@@ -152,13 +170,14 @@ def fails(src: Pod, dst_ip: str, port: int = 8080) -> bool:
 
 
 @contextlib.contextmanager
-def wire(lab: Lab, node_index: int, host: str) -> Iterator[list[str]]:
-    """Capture TCP of `host` on the inter-node link of a node (its port on the switch) while the block
-    runs; the yielded list is filled with tcpdump's lines at the end."""
+def wire(lab: Lab, node_index: int, host: str, what: str = "tcp") -> Iterator[list[str]]:
+    """Capture `what` (TCP; "ip6": everything IPv6, also TCP behind extension headers, which tcpdump's "tcp"
+    does not follow) of `host` on the inter-node link of a node (its port on the switch) while the block runs;
+    the yielded list is filled with tcpdump's lines at the end."""
     lines: list[str] = []
     proc = lab.popen(
         lab.switch,
-        ["tcpdump", "-i", f"n{node_index}", "-nn", "-l", "-c", "50", f"tcp and host {host}"],
+        ["tcpdump", "-i", f"n{node_index}", "-nn", "-l", "-c", "50", f"{what} and host {host}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -385,9 +404,10 @@ def test_restart_reconcile_leaves_exactly_the_desired_state(
         )
         assert {att.backend for att in atts} == {second}
         assert any("lxc1" in r for r in result.removed)
-        rules = lab.exec(node.netns, ["ip", "rule"]).stdout
-        assert rules.count("fwmark 0x539 lookup 100") == 1 and rules.count("goto 32766") == 1
-        assert lab.exec(node.netns, ["ip", "route", "show", "table", "100"]).stdout.count("local") == 1
+        for family in ("-4", "-6"):
+            rules = lab.exec(node.netns, ["ip", family, "rule"]).stdout
+            assert rules.count("fwmark 0x539 lookup 100") == 1 and rules.count("goto 32766") == 1
+            assert lab.exec(node.netns, ["ip", family, "route", "show", "table", "100"]).stdout.count("local") == 1
         for ifname in ("lxc0", "lxc1", "eth0"):
             for hook in ("ingress", "egress"):
                 out = lab.exec(node.netns, ["tc", "filter", "show", "dev", ifname, hook]).stdout
@@ -462,3 +482,186 @@ def test_host_ifname_for(lab: Lab) -> None:
     assert host_ifname_for(b.ip, netns=node.netns) == b.host_ifname
     with pytest.raises(LookupError):
         host_ifname_for(c.ip, netns=node.netns)
+
+
+# -- IPv6, in the same lab ----------------------------------------------------------------------------
+def dual(pod: Pod, ip6: IPv6Of) -> dict[str, str]:
+    """What the agent passes for a dual-stack pod: each of its addresses, with its one interface."""
+    return {pod.ip: pod.host_ifname, ip6(pod): pod.host_ifname}
+
+
+def test_outbound_v6_captured_with_original_destination_and_source_kept(
+    lab: Lab, ip6: IPv6Of, agents: Agents, relays: list[TransparentRelay]
+) -> None:
+    a, _b, c, _d = lab.pods
+    agents[0].reconcile(dual(a, ip6))
+    assert agents[0].enrolled_in_kernel().keys() == {a.ip, ip6(a)}
+    assert talk(a, ip6(c)) == (ip6(a), False)  # relayed; the replies from node 1 steered back at the uplink
+    assert talk(a, c.ip) == (a.ip, False)  # the pod's IPv4 too
+    assert [(x.listener_port, x.original_dst, x.peer[0], x.upstream_ok) for x in relays[0].accepted] == [
+        (15001, (ip6(c), 8080), ip6(a), True), (15001, (c.ip, 8080), a.ip, True)]
+    syn = [e for e in agents[0].poll_events(200) if e.type is EventType.SYN and e.verdict is Verdict.REDIRECTED]
+    assert [(e.src, e.dst, e.dport, e.listener_port, e.hook) for e in syn] == [
+        (ip6(a), ip6(c), 8080, 15001, Hook.POD), (a.ip, c.ip, 8080, 15001, Hook.POD)]
+    agents[0].release(ip6(a))  # one address released: that family goes direct, the other stays captured
+    assert talk(a, ip6(c)) == (ip6(a), True)
+    assert talk(a, c.ip) == (a.ip, False)
+    assert agents[0].counters()["redirect_out"] == 3
+
+
+def test_inbound_v6_hbone_and_plaintext_ports_at_the_uplink(
+    lab: Lab, ip6: IPv6Of, agents: Agents, relays: list[TransparentRelay]
+) -> None:
+    _a, b, c, d = lab.pods
+    agents[1].reconcile(dual(c, ip6))
+    assert talk(b, ip6(c), 8080) == (ip6(b), False)
+    assert talk(b, ip6(c), 15008) == (ip6(b), False)
+    got = {(x.listener_port, x.original_dst, x.peer[0]) for x in relays[1].accepted}
+    assert got == {(15006, (ip6(c), 8080), ip6(b)), (15008, (ip6(c), 15008), ip6(b))}
+    syn = [e for e in agents[1].poll_events(200) if e.type is EventType.SYN and e.verdict is Verdict.REDIRECTED]
+    assert {(e.src, e.dst, e.listener_port, e.hook) for e in syn} == {
+        (ip6(b), ip6(c), 15006, Hook.UPLINK), (ip6(b), ip6(c), 15008, Hook.UPLINK)}
+    assert talk(b, ip6(d), 8080) == (ip6(b), True)  # D is not enrolled
+    counters = agents[1].counters()
+    assert counters["redirect_in"] == 1 and counters["redirect_hbone"] == 1
+
+
+def test_the_door_v6_takes_node_and_pod_traffic_but_probe_ports(
+    lab: Lab, ip6: IPv6Of, agents: Agents, relays: list[TransparentRelay]
+) -> None:
+    """IPv6 has no accept_local or rp_filter: what the door hands back (the node's own address as source, or a
+    neighbour's routed via its own veth) is taken without either setting."""
+    a, b, *_ = lab.pods
+    node = lab.nodes[0]
+    agents[0].reconcile(dual(a, ip6))
+    assert talk(node, ip6(a)) == (ip6(node), False)  # through the agent's relay, the node's address kept
+    assert talk(b, ip6(a)) == (ip6(b), False)  # a same-node pod: only the door sees it
+    assert [(x.listener_port, x.original_dst, x.peer[0]) for x in relays[0].accepted] == [
+        (15006, (ip6(a), 8080), ip6(node)), (15006, (ip6(a), 8080), ip6(b))]
+    syn = [e for e in agents[0].poll_events(200) if e.type is EventType.SYN and e.verdict is Verdict.REDIRECTED]
+    assert [(e.src, e.dst, e.listener_port, e.hook) for e in syn] == [
+        (ip6(node), ip6(a), 15006, Hook.DOOR), (ip6(b), ip6(a), 15006, Hook.DOOR)]
+    agents[0].set_probe_ports({a.ip: [8080], ip6(a): [8080]})
+    assert talk(node, ip6(a)) == (ip6(node), True)  # the probe port, over IPv6: direct
+    assert talk(node, ip6(a), 15008) == (ip6(node), False)  # any other port: captured
+    assert agents[0].counters()["probe_passed"] > 0
+    agents[0].set_probe_ports({a.ip: [8080]})
+    assert talk(node, ip6(a)) == (ip6(node), False)
+    assert agents[0].counters()["redirect_door"] == 4
+
+
+def test_hook_v6_steers_replies_of_unenrolled_same_node_pod(
+    lab: Lab, ip6: IPv6Of, agents: Agents, relays: list[TransparentRelay]
+) -> None:
+    a, b, _c, _d = lab.pods
+    agents[0].reconcile(dual(a, ip6), hooked=[b.host_ifname])  # B is not enrolled; the relay connects to it as A
+    assert talk(a, ip6(b)) == (ip6(a), False)
+    assert relays[0].accepted[0].original_dst == (ip6(b), 8080)
+    assert agents[0].counters()["steered"] > 0
+
+
+def forge_syn_v6(src: Pod, claimed: str, dst: str, port: int = 8080) -> bool:
+    """From `src`, a connection whose packets claim the address `claimed` (IPV6_TRANSPARENT lets the pod bind
+    an address it does not hold); True if it connected."""
+    with netns.entered(src.netns):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    with s:
+        s.setsockopt(socket.IPPROTO_IPV6, 75, 1)  # IPV6_TRANSPARENT
+        s.bind((claimed, 0))
+        s.settimeout(FAIL_TIMEOUT)
+        try:
+            s.connect((dst, port))
+        except OSError:
+            return False
+        return True
+
+
+def test_spoofed_v6_source_dropped_and_counted(
+    lab: Lab, ip6: IPv6Of, agents: Agents, relays: list[TransparentRelay]
+) -> None:
+    a, b, c, d = lab.pods
+    agents[0].reconcile(dual(a, ip6), hooked=[b.host_ifname])  # the agent hooks every local pod's veth
+    assert not forge_syn_v6(b, ip6(a), ip6(c))  # the same node's neighbour, on its own veth
+    assert not forge_syn_v6(d, ip6(a), ip6(b))  # another node: arrives on node 0's uplink
+    drops = [e for e in agents[0].poll_events(200) if e.type is EventType.DROP]
+    assert {(e.src, e.dst, e.hook) for e in drops} == {(ip6(a), ip6(c), Hook.POD), (ip6(a), ip6(b), Hook.UPLINK)}
+    assert all(e.reason is Reason.SPOOFED and e.verdict is Verdict.DROPPED for e in drops)
+    assert agents[0].counters()["drop_spoofed"] >= 2
+    assert relays[0].accepted == []  # never captured as A
+    assert talk(a, ip6(c)) == (ip6(a), False)  # A itself is fine
+
+
+def test_fail_closed_v6_without_listener(lab: Lab, ip6: IPv6Of, agents: Agents) -> None:
+    a, _b, c, _d = lab.pods
+    agents[0].reconcile(dual(a, ip6))  # no relay: the agent's proxies are down
+    with wire(lab, 0, ip6(a)) as leaked:
+        assert fails(a, ip6(c))
+    assert leaked == []
+    drops = [e for e in agents[0].poll_events(100) if e.type is EventType.DROP]
+    assert drops and {(e.src, e.dst, e.reason) for e in drops} == {(ip6(a), ip6(c), Reason.NO_LISTENER)}
+    agents[0].set_fail_open(True)
+    with wire(lab, 0, ip6(a)) as seen:
+        assert talk(a, ip6(c)) == (ip6(a), True)  # forwarded unchanged
+    assert any(f"{ip6(a)}." in line and "Flags [S]" in line for line in seen)  # the capture does see leaks
+
+
+def test_v6_extension_headers_are_skipped(
+    lab: Lab, ip6: IPv6Of, agents: Agents, relays: list[TransparentRelay]
+) -> None:
+    """A connection whose every packet carries a hop-by-hop and a destination options header (PadN) is
+    captured like any other: those headers do not hide TCP from the programs."""
+    a, _b, c, _d = lab.pods
+    agents[1].reconcile(dual(c, ip6))
+    pad8 = bytes([0, 0, 1, 4, 0, 0, 0, 0])  # next header (the kernel's), length 0 (8 bytes), PadN of 4
+    with netns.entered(a.netns):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    with s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, pad8)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, pad8)
+        s.settimeout(3)
+        with wire(lab, 1, ip6(c), "ip6") as seen:
+            s.connect((ip6(c), 8080))
+            s.sendall(b"hi")
+            s.shutdown(socket.SHUT_WR)
+            assert s.makefile("rb").read().startswith(f"peer={ip6(a)}:".encode())
+    assert [(x.listener_port, x.original_dst) for x in relays[1].accepted] == [(15006, (ip6(c), 8080))]
+    assert any("HBH" in line and "DSTOPT" in line for line in seen), seen  # the headers were on the wire
+
+
+def test_port_reuse_v6_over_time_wait_goes_through_sk_lookup(
+    lab: Lab, ip6: IPv6Of, agents: Agents, relays: list[TransparentRelay]
+) -> None:
+    """The relay's one dual-stack listener, registered once, serves IPv6 lookups too."""
+    a, _b, _c, d = lab.pods
+    agents[0].register_listener(Listener.OUTBOUND, relays[0].listeners[15001])
+    agents[0].reconcile(dual(a, ip6))
+    for _ in range(3):  # the greet-only server closes first, so does the relay: TIME_WAIT on node 0
+        with netns.entered(a.netns):
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((ip6(a), 41235))
+            s.settimeout(3)
+            s.connect((ip6(d), 8081))
+            assert s.makefile("rb").read().startswith(f"peer={ip6(a)}:".encode())
+    assert "41235" in lab.exec(lab.nodes[0].netns, ["ss", "-Htan6", "state", "time-wait"]).stdout
+    assert agents[0].counters()["lookup_selected"] >= 2
+    assert len(relays[0].accepted) == 3
+
+
+def test_bad_address_is_named_and_changes_nothing(lab: Lab, agents: Agents) -> None:
+    a, *_ = lab.pods
+    with pytest.raises(ValueError, match=r"'10\.200\.0\.300'"):
+        agents[0].reconcile({a.ip: a.host_ifname, "10.200.0.300": a.host_ifname})
+    with pytest.raises(ValueError, match="'fd00::zz'"):
+        agents[0].enroll("fd00::zz", a.host_ifname)
+    assert agents[0].enrolled_in_kernel() == {}
+
+
+def test_host_ifname_for_v6(lab: Lab, ip6: IPv6Of) -> None:
+    a, b, c, _d = lab.pods
+    node = lab.nodes[0]
+    assert host_ifname_for(ip6(a), netns=node.netns) == a.host_ifname
+    assert host_ifname_for(ip6(b), netns=node.netns) == b.host_ifname
+    with pytest.raises(LookupError):
+        host_ifname_for(ip6(c), netns=node.netns)
