@@ -227,16 +227,7 @@ def run_path(lab: DoorLab, path: Path_) -> tuple[lo.Attempt, str]:
 def assert_recorded(lab: DoorLab, path: Path_, since: str, verdict: str, why: str) -> dict[str, Any]:
     """Node-1's agent recorded this path's connection to the victim with ``verdict`` (and ``why`` in the drop
     reason); returns the flow."""
-    source = path.seen_from(lab)
-    found: list[dict[str, Any]] = []
-
-    def recorded() -> bool:
-        found[:] = [f for f in flows_to_victim(lab, since, verdict) if f["ip"]["source"] == source
-                    and why in f.get("drop_reason_desc", "")]
-        return bool(found)
-
-    eventually_sync(recorded, f"{path.name}: a {verdict} flow from {source} ({why!r})", 5)
-    return found[-1]
+    return lo.recorded_flow(lab.name, "node-1", f"{MESH}/{VICTIM}", since, path.seen_from(lab), verdict, why)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=IDS)

@@ -18,7 +18,6 @@ import pytest
 
 from tests.fixtures import lab_helpers as h
 from tests.fixtures import lab_observe as lo
-from tests.fixtures.eventually import eventually_sync
 
 pytestmark = lo.lab_marks()
 
@@ -70,7 +69,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[V6Lab]:
         assert lo.lab_apply(lab.name, lab.tmp, VICTIM_POD).returncode == 0
         h.set_namespace_label(paths, MESH, "ambient")
         victim = lab.pod(VICTIM)
-        servers = [h.EchoServer(victim, port).start() for port in (h.SERVER_PORT, PROBE_PORT)]
+        servers = [h.EchoServer(victim, port, host="::").start() for port in (h.SERVER_PORT, PROBE_PORT)]
         try:
             lo.wait_agents(paths, lab.nodes, policies=[], captured={
                 "node-1": set(victim.ips), "node-2": set(lab.pod("app-2-2").ips)})
@@ -85,17 +84,7 @@ def since_now() -> str:
 
 
 def recorded(lab: V6Lab, since: str, source: str, verdict: str, why: str) -> dict[str, Any]:
-    found: list[dict[str, Any]] = []
-
-    def seen() -> bool:
-        flows = lo.flows(lo.observe(lab.name, "--since", since, "--node-name", "node-1", "--to-pod",
-                                    f"{MESH}/{VICTIM}", "--verdict", verdict, "--all"))
-        found[:] = [f for f in flows if f.get("event_type") != "KERNEL" and f["ip"]["source"] == source
-                    and why in f.get("drop_reason_desc", "")]
-        return bool(found)
-
-    eventually_sync(seen, f"a {verdict} flow from {source} ({why!r}) on node-1", 5)
-    return found[-1]
+    return lo.recorded_flow(lab.name, "node-1", f"{MESH}/{VICTIM}", since, source, verdict, why)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=IDS)
