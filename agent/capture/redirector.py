@@ -413,9 +413,7 @@ class Redirector:
         return True
 
     def _close_door(self, ifindex: int) -> None:
-        for att in self.attachments():
-            if att.ifindex == ifindex and att.direction == "egress":
-                self._detach(att)
+        self._detach_ifindex(ifindex, "egress")
         sysctls.close_door(self.netns, self._ifname(ifindex), self._proc_sys)
 
     def _all_ifindexes(self) -> list[int]:
@@ -443,9 +441,10 @@ class Redirector:
             Tcx.unpin(path)
         self._tcx.remove_dir()
 
-    def _detach_ifindex(self, ifindex: int) -> None:
+    def _detach_ifindex(self, ifindex: int, direction: Direction | None = None) -> None:
+        """Our programs on `ifindex` (on its `direction` hook only, if given)."""
         for att in self.attachments():
-            if att.ifindex == ifindex:
+            if att.ifindex == ifindex and direction in (None, att.direction):
                 self._detach(att)
 
     # -- enrollment -----------------------------------------------------------------------------------
@@ -561,9 +560,10 @@ class Redirector:
             (ix, "ingress"): (UPLINK_PROG if role == IF_UPLINK else POD_PROG) for ix, role in roles.items()}
         doors = {ix for _n, ix in want_pods.values() if ix not in ports}
         want_prog |= {(ix, "egress"): DOOR_PROG for ix in doors}
-        for ix in doors:
-            sysctls.open_door(self.netns, self._ifname(ix), self._proc_sys)
         before = self.attachments()
+        opened = {att.ifindex for att in before if att.direction == "egress"}  # doors open already (settings set)
+        for ix in doors - opened:
+            sysctls.open_door(self.netns, self._ifname(ix), self._proc_sys)
         for (ix, direction), prog in want_prog.items():  # attach (or swap in place) first: no capture gap
             self._attach(ix, prog, direction)
             result.attached.append(self._ifname(ix) + ("" if direction == "ingress" else " (door)"))
@@ -577,6 +577,8 @@ class Redirector:
             if not keep:
                 self._detach(att)
                 result.removed.append(f"{self._ifname(att.ifindex)}({att.backend} {att.direction})")
+        for ix in opened - doors:  # doors closed: their veths back to a new interface's settings (release() does too)
+            sysctls.close_door(self.netns, self._ifname(ix), self._proc_sys)
         assert self._tcx is not None
         _live, stale = self._tcx.list()
         for path in stale:

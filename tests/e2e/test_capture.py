@@ -29,8 +29,10 @@ from agent.capture import (
     Reason,
     Redirector,
     Verdict,
+    bpfsys,
     host_ifname_for,
     netns,
+    sysctls,
 )
 from agent.capture.attach import CLSACT_INGRESS, Backend
 from agent.capture.programs import POD_PROG
@@ -88,8 +90,6 @@ def servers(lab: Lab) -> Iterator[None]:
 
 def leftovers(lab: Lab, bpffs: str) -> list[str]:
     """Anything of ours still in the lab's node namespaces: filters, tcx links, rules, routes, pins, settings."""
-    from agent.capture import bpfsys, sysctls
-
     found = []
     for node in lab.nodes:
         for link in lab.links(node.netns):
@@ -404,6 +404,10 @@ def test_restart_reconcile_leaves_exactly_the_desired_state(
         )
         assert {att.backend for att in atts} == {second}
         assert any("lxc1" in r for r in result.removed)
+        door_settings = {
+            name: sysctls.read(node.netns, f"net/ipv4/conf/{ifname}/accept_local")
+            for name, ifname in (("a", a.host_ifname), ("b", b.host_ifname), ("default", "default"))}
+        assert door_settings["a"] == "1" and door_settings["b"] == door_settings["default"], door_settings
         for family in ("-4", "-6"):
             rules = lab.exec(node.netns, ["ip", family, "rule"]).stdout
             assert rules.count("fwmark 0x539 lookup 100") == 1 and rules.count("goto 32766") == 1
