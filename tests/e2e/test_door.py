@@ -57,25 +57,16 @@ OVERLAY_NET = ("172.31.250.1", "172.31.250.2")  # node-1 side, the outside host
 
 
 @dataclass(frozen=True)
-class Place:
-    """Somewhere a connection starts: a pod, a node's own namespace, a host behind an overlay."""
-
-    key: str
-    netns: str
-    ip: str
-
-
-@dataclass(frozen=True)
 class Path_:
     name: str
-    source: Callable[[DoorLab], Place]
+    source: Callable[[DoorLab], lo.Place]
     target: Callable[[DoorLab], tuple[str, int]]
     seen_from: Callable[[DoorLab], str]  # the source address the victim's agent sees (after any masquerade)
 
 
 class DoorLab(lo.RunningLab):
     tmp: Path
-    overlay: Place
+    overlay: lo.Place
     vip: str
 
     def apply(self, text: str) -> None:
@@ -85,13 +76,13 @@ class DoorLab(lo.RunningLab):
     def delete(self, *args: str) -> None:
         lo.ambit_ok("lab", "--name", self.name, "delete", *args)
 
-    def at(self, pod: str) -> Place:
+    def at(self, pod: str) -> lo.Place:
         p = self.pod(pod)
-        return Place(p.key, p.netns, p.ip)
+        return lo.Place(p.key, p.netns, p.ip)
 
-    def node(self, index: int) -> Place:
+    def node(self, index: int) -> lo.Place:
         n = self.info.nodes[index]
-        return Place(n.name, n.netns, n.ip)
+        return lo.Place(n.name, n.netns, n.ip)
 
     def settle(self, policies: list[str]) -> None:
         lo.wait_agents(self.paths, self.nodes, policies=policies)
@@ -156,7 +147,7 @@ def _ip(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def overlay_host(lab_name: str, node_netns: str) -> Iterator[Place]:
+def overlay_host(lab_name: str, node_netns: str) -> Iterator[lo.Place]:
     """A host behind a second interface of node-1 (``ovl0``, not the agent's uplink), routed to the pods: what
     an overlay (vxlan, WireGuard) or another network delivers to the node. Named with the lab's prefix, so that
     ``lab down`` would take it too."""
@@ -170,7 +161,7 @@ def overlay_host(lab_name: str, node_netns: str) -> Iterator[Place]:
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "link", "set", "lo", "up")
         _ip("-n", ns, "route", "add", "10.200.0.0/16", "via", OVERLAY_NET[0])
-        yield Place("overlay", ns, OVERLAY_NET[1])
+        yield lo.Place("overlay", ns, OVERLAY_NET[1])
     finally:
         subprocess.run(["ip", "-n", node_netns, "link", "del", "ovl0"], check=False, capture_output=True,
                        timeout=10)

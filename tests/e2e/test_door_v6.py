@@ -38,25 +38,19 @@ class V6Lab(lo.RunningLab):
 
 
 @dataclass(frozen=True)
-class Source:
-    netns: str
-    ip6: str
-
-
-@dataclass(frozen=True)
 class V6Path:
     name: str
-    source: Callable[[V6Lab], Source]
+    source: Callable[[V6Lab], lo.Place]  # at its IPv6 address
 
 
-def pod_source(name: str) -> Callable[[V6Lab], Source]:
-    return lambda lab: Source(lab.pod(name).netns, lab.pod(name).ip6)
+def pod_source(name: str) -> Callable[[V6Lab], lo.Place]:
+    return lambda lab: lo.Place(lab.pod(name).key, lab.pod(name).netns, lab.pod(name).ip6)
 
 
 PATHS = [
     V6Path("pod-ip-other-node", pod_source("app-2-1")),
     V6Path("pod-ip-same-node", pod_source("app-1-1")),
-    V6Path("node-process", lambda lab: Source(lab.info.nodes[0].netns, lab.info.nodes[0].ip6)),
+    V6Path("node-process", lambda lab: lo.Place("node-1", lab.info.nodes[0].netns, lab.info.nodes[0].ip6)),
 ]
 IDS = [p.name for p in PATHS]
 
@@ -96,7 +90,7 @@ def test_strict_refuses_every_ipv6_path(lab: V6Lab, path: V6Path) -> None:
         src, since = path.source(lab), since_now()
         a = lo.attempt_at(src, (lab.pod(VICTIM).ip6, h.SERVER_PORT), size=256)
         assert a.refused, f"{path.name}: {a}"
-        flow = recorded(lab, since, src.ip6, "DROPPED", "mTLS is STRICT")
+        flow = recorded(lab, since, src.ip, "DROPPED", "mTLS is STRICT")
         assert flow["ip"]["ipVersion"] == "IPv6", flow
     finally:
         lo.ambit_ok("lab", "--name", lab.name, "delete", "peerauthentication", "strict", "-n", MESH)
@@ -108,14 +102,15 @@ def test_permissive_serves_every_ipv6_path_captured(lab: V6Lab, path: V6Path) ->
     src, since = path.source(lab), since_now()
     a = lo.attempt_at(src, (lab.pod(VICTIM).ip6, h.SERVER_PORT), size=256)
     assert a.outcome == "ok", f"{path.name}: {a}"
-    flow = recorded(lab, since, src.ip6, "FORWARDED", "")
+    flow = recorded(lab, since, src.ip, "FORWARDED", "")
     assert not flow["ip"].get("encrypted"), flow
 
 
 def test_from_the_node_the_ipv6_probe_port_passes(lab: V6Lab) -> None:
     node = lab.info.nodes[0]
     since = since_now()
-    assert lo.attempt_at(Source(node.netns, node.ip6), (lab.pod(VICTIM).ip6, PROBE_PORT), size=64).outcome == "ok"
+    probe = lo.attempt_at(lo.Place(node.name, node.netns, node.ip6), (lab.pod(VICTIM).ip6, PROBE_PORT), size=64)
+    assert probe.outcome == "ok", probe
     time.sleep(0.5)
     flows = lo.flows(lo.observe(lab.name, "--since", since, "--node-name", "node-1", "--to-pod", f"{MESH}/{VICTIM}",
                                 "--all"))
