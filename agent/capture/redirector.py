@@ -357,15 +357,17 @@ class Redirector:
             return None
         return int(master), bytes.fromhex(str(bridge.get_attr("IFLA_ADDRESS")).replace(":", ""))
 
-    def _attach_bridge_of(self, ifindex: int) -> None:
-        """A pod on a bridge CNI: its veth sends enrolled pods' TCP up to the bridge, which runs the pod program."""
+    def _attach_bridge_of(self, ifindex: int) -> bool:
+        """A pod on a bridge CNI: its veth sends enrolled pods' TCP up to the bridge, which runs the pod program.
+        Whether ``ifindex`` is a bridge port."""
         bridge = self._bridge_of(ifindex)
         if bridge is None:
-            return
+            return False
         bridge_ix, mac = bridge
         self._maps["bridge_ports"][ctypes.c_uint32(ifindex)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
         self._maps["ifaces"][ctypes.c_uint32(bridge_ix)] = ctypes.c_uint32(IF_BRIDGE)
         self._attach(bridge_ix, POD_PROG)
+        return True
 
     def _ifname(self, ifindex: int) -> str:
         with contextlib.suppress(Exception):
@@ -404,13 +406,10 @@ class Redirector:
         else:
             self._clsact.attach(ifindex, self._fds[prog], prog, direction)
 
-    def _open_door(self, ifindex: int) -> bool:
+    def _open_door(self, ifindex: int) -> None:
         """The door program toward an enrolled pod (not on a bridge CNI's ports: see the module docstring)."""
-        if self._bridge_of(ifindex) is not None:
-            return False
         sysctls.open_door(self.netns, self._ifname(ifindex), self._proc_sys)
         self._attach(ifindex, DOOR_PROG, "egress")
-        return True
 
     def _close_door(self, ifindex: int) -> None:
         self._detach_ifindex(ifindex, "egress")
@@ -457,8 +456,8 @@ class Redirector:
         self._maps["enrolled"][AddrC.of(pod_ip)] = PodC(ifindex=ifindex)
         self._maps["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
         self._attach(ifindex, POD_PROG)
-        self._attach_bridge_of(ifindex)
-        self._open_door(ifindex)
+        if not self._attach_bridge_of(ifindex):
+            self._open_door(ifindex)
         self._enrolled[pod_ip] = (host_ifname, ifindex)
 
     def release(self, pod_ip: str) -> None:
