@@ -32,7 +32,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,16 +103,17 @@ def _enroll(paths: LabPaths, namespace: str) -> None:
 
 
 @contextlib.contextmanager
-def bench_lab(logs: Path, say: Say, name: str | None = None) -> Iterator[BenchLab]:
-    """Bring up a lab (named ``name``, else a unique ``bench-<random>``), enroll the ``mesh`` namespace,
-    yield it; on the way out (also on an error, Ctrl-C or SIGTERM) copy its logs to ``logs`` and remove it:
-    processes, namespaces, files."""
+def bench_lab(logs: Path, say: Say, name: str | None = None, agent_flags: Sequence[str] = ()) -> Iterator[BenchLab]:
+    """Bring up a lab (named ``name``, else a unique ``bench-<random>``; ``agent_flags`` added to the agents'
+    command lines), enroll the ``mesh`` namespace, yield it; on the way out (also on an error, Ctrl-C or
+    SIGTERM) copy its logs to ``logs`` and remove it: processes, namespaces, files."""
     name = name or f"bench-{secrets.token_hex(4)}"
     try:
         say(f"lab {name}: bringing it up (2 nodes, 2 pods each, agents); if this process is killed, remove it "
             f"with `ambit lab down --name {name}`")
         t0 = time.monotonic()
-        info = control.up(name, nodes=2, pods=2, namespaces=(PLAIN, MESH), agents=True, say=say)
+        info = control.up(name, nodes=2, pods=2, namespaces=(PLAIN, MESH), agents=True, say=say,
+                          agent_flags=agent_flags)
         paths = LabPaths.of(name)
         _enroll(paths, MESH)
         say(f"lab {name}: up in {time.monotonic() - t0:.1f}s; namespace {MESH!r} enrolled")

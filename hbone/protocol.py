@@ -15,8 +15,10 @@ returns no events, ``send`` takes nothing, ``open`` returns None.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -117,6 +119,36 @@ class _FrameBuffer(FrameBuffer):
         return frame
 
 
+class _Encoder(hpack.Encoder):
+    """HPACK without Huffman coding. The values of a CONNECT's headers are short and mostly new on every
+    stream (traceparent, forwarded's port): Huffman would save a few bytes of each at ~15 us of pure Python to
+    encode and more for the peer to decode. (Huffman-coded headers from a peer are decoded as ever.)"""
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        return super().encode(headers, huffman=False)
+
+
+# Request headers whose value is new on every stream: sent never-indexed, so that neither side's HPACK table
+# takes them in (and evicts the :authority it could reuse) on every stream.
+_UNIQUE_PER_STREAM = frozenset({b"traceparent", b"forwarded"})
+# What h2's outbound validation would check of the extra request headers (it is off: it cost more than the
+# rest of opening a stream): lower-case token names, not connection-specific, values without CR, LF or NUL.
+_HEADER_NAME = re.compile(rb"[a-z0-9!#$%&'*+.^_`|~-]+\Z")
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
+                                  b"upgrade", b"te", b"host"})
+_BAD_VALUE = re.compile(rb"[\r\n\x00]|^[ \t]|[ \t]\Z")
+
+
+def _request_header(name: str, value: str) -> tuple[bytes, bytes]:
+    """One extra CONNECT request header, encoded and checked; ValueError names what is wrong."""
+    k, v = name.encode(), value.encode()
+    if not _HEADER_NAME.match(k) or k in _CONNECTION_SPECIFIC:
+        raise ValueError(f"request header name {name!r} is not a lower-case token allowed in HTTP/2")
+    if _BAD_VALUE.search(v):
+        raise ValueError(f"request header {name!r}: value {value!r} has CR, LF, NUL or surrounding whitespace")
+    return hpack.NeverIndexedHeaderTuple(k, v) if k in _UNIQUE_PER_STREAM else (k, v)
+
+
 class _H2(h2.connection.H2Connection):
     """h2 with the concurrent-stream limit enforced per stream, as RFC 9113 §5.1.2 requires.
 
@@ -200,9 +232,13 @@ class Connection:
 
     def __init__(self, client_side: bool, settings: Settings) -> None:
         self.settings = settings
+        # What this side sends is built here (CONNECT, :status): h2's outbound checks and normalization are off
+        # (``_request_header`` checks the caller's headers); what the peer sends is validated.
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
-                                           validate_inbound_headers=True)
+                                           validate_inbound_headers=True, validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self._h2 = _H2(config=config)
+        self._h2.encoder = _Encoder()
         codes = h2.settings.SettingCodes
         local = {
             codes.INITIAL_WINDOW_SIZE: settings.stream_window,
@@ -645,13 +681,14 @@ class ClientConnection(Connection):
 
     def open(self, authority: Authority, headers: Mapping[str, str] | None = None) -> int | None:
         """Send a CONNECT request; returns the new stream's id, or None when no stream can be opened (the
-        connection ended or is going away, or the peer's stream limit is reached)."""
+        connection ended or is going away, or the peer's stream limit is reached). A header h2 does not allow
+        (upper-case or connection-specific name, CR/LF/NUL in a value) raises ValueError."""
         if self.closed is not None or self.going_away is not None:
             return None
+        request = [(b":method", b"CONNECT"), (b":authority", str(authority).encode())]
+        request += [_request_header(k, v) for k, v in (headers or {}).items()]
         try:
             stream_id = self._h2.get_next_available_stream_id()
-            request = [(b":method", b"CONNECT"), (b":authority", str(authority).encode())]
-            request += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
             self._h2.send_headers(stream_id, request)
         except h2.exceptions.ProtocolError:  # TooManyStreamsError, NoAvailableStreamIDError
             return None

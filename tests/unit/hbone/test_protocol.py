@@ -116,6 +116,33 @@ def test_connect_request_carries_parsed_authority_and_headers() -> None:
     assert ":path" not in request.headers and ":scheme" not in request.headers  # plain CONNECT (RFC 9113 §8.5)
 
 
+def test_per_stream_headers_stay_out_of_both_hpack_tables_and_the_authority_is_reused() -> None:
+    """traceparent and forwarded are new on every stream: sent never-indexed, so neither table fills with them;
+    the :authority, the same for a target, is indexed and costs one byte on the next stream."""
+    client, server = connected()
+    sizes = []
+    for port in (40000, 40001):
+        open_stream(client, TARGET, {"forwarded": f'for="10.1.2.3:{port}"', "traceparent": "00-" + "a" * 32 + "-"
+                                     + f"{port:016x}" + "-00"})
+        out = client.data_to_send()
+        sizes.append(len(out))
+        [request] = only(server.receive(out), ConnectRequest)
+        assert request.headers["forwarded"] == f'for="10.1.2.3:{port}"'
+    for table in (client._h2.encoder.header_table, server._h2.decoder.header_table):
+        names = [name for name, _ in table.dynamic_entries]
+        assert b":authority" in names and b"traceparent" not in names and b"forwarded" not in names
+    assert sizes[1] < sizes[0]  # the :authority came from the table the second time
+
+
+@pytest.mark.parametrize(("name", "value"), [("Forwarded", "x"), ("connection", "close"), ("bad name", "x"),
+                                             ("baggage", "a\r\nb"), ("baggage", " padded")])
+def test_a_request_header_h2_does_not_allow_is_refused_with_its_name(name: str, value: str) -> None:
+    client, _ = connected()
+    with pytest.raises(ValueError, match=re.escape(repr(name))):
+        client.open(TARGET, {name: value})
+    assert client.open(TARGET, {"baggage": "k=v"}) == 1  # nothing was sent for the refused one
+
+
 def test_accept_answers_200() -> None:
     client, server = connected()
     stream_id = open_stream(client)
