@@ -20,8 +20,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from agent.lab import control
+from agent.lab import runtime as rt
 from bench.harness import Config, Receiver, conn_once, nearest_rank
-from bench.lab import LabAmbitPath, LabAmbitServicePath, bench_lab
+from bench.lab import BenchLab, LabAmbitPath, LabAmbitServicePath, bench_lab
 from bench.paths import Running
 from bench.procs import CLOCK_TICKS, descendants
 
@@ -29,7 +31,8 @@ PATHS = {"ambit": LabAmbitPath, "ambit-svc": LabAmbitServicePath}
 
 
 @contextlib.contextmanager
-def sampled(proxies: dict[str, int], out: Path | None, rate: int, tool_name: str = "py-spy") -> Iterator[None]:
+def sampled(proxies: dict[str, int], out: Path | None, rate: int, tool_name: str = "py-spy",
+            native: bool = False) -> Iterator[None]:
     """A profiler on every proxy while the block runs (nothing when ``out`` is None): py-spy (Python frames,
     ``out/<role>.txt``), perf (native and kernel frames, ``out/<role>.perf.data``) or strace (system calls
     counted, ``out/<role>.strace``)."""
@@ -46,7 +49,8 @@ def sampled(proxies: dict[str, int], out: Path | None, rate: int, tool_name: str
             return [tool, "record", "-F", str(rate), "-g", "-p", str(pid), "-o", str(out / f"{role}.perf.data")]
         if tool_name == "strace":
             return [tool, "-c", "-f", "-p", str(pid), "-o", str(out / f"{role}.strace")]
-        return [tool, "record", "-p", str(pid), "--rate", str(rate), "--format", "raw", "-o", str(out / f"{role}.txt")]
+        return [tool, "record", "-p", str(pid), "--rate", str(rate), "--format", "raw", "-o", str(out / f"{role}.txt"),
+                *(["--native"] if native else [])]
 
     spies = [subprocess.Popen(argv(role, pid), stdout=subprocess.DEVNULL, stderr=(out / f"{role}.log").open("wb"))
              for role, pid in proxies.items()]
@@ -95,6 +99,23 @@ def top(collapsed: Path, n: int) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def extra_agents(lab: BenchLab, workers: int) -> Iterator[dict[str, list[int]]]:
+    """``workers - 1`` more agents on each of the two nodes, beside the lab's own, as an upgrade starts the next
+    one (same listeners, SO_REUSEPORT: the capture's bpf_sk_assign picks a listener of the group, the kernel one
+    of its members). Yields their pids by role (client: node 1, server: node 2); stops them on the way out."""
+    recs: dict[str, list[rt.ProcRecord]] = {"client": [], "server": []}
+    try:
+        for role, node in zip(recs, lab.info.nodes[:2], strict=True):
+            for w in range(1, workers):
+                recs[role].append(rt.spawn(lab.paths, f"{rt.agent_proc(node.name)}-worker{w}", node.netns,
+                                           control.agent_argv(lab.info, lab.paths, node)))
+        control.wait_ready([r for rs in recs.values() for r in rs], rt.AGENT_READY, 60.0)
+        yield {role: [r.pid for r in rs] for role, rs in recs.items()}
+    finally:
+        rt.stop([r for rs in recs.values() for r in rs], 10.0)
+
+
 def user_system(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of ``pid`` and its descendants (all threads)."""
     user = system = 0
@@ -131,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="py-spy: Python frames (the process paused at each sample: the rates are not comparable); "
                         "perf: native and kernel frames; strace: system calls counted")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--workers", type=int, default=1,
+                   help="agents per node sharing the listeners (SO_REUSEPORT); the extra ones start like an upgrade's")
+    p.add_argument("--native", action="store_true", help="py-spy: native frames too (C extensions)")
     p.add_argument("--agent-flag", action="append", default=[], metavar="FLAG",
                    help="added to the agents' command lines (repeatable), e.g. --agent-flag=--no-telemetry")
     args = p.parse_args(argv)
@@ -141,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         path = PATHS[args.path](lab)
         receiver = Receiver(workdir, path.receiver)
         try:
-            with path.start(receiver.addr, workdir) as running:
-                run(running, cfg, args)
+            with extra_agents(lab, args.workers) as extra, path.start(receiver.addr, workdir) as running:
+                run(running, cfg, args, extra)
         finally:
             receiver.stop()
     if args.profile is not None and args.tool == "py-spy":
@@ -152,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(running: Running, cfg: Config, args: argparse.Namespace) -> None:
+def run(running: Running, cfg: Config, args: argparse.Namespace, extra: dict[str, list[int]]) -> None:
     rates, cpu = [], collections.Counter[str]()
     split = {role: user_system(pid) for role, pid in running.proxies.items()}
     by_thread = {role: threads(pid) for role, pid in running.proxies.items()}
-    with sampled(running.proxies, args.profile, args.rate, args.tool):
+    workers = {f"{role}-worker{i + 1}": pid for role, pids in extra.items() for i, pid in enumerate(pids)}
+    worker_cpu = {name: sum(user_system(pid)) for name, pid in workers.items()}
+    with sampled(running.proxies, args.profile, args.rate, args.tool, args.native):
         for i in range(args.rounds):
             r = conn_once(running, cfg, args.clients, cfg.workdir / f"conn-{i}.log")
             rates.append(r.per_second)
@@ -173,8 +199,11 @@ def run(running: Running, cfg: Config, args: argparse.Namespace) -> None:
         print("  by thread, us per connection: " + ", ".join(
             f"{name} {1e6 * (cpu - before.get(name, 0.0)) / n:.0f}" for name, cpu in sorted(after.items())
             if cpu - before.get(name, 0.0) > 0))
+    for name, pid in workers.items():
+        print(f"{name}: {1e6 * (sum(user_system(pid)) - worker_cpu[name]) / n:.0f} us per connection")
     print(f"median {sorted(rates)[len(rates) // 2]:.0f} connections/s; proxy CPU us/connection over all rounds: "
-          + " + ".join(f"{role} {1e6 * s / n:.0f}" for role, s in sorted(cpu.items())))
+          + " + ".join(f"{role} {1e6 * s / n:.0f}" for role, s in sorted(cpu.items()))
+          + (" (first agents only)" if workers else ""))
 
 
 if __name__ == "__main__":
