@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -54,11 +55,11 @@ def kernel_flows(telemetry: Telemetry) -> list[Flow]:
             if isinstance(e, Flow) and e.event_type == EventType.KERNEL]
 
 
-def wait_for(what: Callable[[], bool], seconds: float = 10.0) -> None:
+async def wait_for(what: Callable[[], bool], seconds: float = 10.0) -> None:
     deadline = time.monotonic() + seconds
     while not what():
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+        await asyncio.sleep(0.01)
 
 
 async def test_events_arriving_one_by_one_are_read_in_batches_and_every_one_becomes_a_flow() -> None:
@@ -70,8 +71,8 @@ async def test_events_arriving_one_by_one_are_read_in_batches_and_every_one_beco
         for port in range(40000, 40000 + connections):  # a SYN and a FIN per connection, ~1 ms apart
             ring.push(event(port, SYN))
             ring.push(event(port, FIN))
-            time.sleep(0.001)
-        wait_for(lambda: len(kernel_flows(telemetry)) == 2 * connections)
+            await asyncio.sleep(0.001)
+        await wait_for(lambda: len(kernel_flows(telemetry)) == 2 * connections)
         assert sorted(f.source.port for f in kernel_flows(telemetry)) == sorted(2 * list(range(40000, 40100)))
         flags = telemetry.metrics.series("hubble_tcp_flags")
         assert flags[("SYN", "IPv4")] == flags[("FIN", "IPv4")] == connections
@@ -90,10 +91,10 @@ async def test_events_the_kernel_could_not_queue_are_counted_in_place() -> None:
         ring.push(event(40000, SYN))
         ring.lost_events = 7
         ring.push(event(40001, SYN))
-        wait_for(lambda: any(isinstance(e, LostEvent) for e in telemetry.recorder.ring.snapshot().entries))
+        await wait_for(lambda: any(isinstance(e, LostEvent) for e in telemetry.recorder.ring.snapshot().entries))
         lost = [e for e in telemetry.recorder.ring.snapshot().entries if isinstance(e, LostEvent)]
         assert [e.count for e in lost] == [7]
         assert telemetry.metrics.series("hubble_lost_events")[("PERF_EVENT_RING_BUFFER",)] == 7
-        wait_for(lambda: len(kernel_flows(telemetry)) == 2)
+        await wait_for(lambda: len(kernel_flows(telemetry)) == 2)
     finally:
         await telemetry.close()
