@@ -26,8 +26,10 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
+from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
+from h2.stream import StreamInputs, StreamState
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from hbone.authority import Authority
@@ -206,6 +208,10 @@ _ACK = _END_STREAM = 0x1
 _END_HEADERS, _PADDED = 0x4, 0x8
 _PREFACE_LENGTH = 24
 _WINDOW_UPDATE_HEADER = b"\x00\x00\x04\x08\x00"
+_END_STREAM_HEADER = b"\x00\x00\x00\x00\x01"  # an empty DATA frame with END_STREAM; the stream id follows
+_STATUS_200_HEADER = b"\x00\x00\x01\x01\x04"  # HEADERS, END_HEADERS, 1 byte; the stream id, then _STATUS_200
+_STATUS_200 = 0x88  # HPACK: static table entry 8, ":status: 200"
+_OPEN_STATES = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _PING_ACK_HEADER = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
 _FRAME_NAMES = {0x0: "DATA", 0x1: "HEADERS", 0x2: "PRIORITY", 0x3: "RST_STREAM", 0x4: "SETTINGS", 0x5: "PUSH_PROMISE",
                 0x6: "PING", 0x7: "GOAWAY", 0x8: "WINDOW_UPDATE", 0x9: "CONTINUATION"}
@@ -325,10 +331,21 @@ class Connection:
         return max(0, self._h2.local_flow_control_window(stream_id))
 
     def end(self, stream_id: int) -> None:
-        """Half-close: END_STREAM, the HTTP/2 form of TCP FIN (a no-op on a stream that cannot send)."""
-        if stream_id in self._sendable:
-            self._sendable.discard(stream_id)
-            self._h2_call(self._h2.end_stream, stream_id)
+        """Half-close: END_STREAM, the HTTP/2 form of TCP FIN (a no-op on a stream that cannot send). The frame
+        is written here, h2 taking the state transitions its own ``end_stream`` would (a third of its cost)."""
+        if stream_id not in self._sendable:
+            return
+        self._sendable.discard(stream_id)
+        h = self._h2
+        stream = h.streams.get(stream_id)
+        if stream is None:
+            return
+        try:
+            h.state_machine.process_input(ConnectionInputs.SEND_DATA)
+            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        except h2.exceptions.ProtocolError:  # closed on h2's side (reset meanwhile): nothing to end
+            return
+        self._emit(_END_STREAM_HEADER + stream_id.to_bytes(4, "big"))
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CONNECT_ERROR) -> None:
         """RST_STREAM; CONNECT_ERROR (the default) is how HTTP/2 carries a TCP reset. A no-op on a stream
@@ -467,6 +484,9 @@ class Connection:
                     self._to_h2(view[pos:end], out)
             elif kind == _PING:
                 self._ping(stream_id, flags, view[pos + 9:end])
+            elif (kind == _HEADERS and flags == _END_HEADERS and length == 1 and buf[pos + 9] == _STATUS_200
+                  and self._block < 0 and self._ok_received(stream_id, out)):
+                pass
             else:
                 self._control_frame(kind, flags, length)
                 self._to_h2(view[pos:end], out)
@@ -532,7 +552,23 @@ class Connection:
         if flags & _END_STREAM:
             self._recv_windows.pop(stream_id, None)
             self._unacked.pop(stream_id, None)
-            self._to_h2(b"\x00\x00\x00\x00\x01" + stream_id.to_bytes(4, "big"), out)
+            if not self._end_received(stream_id, out):
+                self._to_h2(_END_STREAM_HEADER + stream_id.to_bytes(4, "big"), out)
+
+    def _end_received(self, stream_id: int, out: list[Event]) -> bool:
+        """END_STREAM on a stream open for receiving: h2 takes the state transitions its handling of the frame
+        would (a DATA frame, then its END_STREAM) without the frame, and StreamEnded is reported. False (h2 to
+        handle the frame) in any other state."""
+        h = self._h2
+        stream = h.streams.get(stream_id)
+        if (stream is None or h.state_machine.state not in _OPEN_STATES
+                or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)):
+            return False
+        h.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        stream.state_machine.process_input(StreamInputs.RECV_DATA)
+        stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
+        out.append(StreamEnded(stream_id))
+        return True
 
     def _to_h2(self, data: bytes | memoryview, out: list[Event]) -> None:
         if not data or self.closed is not None:
@@ -555,6 +591,11 @@ class Connection:
 
     def _count_premature(self, resets: int, opened: int, out: list[Event]) -> None:
         """Streams reset before their answer (server side: see ``ServerConnection``)."""
+
+    def _ok_received(self, stream_id: int, out: list[Event]) -> bool:
+        """A HEADERS frame that is exactly ``:status: 200`` (client side: see ``ClientConnection``); False: h2
+        handles the frame."""
+        return False
 
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
         if self.closed is not None:
@@ -652,7 +693,18 @@ class ServerConnection(Connection):
         if stream_id not in self._unanswered or self.closed is not None:
             return
         self._unanswered.discard(stream_id)
-        if self._h2_call(self._h2.send_headers, stream_id, [(b":status", b"200")]):
+        h = self._h2
+        stream = h.streams.get(stream_id)
+        if (stream is not None and h.state_machine.state is ConnectionState.SERVER_OPEN
+                and not h.encoder.table_size_changes and not stream.state_machine.headers_sent
+                and stream.state_machine.state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)):
+            # The answer is always the same one-byte header block (HPACK's static ":status: 200", no change to the
+            # encoder's table): written here, h2 taking the state transitions its send_headers would.
+            h.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+            stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+            self._emit(_STATUS_200_HEADER + stream_id.to_bytes(4, "big") + bytes((_STATUS_200,)))
+            self._sendable.add(stream_id)
+        elif self._h2_call(h.send_headers, stream_id, [(b":status", b"200")]):
             self._sendable.add(stream_id)
 
     def respond(self, stream_id: int, status: int) -> None:
@@ -693,6 +745,22 @@ class ClientConnection(Connection):
         except h2.exceptions.ProtocolError:  # TooManyStreamsError, NoAvailableStreamIDError
             return None
         return stream_id
+
+    def _ok_received(self, stream_id: int, out: list[Event]) -> bool:
+        """The 200 of a CONNECT this side sent, as a one-byte header block (how this server answers): h2 takes
+        the state transitions its handling of the frame would (no HPACK state changes for a static entry);
+        anything else (another status, more headers, a stream not waiting for its answer) goes to h2."""
+        h = self._h2
+        stream = h.streams.get(stream_id)
+        if (stream is None or h.state_machine.state is not ConnectionState.CLIENT_OPEN
+                or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+                or stream.state_machine.headers_received):
+            return False
+        h.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        stream.state_machine.process_input(StreamInputs.RECV_HEADERS)
+        self._established(stream_id, receiving=True)  # no END_STREAM on this HEADERS frame
+        out.append(ConnectResponse(stream_id, 200, {":status": "200"}))
+        return True
 
     @property
     def peer_stream_limit(self) -> int:

@@ -143,6 +143,41 @@ def test_a_request_header_h2_does_not_allow_is_refused_with_its_name(name: str, 
     assert client.open(TARGET, {"baggage": "k=v"}) == 1  # nothing was sent for the refused one
 
 
+def test_streams_opened_answered_and_ended_on_the_short_paths_are_closed_for_h2_as_well() -> None:
+    """The 200 and both END_STREAMs are written and read by this layer with h2 taking the state transitions:
+    every stream ends closed on both sides, nothing counts as open, and the limit never fills."""
+    client, server = connected(Settings(max_concurrent_streams=5))
+    for _ in range(20):  # four times the limit, one after the other
+        stream_id = open_stream(client)
+        pump(client, server)
+        server.accept(stream_id)
+        at_client, _ = pump(client, server)
+        assert at_client == [ConnectResponse(stream_id, 200, {":status": "200"})]
+        assert client.send(stream_id, b"ping") == 4
+        client.end(stream_id)
+        _, at_server = pump(client, server)
+        assert [type(ev) for ev in at_server] == [Data, StreamEnded]
+        server.end(stream_id)
+        at_client, _ = pump(client, server)
+        assert at_client == [StreamEnded(stream_id)]
+        for side in (client, server):
+            assert side._h2.streams[stream_id].closed
+        assert client.open_streams == server.open_streams == 0
+
+
+def test_a_200_after_the_peer_resized_the_header_table_carries_the_table_size_update() -> None:
+    """RFC 7541 §4.2: the first header block after a table size change starts with the update; the one-byte
+    200 cannot carry it, so h2 encodes that answer."""
+    raw, server, _ = raw_connected()
+    raw.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1024})
+    raw.send_headers(1, connect_headers("10.0.0.1:80"))
+    [request] = only(pump(raw, server)[1], ConnectRequest)
+    server.accept(request.stream_id)
+    out = server.data_to_send()
+    assert out[3] == 0x1 and out[9] & 0xE0 == 0x20  # HEADERS whose block starts with a size update
+    assert status_of(list(raw.receive_data(out)), 1) == 200
+
+
 def test_accept_answers_200() -> None:
     client, server = connected()
     stream_id = open_stream(client)
