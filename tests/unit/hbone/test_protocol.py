@@ -318,6 +318,14 @@ def test_authority_parse_bounds() -> None:
     assert Authority.parse("10.0.0.1:1") == Authority("10.0.0.1", 1)
 
 
+def test_a_remembered_authority_is_the_same_and_a_bad_one_is_refused_every_time() -> None:
+    first = Authority.parse("10.9.8.7:8080")
+    assert Authority.parse("10.9.8.7:8080") is first  # from the cache: same value, no second parse
+    for _ in range(2):
+        with pytest.raises(ValueError, match="port out of range"):
+            Authority.parse("10.9.8.7:0")
+
+
 def test_ipv6_authority_parses_and_round_trips() -> None:
     parsed = Authority.parse("[::1]:80")
     assert parsed == Authority("::1", 80)
