@@ -44,7 +44,7 @@ def test_n_connections_give_n_start_and_end_flows_and_the_istio_counts() -> None
                           ("istio_tcp_received_bytes", 100 * n), ("istio_tcp_sent_bytes", 200 * n)):
         [(labels, count)] = t.metrics.series(family).items()
         assert count == value, family
-        assert ("db", "db", "v1", "data") == labels[12:16]  # destination workload, canonical name, revision, ns
+        assert labels[12:16] == ("db", "db", "v1", "data")  # destination workload, canonical name, revision, ns
     assert t.metrics.series("hubble_flows_processed")[("Trace", "end", "FORWARDED")] == n
 
 
