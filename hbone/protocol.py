@@ -26,7 +26,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
-from h2.connection import ConnectionInputs, ConnectionState
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamInputs, StreamState
@@ -737,14 +737,35 @@ class ClientConnection(Connection):
         (upper-case or connection-specific name, CR/LF/NUL in a value) raises ValueError."""
         if self.closed is not None or self.going_away is not None:
             return None
-        request = [(b":method", b"CONNECT"), (b":authority", str(authority).encode())]
+        target = str(authority).encode()
+        request = [(b":method", b"CONNECT"), (b":authority", target)]
         request += [_request_header(k, v) for k, v in (headers or {}).items()]
+        # What h2's send_headers does for a new stream, without its per-header validation (the request is built
+        # here) and frame objects: the limit, the state transitions, then the header block (encoding changes the
+        # HPACK state for good: after the transitions, as h2 orders them).
+        h = self._h2
         try:
-            stream_id = self._h2.get_next_available_stream_id()
-            self._h2.send_headers(stream_id, request)
-        except h2.exceptions.ProtocolError:  # TooManyStreamsError, NoAvailableStreamIDError
+            stream_id = h.get_next_available_stream_id()
+            if h.open_outbound_streams >= h.remote_settings.max_concurrent_streams:
+                return None
+            h.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+            stream = h._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+            stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+        except h2.exceptions.ProtocolError:  # NoAvailableStreamIDError, or the connection cannot send
             return None
+        stream._authority = target
+        stream.request_method = b"CONNECT"
+        self._send_header_block(stream_id, h.encoder.encode(request))
         return stream_id
+
+    def _send_header_block(self, stream_id: int, block: bytes) -> None:
+        """HEADERS with END_HEADERS, or HEADERS and CONTINUATIONs when the block exceeds the peer's frame size."""
+        most, sid = self._h2.max_outbound_frame_size, stream_id.to_bytes(4, "big")
+        chunks = [block[at:at + most] for at in range(0, len(block), most)] or [b""]
+        last = len(chunks) - 1
+        self._emit(b"".join(
+            len(chunk).to_bytes(3, "big") + bytes((_CONTINUATION if i else _HEADERS, _END_HEADERS if i == last else 0))
+            + sid + chunk for i, chunk in enumerate(chunks)))
 
     def _ok_received(self, stream_id: int, out: list[Event]) -> bool:
         """The 200 of a CONNECT this side sent, as a one-byte header block (how this server answers): h2 takes

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
+import h2.config
 import h2.connection
 import h2.events
 import h2.settings
@@ -176,6 +177,28 @@ def test_a_200_after_the_peer_resized_the_header_table_carries_the_table_size_up
     out = server.data_to_send()
     assert out[3] == 0x1 and out[9] & 0xE0 == 0x20  # HEADERS whose block starts with a size update
     assert status_of(list(raw.receive_data(out)), 1) == 200
+
+
+def test_a_header_block_larger_than_a_frame_is_sent_as_headers_and_continuations() -> None:
+    """Before the server's SETTINGS the client may send frames of 16 KiB only: a larger block is split."""
+    client = ClientConnection()
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    raw.initiate_connection()
+    raw.local_settings.max_header_list_size = 1 << 20
+    big = "k=" + "v" * 40_000
+    stream_id = open_stream(client, TARGET, {"baggage": big})
+    out = client.data_to_send()
+    frames, at = [], 24  # after the client preface: (type, flags, length) of each frame
+    while at < len(out):
+        length = int.from_bytes(out[at:at + 3], "big")
+        frames.append((out[at + 3], out[at + 4], length))
+        at += 9 + length
+    blocks = [(kind, flags) for kind, flags, length in frames if kind in (0x1, 0x9)]
+    assert blocks == [(0x1, 0x0), (0x9, 0x0), (0x9, 0x4)]  # HEADERS, CONTINUATION, CONTINUATION + END_HEADERS
+    assert max(length for _, _, length in frames) <= 16384
+    events = raw.receive_data(out)
+    [request] = [ev for ev in events if isinstance(ev, h2.events.RequestReceived)]
+    assert request.stream_id == stream_id and dict(request.headers or [])[b"baggage"] == big.encode()
 
 
 def test_accept_answers_200() -> None:
