@@ -285,6 +285,11 @@ class Connection:
             self._out.append(pending)
         self._out.append(chunk)
 
+    @property
+    def output_pending(self) -> bool:
+        """Whether ``data_to_send`` has something (cheaper than asking it)."""
+        return bool(self._out) or bool(self._h2._data_to_send)
+
     def data_to_send(self) -> bytes:
         pending = self._h2.data_to_send() if self.closed is None else b""
         if not self._out:

@@ -179,8 +179,9 @@ class Tunnel(asyncio.Protocol):
     def flush(self) -> None:
         """Write what the protocol layer has queued, at the end of this turn of the event loop: what else this
         turn queues (other streams' frames and answers, acknowledgements) goes out in the same TLS record and
-        system call, and a system call on a tunnel costs more than all the Python of a small frame."""
-        if not self._flush_scheduled and self.transport is not None:
+        system call, and a system call on a tunnel costs more than all the Python of a small frame. Nothing is
+        scheduled when nothing is queued (most reads of a bulk transfer queue nothing)."""
+        if not self._flush_scheduled and self.transport is not None and self.conn.output_pending:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.write_now)
 
