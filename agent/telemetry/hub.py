@@ -25,7 +25,7 @@ from agent.telemetry.admin import (
     ConfigDump,
     ReadyCheck,
 )
-from agent.telemetry.kernel import KernelEventSource
+from agent.telemetry.kernel import KernelEvent, KernelEventSource
 from agent.telemetry.metrics import DENY, Metrics
 from agent.telemetry.observer import ObserverServer
 from agent.telemetry.observer_tls import ServerTls, ServerTlsFiles, operator_identity
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # event cost the loop more than the events themselves. The ring buffer holds 4096 events, 40,000/s at this
 # pace; events it could not take are counted (hubble_lost_events_total), never silently dropped.
 KERNEL_BATCH = 0.1
+# A batch is read in slices: after each slice the reader sleeps a moment, so that the event loop, which may be
+# waiting for the interpreter, gets it at once (else it would wait up to the 5 ms switch interval).
+KERNEL_YIELD_EVERY = 32
+KERNEL_YIELD = 0.0002
 ENDPOINT_CACHE = 4096  # addresses whose Endpoint is kept (per state); past it the cache starts over
 
 
@@ -129,7 +133,16 @@ class Telemetry:
         """Read the eBPF ring buffer on a thread: each event becomes a flow; losses are counted."""
         if not self.config.enabled:
             return
-        redirector.subscribe(self.recorder.kernel_event)
+        delivered = 0
+
+        def deliver(ev: KernelEvent) -> None:
+            nonlocal delivered
+            self.recorder.kernel_event(ev)
+            delivered += 1
+            if delivered % KERNEL_YIELD_EVERY == 0:
+                time.sleep(KERNEL_YIELD)  # the event loop takes the interpreter meanwhile: a batch never stalls it long
+
+        redirector.subscribe(deliver)
 
         def pump() -> None:
             lost, checked = redirector.lost_events, time.monotonic()
