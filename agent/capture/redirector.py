@@ -89,11 +89,11 @@ reassemble what passed, so a connection fragmented on purpose would otherwise re
 (tests/e2e/test_door.py sends one). TCP sizes its segments to the path and sets DF: no real connection needs them.
 
 Limits: IPv6 packets with an extension header the programs do not skip (see bpf/redirect.c) pass: the receiving
-pod's kernel drops them; a destination the node has no route for (a Service VIP on a node without a default
-route, which Kubernetes requires) is taken for a local address by the existing-socket check (bpf_fib_lookup
-answers NOT_FWDED for both, in either family), so its later packets are not steered. The agent must not spoof the client's address towards
-node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed: those replies would
-bypass the programs.
+pod's kernel drops them; a destination the node has no route for (a Service VIP on a node without a default route,
+which Kubernetes requires) is taken for a local address by the existing-socket check (bpf_fib_lookup answers
+NOT_FWDED for both, in either family), so its later packets are not steered. The agent must not spoof the client's
+address towards node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed: those
+replies would bypass the programs.
 """
 
 from __future__ import annotations
