@@ -520,6 +520,30 @@ static __always_inline int from_door(__u32 ifindex, struct pkt *p)
     return pod && pod->ifindex == ifindex;
 }
 
+/* The same on a bridge CNI: a marked packet entering the bridge's stack, addressed to an enrolled pod on one of
+ * its ports (nothing else arrives there marked: the agent's own packets to such a pod leave through the bridge).
+ * The configuration when it is one, else NULL. */
+static __always_inline struct ambit_config *from_bridge_door(struct __sk_buff *skb, __u32 bridge_ifindex,
+                                                             struct pkt *p)
+{
+    int zero = 0;
+    struct ambit_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->mark || skb->mark != cfg->mark)
+        return NULL;
+    struct ambit_pod *pod = enrolled.lookup(&p->daddr);
+    if (!pod)
+        return NULL;
+    __u32 port_ifindex = pod->ifindex;
+    struct ambit_bridge_port *port = bridge_ports.lookup(&port_ifindex);
+    return port && port->ifindex == bridge_ifindex ? cfg : NULL;
+}
+
+/* A packet the door took must be kept: handed back to the stack it would go to the door again. */
+static __always_inline int door_verdict(int verdict)
+{
+    return verdict == AMBIT_NEXT ? TC_ACT_SHOT : verdict;
+}
+
 int ambit_pod_ingress(struct __sk_buff *skb)
 {
     struct pkt p = {.hook = AMBIT_D_POD};
@@ -532,18 +556,21 @@ int ambit_pod_ingress(struct __sk_buff *skb)
     struct ambit_bridge_port *port = bridge_ports.lookup(&ifindex);
     if (port)
         return spoofed(skb, &p) ? TC_ACT_SHOT : via_bridge(skb, &p, port);
-    struct ambit_config *cfg = active_config(skb);
+    __u32 *role = ifaces.lookup(&ifindex);
+    int bridge = role && *role == AMBIT_IF_BRIDGE;
+    struct ambit_config *cfg = bridge ? from_bridge_door(skb, ifindex, &p) : NULL;
+    if (cfg) {
+        p.hook = AMBIT_D_DOOR;
+        return door_verdict(handle(skb, &p, cfg, 1));
+    }
+    cfg = active_config(skb);
     if (!cfg)
         return AMBIT_NEXT;
     if (from_door(ifindex, &p)) {
         p.hook = AMBIT_D_DOOR;
-        int verdict = handle(skb, &p, cfg, 1);
-        /* the door took it because this program keeps it: never hand it back to the stack, which would
-         * forward it to the door again */
-        return verdict == AMBIT_NEXT ? TC_ACT_SHOT : verdict;
+        return door_verdict(handle(skb, &p, cfg, 1));
     }
-    __u32 *role = ifaces.lookup(&ifindex);
-    if (!(role && *role == AMBIT_IF_BRIDGE) && spoofed(skb, &p)) /* the bridge's ports checked already */
+    if (!bridge && spoofed(skb, &p)) /* the bridge's ports checked already */
         return TC_ACT_SHOT;
     int inbound = pod_direction(&p);
     if (inbound < 0)
@@ -616,15 +643,22 @@ int ambit_pod_egress(struct __sk_buff *skb)
     if (!pod || pod->ifindex != p.ifindex)
         return AMBIT_NEXT;
     /* Source verification for what the node forwards from interfaces without a pod program (overlays):
-     * a local enrolled pod's own traffic comes in on its own veth, where it is captured. */
+     * a local enrolled pod's own traffic comes in on its own veth (on a bridge CNI, through the bridge), where
+     * it is captured. */
     struct ambit_pod *src = enrolled.lookup(&p.saddr);
     if (src && !skb->sk && src->ifindex != skb->ingress_ifindex) {
-        count(AMBIT_C_DROP_SPOOFED);
-        emit(skb, &p, AMBIT_EV_DROP, AMBIT_V_DROPPED, 0, AMBIT_R_SPOOFED);
-        return TC_ACT_SHOT;
+        __u32 src_ifindex = src->ifindex;
+        struct ambit_bridge_port *via = bridge_ports.lookup(&src_ifindex);
+        if (!via || via->ifindex != skb->ingress_ifindex) {
+            count(AMBIT_C_DROP_SPOOFED);
+            emit(skb, &p, AMBIT_EV_DROP, AMBIT_V_DROPPED, 0, AMBIT_R_SPOOFED);
+            return TC_ACT_SHOT;
+        }
     }
     if (node_probe(skb, &p, cfg))
         return AMBIT_NEXT;
+    __u32 ifindex = p.ifindex;
+    struct ambit_bridge_port *bridge = bridge_ports.lookup(&ifindex);
     if ((p.flags & (TCP_FL_SYN | TCP_FL_ACK)) == TCP_FL_SYN) {
         __u16 lport = cfg->port[p.dport == bpf_htons(cfg->port[AMBIT_L_HBONE]) ? AMBIT_L_HBONE : AMBIT_L_INBOUND];
         struct bpf_sock *sk = find_listener(skb, &p, lport);
@@ -634,16 +668,34 @@ int ambit_pod_egress(struct __sk_buff *skb)
     } else if (!agent_flow(skb, &p)) {
         return AMBIT_NEXT; /* a connection made before enrollment, or a probe's */
     }
+    /* Back in through the veth: addressed to the veth itself (routed CNIs: ambit_pod_ingress recognises the door
+     * there), or on a bridge CNI's port to the bridge, which hands it up to its IP stack, where the pod program
+     * attached to the bridge recognises it by the mark (from_bridge_door). The mark also keeps it out of
+     * conntrack when the bridge's frames meet netfilter (br_netfilter, which Kubernetes requires of bridge
+     * CNIs): tracked there, it would clash with the connection's entry from its first pass (a Service's DNAT).
+     * The bridge learns the source address of what enters its port: the pod's own, not the sender's (which
+     * would send the sender's later frames to this port). */
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > end)
         return TC_ACT_SHOT;
-    __u8 own[ETH_ALEN];
-    __builtin_memcpy(own, eth->h_source, ETH_ALEN);
-    if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), own, ETH_ALEN, 0))
+    struct {
+        __u8 dest[ETH_ALEN];
+        __u8 source[ETH_ALEN];
+    } macs;
+    if (bridge) {
+        __builtin_memcpy(macs.dest, bridge->mac, ETH_ALEN);
+        __builtin_memcpy(macs.source, eth->h_dest, ETH_ALEN);
+    } else {
+        __builtin_memcpy(macs.dest, eth->h_source, ETH_ALEN);
+        __builtin_memcpy(macs.source, eth->h_source, ETH_ALEN);
+    }
+    if (bpf_skb_store_bytes(skb, 0, &macs, sizeof(macs), 0))
         return TC_ACT_SHOT;
-    return bpf_redirect(p.ifindex, BPF_F_INGRESS);
+    if (bridge)
+        skb->mark = cfg->mark;
+    return bpf_redirect(ifindex, BPF_F_INGRESS);
 }
 
 /* Listener lookups in the node namespace that the tc programs left to the kernel (SYN meeting a TIME_WAIT

@@ -48,6 +48,7 @@ struct ambit_pod {
 struct ambit_bridge_port {
     __u8 mac[6];        /* the bridge's own address */
     __u16 _pad;
+    __u32 ifindex;      /* the bridge's: where the pod's traffic enters the node's IP stack */
 };
 
 /* probe_ports map: key = (pod address, TCP port) that the pod's own liveness/readiness/startup probes name;

@@ -135,7 +135,7 @@ class ProbePortC(ctypes.Structure):
 class BridgePortC(ctypes.Structure):
     """struct ambit_bridge_port"""
 
-    _fields_ = [("mac", ctypes.c_uint8 * 6), ("_pad", ctypes.c_uint16)]
+    _fields_ = [("mac", ctypes.c_uint8 * 6), ("_pad", ctypes.c_uint16), ("ifindex", ctypes.c_uint32)]
 
 
 class EventC(ctypes.Structure):

@@ -22,8 +22,9 @@ What runs where (node network namespace, where the agent lives):
     owns) back to the veth's ingress, where `ambit_pod_ingress` assigns them as the pod's inbound. Connections
     the node itself opens to the pod's probe ports pass (`set_probe_ports`); `node_passes=True` lets every
     connection from the node pass, as Istio does. Needs `tcp_early_demux` off and two settings per door veth
-    (`sysctls`). Not on a bridge CNI's ports (their frames are switched before the veth's egress runs our
-    decision in the bridge's stack; those pods keep the capture at the other hooks only).
+    (`sysctls`). On a bridge CNI's port the door hands its captures to the bridge instead (destination MAC :=
+    the bridge's), whose stack and pod program take them as on the pod's own frames; the two settings then go
+    on the bridge, where they re-enter the stack (`_door_site`), while any door of its ports is open.
   - rp_filter 0 and 2 on the node's interfaces both work; 1 (strict) drops door captures from other pods of
     the node (logged); forwarding is the node's business, not ours.
 
@@ -148,6 +149,11 @@ class ReconcileResult:
     missing: list[str] = field(default_factory=list)  # desired pod IPs whose interface does not exist
 
 
+def bridge_port(bridge_ifindex: int, mac: bytes) -> BridgePortC:
+    """A ``bridge_ports`` value: a port's bridge."""
+    return BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac), ifindex=bridge_ifindex)
+
+
 def pin_filesystem(bpffs: str) -> str:
     """The directory whose filesystem must be a bpffs for tcx pins (``<bpffs>/ambit/<instance>``): ``<bpffs>/ambit``
     when it exists (the DaemonSet mounts only the host's /sys/fs/bpf/ambit, there), else ``bpffs``."""
@@ -209,6 +215,7 @@ class Redirector:
         self.uplinks: dict[str, int] = {}
         self._enrolled: dict[str, tuple[str, int]] = {}  # pod ip -> (ifname, ifindex)
         self._hooked: dict[str, int] = {}  # non-enrolled pod veths with return-path steering
+        self._door_sites: dict[int, int] = {}  # door veth ifindex -> where its captures re-enter (_door_site)
         self._listeners: dict[int, socket.socket] = {}  # sockmap slot -> the socket held there
         self._lookup_link_fd: int | None = None
         self._callbacks: list[Callable[[FlowEvent], None]] = []
@@ -359,17 +366,25 @@ class Redirector:
             return None
         return int(master), bytes.fromhex(str(bridge.get_attr("IFLA_ADDRESS")).replace(":", ""))
 
-    def _attach_bridge_of(self, ifindex: int) -> bool:
+    def _attach_bridge_of(self, ifindex: int) -> int | None:
         """A pod on a bridge CNI: its veth sends enrolled pods' TCP up to the bridge, which runs the pod program.
-        Whether ``ifindex`` is a bridge port."""
+        The bridge's ifindex when ``ifindex`` is a bridge port."""
         bridge = self._bridge_of(ifindex)
         if bridge is None:
-            return False
+            return None
         bridge_ix, mac = bridge
-        self._maps["bridge_ports"][ctypes.c_uint32(ifindex)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
+        self._maps["bridge_ports"][ctypes.c_uint32(ifindex)] = bridge_port(bridge_ix, mac)
         self._maps["ifaces"][ctypes.c_uint32(bridge_ix)] = ctypes.c_uint32(IF_BRIDGE)
         self._attach(bridge_ix, POD_PROG)
-        return True
+        return bridge_ix
+
+    def _door_site(self, ifindex: int) -> int:
+        """Where what a door captures re-enters the IP stack, the interface whose settings it needs (``sysctls``):
+        the pod's veth, or the bridge of a bridge CNI's port."""
+        with contextlib.suppress(Exception):  # the veth may be gone with its pod
+            if (bridge := self._bridge_of(ifindex)) is not None:
+                return bridge[0]
+        return ifindex
 
     def _ifname(self, ifindex: int) -> str:
         with contextlib.suppress(Exception):
@@ -408,14 +423,18 @@ class Redirector:
         else:
             self._clsact.attach(ifindex, self._fds[prog], prog, direction)
 
-    def _open_door(self, ifindex: int) -> None:
-        """The door program toward an enrolled pod (not on a bridge CNI's ports: see the module docstring)."""
-        sysctls.open_door(self.netns, self._ifname(ifindex), self._proc_sys)
+    def _open_door(self, ifindex: int, site: int) -> None:
+        """The door program toward an enrolled pod; ``site``: its ``_door_site``."""
+        if site not in self._door_sites.values():
+            sysctls.open_door(self.netns, self._ifname(site), self._proc_sys)
+        self._door_sites[ifindex] = site
         self._attach(ifindex, DOOR_PROG, "egress")
 
     def _close_door(self, ifindex: int) -> None:
         self._detach_ifindex(ifindex, "egress")
-        sysctls.close_door(self.netns, self._ifname(ifindex), self._proc_sys)
+        site = self._door_sites.pop(ifindex, ifindex)
+        if site not in self._door_sites.values():  # a bridge keeps its settings while a door of its ports is open
+            sysctls.close_door(self.netns, self._ifname(site), self._proc_sys)
 
     def _all_ifindexes(self) -> list[int]:
         return [int(link["index"]) for link in self._ipr.get_links()]
@@ -435,8 +454,14 @@ class Redirector:
 
     def _remove_all_attachments(self) -> None:
         assert self._tcx is not None
+        doors = set()
         for att in self.attachments():
             self._detach(att)
+            if att.direction == "egress":
+                doors.add(self._door_sites.get(att.ifindex) or self._door_site(att.ifindex))
+        for site in doors:  # the interfaces back to a new interface's settings
+            sysctls.close_door(self.netns, self._ifname(site), self._proc_sys)
+        self._door_sites.clear()
         _live, stale = self._tcx.list()
         for path in stale:
             Tcx.unpin(path)
@@ -458,8 +483,7 @@ class Redirector:
         self._maps["enrolled"][AddrC.of(pod_ip)] = PodC(ifindex=ifindex)
         self._maps["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
         self._attach(ifindex, POD_PROG)
-        if not self._attach_bridge_of(ifindex):
-            self._open_door(ifindex)
+        self._open_door(ifindex, self._attach_bridge_of(ifindex) or ifindex)
         self._enrolled[pod_ip] = (host_ifname, ifindex)
 
     def release(self, pod_ip: str) -> None:
@@ -538,17 +562,17 @@ class Redirector:
         for ip, (_name, ifindex) in want_pods.items():
             enrolled[AddrC.of(ip)] = PodC(ifindex=ifindex)
         roles = {ix: IF_POD for _n, ix in want_pods.values()} | dict.fromkeys(want_hooked.values(), IF_POD)
-        ports: dict[int, bytes] = {}  # bridge CNI: pod veth -> its bridge's MAC; the bridge runs the pod program
+        ports: dict[int, tuple[int, bytes]] = {}  # bridge CNI: pod veth -> its bridge; the bridge runs the pod program
         for ix in list(roles):
             if (bridge := self._bridge_of(ix)) is not None:
-                ports[ix] = bridge[1]
+                ports[ix] = bridge
                 roles[bridge[0]] = IF_BRIDGE
         bridge_ports = self._maps["bridge_ports"]
         for k in list(bridge_ports.keys()):
             if k.value not in ports:
                 del bridge_ports[k]
-        for ix, mac in ports.items():
-            bridge_ports[ctypes.c_uint32(ix)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
+        for ix, (bridge_ix, mac) in ports.items():
+            bridge_ports[ctypes.c_uint32(ix)] = bridge_port(bridge_ix, mac)
         roles |= dict.fromkeys(self.uplinks.values(), IF_UPLINK)
         ifaces = self._maps["ifaces"]
         for k in list(ifaces.keys()):
@@ -559,12 +583,13 @@ class Redirector:
 
         want_prog: dict[tuple[int, Direction], str] = {
             (ix, "ingress"): (UPLINK_PROG if role == IF_UPLINK else POD_PROG) for ix, role in roles.items()}
-        doors = {ix for _n, ix in want_pods.values() if ix not in ports}
+        doors = {ix: ports[ix][0] if ix in ports else ix for _n, ix in want_pods.values()}  # door -> its site
         want_prog |= {(ix, "egress"): DOOR_PROG for ix in doors}
         before = self.attachments()
-        opened = {att.ifindex for att in before if att.direction == "egress"}  # doors open already (settings set)
-        for ix in doors - opened:
-            sysctls.open_door(self.netns, self._ifname(ix), self._proc_sys)
+        opened = {att.ifindex: self._door_sites.get(att.ifindex) or doors.get(att.ifindex) or
+                  self._door_site(att.ifindex) for att in before if att.direction == "egress"}  # settings set
+        for site in set(doors.values()) - set(opened.values()):
+            sysctls.open_door(self.netns, self._ifname(site), self._proc_sys)
         for (ix, direction), prog in want_prog.items():  # attach (or swap in place) first: no capture gap
             self._attach(ix, prog, direction)
             result.attached.append(self._ifname(ix) + ("" if direction == "ingress" else " (door)"))
@@ -578,8 +603,9 @@ class Redirector:
             if not keep:
                 self._detach(att)
                 result.removed.append(f"{self._ifname(att.ifindex)}({att.backend} {att.direction})")
-        for ix in opened - doors:  # doors closed: their veths back to a new interface's settings (release() does too)
-            sysctls.close_door(self.netns, self._ifname(ix), self._proc_sys)
+        for site in set(opened.values()) - set(doors.values()):  # no door left: back to a new interface's settings
+            sysctls.close_door(self.netns, self._ifname(site), self._proc_sys)
+        self._door_sites = doors
         assert self._tcx is not None
         _live, stale = self._tcx.list()
         for path in stale:
