@@ -314,7 +314,7 @@ def apply(info: LabInfo, paths: LabPaths, objects: Sequence[dict[str, Any]]) -> 
     "<resource>/<name> created|configured|unchanged" line per object."""
     errors = [str(e) for e in PolicyEngine().update(objects)]
     with edit(info, paths) as state:
-        errors += services.admit(state, objects) + pods.admit(state, objects)
+        errors += services.admit(state, objects, dual_stack=info.dual_stack) + pods.admit(state, objects)
         if errors:
             raise LabError("refused (nothing applied):\n  " + "\n  ".join(errors))
         return [f"{resource(obj['kind'])}/{obj['metadata']['name']} {state.put(obj)}" for obj in objects]
