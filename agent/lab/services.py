@@ -233,8 +233,9 @@ def sync(info: LabInfo, objects: Iterable[Mapping[str, Any]]) -> list[ObjectErro
     """Make every node's kube-proxy table and every pod's hosts file match the cluster state ``objects``;
     returns the objects the agents' store refused (left out, as the agents leave them out)."""
     state, errors = mesh_state(objects)
+    families = kubeproxy.families(info.dual_stack)
     for node in info.nodes:
-        kubeproxy.install(node.netns, kubeproxy.ruleset(state, node.name))
+        kubeproxy.install(node.netns, kubeproxy.ruleset(state, node.name, families))
     for pod in info.pods:
         hosts.write_pod(pod.netns, hosts.hosts_file(state, pod.namespace, pod.name, pod.ips))
     return errors
