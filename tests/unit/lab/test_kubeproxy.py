@@ -208,8 +208,8 @@ def test_nft_accepts_the_rendered_tables() -> None:
 
 
 # -- dual stack: one table per family --------------------------------------------------------------------------------
-def dual_pod(name: str, ip: str, ip6: str, node: str = NODE, **labels: str) -> dict[str, Any]:
-    obj = o.pod(name, ip, node, **labels)
+def dual_pod(name: str, ip: str, ip6: str, node: str = NODE, *, app: str) -> dict[str, Any]:
+    obj = o.pod(name, ip, node, app=app)
     obj["status"]["podIPs"].append({"ip": ip6})
     return obj
 
@@ -227,7 +227,7 @@ def render_dual(*objs: dict[str, Any], node: str = NODE) -> dict[str, str]:
 DUAL = (dual_pod("a", "10.200.0.11", "fd00:200::11", app="web"),
         dual_pod("b", "10.200.1.10", "fd00:200:1::10", "node-2", app="web"),
         o.pod("v4only", "10.200.0.12", app="web"))
-DUAL_WEB = {"clusterIPs": ["10.96.0.10", "fd00:96::a"], "ipFamilies": ["IPv4", "IPv6"],
+DUAL_WEB: dict[str, Any] = {"clusterIPs": ["10.96.0.10", "fd00:96::a"], "ipFamilies": ["IPv4", "IPv6"],
             "ipFamilyPolicy": "RequireDualStack"}
 V6_BOTH = "0 : fd00:200:1::10 . 8080, 1 : fd00:200::11 . 8080"  # sorted as text, as the IPv4 ones
 
