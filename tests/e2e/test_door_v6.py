@@ -4,14 +4,20 @@ The mesh: app-2-2 (enrolled, node-2) reaches the victim app-1-2 (enrolled, node-
 HBONE tunnel to ``[v6]:15008`` (only TLS on node-1's uplink), byte-exact, and both agents record the flow with
 the IPv6 addresses and both SPIFFE identities; STRICT with an allow-nothing policy refuses it with a DROPPED flow
 naming the policy. Through the victim Service's IPv6 VIP, the source agent picks the victim's IPv6 address
-(never an IPv4 endpoint for an IPv6 client) and the flows name the Service.
+and the flows name the Service; a dual-stack Service with an IPv4 endpoint only refuses its IPv6 VIP (never an
+IPv4 endpoint for an IPv6 client).
 
 The attack suite (tests/e2e/test_door.py) over IPv6, the paths of that table an IPv6 address offers:
 
     pod-ip-other-node     app-2-1 -> app-1-2's IPv6 address
     pod-ip-same-node      app-1-1 -> app-1-2's IPv6 address
     vip-same-node         app-1-1 -> mesh/victim's IPv6 VIP    (node-1's kube-proxy DNATs it: the door)
+    vip-other-node        app-2-1 -> mesh/victim's IPv6 VIP    (DNAT on node-2, then node-1's uplink)
+    nodeport-this-node    app-2-1 -> [node-1's IPv6]:30080     (node-1 DNATs and masquerades: the door)
     nodeport-other-node   app-2-1 -> [node-2's IPv6]:30080     (node-2 DNATs and masquerades: node-1's uplink)
+    enrolled-via-nodeport app-2-2 -> [node-1's IPv6]:30080     (an enrolled pod through a node port: its agent
+                                                                passes it through, node-1 masquerades; the
+                                                                identity is lost, plaintext from node-1)
     node-process          node-1's own namespace -> app-1-2's IPv6 address
 
 With STRICT, or allow-nothing on the victim, each is refused and node-1's agent records a DROPPED flow (IPv6)
@@ -35,6 +41,7 @@ import pytest
 from tests.e2e.test_door import ALLOW_NOTHING, MESH, NODE_PORT, PROBE_PORT, STRICT, VICTIM, VICTIM_POD
 from tests.fixtures import lab_helpers as h
 from tests.fixtures import lab_observe as lo
+from tests.fixtures.eventually import eventually_sync
 
 pytestmark = lo.lab_marks()
 
@@ -52,9 +59,23 @@ SERVICES = f"""\
 """
 
 
+def v4_only_service(victim_ip: str) -> str:
+    """A dual-stack Service whose only endpoint (an EndpointSlice of its own) is the victim's IPv4 address."""
+    return f"""\
+{{"apiVersion": "v1", "kind": "Service", "metadata": {{"name": "v4only", "namespace": "{MESH}"}},
+ "spec": {{"ipFamilyPolicy": "RequireDualStack", "ports": [{{"name": "tcp", "port": {VIP_PORT}}}]}}}}
+---
+{{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+ "metadata": {{"name": "v4only-1", "namespace": "{MESH}", "labels": {{"kubernetes.io/service-name": "v4only"}}}},
+ "ports": [{{"name": "tcp", "port": {h.SERVER_PORT}, "protocol": "TCP"}}],
+ "endpoints": [{{"addresses": ["{victim_ip}"], "nodeName": "node-1"}}]}}
+"""
+
+
 class V6Lab(lo.RunningLab):
     tmp: Path
     vip6: str
+    v4only: list[str]  # the VIPs of the Service with an IPv4 endpoint only
     server: h.EchoServer  # the victim's, on 8080
 
     def at(self, pod: str) -> lo.Place:
@@ -78,8 +99,14 @@ PATHS = [
     Path_("pod-ip-same-node", lambda lab: lab.at("app-1-1"), pod_ip6, lambda lab: lab.pod("app-1-1").ip6),
     Path_("vip-same-node", lambda lab: lab.at("app-1-1"), lambda lab: (lab.vip6, VIP_PORT),
           lambda lab: lab.pod("app-1-1").ip6),
+    Path_("vip-other-node", lambda lab: lab.at("app-2-1"), lambda lab: (lab.vip6, VIP_PORT),
+          lambda lab: lab.pod("app-2-1").ip6),
+    Path_("nodeport-this-node", lambda lab: lab.at("app-2-1"), lambda lab: (lab.node6(0).ip, NODE_PORT),
+          lambda lab: lab.node6(0).ip),
     Path_("nodeport-other-node", lambda lab: lab.at("app-2-1"), lambda lab: (lab.node6(1).ip, NODE_PORT),
           lambda lab: lab.node6(1).ip),
+    Path_("enrolled-via-nodeport", lambda lab: lab.at(CLIENT), lambda lab: (lab.node6(0).ip, NODE_PORT),
+          lambda lab: lab.node6(0).ip),
     Path_("node-process", lambda lab: lab.node6(0), pod_ip6, lambda lab: lab.node6(0).ip),
 ]
 IDS = [p.name for p in PATHS]
@@ -90,12 +117,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[V6Lab]:
     with h.running_lab("door6", nodes=2, pods=2, namespaces=("plain", MESH), dual_stack=True) as (info, paths):
         lab = V6Lab(info, paths)
         lab.tmp = tmp_path_factory.mktemp("door6")
-        applied = lo.lab_apply(lab.name, lab.tmp, SERVICES + "---\n" + VICTIM_POD)
+        objects = [SERVICES, v4_only_service(lab.pod(VICTIM).ip), VICTIM_POD]
+        applied = lo.lab_apply(lab.name, lab.tmp, "---\n".join(objects))
         assert applied.returncode == 0, applied.stderr
         status = json.loads(lo.ambit_ok("lab", "--name", lab.name, "status", "--json"))
-        vips = next(s["vips"] for s in status["services"] if s["name"] == "victim")
-        assert len(vips) == 2 and ":" in vips[1], vips  # RequireDualStack: IPv4 first, then IPv6
-        lab.vip6 = vips[1]
+        vips = {s["name"]: s["vips"] for s in status["services"]}
+        assert all(len(vips[s]) == 2 and ":" in vips[s][1] for s in vips), vips  # IPv4 first, then IPv6
+        lab.vip6, lab.v4only = vips["victim"][1], vips["v4only"]
         h.set_namespace_label(paths, MESH, "ambient")
         victim = lab.pod(VICTIM)
         servers = [h.EchoServer(victim, port, host="::").start() for port in (h.SERVER_PORT, PROBE_PORT)]
@@ -187,6 +215,28 @@ def test_the_ipv6_vip_goes_to_an_ipv6_endpoint_and_the_flows_name_the_service(la
         flow = recorded(lab, since, client.ip6, "FORWARDED", node=node)
         assert flow["ip"]["destination"] == victim.ip6 and flow["ip"]["encrypted"], flow
         assert flow["destination_service"] == {"name": "victim", "namespace": MESH}, flow
+
+
+def test_an_ipv6_client_never_gets_an_ipv4_endpoint(lab: V6Lab) -> None:
+    """A dual-stack Service whose only endpoint is IPv4: its IPv4 VIP works, its IPv6 VIP is refused at once by
+    the source agent (no IPv6 endpoint), with a DROPPED flow naming the Service."""
+    client = lab.pod(CLIENT)
+    since = since_now()
+    assert lo.attempt_at(lab.at(CLIENT), (lab.v4only[0], VIP_PORT), size=256).outcome == "ok"
+    a = lo.attempt_at(lab.at(CLIENT), (lab.v4only[1], VIP_PORT), size=256)
+    assert a.refused, a
+    why = f"no healthy upstream: {MESH}/v4only:{VIP_PORT} (no IPv6 endpoint)"
+    drops: list[dict[str, Any]] = []
+
+    def dropped() -> bool:
+        drops[:] = [f for f in lo.flows(lo.observe(lab.name, "--since", since, "--verdict", "DROPPED", "--from-pod",
+                                                   f"{MESH}/{CLIENT}", "--all"))
+                    if f.get("drop_reason_desc") == why]
+        return bool(drops)
+
+    eventually_sync(dropped, f"a DROPPED flow {why!r}", 5)
+    assert drops[0]["node_name"] == "node-2" and drops[0]["ip"]["source"] == client.ip6, drops
+    assert drops[0]["destination_service"] == {"name": "v4only", "namespace": MESH}, drops
 
 
 # -- the attack suite over IPv6 --------------------------------------------------------------------------------------
