@@ -249,6 +249,12 @@ def ports_text(ports: Sequence[Mapping[str, Any]]) -> str:
 
 
 def endpoints_text(endpoints: Sequence[Mapping[str, Any]]) -> str:
-    """``ip:target`` (``ip:t1,t2`` with several ports) of each endpoint, ``<none>`` without any."""
-    return ", ".join(f"{e['ip']}:{','.join(str(t) for t in e['ports'].values()) or '-'}"
-                     for e in sorted(endpoints, key=lambda e: ipaddress.ip_address(e["ip"]))) or "<none>"
+    """``ip:target`` (``ip:t1,t2`` with several ports; ``[ip]:target`` for IPv6, as kubectl shows them) of each
+    endpoint, IPv4 before IPv6, ``<none>`` without any."""
+    ordered = sorted(endpoints, key=lambda e: ipaddress.get_mixed_type_key(ipaddress.ip_address(e["ip"])))
+    return ", ".join(f"{_host(e['ip'])}:{','.join(str(t) for t in e['ports'].values()) or '-'}"
+                     for e in ordered) or "<none>"
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip

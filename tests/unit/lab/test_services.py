@@ -327,3 +327,10 @@ def test_the_mesh_view_leaves_out_what_the_agents_refuse_and_keeps_the_rest() ->
                                         "not 'eighty'"]
     assert sorted(mesh.services) == ["default/web"]
     assert list(mesh.endpoints["default/web"]) == ["10.200.0.10"]
+
+
+def test_status_lists_the_endpoints_of_both_families_ipv4_first() -> None:
+    endpoints = [{"ip": ip, "ports": {"80": 8080}} for ip in ("fd00:200::10", "10.200.1.10", "10.200.0.9",
+                                                               "fd00:200:1::10")]
+    assert services.endpoints_text(endpoints) == ("10.200.0.9:8080, 10.200.1.10:8080, [fd00:200::10]:8080, "
+                                                  "[fd00:200:1::10]:8080")
