@@ -254,7 +254,7 @@ def test_a_dual_stack_service_is_in_both_tables_with_the_endpoints_of_each_famil
     assert "ct status dnat ip6 saddr . ip6 daddr @hairpin masquerade" in chain(v6, "nat-postrouting")
 
 
-def test_ipv6_policies_local_and_no_endpoint_as_for_ipv4() -> None:
+def test_ipv6_policies_local_load_balancer_and_no_endpoint_as_for_ipv4() -> None:
     local = render_dual(*DUAL, o.service("web", selector=WEB, type="NodePort", ports=[NP80],
                                          externalTrafficPolicy="Local", **DUAL_WEB), node="node-2")["ip6"]
     assert chain(local, "nodeports") == [
@@ -268,6 +268,9 @@ def test_ipv6_policies_local_and_no_endpoint_as_for_ipv4() -> None:
                            node="node-3")["ip6"]
     assert dnat_rules(internal) == [] and elements(internal, "map no-endpoint-services") == [
         "fd00:96::a . tcp . 80 : drop"]
+    lb = render_dual(*DUAL, o.service("web", selector=WEB, type="LoadBalancer", ports=[NP80], **DUAL_WEB))["ip6"]
+    assert chain(lb, "nodeports") == [f"tcp dport 30080 {MASQ} dnat ip6 to numgen random mod 2 map {{ {V6_BOTH} }} "
+                                      'comment "default/web:80 nodePort 30080"']  # a LoadBalancer's node port
     only_v4_pods = render_dual(DUAL[2], o.service("web", selector=WEB, type="NodePort", ports=[NP80], **DUAL_WEB))
     assert dnat_rules(only_v4_pods["ip"]) and dnat_rules(only_v4_pods["ip6"]) == []
     assert elements(only_v4_pods["ip6"], "map no-endpoint-services") == ["fd00:96::a . tcp . 80 : goto reject-chain"]
