@@ -239,6 +239,26 @@ def test_an_ipv6_client_never_gets_an_ipv4_endpoint(lab: V6Lab) -> None:
     assert drops[0]["destination_service"] == {"name": "v4only", "namespace": MESH}, drops
 
 
+def test_an_ipv6_ip_block_decides_for_plaintext_and_hbone_clients_alike(lab: V6Lab) -> None:
+    """ALLOW from node-2's IPv6 pod range only: app-2-1 (plaintext) and app-2-2 (HBONE: its own address, carried
+    in the tunnel) pass; app-1-1 is refused with a DROPPED flow naming the policy."""
+    pod_range = lab.info.node("node-2").pod_cidr6
+    allow = f"""{{"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+ "metadata": {{"name": "from-node-2", "namespace": "{MESH}"}},
+ "spec": {{"selector": {{"matchLabels": {{"app": "{VICTIM}"}}}}, "action": "ALLOW",
+          "rules": [{{"from": [{{"source": {{"ipBlocks": ["{pod_range}"]}}}}]}}]}}}}
+"""
+    victim = (lab.pod(VICTIM).ip6, h.SERVER_PORT)
+    with in_force(lab, allow, ("AuthorizationPolicy", "from-node-2")):
+        assert lo.attempt_at(lab.at("app-2-1"), victim, size=256).outcome == "ok"
+        assert lo.attempt_at(lab.at(CLIENT), victim, size=256).outcome == "ok"
+        since = since_now()
+        a = lo.attempt_at(lab.at("app-1-1"), victim, size=256)
+        assert a.refused, a
+        flow = recorded(lab, since, lab.pod("app-1-1").ip6, "DROPPED")
+        assert flow["drop_reason_desc"] == f"no ALLOW policy matched ({MESH}/from-node-2)", flow
+
+
 # -- the attack suite over IPv6 --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", PATHS, ids=IDS)
 def test_strict_refuses_every_ipv6_path(lab: V6Lab, path: Path_) -> None:
