@@ -33,8 +33,7 @@ import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +53,6 @@ VICTIM = "app-1-2"
 NODE_PORT = 30080
 PROBE_PORT = 8081  # the victim's readiness probe (tcpSocket); its server listens on 8080 and 8081
 OVERLAY_NET = ("172.31.250.1", "172.31.250.2")  # node-1 side, the outside host
-
-
-@dataclass(frozen=True)
-class Path_:
-    name: str
-    source: Callable[[DoorLab], lo.Place]
-    target: Callable[[DoorLab], tuple[str, int]]
-    seen_from: Callable[[DoorLab], str]  # the source address the victim's agent sees (after any masquerade)
 
 
 class DoorLab(lo.RunningLab):
@@ -86,6 +77,9 @@ class DoorLab(lo.RunningLab):
 
     def settle(self, policies: list[str]) -> None:
         lo.wait_agents(self.paths, self.nodes, policies=policies)
+
+
+Path_ = lo.AttackPath[DoorLab]
 
 
 def pod_ip(lab: DoorLab) -> tuple[str, int]:
@@ -192,15 +186,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorLab]:
                 server.close()
 
 
-@contextlib.contextmanager
-def in_force(lab: DoorLab, text: str, kind: str, name: str) -> Iterator[None]:
-    lab.apply(text)
-    try:
-        lab.settle([f"{kind} {MESH}/{name}"])
-        yield
-    finally:
-        lab.delete(kind.lower(), name, "-n", MESH)
-        lab.settle([])
+def in_force(lab: DoorLab, text: str, kind: str, name: str) -> contextlib.AbstractContextManager[None]:
+    return lo.policies_in_force(lab, lab.tmp, text, (kind, MESH, name))
 
 
 def flows_to_victim(lab: DoorLab, since: str, verdict: str) -> list[dict[str, Any]]:
