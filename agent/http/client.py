@@ -73,6 +73,14 @@ class _Connection:
         self.writer.close()
 
 
+_TOO_LONG = f"a header block (status line, headers or chunk size line) longer than {MAX_HEADERS} bytes"
+
+
+def head_size(event: h11.Request | h11.Response | h11.InformationalResponse) -> int:
+    """About the bytes of a request's or answer's first line and headers (for the header block's bound)."""
+    return 32 + sum(len(name) + len(value) + 4 for name, value in event.headers)
+
+
 class _Stale(Exception):
     """The connection ended before any byte of the answer: a pooled one the server had closed."""
 
@@ -106,7 +114,7 @@ class Response:
         """The body as it arrives, de-chunked."""
         while not self._done:
             try:
-                event = await _next_event(self._conn, self.request, self._timeouts.read, self._deadline)
+                event = await _next_event(self._conn, self.request, self._timeouts, self._deadline)
             except _Stale:
                 raise ProtocolError(self.request, f"the connection closed after {self.body_bytes} bytes of the "
                                                   "body, before its end") from None
@@ -160,7 +168,7 @@ class Response:
         await self.close()
 
 
-async def _next_event(conn: _Connection, name: str, read: float | None, deadline: float | None) -> Any:
+async def _next_event(conn: _Connection, name: str, timeouts: Timeouts, deadline: float | None) -> Any:
     """The codec's next event, reading as needed. ``_Stale`` when the connection ends before any byte."""
     codec = conn.codec
     while True:
@@ -169,17 +177,21 @@ async def _next_event(conn: _Connection, name: str, read: float | None, deadline
         except h11.RemoteProtocolError as e:
             what = str(e)
             if what == "Receive buffer too long":  # the only incomplete event that can grow: a header block
-                what = f"a header block (status line, headers or chunk size line) longer than {MAX_HEADERS} bytes"
+                what = _TOO_LONG
             raise ProtocolError(name, f"malformed answer: {what}") from None
+        if isinstance(event, h11.Response | h11.InformationalResponse) and head_size(event) > MAX_HEADERS:
+            # h11 bounds only a header block still incomplete; one that arrived whole in a read is checked here
+            raise ProtocolError(name, f"malformed answer: {_TOO_LONG}")
         if event is not h11.NEED_DATA:
             return event
-        wait = _remaining(deadline, read)
+        wait = _remaining(deadline, timeouts.read)
         try:
             async with asyncio.timeout(wait):
                 data = await conn.reader.read(READ_SIZE)
         except TimeoutError:
-            raise HttpTimeout(name, f"no answer within {wait:g} s" if conn.received == 0 else
-                              f"the answer stopped for {wait:g} s after {conn.received} bytes") from None
+            bound = f"{timeouts.read:g} s" if wait == timeouts.read else f"the request's {timeouts.total:g} s"
+            raise HttpTimeout(name, f"no answer within {bound}" if conn.received == 0 else
+                              f"the answer stopped after {conn.received} bytes, for {bound}") from None
         except OSError as e:
             if conn.received == 0:
                 raise _Stale from None
@@ -262,7 +274,7 @@ class HttpClient:
         except OSError:
             raise _Stale from None
         while True:
-            event = await _next_event(conn, name, timeouts.read, deadline)
+            event = await _next_event(conn, name, timeouts, deadline)
             if isinstance(event, h11.Response):
                 return Response(self, conn, name, event, timeouts, deadline)
             if isinstance(event, h11.ConnectionClosed):

@@ -28,6 +28,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import h11
 
+from agent.http.client import head_size
+
 log = logging.getLogger(__name__)
 
 MAX_HEADERS = 16 * 1024  # bytes of a request line and headers
@@ -160,6 +162,8 @@ class HttpServer:
                     return None
                 codec.receive_data(data)
             elif isinstance(event, h11.Request):
+                if head_size(event) + len(event.target) > MAX_HEADERS:  # one that arrived whole in a read
+                    raise _BadRequest(400, f"request line and headers longer than {MAX_HEADERS} bytes")
                 head = event
             elif isinstance(event, h11.Data):
                 body += event.data
