@@ -239,7 +239,7 @@ class Informer:
                 self.failures += 1
                 # A dropped watch is routine (API server restarts, load balancers); repeated failures are not.
                 log.log(logging.INFO if self.failures == 1 else logging.WARNING,
-                        "%s: connection to the API server failed: %s", self.resource, str(e) or type(e).__name__)
+                        "%s: request to the API server failed: %s", self.resource, str(e) or type(e).__name__)
             except Exception:
                 self.failures += 1
                 log.exception("%s: informer failed", self.resource)
