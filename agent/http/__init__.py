@@ -14,6 +14,7 @@ rules, framing errors named), and speed does not matter here (a few requests a m
 
 from agent.http.client import HttpClient, Response, Timeouts
 from agent.http.errors import CertificateError, ConnectError, HttpError, HttpTimeout, LineTooLong, ProtocolError
+from agent.http.proxy import Proxies, ProxyConfigError
 from agent.http.server import HttpServer, Reply, Request, Routes, json_reply, text_reply
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "HttpTimeout",
     "LineTooLong",
     "ProtocolError",
+    "Proxies",
+    "ProxyConfigError",
     "Reply",
     "Request",
     "Response",

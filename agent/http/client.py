@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import h11
 
 from agent.http.errors import CertificateError, ConnectError, HttpError, HttpTimeout, LineTooLong, ProtocolError
+from agent.http.proxy import Proxies, Proxy, ProxyConfigError
 
 MAX_HEADERS = 64 * 1024  # bytes: a response's status line and headers (and a chunk-size line) must fit
 MAX_BODY = 256 * 2**20  # bytes: read()'s default bound
@@ -55,6 +56,7 @@ class _Origin:
     port: int
     tls: ssl.SSLContext | None
     server_hostname: str | None
+    proxy: Proxy | None
 
 
 class _Connection:
@@ -203,12 +205,18 @@ async def _next_event(conn: _Connection, name: str, timeouts: Timeouts, deadline
         codec.receive_data(data)
 
 
+def _authority(host: str, port: int, *, always_port: bool) -> str:
+    name = f"[{host}]" if ":" in host else host
+    return f"{name}:{port}" if always_port else name
+
+
 class HttpClient:
     """Requests over pooled connections; ``unix_socket``: every request goes to that socket (its URL's host is
-    only the Host header)."""
+    only the Host header); ``proxies``: which requests go through a proxy (agent/http/proxy.py; none by default)."""
 
-    def __init__(self, *, unix_socket: str | None = None) -> None:
+    def __init__(self, *, unix_socket: str | None = None, proxies: Proxies | None = None) -> None:
         self.unix_socket = unix_socket
+        self.proxies = proxies
         self._idle: dict[_Origin, list[_Connection]] = {}
         self.connections_opened = 0  # for tests and logs
 
@@ -228,12 +236,18 @@ class HttpClient:
         except ValueError:
             raise ValueError(f"{name}: bad port in the URL") from None
         context = (tls or ssl.create_default_context()) if https else None
-        origin = _Origin(parts.scheme, parts.hostname, port, context, server_hostname if https else None)
+        try:
+            proxy = self.proxies.for_url(parts.scheme, parts.hostname, port) if self.proxies and not \
+                self.unix_socket else None
+        except ProxyConfigError as e:
+            raise ConnectError(name, str(e)) from None
+        origin = _Origin(parts.scheme, parts.hostname, port, context, server_hostname if https else None, proxy)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        if parts.port is not None:
-            host = f"{host}:{port}"
-        fields = [("Host", host), *headers]
+        fields = [("Host", _authority(parts.hostname, port, always_port=parts.port is not None)), *headers]
+        if proxy is not None and not https:  # a plain request through a proxy names the whole URL
+            target = f"http://{_authority(parts.hostname, port, always_port=True)}{target}"
+            if proxy.authorization:
+                fields.append(("Proxy-Authorization", proxy.authorization))
         if body is not None:
             fields.append(("Content-Length", str(len(body))))
         loop = asyncio.get_running_loop()
@@ -292,16 +306,22 @@ class HttpClient:
 
     async def _open(self, origin: _Origin, name: str, timeouts: Timeouts, deadline: float | None) -> _Connection:
         limit = _remaining(deadline, timeouts.connect if timeouts.connect is not None else timeouts.total)
-        where = self.unix_socket or f"{origin.host}:{origin.port}"
+        proxy = origin.proxy
+        where = self.unix_socket or (f"{origin.host}:{origin.port}" + (f" through {proxy}" if proxy else ""))
+        server_hostname = (origin.server_hostname or origin.host) if origin.tls else None
         try:
             async with asyncio.timeout(limit):
                 if self.unix_socket is not None:
                     reader, writer = await asyncio.open_unix_connection(self.unix_socket, ssl=origin.tls,
-                                                                        server_hostname=origin.server_hostname)
+                                                                        server_hostname=server_hostname)
+                elif proxy is None:
+                    reader, writer = await asyncio.open_connection(origin.host, origin.port, ssl=origin.tls,
+                                                                   server_hostname=server_hostname)
                 else:
-                    reader, writer = await asyncio.open_connection(
-                        origin.host, origin.port, ssl=origin.tls,
-                        server_hostname=(origin.server_hostname or origin.host) if origin.tls else None)
+                    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+                    if origin.tls is not None:
+                        await self._tunnel(reader, writer, origin, name, proxy)
+                        await writer.start_tls(origin.tls, server_hostname=server_hostname)
         except TimeoutError:
             raise HttpTimeout(name, f"no connection to {where} within {limit:g} s") from None
         except ssl.SSLCertVerificationError as e:
@@ -313,6 +333,30 @@ class HttpClient:
             raise ConnectError(name, f"cannot connect to {where}: {e.strerror or e}") from None
         self.connections_opened += 1
         return _Connection(origin, reader, writer)
+
+    @staticmethod
+    async def _tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: _Origin, name: str,
+                      proxy: Proxy) -> None:
+        """CONNECT through ``proxy`` to the origin; raises ``ConnectError`` unless the proxy answers 2xx."""
+        authority = _authority(origin.host, origin.port, always_port=True)
+        tunnel = _Connection(origin, reader, writer)
+        fields = [("Host", authority)]
+        if proxy.authorization:
+            fields.append(("Proxy-Authorization", proxy.authorization))
+        writer.write(tunnel.codec.send(h11.Request(method="CONNECT", target=authority, headers=fields)) +
+                     tunnel.codec.send(h11.EndOfMessage()))
+        while True:
+            try:
+                event = await _next_event(tunnel, f"{name} ({proxy})", Timeouts(), None)
+            except _Stale:
+                raise ConnectError(name, f"{proxy} closed the connection instead of answering CONNECT") from None
+            if isinstance(event, h11.Response):
+                break
+        if not 200 <= event.status_code < 300:
+            raise ConnectError(name, f"{proxy} answered {event.status_code} {event.reason.decode('latin-1')} to "
+                                     f"CONNECT {authority}")
+        if tunnel.codec.trailing_data[0]:
+            raise ConnectError(name, f"{proxy} sent bytes of its own after its CONNECT answer")
 
     def _release(self, conn: _Connection, *, reusable: bool) -> None:
         codec = conn.codec

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from agent.http import HttpClient, Response, Timeouts
+from agent.http import HttpClient, Proxies, Response, Timeouts
 from agent.kube.credentials import TOKEN_RELOAD, Credential, CredentialSource, source_for
 from agent.kube.kubeconfig import (
     SERVICE_ACCOUNT,
@@ -60,7 +60,8 @@ class KubeClient:
     def __init__(self, access: ClusterAccess, *, token_reload: float = TOKEN_RELOAD) -> None:
         self.access = access
         self.credentials: CredentialSource = source_for(access, token_reload=token_reload)
-        self.http = HttpClient()
+        # HTTPS_PROXY, HTTP_PROXY and NO_PROXY apply, as they do to kubectl and client-go
+        self.http = HttpClient(proxies=Proxies.from_environ(os.environ))
         self._tls: tuple[bytes | None, bytes | None, ssl.SSLContext] | None = None  # for (cert, key)
 
     async def credential(self) -> Credential:
