@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from agent.http.errors import CertificateError, ConnectError, HttpError, HttpTimeout, LineTooLong, ProtocolError
+from agent.http.errors import CertificateError, ConnectError, HttpTimeout, LineTooLong, ProtocolError
 from agent.http.proxy import Proxies, Proxy, ProxyConfigError
 
 MAX_HEADERS = 64 * 1024  # bytes: a response's status line and headers (and a chunk-size line) must fit
@@ -67,11 +67,13 @@ class _Connection:
         self.codec = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADERS)
         self.received = 0
         self.idle_since = 0.0
+        self.closed = False  # by this side
 
     def usable(self, now: float) -> bool:
         return not self.reader.at_eof() and not self.writer.is_closing() and now - self.idle_since < IDLE_KEEP
 
     def close(self) -> None:
+        self.closed = True
         self.writer.close()
 
 
@@ -115,11 +117,8 @@ class Response:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, de-chunked."""
         while not self._done:
-            try:
+            try:  # no _Stale here: the status line was received
                 event = await _next_event(self._conn, self.request, self._timeouts, self._deadline)
-            except _Stale:
-                raise ProtocolError(self.request, f"the connection closed after {self.body_bytes} bytes of the "
-                                                  "body, before its end") from None
             except ProtocolError as e:
                 raise ProtocolError(self.request, f"{e.what}, after {self.body_bytes} bytes of the body") from None
             if isinstance(event, h11.Data):
@@ -140,20 +139,24 @@ class Response:
     async def lines(self, max_line: int) -> AsyncIterator[bytes]:
         """The body line by line (without the newline; a last line without one is given too); ``LineTooLong``
         when a line exceeds ``max_line`` bytes."""
-        pending = b""
+        line = bytearray()
+        line_start = 0  # where ``line`` starts in the body
         async for chunk in self.chunks():
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
+            chunk_start, start = self.body_bytes - len(chunk), 0
+            while True:
+                end = chunk.find(b"\n", start)
+                line += chunk[start:] if end < 0 else chunk[start:end]
                 if len(line) > max_line:
-                    raise LineTooLong(self.request, f"a line of {len(line)} bytes, longer than {max_line}, ends "
-                                                    f"at byte {self.body_bytes - len(pending)} of the body")
-                yield line
-            if len(pending) > max_line:
-                raise LineTooLong(self.request, f"a line longer than {max_line} bytes starts at byte "
-                                                f"{self.body_bytes - len(pending)} of the body")
-        if pending:
-            yield pending
+                    raise LineTooLong(self.request, f"a line longer than {max_line} bytes starts at byte "
+                                                    f"{line_start} of the body")
+                if end < 0:
+                    break
+                yield bytes(line)
+                line.clear()
+                start = end + 1
+                line_start = chunk_start + start
+        if line:
+            yield bytes(line)
 
     async def close(self) -> None:
         """Back to the pool if the answer was read to its end and the connection may be kept, else closed."""
@@ -199,6 +202,8 @@ async def _next_event(conn: _Connection, name: str, timeouts: Timeouts, deadline
                 raise _Stale from None
             raise ConnectError(name, f"the connection failed after {conn.received} bytes of the answer: "
                                      f"{e.strerror or e}") from None
+        if not data and conn.closed:
+            raise ConnectError(name, f"closed by this side after {conn.received} bytes of the answer")
         if not data and conn.received == 0:
             raise _Stale
         conn.received += len(data)
@@ -218,6 +223,9 @@ class HttpClient:
         self.unix_socket = unix_socket
         self.proxies = proxies
         self._idle: dict[_Origin, list[_Connection]] = {}
+        self._busy: set[_Connection] = set()  # carrying a request or an answer not yet closed
+        self._closed = False
+        self._default_tls: ssl.SSLContext | None = None  # the system's roots, made once (part of the pool's key)
         self.connections_opened = 0  # for tests and logs
 
     async def request(self, method: str, url: str, *, headers: Sequence[tuple[str, str]] = (),
@@ -235,7 +243,7 @@ class HttpClient:
             port = parts.port or (443 if https else 80)
         except ValueError:
             raise ValueError(f"{name}: bad port in the URL") from None
-        context = (tls or ssl.create_default_context()) if https else None
+        context = (tls or self._system_roots()) if https else None
         try:
             proxy = self.proxies.for_url(parts.scheme, parts.hostname, port) if self.proxies and not \
                 self.unix_socket else None
@@ -254,19 +262,22 @@ class HttpClient:
         deadline = loop.time() + timeouts.total if timeouts.total is not None else None
         retry = idempotent if idempotent is not None else method in IDEMPOTENT
         for attempt in range(2):
+            if self._closed:
+                raise ConnectError(name, "the client is closed")
             conn = self._pooled(origin, loop.time())
             reused = conn is not None
             if conn is None:
                 conn = await self._open(origin, name, timeouts, deadline)
+            self._busy.add(conn)
             try:
                 return await self._exchange(conn, name, method, target, fields, body, timeouts, deadline)
             except _Stale:
-                conn.close()
+                self._release(conn, reusable=False)
                 if reused and retry and attempt == 0:
                     continue
                 raise ConnectError(name, "the server closed the connection without answering") from None
             except BaseException:
-                conn.close()
+                self._release(conn, reusable=False)
                 raise
         raise AssertionError("unreachable")
 
@@ -294,6 +305,11 @@ class HttpClient:
             if isinstance(event, h11.ConnectionClosed):
                 raise _Stale
             # h11.InformationalResponse (1xx): wait for the final answer
+
+    def _system_roots(self) -> ssl.SSLContext:
+        if self._default_tls is None:
+            self._default_tls = ssl.create_default_context()
+        return self._default_tls
 
     def _pooled(self, origin: _Origin, now: float) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -359,8 +375,9 @@ class HttpClient:
             raise ConnectError(name, f"{proxy} sent bytes of its own after its CONNECT answer")
 
     def _release(self, conn: _Connection, *, reusable: bool) -> None:
+        self._busy.discard(conn)
         codec = conn.codec
-        if reusable and codec.our_state is h11.DONE and codec.their_state is h11.DONE:
+        if reusable and not self._closed and codec.our_state is h11.DONE and codec.their_state is h11.DONE:
             codec.start_next_cycle()
             idle = self._idle.setdefault(conn.origin, [])
             if len(idle) < IDLE_PER_ORIGIN:
@@ -370,11 +387,9 @@ class HttpClient:
         conn.close()
 
     async def close(self) -> None:
-        """Close the pooled connections (those of answers still open close with them)."""
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
+        """Close every connection, those of answers still being read too (their reads then fail)."""
+        self._closed = True
+        for conn in [*self._busy, *(c for idle in self._idle.values() for c in idle)]:
+            conn.close()
+        self._busy.clear()
         self._idle.clear()
-
-
-__all__ = ["HttpClient", "HttpError", "Response", "Timeouts"]

@@ -126,7 +126,7 @@ class HttpServer:
             except _BadRequest as e:
                 self.bad_requests += 1
                 peer = writer.get_extra_info("peername") or "unix socket"
-                log.info("%s: bad request from %s: %s", self.name, peer, e)
+                log.debug("%s: bad request from %s: %s", self.name, peer, e)
                 if codec.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await self._send(codec, writer, Reply(e.status, f"bad request: {e}\n".encode()), head=False,
                                      close=True)

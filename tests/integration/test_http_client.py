@@ -194,3 +194,30 @@ async def test_connection_refused_names_the_request() -> None:
         url = server.url
     with pytest.raises(ConnectError, match=rf"^GET {re.escape(url)}/x: cannot connect to 127\.0\.0\.1:\d+: "):
         await get(url + "/x")
+
+
+async def test_closing_the_client_ends_an_answer_being_streamed() -> None:
+    async def endless(request: SeenRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(chunked("200 OK", b'{"a":1}\n', end=False))
+        await writer.drain()
+        await asyncio.sleep(30)
+        return False
+
+    async with HostileServer(endless) as server:
+        client = HttpClient()
+        response = await client.request("GET", server.url + "/watch", timeouts=Timeouts(connect=5))
+        seen: list[bytes] = []
+
+        async def consume() -> None:
+            async with response:
+                async for line in response.lines(100):
+                    seen.append(line)
+
+        reader = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)
+        assert seen == [b'{"a":1}']
+        await client.close()
+        with pytest.raises(ConnectError, match=r"/watch: closed by this side after \d+ bytes of the answer"):
+            await asyncio.wait_for(reader, 2)
+        with pytest.raises(ConnectError, match=r"/again: the client is closed"):
+            await client.request("GET", server.url + "/again", timeouts=T)

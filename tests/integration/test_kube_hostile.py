@@ -102,7 +102,7 @@ async def test_an_informer_recovers_from_bad_answers(tmp_path: Path, caplog: pyt
                     "malformed answer: peer closed connection without sending complete message body (received 7 bytes, "
                     "expected 100), after 7 bytes of the body",
                     "malformed answer: illegal chunk header: bytearray(b'zz\\r\\n'), after ",
-                    f"bytes, longer than {MAX_EVENT_LINE}, ends at byte ",
+                    f"a line longer than {MAX_EVENT_LINE} bytes starts at byte 0 of the body",
                     "malformed answer: a header block (status line, headers or chunk size line) longer than"):
         assert message in logged, message
         assert any(message in r.getMessage() and url in r.getMessage() for r in caplog.records), message
