@@ -17,7 +17,7 @@ import socket
 from agent.mesh.model import Address
 from agent.proxy.context import Mesh
 from agent.proxy.inputs import Connection, forwarded_client, forwarded_host
-from agent.proxy.sockets import dial
+from agent.proxy.sockets import dial, upstream_source
 from agent.proxy.splice import Splice
 from hbone import (
     Acceptor,
@@ -122,7 +122,7 @@ class InboundProxy:
             return
         try:
             async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT):
-                upstream = await dial(target, client[0])
+                upstream = await dial(target, upstream_source(client, target))
         except (OSError, TimeoutError) as e:
             log.info("%s -> %s: pod unreachable: %s", client, target, e or "timed out")
             telemetry.dropped(inbound=True, client=client, target=target, mtls=mtls,
