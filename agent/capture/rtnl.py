@@ -169,7 +169,8 @@ def _table(table: int) -> tuple[int, bytes]:
 def get_route(dst: str) -> Request:
     """`ip route get <dst>`: the route the node would use to reach `dst`."""
     family = family_of(dst)
-    header = RTMSG.pack(family, _ADDR_LEN[family] * 8, 0, 0, 0, 0, 0, 0, RTM_F_LOOKUP_TABLE)
+    flags = RTM_F_LOOKUP_TABLE if family == socket.AF_INET else 0  # as ip: IPv6 refuses the flag (EINVAL)
+    header = RTMSG.pack(family, _ADDR_LEN[family] * 8, 0, 0, 0, 0, 0, 0, flags)
     return Request(f"route get {dst}", RTM_GETROUTE, _GET, header + nl.attr(RTA_DST, socket.inet_pton(family, dst)))
 
 
