@@ -31,7 +31,10 @@ CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big-endian; 0)
-_IP_ATTRS = {socket.AF_INET: (CTA_IP_V4_SRC, CTA_IP_V4_DST), socket.AF_INET6: (CTA_IP_V6_SRC, CTA_IP_V6_DST)}
+_IP_ATTRS: dict[int, tuple[int, int]] = {
+    socket.AF_INET: (CTA_IP_V4_SRC, CTA_IP_V4_DST),
+    socket.AF_INET6: (CTA_IP_V6_SRC, CTA_IP_V6_DST),
+}
 
 Endpoint = tuple[str, int]  # (address, port)
 

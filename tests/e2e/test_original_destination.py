@@ -65,7 +65,7 @@ def net() -> Iterator[Net]:
         yield made
     finally:
         for ns in (made.client, made.node):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=10)
     assert not [n for n in netns.list_netns() if tag in n]
 
 

@@ -55,7 +55,8 @@ def test_ipv4_mapped_addresses_are_ipv4_and_ipv6_is_ipv6() -> None:
     mapped = ct.get_by_reply(("::ffff:10.77.0.1", 8080), ("::ffff:10.77.0.2", 40000))
     assert mapped == ct.get_by_reply(("10.77.0.1", 8080), ("10.77.0.2", 40000))
     v6 = ct.get_by_reply(("fd00:77::1", 8080), ("fd00:77::2", 40001))
-    assert v6.body[:4] == bytes([socket.AF_INET6, 0, 0, 0]) and v6.what.endswith("[fd00:77::1]:8080 -> [fd00:77::2]:40001")
+    assert v6.body[:4] == bytes([socket.AF_INET6, 0, 0, 0])
+    assert v6.what.endswith("[fd00:77::1]:8080 -> [fd00:77::2]:40001")
 
 
 @pytest.mark.parametrize(("local", "peer", "error"), [

@@ -116,9 +116,9 @@ def test_a_real_socket_answers_and_names_a_refused_request() -> None:
 
 def test_no_answer_is_a_timeout_naming_the_request_not_a_hang() -> None:
     """NETLINK_ROUTE answers nothing to a message type no family handles with no ACK asked (a NOOP)."""
-    with nl.NetlinkSocket(socket.NETLINK_ROUTE, timeout=0.2) as sock:
-        with pytest.raises(TimeoutError, match="noop: no answer from the kernel within 0.2 s"):
-            sock.request(Request("noop", nl.NLMSG_NOOP, nl.NLM_F_REQUEST, b""), lambda m: m)
+    with (nl.NetlinkSocket(socket.NETLINK_ROUTE, timeout=0.2) as sock,
+          pytest.raises(TimeoutError, match=r"noop: no answer from the kernel within 0\.2 s")):
+        sock.request(Request("noop", nl.NLMSG_NOOP, nl.NLM_F_REQUEST, b""), lambda m: m)
 
 
 def test_a_malformed_answer_through_parse_is_renamed_after_the_request() -> None:

@@ -148,7 +148,8 @@ def test_parse_the_kernels_link_answer_of_a_veth_whose_peer_is_in_another_namesp
 
 def test_parse_addresses_takes_the_local_address_of_ipv4() -> None:
     """A point-to-point IPv4 address: IFA_LOCAL is ours, IFA_ADDRESS the far end's."""
-    payload = (rtnl.IFADDRMSG.pack(socket.AF_INET, 32, 0, 0, 4) + nl.attr(rtnl.IFA_ADDRESS, socket.inet_aton("10.0.0.2"))
+    payload = (rtnl.IFADDRMSG.pack(socket.AF_INET, 32, 0, 0, 4)
+               + nl.attr(rtnl.IFA_ADDRESS, socket.inet_aton("10.0.0.2"))
                + nl.attr(rtnl.IFA_LOCAL, socket.inet_aton("10.0.0.1")))
     assert rtnl.parse_addr(nl.Message(20, 0, 1, payload)) == rtnl.Address(socket.AF_INET, 4, "10.0.0.1")
     v6 = rtnl.IFADDRMSG.pack(socket.AF_INET6, 64, 0, 0, 4) + nl.attr(rtnl.IFA_ADDRESS, socket.inet_pton(
