@@ -14,7 +14,6 @@ table holds the entry (the node's: create the `Conntrack` there).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -54,36 +53,43 @@ class Entry:
     reply: Tuple  # as the answer goes: from the endpoint after DNAT
 
 
-def _family_and_ip(ip: str) -> tuple[int, str]:
-    """(family, address) of `ip`; an IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 peer) is
-    IPv4. ValueError names a bad address."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return (socket.AF_INET6 if addr.version == 6 else socket.AF_INET), str(addr)
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
-def _tuple_attr(kind: int, family: int, t: Tuple) -> bytes:
+def _packed(ip: str) -> tuple[int, bytes]:
+    """(family, packed address) of `ip`; an IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 peer)
+    is IPv4. ValueError names a bad address."""
+    try:
+        if ":" not in ip:
+            return socket.AF_INET, socket.inet_pton(socket.AF_INET, ip)
+        raw = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    except OSError:
+        raise ValueError(f"conntrack lookup: {ip!r} is not an IP address") from None
+    return (socket.AF_INET, raw[12:]) if raw[:12] == _V4_MAPPED else (socket.AF_INET6, raw)
+
+
+def _tuple_attr(kind: int, family: int, protocol: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> bytes:
+    """A CTA_TUPLE_* attribute: addresses packed, ports in host order."""
     src_kind, dst_kind = _IP_ATTRS[family]
-    ips = [nl.attr(src_kind, socket.inet_pton(family, t.src[0])), nl.attr(dst_kind, socket.inet_pton(family, t.dst[0]))]
-    proto = [nl.attr_u8(CTA_PROTO_NUM, t.protocol), nl.attr_be16(CTA_PROTO_SRC_PORT, t.src[1]),
-             nl.attr_be16(CTA_PROTO_DST_PORT, t.dst[1])]
+    ips = [nl.attr(src_kind, src[0]), nl.attr(dst_kind, dst[0])]
+    proto = [nl.attr_u8(CTA_PROTO_NUM, protocol), nl.attr_be16(CTA_PROTO_SRC_PORT, src[1]),
+             nl.attr_be16(CTA_PROTO_DST_PORT, dst[1])]
     return nl.nested(kind, [nl.nested(CTA_TUPLE_IP, ips), nl.nested(CTA_TUPLE_PROTO, proto)])
 
 
 def get_by_reply(local: Endpoint, peer: Endpoint, protocol: int = socket.IPPROTO_TCP) -> Request:
     """IPCTNL_MSG_CT_GET of the entry whose reply tuple is `local` -> `peer` (the accepted socket's own address and
     its peer's). Both in one family (IPv4-mapped addresses count as IPv4); ValueError otherwise."""
-    family, local_ip = _family_and_ip(local[0])
-    peer_family, peer_ip = _family_and_ip(peer[0])
+    family, local_ip = _packed(local[0])
+    peer_family, peer_ip = _packed(peer[0])
     if family != peer_family:
         raise ValueError(f"conntrack lookup: {local[0]} and {peer[0]} are not of one address family")
     for port in (local[1], peer[1]):
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"conntrack lookup: port {port} out of range")
-    reply = Tuple(protocol, (local_ip, local[1]), (peer_ip, peer[1]))
-    body = NFGENMSG.pack(family, NFNETLINK_V0, 0) + _tuple_attr(CTA_TUPLE_REPLY, family, reply)
-    what = f"conntrack get by reply {_show(reply.src)} -> {_show(reply.dst)}"
+    body = NFGENMSG.pack(family, NFNETLINK_V0, 0) + _tuple_attr(CTA_TUPLE_REPLY, family, protocol,
+                                                                (local_ip, local[1]), (peer_ip, peer[1]))
+    what = f"conntrack get by reply {_show(local)} -> {_show(peer)}"
     return Request(what, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, nl.NLM_F_REQUEST, body)
 
 

@@ -104,13 +104,15 @@ def parse_attrs(buf: bytes, off: int = 0, *, where: str = "attributes") -> dict[
     OSError EPROTO naming `where` when one runs past the end or claims less than its own header."""
     out: dict[int, bytes] = {}
     end = len(buf)
-    while off + ATTR.size <= end:
-        length, kind = ATTR.unpack_from(buf, off)
-        if length < ATTR.size or off + length > end:
-            raise malformed(f"{where}: attribute {kind & NLA_TYPE_MASK} of length {length} at offset {off} "
-                            f"in {end} bytes")
-        out.setdefault(kind & NLA_TYPE_MASK, bytes(buf[off + ATTR.size : off + length]))
-        off += align4(length)
+    unpack = ATTR.unpack_from
+    while off + 4 <= end:
+        length, kind = unpack(buf, off)
+        kind &= NLA_TYPE_MASK
+        if length < 4 or off + length > end:
+            raise malformed(f"{where}: attribute {kind} of length {length} at offset {off} in {end} bytes")
+        if kind not in out:
+            out[kind] = buf[off + 4 : off + length]
+        off += (length + 3) & ~3
     return out
 
 
