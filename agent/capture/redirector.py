@@ -83,15 +83,17 @@ too (the IPv6 input path reads the same net.ipv4 setting); IPv6 has no rp_filter
 connection from the node (source: one of its own addresses) re-enters the door veth and is accepted without
 one (tests/e2e/test_capture.py, the IPv6 door test).
 
-Limits: IP fragments pass (IPv4, and IPv6 fragment headers), as do IPv6 packets with an extension header the
-programs do not skip (see bpf/redirect.c): the receiving pod's kernel drops all of these but fragments, which
-it reassembles, so a TCP connection whose every segment is fragmented on purpose would reach an enrolled pod
-uncaptured (argued from the code, not measured; dropping TCP fragments to and from enrolled pods would close it);
-a destination the node has no route for (a Service VIP on a node without a default route, which Kubernetes
-requires) is taken for a local address by the existing-socket check (bpf_fib_lookup answers NOT_FWDED for both,
-in either family), so its later packets are not steered. The agent must not spoof the client's address towards
-node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed: those replies would
-bypass the programs.
+Fragments: a TCP fragment to or from an enrolled pod is dropped and counted (reason FRAGMENT, counter
+drop_fragment) at every hook: it cannot be captured (only a first fragment has ports), and the pod's kernel would
+reassemble what passed, so a connection fragmented on purpose would otherwise reach or leave the pod uncaptured
+(tests/e2e/test_door.py sends one). TCP sizes its segments to the path and sets DF: no real connection needs them.
+
+Limits: IPv6 packets with an extension header the programs do not skip (see bpf/redirect.c) pass: the receiving
+pod's kernel drops them; a destination the node has no route for (a Service VIP on a node without a default route,
+which Kubernetes requires) is taken for a local address by the existing-socket check (bpf_fib_lookup answers
+NOT_FWDED for both, in either family), so its later packets are not steered. The agent must not spoof the client's
+address towards node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed: those
+replies would bypass the programs.
 """
 
 from __future__ import annotations

@@ -271,15 +271,54 @@ def test_from_the_node_the_probe_port_passes_and_any_other_is_judged(lab: DoorLa
         assert PROBE_PORT not in seen and h.SERVER_PORT in seen, seen
 
 
+def drops_counted(lab: DoorLab, reason: str) -> float:
+    """node-1's hubble_drop_total for ``reason``."""
+    _families, samples = lo.scrape(lab.paths, "node-1")
+    return sum(s.value for s in samples if s.name == "hubble_drop_total" and s.labels.get("reason") == reason)
+
+
+def dropped_flows(lab: DoorLab) -> list[dict[str, Any]]:
+    return lo.flows(lo.observe(lab.name, "--verdict", "DROPPED", "--node-name", "node-1", "--all"))
+
+
 def test_a_forged_enrolled_source_from_the_overlay_is_dropped_at_the_door(lab: DoorLab) -> None:
     """The door verifies sources too: a SYN from behind the overlay claiming app-1-3's address (an enrolled pod of
     node-1, whose own traffic comes in on its own veth) is dropped and counted, never captured as app-1-3."""
-    def spoofed() -> float:
-        _families, samples = lo.scrape(lab.paths, "node-1")
-        return sum(s.value for s in samples if s.name == "hubble_drop_total" and s.labels.get("reason") == "SPOOFED")
-
-    before = spoofed()
+    before = drops_counted(lab, "SPOOFED")
     packets.send_syn(lab.overlay.netns, lab.pod("app-1-3").ip, lab.pod(VICTIM).ip, 40003, h.SERVER_PORT)
-    eventually_sync(lambda: spoofed() >= before + 1, "a SPOOFED drop counted on node-1", 5)
-    drops = lo.flows(lo.observe(lab.name, "--verdict", "DROPPED", "--node-name", "node-1", "--all"))
-    assert any("spoofed" in f.get("drop_reason_desc", "") and lo.tcp(f).get("source_port") == 40003 for f in drops)
+    eventually_sync(lambda: drops_counted(lab, "SPOOFED") >= before + 1, "a SPOOFED drop counted on node-1", 5)
+    assert any("spoofed" in f.get("drop_reason_desc", "") and lo.tcp(f).get("source_port") == 40003
+               for f in dropped_flows(lab))
+
+
+def test_a_connection_fragmented_on_purpose_does_not_slip_past_the_door(lab: DoorLab) -> None:
+    """Only a first fragment carries TCP ports, so fragments cannot be captured, and the pod's kernel reassembles
+    whatever reaches it: a SYN sent as fragments from behind the overlay would open a plaintext connection to the
+    victim past the agent. The door drops TCP fragments to an enrolled pod and counts them (the same fragments
+    do reach a pod that is not enrolled: the watch sees them)."""
+    src, plain = OVERLAY_NET[1], lab.pod("app-1-1")
+    with packets.TcpWatch(plain.netns) as watch:
+        packets.send(lab.overlay.netns, plain.ip, packets.fragmented_syn(src, plain.ip, 40004, h.SERVER_PORT))
+        assert watch.seen(40004, within=5), "the fragmented SYN did not reach the pod that is not enrolled"
+
+    victim = lab.pod(VICTIM)
+    before = drops_counted(lab, "FRAGMENT")
+    with packets.TcpWatch(victim.netns) as watch:
+        packets.send(lab.overlay.netns, victim.ip, packets.fragmented_syn(src, victim.ip, 40005, h.SERVER_PORT))
+        assert not watch.seen(40005, within=2), "the fragmented SYN reached the enrolled pod"
+    # how many fragments reach the door depends on whether node-1 reassembled them (conntrack) and sent it anew
+    # as fragments, whose sending stops at the first dropped one: at least one
+    eventually_sync(lambda: drops_counted(lab, "FRAGMENT") >= before + 1, "the fragments counted on node-1", 15)
+    assert any("fragment" in f.get("drop_reason_desc", "") and f["ip"]["source"] == src
+               for f in dropped_flows(lab))
+
+
+def test_an_enrolled_pod_cannot_send_fragments_past_its_capture(lab: DoorLab) -> None:
+    """The other way: TCP the enrolled victim sends as fragments (a raw socket in the pod) would leave it
+    uncaptured, in plaintext; its veth's program drops them, counted, and they never reach the other pod."""
+    victim, plain = lab.pod(VICTIM), lab.pod("app-2-1")
+    before = drops_counted(lab, "FRAGMENT")
+    with packets.TcpWatch(plain.netns) as watch:
+        packets.send(victim.netns, plain.ip, packets.fragmented_syn(victim.ip, plain.ip, 40006, h.SERVER_PORT))
+        assert not watch.seen(40006, within=2), "the enrolled pod's fragments left the node"
+    eventually_sync(lambda: drops_counted(lab, "FRAGMENT") >= before + 1, "the fragments counted on node-1", 15)
