@@ -41,7 +41,7 @@ bcc 0.26; lab pods are network namespaces; two runs, numbers from the second whe
      RST, SYN retransmit); with the SK_LOOKUP program and registered listeners 51-55 us median, 0/99 over
      5 ms. It also keeps such a SYN away from any node listener on the original port. Hence
      `register_listener()` for 15001/15006/15008.
-  3. Attachment: tcx links first in the chain, pinned in bpffs; clsact filters (pyroute2) as fallback.
+  3. Attachment: tcx links first in the chain, pinned in bpffs; clsact filters (rtnetlink) as fallback.
      - Another tool's tcx program on the pod's veth returning TC_ACT_OK (a CNI using tcx does that):
        with our clsact filter the enrolled pod's connection went DIRECTLY, uncaptured (legacy tc never
        runs after a tcx verdict); with our tcx link placed first it was captured. Untouched packets return
@@ -136,6 +136,7 @@ from agent.capture.maps import (
 from agent.capture.programs import DOOR_PROG, LOOKUP_PROG, POD_PROG, UPLINK_PROG, RedirectError
 from agent.capture.ringbuf import RingBufferReader
 from agent.capture.routing import ROUTE_TABLE, RULE_PRIORITY, PolicyRouting
+from agent.capture.rtnl import Rtnl
 from agent.mesh.ports import AGENT_MARK, Ports
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class Redirector:
         self._loaded: Loaded | None = None
         self._maps: dict[str, KernelMap[Any, Any]] = {}
         self._ring: RingBufferReader | None = None
-        self._ipr: Any = None
+        self._rtnl: Rtnl | None = None
         self._fds: dict[str, int] = {}
         self._clsact: Clsact | None = None
         self._tcx: Tcx | None = None
@@ -270,11 +271,9 @@ class Redirector:
     def _open_kernel(self) -> None:
         """Netlink, and the two attachment backends' views of the namespace (no programs needed)."""
         with netns_mod.entered(self.netns):
-            from pyroute2 import IPRoute
-
-            self._ipr = IPRoute()
+            self._rtnl = rtnl = Rtnl()
             self._netns_ino = os.stat("/proc/thread-self/ns/net").st_ino
-        self._clsact = Clsact(self._ipr)
+        self._clsact = Clsact(rtnl)
         pin_dir = os.path.join(self._bpffs, "ambit", self._instance or f"netns-{self._netns_ino}")
         self._tcx = Tcx(pin_dir, self.netns)
 
@@ -319,7 +318,7 @@ class Redirector:
         detach=False leaves the programs in place (enrolled pods fail closed until an agent comes back,
         exactly as after a crash) and only releases this process's resources."""
         with self._poll_lock:
-            if detach and self._ipr is not None:
+            if detach and self._rtnl is not None:
                 for step in (self._remove_all_attachments, lambda: self._routing().remove(),
                              lambda: conntrack.remove(self.netns), lambda: sysctls.remove(self.netns, self._proc_sys)):
                     try:
@@ -336,9 +335,9 @@ class Redirector:
             if self._loaded is not None:
                 self._loaded.close()
                 self._loaded = None
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
+            if self._rtnl is not None:
+                self._rtnl.close()
+                self._rtnl = None
             self._fds.clear()
 
     def __enter__(self) -> Redirector:
@@ -348,23 +347,25 @@ class Redirector:
         self.close()
 
     # -- helpers ----------------------------------------------------------------------------------------
+    @property
+    def _kernel(self) -> Rtnl:
+        if self._rtnl is None:
+            raise RedirectError("Redirector not started")
+        return self._rtnl
+
     def _ifindex(self, ifname: str) -> int:
-        found = self._ipr.link_lookup(ifname=ifname)
-        if not found:
+        found = self._kernel.ifindex(ifname)
+        if found is None:
             raise LookupError(f"no interface {ifname!r} in {self.netns or 'this namespace'}")
-        return int(found[0])
+        return found
 
     def _bridge_of(self, ifindex: int) -> tuple[int, bytes] | None:
         """(bridge ifindex, bridge MAC) when ``ifindex`` is a port of a bridge (a bridge CNI's cni0)."""
-        links = self._ipr.get_links(ifindex)
-        master = links[0].get_attr("IFLA_MASTER") if links else None
+        master = self._kernel.link(ifindex).master
         if not master:
             return None
-        bridge = self._ipr.get_links(master)[0]
-        info = bridge.get_attr("IFLA_LINKINFO")
-        if info is None or info.get_attr("IFLA_INFO_KIND") != "bridge":
-            return None
-        return int(master), bytes.fromhex(str(bridge.get_attr("IFLA_ADDRESS")).replace(":", ""))
+        bridge = self._kernel.link(master)
+        return (master, bridge.address) if bridge.kind == "bridge" else None
 
     def _attach_bridge_of(self, ifindex: int) -> int | None:
         """A pod on a bridge CNI: its veth sends enrolled pods' TCP up to the bridge, which runs the pod program.
@@ -387,23 +388,21 @@ class Redirector:
         return ifindex
 
     def _ifname(self, ifindex: int) -> str:
-        with contextlib.suppress(Exception):
-            return str(self._ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME"))
+        with contextlib.suppress(OSError):
+            return self._kernel.link(ifindex).name
         return f"#{ifindex}"
 
     def _default_route_devices(self) -> list[str]:
         devs = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            for r in self._ipr.get_default_routes(family=family):
-                oif = r.get_attr("RTA_OIF")
-                if oif:
-                    devs.append(self._ifname(oif))
+            for r in self._kernel.default_routes(family):
+                devs += [self._ifname(oif) for oif in r.oifs]
         if not devs:
             raise RedirectError("no uplink given and no default route to find one: pass uplinks=[...]")
         return sorted(set(devs))
 
     def _routing(self) -> PolicyRouting:
-        return PolicyRouting(self._ipr, self.mark, self.table, self.rule_priority)
+        return PolicyRouting(self._kernel, self.mark, self.table, self.rule_priority)
 
     def _write_config(self) -> None:
         cfg = ConfigC()
@@ -437,7 +436,7 @@ class Redirector:
             sysctls.close_door(self.netns, self._ifname(site), self._proc_sys)
 
     def _all_ifindexes(self) -> list[int]:
-        return [int(link["index"]) for link in self._ipr.get_links()]
+        return [link.index for link in self._kernel.links()]
 
     def attachments(self) -> list[Attachment]:
         """Every ambit program on a tc hook in this namespace, of either backend, whoever made it."""

@@ -4,8 +4,8 @@ Start-up order matters for fail-closed: the listeners exist before the programs 
 the cluster state is loaded before the first reconcile, so no enrolled pod is ever captured by a
 program with no proxy behind it (its SYNs are dropped, not forwarded in the clear).
 
-Kernel work (netlink through pyroute2, BPF maps, attachments) runs on one worker thread: pyroute2's
-synchronous API drives an event loop of its own, and one thread also keeps those operations in order.
+Kernel work (netlink, BPF maps, attachments) runs on one worker thread: its calls block, and one thread also keeps
+those operations in order.
 State changes only wake the reconcile loop, which works from the latest state: a burst of label
 changes costs one reconcile.
 """
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
-
 from agent.capture import Listener, Redirector, host_ifname_for
+from agent.capture.rtnl import Rtnl
 from agent.identity.ca_client import CaClient
 from agent.identity.manager import CertificateManager
 from agent.kube.lifecycle import daemonset_removed
@@ -80,8 +79,8 @@ def migrate_queued_connections() -> None:
 
 def node_addresses() -> frozenset[str]:
     """The node's own addresses, both families (the proxies never spoof a pod's address towards them)."""
-    with IPRoute() as ipr:
-        found = {canonical_ip(ip) for a in ipr.get_addr() if (ip := a.get_attr("IFA_ADDRESS"))}
+    with Rtnl() as rtnl:
+        found = {canonical_ip(a.address) for a in rtnl.addresses()}
     return frozenset(found | {"127.0.0.1", "::1"})
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from agent.capture import Redirector, host_ifname_for, netns, sysctls
-from agent.capture.links import _fdb_port_hint, _Rtnl
+from agent.capture.links import _fdb_port_hint
+from agent.capture.rtnl import Rtnl
 from agent.lab import Lab, Node, Pod, topology
 from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
 from tests.fixtures.eventually import eventually_sync
@@ -59,17 +60,6 @@ def ifindex(ns: str, ifname: str) -> int:
 
 def pod_mac(pod: Pod) -> str:
     return str(_json(["ip", "-n", pod.netns, "-j", "link", "show", pod.ifname])[0]["address"])
-
-
-def ipr_index(ns: str, name: str) -> int:
-    from pyroute2 import IPRoute
-
-    with netns.entered(ns):
-        ipr = IPRoute()
-    try:
-        return int(ipr.link_lookup(ifname=name)[0])
-    finally:
-        ipr.close()
 
 
 def talk(src: Pod, dst_ip: str, port: int = 8080, timeout: float = 3.0) -> tuple[str, bool]:
@@ -145,7 +135,7 @@ def test_finds_each_pods_own_veth_before_the_pod_sent_anything() -> None:
             assert neighbours(node.netns, "cni0") == {} and learned_macs(node) == set()
         assert all(neighbours(pod.netns) == {} for pod in lab.pods)
         with netns.entered(lab.nodes[0].netns):
-            rtnl = _Rtnl()
+            rtnl = Rtnl()
         with rtnl:
             assert _fdb_port_hint(rtnl, ifindex(lab.nodes[0].netns, "cni0"), lab.pods[0].ip) is None
 
@@ -156,7 +146,7 @@ def test_hint_from_neighbour_and_fdb_after_traffic(lab: Lab) -> None:
     assert reachable(a.netns, node.pod_gateway)  # an exchange with the node: ARP both ways, the bridge learns
     assert neighbours(node.netns, "cni0").get(a.ip) == pod_mac(a) and pod_mac(a) in learned_macs(node)
     with netns.entered(node.netns):
-        rtnl = _Rtnl()
+        rtnl = Rtnl()
     with rtnl:
         assert _fdb_port_hint(rtnl, ifindex(node.netns, "cni0"), a.ip) == ifindex(node.netns, a.host_ifname)
     assert host_ifname_for(a.ip, netns=node.netns) == a.host_ifname
@@ -171,7 +161,7 @@ def test_a_stale_neighbour_entry_does_not_mislead(lab: Lab) -> None:
     subprocess.run([*ip_neigh, "replace", a.ip, "lladdr", pod_mac(b), "dev", "cni0", "nud", "permanent"], check=True)
     try:
         with netns.entered(node.netns):
-            rtnl = _Rtnl()
+            rtnl = Rtnl()
         with rtnl:
             assert _fdb_port_hint(rtnl, ifindex(node.netns, "cni0"), a.ip) == ifindex(node.netns, b.host_ifname)
         assert host_ifname_for(a.ip, netns=node.netns) == a.host_ifname
@@ -328,7 +318,7 @@ def test_reconcile_attaches_the_bridge_while_a_bridged_pod_is_wanted(
 ) -> None:
     agent, _relay = capture
     node, a, b = lab.nodes[0], lab.pods[0], lab.pods[1]
-    bridge = ipr_index(node.netns, "cni0")
+    bridge = ifindex(node.netns, "cni0")
 
     def on_bridge() -> bool:
         return any(att.ifindex == bridge for att in agent.attachments())

@@ -36,6 +36,7 @@ from agent.capture import (
 )
 from agent.capture.attach import CLSACT_INGRESS, Backend
 from agent.capture.programs import POD_PROG
+from agent.capture.rtnl import Rtnl
 from agent.lab import Lab, Node, Pod
 from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
 from tests.fixtures import packets
@@ -385,14 +386,10 @@ def test_restart_reconcile_leaves_exactly_the_desired_state(
     crashed.enroll(b.ip, b.host_ifname)
     if first == "clsact":  # plus a stray duplicate filter, as a buggy earlier version might have left
         with netns.entered(node.netns):
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                ix = socket.if_nametoindex(a.host_ifname)
-                ipr.tc(
-                    "add-filter", "bpf", ix, 9, fd=crashed.prog_fd(POD_PROG), name=POD_PROG,
-                    parent=CLSACT_INGRESS, classid=1, direct_action=True, prio=9,
-                )  # fmt: skip
+            rtnl = Rtnl()
+        with rtnl:
+            ix = rtnl.link(name=a.host_ifname).index
+            rtnl.bpf_filter(ix, CLSACT_INGRESS, 9, 9, crashed.prog_fd(POD_PROG), POD_PROG, replace=False)
     crashed.close(detach=False)  # like kill -9: programs, rules and pins stay
 
     restarted = Redirector(["eth0"], netns=node.netns, bpffs=bpffs, backend=second).start()
