@@ -136,7 +136,12 @@ class Connections:
             async with gate:
                 self.socks.append(await self._open_one())
 
-        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), PHASE_TIMEOUT)
+        done = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count)), return_exceptions=True),
+                                      PHASE_TIMEOUT)
+        if failed := [e for e in done if isinstance(e, BaseException)]:
+            entry = self.running.entry
+            raise ConnectionError(f"{len(failed)} of {count} new connections to {entry[0]}:{entry[1]} failed "
+                                  f"({len(self.socks)} open); the first: {type(failed[0]).__name__}: {failed[0]}")
 
     def open(self, count: int, wave: int) -> None:
         """``count`` more connections, each with one byte-exact exchange done, left open."""
@@ -145,16 +150,17 @@ class Connections:
     async def _check(self, wave: int) -> None:
         gate = asyncio.Semaphore(wave)
 
-        async def one(i: int, sock: socket.socket) -> None:
+        async def one(sock: socket.socket) -> None:
             message = os.urandom(MESSAGE)
             async with gate:
-                try:
-                    await asyncio.wait_for(self._exchange(sock, message, message), IO_TIMEOUT)
-                except (OSError, TimeoutError) as e:
-                    raise ConnectionError(f"connection {i} of {len(self.socks)}, open and idle, failed its "
-                                          f"second exchange: {type(e).__name__}: {e}") from e
+                await asyncio.wait_for(self._exchange(sock, message, message), IO_TIMEOUT)
 
-        await asyncio.wait_for(asyncio.gather(*(one(i, s) for i, s in enumerate(self.socks))), PHASE_TIMEOUT)
+        done = await asyncio.wait_for(asyncio.gather(*(one(s) for s in self.socks), return_exceptions=True),
+                                      PHASE_TIMEOUT)
+        if failed := [(i, e) for i, e in enumerate(done) if isinstance(e, BaseException)]:
+            i, e = failed[0]
+            raise ConnectionError(f"{len(failed)} of {len(self.socks)} open, idle connections failed their second "
+                                  f"exchange; the first (connection {i}): {type(e).__name__}: {e}")
 
     def check(self, wave: int) -> None:
         """A second unique message through every open connection, echoed byte-exact."""
@@ -185,8 +191,8 @@ def measure(path: BenchPath, running: Running, target: Address, server_netns: st
         time.sleep(SETTLE)
         result.idle = memories(running.proxies)
         for count in counts:
-            t0 = time.monotonic()
-            conns.open(count - len(conns.socks), wave)
+            t0, added = time.monotonic(), count - len(conns.socks)
+            conns.open(added, wave)
             result.open_seconds[count] = time.monotonic() - t0
             time.sleep(SETTLE)
             result.at[count] = memories(running.proxies)
@@ -194,7 +200,7 @@ def measure(path: BenchPath, running: Running, target: Address, server_netns: st
             if held < count:
                 raise RuntimeError(f"path {path.name}: {count} connections open, but its server-side proxy holds "
                                    f"only {held} sockets to the receiver {target[0]}:{target[1]}")
-            say(f"[{path.name}] {count} connections open in {result.open_seconds[count]:.1f}s; "
+            say(f"[{path.name}] {count} connections open ({added} opened in {result.open_seconds[count]:.1f}s); "
                 + ", ".join(f"{role} RSS {m.rss / MIB:.1f} MiB, PSS {m.pss / MIB:.1f} MiB"
                             for role, m in result.at[count].items()))
         conns.check(wave)
@@ -232,7 +238,7 @@ def ratios(ambit: PathMemory, envoy: PathMemory, counts: Sequence[int]) -> list[
         parts = []
         for role in ambit.idle:
             (a_rss, a_pss), (e_rss, e_pss) = ambit.kib_per_connection(n, role), envoy.kib_per_connection(n, role)
-            parts.append(f"{role} {a_pss / e_pss:.1f}x ({a_rss / e_rss:.1f}x)" if e_pss > 0 and e_rss > 0
+            parts.append(f"{role} {a_pss / e_pss:.2f}x ({a_rss / e_rss:.2f}x)" if e_pss > 0 and e_rss > 0
                          else f"{role}: Envoy's grew by nothing measurable")
         out.append(f"Ambit / Envoy, KiB per connection at {n:,}, PSS (RSS): " + ", ".join(parts))
     return out
