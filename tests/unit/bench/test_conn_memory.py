@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.conn_memory import PathMemory, _counts, ratios, table
+from bench.conn_memory import PathMemory, _counts, held_after_rounds, ratios, table
 from bench.envoy import TlsFiles, client_bootstrap, server_bootstrap
 from bench.paths import MeshCerts
 from bench.procs import Memory
@@ -53,6 +53,16 @@ def test_ratios_put_ambit_over_envoy_per_side_and_count() -> None:
                    "Ambit / Envoy, KiB per connection at 5,000, PSS (RSS): client 0.43x (0.47x), server 0.33x (0.36x)"]
     flat = ratios(_path("ambit", 7.0, 7.5), _path("envoy", 0.0, 21.0), (1000,))
     assert "client: Envoy's grew by nothing measurable" in flat[0] and "server 0.33x" in flat[0]
+
+
+def test_held_after_rounds_lists_each_proxys_memory_after_each_rounds_closing() -> None:
+    first = [_path("ambit", 7.0, 7.5, (1000,)), _path("envoy", 16.0, 23.0, (1000,))]
+    second = [_path("ambit", 8.0, 7.5, (1000,)), _path("envoy", 16.0, 23.0, (1000,))]
+    lines = held_after_rounds([first, second])
+    assert lines == ["ambit client, after each round's connections closed: 66.8 / 45.9 -> 67.8 / 46.8",
+                     "ambit server, after each round's connections closed: 67.3 / 46.3 -> 67.3 / 46.3",
+                     "envoy client, after each round's connections closed: 75.6 / 54.6 -> 75.6 / 54.6",
+                     "envoy server, after each round's connections closed: 82.5 / 61.5 -> 82.5 / 61.5"]
 
 
 @pytest.mark.parametrize("text", ["5000,1000", "1000,1000", "10,1000", "", "1k"])
