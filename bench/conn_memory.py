@@ -266,6 +266,18 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
+def _between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, not {n}")
+        return n
+    return parse
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -275,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", type=_counts, default=list(COUNTS),
                     help="open connections at which memory is read, rising (default 1000,5000)")
-    ap.add_argument("--wave", type=int, default=WAVE, help="connections being set up at once")
-    ap.add_argument("--rounds", type=int, choices=range(1, 11), default=1, metavar="1..10",
+    ap.add_argument("--wave", type=_between(1, 1000), default=WAVE,
+                    help="connections being set up at once (default %(default)s)")
+    ap.add_argument("--rounds", type=_between(1, 10), default=1,
                     help="measure each path this many times in the same lab (interleaved); the table is the first "
                          "round's, later rounds show whether the memory held after closing levels off")
     ap.add_argument("--keep-workdir", action="store_true", help="keep configs, certificates and logs")

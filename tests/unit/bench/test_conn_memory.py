@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.conn_memory import PathMemory, _counts, held_after_rounds, ratios, table
+from bench.conn_memory import PathMemory, _between, _counts, held_after_rounds, ratios, table
 from bench.envoy import TlsFiles, client_bootstrap, server_bootstrap
 from bench.paths import MeshCerts
 from bench.procs import Memory
@@ -73,6 +73,14 @@ def test_counts_must_rise_above_the_warm_up(text: str) -> None:
 
 def test_counts_parse() -> None:
     assert _counts("1000,5000") == [1000, 5000]
+
+
+def test_wave_and_rounds_are_bounded_whole_numbers() -> None:
+    parse = _between(1, 10)
+    assert parse("10") == 10
+    for bad, why in (("0", "must be 1 to 10, not 0"), ("11", "not 11"), ("2.5", "not a whole number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            parse(bad)
 
 
 CAP_SYS_RESOURCE = 24
