@@ -5,7 +5,7 @@ A pod on node 1 opens 1,000, then 5,000 connections to a pod on node 2 (HBONE be
 exchanging 64 unique bytes and staying open; the agents' RSS and PSS are read idle, at 1,000 and at 5,000
 open connections, and the KiB per connection printed and bounded by ``BOUND_KIB`` at both counts: about 3x
 the 7.0-7.6 KiB measured (RSS and PSS, both agents, both counts; ``python -m bench.conn_memory``, where the
-Envoy pair's client and server take 15.7-15.9 and 22.3-22.7 KiB). The agents lift their open-files limit to
+Envoy pair's client and server take 15.6-15.9 and 22.3-22.7 KiB). The agents lift their open-files limit to
 the hard limit themselves (each proxied connection holds a socket on each node).
 """
 
