@@ -132,7 +132,7 @@ def bench_lab(logs: Path, say: Say, name: str | None = None, agent_flags: Sequen
 
 
 # -- checking where a connection goes -----------------------------------------------------------------------------
-def _holders(node_netns: str, target: Address) -> str:
+def holders(node_netns: str, target: Address) -> str:
     """``ss`` lines (with owning processes) of the sockets in ``node_netns`` connected to ``target``."""
     out = netns_run(node_netns, ["ss", "-Htnp", "state", "established", "dst", f"{target[0]}:{target[1]}"])
     return out.stdout.strip()
@@ -147,7 +147,7 @@ def _probe(client_netns: str, entry: Address, server_node: str, target: Address,
     with sock:
         deadline = time.monotonic() + settle
         while True:
-            held = _holders(server_node, target)
+            held = holders(server_node, target)
             if held or time.monotonic() >= deadline:
                 return held
             time.sleep(0.05)
@@ -171,10 +171,10 @@ def wait_through(pid: int, what: str, client_netns: str, entry: Address, server_
                    f"{held or 'none'}")
 
 
-def _wait_no_holders(node_netns: str, target: Address, timeout: float = 10.0) -> None:
+def wait_no_holders(node_netns: str, target: Address, timeout: float = 10.0) -> None:
     """Until no socket of ``node_netns`` is connected to ``target`` (the last probe's are closing)."""
     deadline = time.monotonic() + timeout
-    while (held := _holders(node_netns, target)) and time.monotonic() < deadline:
+    while (held := holders(node_netns, target)) and time.monotonic() < deadline:
         time.sleep(0.05)
     if held:
         raise LabError(f"sockets of {node_netns} to {target[0]}:{target[1]} stay open: {held}")
@@ -276,7 +276,7 @@ class LabAmbitServicePath(LabAmbitPath):
     @contextlib.contextmanager
     def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         # Another path's probe to the same pod may still be closing: the check below must see only its own.
-        _wait_no_holders(self.lab.node(1).netns, target)
+        wait_no_holders(self.lab.node(1).netns, target)
         with service_to(self.lab.paths, self.server, target[1]):
             yield self.through_agents((SERVICE_VIP, SERVICE_PORT), target)
 

@@ -41,9 +41,15 @@
  * agent's dual-stack socket on :: with IPV6_V6ONLY off both), the local-address check asks the IPv6 FIB. IPv6
  * extension headers: hop-by-hop and destination options are skipped, as is a routing header with no segments
  * left (the destination in the header is then the final one), up to AMBIT_IPV6_EXT_MAX of them; a packet with
- * any other (a fragment, a routing header with segments left, AH, ESP, an unknown one) or with more is left
- * alone (AMBIT_NEXT), as IPv4 fragments are: the receiver's kernel drops what it cannot process, except
- * fragments, which it reassembles (see the redirector's limits).
+ * any other (a routing header with segments left, AH, ESP, an unknown one) or with more is left alone
+ * (AMBIT_NEXT): the receiver's kernel drops what it cannot process.
+ *
+ * Fragments: only the first fragment of a packet carries the TCP ports, so a fragment can neither be assigned to
+ * a socket nor told apart by flow, and the receiving pod's kernel would reassemble what the programs let by: a
+ * connection whose segments are all fragmented on purpose would reach (or leave) an enrolled pod uncaptured.
+ * TCP never needs fragments (it sizes segments to the path MTU and sets DF), so every TCP fragment (IPv4 MF or
+ * offset, an IPv6 Fragment header followed by TCP or by another extension header) to or from an enrolled pod is
+ * dropped and counted, whatever the fail-open setting, as spoofed packets are. Other fragments (UDP: DNS) pass.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -62,6 +68,8 @@
 #define LOOPBACK_BE 0x0100007f /* 127.0.0.1 in network byte order (little-endian host) */
 #define IP_FRAG_MASK 0x3fff    /* MF flag + fragment offset */
 #define AMBIT_IPV6_EXT_MAX 4   /* IPv6 extension headers skipped before TCP, at most */
+#define PARSE_OTHER -1         /* parse(): not TCP, or nothing the programs act on */
+#define PARSE_FRAGMENT -2      /* parse(): a fragment of a TCP packet; addresses set, ports 0 */
 
 /* Verdicts: a packet we do not act on continues to the next program of the hook (later tcx programs or
  * clsact filters of other tools, e.g. the CNI's); one we assigned to a socket is final. */
@@ -181,50 +189,60 @@ static __always_inline void emit_flags(struct __sk_buff *skb, struct pkt *p, __u
         h_;                                                                                                         \
     })
 
-/* IPv4: addresses and the offset of the TCP header; -1 for anything but an unfragmented TCP packet. */
+/* IPv4: addresses and the offset of the TCP header; PARSE_FRAGMENT for a TCP fragment, PARSE_OTHER for anything
+ * else. */
 static __always_inline int parse4(struct __sk_buff *skb, struct pkt *p)
 {
     struct iphdr buf;
     struct iphdr *ip = HEAD(skb, sizeof(struct ethhdr), struct iphdr, &buf);
-    if (!ip || ip->protocol != IPPROTO_TCP || (ip->frag_off & bpf_htons(IP_FRAG_MASK)))
-        return -1;
+    if (!ip || ip->protocol != IPPROTO_TCP)
+        return PARSE_OTHER;
     __u32 ihl = (ip->ihl & 0xf) * 4;
     if (ihl < sizeof(struct iphdr))
-        return -1;
+        return PARSE_OTHER;
     map_v4(&p->saddr, ip->saddr);
     map_v4(&p->daddr, ip->daddr);
+    if (ip->frag_off & bpf_htons(IP_FRAG_MASK))
+        return PARSE_FRAGMENT;
     return sizeof(struct ethhdr) + ihl;
 }
 
 /* IPv6: addresses and the offset of the TCP header past the extension headers that can be skipped safely (see
- * the top of the file); -1 for anything else, and for an IPv4-mapped address in either field. */
+ * the top of the file); PARSE_FRAGMENT for a TCP fragment; PARSE_OTHER for anything else, and for an IPv4-mapped
+ * address in either field. */
 static __always_inline int parse6(struct __sk_buff *skb, struct pkt *p)
 {
     struct ipv6hdr buf;
     struct ipv6hdr *ip6 = HEAD(skb, sizeof(struct ethhdr), struct ipv6hdr, &buf);
     if (!ip6)
-        return -1;
+        return PARSE_OTHER;
     __builtin_memcpy(&p->saddr, &ip6->saddr, sizeof(struct ambit_addr));
     __builtin_memcpy(&p->daddr, &ip6->daddr, sizeof(struct ambit_addr));
     if (is_v4_mapped(&p->saddr) || is_v4_mapped(&p->daddr))
-        return -1;
+        return PARSE_OTHER;
     __u8 next = ip6->nexthdr;
     int off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
 #pragma unroll
     for (int i = 0; i < AMBIT_IPV6_EXT_MAX; i++) {
         if (next == IPPROTO_TCP)
             return off;
-        if (next != IPPROTO_HOPOPTS && next != IPPROTO_DSTOPTS && next != IPPROTO_ROUTING)
-            return -1;
+        if (next != IPPROTO_HOPOPTS && next != IPPROTO_DSTOPTS && next != IPPROTO_ROUTING &&
+            next != IPPROTO_FRAGMENT)
+            return PARSE_OTHER;
         struct ipv6_rt_hdr ext; /* the first 4 bytes; segments_left only means something in a routing header */
         if (bpf_skb_load_bytes(skb, off, &ext, sizeof(ext)))
-            return -1;
+            return PARSE_OTHER;
+        if (next == IPPROTO_FRAGMENT) /* what follows it: TCP, or a header that may hide TCP */
+            return ext.nexthdr == IPPROTO_TCP || ext.nexthdr == IPPROTO_HOPOPTS || ext.nexthdr == IPPROTO_DSTOPTS ||
+                           ext.nexthdr == IPPROTO_ROUTING || ext.nexthdr == IPPROTO_FRAGMENT
+                       ? PARSE_FRAGMENT
+                       : PARSE_OTHER;
         if (next == IPPROTO_ROUTING && ext.segments_left)
-            return -1;
+            return PARSE_OTHER;
         next = ext.nexthdr;
         off += (ext.hdrlen + 1) * 8;
     }
-    return next == IPPROTO_TCP ? off : -1;
+    return next == IPPROTO_TCP ? off : PARSE_OTHER;
 }
 
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
@@ -233,7 +251,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
     void *end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > end)
-        return -1;
+        return PARSE_OTHER;
     int off;
     if (eth->h_proto == bpf_htons(ETH_P_IP)) {
         off = parse4(skb, p);
@@ -241,18 +259,20 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
         p->v6 = 1;
         off = parse6(skb, p);
     } else {
-        return -1;
+        return PARSE_OTHER;
     }
+    p->ifindex = skb->ifindex;
+    if (off == PARSE_FRAGMENT)
+        return PARSE_FRAGMENT;
     if (off < 0 || off > 0xffff)
-        return -1;
+        return PARSE_OTHER;
     struct tcp_head buf;
     struct tcp_head *tcp = HEAD(skb, off, struct tcp_head, &buf);
     if (!tcp)
-        return -1;
+        return PARSE_OTHER;
     p->sport = tcp->source;
     p->dport = tcp->dest;
     p->flags = tcp->flags;
-    p->ifindex = skb->ifindex;
     return 0;
 }
 
@@ -376,6 +396,16 @@ static __always_inline struct ambit_config *active_config(struct __sk_buff *skb)
     return cfg;
 }
 
+/* A TCP fragment to or from an enrolled pod (see the top of the file) when `concerns`: dropped and counted. */
+static __always_inline int fragment(struct __sk_buff *skb, struct pkt *p, int concerns)
+{
+    if (!concerns || !active_config(skb))
+        return AMBIT_NEXT;
+    count(AMBIT_C_DROP_FRAGMENT);
+    emit(skb, p, AMBIT_EV_DROP, AMBIT_V_DROPPED, 0, AMBIT_R_FRAGMENT);
+    return TC_ACT_SHOT;
+}
+
 /* Steps 2-4 for a packet of `inbound` (to an enrolled local pod) or outbound (from one) traffic. */
 static __always_inline int handle(struct __sk_buff *skb, struct pkt *p, struct ambit_config *cfg, int inbound)
 {
@@ -490,28 +520,57 @@ static __always_inline int from_door(__u32 ifindex, struct pkt *p)
     return pod && pod->ifindex == ifindex;
 }
 
+/* The same on a bridge CNI: a marked packet entering the bridge's stack, addressed to an enrolled pod on one of
+ * its ports (nothing else arrives there marked: the agent's own packets to such a pod leave through the bridge).
+ * The configuration when it is one, else NULL. */
+static __always_inline struct ambit_config *from_bridge_door(struct __sk_buff *skb, __u32 bridge_ifindex,
+                                                             struct pkt *p)
+{
+    int zero = 0;
+    struct ambit_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->mark || skb->mark != cfg->mark)
+        return NULL;
+    struct ambit_pod *pod = enrolled.lookup(&p->daddr);
+    if (!pod)
+        return NULL;
+    __u32 port_ifindex = pod->ifindex;
+    struct ambit_bridge_port *port = bridge_ports.lookup(&port_ifindex);
+    return port && port->ifindex == bridge_ifindex ? cfg : NULL;
+}
+
+/* A packet the door took must be kept: handed back to the stack it would go to the door again. */
+static __always_inline int door_verdict(int verdict)
+{
+    return verdict == AMBIT_NEXT ? TC_ACT_SHOT : verdict;
+}
+
 int ambit_pod_ingress(struct __sk_buff *skb)
 {
-    struct pkt p = {};
-    if (parse(skb, &p))
+    struct pkt p = {.hook = AMBIT_D_POD};
+    int parsed = parse(skb, &p);
+    if (parsed == PARSE_FRAGMENT)
+        return fragment(skb, &p, pod_direction(&p) >= 0);
+    if (parsed)
         return AMBIT_NEXT;
-    p.hook = AMBIT_D_POD;
     __u32 ifindex = p.ifindex;
     struct ambit_bridge_port *port = bridge_ports.lookup(&ifindex);
     if (port)
         return spoofed(skb, &p) ? TC_ACT_SHOT : via_bridge(skb, &p, port);
-    struct ambit_config *cfg = active_config(skb);
+    __u32 *role = ifaces.lookup(&ifindex);
+    int bridge = role && *role == AMBIT_IF_BRIDGE;
+    struct ambit_config *cfg = bridge ? from_bridge_door(skb, ifindex, &p) : NULL;
+    if (cfg) {
+        p.hook = AMBIT_D_DOOR;
+        return door_verdict(handle(skb, &p, cfg, 1));
+    }
+    cfg = active_config(skb);
     if (!cfg)
         return AMBIT_NEXT;
     if (from_door(ifindex, &p)) {
         p.hook = AMBIT_D_DOOR;
-        int verdict = handle(skb, &p, cfg, 1);
-        /* the door took it because this program keeps it: never hand it back to the stack, which would
-         * forward it to the door again */
-        return verdict == AMBIT_NEXT ? TC_ACT_SHOT : verdict;
+        return door_verdict(handle(skb, &p, cfg, 1));
     }
-    __u32 *role = ifaces.lookup(&ifindex);
-    if (!(role && *role == AMBIT_IF_BRIDGE) && spoofed(skb, &p)) /* the bridge's ports checked already */
+    if (!bridge && spoofed(skb, &p)) /* the bridge's ports checked already */
         return TC_ACT_SHOT;
     int inbound = pod_direction(&p);
     if (inbound < 0)
@@ -521,10 +580,12 @@ int ambit_pod_ingress(struct __sk_buff *skb)
 
 int ambit_uplink_ingress(struct __sk_buff *skb)
 {
-    struct pkt p = {};
-    if (parse(skb, &p))
+    struct pkt p = {.hook = AMBIT_D_UPLINK};
+    int parsed = parse(skb, &p);
+    if (parsed == PARSE_FRAGMENT)
+        return fragment(skb, &p, enrolled.lookup(&p.daddr) || enrolled.lookup(&p.saddr));
+    if (parsed)
         return AMBIT_NEXT;
-    p.hook = AMBIT_D_UPLINK;
     if (spoofed(skb, &p))
         return TC_ACT_SHOT;
     struct ambit_config *cfg = active_config(skb);
@@ -569,10 +630,12 @@ static __always_inline int node_probe(struct __sk_buff *skb, struct pkt *p, stru
 
 int ambit_pod_egress(struct __sk_buff *skb)
 {
-    struct pkt p = {};
-    if (parse(skb, &p))
+    struct pkt p = {.hook = AMBIT_D_DOOR};
+    int parsed = parse(skb, &p);
+    if (parsed == PARSE_FRAGMENT)
+        return fragment(skb, &p, enrolled.lookup(&p.daddr) != NULL);
+    if (parsed)
         return AMBIT_NEXT;
-    p.hook = AMBIT_D_DOOR;
     struct ambit_config *cfg = active_config(skb);
     if (!cfg)
         return AMBIT_NEXT;
@@ -580,15 +643,22 @@ int ambit_pod_egress(struct __sk_buff *skb)
     if (!pod || pod->ifindex != p.ifindex)
         return AMBIT_NEXT;
     /* Source verification for what the node forwards from interfaces without a pod program (overlays):
-     * a local enrolled pod's own traffic comes in on its own veth, where it is captured. */
+     * a local enrolled pod's own traffic comes in on its own veth (on a bridge CNI, through the bridge), where
+     * it is captured. */
     struct ambit_pod *src = enrolled.lookup(&p.saddr);
     if (src && !skb->sk && src->ifindex != skb->ingress_ifindex) {
-        count(AMBIT_C_DROP_SPOOFED);
-        emit(skb, &p, AMBIT_EV_DROP, AMBIT_V_DROPPED, 0, AMBIT_R_SPOOFED);
-        return TC_ACT_SHOT;
+        __u32 src_ifindex = src->ifindex;
+        struct ambit_bridge_port *via = bridge_ports.lookup(&src_ifindex);
+        if (!via || via->ifindex != skb->ingress_ifindex) {
+            count(AMBIT_C_DROP_SPOOFED);
+            emit(skb, &p, AMBIT_EV_DROP, AMBIT_V_DROPPED, 0, AMBIT_R_SPOOFED);
+            return TC_ACT_SHOT;
+        }
     }
     if (node_probe(skb, &p, cfg))
         return AMBIT_NEXT;
+    __u32 ifindex = p.ifindex;
+    struct ambit_bridge_port *bridge = bridge_ports.lookup(&ifindex);
     if ((p.flags & (TCP_FL_SYN | TCP_FL_ACK)) == TCP_FL_SYN) {
         __u16 lport = cfg->port[p.dport == bpf_htons(cfg->port[AMBIT_L_HBONE]) ? AMBIT_L_HBONE : AMBIT_L_INBOUND];
         struct bpf_sock *sk = find_listener(skb, &p, lport);
@@ -598,16 +668,34 @@ int ambit_pod_egress(struct __sk_buff *skb)
     } else if (!agent_flow(skb, &p)) {
         return AMBIT_NEXT; /* a connection made before enrollment, or a probe's */
     }
+    /* Back in through the veth: addressed to the veth itself (routed CNIs: ambit_pod_ingress recognises the door
+     * there), or on a bridge CNI's port to the bridge, which hands it up to its IP stack, where the pod program
+     * attached to the bridge recognises it by the mark (from_bridge_door). The mark also keeps it out of
+     * conntrack when the bridge's frames meet netfilter (br_netfilter, which Kubernetes requires of bridge
+     * CNIs): tracked there, it would clash with the connection's entry from its first pass (a Service's DNAT).
+     * The bridge learns the source address of what enters its port: the pod's own, not the sender's (which
+     * would send the sender's later frames to this port). */
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > end)
         return TC_ACT_SHOT;
-    __u8 own[ETH_ALEN];
-    __builtin_memcpy(own, eth->h_source, ETH_ALEN);
-    if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), own, ETH_ALEN, 0))
+    struct {
+        __u8 dest[ETH_ALEN];
+        __u8 source[ETH_ALEN];
+    } macs;
+    if (bridge) {
+        __builtin_memcpy(macs.dest, bridge->mac, ETH_ALEN);
+        __builtin_memcpy(macs.source, eth->h_dest, ETH_ALEN);
+    } else {
+        __builtin_memcpy(macs.dest, eth->h_source, ETH_ALEN);
+        __builtin_memcpy(macs.source, eth->h_source, ETH_ALEN);
+    }
+    if (bpf_skb_store_bytes(skb, 0, &macs, sizeof(macs), 0))
         return TC_ACT_SHOT;
-    return bpf_redirect(p.ifindex, BPF_F_INGRESS);
+    if (bridge)
+        skb->mark = cfg->mark;
+    return bpf_redirect(ifindex, BPF_F_INGRESS);
 }
 
 /* Listener lookups in the node namespace that the tc programs left to the kernel (SYN meeting a TIME_WAIT

@@ -48,6 +48,7 @@ struct ambit_pod {
 struct ambit_bridge_port {
     __u8 mac[6];        /* the bridge's own address */
     __u16 _pad;
+    __u32 ifindex;      /* the bridge's: where the pod's traffic enters the node's IP stack */
 };
 
 /* probe_ports map: key = (pod address, TCP port) that the pod's own liveness/readiness/startup probes name;
@@ -93,6 +94,7 @@ struct ambit_flow {
 #define AMBIT_R_STALE_FLOW   3 /* packet of a taken-over flow whose socket is gone */
 #define AMBIT_R_FAIL_OPEN    4 /* would have dropped, fail-open setting let it through */
 #define AMBIT_R_SPOOFED      5 /* source is an enrolled pod's address, arriving on another interface */
+#define AMBIT_R_FRAGMENT     6 /* a TCP fragment to or from an enrolled pod: cannot be captured (ports 0) */
 
 /* Hook that emitted an event */
 #define AMBIT_D_POD    0 /* pod veth ingress (outbound traffic and replies to agent upstream sockets) */
@@ -130,6 +132,7 @@ struct ambit_event {
 #define AMBIT_C_DROP_SPOOFED   10
 #define AMBIT_C_REDIRECT_DOOR  11 /* new connections into a pod that only its door saw (DNAT, NodePort, node) */
 #define AMBIT_C_PROBE_PASSED   12 /* packets from the node to a pod's probe port, passed uncaptured */
-#define AMBIT_C_COUNT          13
+#define AMBIT_C_DROP_FRAGMENT  13 /* TCP fragments to or from an enrolled pod, dropped */
+#define AMBIT_C_COUNT          14
 
 #endif

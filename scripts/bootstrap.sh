@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3-venv python3-dev python3-bpfcc linux-headers-amd64 iproute2 iperf3 tshark tcpdump stunnel4 nftables)
+# Only the tests use these (a real Prometheus scrapes the agent's admin endpoint); the image leaves them out
+# (AMBIT_RUNTIME_ONLY=1 in daemonset/Containerfile).
+TEST_PACKAGES=(prometheus)
+if [ "${AMBIT_RUNTIME_ONLY:-0}" != 1 ]; then
+  APT_PACKAGES+=("${TEST_PACKAGES[@]}")
+fi
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

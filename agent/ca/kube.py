@@ -33,9 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from agent.ca.auth import AuthenticationError, Caller
+from agent.http import HttpError, Timeouts
 from agent.kube.client import KubeClient, KubeConfigError
 from agent.kube.informer import DEFAULT_BACKOFF, PODS, Delta, Informer, KubeObject, object_key
 from agent.retry import Backoff
@@ -191,7 +190,7 @@ class TokenReviewAuthenticator:
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": [self.audience]}}
         self.reviews += 1
-        answer = await self._call(TOKEN_REVIEWS, "POST", body, what="TokenReview")
+        answer = await self._call(TOKEN_REVIEWS, "POST", body, what="TokenReview", idempotent=True)
         if answer is None:
             raise SourceError("the API server answered the TokenReview with 404: is authentication.k8s.io/v1 served?")
         status = _mapping(answer.get("status"))
@@ -236,13 +235,14 @@ class TokenReviewAuthenticator:
                                       "scheduled on a node")
         return node
 
-    async def _call(self, path: str, method: str, body: Mapping[str, Any] | None, *,
-                    what: str) -> dict[str, Any] | None:
-        """One API request; the JSON object answered, None for 404, ``SourceError`` for anything else."""
+    async def _call(self, path: str, method: str, body: Mapping[str, Any] | None, *, what: str,
+                    idempotent: bool | None = None) -> dict[str, Any] | None:
+        """One API request; the JSON object answered, None for 404, ``SourceError`` for anything else.
+        ``idempotent``: a TokenReview creates nothing, so it may be sent again (see ``KubeClient.request``)."""
         try:
-            reply = await self.api.call(method, path, body=body,
-                                        timeouts=aiohttp.ClientTimeout(total=self.request_timeout))
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            reply = await self.api.call(method, path, body=body, timeouts=Timeouts(total=self.request_timeout),
+                                        idempotent=idempotent)
+        except (HttpError, TimeoutError, OSError) as e:
             log.warning("%s: the Kubernetes API is unreachable: %s", what, str(e) or type(e).__name__)
             raise SourceError(f"{what}: the Kubernetes API is unreachable") from None
         except KubeConfigError as e:  # the CA's own credential cannot be had (an exec plugin failing)
@@ -254,6 +254,7 @@ class TokenReviewAuthenticator:
         if reply.status not in (200, 201) or not isinstance(answer, dict):
             message = answer.get("message") if isinstance(answer, dict) else reply.body[:200].decode(errors="replace")
             hint = " (does the CA's ClusterRole grant it?)" if reply.status == 403 else ""
-            log.error("%s: the Kubernetes API answered %d: %s%s", what, reply.status, message, hint)
+            log.error("%s: the Kubernetes API answered %d to %s %s: %s%s", what, reply.status, method, path, message,
+                      hint)
             raise SourceError(f"{what}: the Kubernetes API answered {reply.status}")
         return answer

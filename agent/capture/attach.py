@@ -1,4 +1,4 @@
-"""Putting the tc programs on interfaces: tcx links pinned in bpffs, or clsact filters through pyroute2.
+"""Putting the tc programs on interfaces: tcx links pinned in bpffs, or clsact filters (rtnetlink, ``rtnl``).
 
 Both kinds outlive the agent process (a pin keeps a tcx link; a tc filter is owned by the qdisc), which is
 what makes enrolled pods fail closed while the agent is down. Both can be listed again by a restarted
@@ -16,10 +16,11 @@ import contextlib
 import errno
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from agent.capture import bpfsys
 from agent.capture import netns as netns_mod
+from agent.capture.rtnl import Filter, Rtnl
 
 Backend = Literal["tcx", "clsact"]
 Direction = Literal["ingress", "egress"]
@@ -32,7 +33,6 @@ TCX_ATTACH_TYPE: dict[Direction, int] = {"ingress": bpfsys.BPF_TCX_INGRESS, "egr
 TCX_PIN_PREFIX: dict[Direction, str] = {"ingress": "tcx-", "egress": "tcx-egress-"}
 FILTER_PRIO = 1
 FILTER_HANDLE = 0x539
-ETH_P_ALL = 0x0003
 
 
 @dataclass(frozen=True)
@@ -46,38 +46,26 @@ class Attachment:
     direction: Direction = "ingress"
 
 
-def _filter_name(msg: Any) -> str | None:
-    opts = msg.get_attr("TCA_OPTIONS")
-    if msg.get_attr("TCA_KIND") != "bpf" or opts is None:
-        return None
-    name = opts.get_attr("TCA_BPF_NAME")
-    return str(name) if name else None
-
-
 class Clsact:
     """bpf filters on the clsact hooks (works on every kernel with cls_bpf)."""
 
-    def __init__(self, ipr: Any) -> None:
-        self.ipr = ipr
+    def __init__(self, rtnl: Rtnl) -> None:
+        self.rtnl = rtnl
 
     def attach(self, ifindex: int, prog_fd: int, prog_name: str, direction: Direction = "ingress") -> None:
         """Install or atomically replace our filter on `ifindex`'s `direction` hook."""
         try:
-            self.ipr.tc("add", "clsact", ifindex)
-        except Exception as e:  # pyroute2 raises NetlinkError(code) for EEXIST
-            if getattr(e, "code", None) != errno.EEXIST:
+            self.rtnl.clsact(True, ifindex)
+        except OSError as e:
+            if e.errno != errno.EEXIST:
                 raise
-        self.ipr.tc(
-            "replace-filter", "bpf", ifindex, FILTER_HANDLE,
-            fd=prog_fd, name=prog_name, parent=CLSACT_PARENT[direction], classid=1, direct_action=True,
-            prio=FILTER_PRIO, protocol=ETH_P_ALL,
-        )  # fmt: skip
+        self.rtnl.bpf_filter(ifindex, CLSACT_PARENT[direction], FILTER_PRIO, FILTER_HANDLE, prog_fd, prog_name)
 
-    def _filters(self, ifindex: int, direction: Direction) -> list[Any]:
+    def _filters(self, ifindex: int, direction: Direction) -> list[Filter]:
         try:
-            return list(self.ipr.get_filters(index=ifindex, parent=CLSACT_PARENT[direction]))
-        except Exception as e:
-            if getattr(e, "code", None) in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
+            return self.rtnl.filters(ifindex, CLSACT_PARENT[direction])
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
                 return []  # no clsact qdisc / device gone
             raise
 
@@ -86,22 +74,19 @@ class Clsact:
         found = []
         for ifindex in ifindexes:
             for direction in DIRECTIONS:
-                for msg in self._filters(ifindex, direction):
-                    name = _filter_name(msg)
-                    if name and name.startswith(PROG_PREFIX):
-                        prio = (msg["info"] >> 16) & 0xFFFF
-                        found.append(Attachment(ifindex, "clsact", name, f"{prio}:{msg['handle']}", direction))
+                for f in self._filters(ifindex, direction):
+                    if f.bpf_name and f.bpf_name.startswith(PROG_PREFIX):
+                        found.append(Attachment(ifindex, "clsact", f.bpf_name, f"{f.prio}:{f.handle}", direction))
         return found
 
     def detach(self, att: Attachment) -> None:
         """Remove one filter; drop the clsact qdisc when nothing else is left on it."""
         prio, handle = (int(x) for x in att.ident.split(":"))
-        with contextlib.suppress(Exception):
-            self.ipr.tc("del-filter", "bpf", att.ifindex, handle, parent=CLSACT_PARENT[att.direction], prio=prio,
-                        protocol=ETH_P_ALL)
+        with contextlib.suppress(OSError):  # gone already (the device, or the filter)
+            self.rtnl.del_filter(att.ifindex, CLSACT_PARENT[att.direction], prio, handle)
         if not any(self._filters(att.ifindex, direction) for direction in DIRECTIONS):
-            with contextlib.suppress(Exception):
-                self.ipr.tc("del", "clsact", att.ifindex)
+            with contextlib.suppress(OSError):
+                self.rtnl.clsact(False, att.ifindex)
 
 
 def _tcx_direction(attach_type: int) -> Direction | None:

@@ -58,6 +58,7 @@ class Reason(enum.IntEnum):
     STALE_FLOW = 3
     FAIL_OPEN = 4
     SPOOFED = 5
+    FRAGMENT = 6
 
 
 class Hook(enum.IntEnum):
@@ -84,6 +85,7 @@ class Counter(enum.IntEnum):
     DROP_SPOOFED = 10
     REDIRECT_DOOR = 11
     PROBE_PASSED = 12
+    DROP_FRAGMENT = 13
 
 
 COUNTER_COUNT = len(Counter)
@@ -133,7 +135,7 @@ class ProbePortC(ctypes.Structure):
 class BridgePortC(ctypes.Structure):
     """struct ambit_bridge_port"""
 
-    _fields_ = [("mac", ctypes.c_uint8 * 6), ("_pad", ctypes.c_uint16)]
+    _fields_ = [("mac", ctypes.c_uint8 * 6), ("_pad", ctypes.c_uint16), ("ifindex", ctypes.c_uint32)]
 
 
 class EventC(ctypes.Structure):
@@ -188,6 +190,7 @@ _REASONS = {
     Reason.STALE_FLOW: "packet of a captured flow whose proxy socket is gone",
     Reason.FAIL_OPEN: "fail-open: no agent listener",
     Reason.SPOOFED: "source address of an enrolled pod arriving on another interface (spoofed)",
+    Reason.FRAGMENT: "TCP fragment to or from an enrolled pod (fragments cannot be captured)",
 }
 _ACTIONS = {
     Verdict.STEERED: "steered back to the proxy's socket",

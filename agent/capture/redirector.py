@@ -22,8 +22,9 @@ What runs where (node network namespace, where the agent lives):
     owns) back to the veth's ingress, where `ambit_pod_ingress` assigns them as the pod's inbound. Connections
     the node itself opens to the pod's probe ports pass (`set_probe_ports`); `node_passes=True` lets every
     connection from the node pass, as Istio does. Needs `tcp_early_demux` off and two settings per door veth
-    (`sysctls`). Not on a bridge CNI's ports (their frames are switched before the veth's egress runs our
-    decision in the bridge's stack; those pods keep the capture at the other hooks only).
+    (`sysctls`). On a bridge CNI's port the door hands its captures to the bridge instead (destination MAC :=
+    the bridge's), whose stack and pod program take them as on the pod's own frames; the two settings then go
+    on the bridge, where they re-enter the stack (`_door_site`), while any door of its ports is open.
   - rp_filter 0 and 2 on the node's interfaces both work; 1 (strict) drops door captures from other pods of
     the node (logged); forwarding is the node's business, not ours.
 
@@ -40,7 +41,7 @@ bcc 0.26; lab pods are network namespaces; two runs, numbers from the second whe
      RST, SYN retransmit); with the SK_LOOKUP program and registered listeners 51-55 us median, 0/99 over
      5 ms. It also keeps such a SYN away from any node listener on the original port. Hence
      `register_listener()` for 15001/15006/15008.
-  3. Attachment: tcx links first in the chain, pinned in bpffs; clsact filters (pyroute2) as fallback.
+  3. Attachment: tcx links first in the chain, pinned in bpffs; clsact filters (rtnetlink) as fallback.
      - Another tool's tcx program on the pod's veth returning TC_ACT_OK (a CNI using tcx does that):
        with our clsact filter the enrolled pod's connection went DIRECTLY, uncaptured (legacy tc never
        runs after a tcx verdict); with our tcx link placed first it was captured. Untouched packets return
@@ -83,15 +84,17 @@ too (the IPv6 input path reads the same net.ipv4 setting); IPv6 has no rp_filter
 connection from the node (source: one of its own addresses) re-enters the door veth and is accepted without
 one (tests/e2e/test_capture.py, the IPv6 door test).
 
-Limits: IP fragments pass (IPv4, and IPv6 fragment headers), as do IPv6 packets with an extension header the
-programs do not skip (see bpf/redirect.c): the receiving pod's kernel drops all of these but fragments, which
-it reassembles, so a TCP connection whose every segment is fragmented on purpose would reach an enrolled pod
-uncaptured (argued from the code, not measured; dropping TCP fragments to and from enrolled pods would close it);
-a destination the node has no route for (a Service VIP on a node without a default route, which Kubernetes
-requires) is taken for a local address by the existing-socket check (bpf_fib_lookup answers NOT_FWDED for both,
-in either family), so its later packets are not steered. The agent must not spoof the client's address towards
-node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed: those replies would
-bypass the programs.
+Fragments: a TCP fragment to or from an enrolled pod is dropped and counted (reason FRAGMENT, counter
+drop_fragment) at every hook: it cannot be captured (only a first fragment has ports), and the pod's kernel would
+reassemble what passed, so a connection fragmented on purpose would otherwise reach or leave the pod uncaptured
+(tests/e2e/test_door.py sends one). TCP sizes its segments to the path and sets DF: no real connection needs them.
+
+Limits: IPv6 packets with an extension header the programs do not skip (see bpf/redirect.c) pass: the receiving
+pod's kernel drops them; a destination the node has no route for (a Service VIP on a node without a default route,
+which Kubernetes requires) is taken for a local address by the existing-socket check (bpf_fib_lookup answers
+NOT_FWDED for both, in either family), so its later packets are not steered. The agent must not spoof the client's
+address towards node-local addresses, nor towards a same-node pod that is neither enrolled nor `hook()`ed: those
+replies would bypass the programs.
 """
 
 from __future__ import annotations
@@ -133,6 +136,7 @@ from agent.capture.maps import (
 from agent.capture.programs import DOOR_PROG, LOOKUP_PROG, POD_PROG, UPLINK_PROG, RedirectError
 from agent.capture.ringbuf import RingBufferReader
 from agent.capture.routing import ROUTE_TABLE, RULE_PRIORITY, PolicyRouting
+from agent.capture.rtnl import Rtnl
 from agent.mesh.ports import AGENT_MARK, Ports
 
 log = logging.getLogger(__name__)
@@ -144,6 +148,11 @@ class ReconcileResult:
     attached: list[str] = field(default_factory=list)  # interfaces now carrying our program
     removed: list[str] = field(default_factory=list)  # leftovers detached (ifname or ifindex/pin)
     missing: list[str] = field(default_factory=list)  # desired pod IPs whose interface does not exist
+
+
+def bridge_port(bridge_ifindex: int, mac: bytes) -> BridgePortC:
+    """A ``bridge_ports`` value: a port's bridge."""
+    return BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac), ifindex=bridge_ifindex)
 
 
 def pin_filesystem(bpffs: str) -> str:
@@ -199,7 +208,7 @@ class Redirector:
         self._loaded: Loaded | None = None
         self._maps: dict[str, KernelMap[Any, Any]] = {}
         self._ring: RingBufferReader | None = None
-        self._ipr: Any = None
+        self._rtnl: Rtnl | None = None
         self._fds: dict[str, int] = {}
         self._clsact: Clsact | None = None
         self._tcx: Tcx | None = None
@@ -207,6 +216,7 @@ class Redirector:
         self.uplinks: dict[str, int] = {}
         self._enrolled: dict[str, tuple[str, int]] = {}  # pod ip -> (ifname, ifindex)
         self._hooked: dict[str, int] = {}  # non-enrolled pod veths with return-path steering
+        self._door_sites: dict[int, int] = {}  # door veth ifindex -> where its captures re-enter (_door_site)
         self._listeners: dict[int, socket.socket] = {}  # sockmap slot -> the socket held there
         self._lookup_link_fd: int | None = None
         self._callbacks: list[Callable[[FlowEvent], None]] = []
@@ -261,11 +271,9 @@ class Redirector:
     def _open_kernel(self) -> None:
         """Netlink, and the two attachment backends' views of the namespace (no programs needed)."""
         with netns_mod.entered(self.netns):
-            from pyroute2 import IPRoute
-
-            self._ipr = IPRoute()
+            self._rtnl = rtnl = Rtnl()
             self._netns_ino = os.stat("/proc/thread-self/ns/net").st_ino
-        self._clsact = Clsact(self._ipr)
+        self._clsact = Clsact(rtnl)
         pin_dir = os.path.join(self._bpffs, "ambit", self._instance or f"netns-{self._netns_ino}")
         self._tcx = Tcx(pin_dir, self.netns)
 
@@ -310,7 +318,7 @@ class Redirector:
         detach=False leaves the programs in place (enrolled pods fail closed until an agent comes back,
         exactly as after a crash) and only releases this process's resources."""
         with self._poll_lock:
-            if detach and self._ipr is not None:
+            if detach and self._rtnl is not None:
                 for step in (self._remove_all_attachments, lambda: self._routing().remove(),
                              lambda: conntrack.remove(self.netns), lambda: sysctls.remove(self.netns, self._proc_sys)):
                     try:
@@ -327,9 +335,9 @@ class Redirector:
             if self._loaded is not None:
                 self._loaded.close()
                 self._loaded = None
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
+            if self._rtnl is not None:
+                self._rtnl.close()
+                self._rtnl = None
             self._fds.clear()
 
     def __enter__(self) -> Redirector:
@@ -339,54 +347,62 @@ class Redirector:
         self.close()
 
     # -- helpers ----------------------------------------------------------------------------------------
+    @property
+    def _kernel(self) -> Rtnl:
+        if self._rtnl is None:
+            raise RedirectError("Redirector not started")
+        return self._rtnl
+
     def _ifindex(self, ifname: str) -> int:
-        found = self._ipr.link_lookup(ifname=ifname)
-        if not found:
+        found = self._kernel.ifindex(ifname)
+        if found is None:
             raise LookupError(f"no interface {ifname!r} in {self.netns or 'this namespace'}")
-        return int(found[0])
+        return found
 
     def _bridge_of(self, ifindex: int) -> tuple[int, bytes] | None:
         """(bridge ifindex, bridge MAC) when ``ifindex`` is a port of a bridge (a bridge CNI's cni0)."""
-        links = self._ipr.get_links(ifindex)
-        master = links[0].get_attr("IFLA_MASTER") if links else None
+        master = self._kernel.link(ifindex).master
         if not master:
             return None
-        bridge = self._ipr.get_links(master)[0]
-        info = bridge.get_attr("IFLA_LINKINFO")
-        if info is None or info.get_attr("IFLA_INFO_KIND") != "bridge":
-            return None
-        return int(master), bytes.fromhex(str(bridge.get_attr("IFLA_ADDRESS")).replace(":", ""))
+        bridge = self._kernel.link(master)
+        return (master, bridge.address) if bridge.kind == "bridge" else None
 
-    def _attach_bridge_of(self, ifindex: int) -> bool:
+    def _attach_bridge_of(self, ifindex: int) -> int | None:
         """A pod on a bridge CNI: its veth sends enrolled pods' TCP up to the bridge, which runs the pod program.
-        Whether ``ifindex`` is a bridge port."""
+        The bridge's ifindex when ``ifindex`` is a bridge port."""
         bridge = self._bridge_of(ifindex)
         if bridge is None:
-            return False
+            return None
         bridge_ix, mac = bridge
-        self._maps["bridge_ports"][ctypes.c_uint32(ifindex)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
+        self._maps["bridge_ports"][ctypes.c_uint32(ifindex)] = bridge_port(bridge_ix, mac)
         self._maps["ifaces"][ctypes.c_uint32(bridge_ix)] = ctypes.c_uint32(IF_BRIDGE)
         self._attach(bridge_ix, POD_PROG)
-        return True
+        return bridge_ix
+
+    def _door_site(self, ifindex: int) -> int:
+        """Where what a door captures re-enters the IP stack, the interface whose settings it needs (``sysctls``):
+        the pod's veth, or the bridge of a bridge CNI's port."""
+        with contextlib.suppress(Exception):  # the veth may be gone with its pod
+            if (bridge := self._bridge_of(ifindex)) is not None:
+                return bridge[0]
+        return ifindex
 
     def _ifname(self, ifindex: int) -> str:
-        with contextlib.suppress(Exception):
-            return str(self._ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME"))
+        with contextlib.suppress(OSError):
+            return self._kernel.link(ifindex).name
         return f"#{ifindex}"
 
     def _default_route_devices(self) -> list[str]:
         devs = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            for r in self._ipr.get_default_routes(family=family):
-                oif = r.get_attr("RTA_OIF")
-                if oif:
-                    devs.append(self._ifname(oif))
+            for r in self._kernel.default_routes(family):
+                devs += [self._ifname(oif) for oif in r.oifs]
         if not devs:
             raise RedirectError("no uplink given and no default route to find one: pass uplinks=[...]")
         return sorted(set(devs))
 
     def _routing(self) -> PolicyRouting:
-        return PolicyRouting(self._ipr, self.mark, self.table, self.rule_priority)
+        return PolicyRouting(self._kernel, self.mark, self.table, self.rule_priority)
 
     def _write_config(self) -> None:
         cfg = ConfigC()
@@ -406,17 +422,21 @@ class Redirector:
         else:
             self._clsact.attach(ifindex, self._fds[prog], prog, direction)
 
-    def _open_door(self, ifindex: int) -> None:
-        """The door program toward an enrolled pod (not on a bridge CNI's ports: see the module docstring)."""
-        sysctls.open_door(self.netns, self._ifname(ifindex), self._proc_sys)
+    def _open_door(self, ifindex: int, site: int) -> None:
+        """The door program toward an enrolled pod; ``site``: its ``_door_site``."""
+        if site not in self._door_sites.values():
+            sysctls.open_door(self.netns, self._ifname(site), self._proc_sys)
+        self._door_sites[ifindex] = site
         self._attach(ifindex, DOOR_PROG, "egress")
 
     def _close_door(self, ifindex: int) -> None:
         self._detach_ifindex(ifindex, "egress")
-        sysctls.close_door(self.netns, self._ifname(ifindex), self._proc_sys)
+        site = self._door_sites.pop(ifindex, ifindex)
+        if site not in self._door_sites.values():  # a bridge keeps its settings while a door of its ports is open
+            sysctls.close_door(self.netns, self._ifname(site), self._proc_sys)
 
     def _all_ifindexes(self) -> list[int]:
-        return [int(link["index"]) for link in self._ipr.get_links()]
+        return [link.index for link in self._kernel.links()]
 
     def attachments(self) -> list[Attachment]:
         """Every ambit program on a tc hook in this namespace, of either backend, whoever made it."""
@@ -433,8 +453,14 @@ class Redirector:
 
     def _remove_all_attachments(self) -> None:
         assert self._tcx is not None
+        doors = set()
         for att in self.attachments():
             self._detach(att)
+            if att.direction == "egress":
+                doors.add(self._door_sites.get(att.ifindex) or self._door_site(att.ifindex))
+        for site in doors:  # the interfaces back to a new interface's settings
+            sysctls.close_door(self.netns, self._ifname(site), self._proc_sys)
+        self._door_sites.clear()
         _live, stale = self._tcx.list()
         for path in stale:
             Tcx.unpin(path)
@@ -456,8 +482,7 @@ class Redirector:
         self._maps["enrolled"][AddrC.of(pod_ip)] = PodC(ifindex=ifindex)
         self._maps["ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(IF_POD)
         self._attach(ifindex, POD_PROG)
-        if not self._attach_bridge_of(ifindex):
-            self._open_door(ifindex)
+        self._open_door(ifindex, self._attach_bridge_of(ifindex) or ifindex)
         self._enrolled[pod_ip] = (host_ifname, ifindex)
 
     def release(self, pod_ip: str) -> None:
@@ -536,17 +561,17 @@ class Redirector:
         for ip, (_name, ifindex) in want_pods.items():
             enrolled[AddrC.of(ip)] = PodC(ifindex=ifindex)
         roles = {ix: IF_POD for _n, ix in want_pods.values()} | dict.fromkeys(want_hooked.values(), IF_POD)
-        ports: dict[int, bytes] = {}  # bridge CNI: pod veth -> its bridge's MAC; the bridge runs the pod program
+        ports: dict[int, tuple[int, bytes]] = {}  # bridge CNI: pod veth -> its bridge; the bridge runs the pod program
         for ix in list(roles):
             if (bridge := self._bridge_of(ix)) is not None:
-                ports[ix] = bridge[1]
+                ports[ix] = bridge
                 roles[bridge[0]] = IF_BRIDGE
         bridge_ports = self._maps["bridge_ports"]
         for k in list(bridge_ports.keys()):
             if k.value not in ports:
                 del bridge_ports[k]
-        for ix, mac in ports.items():
-            bridge_ports[ctypes.c_uint32(ix)] = BridgePortC(mac=(ctypes.c_uint8 * 6)(*mac))
+        for ix, (bridge_ix, mac) in ports.items():
+            bridge_ports[ctypes.c_uint32(ix)] = bridge_port(bridge_ix, mac)
         roles |= dict.fromkeys(self.uplinks.values(), IF_UPLINK)
         ifaces = self._maps["ifaces"]
         for k in list(ifaces.keys()):
@@ -557,12 +582,13 @@ class Redirector:
 
         want_prog: dict[tuple[int, Direction], str] = {
             (ix, "ingress"): (UPLINK_PROG if role == IF_UPLINK else POD_PROG) for ix, role in roles.items()}
-        doors = {ix for _n, ix in want_pods.values() if ix not in ports}
+        doors = {ix: ports[ix][0] if ix in ports else ix for _n, ix in want_pods.values()}  # door -> its site
         want_prog |= {(ix, "egress"): DOOR_PROG for ix in doors}
         before = self.attachments()
-        opened = {att.ifindex for att in before if att.direction == "egress"}  # doors open already (settings set)
-        for ix in doors - opened:
-            sysctls.open_door(self.netns, self._ifname(ix), self._proc_sys)
+        opened = {att.ifindex: self._door_sites.get(att.ifindex) or doors.get(att.ifindex) or
+                  self._door_site(att.ifindex) for att in before if att.direction == "egress"}  # settings set
+        for site in set(doors.values()) - set(opened.values()):
+            sysctls.open_door(self.netns, self._ifname(site), self._proc_sys)
         for (ix, direction), prog in want_prog.items():  # attach (or swap in place) first: no capture gap
             self._attach(ix, prog, direction)
             result.attached.append(self._ifname(ix) + ("" if direction == "ingress" else " (door)"))
@@ -576,8 +602,9 @@ class Redirector:
             if not keep:
                 self._detach(att)
                 result.removed.append(f"{self._ifname(att.ifindex)}({att.backend} {att.direction})")
-        for ix in opened - doors:  # doors closed: their veths back to a new interface's settings (release() does too)
-            sysctls.close_door(self.netns, self._ifname(ix), self._proc_sys)
+        for site in set(opened.values()) - set(doors.values()):  # no door left: back to a new interface's settings
+            sysctls.close_door(self.netns, self._ifname(site), self._proc_sys)
+        self._door_sites = doors
         assert self._tcx is not None
         _live, stale = self._tcx.list()
         for path in stale:

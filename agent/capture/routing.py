@@ -16,89 +16,71 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from typing import Any
+
+from agent.capture.rtnl import RTN_LOCAL, Rtnl, Rule
 
 log = logging.getLogger(__name__)
 
 ROUTE_TABLE = 100
 RULE_PRIORITY = 100
 MAIN_RULE_PRIORITY = 32766
-RT_SCOPE_HOST = 254
-RTN_LOCAL = 2
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
-ANY: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 IPV6_UNAVAILABLE = (errno.EAFNOSUPPORT, errno.EACCES)  # no IPv6 in the kernel; IPv6 disabled on lo
 
 
-def _unavailable(e: Exception) -> bool:
+def _unavailable(e: OSError) -> bool:
     """Is this netlink error the kernel saying the namespace has no IPv6?"""
-    return getattr(e, "code", None) in IPV6_UNAVAILABLE
+    return e.errno in IPV6_UNAVAILABLE
 
 
 class PolicyRouting:
-    def __init__(self, ipr: Any, mark: int, table: int = ROUTE_TABLE, rule_priority: int = RULE_PRIORITY) -> None:
-        self._ipr, self.mark, self.table, self.rule_priority = ipr, mark, table, rule_priority
+    def __init__(self, rtnl: Rtnl, mark: int, table: int = ROUTE_TABLE, rule_priority: int = RULE_PRIORITY) -> None:
+        self._rtnl, self.mark, self.table, self.rule_priority = rtnl, mark, table, rule_priority
 
     def _lo(self) -> int:
-        return int(self._ipr.link_lookup(ifname="lo")[0])
+        return self._rtnl.link(name="lo").index
 
-    def _rule_specs(self, family: int) -> list[dict[str, Any]]:
+    def rules(self, family: int) -> list[Rule]:
         """Marked packets coming IN are delivered locally (table `table` has `local <any> dev lo`);
         the agent's own marked packets (iif lo = locally generated) skip that rule and are routed
         normally (goto the main table's rule, as Istio does), else its upstream connections would loop."""
-        mark = {"family": family, "fwmark": self.mark, "fwmask": 0xFFFFFFFF}
         return [
-            {**mark, "priority": self.rule_priority - 1, "iifname": "lo", "action": "FR_ACT_GOTO",
-             "goto": MAIN_RULE_PRIORITY},
-            {**mark, "priority": self.rule_priority, "table": self.table},
-        ]  # fmt: skip
+            Rule(family, self.rule_priority - 1, self.mark, 0xFFFFFFFF, iifname="lo", goto=MAIN_RULE_PRIORITY),
+            Rule(family, self.rule_priority, self.mark, 0xFFFFFFFF, table=self.table),
+        ]
 
-    def _rule_present(self, spec: dict[str, Any]) -> bool:
-        for rule in self._ipr.get_rules(family=spec["family"]):
-            if (
-                rule.get_attr("FRA_PRIORITY") == spec["priority"]
-                and rule.get_attr("FRA_FWMARK") == self.mark
-                and (("goto" in spec) == (rule.get_attr("FRA_GOTO") is not None))
-            ):
-                return True
-        return False
+    def _rule_present(self, rule: Rule) -> bool:
+        return any(r.priority == rule.priority and r.fwmark == self.mark and bool(r.goto) == bool(rule.goto)
+                   for r in self._rtnl.rules(rule.family))
 
     def _route_present(self, family: int) -> bool:
-        for r in self._ipr.get_routes(family=family, table=self.table):
-            if r["type"] == RTN_LOCAL and r["dst_len"] == 0:
-                return True
-        return False
-
-    def _local_route(self, command: str, family: int, lo: int) -> None:
-        self._ipr.route(command, family=family, dst=ANY[family], table=self.table, type=RTN_LOCAL,
-                        scope=RT_SCOPE_HOST, oif=lo)
+        return any(r.type == RTN_LOCAL and r.dst_len == 0 for r in self._rtnl.routes(family, self.table))
 
     def install(self) -> None:
         """Set up both families where the namespace has them."""
         lo = self._lo()
-        self._ipr.link("set", index=lo, state="up")
+        self._rtnl.set_up(lo)
         for family in FAMILIES:
             try:
                 if not self._route_present(family):
-                    self._local_route("add", family, lo)
-            except Exception as e:  # pyroute2's NetlinkError carries the kernel's errno as .code
+                    self._rtnl.local_route(True, family, self.table, lo)
+                for rule in self.rules(family):
+                    if not self._rule_present(rule):
+                        self._rtnl.rule(True, rule)
+            except OSError as e:
                 if family != socket.AF_INET6 or not _unavailable(e):
                     raise
                 log.info("IPv6 unavailable in this namespace (%s): IPv6 is not captured", e)
-                continue
-            for spec in self._rule_specs(family):
-                if not self._rule_present(spec):
-                    self._ipr.rule("add", **spec)
 
     def remove(self) -> None:
         lo = self._lo()
         for family in FAMILIES:
             try:
-                for spec in self._rule_specs(family):
-                    while self._rule_present(spec):
-                        self._ipr.rule("del", **spec)
+                for rule in self.rules(family):
+                    while self._rule_present(rule):
+                        self._rtnl.rule(False, rule)
                 while self._route_present(family):
-                    self._local_route("del", family, lo)
-            except Exception as e:  # pyroute2's NetlinkError carries the kernel's errno as .code
+                    self._rtnl.local_route(False, family, self.table, lo)
+            except OSError as e:
                 if family != socket.AF_INET6 or not _unavailable(e):
                     raise

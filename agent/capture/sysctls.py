@@ -12,8 +12,10 @@ host veth, so the packet re-enters the node's IP stack on an interface it did no
   and never took that path. Restored to the kernel's default (1) when the capture is removed.
 * per door veth ``accept_local = 1`` (a connection the node itself opens to the pod re-enters with one of
   the node's own addresses as source, a "martian" otherwise) and ``rp_filter = 0`` (a same-node client's
-  address is routed via its own veth, not the pod's). The veth goes with the pod; on release both go back to
-  the namespace's ``conf/default`` values, what a new interface gets. A node whose ``conf/all/rp_filter`` is
+  address is routed via its own veth, not the pod's); on a bridge CNI's port, where the door hands its captures
+  to the bridge, both go on the bridge instead (``Redirector._door_site``). The veth goes with the pod; on
+  release (of the bridge's last door) and uninstall both go back to the namespace's ``conf/default`` values,
+  what a new interface gets. A node whose ``conf/all/rp_filter`` is
   1 (strict) overrides the per-interface 0: door captures from other pods of the node are then dropped by
   the kernel (fail-closed, not a leak); ``start()`` logs it.
 

@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from agent.http import HttpClient, HttpError, Timeouts
 from agent.kube.client import KubeConfigError
 from agent.kube.source import KubeSource
 from agent.lab import services
@@ -40,20 +39,21 @@ TRUST_DOMAIN = "cluster.local"
 # -- status ----------------------------------------------------------------------------------------------------
 async def _get(where: str, path: str) -> tuple[int, str]:
     if where.startswith(("http://", "https://")):
-        connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
-        url = where.rstrip("/") + path
+        client, url = HttpClient(), where.rstrip("/") + path
     else:
-        connector, url = aiohttp.UnixConnector(path=where), f"http://agent{path}"
-    timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, session.get(url) as response:
-        return response.status, await response.text()
+        client, url = HttpClient(unix_socket=where), f"http://agent{path}"
+    try:
+        async with await client.request("GET", url, timeouts=Timeouts(total=5)) as response:
+            return response.status, (await response.read()).decode(errors="replace")
+    finally:
+        await client.close()
 
 
 async def _agent_status(where: str) -> dict[str, Any]:
     try:
         ready_code, ready = await _get(where, "/healthz/ready")
         code, body = await _get(where, "/config_dump")
-    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+    except (HttpError, OSError, TimeoutError) as e:
         return {"where": where, "error": f"agent unreachable: {e or type(e).__name__}"}
     if code != 200:
         return {"where": where, "error": f"/config_dump answered {code}: {body.strip()}"}

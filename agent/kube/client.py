@@ -1,11 +1,11 @@
-"""Connecting to the API server: an authenticated JSON request/stream client on aiohttp.
+"""Connecting to the API server: an authenticated JSON request/stream client (on agent/http's HTTP/1.1 client).
 
 In a pod (the agent's DaemonSet) the service account's token and CA come from
 ``/var/run/secrets/kubernetes.io/serviceaccount`` and the address from ``KUBERNETES_SERVICE_HOST``/``_PORT``;
 the token file is re-read every minute, since projected tokens are rotated. Outside a cluster kubeconfig files
 (client certificates, tokens, exec credential plugins) are read as kubectl reads them (agent/kube/kubeconfig.py).
 
-``KubeClient.request`` sends one request and returns the aiohttp response unread, so that a watch can be
+``KubeClient.request`` sends one request and returns the response unread, so that a watch can be
 streamed line by line; ``KubeClient.call`` reads the whole answer. Paths are the API's own
 (``/api/v1/pods``, ``/apis/apps/v1/namespaces/x/daemonsets/y``): the client knows no resource types.
 """
@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
-import aiohttp
-
+from agent.http import HttpClient, Proxies, Response, Timeouts
 from agent.kube.credentials import TOKEN_RELOAD, Credential, CredentialSource, source_for
 from agent.kube.kubeconfig import (
     SERVICE_ACCOUNT,
@@ -34,13 +34,9 @@ from agent.kube.kubeconfig import (
 )
 from agent.kube.tls import TlsMaterialError, client_context
 
-__all__ = ["SERVICE_ACCOUNT", "Connection", "KubeClient", "KubeConfigError", "Reply", "connect"]
+__all__ = ["SERVICE_ACCOUNT", "Connection", "KubeClient", "KubeConfigError", "Reply", "Timeouts", "connect"]
 
 log = logging.getLogger(__name__)
-
-# Watch events carry whole objects; there is no hard limit on their size, but etcd's default request limit is
-# 1.5 MiB: a line must fit in aiohttp's read buffer.
-READ_BUFFER = 2**21
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +60,8 @@ class KubeClient:
     def __init__(self, access: ClusterAccess, *, token_reload: float = TOKEN_RELOAD) -> None:
         self.access = access
         self.credentials: CredentialSource = source_for(access, token_reload=token_reload)
-        self._session: aiohttp.ClientSession | None = None
+        # HTTPS_PROXY, HTTP_PROXY and NO_PROXY apply, as they do to kubectl and client-go
+        self.http = HttpClient(proxies=Proxies.from_environ(os.environ))
         self._tls: tuple[bytes | None, bytes | None, ssl.SSLContext] | None = None  # for (cert, key)
 
     async def credential(self) -> Credential:
@@ -72,37 +69,37 @@ class KubeClient:
         return await self.credentials.get()
 
     async def request(self, method: str, path: str, *, params: Sequence[tuple[str, str]] = (),
-                      body: Mapping[str, Any] | None = None,
-                      timeouts: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-        """Send one request; the response is not read (``async with`` it). Raises aiohttp's errors, or
-        ``KubeConfigError`` when no credential can be had (an exec plugin that fails)."""
+                      body: Mapping[str, Any] | None = None, timeouts: Timeouts,
+                      idempotent: bool | None = None) -> Response:
+        """Send one request; the response is not read (``async with`` it). Raises ``agent.http.HttpError``
+        (naming the request), or ``KubeConfigError`` when no credential can be had (an exec plugin that fails).
+        ``idempotent``: whether it may be sent again on a new connection when a pooled one turns out closed
+        (default: by method)."""
         credential = await self.credentials.get()
-        headers = {"Accept": "application/json", "User-Agent": "ambit"}
+        headers = [("Accept", "application/json"), ("User-Agent", "ambit")]
         if credential.authorization:
-            headers["Authorization"] = credential.authorization
+            headers.append(("Authorization", credential.authorization))
         data = None
         if body is not None:
             data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        if self._session is None:
-            # trust_env: HTTPS_PROXY and NO_PROXY apply, as they do to kubectl and client-go
-            self._session = aiohttp.ClientSession(trust_env=True, read_bufsize=READ_BUFFER)
-        response = await self._session.request(
-            method, self.access.server + path, params=list(params), data=data, headers=headers, timeout=timeouts,
-            ssl=self._tls_for(credential), server_hostname=self.access.tls_server_name)
+            headers.append(("Content-Type", "application/json"))
+        url = self.access.server + path + (f"?{urlencode(list(params))}" if params else "")
+        response = await self.http.request(method, url, headers=headers, body=data, timeouts=timeouts,
+                                           tls=self._tls_for(credential), server_hostname=self.access.tls_server_name,
+                                           idempotent=idempotent)
         if response.status == 401:
             self.credentials.rejected(credential)
         return response
 
-    async def call(self, method: str, path: str, *, body: Mapping[str, Any] | None = None,
-                   timeouts: aiohttp.ClientTimeout) -> Reply:
+    async def call(self, method: str, path: str, *, body: Mapping[str, Any] | None = None, timeouts: Timeouts,
+                   idempotent: bool | None = None) -> Reply:
         """One request, its answer read whole."""
-        async with await self.request(method, path, body=body, timeouts=timeouts) as response:
+        async with await self.request(method, path, body=body, timeouts=timeouts, idempotent=idempotent) as response:
             return Reply(response.status, await response.read())
 
-    def _tls_for(self, credential: Credential) -> ssl.SSLContext | bool:
+    def _tls_for(self, credential: Credential) -> ssl.SSLContext | None:
         if not self.access.https:
-            return True  # aiohttp's default: no TLS for http://
+            return None
         pair = (credential.cert_pem, credential.key_pem)
         if self._tls is None or self._tls[:2] != pair:
             try:
@@ -114,9 +111,7 @@ class KubeClient:
         return self._tls[2]
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.http.close()
 
 
 @dataclass

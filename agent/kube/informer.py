@@ -33,8 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import aiohttp
-
+from agent.http import HttpError, Response, Timeouts
 from agent.kube.client import KubeClient, KubeConfigError
 from agent.retry import Backoff
 
@@ -81,16 +80,17 @@ RESOURCES = (NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES, NODES, AUTHORIZATION_P
 class ApiError(Exception):
     """The API server answered with an error Status (an HTTP error, or an ERROR watch event)."""
 
-    def __init__(self, resource: Resource, code: int, reason: str, message: str) -> None:
-        super().__init__(f"{resource}: {code} {reason}: {message}")
-        self.code, self.reason, self.message = code, reason, message
+    def __init__(self, resource: Resource, code: int, reason: str, message: str, request: str = "") -> None:
+        super().__init__(f"{resource}: {code} {reason}: {message}" + (f" ({request})" if request else ""))
+        self.code, self.reason, self.message, self.request = code, reason, message, request
 
     @classmethod
-    def from_status(cls, resource: Resource, status: Any, http_status: int = 0) -> ApiError:
+    def from_status(cls, resource: Resource, status: Any, http_status: int = 0, request: str = "") -> ApiError:
+        """From a Status object; ``request`` (``METHOD URL``) names the request it answered, for messages."""
         status = status if isinstance(status, dict) else {}
         code = status.get("code") if isinstance(status.get("code"), int) else http_status
         error = Gone if code == 410 else NotFound if code == 404 else ApiError
-        return error(resource, code, str(status.get("reason") or ""), str(status.get("message") or ""))
+        return error(resource, code, str(status.get("reason") or ""), str(status.get("message") or ""), request)
 
 
 class Gone(ApiError):
@@ -119,6 +119,9 @@ Handler = Callable[[Delta], None]
 
 
 DEFAULT_BACKOFF = Backoff(initial=0.5, cap=30.0, jitter=0.25)  # between attempts to list or watch
+# Watch events carry whole objects; there is no hard limit on their size, but etcd's default request limit is
+# 1.5 MiB: a longer line is not an event the API server could have sent.
+MAX_EVENT_LINE = 2**21
 
 
 def object_key(obj: KubeObject) -> str:
@@ -232,11 +235,11 @@ class Informer:
                     log.log(logging.ERROR if e.code in (401, 403) else logging.WARNING, "%s", e)
                 else:
                     log.error("%s: %s", self.resource, e)
-            except (aiohttp.ClientError, TimeoutError, OSError, ProtocolError) as e:
+            except (HttpError, TimeoutError, OSError, ProtocolError) as e:
                 self.failures += 1
                 # A dropped watch is routine (API server restarts, load balancers); repeated failures are not.
                 log.log(logging.INFO if self.failures == 1 else logging.WARNING,
-                        "%s: connection to the API server failed: %s", self.resource, str(e) or type(e).__name__)
+                        "%s: request to the API server failed: %s", self.resource, str(e) or type(e).__name__)
             except Exception:
                 self.failures += 1
                 log.exception("%s: informer failed", self.resource)
@@ -244,27 +247,26 @@ class Informer:
             log.debug("%s: retrying in %.2fs (failure %d)", self.resource, delay, self.failures)
             await asyncio.sleep(delay)
 
-    async def _request(self, params: list[tuple[str, str]],
-                       client_timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+    async def _request(self, params: list[tuple[str, str]], timeouts: Timeouts) -> Response:
         if self.field_selector:
             params.append(("fieldSelector", self.field_selector))
         if self.label_selector:
             params.append(("labelSelector", self.label_selector))
-        response = await self.api.request("GET", self.resource.path, params=params, timeouts=client_timeout)
+        response = await self.api.request("GET", self.resource.path, params=params, timeouts=timeouts)
         if response.status != 200:
             async with response:
-                body = await response.read()
+                body = await response.read(limit=MAX_EVENT_LINE)
             try:
                 status = json.loads(body)
             except ValueError:
                 status = {"reason": response.reason, "message": body[:200].decode(errors="replace")}
-            raise ApiError.from_status(self.resource, status, response.status)
+            raise ApiError.from_status(self.resource, status, response.status, response.request)
         return response
 
     async def _list(self) -> None:
         items: dict[str, KubeObject] = {}
         params_continue: str | None = None
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
+        timeout = Timeouts(total=self.request_timeout)
         while True:
             params = [("limit", str(self.page_size))]
             if params_continue:
@@ -316,28 +318,28 @@ class Informer:
         params = [("watch", "true"), ("resourceVersion", self.resource_version), ("allowWatchBookmarks", "true"),
                   ("timeoutSeconds", str(timeout_seconds))]
         # No total timeout: a watch is long-lived. A read timeout past the server's own catches dead peers.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout, sock_read=timeout_seconds + 30)
+        timeout = Timeouts(connect=self.request_timeout, read=timeout_seconds + 30)
         async with await self._request(params, timeout) as response:
             self.watches += 1
             log.debug("%s: watching from resourceVersion %s", self.resource, self.resource_version)
-            while line := await response.content.readline():
+            async for line in response.lines(MAX_EVENT_LINE):
                 if not line.strip():
                     continue
                 try:
                     event = json.loads(line)
                 except ValueError as e:
                     raise ProtocolError(f"{self.resource}: watch event is not JSON: {e}") from None
-                self._apply(event)
+                self._apply(event, response.request)
                 self._watch_events += 1
                 self.failures = 0  # the watch works: the next failure starts a new streak
         return self._watch_events
 
-    def _apply(self, event: Any) -> None:
+    def _apply(self, event: Any, request: str = "") -> None:
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
             raise ProtocolError(f"{self.resource}: watch event without an object: {str(event)[:200]}")
         kind, obj = event.get("type"), event["object"]
         if kind == "ERROR":
-            raise ApiError.from_status(self.resource, obj)
+            raise ApiError.from_status(self.resource, obj, request=request)
         version = _version(obj)
         if kind == "BOOKMARK":
             if version:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 
-import aiohttp
-
+from agent.http import HttpError, Timeouts
 from agent.kube.client import KubeClient, KubeConfigError
 
 log = logging.getLogger(__name__)
@@ -20,8 +19,8 @@ async def daemonset_removed(api: KubeClient, namespace: str, name: str) -> bool:
     says neither (the API unreachable, forbidden) counts as an upgrade: keeping the capture fails closed."""
     path = f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}"
     try:
-        reply = await api.call("GET", path, timeouts=aiohttp.ClientTimeout(total=ANSWER_WITHIN))
-    except (aiohttp.ClientError, OSError, TimeoutError, KubeConfigError) as e:
+        reply = await api.call("GET", path, timeouts=Timeouts(total=ANSWER_WITHIN))
+    except (HttpError, OSError, TimeoutError, KubeConfigError) as e:
         log.warning("cannot tell whether DaemonSet %s/%s is being deleted (%s): keeping the capture", namespace,
                     name, e)
         return False

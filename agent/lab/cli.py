@@ -270,7 +270,8 @@ def parser() -> argparse.ArgumentParser:
                         "(written to the lab's operator/ directory); without it, on unix sockets only")
     p.add_argument("--dual-stack", action="store_true",
                    help="IPv6 too: every node and pod gets an IPv6 address (fd00:192:168::/64, fd00:200:<node>::/64) "
-                        "beside its IPv4 one, and status.podIPs lists both; Services stay IPv4")
+                        "beside its IPv4 one, and status.podIPs lists both; Services may be dual-stack or IPv6 "
+                        "(ipFamilyPolicy, ipFamilies: cluster IPs from fd00:96::/112)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agents' ready line")
     p.set_defaults(run=cmd_up)
 

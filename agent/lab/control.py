@@ -169,7 +169,8 @@ def up(name: str, *, nodes: int = 2, pods: int = 2, namespaces: Sequence[str] = 
     lab.json, so agents restarted later get them too. ``observer_tls``: the agents also serve the Observer on
     their node's address, port 4244, to clients with the operator's certificate (written to operator/).
     ``dual_stack``: every node and pod has an IPv6 address beside its IPv4 one (``topology``), and each pod's
-    ``status.podIPs`` lists both; without it the lab is IPv4 only, as ``make demo`` runs it."""
+    ``status.podIPs`` lists both, and Services may have IPv6 cluster IPs (``service_ips``); without it the lab is
+    IPv4 only, as ``make demo`` runs it."""
     paths = LabPaths.of(name)
     if not 1 <= nodes <= 200 or not 0 <= pods <= 200:
         raise LabError("--nodes must be 1..200 and --pods 0..200")
@@ -314,7 +315,7 @@ def apply(info: LabInfo, paths: LabPaths, objects: Sequence[dict[str, Any]]) -> 
     "<resource>/<name> created|configured|unchanged" line per object."""
     errors = [str(e) for e in PolicyEngine().update(objects)]
     with edit(info, paths) as state:
-        errors += services.admit(state, objects) + pods.admit(state, objects)
+        errors += services.admit(state, objects, dual_stack=info.dual_stack) + pods.admit(state, objects)
         if errors:
             raise LabError("refused (nothing applied):\n  " + "\n  ".join(errors))
         return [f"{resource(obj['kind'])}/{obj['metadata']['name']} {state.put(obj)}" for obj in objects]

@@ -5,11 +5,12 @@
 (localhost, the pod's own name at each of its addresses, IPv6 too in a dual-stack lab) and, for every
 Service, ``<svc>.<ns>``, ``<svc>.<ns>.svc`` and ``<svc>.<ns>.svc.cluster.local``, plus the bare ``<svc>``
 for the Services of the pod's own namespace (the search path ``<ns>.svc.cluster.local`` a pod's resolv.conf
-gives it). A ClusterIP Service resolves to its VIP, a headless one to its endpoints' addresses.
+gives it). A ClusterIP Service resolves to its VIPs (a dual-stack one to both), a headless one to its
+endpoints' addresses.
 
 Next to it, ``resolv.conf`` names a DNS server that is not there (127.0.0.1 in the pod, where nothing
-listens): the lab has no DNS server, and a lookup the hosts file cannot answer (an IPv6 address for a
-Service, an unknown name) then fails at once instead of after the host's resolver's timeouts.
+listens): the lab has no DNS server, and a lookup the hosts file cannot answer (an IPv6 address for an
+IPv4-only Service, an unknown name) then fails at once instead of after the host's resolver's timeouts.
 
 The files are rewritten in place, not replaced: the bind mount holds the file's inode, so a process started
 before a change still reads the new names (glibc reads /etc/hosts on every lookup), as with cluster DNS. A

@@ -6,7 +6,8 @@ Layout for a lab with id X (names are `<prefix><X>-...`, so parallel labs never 
     <prefix>X-n<i>          node i: uplink eth0 = 192.168.200.(10+i)/24 on the switch,
                             pod CIDR 10.200.i.0/24, a host-side veth lxc<k> per local pod,
                             ip_forward on, a route to every other node's pod CIDR via that node,
-                            and the Service CIDR 10.96.0.0/16 routed on the uplink
+                            and the Service CIDR 10.96.0.0/16 (dual stack: and fd00:96::/112)
+                            routed on the uplink
     <prefix>X-n<i>p<k>      pod k of node i: eth0 = 10.200.i.(10+k)/32, default route via the
                             link-local gateway 169.254.1.1 whose MAC is the node-side veth's
                             (fixed ee:ee:ee:ee:ee:ee, as Calico does; a permanent neighbour entry)
@@ -26,7 +27,8 @@ fe80::ecee:eeff:feee:eeee (the link-local address of the host veth's MAC, as Cal
 entry; bridge layout: cni0 holds fd00:200:i::1/64 and the pods' /64 addresses route via it. Nodes forward IPv6
 and route every other node's IPv6 pod CIDR via that node's IPv6 address. Addresses are added without duplicate
 address detection and router solicitations are off, so the addresses work at once and the wire stays quiet
-(neighbour discovery and MLD remain). Service VIPs stay IPv4.
+(neighbour discovery and MLD remain). The IPv6 Service range fd00:96::/112 is routed on the uplink like the
+IPv4 one.
 
 Addresses are private and exist only inside the lab's namespaces. Without dual stack, IPv6 is disabled
 everywhere to keep the wire quiet. `down()` deletes every namespace the lab made (links, routes and rules die
@@ -51,6 +53,7 @@ GATEWAY_IP = "169.254.1.1"
 HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 NODE_NET = ipaddress.IPv4Network("192.168.200.0/24")
 SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/16")  # ClusterIPs (kube-apiserver's default range)
+SERVICE_CIDR6 = ipaddress.IPv6Network("fd00:96::/112")  # dual stack: the IPv6 ClusterIPs (a /112, as kind's)
 POD_SUPERNET = ipaddress.IPv4Network("10.200.0.0/16")
 NODE_NET6 = ipaddress.IPv6Network("fd00:192:168::/64")
 POD_SUPERNET6 = ipaddress.IPv6Network("fd00:200::/32")  # node i: fd00:200:i::/64
@@ -212,6 +215,8 @@ class Lab:
             # Service VIPs are routable from the node, as a Kubernetes node's default route makes them (Kubernetes
             # requires one); the capture programs treat a destination the node cannot route as a local one.
             cmds.append(f"route add {SERVICE_CIDR} dev {UPLINK}")
+            if v6:
+                cmds.append(f"route add {SERVICE_CIDR6} dev {UPLINK}")
             pod_net = ipaddress.IPv4Network(node.pod_cidr)
             if node.bridge is not None:
                 cmds += [

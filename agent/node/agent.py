@@ -4,8 +4,8 @@ Start-up order matters for fail-closed: the listeners exist before the programs 
 the cluster state is loaded before the first reconcile, so no enrolled pod is ever captured by a
 program with no proxy behind it (its SYNs are dropped, not forwarded in the clear).
 
-Kernel work (netlink through pyroute2, BPF maps, attachments) runs on one worker thread: pyroute2's
-synchronous API drives an event loop of its own, and one thread also keeps those operations in order.
+Kernel work (netlink, BPF maps, attachments) runs on one worker thread: its calls block, and one thread also keeps
+those operations in order.
 State changes only wake the reconcile loop, which works from the latest state: a burst of label
 changes costs one reconcile.
 """
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
-
 from agent.capture import Listener, Redirector, host_ifname_for
+from agent.capture.ctnetlink import Conntrack
+from agent.capture.rtnl import Rtnl
 from agent.identity.ca_client import CaClient
 from agent.identity.manager import CertificateManager
 from agent.kube.lifecycle import daemonset_removed
@@ -45,6 +45,7 @@ from hbone import Pool, SpiffeId, TrustBundle, canonical_ip
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CONNTRACK_TIMEOUT = 0.2  # seconds for one lookup, on the event loop (it answers in ~30 us)
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ def migrate_queued_connections() -> None:
 
 def node_addresses() -> frozenset[str]:
     """The node's own addresses, both families (the proxies never spoof a pod's address towards them)."""
-    with IPRoute() as ipr:
-        found = {canonical_ip(ip) for a in ipr.get_addr() if (ip := a.get_attr("IFA_ADDRESS"))}
+    with Rtnl() as rtnl:
+        found = {canonical_ip(a.address) for a in rtnl.addresses()}
     return frozenset(found | {"127.0.0.1", "::1"})
 
 
@@ -132,8 +133,10 @@ class NodeAgent:
         self.authorizer = Authorizer(self.store)
         self.store.subscribe(self._policies_changed)  # in force before the next accept
         self.telemetry = Telemetry(cfg.node, self.store, cfg.trust_domain, cfg.telemetry)
+        self.conntrack = Conntrack(timeout=CONNTRACK_TIMEOUT)  # the node's table: the agent runs in its namespace
         self.mesh = Mesh(cfg.node, cfg.trust_domain, self.store, self.certificates, self.pool,
-                         await self._in_kernel_thread(node_addresses), self.telemetry, policy=self.authorizer)
+                         await self._in_kernel_thread(node_addresses), self.telemetry, policy=self.authorizer,
+                         original_destination=self.conntrack.original_destination)
         self.inbound = InboundProxy(self.mesh)
         await self.inbound.start(listeners[Listener.HBONE], listeners[Listener.INBOUND])
         self.outbound = OutboundProxy(self.mesh, self.inbound)
@@ -269,4 +272,5 @@ class NodeAgent:
         await self.pool.close()
         await self.certificates.close()
         await self._in_kernel_thread(self.redirector.close, release)
+        self.conntrack.close()
         self._kernel.shutdown()

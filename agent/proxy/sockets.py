@@ -60,6 +60,14 @@ def transparent_listener(port: int, host: str = ANY, backlog: int = 1024) -> soc
     return sock
 
 
+def upstream_source(client: tuple[str, int], target: tuple[str, int]) -> str | None:
+    """The source address of the agent's connection to a local pod on behalf of ``client``: the client's own
+    (the pod sees who called), except when the client is that very pod (it called itself through a Service):
+    the pod would answer its own address over its loopback, never to the agent, so the node's address is used,
+    as kube-proxy masquerades such hairpin connections."""
+    return None if client[0] == target[0] else client[0]
+
+
 async def dial(address: tuple[str, int], source_ip: str | None) -> socket.socket:
     """Connect to ``address`` with the agent's mark, from ``source_ip`` (any address, spoofed) if given."""
     return await hbone_dial(address, source_ip, mark=AGENT_MARK, transparent=True)

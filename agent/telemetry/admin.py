@@ -17,19 +17,18 @@ Every bind address and port is configurable (port 0 picks one; see ``AdminServer
 
 from __future__ import annotations
 
-import contextlib
+import gzip
 import inspect
 import json
 import logging
-import os
 import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from agent.http import HttpServer, Reply, Request, Routes, json_reply, text_reply
 from agent.mesh.model import Address
 from agent.telemetry.metrics import Metrics
 from hbone import format_address
@@ -76,38 +75,38 @@ class AdminServer:
         self.metrics = metrics
         self._ready = ready
         self._config_dump = config_dump
-        self._runners: list[web.AppRunner] = []
+        self._servers: list[HttpServer] = []
         self.ports: dict[str, int] = {}
 
     # -- handlers ----------------------------------------------------------------------------------------------
-    async def _metrics(self, request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    async def _metrics(self, request: Request) -> Reply:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         body = encoder(self.metrics.registry)
-        resp = web.Response(body=body, headers={"Content-Type": content_type})
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            resp.enable_compression(web.ContentCoding.gzip)
-        return resp
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            return Reply(200, gzip.compress(body, compresslevel=6), content_type,
+                         [("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")])
+        return Reply(200, body, content_type)
 
-    async def _healthz(self, request: web.Request) -> web.Response:
+    async def _healthz(self, request: Request) -> Reply:
         try:
             ok, reason = await _call(self._ready)
         except Exception as e:  # a failing check is a "not ready", with the error as reason
             log.exception("readiness check failed")
             ok, reason = False, f"readiness check failed: {e}"
         if ok:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text=f"not ready: {reason}\n")
+            return text_reply("ready\n")
+        return text_reply(f"not ready: {reason}\n", 503)
 
-    async def _dump(self, request: web.Request) -> web.Response:
+    async def _dump(self, request: Request) -> Reply:
         if self._config_dump is None:
-            return web.Response(status=404, text="no config dump in this agent\n")
+            return text_reply("no config dump in this agent\n", 404)
         try:
             dump = scrub(await _call(self._config_dump))
         except Exception as e:
             log.exception("config dump failed")
-            return web.Response(status=500, text=f"config dump failed: {e}\n")
-        return web.Response(text=json.dumps(dump, indent=2, sort_keys=True, default=str) + "\n",
-                            content_type="application/json")
+            return text_reply(f"config dump failed: {e}\n", 500)
+        return Reply(200, (json.dumps(dump, indent=2, sort_keys=True, default=str) + "\n").encode(),
+                     "application/json; charset=utf-8")
 
     @staticmethod
     def _levels() -> dict[str, str]:
@@ -117,45 +116,40 @@ class AdminServer:
             out[name] = logging.getLevelName(logger.getEffectiveLevel()).lower()
         return out
 
-    async def _get_logging(self, request: web.Request) -> web.Response:
-        return web.json_response(self._levels())
+    async def _get_logging(self, request: Request) -> Reply:
+        return json_reply(self._levels())
 
-    async def _set_logging(self, request: web.Request) -> web.Response:
+    async def _set_logging(self, request: Request) -> Reply:
         changes: dict[str, str] = {}
         for key, value in request.query.items():
             name = "root" if key == "level" else key
             level = value.lower()
             if level not in _LEVELS:
-                return web.Response(status=400, text=f"{key}: level must be one of {', '.join(_LEVELS)}\n")
+                return text_reply(f"{key}: level must be one of {', '.join(_LEVELS)}\n", 400)
             if not re.fullmatch(r"root|[A-Za-z_][\w.]*", name):
-                return web.Response(status=400, text=f"{key}: not a logger name\n")
+                return text_reply(f"{key}: not a logger name\n", 400)
             changes[name] = level
         if not changes:
-            return web.Response(status=400, text="give ?level=LEVEL or ?<logger>=LEVEL\n")
+            return text_reply("give ?level=LEVEL or ?<logger>=LEVEL\n", 400)
         for name, level in changes.items():
             (logging.getLogger() if name == "root" else logging.getLogger(name)).setLevel(level.upper())
             log.warning("log level of %s set to %s through the admin port", name, level)
-        return web.json_response(self._levels())
+        return json_reply(self._levels())
 
     # -- serving -------------------------------------------------------------------------------------------------
-    async def _serve(self, name: str, routes: list[web.RouteDef], address: Address | str) -> None:
+    async def _serve(self, name: str, routes: Routes, address: Address | str) -> None:
         """Serve ``routes`` on a TCP address, or on a unix socket path (reachable across network namespaces)."""
-        app = web.Application()
-        app.add_routes(routes)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        self._runners.append(runner)
+        server = HttpServer(name, routes)
+        self._servers.append(server)
         if isinstance(address, str):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(address)
-            await web.UnixSite(runner, address).start()
+            await server.serve_unix(address)
             log.info("%s on unix:%s", name, address)
             return
         host, port = address
         # reuse_port: during an upgrade the next agent serves these ports beside this one until it stops
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                     reuse_port=True)
-        await web.SockSite(runner, sock).start()
+        await server.serve(sock)
         self.ports[name] = int(sock.getsockname()[1])
         log.info("%s on %s", name, format_address(host, self.ports[name]))
 
@@ -165,22 +159,22 @@ class AdminServer:
         (and metrics there too, so that one socket answers ``ambit status`` and a scrape in the lab)."""
         try:
             if admin_socket is not None:
-                await self._serve("admin-socket", [web.get("/config_dump", self._dump),
-                                                   web.get("/metrics", self._metrics),
-                                                   web.get("/healthz/ready", self._healthz)], admin_socket)
+                await self._serve("admin-socket", {("GET", "/config_dump"): self._dump,
+                                                   ("GET", "/metrics"): self._metrics,
+                                                   ("GET", "/healthz/ready"): self._healthz}, admin_socket)
             if metrics is not None:
-                await self._serve("metrics", [web.get("/metrics", self._metrics)], metrics)
+                await self._serve("metrics", {("GET", "/metrics"): self._metrics}, metrics)
             if ready is not None:
-                await self._serve("ready", [web.get("/healthz/ready", self._healthz)], ready)
+                await self._serve("ready", {("GET", "/healthz/ready"): self._healthz}, ready)
             if admin is not None:
-                await self._serve("admin", [web.get("/config_dump", self._dump),
-                                            web.get("/logging", self._get_logging),
-                                            web.post("/logging", self._set_logging)], admin)
+                await self._serve("admin", {("GET", "/config_dump"): self._dump,
+                                            ("GET", "/logging"): self._get_logging,
+                                            ("POST", "/logging"): self._set_logging}, admin)
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
+        for server in reversed(self._servers):
+            await server.close()
+        self._servers.clear()

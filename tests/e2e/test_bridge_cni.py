@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 
-from agent.capture import Redirector, host_ifname_for, netns
-from agent.capture.links import _fdb_port_hint, _Rtnl
+from agent.capture import Redirector, host_ifname_for, netns, sysctls
+from agent.capture.links import _fdb_port_hint
+from agent.capture.rtnl import Rtnl
 from agent.lab import Lab, Node, Pod, topology
 from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
 from tests.fixtures.eventually import eventually_sync
@@ -59,17 +60,6 @@ def ifindex(ns: str, ifname: str) -> int:
 
 def pod_mac(pod: Pod) -> str:
     return str(_json(["ip", "-n", pod.netns, "-j", "link", "show", pod.ifname])[0]["address"])
-
-
-def ipr_index(ns: str, name: str) -> int:
-    from pyroute2 import IPRoute
-
-    with netns.entered(ns):
-        ipr = IPRoute()
-    try:
-        return int(ipr.link_lookup(ifname=name)[0])
-    finally:
-        ipr.close()
 
 
 def talk(src: Pod, dst_ip: str, port: int = 8080, timeout: float = 3.0) -> tuple[str, bool]:
@@ -145,7 +135,7 @@ def test_finds_each_pods_own_veth_before_the_pod_sent_anything() -> None:
             assert neighbours(node.netns, "cni0") == {} and learned_macs(node) == set()
         assert all(neighbours(pod.netns) == {} for pod in lab.pods)
         with netns.entered(lab.nodes[0].netns):
-            rtnl = _Rtnl()
+            rtnl = Rtnl()
         with rtnl:
             assert _fdb_port_hint(rtnl, ifindex(lab.nodes[0].netns, "cni0"), lab.pods[0].ip) is None
 
@@ -156,7 +146,7 @@ def test_hint_from_neighbour_and_fdb_after_traffic(lab: Lab) -> None:
     assert reachable(a.netns, node.pod_gateway)  # an exchange with the node: ARP both ways, the bridge learns
     assert neighbours(node.netns, "cni0").get(a.ip) == pod_mac(a) and pod_mac(a) in learned_macs(node)
     with netns.entered(node.netns):
-        rtnl = _Rtnl()
+        rtnl = Rtnl()
     with rtnl:
         assert _fdb_port_hint(rtnl, ifindex(node.netns, "cni0"), a.ip) == ifindex(node.netns, a.host_ifname)
     assert host_ifname_for(a.ip, netns=node.netns) == a.host_ifname
@@ -171,7 +161,7 @@ def test_a_stale_neighbour_entry_does_not_mislead(lab: Lab) -> None:
     subprocess.run([*ip_neigh, "replace", a.ip, "lladdr", pod_mac(b), "dev", "cni0", "nud", "permanent"], check=True)
     try:
         with netns.entered(node.netns):
-            rtnl = _Rtnl()
+            rtnl = Rtnl()
         with rtnl:
             assert _fdb_port_hint(rtnl, ifindex(node.netns, "cni0"), a.ip) == ifindex(node.netns, b.host_ifname)
         assert host_ifname_for(a.ip, netns=node.netns) == a.host_ifname
@@ -282,19 +272,66 @@ def test_same_node_bridged_pods_are_captured(lab: Lab, capture: tuple[Redirector
     assert sorted(x.listener_port for x in relay.accepted) == [15001, 15006]  # A's outbound, A's inbound
 
 
+def talk_from_node(node: Node, dst_ip: str, port: int = 8080) -> tuple[str, bool]:
+    (_ip, my_port), reply = exchange(node.netns, dst_ip, port, payload=b"hi", timeout=3.0)
+    ip, port_seen = reply.split(b" ", 1)[0].removeprefix(b"peer=").decode().rsplit(":", 1)
+    return ip, int(port_seen) == my_port
+
+
+@contextlib.contextmanager
+def dnat(node: Node, vip: str, to: str) -> Iterator[None]:
+    """kube-proxy's ClusterIP DNAT of ``vip:80`` to ``to:8080`` in the node's namespace."""
+    table = "ambit_test_dnat"
+    rules = (f"table ip {table} {{\n chain pre {{\n type nat hook prerouting priority dstnat;\n"
+             f" ip daddr {vip} tcp dport 80 dnat to {to}:8080\n }}\n}}\n")
+    subprocess.run(["ip", "netns", "exec", node.netns, "nft", "-f", "-"], input=rules, text=True, check=True,
+                   timeout=10)
+    try:
+        yield
+    finally:
+        subprocess.run(["ip", "netns", "exec", node.netns, "nft", "delete", "table", "ip", table], check=False,
+                       timeout=10)
+
+
+def test_the_door_of_a_bridged_pod_takes_what_the_bridge_and_the_node_deliver(
+    lab: Lab, capture: tuple[Redirector, TransparentRelay]
+) -> None:
+    """Paths into enrolled A that only A's door sees on a bridge CNI: a pod of the same bridge whose veth has no
+    program (its frames switched straight to A's port), the node itself, and a Service VIP the node DNATs; each
+    is captured on A's inbound listener with A as the destination. A pod that is not enrolled keeps its
+    plain path (C from the node: direct)."""
+    agent, relay = capture
+    node, a, c = lab.nodes[0], lab.pods[0], lab.pods[2]
+    relay.accepted.clear()
+    assert talk(c, a.ip) == (c.ip, False)
+    assert talk_from_node(node, a.ip) == (node.pod_gateway, False)
+    with dnat(node, "10.96.77.1", a.ip):
+        assert talk(c, "10.96.77.1", 80) == (c.ip, False)
+    assert [(x.listener_port, x.original_dst, x.peer[0]) for x in relay.accepted] == [
+        (15006, (a.ip, 8080), c.ip), (15006, (a.ip, 8080), node.pod_gateway), (15006, (a.ip, 8080), c.ip)]
+    assert talk_from_node(node, c.ip) == (node.pod_gateway, True)
+    assert agent.counters()["redirect_door"] >= 3
+
+
 def test_reconcile_attaches_the_bridge_while_a_bridged_pod_is_wanted(
     lab: Lab, capture: tuple[Redirector, TransparentRelay]
 ) -> None:
     agent, _relay = capture
     node, a, b = lab.nodes[0], lab.pods[0], lab.pods[1]
-    bridge = ipr_index(node.netns, "cni0")
+    bridge = ifindex(node.netns, "cni0")
 
     def on_bridge() -> bool:
         return any(att.ifindex == bridge for att in agent.attachments())
 
+    def door_settings() -> tuple[str, str]:  # where the door's captures re-enter the stack: the bridge
+        return (sysctls.read(node.netns, "net/ipv4/conf/cni0/accept_local"),
+                sysctls.read(node.netns, "net/ipv4/conf/cni0/rp_filter"))
+
+    new_interface = (sysctls.read(node.netns, "net/ipv4/conf/default/accept_local"),
+                     sysctls.read(node.netns, "net/ipv4/conf/default/rp_filter"))
     agent.reconcile({a.ip: host_ifname_for(a.ip, netns=node.netns)}, [host_ifname_for(b.ip, netns=node.netns)])
-    assert on_bridge()
+    assert on_bridge() and door_settings() == ("1", "0")
     agent.reconcile({}, [])
-    assert not on_bridge()
+    assert not on_bridge() and door_settings() == new_interface
     agent.reconcile({a.ip: host_ifname_for(a.ip, netns=node.netns)}, [host_ifname_for(b.ip, netns=node.netns)])
-    assert on_bridge() and talk(a, b.ip) == (a.ip, False)
+    assert on_bridge() and talk(a, b.ip) == (a.ip, False) and door_settings() == ("1", "0")

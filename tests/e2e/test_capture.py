@@ -36,8 +36,10 @@ from agent.capture import (
 )
 from agent.capture.attach import CLSACT_INGRESS, Backend
 from agent.capture.programs import POD_PROG
+from agent.capture.rtnl import Rtnl
 from agent.lab import Lab, Node, Pod
 from bench.capture_probe import EchoServer, TransparentRelay, exchange, private_bpffs
+from tests.fixtures import packets
 from tests.fixtures.dual_stack import add_ipv6
 from tests.fixtures.repo import REPO
 
@@ -384,14 +386,10 @@ def test_restart_reconcile_leaves_exactly_the_desired_state(
     crashed.enroll(b.ip, b.host_ifname)
     if first == "clsact":  # plus a stray duplicate filter, as a buggy earlier version might have left
         with netns.entered(node.netns):
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                ix = socket.if_nametoindex(a.host_ifname)
-                ipr.tc(
-                    "add-filter", "bpf", ix, 9, fd=crashed.prog_fd(POD_PROG), name=POD_PROG,
-                    parent=CLSACT_INGRESS, classid=1, direct_action=True, prio=9,
-                )  # fmt: skip
+            rtnl = Rtnl()
+        with rtnl:
+            ix = rtnl.link(name=a.host_ifname).index
+            rtnl.bpf_filter(ix, CLSACT_INGRESS, 9, 9, crashed.prog_fd(POD_PROG), POD_PROG, replace=False)
     crashed.close(detach=False)  # like kill -9: programs, rules and pins stay
 
     restarted = Redirector(["eth0"], netns=node.netns, bpffs=bpffs, backend=second).start()
@@ -630,6 +628,30 @@ def test_v6_extension_headers_are_skipped(
             assert s.makefile("rb").read().startswith(f"peer={ip6(a)}:".encode())
     assert [(x.listener_port, x.original_dst) for x in relays[1].accepted] == [(15006, (ip6(c), 8080))]
     assert any("HBH" in line and "DSTOPT" in line for line in seen), seen  # the headers were on the wire
+
+
+def test_v6_tcp_fragments_to_and_from_an_enrolled_pod_are_dropped(
+    lab: Lab, ip6: IPv6Of, agents: Agents, relays: list[TransparentRelay]
+) -> None:
+    """A SYN sent as IPv6 fragments would be reassembled by the pod's kernel past the capture: the door drops
+    those going into an enrolled pod, its veth's program those leaving it; a pod that is not enrolled still gets
+    them (the watch sees them), and neither the fragments nor the relay see a captured connection."""
+    a, b, c, _d = lab.pods
+    agents[0].reconcile(dual(a, ip6))  # b's veth has no program: what b sends a meets only a's door
+    with packets.TcpWatch(c.netns, socket.AF_INET6) as watch:
+        packets.send(b.netns, ip6(c), packets.fragmented_syn(ip6(b), ip6(c), 40010, 8080))
+        assert watch.seen(40010, within=3), "fragments between pods that are not enrolled must pass"
+    with packets.TcpWatch(a.netns, socket.AF_INET6) as watch:
+        packets.send(b.netns, ip6(a), packets.fragmented_syn(ip6(b), ip6(a), 40011, 8080))
+        assert not watch.seen(40011, within=1), "fragments reached the enrolled pod"
+    with packets.TcpWatch(c.netns, socket.AF_INET6) as watch:
+        packets.send(a.netns, ip6(c), packets.fragmented_syn(ip6(a), ip6(c), 40012, 8080))
+        assert not watch.seen(40012, within=1), "the enrolled pod's fragments left it"
+    drops = [e for e in agents[0].poll_events(200) if e.type is EventType.DROP]
+    assert {(e.src, e.dst, e.hook) for e in drops} == {(ip6(b), ip6(a), Hook.DOOR), (ip6(a), ip6(c), Hook.POD)}
+    assert all(e.reason is Reason.FRAGMENT and (e.sport, e.dport) == (0, 0) for e in drops)
+    assert agents[0].counters()["drop_fragment"] >= 2
+    assert relays[0].accepted == []
 
 
 def test_port_reuse_v6_over_time_wait_goes_through_sk_lookup(

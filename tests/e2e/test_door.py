@@ -33,8 +33,7 @@ import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +53,6 @@ VICTIM = "app-1-2"
 NODE_PORT = 30080
 PROBE_PORT = 8081  # the victim's readiness probe (tcpSocket); its server listens on 8080 and 8081
 OVERLAY_NET = ("172.31.250.1", "172.31.250.2")  # node-1 side, the outside host
-
-
-@dataclass(frozen=True)
-class Path_:
-    name: str
-    source: Callable[[DoorLab], lo.Place]
-    target: Callable[[DoorLab], tuple[str, int]]
-    seen_from: Callable[[DoorLab], str]  # the source address the victim's agent sees (after any masquerade)
 
 
 class DoorLab(lo.RunningLab):
@@ -86,6 +77,9 @@ class DoorLab(lo.RunningLab):
 
     def settle(self, policies: list[str]) -> None:
         lo.wait_agents(self.paths, self.nodes, policies=policies)
+
+
+Path_ = lo.AttackPath[DoorLab]
 
 
 def pod_ip(lab: DoorLab) -> tuple[str, int]:
@@ -192,15 +186,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorLab]:
                 server.close()
 
 
-@contextlib.contextmanager
-def in_force(lab: DoorLab, text: str, kind: str, name: str) -> Iterator[None]:
-    lab.apply(text)
-    try:
-        lab.settle([f"{kind} {MESH}/{name}"])
-        yield
-    finally:
-        lab.delete(kind.lower(), name, "-n", MESH)
-        lab.settle([])
+def in_force(lab: DoorLab, text: str, kind: str, name: str) -> contextlib.AbstractContextManager[None]:
+    return lo.policies_in_force(lab, lab.tmp, text, (kind, MESH, name))
 
 
 def flows_to_victim(lab: DoorLab, since: str, verdict: str) -> list[dict[str, Any]]:
@@ -248,6 +235,21 @@ def test_permissive_serves_every_path_captured(lab: DoorLab, path: Path_) -> Non
     assert not flow["ip"].get("encrypted"), flow  # plaintext: whoever the source address names, nothing proved it
 
 
+SERVICE_CALLED = {"vip-same-node": "victim", "nodeport-this-node": "victim-np", "vip-other-node": "victim"}
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p.name in SERVICE_CALLED], ids=lambda p: p.name)
+def test_the_service_the_client_called_is_kept_where_this_node_translated_it(lab: DoorLab, path: Path_) -> None:
+    """Policy sees the pod the DNAT chose, but the flow names the Service the client called: node-1's conntrack
+    knows it for a VIP or a node port node-1 translated (the node port: victim-np, though victim, first by name,
+    also serves the pod's port); for a VIP node-2 translated, node-1 falls back to the Service serving the
+    pod's port (ztunnel's guess)."""
+    a, since = run_path(lab, path)
+    assert a.outcome == "ok", f"{path.name}: {a}"
+    flow = assert_recorded(lab, path, since, "FORWARDED", "")
+    assert flow["destination_service"] == {"name": SERVICE_CALLED[path.name], "namespace": MESH}, flow
+
+
 def test_the_denied_pod_is_refused_by_name_where_its_identity_survives(lab: DoorLab) -> None:
     """The DENY of app-1-3's principal holds for its mesh path; through another node's NodePort its identity is
     lost (plaintext from node-2's address, as in Istio), so STRICT or allow-nothing is what stops it there."""
@@ -271,15 +273,54 @@ def test_from_the_node_the_probe_port_passes_and_any_other_is_judged(lab: DoorLa
         assert PROBE_PORT not in seen and h.SERVER_PORT in seen, seen
 
 
+def drops_counted(lab: DoorLab, reason: str) -> float:
+    """node-1's hubble_drop_total for ``reason``."""
+    _families, samples = lo.scrape(lab.paths, "node-1")
+    return sum(s.value for s in samples if s.name == "hubble_drop_total" and s.labels.get("reason") == reason)
+
+
+def dropped_flows(lab: DoorLab) -> list[dict[str, Any]]:
+    return lo.flows(lo.observe(lab.name, "--verdict", "DROPPED", "--node-name", "node-1", "--all"))
+
+
 def test_a_forged_enrolled_source_from_the_overlay_is_dropped_at_the_door(lab: DoorLab) -> None:
     """The door verifies sources too: a SYN from behind the overlay claiming app-1-3's address (an enrolled pod of
     node-1, whose own traffic comes in on its own veth) is dropped and counted, never captured as app-1-3."""
-    def spoofed() -> float:
-        _families, samples = lo.scrape(lab.paths, "node-1")
-        return sum(s.value for s in samples if s.name == "hubble_drop_total" and s.labels.get("reason") == "SPOOFED")
-
-    before = spoofed()
+    before = drops_counted(lab, "SPOOFED")
     packets.send_syn(lab.overlay.netns, lab.pod("app-1-3").ip, lab.pod(VICTIM).ip, 40003, h.SERVER_PORT)
-    eventually_sync(lambda: spoofed() >= before + 1, "a SPOOFED drop counted on node-1", 5)
-    drops = lo.flows(lo.observe(lab.name, "--verdict", "DROPPED", "--node-name", "node-1", "--all"))
-    assert any("spoofed" in f.get("drop_reason_desc", "") and lo.tcp(f).get("source_port") == 40003 for f in drops)
+    eventually_sync(lambda: drops_counted(lab, "SPOOFED") >= before + 1, "a SPOOFED drop counted on node-1", 5)
+    assert any("spoofed" in f.get("drop_reason_desc", "") and lo.tcp(f).get("source_port") == 40003
+               for f in dropped_flows(lab))
+
+
+def test_a_connection_fragmented_on_purpose_does_not_slip_past_the_door(lab: DoorLab) -> None:
+    """Only a first fragment carries TCP ports, so fragments cannot be captured, and the pod's kernel reassembles
+    whatever reaches it: a SYN sent as fragments from behind the overlay would open a plaintext connection to the
+    victim past the agent. The door drops TCP fragments to an enrolled pod and counts them (the same fragments
+    do reach a pod that is not enrolled: the watch sees them)."""
+    src, plain = OVERLAY_NET[1], lab.pod("app-1-1")
+    with packets.TcpWatch(plain.netns) as watch:
+        packets.send(lab.overlay.netns, plain.ip, packets.fragmented_syn(src, plain.ip, 40004, h.SERVER_PORT))
+        assert watch.seen(40004, within=5), "the fragmented SYN did not reach the pod that is not enrolled"
+
+    victim = lab.pod(VICTIM)
+    before = drops_counted(lab, "FRAGMENT")
+    with packets.TcpWatch(victim.netns) as watch:
+        packets.send(lab.overlay.netns, victim.ip, packets.fragmented_syn(src, victim.ip, 40005, h.SERVER_PORT))
+        assert not watch.seen(40005, within=2), "the fragmented SYN reached the enrolled pod"
+    # how many fragments reach the door depends on whether node-1 reassembled them (conntrack) and sent it anew
+    # as fragments, whose sending stops at the first dropped one: at least one
+    eventually_sync(lambda: drops_counted(lab, "FRAGMENT") >= before + 1, "the fragments counted on node-1", 15)
+    assert any("fragment" in f.get("drop_reason_desc", "") and f["ip"]["source"] == src
+               for f in dropped_flows(lab))
+
+
+def test_an_enrolled_pod_cannot_send_fragments_past_its_capture(lab: DoorLab) -> None:
+    """The other way: TCP the enrolled victim sends as fragments (a raw socket in the pod) would leave it
+    uncaptured, in plaintext; its veth's program drops them, counted, and they never reach the other pod."""
+    victim, plain = lab.pod(VICTIM), lab.pod("app-2-1")
+    before = drops_counted(lab, "FRAGMENT")
+    with packets.TcpWatch(plain.netns) as watch:
+        packets.send(victim.netns, plain.ip, packets.fragmented_syn(victim.ip, plain.ip, 40006, h.SERVER_PORT))
+        assert not watch.seen(40006, within=2), "the enrolled pod's fragments left the node"
+    eventually_sync(lambda: drops_counted(lab, "FRAGMENT") >= before + 1, "the fragments counted on node-1", 15)

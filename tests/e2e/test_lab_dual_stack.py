@@ -2,7 +2,8 @@
 both in status.podIPs, pods reach pods on other nodes over IPv6 by address, and `ambit lab status` shows both.
 
 The agents run (their listeners are dual-stack) with nothing enrolled: the capture of IPv6 is not part of this
-test. The lab is removed in a `finally`, and nothing of it may be left."""
+test. Dual-stack Services: an IPv6 cluster IP and the kube-proxy's IPv6 table, without agents. The lab is removed
+in a `finally`, and nothing of it may be left."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import re
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +122,62 @@ def test_without_dual_stack_the_lab_stays_ipv4_only(lab_name: str) -> None:
     assert netns.run(pod.netns, ["ip", "-6", "-o", "addr"]).stdout.strip() == ""
     status = json.loads(lab_cli(lab_name, "status", "--json").stdout)
     assert status["dual_stack"] is False and status["pods"][0]["ips"] == [pod.ip]
+
+
+DUAL_SERVICES = """\
+{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+ "spec": {"type": "NodePort", "ipFamilyPolicy": "PreferDualStack", "selector": {"app": "app-1-1"},
+          "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}}
+---
+{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "v4", "namespace": "default"},
+ "spec": {"type": "NodePort", "selector": {"app": "app-1-1"}, "ports": [{"port": 80, "targetPort": 8080,
+                                                                         "nodePort": 30081}]}}
+---
+{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "local", "namespace": "default"},
+ "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ipFamilyPolicy": "RequireDualStack",
+          "selector": {"app": "app-1-1"}, "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30082}]}}
+---
+{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "empty", "namespace": "default"},
+ "spec": {"ipFamilies": ["IPv6"], "selector": {"app": "nobody"}, "ports": [{"port": 80}]}}
+"""
+
+
+@pytest.mark.timeout(240)
+def test_dual_stack_services_get_an_ipv6_vip_and_the_kube_proxy_serves_it(lab_name: str, tmp_path: Path) -> None:
+    """The lab alone (no agents): a PreferDualStack NodePort Service gets an IPv6 cluster IP of fd00:96::/112
+    beside its IPv4 one, both in the pods' hosts files; the nodes' kube-proxy DNATs its IPv6 VIP (client address
+    kept) and its node port on every node's IPv6 address (masqueraded to the forwarding node, as for IPv4; with
+    externalTrafficPolicy Local a pod keeps its address) to the endpoint's IPv6 address; an IPv4-only Service
+    has no IPv6 node port, and an IPv6 VIP without endpoints is refused at once."""
+    lab_cli(lab_name, "up", "--dual-stack", "--no-agents", "--nodes", "2", "--pods", "2", timeout=200)
+    info = LabInfo.load(LabPaths.of(lab_name))
+    services_file = tmp_path / "services.yaml"
+    services_file.write_text(DUAL_SERVICES)
+    assert "service/web created" in lab_cli(lab_name, "apply", "-f", str(services_file)).stdout
+    status = {s["name"]: s for s in json.loads(lab_cli(lab_name, "status", "--json").stdout)["services"]}
+    assert status["web"]["vips"] == ["10.96.0.1", "fd00:96::1"] and status["v4"]["vips"] == ["10.96.0.2"]
+    assert status["local"]["vips"] == ["10.96.0.3", "fd00:96::2"] and status["empty"]["vips"] == ["fd00:96::3"]
+    backend, client = info.pods[0], info.pods[2]  # app-1-1 on node-1, app-2-1 on node-2
+    assert sorted(e["ip"] for e in status["web"]["endpoints"]) == [backend.ip, backend.ip6]
+    assert "fd00:96::1\tweb web.default" in hosts.path(client.netns).read_text()
+    node1, node2 = info.nodes
+    payload = Payload.make(4096)
+    with EchoServer(backend, PORT, host="::"):
+        def peer(src: h.InNetns, address: tuple[str, int]) -> str:
+            """Whom the backend saw, after a byte-exact exchange."""
+            with Client(src, address) as c:
+                echo = c.exchange(payload)
+            assert echo.server_sha256 == echo.echoed_sha256 == payload.sha256
+            return echo.peer[0]
+
+        assert peer(client, ("fd00:96::1", 80)) == client.ip6  # the VIP: DNAT only
+        assert peer(client, ("10.96.0.1", 80)) == client.ip
+        assert peer(client, (node1.ip6, 30080)) == node1.ip6  # Cluster: masqueraded by the node that DNATs
+        assert peer(backend, (node2.ip6, 30080)) == node2.ip6
+        assert peer(node2, (node2.ip6, 30080)) == node2.ip6  # from the node itself (its output chain)
+        # externalTrafficPolicy Local: a pod of the cluster keeps its address (kube-proxy's short cut, IPv6 range)
+        assert peer(client, (node1.ip6, 30082)) == peer(client, (node2.ip6, 30082)) == client.ip6
+        for refused in [("fd00:96::3", 80), (node1.ip6, 30081)]:  # no endpoint; no IPv6 node port for v4
+            with pytest.raises(ConnectionRefusedError):
+                Client(client, refused, connect_timeout=3)
+        assert peer(client, (node1.ip, 30081)) == node1.ip

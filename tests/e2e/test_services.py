@@ -181,3 +181,17 @@ def test_strict_destination_admits_the_enrolled_client_via_the_vip(web: ServiceL
     finally:
         with lab_state.edit(web.paths.state) as st:
             st.remove("PeerAuthentication", MESH, "strict")
+
+
+def test_a_pod_reaches_itself_through_its_own_service(web: ServiceLab) -> None:
+    """Hairpin: app-1-3, the Service's only endpoint, calls the VIP. The agent reaches the pod from the node's
+    address (as kube-proxy masquerades hairpin connections): from its own, the pod would answer itself over its
+    loopback and the connection would hang."""
+    web.set_app(("app-2-1", "app-2-3"), None)
+    web.wait_endpoints(("app-1-3",))
+    client = web.pod("app-1-3")
+    payload = h.Payload.make(4096)
+    with h.Client(client, (VIP, PORT)) as c:
+        echo = c.exchange(payload)
+    assert echo.server_sha256 == payload.sha256 == echo.echoed_sha256
+    assert echo.peer[0] == web.info.node("node-1").ip, echo.peer

@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import json
 import logging
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -150,3 +151,63 @@ async def test_port_in_use_is_an_error_unless_the_next_agent_shares_it() -> None
 def test_scrub() -> None:
     assert scrub({"a": [{"token": "t", "ok": ("x", b"y")}], "secret_thing": 1, "n": 2}) == \
         {"a": [{"token": REDACTED, "ok": ["x", "y"]}], "secret_thing": REDACTED, "n": 2}
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a new connection; everything the server answers until it closes (within 5 s)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+MALFORMED = {
+    "not HTTP": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, b"bad request: "),
+    "bad request line": (b"GET /metrics HTTP/9\r\n\r\n", 400, b"bad request: illegal request line"),
+    "bad header": (b"GET /metrics HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n", 400, b"bad request: illegal header line"),
+    "no Host": (b"GET /metrics HTTP/1.1\r\n\r\n", 400, b"bad request: Missing mandatory Host: header"),
+    "bad Content-Length": (b"POST /logging HTTP/1.1\r\nHost: a\r\nContent-Length: ten\r\n\r\n", 400,
+                           b"bad request: bad Content-Length"),
+    "oversized headers": (b"GET /metrics HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 400,
+                          b"bad request: request line and headers longer than 16384 bytes"),
+    "oversized headers, in pieces": (b"GET /metrics HTTP/1.1\r\nHost: a\r\n" + b"X-Big: a\r\n" * 2000, 400,
+                                     b"bad request: request line and headers longer than 16384 bytes"),
+    "oversized body": (b"POST /logging?level=info HTTP/1.1\r\nHost: a\r\nContent-Length: 70000\r\n\r\n"
+                       + b"x" * 70_000, 413, b"bad request: request body longer than 65536 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+async def test_a_malformed_request_gets_400_and_everyone_else_is_served(admin: tuple[AdminServer, State],
+                                                                        case: str) -> None:
+    server, _ = admin
+    port = server.ports["admin"] if b"/logging" in MALFORMED[case][0] else server.ports["metrics"]
+    data, status, body = MALFORMED[case]
+    # A client that has sent half a request holds its connection meanwhile: it must not hold up anyone else.
+    _, idle_writer = await asyncio.open_connection("127.0.0.1", server.ports["metrics"])
+    idle_writer.write(b"GET /metr")
+    try:
+        answer = await exchange(port, data)
+        head, _, text = answer.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+        assert b"connection: close" in head.lower() and text.startswith(body), answer[:300]
+        status_code, _, scraped = await http(f"http://127.0.0.1:{server.ports['metrics']}/metrics")
+        assert status_code == 200 and b"istio_tcp_connections_opened_total" in scraped
+    finally:
+        idle_writer.close()
+
+
+async def test_keep_alive_wrong_methods_and_unknown_paths(admin: tuple[AdminServer, State]) -> None:
+    server, _ = admin
+    port = server.ports["metrics"]
+    answer = await exchange(port, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n"
+                                  b"HEAD /metrics HTTP/1.1\r\nHost: a\r\n\r\n"
+                                  b"POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
+                                  b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == [b"200", b"200", b"405", b"404"], answer[-600:]
+    assert b"Allow: GET, HEAD" in answer

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 
 from agent.cli.status import policy_main
+from agent.http import CertificateError, ConnectError, Timeouts
 from agent.kube import PODS, Informer, KubeClient, KubeConfigError, connect
 from agent.kube.credentials import ExecPlugin
 from agent.kube.kubeconfig import in_cluster, kubeconfig_files, load_kubeconfig
@@ -28,7 +28,7 @@ from agent.retry import Backoff
 from tests.fixtures.eventually import eventually
 from tests.fixtures.kube_fake import FakeApiServer, namespace, pod
 
-TIMEOUTS = aiohttp.ClientTimeout(total=5)
+TIMEOUTS = Timeouts(total=5)
 FAST = Backoff(initial=0.02, cap=0.1)
 EXEC_V1 = "client.authentication.k8s.io/v1"
 EXEC_V1BETA1 = "client.authentication.k8s.io/v1beta1"
@@ -126,7 +126,7 @@ async def test_insecure_skip_tls_verify_and_a_server_that_is_not_trusted(tmp_pat
             await connection.close()
         untrusted = await connect(write_kubeconfig(tmp_path / "untrusted", server.url, {}))  # the system's roots
         try:
-            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            with pytest.raises(CertificateError, match=r"^GET https://127\.0\.0\.1:\d+/api/v1/pods: the certificate "):
                 await status_of(untrusted.api)
         finally:
             await untrusted.close()
@@ -138,7 +138,7 @@ async def test_tls_server_name_is_the_name_verified(tmp_path: Path) -> None:
         wrong = await connect(write_kubeconfig(tmp_path / "wrong", server, {}, **{"tls-server-name": "kube.example"}))
         try:
             assert await status_of(right.api) == 200
-            with pytest.raises(aiohttp.ClientConnectorCertificateError, match=r"kube\.example"):
+            with pytest.raises(CertificateError, match=r"kube\.example"):
                 await status_of(wrong.api)
         finally:
             await right.close()
@@ -171,7 +171,7 @@ async def test_merged_kubeconfig_variable_and_context_choice(tmp_path: Path) -> 
                 await connection.close()
         dead = await connect(None, context="dead", environ=environ)
         try:
-            with pytest.raises(aiohttp.ClientConnectionError):
+            with pytest.raises(ConnectError, match=r"^GET http://127\.0\.0\.1:9/api/v1/pods: cannot connect to "):
                 await status_of(dead.api)
         finally:
             await dead.close()

@@ -71,6 +71,8 @@ async def test_list_pages_gives_kind_and_drops_managed_fields(server: FakeApiSer
         lists = [r for r in server.requests if r.path == "/api/v1/pods" and not r.watch]
         assert [r.query.get("limit") for r in lists] == ["3"] * 3
         assert [bool(r.query.get("continue")) for r in lists] == [False, True, True]
+        await eventually(lambda: server.watchers("Pod") == 1, "the pod watch")
+        assert connection.api.http.connections_opened == 1  # keep-alive: three pages and the watch on one
 
 
 async def test_watch_applies_events_from_the_listed_version(server: FakeApiServer, connection: Connection) -> None:

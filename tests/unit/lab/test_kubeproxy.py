@@ -42,7 +42,7 @@ def chain(text: str, name: str) -> list[str]:
 def dnat_rules(text: str) -> list[str]:
     """The VIPs' rules: the services chain but its last rule, the jump to the node ports."""
     *rules, last = chain(text, "services")
-    assert last == "fib daddr type local ip daddr != 127.0.0.0/8 jump nodeports"
+    assert last in (f"{f.node_address} jump nodeports" for f in (kubeproxy.IPV4, kubeproxy.IPV6)), last
     return rules
 
 
@@ -203,5 +203,98 @@ def test_nft_accepts_the_rendered_tables() -> None:
             assert listed.count("comment \"") == len(dnat_rules(text)) + len(chain(text, "nodeports"))
         with pytest.raises(LabError, match="nft refused the kube-proxy table of lsvc-nft-"):
             kubeproxy.install(ns, "table ip kube-proxy { chain x { nonsense } }\n")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True, timeout=10)
+
+
+# -- dual stack: one table per family --------------------------------------------------------------------------------
+def dual_pod(name: str, ip: str, ip6: str, node: str = NODE, *, app: str) -> dict[str, Any]:
+    obj = o.pod(name, ip, node, app=app)
+    obj["status"]["podIPs"].append({"ip": ip6})
+    return obj
+
+
+def render_dual(*objs: dict[str, Any], node: str = NODE) -> dict[str, str]:
+    """Both tables of a dual-stack lab's node, each as its own text."""
+    mesh, errors = services.mesh_state([o.namespace("default"), *objs])
+    assert errors == []
+    text = kubeproxy.ruleset(mesh, node, kubeproxy.families(dual_stack=True))
+    lines = text.splitlines(keepends=True)
+    v6 = lines.index("add table ip6 kube-proxy\n") - 1  # its comment line
+    return {"ip": "".join(lines[:v6]), "ip6": "".join(lines[v6:])}
+
+
+DUAL = (dual_pod("a", "10.200.0.11", "fd00:200::11", app="web"),
+        dual_pod("b", "10.200.1.10", "fd00:200:1::10", "node-2", app="web"),
+        o.pod("v4only", "10.200.0.12", app="web"))
+DUAL_WEB: dict[str, Any] = {"clusterIPs": ["10.96.0.10", "fd00:96::a"], "ipFamilies": ["IPv4", "IPv6"],
+            "ipFamilyPolicy": "RequireDualStack"}
+V6_BOTH = "0 : fd00:200:1::10 . 8080, 1 : fd00:200::11 . 8080"  # sorted as text, as the IPv4 ones
+
+
+def test_a_dual_stack_service_is_in_both_tables_with_the_endpoints_of_each_family() -> None:
+    tables = render_dual(*DUAL, o.service("web", selector=WEB, type="NodePort", ports=[NP80], **DUAL_WEB),
+                         o.service("old", selector=WEB, clusterIP="10.96.0.20", ipFamilies=["IPv4"]))
+    assert dnat_rules(tables["ip"]) == [  # Services in key order
+        'ip daddr 10.96.0.20 tcp dport 80 dnat ip to numgen random mod 3 map { 0 : 10.200.0.11 . 8080, '
+        '1 : 10.200.0.12 . 8080, 2 : 10.200.1.10 . 8080 } comment "default/old:80"',
+        'ip daddr 10.96.0.10 tcp dport 80 dnat ip to numgen random mod 3 map { 0 : 10.200.0.11 . 8080, '
+        '1 : 10.200.0.12 . 8080, 2 : 10.200.1.10 . 8080 } comment "default/web:80"']
+    v6 = tables["ip6"]
+    assert dnat_rules(v6) == [f'ip6 daddr fd00:96::a tcp dport 80 dnat ip6 to numgen random mod 2 map {{ {V6_BOTH} }} '
+                              'comment "default/web:80"']  # the IPv4-only Service is not here
+    assert chain(v6, "nodeports") == [f"tcp dport 30080 {MASQ} dnat ip6 to numgen random mod 2 map {{ {V6_BOTH} }} "
+                                      'comment "default/web:80 nodePort 30080"']
+    assert elements(v6, "set cluster-ips") == ["fd00:96::a"]
+    assert elements(v6, "set hairpin") == ["fd00:200:1::10 . fd00:200:1::10", "fd00:200::11 . fd00:200::11"]
+    assert chain(v6, "service-endpoints-check")[1] == \
+        "fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @no-endpoint-nodeports"
+    assert chain(v6, "reject-chain") == ["meta l4proto tcp reject with tcp reset",
+                                         "reject with icmpv6 type port-unreachable"]
+    assert "ct status dnat ip6 saddr . ip6 daddr @hairpin masquerade" in chain(v6, "nat-postrouting")
+
+
+def test_ipv6_policies_local_load_balancer_and_no_endpoint_as_for_ipv4() -> None:
+    local = render_dual(*DUAL, o.service("web", selector=WEB, type="NodePort", ports=[NP80],
+                                         externalTrafficPolicy="Local", **DUAL_WEB), node="node-2")["ip6"]
+    assert chain(local, "nodeports") == [
+        f"tcp dport 30080 ip6 saddr fd00:200::/32 dnat ip6 to numgen random mod 2 map {{ {V6_BOTH} }} "
+        'comment "default/web:80 nodePort 30080: a pod"',
+        f"tcp dport 30080 fib saddr type local {MASQ} dnat ip6 to numgen random mod 2 map {{ {V6_BOTH} }} "
+        'comment "default/web:80 nodePort 30080: the node"',
+        "tcp dport 30080 dnat ip6 to numgen random mod 1 map { 0 : fd00:200:1::10 . 8080 } "
+        'comment "default/web:80 nodePort 30080"']
+    internal = render_dual(*DUAL, o.service("web", selector=WEB, internalTrafficPolicy="Local", **DUAL_WEB),
+                           node="node-3")["ip6"]
+    assert dnat_rules(internal) == [] and elements(internal, "map no-endpoint-services") == [
+        "fd00:96::a . tcp . 80 : drop"]
+    lb = render_dual(*DUAL, o.service("web", selector=WEB, type="LoadBalancer", ports=[NP80], **DUAL_WEB))["ip6"]
+    assert chain(lb, "nodeports") == [f"tcp dport 30080 {MASQ} dnat ip6 to numgen random mod 2 map {{ {V6_BOTH} }} "
+                                      'comment "default/web:80 nodePort 30080"']  # a LoadBalancer's node port
+    only_v4_pods = render_dual(DUAL[2], o.service("web", selector=WEB, type="NodePort", ports=[NP80], **DUAL_WEB))
+    assert dnat_rules(only_v4_pods["ip"]) and dnat_rules(only_v4_pods["ip6"]) == []
+    assert elements(only_v4_pods["ip6"], "map no-endpoint-services") == ["fd00:96::a . tcp . 80 : goto reject-chain"]
+    assert elements(only_v4_pods["ip6"], "map no-endpoint-nodeports") == ["tcp . 30080 : goto reject-chain"]
+
+
+def test_an_ipv4_only_lab_has_no_ipv6_table() -> None:
+    text = render(*THREE, web())
+    assert "ip6" not in text and text.count("add table") == 1
+
+
+@pytest.mark.root
+@needs_root
+def test_nft_accepts_the_dual_stack_tables() -> None:
+    ns = f"lsvc-nft6-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        for spec in ({}, {"externalTrafficPolicy": "Local"}):
+            tables = render_dual(*DUAL, o.service("web", selector=WEB, type="NodePort", ports=[NP80], **spec,
+                                                  **DUAL_WEB))
+            kubeproxy.install(ns, tables["ip"] + tables["ip6"])
+            for family, text in tables.items():
+                listed = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", family, "kube-proxy"],
+                                        check=True, capture_output=True, text=True, timeout=10).stdout
+                assert listed.count("comment \"") == len(dnat_rules(text)) + len(chain(text, "nodeports")) > 0
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True, timeout=10)

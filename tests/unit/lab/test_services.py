@@ -5,11 +5,12 @@ holding an object the agents would refuse."""
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import pytest
 
-from agent.lab import services
+from agent.lab import service_ips, services
 from agent.lab.state import LabObjects
 from agent.lab.topology import SERVICE_CIDR
 from agent.mesh.convert import ObjectError
@@ -20,10 +21,10 @@ def state(*objs: dict[str, Any]) -> LabObjects:
     return LabObjects([o.namespace("default"), o.namespace("shop"), *objs])
 
 
-def admitted(st: LabObjects, *batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """The batch as admit() completes it; fails on any error."""
+def admitted(st: LabObjects, *batch: dict[str, Any], dual_stack: bool = False) -> list[dict[str, Any]]:
+    """The batch as admit() completes it (in an IPv4-only lab, or a dual-stack one); fails on any error."""
     objs = [copy.deepcopy(b) for b in batch]
-    assert services.admit(st, objs) == []
+    assert services.admit(st, objs, dual_stack=dual_stack) == []
     return objs
 
 
@@ -57,41 +58,137 @@ def test_headless_and_external_name_services_get_no_address() -> None:
     assert "clusterIP" not in external["spec"]
 
 
-def test_services_get_the_ipv4_family_as_the_api_server_of_an_ipv4_service_cluster_sets_it() -> None:
-    """The lab's Services are IPv4 only, also in a dual-stack lab: admitted single-stack IPv4, so a selected
-    dual-stack pod is their endpoint at its IPv4 address only (a headless one resolves to IPv4 addresses)."""
+def families(obj: dict[str, Any]) -> tuple[str, list[str], list[str]]:
+    spec = obj["spec"]
+    return spec["ipFamilyPolicy"], spec["ipFamilies"], spec["clusterIPs"]
+
+
+def test_an_ipv4_only_lab_gives_ipv4_single_stack_and_prefer_dual_stack_falls_back() -> None:
     plain, prefer, headless = admitted(state(), o.service("a", selector={"app": "a"}),
                                        o.service("b", selector={"app": "a"}, ipFamilyPolicy="PreferDualStack"),
                                        o.service("h", selector={"app": "a"}, clusterIP="None", ipFamilies=["IPv4"]))
-    for obj in (plain, prefer, headless):
-        assert (obj["spec"]["ipFamilies"], obj["spec"]["ipFamilyPolicy"]) == (["IPv4"], "SingleStack")
+    assert families(plain) == ("SingleStack", ["IPv4"], ["10.96.0.1"])
+    assert families(prefer) == ("PreferDualStack", ["IPv4"], ["10.96.0.2"])
+    assert families(headless) == ("SingleStack", ["IPv4"], ["None"])
+    assert plain["spec"]["clusterIP"] == "10.96.0.1"
+
+
+def test_a_dual_stack_lab_gives_what_each_policy_asks_for() -> None:
+    """As kube-apiserver with --service-cluster-ip-range=10.96.0.0/16,fd00:96::/112: IPv4 single stack by
+    default, both families (in the order asked, IPv4 first by default) for PreferDualStack and
+    RequireDualStack, IPv6 alone when asked; a headless Service without selector is RequireDualStack."""
+    objs = admitted(state(), o.service("plain"), o.service("prefer", ipFamilyPolicy="PreferDualStack"),
+                    o.service("v6first", ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv6"]),
+                    o.service("v6", ipFamilies=["IPv6"]),
+                    o.service("given", ipFamilyPolicy="RequireDualStack", clusterIPs=["10.96.9.9", "fd00:96::99"]),
+                    o.service("h", clusterIP="None", ports=[]),
+                    o.service("h4", clusterIP="None", selector={"app": "a"}, ipFamilies=["IPv4"]),
+                    dual_stack=True)
+    assert [families(obj) for obj in objs] == [
+        ("SingleStack", ["IPv4"], ["10.96.0.1"]),
+        ("PreferDualStack", ["IPv4", "IPv6"], ["10.96.0.2", "fd00:96::1"]),
+        ("RequireDualStack", ["IPv6", "IPv4"], ["fd00:96::2", "10.96.0.3"]),
+        ("SingleStack", ["IPv6"], ["fd00:96::3"]),
+        ("RequireDualStack", ["IPv4", "IPv6"], ["10.96.9.9", "fd00:96::99"]),
+        ("RequireDualStack", ["IPv4", "IPv6"], ["None"]),
+        ("SingleStack", ["IPv4"], ["None"])]
+    assert objs[2]["spec"]["clusterIP"] == "fd00:96::2"  # the first family's address
+
+
+def test_updates_keep_both_addresses_release_the_second_and_never_change_the_first() -> None:
+    st = state()
+    first = admitted(st, o.service("web", ipFamilyPolicy="PreferDualStack"), dual_stack=True)[0]
+    st.put(first)
+    again = admitted(st, o.service("web"), dual_stack=True)[0]  # no policy: the one it had
+    assert families(again) == families(first) == ("PreferDualStack", ["IPv4", "IPv6"], ["10.96.0.1", "fd00:96::1"])
+    single = copy.deepcopy(first)
+    single["spec"]["ipFamilyPolicy"] = "SingleStack"  # the completed object, told to be single-stack
+    released = admitted(st, single, dual_stack=True)[0]
+    assert families(released) == ("SingleStack", ["IPv4"], ["10.96.0.1"])
+    st.put(released)
+    assert families(admitted(st, o.service("other", ipFamilies=["IPv6"]), dual_stack=True)[0])[2] == ["fd00:96::1"]
+    upgraded = admitted(st, o.service("web", ipFamilyPolicy="RequireDualStack"), dual_stack=True)[0]
+    assert families(upgraded) == ("RequireDualStack", ["IPv4", "IPv6"], ["10.96.0.1", "fd00:96::1"])
+    st.put(upgraded)
+    assert services.admit(st, [o.service("web", ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv6", "IPv4"])],
+                          dual_stack=True) == ["Service default/web: spec.ipFamilies[0]: field is immutable (IPv4, "
+                                               "not IPv6)"]
+    assert services.admit(st, [o.service("web", clusterIPs=["10.96.0.1", "fd00:96::7"])], dual_stack=True) == [
+        "Service default/web: spec.clusterIPs[1]: may not change once set (fd00:96::1, not fd00:96::7)"]
+    assert services.admit(st, [o.service("web", clusterIPs=["10.96.0.1"])], dual_stack=True) == [
+        "Service default/web: spec.ipFamilyPolicy RequireDualStack: must be SingleStack to release the second "
+        "cluster IP"]
+
+
+def test_a_dual_stack_service_has_the_pods_addresses_of_its_families_as_endpoints() -> None:
     dual_pod = o.pod("a-1", "10.200.0.10", app="a")
     dual_pod["status"]["podIPs"].append({"ip": "fd00:200:0::10"})
-    mesh, errors = services.mesh_state([o.namespace("default"), dual_pod, plain, headless])
-    assert errors == [] and mesh.by_ip("fd00:200::10") is mesh.by_ip("10.200.0.10") is not None
-    assert sorted(mesh.endpoints["default/a"]) == sorted(mesh.endpoints["default/h"]) == ["10.200.0.10"]
+    objs = admitted(state(dual_pod), o.service("v4", selector={"app": "a"}),
+                    o.service("both", selector={"app": "a"}, ipFamilyPolicy="RequireDualStack"),
+                    o.service("v6", selector={"app": "a"}, ipFamilies=["IPv6"]), dual_stack=True)
+    mesh, errors = services.mesh_state([o.namespace("default"), dual_pod, *objs])
+    assert errors == []
+    assert {key: sorted(eps) for key, eps in mesh.endpoints.items()} == {
+        "default/v4": ["10.200.0.10"], "default/both": ["10.200.0.10", "fd00:200::10"],
+        "default/v6": ["fd00:200::10"]}
+    assert mesh.services["default/both"].vips == ("10.96.0.2", "fd00:96::1")
 
 
-@pytest.mark.parametrize(("spec", "error"), [
-    ({"ipFamilies": ["IPv6"]}, "Service default/web: spec.ipFamilies ['IPv6']: the lab's Services are IPv4 only"),
-    ({"ipFamilies": ["IPv4", "IPv6"]}, "spec.ipFamilies ['IPv4', 'IPv6']: the lab's Services are IPv4 only"),
-    ({"ipFamilyPolicy": "RequireDualStack"},
-     "Service default/web: spec.ipFamilyPolicy 'RequireDualStack': the lab's Services are IPv4 only"),
+@pytest.mark.parametrize(("spec", "dual_stack", "error"), [
+    ({"ipFamilies": ["IPv6"]}, False,
+     "Service default/web: spec.ipFamilies[0] IPv6 is not configured in this lab (IPv4 only; ambit lab up "
+     "--dual-stack has IPv6 too)"),
+    ({"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack"}, False,
+     "Service default/web: spec.ipFamilies[1] IPv6 is not configured in this lab"),
+    ({"ipFamilyPolicy": "RequireDualStack"}, False,
+     "Service default/web: spec.ipFamilyPolicy RequireDualStack: the lab is not dual-stack (ambit lab up "
+     "--dual-stack)"),
+    ({"ipFamilies": ["IPv4", "IPv6"]}, True,
+     "Service default/web: spec.ipFamilyPolicy SingleStack: must be RequireDualStack or PreferDualStack when two "
+     "IP families are given"),
+    ({"clusterIPs": ["10.96.0.9", "fd00:96::9"]}, True,
+     "Service default/web: spec.ipFamilyPolicy SingleStack: must be RequireDualStack or PreferDualStack when two "
+     "cluster IPs are given"),
+    ({"ipFamilyPolicy": "DualStack"}, True,
+     "Service default/web: spec.ipFamilyPolicy must be SingleStack, PreferDualStack, RequireDualStack, not "
+     "'DualStack'"),
+    ({"ipFamilies": ["IPv6", "IPv6"]}, True,
+     "Service default/web: spec.ipFamilies[1] must be IPv4 or IPv6, each once, not 'IPv6'"),
+    ({"ipFamilies": "IPv6"}, True, "Service default/web: spec.ipFamilies must be a list, not str"),
+    ({"clusterIPs": ["10.96.0.9", "10.96.0.10"], "ipFamilyPolicy": "PreferDualStack"}, True,
+     "Service default/web: spec.clusterIPs[1] 10.96.0.10 is of the family of spec.clusterIPs[0]: a Service has "
+     "one cluster IP of each family"),
+    ({"clusterIPs": ["fd00:96::9"], "ipFamilies": ["IPv4"]}, True,
+     "Service default/web: spec.clusterIPs[0] fd00:96::9 is not of spec.ipFamilies[0] IPv4"),
+    ({"clusterIPs": ["10.96.0.9", "fd00:97::9"], "ipFamilyPolicy": "RequireDualStack"}, True,
+     "Service default/web: spec.clusterIPs[1] fd00:97::9 is not in the service range fd00:96::/112"),
+    ({"clusterIP": "fd00:96::"}, True,
+     "Service default/web: spec.clusterIP fd00:96:: is not in the service range fd00:96::/112"),
+    ({"clusterIPs": ["None", "fd00:96::9"]}, True,
+     "Service default/web: spec.clusterIPs: None must be the only entry, not ['None', 'fd00:96::9']"),
+    ({"clusterIPs": ["10.96.0.1", "fd00:96::1", "10.96.0.2"]}, True,
+     "Service default/web: spec.clusterIPs holds at most two addresses (one per family), not "),
 ])
-def test_an_ipv6_or_dual_stack_service_is_refused_naming_the_field(spec: dict[str, Any], error: str) -> None:
-    errors = services.admit(state(), [o.service("web", **spec)])
+def test_a_family_the_lab_lacks_or_a_bad_family_field_is_refused_naming_the_field(
+        spec: dict[str, Any], dual_stack: bool, error: str) -> None:
+    errors = services.admit(state(), [o.service("web", **spec)], dual_stack=dual_stack)
     assert len(errors) == 1 and error in errors[0], errors
 
 
 def test_the_range_is_used_up_with_a_clear_error() -> None:
-    st = state()
-    allocator = services._Allocator([])
-    for _ in range(SERVICE_CIDR.num_addresses - 2):
-        allocator.allocate("default/x", "Service default/x")
-    with pytest.raises(ObjectError, match=r"Service default/y: spec.clusterIP: the service range "
-                                                  r"10.96.0.0/16 is full"):
-        allocator.allocate("default/y", "Service default/y")
-    assert st.of_kind("Service") == []
+    for family, network in service_ips.ranges(dual_stack=True).items():
+        allocator = service_ips.Allocator([], {family: network})
+        allocator._hosts[family] = itertools.islice(allocator._hosts[family], 3)  # a short range, same code
+        taken = [allocator.allocate(family, "default/x", "Service default/x", "spec.clusterIP") for _ in range(3)]
+        assert taken == [str(network.network_address + i) for i in (1, 2, 3)]
+        with pytest.raises(ObjectError, match=rf"Service default/y: spec.clusterIPs\[1\]: the service range "
+                                              rf"{network} is full"):
+            allocator.allocate(family, "default/y", "Service default/y", "spec.clusterIPs[1]")
+    v4 = service_ips.Allocator([], service_ips.ranges(dual_stack=False))
+    assert len([v4.allocate(4, "default/x", "Service default/x", "f") for _ in range(SERVICE_CIDR.num_addresses - 2)]
+               ) == 65534
+    with pytest.raises(ObjectError, match=r"Service default/y: spec.clusterIP: the service range 10.96.0.0/16 is full"):
+        v4.allocate(4, "default/y", "Service default/y", "spec.clusterIP")
 
 
 def node_ports(obj: dict[str, Any]) -> list[int | None]:
@@ -157,8 +254,9 @@ def test_load_balancers_get_node_ports_unless_told_not_to() -> None:
      "Service default/web: spec.clusterIP 10.96.0.0 is not in the service range 10.96.0.0/16"),
     ([o.service("web", clusterIP="banana")], [], "Service default/web: spec.clusterIP 'banana' is not an IP address"),
     ([o.service("web", clusterIP=7)], [], "Service default/web: spec.clusterIP must be a string, not int"),
-    ([o.service("web", clusterIPs=["10.96.0.9", "fd00::9"])], [],
-     "Service default/web: spec.clusterIPs: the lab is IPv4 only (one cluster IP), not ['10.96.0.9', 'fd00::9']"),
+    ([o.service("web", clusterIPs=["10.96.0.9", "fd00::9"], ipFamilyPolicy="PreferDualStack")], [],
+     "Service default/web: spec.clusterIPs[1] fd00::9: IPv6 is not configured in this lab (IPv4 only; ambit lab "
+     "up --dual-stack has IPv6 too)"),
     ([o.service("web", clusterIP="10.96.0.9", clusterIPs=["10.96.0.8"])], [],
      "Service default/web: spec.clusterIPs[0] '10.96.0.8' must equal spec.clusterIP '10.96.0.9'"),
     ([o.service("web", clusterIP="10.96.0.5")], [o.service("db", "shop", clusterIP="10.96.0.5")],
@@ -229,3 +327,10 @@ def test_the_mesh_view_leaves_out_what_the_agents_refuse_and_keeps_the_rest() ->
                                         "not 'eighty'"]
     assert sorted(mesh.services) == ["default/web"]
     assert list(mesh.endpoints["default/web"]) == ["10.200.0.10"]
+
+
+def test_status_lists_the_endpoints_of_both_families_ipv4_first() -> None:
+    endpoints = [{"ip": ip, "ports": {"80": 8080}} for ip in ("fd00:200::10", "10.200.1.10", "10.200.0.9",
+                                                               "fd00:200:1::10")]
+    assert services.endpoints_text(endpoints) == ("10.200.0.9:8080, 10.200.1.10:8080, [fd00:200::10]:8080, "
+                                                  "[fd00:200:1::10]:8080")
