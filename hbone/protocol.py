@@ -16,7 +16,7 @@ returns no events, ``send`` takes nothing, ``open`` returns None.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.utilities
 import hpack
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
@@ -489,8 +490,11 @@ class Connection:
                     self._to_h2(view[pos:end], out)
             elif kind == _PING:
                 self._ping(stream_id, flags, view[pos + 9:end])
-            elif (kind == _HEADERS and flags == _END_HEADERS and length == 1 and buf[pos + 9] == _STATUS_200
-                  and self._block < 0 and self._ok_received(stream_id, out)):
+            elif kind == _HEADERS and self._block < 0 and (
+                    (flags == _END_HEADERS and length == 1 and buf[pos + 9] == _STATUS_200
+                     and self._ok_received(stream_id, out))
+                    or (flags & ~_END_STREAM == _END_HEADERS
+                        and self._request_received(stream_id, flags, view[pos + 9:end], out))):
                 pass
             else:
                 self._control_frame(kind, flags, length)
@@ -582,13 +586,16 @@ class Connection:
         try:
             h2_events = h.receive_data(bytes(data))
         except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY (none is due for a bad preface)
-            self._close(ConnectionEnded(int(getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR)), str(e)), out)
+            self._h2_refused(e, out)
             return
         for ev in h2_events:
             self._translate(ev, out)
         if h.refused:
             refused, h.refused = h.refused, 0
             self._count_premature(refused, opened=refused, out=out)
+
+    def _h2_refused(self, e: h2.exceptions.ProtocolError, out: list[Event]) -> None:
+        self._close(ConnectionEnded(int(getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR)), str(e)), out)
 
     def _fail(self, code: ErrorCodes, reason: str, out: list[Event]) -> None:
         self._h2_call(self._h2.close_connection, code, additional_data=reason.encode()[:256])
@@ -599,6 +606,11 @@ class Connection:
 
     def _ok_received(self, stream_id: int, out: list[Event]) -> bool:
         """A HEADERS frame that is exactly ``:status: 200`` (client side: see ``ClientConnection``); False: h2
+        handles the frame."""
+        return False
+
+    def _request_received(self, stream_id: int, flags: int, block: memoryview, out: list[Event]) -> bool:
+        """A whole header block opening a new stream (server side: see ``ServerConnection``); False: h2
         handles the frame."""
         return False
 
@@ -646,12 +658,78 @@ def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return {k.decode(): v.decode(errors="replace") for k, v in raw}
 
 
+_RECEIVING_STATES = (ConnectionState.IDLE, ConnectionState.SERVER_OPEN)  # where h2 lets a peer open a stream
+# A header h2 accepts as it is: a lowercase token name (no colon, nothing below 0x21 or from 0x7f), a value without
+# NUL, CR or LF that neither starts nor ends with a space or tab (RFC 9113 §8.2.1).
+_PLAIN_NAME = re.compile(rb"[a-z0-9!#$%&'*+.^_`|~-]+")
+_PLAIN_VALUE = re.compile(rb"[^\x00\r\n \t]([^\x00\r\n]*[^\x00\r\n \t])?")
+# Names h2 refuses or treats specially in a request (connection-specific, te, Host against :authority, cookies
+# combined, content-length counted): their blocks take h2's path.
+_SPECIAL_NAMES = h2.utilities.CONNECTION_HEADERS | {b"te", b"host", b"cookie", b"content-length"}
+
+
+def _plain_connect(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether h2 would accept a header block unchanged as an ordinary CONNECT: exactly :method CONNECT and
+    :authority first, then plain headers. Any other block is for h2 to check."""
+    if len(headers) < 2:
+        return False
+    (first, first_value), (second, second_value) = headers[0], headers[1]
+    if first == b":method" and second == b":authority":
+        method, authority = first_value, second_value
+    elif first == b":authority" and second == b":method":
+        method, authority = second_value, first_value
+    else:
+        return False
+    if method != b"CONNECT" or _PLAIN_VALUE.fullmatch(authority) is None:
+        return False
+    return all(_PLAIN_NAME.fullmatch(name) is not None and name not in _SPECIAL_NAMES
+               and (not value or _PLAIN_VALUE.fullmatch(value) is not None) for name, value in headers[2:])
+
+
 class ServerConnection(Connection):
     def __init__(self, settings: Settings = Settings()) -> None:
         super().__init__(client_side=False, settings=settings)
         self._unanswered: set[int] = set()  # requests reported and not yet accepted or answered
         self._opened = 0  # streams the peer opened (refused ones included)
         self._premature = 0  # of those, reset by the peer before their answer, or refused
+
+    def _request_received(self, stream_id: int, flags: int, block: memoryview, out: list[Event]) -> bool:
+        """A HEADERS frame opening a new stream, read here rather than by h2 (its frame objects, events and
+        per-header validation cost ~45 us a request): the block is decoded with h2's decoder, and when it is a
+        plain CONNECT (``_plain_connect``), h2 takes the state transitions its own handling would; any other
+        block goes through h2's validation of the stream (``receive_headers``), so what h2 refuses is refused
+        alike. False (h2 handles the whole frame) for a stream h2 might refuse or anything else unusual."""
+        h = self._h2
+        if (self.going_away is not None or not stream_id & 1 or stream_id <= h.highest_inbound_stream_id
+                or h.state_machine.state not in _RECEIVING_STATES
+                or len(h.streams) >= h.local_settings.max_concurrent_streams):  # may hold closed ones: h2 decides
+            return False
+        end_stream = bool(flags & _END_STREAM)
+        try:
+            headers = list(h2.connection._decode_headers(h.decoder, bytes(block)))
+            plain = _plain_connect(headers)
+            h.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+            stream = h._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+            h2_events: list[h2.events.Event]
+            if not plain:
+                _, h2_events = stream.receive_headers(headers, end_stream, h.config.header_encoding)
+            else:  # h2's receive_headers but its checks (nor a content-length to track: none is present)
+                h2_events = stream.state_machine.process_input(StreamInputs.RECV_HEADERS)
+                request = h2_events[0]
+                assert isinstance(request, h2.events.RequestReceived)
+                request.headers = headers
+                if end_stream:
+                    ended = stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
+                    assert isinstance(ended[0], h2.events.StreamEnded)
+                    request.stream_ended = ended[0]
+                    h2_events += ended
+        except h2.exceptions.ProtocolError as e:  # what h2's receive_data does: GOAWAY, then the error
+            h._terminate_connection(e.error_code)
+            self._h2_refused(e, out)
+            return True
+        for ev in h2_events:
+            self._translate(ev, out)
+        return True
 
     def _translate_headers(self, ev: h2.events.Event, out: list[Event]) -> None:
         if not isinstance(ev, h2.events.RequestReceived) or ev.stream_id is None:
