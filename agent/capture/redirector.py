@@ -104,7 +104,6 @@ import ctypes
 import logging
 import os
 import socket
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -673,31 +672,17 @@ class Redirector:
                 os.close(nsfd)
 
     # -- events and counters ----------------------------------------------------------------------------
-    def poll_events(self, timeout_ms: int = 0, limit: int | None = None) -> list[FlowEvent]:
-        """Wait up to timeout_ms for events; return those that arrived, at most ``limit`` (and pass them to
-        subscribers). A record that does not decode is logged and skipped."""
+    def poll_events(self, timeout_ms: int = 0) -> list[FlowEvent]:
+        """Wait up to timeout_ms for events; return those that arrived (and pass them to subscribers)."""
         with self._poll_lock:
             if self._ring is None:
                 return []
             out: list[FlowEvent] = []
-
-            def decode(raw: bytes) -> None:
-                try:
-                    out.append(FlowEvent.from_bytes(raw))
-                except (ValueError, struct.error) as e:
-                    log.warning("kernel event of %d bytes skipped: %s", len(raw), e)
-
-            self._ring.poll(timeout_ms, decode, limit)
+            self._ring.poll(timeout_ms, lambda raw: out.append(FlowEvent.from_bytes(raw)))
         for ev in out:
             for cb in self._callbacks:
                 cb(ev)
         return out
-
-    def events_fileno(self) -> int:
-        """A descriptor readable while events wait in the ring buffer (for an event loop's reader)."""
-        self._require_started()
-        assert self._ring is not None
-        return self._ring.fileno()
 
     def subscribe(self, callback: Callable[[FlowEvent], None]) -> None:
         """Call `callback` for each event delivered by poll_events()/iter_events()."""

@@ -34,16 +34,12 @@ class RingBufferReader:
         self._epoll = select.epoll()
         self._epoll.register(fd, select.EPOLLIN)
 
-    def fileno(self) -> int:
-        """A descriptor readable while records wait (an epoll set holding the map, level-triggered)."""
-        return self._epoll.fileno()
-
-    def consume(self, deliver: Callable[[bytes], None], limit: int | None = None) -> int:
-        """Hand every complete record (at most ``limit``) to ``deliver``; returns how many."""
+    def consume(self, deliver: Callable[[bytes], None]) -> int:
+        """Hand every complete record to ``deliver``; returns how many."""
         cons = _U64.unpack_from(self._consumer, 0)[0]
         prod = _U64.unpack_from(self._producer, 0)[0]
         count = 0
-        while cons < prod and count != limit:
+        while cons < prod:
             at = self._data + (cons & self._mask)
             length = _U32.unpack_from(self._producer, at)[0]
             if length & _BUSY:
@@ -57,13 +53,13 @@ class RingBufferReader:
             prod = _U64.unpack_from(self._producer, 0)[0]
         return count
 
-    def poll(self, timeout_ms: int, deliver: Callable[[bytes], None], limit: int | None = None) -> int:
-        """Wait up to ``timeout_ms`` for records (none waiting), then consume them (at most ``limit``)."""
-        count = self.consume(deliver, limit)
-        if count or not timeout_ms:
+    def poll(self, timeout_ms: int, deliver: Callable[[bytes], None]) -> int:
+        """Wait up to ``timeout_ms`` for records (none waiting), then consume them."""
+        count = self.consume(deliver)
+        if count:
             return count
         self._epoll.poll(timeout_ms / 1000)
-        return self.consume(deliver, limit)
+        return self.consume(deliver)
 
     def close(self) -> None:
         self._epoll.close()

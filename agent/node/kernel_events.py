@@ -24,11 +24,8 @@ class KernelEvents:
     def subscribe(self, callback: Callable[[KernelEvent], None]) -> None:
         self._redirector.subscribe(lambda ev: callback(kernel_event(ev)))
 
-    def fileno(self) -> int:
-        return self._redirector.events_fileno()
-
-    def read_events(self, limit: int) -> int:
-        return len(self._redirector.poll_events(0, limit))
+    def poll_events(self, timeout_ms: int) -> int:
+        return len(self._redirector.poll_events(timeout_ms))
 
     @property
     def lost_events(self) -> int:

@@ -25,14 +25,11 @@ class KernelEvent:
 
 
 class KernelEventSource(Protocol):
-    """Where kernel events come from: ``read_events`` delivers up to ``limit`` waiting ones to the subscribers,
-    without waiting, and says how many; ``fileno`` is readable (level-triggered) while events wait."""
+    """Where kernel events come from: ``poll_events`` delivers them to the subscribers and says how many."""
 
     def subscribe(self, callback: Callable[[KernelEvent], None]) -> None: ...
 
-    def fileno(self) -> int: ...
-
-    def read_events(self, limit: int) -> int: ...
+    def poll_events(self, timeout_ms: int) -> int: ...
 
     @property
     def lost_events(self) -> int: ...
