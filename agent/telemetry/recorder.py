@@ -124,6 +124,7 @@ class FlowRecorder:
         r = os.urandom(10).hex()
         self._uuid_prefix = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-{8 | (int(r[15], 16) & 3):x}{r[16:19]}"
         self._sequence = itertools.count(1)
+        self._kernel_summaries: dict[tuple[int, bool, str, str], str] = {}
 
     def _uuid(self) -> str:
         return f"{self._uuid_prefix}-{next(self._sequence) & 0xFFFFFFFFFFFF:012x}"
@@ -192,11 +193,12 @@ class FlowRecorder:
         """One eBPF ring-buffer event: a KERNEL flow, DROPPED for drops (no listener when fail-closed, stale
         flow...), else FORWARDED with the TCP flags seen; the flags are counted in hubble_tcp_flags_total."""
         wall = self._clock() - self._monotonic() + ev.ts_ns
-        flags = flag_names(ev.tcp_flags)
-        if ev.dropped:
-            summary = f"dropped in the kernel: {ev.reason or ev.action}"
-        else:
-            summary = f"TCP Flags: {', '.join(flags) or 'none'}; {ev.action}" + (f" ({ev.reason})" if ev.reason else "")
+        key = (ev.tcp_flags, ev.dropped, ev.action, ev.reason)
+        summary = self._kernel_summaries.get(key)
+        if summary is None:
+            if len(self._kernel_summaries) >= _SUMMARIES_MAX:
+                self._kernel_summaries.clear()
+            summary = self._kernel_summaries[key] = _kernel_summary(ev)
         flow = Flow(wall, self._uuid(), Verdict.DROPPED if ev.dropped else Verdict.FORWARDED, EventType.KERNEL,
                     Direction.INGRESS if ev.toward_pod else Direction.EGRESS,
                     Reporter.DESTINATION if ev.toward_pod else Reporter.SOURCE, self.node,
@@ -206,7 +208,7 @@ class FlowRecorder:
         if self.metrics is not None:
             if ev.dropped:
                 self.metrics.dropped(ev.reason_code or "UNKNOWN", "TCP")
-            self.metrics.tcp_flags(_counted_flags(ev.tcp_flags), _family(ev.src))
+            self.metrics.tcp_flags(_COUNTED_FLAGS[ev.tcp_flags & 0xFF], _family(ev.src))
 
     def lost_kernel_events(self, count: int) -> None:
         """``count`` events the kernel could not queue (the ring buffer was full) since the last call: counted
@@ -216,6 +218,17 @@ class FlowRecorder:
         self.ring.write(LostEvent(self._clock(), LostSource.PERF_EVENT_RING_BUFFER, count))
         if self.metrics is not None:
             self.metrics.lost_events(LostSource.PERF_EVENT_RING_BUFFER.name, count)
+
+
+def _kernel_summary(ev: KernelEvent) -> str:
+    if ev.dropped:
+        return f"dropped in the kernel: {ev.reason or ev.action}"
+    flags = flag_names(ev.tcp_flags)
+    return f"TCP Flags: {', '.join(flags) or 'none'}; {ev.action}" + (f" ({ev.reason})" if ev.reason else "")
+
+
+# A kernel event's summary per (flags, dropped, action, reason): a few combinations, the same for every connection.
+_SUMMARIES_MAX = 1024
 
 
 def _counted_flags(flags: int) -> list[str]:
@@ -228,3 +241,6 @@ def _counted_flags(flags: int) -> list[str]:
     if flags & RST:
         out.append("RST")
     return out
+
+
+_COUNTED_FLAGS = tuple(tuple(_counted_flags(flags)) for flags in range(256))  # per TCP flags byte

@@ -133,6 +133,26 @@ def test_kernel_events(clock: Clock) -> None:
                                                         ("Drop", "kernel", "DROPPED"): 1}
 
 
+def test_kernel_events_of_one_kind_share_their_words_and_keep_their_own_addresses(clock: Clock) -> None:
+    """What an event says (action, reason, summary) is worked out once per kind; every event keeps its own
+    addresses, ports and flags, and a kind seen later is described for itself."""
+    metrics = Metrics()
+    rec = recorder(clock, metrics)
+    for port in (41000, 41001):
+        rec.kernel_event(kernel(sport=port))
+        rec.kernel_event(kernel(sport=port, type=KEvent.FIN, tcp_flags=0x11))
+    rec.kernel_event(kernel(sport=41002, src="fd00::7", listener_port=15006))
+    rec.kernel_event(kernel(sport=41003, type=KEvent.DROP, verdict=KVerdict.DROPPED, reason=Reason.SPOOFED))
+    syn0, fin0, syn1, fin1, syn6, spoofed = flows(rec)
+    assert [f.source.port for f in (syn0, fin0, syn1, fin1)] == [41000, 41000, 41001, 41001]
+    assert syn0.summary == syn1.summary == "TCP Flags: SYN; redirected to the proxy on :15001"
+    assert fin0.summary == fin1.summary == "TCP Flags: FIN, ACK; redirected to the proxy on :15001"
+    assert (syn6.source.ip, syn6.summary) == ("fd00::7", "TCP Flags: SYN; redirected to the proxy on :15006")
+    assert spoofed.verdict == Verdict.DROPPED and "spoofed" in spoofed.summary and "spoofed" in spoofed.drop_reason_desc
+    assert metrics.series("hubble_tcp_flags") == {("SYN", "IPv4"): 3, ("FIN", "IPv4"): 2, ("SYN", "IPv6"): 1}
+    assert metrics.series("hubble_drop") == {("SPOOFED", "TCP"): 1}
+
+
 def test_lost_kernel_events(clock: Clock) -> None:
     metrics = Metrics()
     rec = recorder(clock, metrics)
