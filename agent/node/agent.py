@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent import __version__
 from agent.capture import Listener, Redirector, host_ifname_for
 from agent.capture.rtnl import Rtnl
 from agent.identity.ca_client import CaClient
@@ -205,7 +205,7 @@ class NodeAgent:
         state = self.store.state
         return {
             "node": self.config.node,
-            "version": importlib.metadata.version("ambit"),
+            "version": __version__,
             "workloads": [views.workload(w) for w in state.by_uid.values()],
             "services": [views.service(s, state.endpoints.get(s.key, {})) for s in state.services.values()],
             "policies": self.authorizer.engine.policies,
