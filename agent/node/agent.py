@@ -31,6 +31,7 @@ from agent.kube.source import KubeSource
 from agent.mesh import views
 from agent.mesh.ports import Ports
 from agent.mesh.store import Change, MeshState, MeshStore, Workload
+from agent.node import heap
 from agent.node.capture_plan import capture_plan
 from agent.node.kernel_events import KernelEvents
 from agent.proxy.authorize import Authorizer
@@ -146,6 +147,7 @@ class NodeAgent:
         self.telemetry.watch_kernel(KernelEvents(self.redirector))
         await self.telemetry.start(self._ready, self._config_dump)
         self._spawn(self._gauges_forever())
+        self._spawn(self._trim_heap_while_idle())
 
     def _policies_changed(self, state: MeshState, change: Change) -> None:
         if change.objects:
@@ -220,6 +222,13 @@ class NodeAgent:
             attachments = await self._in_kernel_thread(self.redirector.attachments)
             self.telemetry.update_gauges([(a.prog_name, a.backend) for a in attachments], self.certificates.status())
             await asyncio.sleep(every)
+
+    async def _trim_heap_while_idle(self, every: float = 10.0) -> None:
+        """Every ``every`` s that no connection is proxied, give the C heap's free pages back (agent.node.heap)."""
+        while True:
+            await asyncio.sleep(every)
+            if self.mesh.connections.count() == 0:
+                await self._in_kernel_thread(heap.trim)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
