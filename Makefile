@@ -45,6 +45,7 @@ bench: setup
 	$(PY) -m bench.flows
 	$(PY) -m bench.enforcement
 	$(PY) -m bench.observability
+	$(PY) -m bench.conn_memory
 	$(PY) -m bench.store
 
 # A bounded fuzz campaign against the HBONE protocol layer and server (tests/fuzz): 1,000,000 protocol inputs

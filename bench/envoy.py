@@ -40,6 +40,7 @@ STREAM_WINDOW = 4 * 1024 * 1024  # ztunnel: 4 MiB per stream
 CONNECTION_WINDOW = 16 * 1024 * 1024  # ztunnel: 16 MiB per connection
 SERVER_MAX_STREAMS = 200  # ztunnel's server allows 200 concurrent streams per connection
 CLIENT_MAX_STREAMS = 100  # ztunnel's pool puts at most 100 streams on one connection
+CIRCUIT_LIMIT = 1_000_000  # per cluster: connections, pending and active requests (Envoy's default: 1,024)
 
 _TLS_PARAMS = {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"}
 _H2_OPTIONS = {
@@ -123,6 +124,12 @@ def _static_cluster(name: str, host: str, port: int) -> Json:
         "name": name,
         "type": "STATIC",
         "connect_timeout": "5s",
+        # Envoy's default circuit breakers cap a cluster at 1,024 connections, pending and active requests:
+        # the client's 1,025th tunnel (a CONNECT stream) or the server's 1,025th upstream connection would be
+        # refused. ztunnel and Ambit have no such cap; thousands of open connections must go through.
+        "circuit_breakers": {"thresholds": [{"max_connections": CIRCUIT_LIMIT,
+                                             "max_pending_requests": CIRCUIT_LIMIT,
+                                             "max_requests": CIRCUIT_LIMIT}]},
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _addr(host, port)}}]}]},
     }

@@ -32,7 +32,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,16 +103,17 @@ def _enroll(paths: LabPaths, namespace: str) -> None:
 
 
 @contextlib.contextmanager
-def bench_lab(logs: Path, say: Say, name: str | None = None) -> Iterator[BenchLab]:
-    """Bring up a lab (named ``name``, else a unique ``bench-<random>``), enroll the ``mesh`` namespace,
-    yield it; on the way out (also on an error, Ctrl-C or SIGTERM) copy its logs to ``logs`` and remove it:
-    processes, namespaces, files."""
+def bench_lab(logs: Path, say: Say, name: str | None = None, agent_flags: Sequence[str] = ()) -> Iterator[BenchLab]:
+    """Bring up a lab (named ``name``, else a unique ``bench-<random>``; ``agent_flags`` added to the agents'
+    command lines), enroll the ``mesh`` namespace, yield it; on the way out (also on an error, Ctrl-C or
+    SIGTERM) copy its logs to ``logs`` and remove it: processes, namespaces, files."""
     name = name or f"bench-{secrets.token_hex(4)}"
     try:
         say(f"lab {name}: bringing it up (2 nodes, 2 pods each, agents); if this process is killed, remove it "
             f"with `ambit lab down --name {name}`")
         t0 = time.monotonic()
-        info = control.up(name, nodes=2, pods=2, namespaces=(PLAIN, MESH), agents=True, say=say)
+        info = control.up(name, nodes=2, pods=2, namespaces=(PLAIN, MESH), agents=True, say=say,
+                          agent_flags=agent_flags)
         paths = LabPaths.of(name)
         _enroll(paths, MESH)
         say(f"lab {name}: up in {time.monotonic() - t0:.1f}s; namespace {MESH!r} enrolled")
@@ -131,7 +132,7 @@ def bench_lab(logs: Path, say: Say, name: str | None = None) -> Iterator[BenchLa
 
 
 # -- checking where a connection goes -----------------------------------------------------------------------------
-def _holders(node_netns: str, target: Address) -> str:
+def holders(node_netns: str, target: Address) -> str:
     """``ss`` lines (with owning processes) of the sockets in ``node_netns`` connected to ``target``."""
     out = netns_run(node_netns, ["ss", "-Htnp", "state", "established", "dst", f"{target[0]}:{target[1]}"])
     return out.stdout.strip()
@@ -146,7 +147,7 @@ def _probe(client_netns: str, entry: Address, server_node: str, target: Address,
     with sock:
         deadline = time.monotonic() + settle
         while True:
-            held = _holders(server_node, target)
+            held = holders(server_node, target)
             if held or time.monotonic() >= deadline:
                 return held
             time.sleep(0.05)
@@ -170,10 +171,10 @@ def wait_through(pid: int, what: str, client_netns: str, entry: Address, server_
                    f"{held or 'none'}")
 
 
-def _wait_no_holders(node_netns: str, target: Address, timeout: float = 10.0) -> None:
+def wait_no_holders(node_netns: str, target: Address, timeout: float = 10.0) -> None:
     """Until no socket of ``node_netns`` is connected to ``target`` (the last probe's are closing)."""
     deadline = time.monotonic() + timeout
-    while (held := _holders(node_netns, target)) and time.monotonic() < deadline:
+    while (held := holders(node_netns, target)) and time.monotonic() < deadline:
         time.sleep(0.05)
     if held:
         raise LabError(f"sockets of {node_netns} to {target[0]}:{target[1]} stay open: {held}")
@@ -275,7 +276,7 @@ class LabAmbitServicePath(LabAmbitPath):
     @contextlib.contextmanager
     def start(self, target: Address, workdir: Path) -> Iterator[Running]:
         # Another path's probe to the same pod may still be closing: the check below must see only its own.
-        _wait_no_holders(self.lab.node(1).netns, target)
+        wait_no_holders(self.lab.node(1).netns, target)
         with service_to(self.lab.paths, self.server, target[1]):
             yield self.through_agents((SERVICE_VIP, SERVICE_PORT), target)
 

@@ -16,13 +16,22 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+ACCEPT_BATCH = 64  # connections accepted per wake-up at most: the loop's other work gets its turn between batches
+ACCEPT_PAUSE = 0.1  # seconds without accepting after an accept error (EMFILE and friends)
+
+
 class Acceptor:
+    """Accepts from a reader callback on the listener, every connection waiting (up to ``ACCEPT_BATCH``) per
+    wake-up: no future, no reader added and removed per connection as ``loop.sock_accept`` does, and one wake-up
+    for a burst of connections."""
+
     def __init__(self, listener: socket.socket, handle: Callable[[socket.socket], Coroutine[Any, Any, None]],
                  name: str) -> None:
         listener.setblocking(False)
         self.listener, self.handle, self.name = listener, handle, name
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._loop: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resume: asyncio.TimerHandle | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -30,7 +39,8 @@ class Acceptor:
         return name[0], name[1]
 
     def start(self) -> None:
-        self._loop = asyncio.ensure_future(self._accept_forever())
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.listener.fileno(), self._accept)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
@@ -43,23 +53,32 @@ class Acceptor:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: connection handler failed", self.name, exc_info=task.exception())
 
-    async def _accept_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = await loop.sock_accept(self.listener)
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as e:  # EMFILE and friends: say so, breathe, keep accepting
                 log.error("%s: accept failed: %s", self.name, e)
-                await asyncio.sleep(0.1)
-                continue
+                assert self._loop is not None
+                self._loop.remove_reader(self.listener.fileno())
+                self._resume = self._loop.call_later(ACCEPT_PAUSE, self.start)
+                return
+            conn.setblocking(False)
             self.spawn(self.handle(conn))
+
+    def _stop_accepting(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._loop is not None and self.listener.fileno() >= 0:
+            self._loop.remove_reader(self.listener.fileno())
+        self._loop = None
 
     async def stop(self) -> None:
         """Accept no more (the listener closes); connections being handled carry on."""
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-            self._loop = None
+        self._stop_accepting()
         self.listener.close()
 
     async def close(self) -> None:

@@ -41,6 +41,19 @@ class Authority:
 
     @classmethod
     def parse(cls, text: str) -> Authority:
+        """``text`` as an Authority; ValueError saying what is wrong. Valid ones are remembered (a server sees
+        the same few pod addresses on every stream; parsing an IP costs more than the rest of a request)."""
+        known = _PARSED.get(text)
+        if known is not None:
+            return known
+        parsed = cls._parse(text)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[text] = parsed
+        return parsed
+
+    @classmethod
+    def _parse(cls, text: str) -> Authority:
         m = _AUTHORITY_RE.fullmatch(text)
         if m is None:
             raise ValueError(f"authority {text!r} {_problem(text)}")
@@ -57,3 +70,7 @@ class Authority:
 
     def __str__(self) -> str:
         return format_address(self.ip, self.port)
+
+
+_PARSED: dict[str, Authority] = {}
+_PARSED_MAX = 4096

@@ -7,7 +7,7 @@ carries the EXPECTED destination identity; the check runs before a single HTTP/2
 from __future__ import annotations
 
 import asyncio
-import secrets
+import random
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -51,7 +51,9 @@ def request_headers(client: Address | None = None, service_host: str | None = No
         headers["forwarded"] = f'for="{format_address(*client)}"' + (f";host={service_host}" if service_host else "")
     if baggage:
         headers["baggage"] = ",".join(f"{k}={v}" for k, v in baggage.items())
-    headers["traceparent"] = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+    # Trace ids need to be unique, not secret: the process's PRNG (seeded from the OS), not two getrandom()
+    # system calls per connection. All-zero ids are invalid (W3C Trace Context): ``| 1`` rules them out.
+    headers["traceparent"] = f"00-{random.getrandbits(128) | 1:032x}-{random.getrandbits(64) | 1:016x}-00"
     return headers
 
 

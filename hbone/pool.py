@@ -75,7 +75,9 @@ class Pool:
         for attempt in (1, 2):
             entry = self._checkout(key, source)
             try:
-                tunnel = await asyncio.shield(entry.dial)
+                dial = entry.dial
+                # A dialled connection (the usual case) is used at once: no shield future, no task switch.
+                tunnel = dial.result() if dial.done() else await asyncio.shield(dial)
                 await tunnel.open(relay, authority, headers)
                 return
             except StreamRefused as e:

@@ -15,8 +15,10 @@ returns no events, ``send`` takes nothing, ``open`` returns None.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -24,8 +26,10 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
+from h2.stream import StreamInputs, StreamState
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from hbone.authority import Authority
@@ -117,6 +121,36 @@ class _FrameBuffer(FrameBuffer):
         return frame
 
 
+class _Encoder(hpack.Encoder):
+    """HPACK without Huffman coding. The values of a CONNECT's headers are short and mostly new on every
+    stream (traceparent, forwarded's port): Huffman would save a few bytes of each at ~15 us of pure Python to
+    encode and more for the peer to decode. (Huffman-coded headers from a peer are decoded as ever.)"""
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        return super().encode(headers, huffman=False)
+
+
+# Request headers whose value is new on every stream: sent never-indexed, so that neither side's HPACK table
+# takes them in (and evicts the :authority it could reuse) on every stream.
+_UNIQUE_PER_STREAM = frozenset({b"traceparent", b"forwarded"})
+# What h2's outbound validation would check of the extra request headers (it is off: it cost more than the
+# rest of opening a stream): lower-case token names, not connection-specific, values without CR, LF or NUL.
+_HEADER_NAME = re.compile(rb"[a-z0-9!#$%&'*+.^_`|~-]+\Z")
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
+                                  b"upgrade", b"te", b"host"})
+_BAD_VALUE = re.compile(rb"[\r\n\x00]|^[ \t]|[ \t]\Z")
+
+
+def _request_header(name: str, value: str) -> tuple[bytes, bytes]:
+    """One extra CONNECT request header, encoded and checked; ValueError names what is wrong."""
+    k, v = name.encode(), value.encode()
+    if not _HEADER_NAME.match(k) or k in _CONNECTION_SPECIFIC:
+        raise ValueError(f"request header name {name!r} is not a lower-case token allowed in HTTP/2")
+    if _BAD_VALUE.search(v):
+        raise ValueError(f"request header {name!r}: value {value!r} has CR, LF, NUL or surrounding whitespace")
+    return hpack.NeverIndexedHeaderTuple(k, v) if k in _UNIQUE_PER_STREAM else (k, v)
+
+
 class _H2(h2.connection.H2Connection):
     """h2 with the concurrent-stream limit enforced per stream, as RFC 9113 §5.1.2 requires.
 
@@ -174,6 +208,10 @@ _ACK = _END_STREAM = 0x1
 _END_HEADERS, _PADDED = 0x4, 0x8
 _PREFACE_LENGTH = 24
 _WINDOW_UPDATE_HEADER = b"\x00\x00\x04\x08\x00"
+_END_STREAM_HEADER = b"\x00\x00\x00\x00\x01"  # an empty DATA frame with END_STREAM; the stream id follows
+_STATUS_200_HEADER = b"\x00\x00\x01\x01\x04"  # HEADERS, END_HEADERS, 1 byte; the stream id, then _STATUS_200
+_STATUS_200 = 0x88  # HPACK: static table entry 8, ":status: 200"
+_OPEN_STATES = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _PING_ACK_HEADER = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
 _FRAME_NAMES = {0x0: "DATA", 0x1: "HEADERS", 0x2: "PRIORITY", 0x3: "RST_STREAM", 0x4: "SETTINGS", 0x5: "PUSH_PROMISE",
                 0x6: "PING", 0x7: "GOAWAY", 0x8: "WINDOW_UPDATE", 0x9: "CONTINUATION"}
@@ -200,9 +238,13 @@ class Connection:
 
     def __init__(self, client_side: bool, settings: Settings) -> None:
         self.settings = settings
+        # What this side sends is built here (CONNECT, :status): h2's outbound checks and normalization are off
+        # (``_request_header`` checks the caller's headers); what the peer sends is validated.
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
-                                           validate_inbound_headers=True)
+                                           validate_inbound_headers=True, validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self._h2 = _H2(config=config)
+        self._h2.encoder = _Encoder()
         codes = h2.settings.SettingCodes
         local = {
             codes.INITIAL_WINDOW_SIZE: settings.stream_window,
@@ -242,6 +284,11 @@ class Connection:
         if pending:
             self._out.append(pending)
         self._out.append(chunk)
+
+    @property
+    def output_pending(self) -> bool:
+        """Whether ``data_to_send`` has something (cheaper than asking it)."""
+        return bool(self._out) or bool(self._h2._data_to_send)
 
     def data_to_send(self) -> bytes:
         pending = self._h2.data_to_send() if self.closed is None else b""
@@ -289,10 +336,21 @@ class Connection:
         return max(0, self._h2.local_flow_control_window(stream_id))
 
     def end(self, stream_id: int) -> None:
-        """Half-close: END_STREAM, the HTTP/2 form of TCP FIN (a no-op on a stream that cannot send)."""
-        if stream_id in self._sendable:
-            self._sendable.discard(stream_id)
-            self._h2_call(self._h2.end_stream, stream_id)
+        """Half-close: END_STREAM, the HTTP/2 form of TCP FIN (a no-op on a stream that cannot send). The frame
+        is written here, h2 taking the state transitions its own ``end_stream`` would (a third of its cost)."""
+        if stream_id not in self._sendable:
+            return
+        self._sendable.discard(stream_id)
+        h = self._h2
+        stream = h.streams.get(stream_id)
+        if stream is None:
+            return
+        try:
+            h.state_machine.process_input(ConnectionInputs.SEND_DATA)
+            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        except h2.exceptions.ProtocolError:  # closed on h2's side (reset meanwhile): nothing to end
+            return
+        self._emit(_END_STREAM_HEADER + stream_id.to_bytes(4, "big"))
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CONNECT_ERROR) -> None:
         """RST_STREAM; CONNECT_ERROR (the default) is how HTTP/2 carries a TCP reset. A no-op on a stream
@@ -431,6 +489,9 @@ class Connection:
                     self._to_h2(view[pos:end], out)
             elif kind == _PING:
                 self._ping(stream_id, flags, view[pos + 9:end])
+            elif (kind == _HEADERS and flags == _END_HEADERS and length == 1 and buf[pos + 9] == _STATUS_200
+                  and self._block < 0 and self._ok_received(stream_id, out)):
+                pass
             else:
                 self._control_frame(kind, flags, length)
                 self._to_h2(view[pos:end], out)
@@ -496,7 +557,23 @@ class Connection:
         if flags & _END_STREAM:
             self._recv_windows.pop(stream_id, None)
             self._unacked.pop(stream_id, None)
-            self._to_h2(b"\x00\x00\x00\x00\x01" + stream_id.to_bytes(4, "big"), out)
+            if not self._end_received(stream_id, out):
+                self._to_h2(_END_STREAM_HEADER + stream_id.to_bytes(4, "big"), out)
+
+    def _end_received(self, stream_id: int, out: list[Event]) -> bool:
+        """END_STREAM on a stream open for receiving: h2 takes the state transitions its handling of the frame
+        would (a DATA frame, then its END_STREAM) without the frame, and StreamEnded is reported. False (h2 to
+        handle the frame) in any other state."""
+        h = self._h2
+        stream = h.streams.get(stream_id)
+        if (stream is None or h.state_machine.state not in _OPEN_STATES
+                or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)):
+            return False
+        h.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        stream.state_machine.process_input(StreamInputs.RECV_DATA)
+        stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
+        out.append(StreamEnded(stream_id))
+        return True
 
     def _to_h2(self, data: bytes | memoryview, out: list[Event]) -> None:
         if not data or self.closed is not None:
@@ -519,6 +596,11 @@ class Connection:
 
     def _count_premature(self, resets: int, opened: int, out: list[Event]) -> None:
         """Streams reset before their answer (server side: see ``ServerConnection``)."""
+
+    def _ok_received(self, stream_id: int, out: list[Event]) -> bool:
+        """A HEADERS frame that is exactly ``:status: 200`` (client side: see ``ClientConnection``); False: h2
+        handles the frame."""
+        return False
 
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
         if self.closed is not None:
@@ -616,7 +698,18 @@ class ServerConnection(Connection):
         if stream_id not in self._unanswered or self.closed is not None:
             return
         self._unanswered.discard(stream_id)
-        if self._h2_call(self._h2.send_headers, stream_id, [(b":status", b"200")]):
+        h = self._h2
+        stream = h.streams.get(stream_id)
+        if (stream is not None and h.state_machine.state is ConnectionState.SERVER_OPEN
+                and not h.encoder.table_size_changes and not stream.state_machine.headers_sent
+                and stream.state_machine.state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)):
+            # The answer is always the same one-byte header block (HPACK's static ":status: 200", no change to the
+            # encoder's table): written here, h2 taking the state transitions its send_headers would.
+            h.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+            stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+            self._emit(_STATUS_200_HEADER + stream_id.to_bytes(4, "big") + bytes((_STATUS_200,)))
+            self._sendable.add(stream_id)
+        elif self._h2_call(h.send_headers, stream_id, [(b":status", b"200")]):
             self._sendable.add(stream_id)
 
     def respond(self, stream_id: int, status: int) -> None:
@@ -645,17 +738,55 @@ class ClientConnection(Connection):
 
     def open(self, authority: Authority, headers: Mapping[str, str] | None = None) -> int | None:
         """Send a CONNECT request; returns the new stream's id, or None when no stream can be opened (the
-        connection ended or is going away, or the peer's stream limit is reached)."""
+        connection ended or is going away, or the peer's stream limit is reached). A header h2 does not allow
+        (upper-case or connection-specific name, CR/LF/NUL in a value) raises ValueError."""
         if self.closed is not None or self.going_away is not None:
             return None
+        target = str(authority).encode()
+        request = [(b":method", b"CONNECT"), (b":authority", target)]
+        request += [_request_header(k, v) for k, v in (headers or {}).items()]
+        # What h2's send_headers does for a new stream, without its per-header validation (the request is built
+        # here) and frame objects: the limit, the state transitions, then the header block (encoding changes the
+        # HPACK state for good: after the transitions, as h2 orders them).
+        h = self._h2
         try:
-            stream_id = self._h2.get_next_available_stream_id()
-            request = [(b":method", b"CONNECT"), (b":authority", str(authority).encode())]
-            request += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-            self._h2.send_headers(stream_id, request)
-        except h2.exceptions.ProtocolError:  # TooManyStreamsError, NoAvailableStreamIDError
+            stream_id = h.get_next_available_stream_id()
+            if h.open_outbound_streams >= h.remote_settings.max_concurrent_streams:
+                return None
+            h.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+            stream = h._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+            stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+        except h2.exceptions.ProtocolError:  # NoAvailableStreamIDError, or the connection cannot send
             return None
+        stream._authority = target
+        stream.request_method = b"CONNECT"
+        self._send_header_block(stream_id, h.encoder.encode(request))
         return stream_id
+
+    def _send_header_block(self, stream_id: int, block: bytes) -> None:
+        """HEADERS with END_HEADERS, or HEADERS and CONTINUATIONs when the block exceeds the peer's frame size."""
+        most, sid = self._h2.max_outbound_frame_size, stream_id.to_bytes(4, "big")
+        chunks = [block[at:at + most] for at in range(0, len(block), most)] or [b""]
+        last = len(chunks) - 1
+        self._emit(b"".join(
+            len(chunk).to_bytes(3, "big") + bytes((_CONTINUATION if i else _HEADERS, _END_HEADERS if i == last else 0))
+            + sid + chunk for i, chunk in enumerate(chunks)))
+
+    def _ok_received(self, stream_id: int, out: list[Event]) -> bool:
+        """The 200 of a CONNECT this side sent, as a one-byte header block (how this server answers): h2 takes
+        the state transitions its handling of the frame would (no HPACK state changes for a static entry);
+        anything else (another status, more headers, a stream not waiting for its answer) goes to h2."""
+        h = self._h2
+        stream = h.streams.get(stream_id)
+        if (stream is None or h.state_machine.state is not ConnectionState.CLIENT_OPEN
+                or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+                or stream.state_machine.headers_received):
+            return False
+        h.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        stream.state_machine.process_input(StreamInputs.RECV_HEADERS)
+        self._established(stream_id, receiving=True)  # no END_STREAM on this HEADERS frame
+        out.append(ConnectResponse(stream_id, 200, {":status": "200"}))
+        return True
 
     @property
     def peer_stream_limit(self) -> int:

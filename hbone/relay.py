@@ -76,7 +76,10 @@ class Relay(StreamHandler, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         transport.set_write_buffer_limits(high=TCP_WRITE_HIGH_WATER)
-        transport.pause_reading()
+        if self.started and self.tunnel is not None and not self.tunnel.write_paused:
+            self._reading = True  # the stream is up already (outbound): read from the start, no pause and resume
+        else:
+            transport.pause_reading()
         if self.started:
             self.start()
 

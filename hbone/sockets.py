@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import socket
 import struct
 
@@ -23,7 +24,6 @@ async def dial(address: Address, source_ip: str | None = None, *, mark: int | No
     """Connect to ``address``, from ``source_ip`` if given (of the same family: OSError EAFNOSUPPORT otherwise).
     ``transparent`` lets that be any address (a proxy speaking for its client, IP_TRANSPARENT or
     IPV6_TRANSPARENT); ``mark`` sets SO_MARK for policy routing."""
-    loop = asyncio.get_running_loop()
     v6 = ":" in address[0]
     if source_ip is not None and (":" in source_ip) != v6:
         raise OSError(errno.EAFNOSUPPORT, f"cannot dial {address[0]} from {source_ip}: not the same IP family")
@@ -40,11 +40,36 @@ async def dial(address: Address, source_ip: str | None = None, *, mark: int | No
             # (every TIME_WAIT holds its port) in the kernel on each new connection.
             sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
-        await loop.sock_connect(sock, address)
+        await connect(sock, address)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def connect(sock: socket.socket, address: Address) -> None:
+    """Connect the non-blocking ``sock`` to ``address`` (an IP literal and a port): connect(), then a wait on
+    the event loop for the socket to turn writable. Not ``loop.sock_connect``: uvloop's resolves even an IP
+    literal with getaddrinfo on its thread pool, a hop to another thread and back (and ~45 us of CPU) on
+    every connection."""
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EINTR):
+        loop = asyncio.get_running_loop()
+        writable = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _set_done, writable)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"connect to {address[0]} port {address[1]}: {os.strerror(err)}")
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

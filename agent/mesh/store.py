@@ -83,6 +83,19 @@ class MeshState:
             return None
         return next((s for s in found if s.namespace == client_namespace), found[0])
 
+    def service_called(self, original: tuple[str, int], endpoint_ip: str) -> Service | None:
+        """The Service a connection was opened to, from its destination before the DNAT that took it to
+        ``endpoint_ip``: a VIP:port, else a node port (on any node address or load-balancer IP) of a Service that
+        ``endpoint_ip`` serves."""
+        service = self.service_at(*original)
+        if service is not None:
+            return service
+        for key in sorted(self.serving_at.get(endpoint_ip, ())):
+            found = self.services[key]
+            if any(p.node_port == original[1] for p in found.ports):
+                return found
+        return None
+
     def service_serving(self, ip: str, port: int) -> Service | None:
         """A Service whose endpoint ``ip`` serves target ``port`` (ztunnel's guess of the Service of an inbound
         connection that did not name one); the first by name when several do."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent import __version__
 from agent.capture import Listener, Redirector, host_ifname_for
+from agent.capture.ctnetlink import Conntrack
 from agent.capture.rtnl import Rtnl
 from agent.identity.ca_client import CaClient
 from agent.identity.manager import CertificateManager
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CONNTRACK_TIMEOUT = 0.2  # seconds for one lookup, on the event loop (it answers in ~30 us)
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,10 @@ class NodeAgent:
         self.authorizer = Authorizer(self.store)
         self.store.subscribe(self._policies_changed)  # in force before the next accept
         self.telemetry = Telemetry(cfg.node, self.store, cfg.trust_domain, cfg.telemetry)
+        self.conntrack = Conntrack(timeout=CONNTRACK_TIMEOUT)  # the node's table: the agent runs in its namespace
         self.mesh = Mesh(cfg.node, cfg.trust_domain, self.store, self.certificates, self.pool,
-                         await self._in_kernel_thread(node_addresses), self.telemetry, policy=self.authorizer)
+                         await self._in_kernel_thread(node_addresses), self.telemetry, policy=self.authorizer,
+                         original_destination=self.conntrack.original_destination)
         self.inbound = InboundProxy(self.mesh)
         await self.inbound.start(listeners[Listener.HBONE], listeners[Listener.INBOUND])
         self.outbound = OutboundProxy(self.mesh, self.inbound)
@@ -285,4 +289,5 @@ class NodeAgent:
         await self.pool.close()
         await self.certificates.close()
         await self._in_kernel_thread(self.redirector.close, release)
+        self.conntrack.close()
         self._kernel.shutdown()

@@ -24,8 +24,8 @@ class KernelEvents:
     def subscribe(self, callback: Callable[[KernelEvent], None]) -> None:
         self._redirector.subscribe(lambda ev: callback(kernel_event(ev)))
 
-    def poll_events(self, timeout_ms: int) -> object:
-        return self._redirector.poll_events(timeout_ms)
+    def poll_events(self, timeout_ms: int) -> int:
+        return len(self._redirector.poll_events(timeout_ms))
 
     @property
     def lost_events(self) -> int:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.identity.manager import CertificateManager
+from agent.mesh.model import Address
 from agent.mesh.store import MeshStore, Workload
 from agent.proxy.connections import ConnectionTable, Proxied
 from agent.proxy.inputs import Connection
@@ -22,9 +23,16 @@ class Denial:
 
 
 Policy = Callable[[Connection], Denial | None]  # None allows
+# The destination a connection accepted as (local, peer) was opened to before a DNAT on this node (a Service VIP,
+# a node port), or None when it was not NATed here.
+OriginalDestination = Callable[[Address, Address], Address | None]
 
 
 def allow_all(_connection: Connection) -> Denial | None:
+    return None
+
+
+def never_translated(_local: Address, _peer: Address) -> Address | None:
     return None
 
 
@@ -39,6 +47,7 @@ class Mesh:
     telemetry: Telemetry
     policy: Policy = allow_all
     connections: ConnectionTable = field(default_factory=ConnectionTable)
+    original_destination: OriginalDestination = never_translated
 
     def track(self, kind: str, pods: tuple[str, ...], conn: Proxied, *flows: FlowHandle | None,
               server_side: bool = False) -> None:

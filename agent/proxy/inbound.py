@@ -104,7 +104,21 @@ class InboundProxy:
             log.warning("plaintext %s -> %s: not an enrolled pod of this node; refused", client, target)
             close_with_reset(sock)
             return
-        await self.deliver(sock, None, client, target)
+        await self.deliver(sock, None, client, target, self._called(client, target))
+
+    def _called(self, client: Address, target: Address) -> str | None:
+        """The Service a plaintext client called when this node DNATed it to ``target`` (kube-proxy's ClusterIP
+        or node port, seen by the pod's door after the NAT): its hostname, or None (not NATed here; then telemetry
+        falls back to ``_service``'s guess). Policy still sees ``target``, as in Istio."""
+        try:
+            original = self.mesh.original_destination(target, client)
+        except (OSError, TimeoutError) as e:
+            log.warning("plaintext %s -> %s: conntrack lookup failed: %s", client, target, e)
+            return None
+        if original is None:
+            return None
+        service = self.mesh.store.state.service_called(original, target[0])
+        return service.hostname if service is not None else None
 
     async def deliver(self, sock: socket.socket, peer: SpiffeId | None, client: Address, target: Address,
                       service: str | None = None) -> None:

@@ -25,11 +25,11 @@ class KernelEvent:
 
 
 class KernelEventSource(Protocol):
-    """Where kernel events come from: ``poll_events`` delivers them to the subscribers."""
+    """Where kernel events come from: ``poll_events`` delivers them to the subscribers and says how many."""
 
     def subscribe(self, callback: Callable[[KernelEvent], None]) -> None: ...
 
-    def poll_events(self, timeout_ms: int) -> object: ...
+    def poll_events(self, timeout_ms: int) -> int: ...
 
     @property
     def lost_events(self) -> int: ...

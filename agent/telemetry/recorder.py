@@ -21,7 +21,6 @@ Metric label for ``hubble_drop_total{reason}``: POLICY_DENIED when a policy deci
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import re
@@ -186,7 +185,8 @@ class FlowRecorder:
         known = self._resolve(ip) if self._resolve is not None else None
         if known is None:
             return Endpoint(ip, port)
-        return dataclasses.replace(known, ip=ip, port=port)
+        return Endpoint(ip, port, known.identity, known.namespace, known.pod_name, known.labels, known.workload,
+                        known.service)  # (dataclasses.replace costs four times as much)
 
     def kernel_event(self, ev: KernelEvent) -> None:
         """One eBPF ring-buffer event: a KERNEL flow, DROPPED for drops (no listener when fail-closed, stale

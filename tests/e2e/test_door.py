@@ -235,6 +235,21 @@ def test_permissive_serves_every_path_captured(lab: DoorLab, path: Path_) -> Non
     assert not flow["ip"].get("encrypted"), flow  # plaintext: whoever the source address names, nothing proved it
 
 
+SERVICE_CALLED = {"vip-same-node": "victim", "nodeport-this-node": "victim-np", "vip-other-node": "victim"}
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p.name in SERVICE_CALLED], ids=lambda p: p.name)
+def test_the_service_the_client_called_is_kept_where_this_node_translated_it(lab: DoorLab, path: Path_) -> None:
+    """Policy sees the pod the DNAT chose, but the flow names the Service the client called: node-1's conntrack
+    knows it for a VIP or a node port node-1 translated (the node port: victim-np, though victim, first by name,
+    also serves the pod's port); for a VIP node-2 translated, node-1 falls back to the Service serving the
+    pod's port (ztunnel's guess)."""
+    a, since = run_path(lab, path)
+    assert a.outcome == "ok", f"{path.name}: {a}"
+    flow = assert_recorded(lab, path, since, "FORWARDED", "")
+    assert flow["destination_service"] == {"name": SERVICE_CALLED[path.name], "namespace": MESH}, flow
+
+
 def test_the_denied_pod_is_refused_by_name_where_its_identity_survives(lab: DoorLab) -> None:
     """The DENY of app-1-3's principal holds for its mesh path; through another node's NodePort its identity is
     lost (plaintext from node-2's address, as in Istio), so STRICT or allow-nothing is what stops it there."""

@@ -275,7 +275,7 @@ def assert_kernel_state_exact(lab: MeshLab, node: str) -> None:
     assert len(rules) == 2, rules
     assert rules[0].startswith("99:") and "iif lo goto 32766" in rules[0], rules
     assert rules[1].startswith("100:") and rules[1].endswith("lookup 100"), rules
-    assert h.local_routes(ns) == ["local default dev lo proto static scope host"], h.local_routes(ns)
+    assert h.local_routes(ns) == ["local default dev lo scope host"], h.local_routes(ns)
 
 
 def _while_node1_agent_is_down(lab: MeshLab, tmp_path: Path, held: Client) -> None:

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
+import h2.config
 import h2.connection
 import h2.events
 import h2.settings
@@ -114,6 +115,90 @@ def test_connect_request_carries_parsed_authority_and_headers() -> None:
     for name, value in headers.items():
         assert request.headers[name] == value
     assert ":path" not in request.headers and ":scheme" not in request.headers  # plain CONNECT (RFC 9113 §8.5)
+
+
+def test_per_stream_headers_stay_out_of_both_hpack_tables_and_the_authority_is_reused() -> None:
+    """traceparent and forwarded are new on every stream: sent never-indexed, so neither table fills with them;
+    the :authority, the same for a target, is indexed and costs one byte on the next stream."""
+    client, server = connected()
+    sizes = []
+    for port in (40000, 40001):
+        open_stream(client, TARGET, {"forwarded": f'for="10.1.2.3:{port}"', "traceparent": "00-" + "a" * 32 + "-"
+                                     + f"{port:016x}" + "-00"})
+        out = client.data_to_send()
+        sizes.append(len(out))
+        [request] = only(server.receive(out), ConnectRequest)
+        assert request.headers["forwarded"] == f'for="10.1.2.3:{port}"'
+    for table in (client._h2.encoder.header_table, server._h2.decoder.header_table):
+        names = [name for name, _ in table.dynamic_entries]
+        assert b":authority" in names and b"traceparent" not in names and b"forwarded" not in names
+    assert sizes[1] < sizes[0]  # the :authority came from the table the second time
+
+
+@pytest.mark.parametrize(("name", "value"), [("Forwarded", "x"), ("connection", "close"), ("bad name", "x"),
+                                             ("baggage", "a\r\nb"), ("baggage", " padded")])
+def test_a_request_header_h2_does_not_allow_is_refused_with_its_name(name: str, value: str) -> None:
+    client, _ = connected()
+    with pytest.raises(ValueError, match=re.escape(repr(name))):
+        client.open(TARGET, {name: value})
+    assert client.open(TARGET, {"baggage": "k=v"}) == 1  # nothing was sent for the refused one
+
+
+def test_streams_opened_answered_and_ended_on_the_short_paths_are_closed_for_h2_as_well() -> None:
+    """The 200 and both END_STREAMs are written and read by this layer with h2 taking the state transitions:
+    every stream ends closed on both sides, nothing counts as open, and the limit never fills."""
+    client, server = connected(Settings(max_concurrent_streams=5))
+    for _ in range(20):  # four times the limit, one after the other
+        stream_id = open_stream(client)
+        pump(client, server)
+        server.accept(stream_id)
+        at_client, _ = pump(client, server)
+        assert at_client == [ConnectResponse(stream_id, 200, {":status": "200"})]
+        assert client.send(stream_id, b"ping") == 4
+        client.end(stream_id)
+        _, at_server = pump(client, server)
+        assert [type(ev) for ev in at_server] == [Data, StreamEnded]
+        server.end(stream_id)
+        at_client, _ = pump(client, server)
+        assert at_client == [StreamEnded(stream_id)]
+        for side in (client, server):
+            assert side._h2.streams[stream_id].closed
+        assert client.open_streams == server.open_streams == 0
+
+
+def test_a_200_after_the_peer_resized_the_header_table_carries_the_table_size_update() -> None:
+    """RFC 7541 §4.2: the first header block after a table size change starts with the update; the one-byte
+    200 cannot carry it, so h2 encodes that answer."""
+    raw, server, _ = raw_connected()
+    raw.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1024})
+    raw.send_headers(1, connect_headers("10.0.0.1:80"))
+    [request] = only(pump(raw, server)[1], ConnectRequest)
+    server.accept(request.stream_id)
+    out = server.data_to_send()
+    assert out[3] == 0x1 and out[9] & 0xE0 == 0x20  # HEADERS whose block starts with a size update
+    assert status_of(list(raw.receive_data(out)), 1) == 200
+
+
+def test_a_header_block_larger_than_a_frame_is_sent_as_headers_and_continuations() -> None:
+    """Before the server's SETTINGS the client may send frames of 16 KiB only: a larger block is split."""
+    client = ClientConnection()
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    raw.initiate_connection()
+    raw.local_settings.max_header_list_size = 1 << 20
+    big = "k=" + "v" * 40_000
+    stream_id = open_stream(client, TARGET, {"baggage": big})
+    out = client.data_to_send()
+    frames, at = [], 24  # after the client preface: (type, flags, length) of each frame
+    while at < len(out):
+        length = int.from_bytes(out[at:at + 3], "big")
+        frames.append((out[at + 3], out[at + 4], length))
+        at += 9 + length
+    blocks = [(kind, flags) for kind, flags, length in frames if kind in (0x1, 0x9)]
+    assert blocks == [(0x1, 0x0), (0x9, 0x0), (0x9, 0x4)]  # HEADERS, CONTINUATION, CONTINUATION + END_HEADERS
+    assert max(length for _, _, length in frames) <= 16384
+    events = raw.receive_data(out)
+    [request] = [ev for ev in events if isinstance(ev, h2.events.RequestReceived)]
+    assert request.stream_id == stream_id and dict(request.headers or [])[b"baggage"] == big.encode()
 
 
 def test_accept_answers_200() -> None:
@@ -254,6 +339,14 @@ def test_authority_parse_bounds() -> None:
             Authority.parse(bad)
     assert Authority.parse("10.0.0.1:65535") == Authority("10.0.0.1", 65535)
     assert Authority.parse("10.0.0.1:1") == Authority("10.0.0.1", 1)
+
+
+def test_a_remembered_authority_is_the_same_and_a_bad_one_is_refused_every_time() -> None:
+    first = Authority.parse("10.9.8.7:8080")
+    assert Authority.parse("10.9.8.7:8080") is first  # from the cache: same value, no second parse
+    for _ in range(2):
+        with pytest.raises(ValueError, match="port out of range"):
+            Authority.parse("10.9.8.7:0")
 
 
 def test_ipv6_authority_parses_and_round_trips() -> None:

@@ -188,6 +188,29 @@ def test_service_indexes() -> None:
     assert state.service_at("10.96.0.9", 80) is None
 
 
+def test_the_service_called_before_a_dnat_by_vip_or_node_port() -> None:
+    """What a conntrack entry's original destination names: the VIP:port, else a node port of a Service the
+    endpoint serves (``service_at`` alone knows no node ports: they live on every node address)."""
+    store = store_with(
+        service("web", "shop", "10.96.0.1", selector={"app": "web"}, ports=[{"port": 80, "targetPort": 8080}]),
+        service("web-np", "shop", "10.96.0.2", selector={"app": "web"}, type="NodePort",
+                ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080}]),
+        service("other-np", "shop", "10.96.0.3", selector={"app": "other"}, type="NodePort",
+                ports=[{"port": 80, "targetPort": 8080, "nodePort": 30081}]),
+        pod("a", "shop", "10.0.0.1", labels={"app": "web"}))
+    state = store.state
+
+    def called(original: tuple[str, int]) -> str | None:
+        found = state.service_called(original, "10.0.0.1")
+        return found.key if found is not None else None
+
+    assert called(("10.96.0.1", 80)) == "shop/web"
+    assert called(("10.96.0.2", 80)) == "shop/web-np"
+    assert called(("192.168.1.7", 30080)) == "shop/web-np"  # a node's address, the node port
+    assert called(("192.168.1.7", 30081)) is None  # a node port of a Service that does not serve the pod
+    assert called(("10.96.0.1", 81)) is None
+
+
 def test_a_service_turning_external_name_leaves_the_mesh() -> None:
     store = store_with(service("web", "shop", "10.96.0.1", selector={"app": "web"}))
     seen = Recorder(store)

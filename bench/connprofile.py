@@ -1,0 +1,210 @@
+"""Hammer one lab path with new connections and profile both agents: ``python -m bench.connprofile``.
+
+The connection workload of ``python -m bench`` (connect, ``--size`` bytes each way, close), on the ``ambit``
+or ``ambit-svc`` path of an ``ambit lab`` made for the run, repeated ``--rounds`` times. Each round prints
+connections/s and the proxy CPU per connection of each agent; with ``--profile DIR``, py-spy samples both
+agents during the rounds (``DIR/client.txt``, ``DIR/server.txt``, collapsed stacks) and the functions that
+took the most samples (self and inclusive) are printed per agent. Root only (the lab needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent.lab import control
+from agent.lab import runtime as rt
+from bench.harness import Config, Receiver, conn_once, nearest_rank
+from bench.lab import BenchLab, LabAmbitPath, LabAmbitServicePath, bench_lab
+from bench.paths import Running
+from bench.procs import CLOCK_TICKS, descendants
+
+PATHS = {"ambit": LabAmbitPath, "ambit-svc": LabAmbitServicePath}
+
+
+@contextlib.contextmanager
+def sampled(proxies: dict[str, int], out: Path | None, rate: int, tool_name: str = "py-spy",
+            native: bool = False) -> Iterator[None]:
+    """A profiler on every proxy while the block runs (nothing when ``out`` is None): py-spy (Python frames,
+    ``out/<role>.txt``), perf (native and kernel frames, ``out/<role>.perf.data``) or strace (system calls
+    counted, ``out/<role>.strace``)."""
+    if out is None:
+        yield
+        return
+    tool = shutil.which(tool_name)
+    if tool is None:
+        raise SystemExit(f"{tool_name} not found on PATH")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def argv(role: str, pid: int) -> list[str]:
+        if tool_name == "perf":
+            return [tool, "record", "-F", str(rate), "-g", "-p", str(pid), "-o", str(out / f"{role}.perf.data")]
+        if tool_name == "strace":
+            return [tool, "-c", "-f", "-p", str(pid), "-o", str(out / f"{role}.strace")]
+        return [tool, "record", "-p", str(pid), "--rate", str(rate), "--format", "raw", "-o", str(out / f"{role}.txt"),
+                *(["--native"] if native else [])]
+
+    spies = [subprocess.Popen(argv(role, pid), stdout=subprocess.DEVNULL, stderr=(out / f"{role}.log").open("wb"))
+             for role, pid in proxies.items()]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait(5)
+
+
+# Leaf frames of a thread waiting in C (epoll, a condition, the ring buffer's poll): py-spy cannot always tell
+# them from work, and they are not work.
+IDLE_LEAVES = ("Runner.run ", "Thread.run ", "_worker ", "RingBufferReader.poll ", "Thread.wait ", "Condition.wait ")
+
+
+def top(collapsed: Path, n: int) -> str:
+    """The ``n`` functions with the most samples in a py-spy raw (collapsed) file, self and inclusive; samples
+    of threads waiting (``IDLE_LEAVES``) are left out."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].rstrip(")") for f in stack.split(";")]
+        if frames[-1].startswith(IDLE_LEAVES):
+            continue
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return "(no samples)"
+    lines = [f"{total} samples of work", "self:"]
+    lines += [f"  {100 * c / total:5.1f}%  {f}" for f, c in own.most_common(n)]
+    lines.append("inclusive:")
+    lines += [f"  {100 * c / total:5.1f}%  {f}" for f, c in inclusive.most_common(n)]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def extra_agents(lab: BenchLab, workers: int) -> Iterator[dict[str, list[int]]]:
+    """``workers - 1`` more agents on each of the two nodes, beside the lab's own, as an upgrade starts the next
+    one (same listeners, SO_REUSEPORT: the capture's bpf_sk_assign picks a listener of the group, the kernel one
+    of its members). Yields their pids by role (client: node 1, server: node 2); stops them on the way out."""
+    recs: dict[str, list[rt.ProcRecord]] = {"client": [], "server": []}
+    try:
+        for role, node in zip(recs, lab.info.nodes[:2], strict=True):
+            for w in range(1, workers):
+                recs[role].append(rt.spawn(lab.paths, f"{rt.agent_proc(node.name)}-worker{w}", node.netns,
+                                           control.agent_argv(lab.info, lab.paths, node)))
+        control.wait_ready([r for rs in recs.values() for r in rs], rt.AGENT_READY, 60.0)
+        yield {role: [r.pid for r in rs] for role, rs in recs.items()}
+    finally:
+        rt.stop([r for rs in recs.values() for r in rs], 10.0)
+
+
+def user_system(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` and its descendants (all threads)."""
+    user = system = 0
+    for p in descendants(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            f = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            user, system = user + int(f[11]), system + int(f[12])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
+
+
+def threads(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid``, by thread name (the main thread "main"; others "<name>:<tid>",
+    Python not naming its threads for the system)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = (task / "stat").read_text()
+            name = "main" if task.name == str(pid) else f"{stat[stat.index('(') + 1:stat.rindex(')')]}:{task.name}"
+            f = stat.rpartition(")")[2].split()
+            out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / CLOCK_TICKS
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.connprofile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--path", choices=sorted(PATHS), default="ambit")
+    p.add_argument("--clients", type=int, default=1)
+    p.add_argument("--count", type=int, default=2000, help="connections per round")
+    p.add_argument("--size", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--profile", type=Path, help="sample both agents with py-spy; collapsed stacks go here")
+    p.add_argument("--rate", type=int, default=500, help="samples per second")
+    p.add_argument("--tool", choices=("py-spy", "perf", "strace"), default="py-spy",
+                   help="py-spy: Python frames (the process paused at each sample: the rates are not comparable); "
+                        "perf: native and kernel frames; strace: system calls counted")
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--workers", type=int, default=1,
+                   help="agents per node sharing the listeners (SO_REUSEPORT); the extra ones start like an upgrade's")
+    p.add_argument("--native", action="store_true", help="py-spy: native frames too (C extensions)")
+    p.add_argument("--agent-flag", action="append", default=[], metavar="FLAG",
+                   help="added to the agents' command lines (repeatable), e.g. --agent-flag=--no-telemetry")
+    args = p.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="ambit-connprofile-"))
+    cfg = Config(bulk_bytes=0, runs=0, rr_count=0, rr_size=0, rr_warmup=0, rr_runs=0, workdir=workdir,
+                 conn_count=args.count, conn_runs=args.rounds, conn_size=args.size)
+    with bench_lab(workdir / "lab-logs", lambda s: print(s, file=sys.stderr), agent_flags=args.agent_flag) as lab:
+        path = PATHS[args.path](lab)
+        receiver = Receiver(workdir, path.receiver)
+        try:
+            with extra_agents(lab, args.workers) as extra, path.start(receiver.addr, workdir) as running:
+                run(running, cfg, args, extra)
+        finally:
+            receiver.stop()
+    if args.profile is not None and args.tool == "py-spy":
+        for role in ("client", "server"):
+            print(f"\n== {role} agent ==\n{top(args.profile / f'{role}.txt', args.top)}")
+    print(f"(logs in {workdir})")
+    return 0
+
+
+def run(running: Running, cfg: Config, args: argparse.Namespace, extra: dict[str, list[int]]) -> None:
+    rates, cpu = [], collections.Counter[str]()
+    split = {role: user_system(pid) for role, pid in running.proxies.items()}
+    by_thread = {role: threads(pid) for role, pid in running.proxies.items()}
+    workers = {f"{role}-worker{i + 1}": pid for role, pids in extra.items() for i, pid in enumerate(pids)}
+    worker_cpu = {name: sum(user_system(pid)) for name, pid in workers.items()}
+    with sampled(running.proxies, args.profile, args.rate, args.tool, args.native):
+        for i in range(args.rounds):
+            r = conn_once(running, cfg, args.clients, cfg.workdir / f"conn-{i}.log")
+            rates.append(r.per_second)
+            cpu.update({role: s for role, s in r.proxy_cpu.items()})
+            per = " + ".join(f"{role} {1e6 * s / r.connections:.0f}" for role, s in sorted(r.proxy_cpu.items()))
+            print(f"round {i + 1}: {r.connections} connections, {r.per_second:.0f}/s, failed {r.failed}, set-up p50 "
+                  f"{nearest_rank(r.setup_ns, 50) / 1e3:.0f} us, p99 {nearest_rank(r.setup_ns, 99) / 1e3:.0f} us; "
+                  f"proxy CPU us/connection: {per}", flush=True)
+    n = args.rounds * args.count
+    for role, pid in sorted(running.proxies.items()):
+        (u0, s0), (u1, s1) = split[role], user_system(pid)
+        print(f"{role}: user {1e6 * (u1 - u0) / n:.0f} us + system {1e6 * (s1 - s0) / n:.0f} us per connection")
+        before, after = by_thread[role], threads(pid)
+        print("  by thread, us per connection: " + ", ".join(
+            f"{name} {1e6 * (cpu - before.get(name, 0.0)) / n:.0f}" for name, cpu in sorted(after.items())
+            if cpu - before.get(name, 0.0) > 0))
+    for name, pid in workers.items():
+        print(f"{name}: {1e6 * (sum(user_system(pid)) - worker_cpu[name]) / n:.0f} us per connection")
+    print(f"median {sorted(rates)[len(rates) // 2]:.0f} connections/s; proxy CPU us/connection over all rounds: "
+          + " + ".join(f"{role} {1e6 * s / n:.0f}" for role, s in sorted(cpu.items()))
+          + (" (first agents only)" if workers else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

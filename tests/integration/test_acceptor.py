@@ -1,0 +1,64 @@
+"""hbone.accept.Acceptor on loopback: bursts of connections are all served, an accept error is survived."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+
+import pytest
+
+from hbone.accept import Acceptor
+
+
+async def _answer(conn: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    with conn:
+        data = await loop.sock_recv(conn, 16)
+        await loop.sock_sendall(conn, b"ok:" + data)
+
+
+async def _call(address: tuple[str, int], n: int) -> bytes:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(str(n).encode())
+    answer = await reader.read(64)
+    writer.close()
+    return answer
+
+
+async def test_a_burst_of_connections_is_accepted_and_every_one_served() -> None:
+    """More connections at once than one wake-up accepts (ACCEPT_BATCH): every one is served, in its own task."""
+    acceptor = Acceptor(socket.create_server(("127.0.0.1", 0), backlog=512), _answer, "test")
+    acceptor.start()
+    try:
+        answers = await asyncio.wait_for(asyncio.gather(*(_call(acceptor.address, n) for n in range(300))), 20)
+        assert answers == [b"ok:%d" % n for n in range(300)]
+    finally:
+        await acceptor.close()
+
+
+class _FailingOnce(socket.socket):
+    """A listener whose first accept fails as it would when the process is out of file descriptors."""
+
+    failed = False
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+async def test_an_accept_error_is_logged_and_accepting_resumes(caplog: pytest.LogCaptureFixture) -> None:
+    listener = _FailingOnce(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    acceptor = Acceptor(listener, _answer, "test")
+    acceptor.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="hbone.accept"):
+            assert await asyncio.wait_for(_call(acceptor.address, 1), 10) == b"ok:1"
+        assert "test: accept failed: [Errno 24] Too many open files" in caplog.text
+    finally:
+        await acceptor.close()

@@ -1,0 +1,54 @@
+"""hbone.sockets.dial on loopback, on uvloop (the agent's loop): connected without a thread, errors named."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from hbone.sockets import dial
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+async def test_dial_connects_on_the_loop_without_a_resolver_thread() -> None:
+    """uvloop's sock_connect resolves even an IP literal on its thread pool; dial must not (it runs on every
+    upstream connection of the inbound proxy): many dials, the same threads before and after."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        before = _threads()
+        loop = asyncio.get_running_loop()
+        for _ in range(20):
+            sock = await asyncio.wait_for(dial(("127.0.0.1", port), "127.0.0.1"), 5)
+            accepted, peer = await asyncio.wait_for(loop.sock_accept(server), 5)
+            assert peer == sock.getsockname() and sock.getpeername() == ("127.0.0.1", port)
+            sock.sendall(b"x")
+            assert accepted.recv(1) == b"x"
+            accepted.close()
+            sock.close()
+        assert _threads() == before
+
+
+async def test_dial_to_a_closed_port_raises_connection_refused_naming_the_address() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, not listening: connections to it are refused
+        with pytest.raises(ConnectionRefusedError, match=f"127.0.0.1 port {port}"):
+            await asyncio.wait_for(dial(("127.0.0.1", port)), 5)
+
+
+async def test_a_cancelled_dial_leaves_the_loop_clean() -> None:
+    """A dial cancelled while connecting (a timeout) closes its socket and leaves no writer behind."""
+    with socket.create_server(("127.0.0.1", 0), backlog=1) as server:
+        port = server.getsockname()[1]
+        task = asyncio.ensure_future(dial(("127.0.0.1", port)))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        sock = await asyncio.wait_for(dial(("127.0.0.1", port)), 5)  # the loop still dials
+        sock.close()
