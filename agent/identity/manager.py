@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from agent.identity.worker import X509Worker
 from agent.retry import Backoff
-from agent.sources.objectfile import SourceError, WatchedFile
+from agent.sources.watched import SourceError, WatchedFile
 from hbone import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
 from hbone.der import CertificateFields
 from hbone.identity import split_pem
