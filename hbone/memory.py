@@ -11,7 +11,6 @@ and its CPU per GiB from 7.8 s to 3.0 s once large buffers stayed on a heap that
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -26,11 +25,10 @@ def keep_buffers_on_heap(mmap_threshold: int = 4 * MIB, trim_threshold: int = 32
 
     Returns False (and logs) where the C library has no glibc ``mallopt``.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
-        log.info("mallopt unavailable (%s): allocator left as it is", name)
+    try:  # the process's own symbols, the C library's among them (ctypes.util would bring tempfile and shutil)
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError) as e:
+        log.info("mallopt unavailable (%s): allocator left as it is", e)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int

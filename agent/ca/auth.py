@@ -28,7 +28,8 @@ from typing import Protocol, TypeVar
 import yaml
 
 from agent.identity.ca_client import CA_NAMESPACE
-from agent.sources.objectfile import WatchedFile, kubernetes_objects
+from agent.sources.objectfile import kubernetes_objects
+from agent.sources.watched import WatchedFile
 from hbone import SpiffeId
 
 log = logging.getLogger("ambit.ca.auth")
@@ -77,7 +78,10 @@ def _digest(token: str) -> bytes:
 
 
 def _parse_tokens(data: bytes) -> list[tuple[bytes, str]]:
-    doc = yaml.safe_load(data)
+    try:
+        doc = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
     if doc is None:
         return []
     if not isinstance(doc, dict):

@@ -38,7 +38,7 @@ from agent.http import HttpError, Timeouts
 from agent.kube.client import KubeClient, KubeConfigError
 from agent.kube.informer import DEFAULT_BACKOFF, PODS, Delta, Informer, KubeObject, object_key
 from agent.retry import Backoff
-from agent.sources.objectfile import SourceError
+from agent.sources.watched import SourceError
 
 log = logging.getLogger("ambit.ca.kube")
 

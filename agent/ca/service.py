@@ -39,7 +39,7 @@ from agent.ca.auth import (
 from agent.ca.authority import DEFAULT_TTL, MAX_TTL, CertificateAuthority, CsrError
 from agent.identity import ca_pb2, ca_pb2_grpc
 from agent.identity.ca_client import CA_NAMESPACE, CA_SERVER_NAME, CA_SERVICE_ACCOUNT, IMPERSONATED_IDENTITY
-from agent.sources.objectfile import SourceError
+from agent.sources.watched import SourceError
 from hbone import IdentityError, SpiffeId, WorkloadCertificate
 
 log = logging.getLogger("ambit.ca")

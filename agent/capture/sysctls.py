@@ -32,7 +32,7 @@ same way).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 
 from agent.capture import netns as netns_mod
 
@@ -45,15 +45,16 @@ PROC_SYS = "/proc/sys"
 
 def read(netns: str | None, key: str, root: str = PROC_SYS) -> str:
     """A sysctl of `netns` (``key`` as a path under /proc/sys: ``net/ipv4/tcp_early_demux``)."""
-    with netns_mod.entered(netns):
-        return (Path(root) / key).read_text().strip()
+    # not pathlib: it interns every part of every path (two per pod)
+    with netns_mod.entered(netns), open(os.path.join(root, key)) as f:
+        return f.read().strip()
 
 
 def write(netns: str | None, key: str, value: str, root: str = PROC_SYS) -> None:
     """Set a sysctl of `netns`; OSError names the key."""
     try:
-        with netns_mod.entered(netns):
-            (Path(root) / key).write_text(value)
+        with netns_mod.entered(netns), open(os.path.join(root, key), "w") as f:
+            f.write(value)
     except OSError as e:
         raise OSError(e.errno, f"cannot set {key.replace('/', '.')}={value} under {root}: {e.strerror}") from None
 

@@ -20,15 +20,26 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
 
 from agent.http.client import head_size
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(when: float | None = None) -> str:
+    """RFC 9110's IMF-fixdate (``Sun, 06 Nov 1994 08:49:37 GMT``), without email.utils (and the email package
+    it brings into the agent)."""
+    t = time.gmtime(when)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +205,7 @@ class HttpServer:
     async def _send(codec: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, *, head: bool,
                     close: bool) -> None:
         fields = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
-                  ("Date", formatdate(usegmt=True)), ("Server", "ambit"), *reply.headers]
+                  ("Date", http_date()), ("Server", "ambit"), *reply.headers]
         if close:
             fields.append(("Connection", "close"))
         data = codec.send(h11.Response(status_code=reply.status, headers=fields))

@@ -11,6 +11,9 @@ Every certificate the CA returns is checked before use: it must be for the ident
 key made here, and chain to the trust bundle. The trust bundle may hold several roots (a root rotation):
 ``update_trust_bundle`` adds roots (or replaces them), and a bundle file, when given, is re-read when it
 changes. Certificates that no longer chain to a replaced bundle are renewed at once.
+
+Keys, CSRs and chain checks are made in a short-lived worker process (``agent.identity.worker``): the agent itself
+reads certificates without a crypto library (``hbone.der``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import itertools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -26,14 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding
-
-from agent.identity.keys import key_pem, make_csr, new_key
+from agent.identity.worker import X509Worker
 from agent.retry import Backoff
-from agent.sources.objectfile import SourceError, WatchedFile
+from agent.sources.watched import SourceError, WatchedFile
 from hbone import IdentityError, SpiffeId, TrustBundle, WorkloadCertificate
+from hbone.der import CertificateFields
+from hbone.identity import split_pem
 
 log = logging.getLogger("ambit.ca.manager")
 
@@ -102,35 +102,17 @@ class _Entry:
     next_attempt: dt.datetime | None = None
 
 
-def verify_chain(chain: list[x509.Certificate], bundle: TrustBundle) -> None:
-    """Check that ``chain`` (leaf, then intermediates; a trailing root may be included) is signed up to a
-    root in ``bundle``. Raises IdentityError."""
-    roots = bundle.roots
-    path = [c for c in chain if c.issuer != c.subject or c is chain[0]]  # drop self-signed roots sent along
-    for child, parent in itertools.pairwise(path):
-        try:
-            child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature) as e:
-            raise IdentityError(f"certificate chain is broken at {child.issuer.rfc4514_string()!r}: "
-                                f"{e or type(e).__name__}") from None
-    for root in roots:
-        try:
-            path[-1].verify_directly_issued_by(root)
-            return
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-    raise IdentityError(f"certificate issued by {path[-1].issuer.rfc4514_string()!r} does not chain to any "
-                        f"of the {len(roots)} root(s) in the trust bundle (is a new root missing from it?)")
-
-
 class CertificateManager:
     """Workload certificates for the identities of the pods on this node."""
 
     def __init__(self, client: CertificateClient, trust_bundle: TrustBundle, *,
                  trust_bundle_file: Path | None = None, validity: dt.timedelta | None = None,
                  clock: Clock = _now, sleep: Sleep = asyncio.sleep, backoff: Backoff = RENEWAL_BACKOFF,
-                 rand: Callable[[], float] = random.random, bundle_check_interval: float = 5.0) -> None:
+                 rand: Callable[[], float] = random.random, bundle_check_interval: float = 5.0,
+                 worker: X509Worker | None = None) -> None:
         self._client = client
+        self._worker = worker or X509Worker()
+        self._rechecks: set[asyncio.Task[None]] = set()
         self._bundle = trust_bundle
         self._validity = validity
         self._clock = clock
@@ -186,19 +168,22 @@ class CertificateManager:
         self._bundle = bundle
         self._client.set_trust_bundle(bundle)
         log.info("trust bundle for %r now holds %d root(s)", bundle.trust_domain, len(bundle.roots))
-        for entry in self._entries.values():  # renew what a dropped root signed
-            if entry.cert is not None and not self._chains(entry.cert, bundle):
-                log.info("certificate of %s no longer chains to the trust bundle, renewing", entry.identity)
-                entry.wake.set()
+        if any(entry.cert is not None for entry in self._entries.values()):
+            task = asyncio.get_running_loop().create_task(self._renew_unchained(bundle))
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
         return True
 
-    @staticmethod
-    def _chains(cert: WorkloadCertificate, bundle: TrustBundle) -> bool:
-        try:
-            verify_chain(x509.load_pem_x509_certificates(cert.chain_pem), bundle)
-        except IdentityError:
-            return False
-        return True
+    async def _renew_unchained(self, bundle: TrustBundle) -> None:
+        """Renew at once what no root of ``bundle`` signed (a dropped root's certificates)."""
+        for entry in list(self._entries.values()):
+            if entry.cert is None or bundle != self._bundle:
+                continue
+            try:
+                await self._worker.verify(entry.cert.chain_pem, bundle.roots_pem)
+            except IdentityError as e:
+                log.info("certificate of %s no longer chains to the trust bundle, renewing: %s", entry.identity, e)
+                entry.wake.set()
 
     # --- certificates --------------------------------------------------------------------------------
 
@@ -253,33 +238,36 @@ class CertificateManager:
         return out
 
     async def close(self) -> None:
-        """Stop every worker."""
-        tasks = [e.task for e in self._entries.values() if e.task is not None]
+        """Stop every worker task, and the x509 worker process."""
+        tasks = [e.task for e in self._entries.values() if e.task is not None] + list(self._rechecks)
         for identity in list(self._entries):
             self.forget(identity)
+        for task in self._rechecks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._worker.close()
 
     # --- worker --------------------------------------------------------------------------------------
 
     async def _fetch(self, identity: SpiffeId) -> WorkloadCertificate:
-        key = new_key()
-        chain = await self._client.create_certificate(make_csr(identity, key), identity, self._validity)
-        certs = [c for pem in chain for c in x509.load_pem_x509_certificates(pem)]
-        if not certs:
+        key_pem, csr_pem = await self._worker.csr(identity)
+        chain = await self._client.create_certificate(csr_pem, identity, self._validity)
+        if not chain:
             raise IdentityError("the CA returned no certificate")
+        certs = [c for pem in chain for c in split_pem(pem)]
         # The CA sends its root last; the chain we present is the leaf and any intermediates.
-        presented = [c for c in certs if c is certs[0] or c.issuer != c.subject]
-        cert = WorkloadCertificate.from_pem(b"".join(c.public_bytes(Encoding.PEM) for c in presented), key_pem(key))
+        presented = b"".join(block for i, (block, der) in enumerate(certs) if i == 0 or not _self_signed(der))
+        cert = WorkloadCertificate.from_pem(presented, key_pem)
         if cert.identity != identity:
             raise IdentityError(f"the CA issued a certificate for {cert.identity}, not {identity}")
         if cert.not_after <= self._clock():
             raise IdentityError(f"the CA issued a certificate that expired at {cert.not_after.isoformat()}")
         try:
-            verify_chain(presented, self._bundle)
+            await self._worker.verify(presented, self._bundle.roots_pem)
         except IdentityError:
             if not self.reload_trust_bundle():  # a new root may have been published meanwhile
                 raise
-            verify_chain(presented, self._bundle)
+            await self._worker.verify(presented, self._bundle.roots_pem)
         return cert
 
     async def _pause(self, entry: _Entry, seconds: float) -> None:
@@ -323,6 +311,11 @@ class CertificateManager:
             log.info("certificate for %s valid until %s, renewing at %s", identity,
                      cert.not_after.isoformat(), cert.refresh_at.isoformat())
             await self._pause(entry, max(0.0, (cert.refresh_at - self._clock()).total_seconds()))
+
+
+def _self_signed(der: bytes) -> bool:
+    fields = CertificateFields.parse(der)
+    return fields.issuer == fields.subject
 
 
 def _consume_exception(fut: asyncio.Future[WorkloadCertificate]) -> None:

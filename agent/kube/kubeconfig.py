@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.kube.tls import TlsMaterialError, client_context
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -177,6 +175,8 @@ def load_kubeconfig(files: Sequence[Path], context: str | None = None) -> Cluste
 
 
 def _read(file: Path) -> Mapping[str, Any]:
+    import yaml  # here: an agent in a pod (in-cluster credentials) reads no kubeconfig and needs no YAML (1 MiB)
+
     try:
         document = yaml.safe_load(file.read_bytes())
     except OSError as e:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.mesh.store import MeshStore
-from agent.sources.objectfile import SourceError, WatchedFile, kubernetes_objects
+from agent.sources.objectfile import kubernetes_objects
+from agent.sources.watched import SourceError, WatchedFile
 
 log = logging.getLogger(__name__)
 

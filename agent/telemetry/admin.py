@@ -1,6 +1,6 @@
 """The agent's small HTTP servers, on ztunnel's ports:
 
-- 15020 ``/metrics``: Prometheus exposition of ``Metrics.registry`` (text format, or OpenMetrics when the
+- 15020 ``/metrics``: Prometheus exposition of ``Metrics.families()`` (text format, or OpenMetrics when the
   scraper asks for it; gzip when accepted).
 - 15021 ``/healthz/ready``: 200 "ready" only when the readiness callback says so, else 503 with its reason.
 - 15000 on localhost: ``/config_dump`` (JSON from a callback: workloads, policies, certificates,
@@ -26,10 +26,9 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from prometheus_client.exposition import choose_encoder
-
 from agent.http import HttpServer, Reply, Request, Routes, json_reply, text_reply
 from agent.mesh.model import Address
+from agent.telemetry.exposition import negotiate
 from agent.telemetry.metrics import Metrics
 from hbone import format_address
 
@@ -80,8 +79,8 @@ class AdminServer:
 
     # -- handlers ----------------------------------------------------------------------------------------------
     async def _metrics(self, request: Request) -> Reply:
-        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        body = encoder(self.metrics.registry)
+        encoder, content_type = negotiate(request.headers.get("accept", ""))
+        body = encoder(self.metrics.families())
         if "gzip" in request.headers.get("accept-encoding", ""):
             return Reply(200, gzip.compress(body, compresslevel=6), content_type,
                          [("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")])

@@ -15,9 +15,9 @@ Workload labels are derived from pod labels the way Istio does (``canonical_serv
 every series that a pod contributed to, and that no live pod still feeds, is removed, so cardinality does
 not grow with pod churn.
 
-Counters are kept in plain dicts behind one lock and exposed by a custom collector on the Metrics' own
-``CollectorRegistry`` (never the global one): increments are a dict update, series can be removed, and no
-``_created`` series double the exposition.
+Counters are kept in plain dicts behind one lock and written out by ``agent.telemetry.exposition`` (text format
+0.0.4 or OpenMetrics): increments are a dict update, series can be removed, and no ``_created`` series double the
+exposition.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
-
+from agent.telemetry.exposition import Family
 from agent.telemetry.model import Endpoint
 
 UNKNOWN = "unknown"
@@ -127,11 +125,8 @@ class _Family:
         self.labelnames = labelnames
         self.values: dict[tuple[str, ...], float] = {}
 
-    def metric(self) -> Metric:
-        fam = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
-        for key, value in self.values.items():
-            fam.add_metric(key, value)
-        return fam
+    def family(self) -> Family:
+        return Family(self.name, self.doc, "counter", self.labelnames, list(self.values.items()))
 
 
 @dataclass(slots=True)
@@ -153,8 +148,8 @@ class ConnectionSeries:
         self.metrics._closed(self, request_bytes, response_bytes, response_flags, failed)
 
 
-class Metrics(Collector):
-    """All of the agent's metrics, on ``self.registry``. Thread-safe."""
+class Metrics:
+    """All of the agent's metrics (``families()``). Thread-safe."""
 
     def __init__(self, *, cluster: str = "Kubernetes", clock: Callable[[], float] = time.time,
                  forgotten_memory: int = 4096) -> None:
@@ -191,8 +186,6 @@ class Metrics(Collector):
         self._workloads: dict[str, int] = {}
         self._cert_expiry: dict[str, float] = {}
         self._attached: dict[tuple[str, str], int] = {}
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
 
     # -- Istio traffic ------------------------------------------------------------------------------------------
     def _inc(self, family: _Family, labels: tuple[str, ...], feeds: Feeds, amount: float = 1) -> None:
@@ -318,28 +311,22 @@ class Metrics(Collector):
             self._attached = counts
 
     # -- exposition ----------------------------------------------------------------------------------------------
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> list[Family]:
+        """Every family as it is now, for the exposition."""
         with self._lock:
-            families = [f.metric() for f in self._families]
+            families = [f.family() for f in self._families]
             workloads = dict(self._workloads)
             expiry = dict(self._cert_expiry)
             attached = dict(self._attached)
-        yield from families
-        g = GaugeMetricFamily("ambit_workloads", "Pods on this node, by mesh enrollment", labels=("enrolled",))
-        for enrolled, count in sorted(workloads.items()):
-            g.add_metric((enrolled,), count)
-        yield g
         now = self._clock()
-        g = GaugeMetricFamily("ambit_certificate_expiry_seconds",
-                              "Seconds until the workload certificate of an identity expires", labels=("identity",))
-        for identity, not_after in sorted(expiry.items()):
-            g.add_metric((identity,), not_after - now)
-        yield g
-        g = GaugeMetricFamily("ambit_ebpf_attached", "Interfaces carrying each Ambit eBPF program",
-                              labels=("program", "backend"))
-        for (program, backend), count in sorted(attached.items()):
-            g.add_metric((program, backend), count)
-        yield g
+        return [*families,
+                Family("ambit_workloads", "Pods on this node, by mesh enrollment", "gauge", ("enrolled",),
+                       [((enrolled,), count) for enrolled, count in sorted(workloads.items())]),
+                Family("ambit_certificate_expiry_seconds",
+                       "Seconds until the workload certificate of an identity expires", "gauge", ("identity",),
+                       [((identity,), not_after - now) for identity, not_after in sorted(expiry.items())]),
+                Family("ambit_ebpf_attached", "Interfaces carrying each Ambit eBPF program", "gauge",
+                       ("program", "backend"), [(key, count) for key, count in sorted(attached.items())])]
 
     def series(self, family: str) -> dict[tuple[str, ...], float]:
         """A copy of one counter family's series (name without _total), for checks."""

@@ -21,7 +21,6 @@ LostEvent (OBSERVER_EVENTS_QUEUE); events the kernel lost appear where they happ
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
 import stat
@@ -33,6 +32,7 @@ from typing import Literal
 import grpc
 import grpc.aio
 
+from agent import __version__
 from agent.telemetry import observer_pb2 as pb
 from agent.telemetry import observer_pb2_grpc as pb_grpc
 from agent.telemetry.filters import FilterError, Predicate, build_request
@@ -46,13 +46,6 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[pb.GetFlowsRequest, pb.GetFlowsResponse]
 StatusContext = grpc.aio.ServicerContext[pb.ServerStatusRequest, pb.ServerStatusResponse]
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("ambit")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _ns(request: pb.GetFlowsRequest, name: Literal["since", "until"]) -> int | None:
@@ -102,7 +95,7 @@ class ObserverService(pb_grpc.ObserverServicer):
         self.follower_queue = follower_queue
         self.allowed_clients: frozenset[str] = frozenset()  # TLS clients' SPIFFE IDs (set with the TLS listener)
         self._started = time.monotonic_ns()
-        self._version = version()
+        self._version = __version__
 
     async def _admit(self, context: Context | StatusContext) -> None:
         denial = admit(context.peer(), context.auth_context(), self.allowed_clients)

@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import cast
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from agent.identity.ca_client import CA_NAMESPACE
-from hbone.identity import SpiffeId
+from hbone.identity import IdentityError, KeyMismatchError, SpiffeId, check_key_pair, split_pem
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +64,15 @@ def read_key_pair(cert_file: Path, key_file: Path) -> tuple[bytes, bytes]:
     """(certificate chain PEM, private key PEM), checked to belong together."""
     chain_pem, key_pem = _read(cert_file, "certificate"), _read(key_file, "private key")
     try:
-        certs = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError as e:
+        split_pem(chain_pem)
+    except IdentityError as e:
         raise TlsMaterialError(f"{cert_file}: not a PEM certificate: {e}") from None
     try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as e:
+        check_key_pair(chain_pem, key_pem)
+    except KeyMismatchError:
+        raise TlsMaterialError(f"{key_file} is not the key of the certificate in {cert_file}") from None
+    except IdentityError as e:
         raise TlsMaterialError(f"{key_file}: not an unencrypted PEM private key: {e}") from None
-    if key.public_key().public_numbers() != certs[0].public_key().public_numbers():  # type: ignore[union-attr]
-        raise TlsMaterialError(f"{key_file} is not the key of the certificate in {cert_file}")
     return chain_pem, key_pem
 
 
@@ -86,9 +84,8 @@ def read_cas(files: Sequence[Path]) -> bytes:
     for path in files:
         pem = _read(path, "CA certificate file")
         try:
-            if not x509.load_pem_x509_certificates(pem):
-                raise ValueError("no certificate")
-        except ValueError as e:
+            split_pem(pem)
+        except IdentityError as e:
             raise TlsMaterialError(f"{path}: not PEM CA certificates: {e}") from None
         out += pem if pem.endswith(b"\n") else pem + b"\n"
     return out

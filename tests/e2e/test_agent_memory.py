@@ -1,5 +1,6 @@
-"""The agent compiles its eBPF programs in a short-lived loader process: the long-lived agent maps no LLVM,
-clang or libbcc, and its memory is reported (issue 11)."""
+"""The agent's memory (issue 11): it compiles its eBPF programs in a short-lived loader process, so the long-lived
+agent maps no LLVM, clang or libbcc; idle on a node with 100 enrolled pods (each its own identity, so its own
+certificate) it stays within a bound; its capture path loads no pyroute2."""
 
 from __future__ import annotations
 
@@ -7,16 +8,39 @@ import json
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.capture_probe import private_bpffs
+from bench.procs import descendants
 from tests.fixtures import lab_helpers as h
 from tests.fixtures import lab_observe as lo
 from tests.fixtures.repo import REPO
 
 pytestmark = lo.lab_marks()
+
+
+# Issue 11's target is 40,000,000 bytes. Measured here 41.3-42.2 MB, where only the lab's CA shares the agent's
+# libraries (36-37 MB where other Python processes share them too): not held yet, see BENCHMARKS.md "Agent memory".
+# This bound holds what was reached against regressions.
+PSS_BOUND = 44_000_000
+IDLE_AFTER_READY = 12.0  # s: longer than the agent's idle heap trim period (agent/node/heap.py: 10 s)
+
+
+def rollup(pid: int) -> dict[str, int]:
+    """PSS, RSS and anonymous memory of process ``pid`` in bytes, from /proc/<pid>/smaps_rollup."""
+    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    fields = dict(line.split(":", 1) for line in lines)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("Pss", "Rss", "Anonymous")}
+
+
+def compiled_bytecode() -> None:
+    """What the image does (daemonset/Containerfile: compileall): the agent loads compiled bytecode, as it does in a
+    cluster, and not compiles its modules at start, whose transient memory a shell's PYTHONDONTWRITEBYTECODE=1
+    would otherwise leave in the measurement."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "agent", "hbone"], cwd=REPO, check=True, timeout=120)
 
 
 def test_the_agent_maps_no_compiler_and_reports_its_memory() -> None:
@@ -29,11 +53,35 @@ def test_the_agent_maps_no_compiler_and_reports_its_memory() -> None:
         libraries = {line.split()[-1] for line in maps if "/" in line}
         compilers = sorted(lib for lib in libraries if any(n in lib for n in ("libLLVM", "libclang", "libbcc")))
         assert compilers == [], f"the agent maps {compilers}"
-        rollup_lines = Path(f"/proc/{record.pid}/smaps_rollup").read_text().splitlines()[1:]
-        rollup = dict(line.split(":", 1) for line in rollup_lines)
-        pss_mb = int(rollup["Pss"].split()[0]) / 1024
-        print(f"\nagent PSS with 2 enrolled pods: {pss_mb:.0f} MB")
-        assert pss_mb < 400  # a generous bound: the figure is for BENCHMARKS.md, not a timing assert
+        memory = rollup(record.pid)
+        print(f"\nagent with 2 enrolled pods: PSS {memory['Pss'] / 1e6:.1f} MB")
+
+
+def test_an_idle_agent_with_100_enrolled_pods_stays_within_its_memory_bound() -> None:
+    """Takes ~25 s: the lab (~3 s), 100 pods enrolled and their certificates issued (~1-4 s), 12 s idle, 3 samples."""
+    compiled_bytecode()
+    with h.running_lab("mem100", nodes=1, pods=100, namespaces=("mesh",)) as (info, paths):
+        h.set_namespace_label(paths, "mesh", "ambient")
+        lo.wait_agents(paths, ["node-1"], captured={"node-1": {p.ip for p in info.pods}}, timeout=60)
+        ready = time.monotonic()
+        dump = lo.config_dump(paths, "node-1")
+        assert len(dump["captured"]) == 100 and dump["connections"] == 0
+        assert sorted(c["state"] for c in dump["certificates"]) == ["available"] * 100  # one identity per pod
+        record = h.agent_record(paths, "node-1")
+        assert record is not None
+        time.sleep(max(0.0, ready + IDLE_AFTER_READY - time.monotonic()))
+        assert descendants(record.pid) == [record.pid], "the agent's x509 worker did not end when idle"
+        samples = []
+        for _ in range(3):
+            samples.append(rollup(record.pid))
+            time.sleep(1)
+        worst = {k: max(s[k] for s in samples) for k in samples[0]}
+        figures = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in worst.items())
+        print(f"\nidle agent with 100 enrolled pods: {figures}")
+        assert worst["Pss"] <= PSS_BOUND, (
+            f"the agent process's PSS (/proc/{record.pid}/smaps_rollup, the largest of 3 samples 1 s apart, "
+            f"{IDLE_AFTER_READY:.0f} s after it was ready with 100 enrolled pods and their 100 certificates, no "
+            f"connection open) is {worst['Pss']:,} bytes, over the bound of {PSS_BOUND:,} ({figures})")
 
 
 IMPORTS_PROBE = r"""

@@ -32,7 +32,7 @@ from agent.identity.ca_client import CaClient, CaRequestError
 from agent.identity.keys import make_csr, new_key
 from agent.kube import Connection, connect
 from agent.retry import Backoff
-from agent.sources.objectfile import SourceError
+from agent.sources.watched import SourceError
 from hbone.identity import SpiffeId, TrustBundle, identity_of
 from tests.fixtures.eventually import eventually
 from tests.fixtures.kube_fake import FakeApiServer, pod

@@ -13,7 +13,8 @@ from cryptography import x509
 
 from agent.ca.authority import CertificateAuthority
 from agent.identity.ca_client import CaClient
-from agent.identity.manager import CertificateManager, CertificateUnavailable, verify_chain
+from agent.identity.manager import CertificateManager, CertificateUnavailable
+from agent.identity.x509ops import verify_chain
 from hbone.identity import (
     IdentityError,
     SpiffeId,
@@ -81,7 +82,7 @@ async def test_manager_end_to_end_over_grpc(tmp_path: Path) -> None:
             assert client.calls == 1
             web = certs[0]
             assert all(c is web for c in certs)
-            verify_chain(x509.load_pem_x509_certificates(web.chain_pem), lab.bundle)
+            verify_chain(x509.load_pem_x509_certificates(web.chain_pem), lab.bundle.roots_pem)
             plain = await manager.get(PLAIN)
             assert await mtls_exchange(web, plain, manager.trust_bundle) == (WEB, PLAIN)
             with pytest.raises(CertificateUnavailable, match="PERMISSION_DENIED") as e:
@@ -117,7 +118,7 @@ async def test_root_rotation(tmp_path: Path) -> None:
             await time.next_sleep()
             x509.load_pem_x509_certificate(web.chain_pem).verify_directly_issued_by(new.root_cert)
             verify_chain(x509.load_pem_x509_certificates(lab.server.serving.current.chain_pem),
-                         TrustBundle("cluster.local", new.root_pem))
+                         new.root_pem)
 
             # New-root and old-root certificates talk to each other with the merged bundle...
             assert await mtls_exchange(web, old_peer, bundle) == (WEB, old_peer.identity)
@@ -126,11 +127,11 @@ async def test_root_rotation(tmp_path: Path) -> None:
             with pytest.raises(ssl.SSLCertVerificationError):
                 await mtls_exchange(web, old_peer, old_bundle)
             with pytest.raises(IdentityError, match="does not chain"):
-                verify_chain(x509.load_pem_x509_certificates(web.chain_pem), old_bundle)
+                verify_chain(x509.load_pem_x509_certificates(web.chain_pem), old_bundle.roots_pem)
 
             # 4. The old root is dropped: what it signed is renewed at once, not at half-life.
             plain_before = await manager.get(PLAIN)
-            x509.load_pem_x509_certificate(plain_before.chain_pem).verify_directly_issued_by(old_bundle.roots[0])
+            x509.load_pem_x509_certificate(plain_before.chain_pem).verify_directly_issued_by(x509.load_der_x509_certificate(old_bundle.roots[0]))
             manager.update_trust_bundle(new.root_pem, replace=True)
             assert manager.trust_bundle.roots_pem == new.root_pem
             await time.next_sleep()

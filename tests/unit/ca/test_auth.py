@@ -16,7 +16,7 @@ from agent.ca.auth import (
     NodeTokenFile,
     PodStateFile,
 )
-from agent.sources.objectfile import SourceError
+from agent.sources.watched import SourceError
 from tests.fixtures.ca_lab import PODS, pod, rewrite, write_pods
 from tests.fixtures.certificates import spiffe
 

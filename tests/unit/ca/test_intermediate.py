@@ -21,7 +21,8 @@ from agent.ca.authority import CaMaterialError, CertificateAuthority
 from agent.ca.service import CaServer
 from agent.identity.ca_client import CaClient
 from agent.identity.keys import make_csr, new_key
-from agent.identity.manager import CertificateManager, verify_chain
+from agent.identity.manager import CertificateManager
+from agent.identity.x509ops import verify_chain
 from hbone.identity import IdentityError, SpiffeId, TrustBundle, client_context, server_context, verify_peer
 
 TD = "cluster.local"
@@ -52,11 +53,11 @@ def test_chains_run_leaf_intermediate_root(root: CertificateAuthority, cluster: 
     constraints = middle.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert constraints.ca and constraints.path_length == 0  # it signs workloads, not further CAs
     assert middle.not_valid_after_utc <= root.root_cert.not_valid_after_utc
-    verify_chain([leaf, middle], root.trust_bundle)  # what an agent holding only the root accepts
+    verify_chain([leaf, middle], root.root_pem)  # what an agent holding only the root accepts
     with pytest.raises(IdentityError, match="does not chain to any"):
-        verify_chain([leaf, middle], CertificateAuthority.create(TD).trust_bundle)
+        verify_chain([leaf, middle], CertificateAuthority.create(TD).root_pem)
     with pytest.raises(IdentityError):
-        verify_chain([leaf], root.trust_bundle)  # without the intermediate there is no path
+        verify_chain([leaf], root.root_pem)  # without the intermediate there is no path
     # A short-lived intermediate caps what it signs.
     brief = root.create_intermediate(dt.timedelta(hours=2))
     (short, *_) = certs(brief.sign_csr(make_csr(WEB, new_key()), WEB, dt.timedelta(days=30)))

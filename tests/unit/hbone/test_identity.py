@@ -6,11 +6,13 @@ import datetime as dt
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.ca.authority import CertificateAuthority
 from hbone import IdentityError, SpiffeId, identity_of
+from hbone.identity import KeyMismatchError, check_key_pair
 
 GOOD = "spiffe://cluster.local/ns/default/sa/web"
 
@@ -40,3 +42,17 @@ def test_a_certificate_whose_uri_san_ends_in_a_newline_has_no_identity() -> None
     assert identity_of(_cert_with_uri(GOOD)) == SpiffeId("cluster.local", "default", "web")
     with pytest.raises(IdentityError, match="not a workload SPIFFE ID"):
         identity_of(_cert_with_uri(GOOD + "\n"))
+
+
+def test_a_key_pair_is_checked_by_openssl_without_asking_for_a_password() -> None:
+    authority = CertificateAuthority.create("cluster.local")
+    web, db = authority.issue(SpiffeId.parse(GOOD)), authority.issue(SpiffeId("cluster.local", "default", "db"))
+    check_key_pair(web.chain_pem, web.key_pem)
+    with pytest.raises(KeyMismatchError, match="does not match"):
+        check_key_pair(web.chain_pem, db.key_pem)
+    key = serialization.load_pem_private_key(web.key_pem, password=None)
+    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.BestAvailableEncryption(b"secret"))
+    with pytest.raises(IdentityError, match="does not load") as e:  # no prompt on a terminal: a clear error
+        check_key_pair(web.chain_pem, encrypted)
+    assert not isinstance(e.value, KeyMismatchError)

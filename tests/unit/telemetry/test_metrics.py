@@ -4,9 +4,9 @@ text parser; Istio's label derivation; forgetting deleted pods; health gauges.""
 from __future__ import annotations
 
 import pytest
-from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.telemetry.exposition import text
 from agent.telemetry.metrics import TRAFFIC_LABELS, Metrics, canonical_revision, canonical_service, traffic_labels
 from agent.telemetry.model import Endpoint
 from agent.telemetry.recorder import FlowRecorder
@@ -25,9 +25,9 @@ HUBBLE = {"hubble_flows_processed": {"type", "subtype", "verdict"}, "hubble_drop
 
 
 def scrape(metrics: Metrics) -> dict[str, list[tuple[str, dict[str, str], float]]]:
-    text = generate_latest(metrics.registry).decode()
+    exposition = text(metrics.families()).decode()
     return {fam.name: [(s.name, s.labels, s.value) for s in fam.samples]
-            for fam in text_string_to_metric_families(text)}
+            for fam in text_string_to_metric_families(exposition)}
 
 
 def value(samples: list[tuple[str, dict[str, str], float]], **labels: str) -> float:

@@ -1,0 +1,38 @@
+"""What the agent does not import (issue 11: an idle agent <= 40 MB PSS with 100 enrolled pods): each of these cost
+it memory for code it never runs. ``python -m agent run``'s import graph is loaded in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.fixtures.repo import REPO
+
+NOT_IMPORTED = {
+    # 7.4 MiB of PSS: keys, CSRs and chain checks are made in a worker process (agent.identity.worker), and
+    # certificates read with hbone.der
+    "cryptography": "agent.identity.x509ops runs in its worker process",
+    # its own writer replaced it: 2.4 MiB for its HTTP server, push gateway and the stdlib they import
+    "prometheus_client": "agent.telemetry.exposition writes the metrics",
+    "http.server": "prometheus_client's HTTP server", "urllib.request": "prometheus_client's push gateway",
+    "wsgiref": "prometheus_client's WSGI app", "http.client": "urllib.request's",
+    # 2 MiB with email (its parser, beside the email.utils cryptography uses), zipfile and csv, for one version
+    "importlib.metadata": "the version is agent.__version__", "zipfile": "importlib.metadata's",
+    "email.parser": "importlib.metadata's and http.client's",
+    # ~0.5 MiB: only tests fork processes into namespaces
+    "multiprocessing": "agent.capture.netns imports it where it forks",
+}
+
+
+def test_the_agent_imports_none_of_what_it_does_not_run() -> None:
+    # what the interpreter loaded before (site hooks of the machine, e.g. a .pth importing certifi) is not the
+    # agent's doing
+    probe = ("import json, sys\nbefore = set(sys.modules)\nimport agent.__main__\n"
+             "print(json.dumps(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    modules = json.loads(out)
+    assert "agent.node.agent" in modules and "agent.telemetry.exposition" in modules  # the probe sees the agent
+    found = {m: why for m, why in NOT_IMPORTED.items() if any(x == m or x.startswith(f"{m}.") for x in modules)}
+    assert found == {}, f"the agent imports {sorted(found)}"
