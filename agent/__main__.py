@@ -59,8 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "uncaptured and judges every other as plaintext from an unknown source; 'all' lets every "
                           "one pass, as Istio does (default %(default)s)")
     run.add_argument("--proc-sys", default="/proc/sys", metavar="DIR",
-                     help="the node's /proc/sys, where the agent sets what enrolled pods' doors need "
-                          "(net.ipv4.tcp_early_demux, per-veth accept_local and rp_filter); the DaemonSet mounts the "
+                     help="the node's /proc/sys, where the agent sets what the capture needs "
+                          "(net.ipv4.tcp_early_demux and tcp_tw_reuse, per-veth accept_local and rp_filter); the "
+                          "DaemonSet mounts the "
                           "host's /proc/sys/net under DIR, as a container's own is read-only (default %(default)s)")
     run.add_argument("--release-on-exit", action="store_true", help="detach everything when stopping")
     run.add_argument("--bpffs", default="/sys/fs/bpf", metavar="DIR",

@@ -1,4 +1,4 @@
-"""The kernel settings the pods' doors need, set while the capture runs and put back when it is removed.
+"""The kernel settings the capture needs, set while it runs and put back when it is removed.
 
 The door (``ambit_pod_egress``, see bpf/redirect.c) hands what it captures back to the ingress of the pod's
 host veth, so the packet re-enters the node's IP stack on an interface it did not come from:
@@ -10,6 +10,15 @@ host veth, so the packet re-enters the node's IP stack on an interface it did no
   data packet after the handshake was lost, every time (measured in the lab). Early demux only saves a route
   lookup for TCP delivered to the node's own sockets; what the agent captures is assigned by the programs
   and never took that path. Restored to the kernel's default (1) when the capture is removed.
+* ``net.ipv4.tcp_tw_reuse = 1`` in the node namespace (default 2: loopback only). The agent dials each
+  enrolled pod from its client's address, and as the client half-closes first, the agent's upstream socket
+  sends the first FIN and keeps the TIME_WAIT, in the node's namespace: every pod's inbound connections
+  gather there. connect() picks ports of one parity for a 4-tuple (about 14,100 of 32768-60999), so past
+  that many TIME_WAITs from one client to one pod it searched the whole range on every connect: the server
+  agent's CPU per connection went from ~0.7 to ~4.5 ms after ~14,000 connections in a minute (measured,
+  `python -m bench.connprofile --rounds 10`). With reuse, connect() takes a TIME_WAIT tuple whose last
+  segment is over a second old (TCP timestamps tell its segments from the new connection's, RFC 7323).
+  Restored to the kernel's default (2) when the capture is removed.
 * per door veth ``accept_local = 1`` (a connection the node itself opens to the pod re-enters with one of
   the node's own addresses as source, a "martian" otherwise) and ``rp_filter = 0`` (a same-node client's
   address is routed via its own veth, not the pod's); on a bridge CNI's port, where the door hands its captures
@@ -39,6 +48,8 @@ from agent.capture import netns as netns_mod
 log = logging.getLogger(__name__)
 
 EARLY_DEMUX = "net/ipv4/tcp_early_demux"
+TW_REUSE = "net/ipv4/tcp_tw_reuse"
+NODE_SETTINGS = {EARLY_DEMUX: ("0", "1"), TW_REUSE: ("1", "2")}  # key -> (the capture's, the kernel's default)
 DOOR_SETTINGS = {"accept_local": "1", "rp_filter": "0"}
 PROC_SYS = "/proc/sys"
 
@@ -60,8 +71,9 @@ def write(netns: str | None, key: str, value: str, root: str = PROC_SYS) -> None
 
 
 def install(netns: str | None, root: str = PROC_SYS) -> None:
-    """The node-wide setting; warns when strict reverse-path filtering will drop door captures."""
-    write(netns, EARLY_DEMUX, "0", root)
+    """The node-wide settings; warns when strict reverse-path filtering will drop door captures."""
+    for key, (value, _default) in NODE_SETTINGS.items():
+        write(netns, key, value, root)
     if read(netns, "net/ipv4/conf/all/rp_filter", root) == "1":
         log.error("net.ipv4.conf.all.rp_filter=1 (strict): connections reaching enrolled pods from other pods "
                   "of this node through a Service or the node will be dropped by the kernel, not captured; set it "
@@ -69,7 +81,8 @@ def install(netns: str | None, root: str = PROC_SYS) -> None:
 
 
 def remove(netns: str | None, root: str = PROC_SYS) -> None:
-    write(netns, EARLY_DEMUX, "1", root)
+    for key, (_value, default) in NODE_SETTINGS.items():
+        write(netns, key, default, root)
 
 
 def open_door(netns: str | None, ifname: str, root: str = PROC_SYS) -> None:

@@ -102,8 +102,9 @@ def leftovers(lab: Lab, bpffs: str) -> list[str]:
                 with netns.entered(node.netns):
                     if bpfsys.tcx_query(link["ifindex"], attach_type):
                         found.append(f"{node.netns}/{link['ifname']}: tcx {hook} programs")
-        if sysctls.read(node.netns, sysctls.EARLY_DEMUX) != "1":
-            found.append(f"{node.netns}: tcp_early_demux left off")
+        for key, (_value, default) in sysctls.NODE_SETTINGS.items():
+            if sysctls.read(node.netns, key) != default:
+                found.append(f"{node.netns}: {key} left at the capture's value")
         for family in ("-4", "-6"):
             rules = lab.exec(node.netns, ["ip", family, "rule"]).stdout
             if "0x539" in rules:
