@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import re
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.harness import GIB, Config, PathResult, run, wait_until_quiet
+from bench.harness import GIB, Config, PathResult, kept_unless_done, run, wait_until_quiet
 from bench.lab import LabAmbitPath, LabAmbitServicePath, LabDirectPath, LabEnvoyPath, bench_lab, lab_unavailable
 from bench.paths import AmbitPath, BenchPath, DirectPath, EnvoyPath, MeshCerts
 from bench.report import (
@@ -194,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                  workdir, args.max_other_load, args.retries, max(args.quiet_wait, 1.0),
                  args.conn_count, args.conn_concurrency, args.conn_runs, args.conn_size)
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
-    ok = False
-    try:
+    with kept_unless_done(workdir, args.keep_workdir, _say):
         if "loopback" in sets:
             _say("== loopback set ==")
             if args.quiet_wait > 0:
@@ -212,12 +210,6 @@ def main(argv: list[str] | None = None) -> int:
                     wait_until_quiet(args.quiet_wait, say=_say)
                 results = run([lab_known[n] for n in names], dataclasses.replace(cfg, workdir=workdir / "lab"))
             _report(results, cfg, args, command, LAB_SET)
-        ok = True
-    finally:
-        if ok and not args.keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            _say(f"configs, certificates and logs kept in {workdir}")
     return 0
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import asyncio
 import os
 import resource
 import shlex
-import shutil
 import signal
 import socket
 import sys
@@ -49,7 +48,7 @@ from pathlib import Path
 from agent.capture.netns import entered
 from agent.mesh.model import Address
 from bench.envoy import find_envoy
-from bench.harness import receivers, started
+from bench.harness import kept_unless_done, receivers, started
 from bench.lab import LabAmbitPath, LabEnvoyPath, bench_lab, holders, lab_unavailable, wait_no_holders
 from bench.load import ECHO, HEADER
 from bench.paths import BenchPath, MeshCerts, Running
@@ -303,22 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench.conn_memory", *(sys.argv[1:] if argv is None else argv)])
     workdir = Path(tempfile.mkdtemp(prefix="ambit-bench-connmem-"))
     t0 = time.monotonic()
-    ok = False
-    try:
-        with bench_lab(workdir / "lab-logs", _say) as lab:
-            paths: list[BenchPath] = [LabAmbitPath(lab), LabEnvoyPath(lab, MeshCerts.create())]
-            with receivers(paths, workdir) as rx, started(paths, rx, workdir) as running:
-                rounds: list[list[PathMemory]] = []
-                for i in range(args.rounds):
-                    _say(f"== round {i + 1}/{args.rounds} ==")
-                    rounds.append([measure(p, running[p.name], rx[p.receiver].addr, lab.node(1).netns,
-                                           args.counts, args.wave, _say) for p in paths])
-        ok = True
-    finally:
-        if ok and not args.keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            _say(f"configs, certificates and logs kept in {workdir}")
+    with kept_unless_done(workdir, args.keep_workdir, _say), bench_lab(workdir / "lab-logs", _say) as lab:
+        paths: list[BenchPath] = [LabAmbitPath(lab), LabEnvoyPath(lab, MeshCerts.create())]
+        with receivers(paths, workdir) as rx, started(paths, rx, workdir) as running:
+            rounds: list[list[PathMemory]] = []
+            for i in range(args.rounds):
+                _say(f"== round {i + 1}/{args.rounds} ==")
+                rounds.append([measure(p, running[p.name], rx[p.receiver].addr, lab.node(1).netns,
+                                       args.counts, args.wave, _say) for p in paths])
     first = rounds[0]
     print(f"\nMemory per open connection ({command}; {time.monotonic() - t0:.0f}s):\n")
     for r in first:

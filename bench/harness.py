@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -363,6 +364,21 @@ def conn_once(running: Running, cfg: Config, clients: int, log: Path) -> ConnRun
                          f"{'; '.join(map(str, errors))}")
     return ConnRun(clients, [int(x) for x in samples], float(str(out["seconds"])), _delta(after, before),
                    float(str(out["cpu_seconds"])), failed, [str(e) for e in errors], peak.peak, background)
+
+
+@contextlib.contextmanager
+def kept_unless_done(workdir: Path, keep: bool, say: Callable[[str], None]) -> Iterator[None]:
+    """``workdir`` (configs, certificates, logs) removed when the block ends well, unless ``keep``; else kept,
+    and said where."""
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        if done and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            say(f"configs, certificates and logs kept in {workdir}")
 
 
 @contextlib.contextmanager
