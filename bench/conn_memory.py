@@ -5,8 +5,9 @@ lab set's ``ambit`` path (the two node agents, HBONE between them) and its ``env
 client on node 1 and server on node 2, ``--concurrency 1`` each, the bench's certificates). Behind each path
 the ``bench.load`` receiver echoes. For one path after the other:
 
-1. warm-up: ``WARMUP`` connections opened, used and closed (pools, certificates, code paths), then every
-   proxy's RSS and PSS (``/proc/<pid>/smaps_rollup``, with descendants) read: *idle*;
+1. warm-up: ``WARMUP`` connections opened, used and closed (pools, certificates, code paths), then, after
+   ``IDLE_SETTLE`` s (an Ambit agent gives its free heap back every 10 s while it proxies nothing:
+   agent.node.heap), every proxy's RSS and PSS (``/proc/<pid>/smaps_rollup``, with descendants) read: *idle*;
 2. connections opened until ``--counts`` are open (default 1,000 then 5,000; ``--wave`` of them being set up
    at a time), each sending a unique 64-byte message and reading its echo byte-exact, then left open and idle;
    at each count, after ``SETTLE`` s, the proxies' memory is read and the server-side proxy is checked to
@@ -59,6 +60,7 @@ MESSAGE = 64  # bytes each way, at open and again at the end
 WARMUP = 20
 WAVE = 50  # connections being set up at once
 SETTLE = 1.0  # seconds between the last connection opened and the memory read
+IDLE_SETTLE = 11.0  # s before the idle reading: past one of the agent's heap trims (every 10 s while idle)
 IO_TIMEOUT = 30.0  # per connect or exchange
 PHASE_TIMEOUT = 120.0  # to open the connections of one count, to check and close them all
 FD_MARGIN = 1024  # beyond one descriptor per connection: listeners, tunnels, logs, libraries
@@ -191,7 +193,7 @@ def measure(path: BenchPath, running: Running, target: Address, server_netns: st
         conns.check(wave)
         conns.close()
         wait_no_holders(server_netns, target, PHASE_TIMEOUT)
-        time.sleep(SETTLE)
+        time.sleep(IDLE_SETTLE)
         result.idle = memories(running.proxies)
         for count in counts:
             t0, added = time.monotonic(), count - len(conns.socks)
