@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,28 +16,12 @@ import pytest
 import yaml
 
 from agent.capture import netns
-from agent.lab import control
 from agent.lab import runtime as rt
 from agent.lab.runtime import LabInfo, LabPaths
 from agent.lab.state import LabObjects
 from tests.fixtures.eventually import eventually_sync
-from tests.fixtures.lab_helpers import lab_leftovers, lab_processes
+from tests.fixtures.lab_cli import LAB_CLI, lab_cli, leftovers, unique_lab_name
 from tests.fixtures.machine import needs_bcc
-
-LAB_CLI = [sys.executable, "-m", "agent.lab.cli"]
-
-
-def lab_cli(name: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([*LAB_CLI, "--name", name, *args], capture_output=True, text=True, timeout=timeout,
-                         check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"ambit lab {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
-    return res
-
-
-def processes_of(name: str) -> list[str]:
-    """Command lines mentioning the lab's directory or namespaces (CA, agents, exec'd commands), pytest's aside."""
-    return [p for p in lab_processes(name) if "pytest" not in p]
 
 
 def gone(pid: int) -> bool:
@@ -47,20 +30,9 @@ def gone(pid: int) -> bool:
     return stat is None or stat[0] in "ZX"
 
 
-def leftovers(name: str) -> list[str]:
-    return lab_leftovers(name, processes=False) + processes_of(name)
-
-
 @pytest.fixture
 def lab_name() -> Iterator[str]:
-    name = f"t-{secrets.token_hex(3)}"
-    try:
-        yield name
-    finally:
-        try:
-            control.down(name, timeout=5)
-        finally:
-            assert leftovers(name) == []
+    yield from unique_lab_name("t")
 
 
 @pytest.mark.timeout(120)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from agent.lab import control, hosts
 from agent.lab.runtime import LabInfo, LabPaths
 from agent.lab.state import LabObjects
 from agent.mesh.store import build_state
-from tests.e2e.test_lab_cli import lab_cli, leftovers
 from tests.fixtures import lab_helpers as h
+from tests.fixtures.lab_cli import lab_cli, leftovers, unique_lab_name
 from tests.fixtures.lab_helpers import Client, EchoServer, Payload
 from tests.fixtures.machine import needs_bcc
 
@@ -32,14 +31,7 @@ PORT = 8080
 
 @pytest.fixture
 def lab_name() -> Iterator[str]:
-    name = f"ds-{secrets.token_hex(3)}"
-    try:
-        yield name
-    finally:
-        try:
-            control.down(name, timeout=5)
-        finally:
-            assert leftovers(name) == []
+    yield from unique_lab_name("ds")
 
 
 @pytest.mark.timeout(240)
