@@ -70,17 +70,22 @@ def _expect(element: Element, tag: int, what: str) -> tuple[int, int]:
 
 
 def _time(data: bytes, element: Element) -> dt.datetime:
+    """A UTCTime (YYMMDDHHMMSSZ) or GeneralizedTime (YYYYMMDDHHMMSSZ) in UTC, as DER writes them. Read digit by
+    digit: ``datetime.strptime`` would bring _strptime, calendar and locale into the agent."""
     tag, s, e, _ = element
     text = data[s:e].decode("ascii", errors="replace")
+    digits = text[:-1]
+    if (text[-1:] != "Z" or len(digits) != {UTC_TIME: 12, GENERALIZED_TIME: 14}.get(tag)
+            or not (digits.isascii() and digits.isdigit())):
+        raise DerError(f"validity time {text!r} is not UTCTime or GeneralizedTime in UTC")
+    if tag == UTC_TIME:
+        year = int(digits[:2])
+        digits = f"{1900 + year if year >= 50 else 2000 + year}{digits[2:]}"
     try:
-        if tag == UTC_TIME and len(text) == 13 and text.endswith("Z"):
-            year = int(text[:2])
-            text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
-        elif tag != GENERALIZED_TIME or len(text) != 15 or not text.endswith("Z"):
-            raise ValueError
-        return dt.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.UTC)
+        return dt.datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]), int(digits[8:10]),
+                           int(digits[10:12]), int(digits[12:]), tzinfo=dt.UTC)
     except ValueError:
-        raise DerError(f"validity time {text!r} is not UTCTime or GeneralizedTime in UTC") from None
+        raise DerError(f"validity time {text!r} is not a date and time") from None
 
 
 def name_text(data: bytes) -> str:

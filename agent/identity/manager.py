@@ -1,9 +1,11 @@
 """The node agent's certificate manager: workload certificates on demand, kept fresh in the background.
 
-For each identity one worker task owns fetching: the first ``get`` starts it and every concurrent ``get``
-waits for the same request (one RPC however many connections ask at once). After a success the worker
-sleeps until half of the certificate's lifetime and renews; after a failure it retries with exponential
-backoff (1 s doubling to 150 s, with jitter) while the previous certificate stays in use until it expires.
+For each identity one fetch runs at a time: the first ``get`` starts it and every concurrent ``get`` waits for
+the same request (one RPC however many connections ask at once). After a success the identity is due for renewal
+at half of the certificate's lifetime; after a failure it is due again after an exponential backoff (1 s doubling
+to 150 s, with jitter) while the previous certificate stays in use until it expires. One scheduler task keeps
+every identity's due time and starts each fetch when it comes: an identity between fetches holds no task, timer
+or future of its own (three tasks each cost ~4.5 KiB per identity, 0.45 MiB on a node of 100 identities).
 Like ztunnel, an identity whose first fetch failed answers ``get`` at once with the error until a retry
 succeeds, instead of piling callers onto the CA.
 
@@ -24,7 +26,7 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -89,12 +91,13 @@ class CertificateStatus:
                 "last_error": self.last_error}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
     identity: SpiffeId
     ready: asyncio.Future[WorkloadCertificate]
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # the fetch in flight
+    due: dt.datetime | None = None  # when the scheduler starts the next fetch (None while one runs)
+    woken: bool = False  # fetch again as soon as the one in flight ends (a root dropped meanwhile)
     cert: WorkloadCertificate | None = None
     error: BaseException | None = None  # the first fetch failed and nothing succeeded since
     failures: int = 0
@@ -120,6 +123,8 @@ class CertificateManager:
         self._backoff = backoff
         self._rand = rand
         self._entries: dict[SpiffeId, _Entry] = {}
+        self._scheduler: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()  # an identity's due time came forward (see _schedule)
         self._bundle_file = (WatchedFile(trust_bundle_file, self._parse_bundle, "trust bundle")
                              if trust_bundle_file is not None else None)
         self._bundle_check_interval = dt.timedelta(seconds=bundle_check_interval)
@@ -183,7 +188,7 @@ class CertificateManager:
                 await self._worker.verify(entry.cert.chain_pem, bundle.roots_pem)
             except IdentityError as e:
                 log.info("certificate of %s no longer chains to the trust bundle, renewing: %s", entry.identity, e)
-                entry.wake.set()
+                self._renew_now(entry)
 
     # --- certificates --------------------------------------------------------------------------------
 
@@ -196,7 +201,9 @@ class CertificateManager:
             entry = _Entry(identity, asyncio.get_running_loop().create_future())
             entry.ready.add_done_callback(_consume_exception)
             self._entries[identity] = entry
-            entry.task = asyncio.create_task(self._maintain(entry), name=f"cert {identity}")
+            if self._scheduler is None:
+                self._scheduler = asyncio.create_task(self._schedule(), name="certificate renewals")
+            self._start_fetch(entry)
         if entry.cert is not None:
             if self._clock() < entry.cert.not_after:
                 return entry.cert
@@ -238,8 +245,12 @@ class CertificateManager:
         return out
 
     async def close(self) -> None:
-        """Stop every worker task, and the x509 worker process."""
+        """Stop the scheduler and every fetch, and the x509 worker process."""
         tasks = [e.task for e in self._entries.values() if e.task is not None] + list(self._rechecks)
+        if self._scheduler is not None:
+            tasks.append(self._scheduler)
+            self._scheduler.cancel()
+            self._scheduler = None
         for identity in list(self._entries):
             self.forget(identity)
         for task in self._rechecks:
@@ -270,10 +281,69 @@ class CertificateManager:
             await self._worker.verify(presented, self._bundle.roots_pem)
         return cert
 
-    async def _pause(self, entry: _Entry, seconds: float) -> None:
-        """Sleep ``seconds`` (with the injected sleep), or less if ``entry.wake`` is or gets set."""
+    def _start_fetch(self, entry: _Entry) -> None:
+        entry.due, entry.woken = None, False
+        entry.task = asyncio.create_task(self._refresh(entry), name=f"cert {entry.identity}")
+
+    def _renew_now(self, entry: _Entry) -> None:
+        """Fetch ``entry``'s certificate again at once (after the fetch in flight, if one is)."""
+        if entry.task is not None:
+            entry.woken = True
+        elif self._entries.get(entry.identity) is entry:
+            entry.due = self._clock()
+            self._kick.set()
+
+    async def _refresh(self, entry: _Entry) -> None:
+        """One fetch of ``entry``'s certificate; then set when the next is due and tell the scheduler."""
+        identity = entry.identity
+        try:
+            cert = await self._fetch(identity)
+        except Exception as e:
+            entry.failures += 1
+            entry.last_error = f"{type(e).__name__}: {e}"
+            delay = self._backoff.delay(entry.failures, self._rand())
+            entry.next_attempt = self._clock() + dt.timedelta(seconds=delay)
+            in_use = "keeping the current certificate" if entry.cert else "no certificate yet"
+            log.warning("fetching a certificate for %s failed (%d in a row, %s), retrying in %.1fs: %s",
+                        identity, entry.failures, in_use, delay, entry.last_error)
+            if entry.cert is None:
+                entry.error = e
+                if not entry.ready.done():
+                    entry.ready.set_exception(CertificateUnavailable(identity, entry.last_error))
+        else:
+            entry.cert, entry.error, entry.failures, entry.last_error = cert, None, 0, None
+            entry.next_attempt = cert.refresh_at
+            if not entry.ready.done():
+                entry.ready.set_result(cert)
+            log.info("certificate for %s valid until %s, renewing at %s", identity,
+                     cert.not_after.isoformat(), cert.refresh_at.isoformat())
+        entry.task = None
+        entry.due = self._clock() if entry.woken else entry.next_attempt
+        self._kick.set()
+
+    async def _schedule(self) -> None:
+        """Start each identity's fetch when it is due, sleeping (with the injected sleep) until the earliest due
+        time or until ``_kick`` says that one came forward."""
+        while True:
+            self._kick.clear()
+            now = self._clock()
+            earliest: dt.datetime | None = None
+            for entry in list(self._entries.values()):
+                if entry.due is None:
+                    continue
+                if entry.due <= now:
+                    self._start_fetch(entry)
+                elif earliest is None or entry.due < earliest:
+                    earliest = entry.due
+            if earliest is None:
+                await self._kick.wait()
+            else:
+                await self._pause((earliest - now).total_seconds())
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if ``_kick`` is or gets set."""
         sleeper = asyncio.ensure_future(self._sleep(seconds))
-        waker = asyncio.ensure_future(entry.wake.wait())
+        waker = asyncio.ensure_future(self._kick.wait())
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -281,36 +351,6 @@ class CertificateManager:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
-
-    async def _maintain(self, entry: _Entry) -> None:
-        identity = entry.identity
-        while True:
-            entry.wake.clear()  # a wake-up from here on (say, a root dropped mid-fetch) ends the next pause
-            try:
-                cert = await self._fetch(identity)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                entry.failures += 1
-                entry.last_error = f"{type(e).__name__}: {e}"
-                delay = self._backoff.delay(entry.failures, self._rand())
-                entry.next_attempt = self._clock() + dt.timedelta(seconds=delay)
-                in_use = "keeping the current certificate" if entry.cert else "no certificate yet"
-                log.warning("fetching a certificate for %s failed (%d in a row, %s), retrying in %.1fs: %s",
-                            identity, entry.failures, in_use, delay, entry.last_error)
-                if entry.cert is None:
-                    entry.error = e
-                    if not entry.ready.done():
-                        entry.ready.set_exception(CertificateUnavailable(identity, entry.last_error))
-                await self._pause(entry, delay)
-                continue
-            entry.cert, entry.error, entry.failures, entry.last_error = cert, None, 0, None
-            entry.next_attempt = cert.refresh_at
-            if not entry.ready.done():
-                entry.ready.set_result(cert)
-            log.info("certificate for %s valid until %s, renewing at %s", identity,
-                     cert.not_after.isoformat(), cert.refresh_at.isoformat())
-            await self._pause(entry, max(0.0, (cert.refresh_at - self._clock()).total_seconds()))
 
 
 def _self_signed(der: bytes) -> bool:

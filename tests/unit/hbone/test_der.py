@@ -104,3 +104,23 @@ def test_malformed_der_raises_der_error_and_nothing_else() -> None:
         CertificateFields.parse(b"\x02\x01\x00")
     with pytest.raises(DerError, match="bad length"):
         CertificateFields.parse(b"\x30\x85\x00\x00\x00\x00\x01")
+
+
+@pytest.mark.parametrize(("written", "read"), [
+    (b"500101000000Z", dt.datetime(1950, 1, 1, tzinfo=dt.UTC)),  # UTCTime's two-digit years: 50-99 are 19xx
+    (b"491231235959Z", dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC)),  # 00-49 are 20xx
+    (b"240229120000Z", dt.datetime(2024, 2, 29, 12, tzinfo=dt.UTC)),
+])
+def test_validity_times_are_read_digit_by_digit(written: bytes, read: dt.datetime) -> None:
+    der = CASES["no extensions"].public_bytes(Encoding.DER)
+    assert der.count(b"261206010203Z") == 1  # the notBefore of _cert's default start, a UTCTime
+    assert CertificateFields.parse(der.replace(b"261206010203Z", written)).not_before == read
+
+
+@pytest.mark.parametrize("written", [b"261306010203Z", b"260230010203Z", b"261206240203Z", b"261206010260Z",
+                                     b"2612060102+3Z", b"26120601020_Z", b"2612060102 3Z", b"261206010203z",
+                                     b"261206010203+", b"2612060102\xd9\xa3Z"])  # the last: an Arabic-Indic 3
+def test_a_validity_time_that_is_not_one_is_a_der_error(written: bytes) -> None:
+    der = CASES["no extensions"].public_bytes(Encoding.DER)
+    with pytest.raises(DerError, match="validity time"):
+        CertificateFields.parse(der.replace(b"261206010203Z", written))

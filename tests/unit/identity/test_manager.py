@@ -120,6 +120,38 @@ async def test_renews_in_the_background_at_half_of_the_lifetime() -> None:
     await manager.close()
 
 
+async def test_identities_renew_each_at_its_own_time_with_one_task_for_all() -> None:
+    """Between fetches an identity holds no task of its own (issue 11: three per identity cost 0.45 MiB at 100):
+    one scheduler, sleeping until the earliest renewal, starts each."""
+    time = ManualTime()
+    manager, ca, _ = local(time)
+
+    async def settled(calls: int) -> None:
+        """Wait until the CA saw ``calls`` requests and the manager is idle: its scheduler sleeping, and nothing
+        else of it running (the scheduler, its sleep and its wake-up are its only tasks)."""
+        async with asyncio.timeout(10):
+            while (ca.calls < calls or time.sleeping != 1  # noqa: ASYNC110 (polling is the point)
+                   or len(asyncio.all_tasks() - {asyncio.current_task()}) != 3):
+                await asyncio.sleep(0.01)
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        assert ca.calls == calls and len(others) == 3, (ca.calls, others)
+
+    try:
+        early = {i: await manager.get(i) for i in [spiffe("a", f"sa-{n}") for n in range(20)]}
+        time.advance(3600)
+        late = await manager.get(WEB)
+        await settled(21)
+        first = min(c.refresh_at for c in early.values())
+        time.advance((first - time.now).total_seconds() + 1)  # the 20 early ones are due, WEB is not
+        await settled(41)
+        assert await manager.get(WEB) is late and all([await manager.get(i) is not c for i, c in early.items()])
+        time.advance((late.refresh_at - time.now).total_seconds())
+        await settled(42)
+        assert await manager.get(WEB) is not late
+    finally:
+        await manager.close()
+
+
 async def test_failed_renewals_back_off_while_the_old_certificate_stays_in_use() -> None:
     time = ManualTime()
     manager, ca, _ = local(time, backoff=RENEWAL_BACKOFF, rand=lambda: 0.0)
