@@ -29,23 +29,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
-import grpc
-import grpc.aio
-
 from agent import __version__
+from agent.rpc import RpcError, StatusCode
+from agent.rpc.server import Call, Method, RpcServer
 from agent.telemetry import observer_pb2 as pb
-from agent.telemetry import observer_pb2_grpc as pb_grpc
 from agent.telemetry.filters import FilterError, Predicate, build_request
 from agent.telemetry.model import Entry, Flow, LostEvent, LostSource, timestamp
 from agent.telemetry.observer_tls import ServerTls, admit
 from agent.telemetry.recorder import FlowRecorder
 from agent.telemetry.ring import DEFAULT_FOLLOWER_QUEUE, FlowRing, Snapshot
-from hbone import format_address
+from hbone import format_address, parse_host_port
 
 log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[pb.GetFlowsRequest, pb.GetFlowsResponse]
-StatusContext = grpc.aio.ServicerContext[pb.ServerStatusRequest, pb.ServerStatusResponse]
+SERVICE = "/ambit.observer.v1.Observer"
 
 
 def _ns(request: pb.GetFlowsRequest, name: Literal["since", "until"]) -> int | None:
@@ -86,7 +83,7 @@ def select(snapshot: Snapshot, predicate: Predicate, number: int, first: bool, s
     return entries
 
 
-class ObserverService(pb_grpc.ObserverServicer):
+class ObserverService:
     """GetFlows and ServerStatus over one node's ring."""
 
     def __init__(self, ring: FlowRing, node: str, *, follower_queue: int = DEFAULT_FOLLOWER_QUEUE) -> None:
@@ -97,28 +94,32 @@ class ObserverService(pb_grpc.ObserverServicer):
         self._started = time.monotonic_ns()
         self._version = __version__
 
-    async def _admit(self, context: Context | StatusContext) -> None:
-        denial = admit(context.peer(), context.auth_context(), self.allowed_clients)
+    def methods(self) -> dict[str, Method]:
+        return {f"{SERVICE}/GetFlows": Method(pb.GetFlowsRequest.FromString, streaming=self.GetFlows),
+                f"{SERVICE}/ServerStatus": Method(pb.ServerStatusRequest.FromString, unary=self.ServerStatus)}
+
+    def _admit(self, call: Call) -> None:
+        denial = admit(call.peer, self.allowed_clients)
         if denial is not None:
-            log.warning("refused an Observer client at %s: %s", context.peer(), denial.message)
-            await context.abort(denial.code, denial.message)
+            log.warning("refused an Observer client at %s: %s", call.peer.address, denial.message)
+            raise RpcError(denial.code, denial.message)
 
     def _response(self, entry: Entry) -> pb.GetFlowsResponse:
         if isinstance(entry, Flow):
             return pb.GetFlowsResponse(flow=entry.to_proto(), node_name=self.node, time=timestamp(entry.time_ns))
         return pb.GetFlowsResponse(lost_events=entry.to_proto(), node_name=self.node, time=timestamp(entry.time_ns))
 
-    async def GetFlows(self, request: pb.GetFlowsRequest, context: Context) -> AsyncIterator[pb.GetFlowsResponse]:
-        await self._admit(context)
+    async def GetFlows(self, request: pb.GetFlowsRequest, call: Call) -> AsyncIterator[pb.GetFlowsResponse]:
+        self._admit(call)
         try:
             predicate = build_request(request.whitelist, request.blacklist)
         except FilterError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise RpcError(StatusCode.INVALID_ARGUMENT, str(e)) from None
         since, until = _ns(request, "since"), _ns(request, "until")
         if request.follow and (request.first or until is not None):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "follow cannot be combined with first or until")
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "follow cannot be combined with first or until")
         if since is not None and until is not None and since > until:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "since is after until")
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "since is after until")
         follower = None
         if request.follow:
             snapshot, follower = self.ring.follow(predicate, self.follower_queue)
@@ -141,8 +142,8 @@ class ObserverService(pb_grpc.ObserverServicer):
             if follower is not None:
                 follower.close()
 
-    async def ServerStatus(self, request: pb.ServerStatusRequest, context: StatusContext) -> pb.ServerStatusResponse:
-        await self._admit(context)
+    async def ServerStatus(self, request: pb.ServerStatusRequest, call: Call) -> pb.ServerStatusResponse:
+        self._admit(call)
         ring = self.ring
         return pb.ServerStatusResponse(num_flows=ring.num_flows, max_flows=ring.capacity, seen_flows=ring.seen,
                                        lost_events=ring.lost, node_name=self.node, version=self._version,
@@ -164,13 +165,13 @@ def _claim_unix_path(unix_path: str) -> tuple[Path, Path]:
 
 
 class ObserverServer:
-    """The Observer service of one agent, served with grpc.aio."""
+    """The Observer service of one agent, served with ``agent.rpc``."""
 
     def __init__(self, recorder: FlowRecorder, ring: FlowRing | None = None, *,
                  follower_queue: int = DEFAULT_FOLLOWER_QUEUE) -> None:
         self.service = ObserverService(ring if ring is not None else recorder.ring, recorder.node,
                                        follower_queue=follower_queue)
-        self._server: grpc.aio.Server | None = None
+        self._server: RpcServer | None = None
         self.unix_path: str | None = None
         self._unix_inode = 0
         self.tcp_port: int | None = None
@@ -185,24 +186,26 @@ class ObserverServer:
         if tcp is not None and tls is None:
             raise ValueError(f"the Observer serves TCP ({tcp}) over mutual TLS only: give its certificate, key and "
                              "client CA, or serve the unix socket alone")
-        server = grpc.aio.server()  # SO_REUSEPORT (grpc's default): the next agent binds beside this one
-        pb_grpc.add_ObserverServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
+        server = RpcServer(self.service.methods())
         beside: Path | None = None
-        if unix_path is not None:
-            path, beside = _claim_unix_path(unix_path)
-            if server.add_insecure_port(f"unix:{beside}") == 0:
-                raise OSError(f"cannot listen on unix socket {beside}")
-            self.unix_path = str(path)
-        if tcp is not None and tls is not None:
-            try:
-                port = server.add_secure_port(tcp, tls.credentials())
-            except RuntimeError as e:
-                raise OSError(f"cannot listen on {tcp}: {e}") from None
-            if port == 0:
-                raise OSError(f"cannot listen on {tcp}")
-            self.tcp_port, self._tcp_host = port, tcp.rpartition(":")[0].strip("[]")
-            self.service.allowed_clients = tls.allowed_clients
-        await server.start()
+        try:
+            if unix_path is not None:
+                path, beside = _claim_unix_path(unix_path)
+                await server.listen_unix(str(beside))
+                self.unix_path = str(path)
+            if tcp is not None and tls is not None:
+                host, port = parse_host_port(tcp, "the Observer's TCP address", listen=True)
+                # SO_REUSEPORT: the next agent binds beside this one
+                self.tcp_port = await server.listen_tls(host, port, tls.listener_context())
+                self._tcp_host = host
+                self.service.allowed_clients = tls.allowed_clients
+        except (OSError, ValueError) as e:
+            await server.stop()
+            if beside is not None:
+                beside.unlink(missing_ok=True)
+            where = tcp if self.unix_path else unix_path
+            self.unix_path = self.tcp_port = None
+            raise OSError(f"cannot serve the Observer on {where}: {e}") from None
         if self.unix_path is not None and beside is not None:
             os.chmod(beside, unix_mode)
             os.replace(beside, self.unix_path)

@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import ssl
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
-
-import grpc
+from typing import TYPE_CHECKING
 
 from agent.identity.ca_client import CA_NAMESPACE
+from agent.rpc import StatusCode
+from agent.rpc.server import Peer
 from hbone.identity import IdentityError, KeyMismatchError, SpiffeId, check_key_pair, split_pem
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 
@@ -121,66 +124,68 @@ def _signature(paths: Iterable[Path]) -> Signature:
 
 
 class ServerTls:
-    """gRPC server credentials requiring a client certificate, renewed from the files when they change, and
-    the check of the client's identity (``admit``)."""
+    """The Observer's TLS server context, requiring a client certificate, taken anew from the files at the first
+    handshake after they change; and the check of the client's identity (``admit``)."""
 
     def __init__(self, files: ServerTlsFiles, allowed_clients: Iterable[SpiffeId]) -> None:
         self.files = files
         self.allowed_clients = frozenset(str(i) for i in allowed_clients)
-        self._lock = threading.Lock()
         self._signature = _signature(files.paths)
-        self._config = self._load()  # raises TlsMaterialError: an agent does not start with unusable files
+        self._current = self._load()  # raises TlsMaterialError: an agent does not start with unusable files
 
-    def _load(self) -> grpc.ServerCertificateConfiguration:
-        chain, key = read_key_pair(self.files.cert, self.files.key)
-        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=read_cas(
-            self.files.client_cas))
+    def _load(self) -> ssl.SSLContext:
+        read_key_pair(self.files.cert, self.files.key)  # what is wrong with them, named
+        cas = read_cas(self.files.client_cas)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.set_alpn_protocols(["h2"])
+        try:
+            context.load_verify_locations(cadata=cas.decode())
+            context.load_cert_chain(self.files.cert, self.files.key)  # checks the pair again, as read now
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise TlsMaterialError(f"{self.files.cert} and {self.files.key} do not load: {e}") from None
+        return context
 
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by gRPC before each handshake: a new configuration when the files changed, else None."""
-        with self._lock:
-            now = _signature(self.files.paths)
-            if now == self._signature:
-                return None
+    def current(self) -> ssl.SSLContext:
+        """The context of the files as they are now (the previous one while they do not load)."""
+        now = _signature(self.files.paths)
+        if now != self._signature:
             self._signature = now
             try:
-                self._config = self._load()
+                self._current = self._load()
+                log.info("Observer TLS certificate reloaded from %s", self.files.cert)
             except TlsMaterialError as e:
                 log.error("keeping the Observer's current TLS certificate: %s", e)
-                return None
-            log.info("Observer TLS certificate reloaded from %s", self.files.cert)
-            return self._config
+        return self._current
 
-    def credentials(self) -> grpc.ServerCredentials:
-        # grpc-stubs types the fetcher as never returning None; gRPC documents None as "unchanged".
-        fetcher = cast(Callable[[], grpc.ServerCertificateConfiguration], self.fetch)
-        return grpc.dynamic_ssl_server_credentials(self._config, fetcher, require_client_authentication=True)
+    def listener_context(self) -> ssl.SSLContext:
+        """The context to listen with: OpenSSL calls its server-name callback at every ClientHello (with or
+        without SNI), which hands the handshake the current context."""
+        context = self._load()
+        context.sni_callback = self._switch
+        return context
+
+    def _switch(self, tls: ssl.SSLObject, server_name: str | None, listener: ssl.SSLContext) -> None:
+        tls.context = self.current()
 
 
 @dataclass(frozen=True)
 class Denial:
-    code: grpc.StatusCode
+    code: StatusCode
     message: str
 
 
-def _first(auth: Mapping[str, Iterable[bytes]], key: str) -> str | None:
-    values = list(auth.get(key) or ())
-    return values[0].decode(errors="replace") if values else None
-
-
-def admit(peer: str, auth: Mapping[str, Iterable[bytes]], allowed: frozenset[str]) -> Denial | None:
+def admit(peer: Peer, allowed: frozenset[str]) -> Denial | None:
     """None when the caller may read flows: over the unix socket, or over TLS (the chain was checked in the
-    handshake) with one of the ``allowed`` SPIFFE IDs. ``auth`` is gRPC's auth context of the call."""
-    if _first(auth, "transport_security_type") == "ssl":
-        identity = _first(auth, "peer_spiffe_id")
-        if identity is not None and identity in allowed:
-            return None
-        return Denial(grpc.StatusCode.PERMISSION_DENIED,
-                      f"the client certificate ({identity or 'no SPIFFE ID'}) may not read flows: the Observer "
-                      f"serves {' or '.join(sorted(allowed)) or 'nobody'} over TLS (`ambit ca --issue operator`)")
-    if peer.startswith("unix:"):
+    handshake) with one of the ``allowed`` SPIFFE IDs."""
+    if peer.transport == "unix":
         return None
-    return Denial(grpc.StatusCode.UNAUTHENTICATED, "the Observer serves TCP clients over mutual TLS only")
+    if peer.identity is not None and peer.identity in allowed:
+        return None
+    return Denial(StatusCode.PERMISSION_DENIED,
+                  f"the client certificate ({peer.identity or 'no SPIFFE ID'}) may not read flows: the Observer "
+                  f"serves {' or '.join(sorted(allowed)) or 'nobody'} over TLS (`ambit ca --issue operator`)")
 
 
 # -- the client ---------------------------------------------------------------------------------------------------
@@ -194,6 +199,8 @@ class ClientTlsFiles:
     server_name: str = OBSERVER_SERVER_NAME
 
     def credentials(self) -> grpc.ChannelCredentials:
+        import grpc  # ambit observe's, never the agent's (agent.rpc serves the Observer)
+
         chain, key = read_key_pair(self.cert, self.key)
         return grpc.ssl_channel_credentials(root_certificates=read_cas(self.cas), private_key=key,
                                             certificate_chain=chain)

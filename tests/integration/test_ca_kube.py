@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography import x509
 
@@ -32,6 +31,7 @@ from agent.identity.ca_client import CaClient, CaRequestError
 from agent.identity.keys import make_csr, new_key
 from agent.kube import Connection, connect
 from agent.retry import Backoff
+from agent.rpc import StatusCode
 from agent.sources.watched import SourceError
 from hbone.identity import SpiffeId, TrustBundle, identity_of
 from tests.fixtures.eventually import eventually
@@ -124,24 +124,24 @@ async def test_agent_token_of_node_1_gets_the_identities_of_node_1s_pods(cluster
 async def test_a_token_of_another_node_is_refused_for_node_1s_pods(cluster: Cluster) -> None:
     token = cluster.agent_token("node-2")
     error = await cluster.refused(token, "shop", "web")
-    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    assert error.code == StatusCode.PERMISSION_DENIED
     assert "node 'node-2' may not obtain spiffe://cluster.local/ns/shop/sa/web" in error.details
     assert await cluster.fetch(token, "shop", "db") == SpiffeId(TD, "shop", "db")  # its own pod's: yes
     # A finished pod of node-1 gives node-1 nothing either.
     error = await cluster.refused(cluster.agent_token("node-1"), "shop", "batch")
-    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    assert error.code == StatusCode.PERMISSION_DENIED
 
 
 async def test_unknown_and_expired_tokens_are_unauthenticated(cluster: Cluster) -> None:
     error = await cluster.refused("not-a-token-the-api-server-issued", "shop", "web")
-    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code == StatusCode.UNAUTHENTICATED
     assert "did not authenticate the token" in error.details and "invalid bearer token" in error.details
 
     token = cluster.agent_token("node-1")
     assert await cluster.fetch(token, "shop", "web") == SpiffeId(TD, "shop", "web")
     cluster.reviews.expire(token)
     error = await cluster.refused(token, "shop", "web")
-    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code == StatusCode.UNAUTHENTICATED
     assert "has expired" in error.details
     assert cluster.reviews.reviews_of(token) == 2  # no cache kept the expired token valid
 
@@ -150,7 +150,7 @@ async def test_a_token_of_another_service_account_is_refused(cluster: Cluster) -
     # web-1's own token, for the CA's audience and bound to its pod on node-1: not a node agent.
     token = cluster.reviews.bound("shop", "web", pod="web-1", node="node-1")
     error = await cluster.refused(token, "shop", "web")
-    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code == StatusCode.UNAUTHENTICATED
     assert "system:serviceaccount:shop:web" in error.details
     assert "system:serviceaccount:ambit-system:ambit-agent" in error.details
 
@@ -159,12 +159,12 @@ async def test_an_agent_token_for_another_audience_is_refused(cluster: Cluster) 
     # The agent's default token (audience: the API server) must not pass for a CA token.
     token = cluster.agent_token("node-1", audiences=("https://kubernetes.default.svc.cluster.local",))
     error = await cluster.refused(token, "shop", "web")
-    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code == StatusCode.UNAUTHENTICATED
     assert "audiences" in error.details
     # An answer from an authenticator that ignores audiences (authenticated, no status.audiences): refused too.
     token = cluster.agent_token("node-1", audience_unaware=True)
     error = await cluster.refused(token, "shop", "web")
-    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code == StatusCode.UNAUTHENTICATED
     assert "not for audience 'ambit-ca'" in error.details
 
 
@@ -172,26 +172,26 @@ async def test_without_the_node_name_extra_the_node_is_the_bound_pods(cluster: C
     # Kubernetes before 1.30: bound tokens name the pod only; its spec.nodeName decides.
     token = cluster.agent_token("node-1", with_node=False)
     assert await cluster.fetch(token, "shop", "web") == SpiffeId(TD, "shop", "web")
-    assert (await cluster.refused(token, "shop", "db")).code == grpc.StatusCode.PERMISSION_DENIED
+    assert (await cluster.refused(token, "shop", "db")).code == StatusCode.PERMISSION_DENIED
 
     # A token of an earlier pod of that name (another uid) is refused, also after a fresh GET.
     stale = cluster.reviews.bound("ambit-system", "ambit-agent", pod="ambit-agent-1", pod_uid="uid-of-a-deleted-pod",
                                   with_node=False)
     error = await cluster.refused(stale, "shop", "web")
-    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code == StatusCode.UNAUTHENTICATED
     assert "earlier pod ambit-system/ambit-agent-1" in error.details
 
     # The bound pod is gone from the API (the token outlived it): refused.
     gone = cluster.reviews.bound("ambit-system", "ambit-agent", pod="ambit-agent-9", with_node=False)
     error = await cluster.refused(gone, "shop", "web")
-    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code == StatusCode.UNAUTHENTICATED
     assert "does not exist" in error.details
 
 
 async def test_a_token_bound_to_no_pod_names_no_node(cluster: Cluster) -> None:
     token = cluster.reviews.bound("ambit-system", "ambit-agent", pod=None)
     error = await cluster.refused(token, "shop", "web")
-    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code == StatusCode.UNAUTHENTICATED
     assert "bound to no pod" in error.details
 
 
@@ -209,7 +209,7 @@ async def test_configured_agent_service_account(cluster: Cluster) -> None:
 
 async def test_pods_follow_the_api_server(cluster: Cluster) -> None:
     token = cluster.agent_token("node-1")
-    assert (await cluster.refused(token, "shop", "cart")).code == grpc.StatusCode.PERMISSION_DENIED
+    assert (await cluster.refused(token, "shop", "cart")).code == StatusCode.PERMISSION_DENIED
     cluster.api.create(pod("cart-1", "shop", node="node-1", service_account="cart", ip="10.1.0.9"))
     await eventually(lambda: ("shop", "cart") in cluster.pods._by_node.get("node-1", {}).values(), "cart-1 seen")
     assert await cluster.fetch(token, "shop", "cart") == SpiffeId(TD, "shop", "cart")
@@ -217,11 +217,11 @@ async def test_pods_follow_the_api_server(cluster: Cluster) -> None:
     done = pod("cart-1", "shop", node="node-1", service_account="cart", ip="10.1.0.9", phase="Succeeded")
     cluster.api.update(done)
     await eventually(lambda: ("shop", "cart") not in cluster.pods._by_node.get("node-1", {}).values(), "cart-1 done")
-    assert (await cluster.refused(token, "shop", "cart")).code == grpc.StatusCode.PERMISSION_DENIED
+    assert (await cluster.refused(token, "shop", "cart")).code == StatusCode.PERMISSION_DENIED
 
     cluster.api.delete("Pod", "web-1", "shop")
     await eventually(lambda: "shop/web-1" not in cluster.pods.informer.cache, "web-1 deleted")
-    assert (await cluster.refused(token, "shop", "web")).code == grpc.StatusCode.PERMISSION_DENIED
+    assert (await cluster.refused(token, "shop", "web")).code == StatusCode.PERMISSION_DENIED
     assert await cluster.pods.service_accounts_on_node("node-1") == {("ambit-system", "ambit-agent")}
 
 
@@ -240,7 +240,7 @@ async def test_an_api_server_that_cannot_answer_gives_unavailable(cluster: Clust
     await cluster.api.close()  # connection refused: not a verdict on the token
     with caplog.at_level(logging.WARNING, "ambit.ca.kube"):
         error = await cluster.refused(token, "shop", "web")
-    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.code == StatusCode.UNAVAILABLE
     assert "unreachable" in caplog.text
 
 
@@ -320,7 +320,7 @@ async def test_python_m_agent_ca_kubernetes_serves_agents(tmp_path: Path) -> Non
                 token_file.write_text("unknown")
                 with pytest.raises(CaRequestError) as e:
                     await client.create_certificate(make_csr(identity, new_key()), identity)
-                assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+                assert e.value.code == StatusCode.UNAUTHENTICATED
             finally:
                 await client.close()
         finally:

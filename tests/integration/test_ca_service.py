@@ -22,6 +22,7 @@ from agent.ca.service import ServingCertificate, ca_identity
 from agent.identity import ca_pb2
 from agent.identity.ca_client import CA_SERVER_NAME, CaClient, CaRequestError
 from agent.identity.keys import key_pem, make_csr, new_key
+from agent.rpc import StatusCode
 from hbone.identity import SpiffeId, WorkloadCertificate, identity_of
 from tests.fixtures.ca_lab import PODS, TOKENS, Lab, ManualTime, csr_with_key, pod, rewrite, running_ca, write_pods
 from tests.fixtures.repo import REPO
@@ -87,7 +88,7 @@ async def test_identity_comes_from_the_csr_without_impersonation(lab: Lab) -> No
     chain, _ = await fetch(lab, None, csr_for=lab.identity("misc", "default"))
     assert identity_of(x509.load_pem_x509_certificate(chain[0])) == lab.identity("misc", "default")
     err = await refused(lab, None, csr_for=lab.identity("shop", "db"))
-    assert err.code == grpc.StatusCode.PERMISSION_DENIED
+    assert err.code == StatusCode.PERMISSION_DENIED
 
 
 async def test_missing_or_wrong_token_is_unauthenticated(lab: Lab) -> None:
@@ -100,7 +101,7 @@ async def test_missing_or_wrong_token_is_unauthenticated(lab: Lab) -> None:
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
         assert "authorization" in (e.value.details() or "")
     err = await refused(lab, web, token="not-a-token")
-    assert err.code == grpc.StatusCode.UNAUTHENTICATED
+    assert err.code == StatusCode.UNAUTHENTICATED
     assert "unknown bearer token" in err.details
     await assert_still_serving(lab)
 
@@ -108,12 +109,12 @@ async def test_missing_or_wrong_token_is_unauthenticated(lab: Lab) -> None:
 async def test_identity_of_a_pod_on_another_node_is_denied(lab: Lab) -> None:
     db = lab.identity("shop", "db")  # runs on node-b
     err = await refused(lab, db)
-    assert err.code == grpc.StatusCode.PERMISSION_DENIED
+    assert err.code == StatusCode.PERMISSION_DENIED
     assert "node-a" in err.details and str(db) in err.details
     chain, _ = await fetch(lab, db, token="token-of-node-b")  # its own node may
     assert identity_of(x509.load_pem_x509_certificate(chain[0])) == db
     err = await refused(lab, lab.identity("shop", "batch"))  # finished pod
-    assert err.code == grpc.StatusCode.PERMISSION_DENIED
+    assert err.code == StatusCode.PERMISSION_DENIED
     await assert_still_serving(lab)
 
 
@@ -169,12 +170,12 @@ async def test_bad_requests_are_invalid_argument_and_the_ca_keeps_serving(
 
 async def test_pod_file_changes_are_seen(lab: Lab) -> None:
     cart = lab.identity("shop", "cart")
-    assert (await refused(lab, cart)).code == grpc.StatusCode.PERMISSION_DENIED
+    assert (await refused(lab, cart)).code == StatusCode.PERMISSION_DENIED
     write_pods(lab.pods, [*PODS, pod("cart-1", "shop", "node-a", "cart")])
     chain, _ = await fetch(lab, cart)
     assert identity_of(x509.load_pem_x509_certificate(chain[0])) == cart
     write_pods(lab.pods, [*PODS, pod("cart-1", "shop", "node-a", "cart", phase="Failed")])
-    assert (await refused(lab, cart)).code == grpc.StatusCode.PERMISSION_DENIED
+    assert (await refused(lab, cart)).code == StatusCode.PERMISSION_DENIED
 
 
 async def test_token_file_changes_are_seen_and_the_client_rereads_its_token(lab: Lab) -> None:
@@ -184,17 +185,17 @@ async def test_token_file_changes_are_seen_and_the_client_rereads_its_token(lab:
     try:
         with pytest.raises(CaRequestError) as e:
             await client.create_certificate(make_csr(web, new_key()), web)
-        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert e.value.code == StatusCode.UNAUTHENTICATED
         rewrite(lab.tokens, json.dumps({**TOKENS, "fresh-token": "node-a"}))
         assert len(await client.create_certificate(make_csr(web, new_key()), web)) == 2
         rewrite(token_path, "token-of-node-b")  # the agent's token was rotated: node-b now
         with pytest.raises(CaRequestError) as e:
             await client.create_certificate(make_csr(web, new_key()), web)
-        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED and "node-b" in e.value.details
+        assert e.value.code == StatusCode.PERMISSION_DENIED and "node-b" in e.value.details
         rewrite(lab.tokens, json.dumps({"token-of-node-a": "node-a"}))  # node-b's token revoked
         with pytest.raises(CaRequestError) as e:
             await client.create_certificate(make_csr(web, new_key()), web)
-        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert e.value.code == StatusCode.UNAUTHENTICATED
     finally:
         await client.close()
 
@@ -203,7 +204,7 @@ async def test_unreadable_pod_file_is_unavailable_not_a_crash(tmp_path: Path) ->
     async with running_ca(tmp_path) as lab:
         lab.pods.unlink()
         err = await refused(lab, lab.identity("shop", "web"))
-        assert err.code == grpc.StatusCode.UNAVAILABLE
+        assert err.code == StatusCode.UNAVAILABLE
         write_pods(lab.pods, PODS)
         await assert_still_serving(lab)
 
@@ -215,7 +216,7 @@ async def test_client_refuses_a_ca_outside_its_trust_bundle(lab: Lab) -> None:
     try:
         with pytest.raises(CaRequestError) as e:
             await client.create_certificate(make_csr(web, new_key()), web)
-        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert e.value.code == StatusCode.UNAVAILABLE
     finally:
         await client.close()
 

@@ -11,7 +11,6 @@ import datetime as dt
 import json
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography import x509
 
@@ -19,6 +18,7 @@ from agent.ca.authority import DEFAULT_TTL, CertificateAuthority
 from agent.identity.ca_client import CaRequestError
 from agent.identity.manager import RENEWAL_BACKOFF, CertificateManager, CertificateUnavailable
 from agent.retry import Backoff
+from agent.rpc import StatusCode
 from hbone.identity import (
     SpiffeId,
     TrustBundle,
@@ -61,7 +61,7 @@ class LocalCa:
         self.bundles.append(bundle)
 
 
-DOWN = CaRequestError(grpc.StatusCode.UNAVAILABLE, "CA is down")
+DOWN = CaRequestError(StatusCode.UNAVAILABLE, "CA is down")
 
 
 def local(time: ManualTime, **kw: object) -> tuple[CertificateManager, LocalCa, CertificateAuthority]:

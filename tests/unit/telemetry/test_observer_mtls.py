@@ -24,6 +24,8 @@ from agent import __main__ as agent_main
 from agent.ca.authority import CertificateAuthority
 from agent.ca.issue import issue
 from agent.cli import observe as observe_cli
+from agent.rpc import StatusCode
+from agent.rpc.server import Peer
 from agent.telemetry import observer_pb2 as pb
 from agent.telemetry import observer_pb2_grpc as pb_grpc
 from agent.telemetry.model import Endpoint
@@ -154,15 +156,14 @@ async def test_no_plaintext_tcp_listener(tmp_path: Path) -> None:
 
 
 def test_admit() -> None:
-    allowed = frozenset({"spiffe://cluster.local/ns/ambit-system/sa/ambit-operator"})
-    assert admit("unix:", {"transport_security_type": [b"insecure"]}, allowed) is None
-    assert admit("ipv4:127.0.0.1:5", {"transport_security_type": [b"ssl"],
-                                      "peer_spiffe_id": [b"spiffe://cluster.local/ns/ambit-system/sa/ambit-operator"]},
-                 allowed) is None
-    denied = admit("ipv4:127.0.0.1:5", {"transport_security_type": [b"ssl"]}, allowed)
-    assert denied is not None and denied.code == grpc.StatusCode.PERMISSION_DENIED and "no SPIFFE ID" in denied.message
-    plain = admit("ipv4:127.0.0.1:5", {"transport_security_type": [b"insecure"]}, allowed)
-    assert plain is not None and plain.code == grpc.StatusCode.UNAUTHENTICATED
+    operator = "spiffe://cluster.local/ns/ambit-system/sa/ambit-operator"
+    allowed = frozenset({operator})
+    assert admit(Peer("unix", "unix:/run/o.sock"), allowed) is None
+    assert admit(Peer("tls", "127.0.0.1:5", operator), allowed) is None
+    for identity in (None, "spiffe://cluster.local/ns/shop/sa/web"):
+        denied = admit(Peer("tls", "127.0.0.1:5", identity), allowed)
+        assert denied is not None and denied.code == StatusCode.PERMISSION_DENIED
+        assert f"({identity or 'no SPIFFE ID'}) may not read flows" in denied.message
 
 
 def served_serial(port: int, op: ClientTlsFiles) -> int:
