@@ -2,8 +2,8 @@
 
 ``hbone.keep_buffers_on_heap`` keeps up to 32 MiB of free heap in the process so that a relay's buffers do not
 fault in anew at every copy, and glibc trims a thread's heap only from its top: what start-up leaves behind (the
-cluster's state parsed, a certificate fetched per identity, every pod attached, the gRPC threads' calls) stays
-resident in the holes, 2-3 MiB on a node with 100 enrolled pods (measured: ``bench/agent_memory.py``).
+cluster's state parsed, a certificate fetched per identity, every pod attached) stays resident in the holes, 2-3
+MiB on a node with 100 enrolled pods (measured: ``bench/agent_memory.py``).
 ``malloc_trim(0)`` returns the free pages of every arena; the agent calls it only when it proxies no connection,
 so it never takes from a relay what it is about to use again. On a C library without it, nothing is done.
 """

@@ -30,6 +30,7 @@ from agent.rpc.wire import Headers, MessageReader, frame, request_headers, respo
 # can reach it before its slots are freed) is sent again after a pause growing to this, until the deadline, as
 # grpc's transparent retry does.
 REFUSED_PAUSE = 0.2
+TLS_SHUTDOWN_TIMEOUT = 1.0  # seconds a closed connection waits for the close_notify grpc never sends (asyncio: 30)
 
 
 class _Refused(RpcError):
@@ -143,7 +144,8 @@ class Channel:
                 async with asyncio.timeout(self._connect_timeout):
                     _, conn = await loop.create_connection(
                         lambda: _ClientConnection(self.address), self.host, self.port, ssl=self._context,
-                        server_hostname=self._server_hostname, ssl_handshake_timeout=self._connect_timeout)
+                        server_hostname=self._server_hostname, ssl_handshake_timeout=self._connect_timeout,
+                        ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
             except (OSError, TimeoutError) as e:
                 raise RpcError(StatusCode.UNAVAILABLE,
                                f"cannot connect to {self.address}: {e or type(e).__name__}") from None

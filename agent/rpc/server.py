@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -275,6 +276,33 @@ class _Connection(H2Protocol):
             self.close()
 
 
+WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _wildcard_socket(port: int) -> socket.socket:
+    """A listening socket on every address: IPv6 with IPv4-mapped addresses, or IPv4 alone where IPv6 is off."""
+    try:
+        return _listening(socket.AF_INET6, ("::", port))
+    except OSError:
+        return _listening(socket.AF_INET, ("0.0.0.0", port))
+
+
+def _listening(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def _one(reply: Awaitable[Reply]) -> AsyncIterator[Reply]:
     yield await reply
 
@@ -293,10 +321,15 @@ class RpcServer:
         self._listeners.append(await loop.create_unix_server(lambda: _Connection(self, "unix"), path))
 
     async def listen_tls(self, host: str, port: int, context: ssl.SSLContext) -> int:
-        """Listen on ``host``:``port`` (0: any free port) with SO_REUSEPORT; returns the port."""
+        """Listen on ``host``:``port`` (0: any free port) with SO_REUSEPORT; returns the port. A wildcard host
+        ("", 0.0.0.0, ::) is every address of both families where the host has IPv6, as gRPC binds it."""
         loop = asyncio.get_running_loop()
-        listener = await loop.create_server(lambda: _Connection(self, "tls"), host or None, port, ssl=context,
-                                            reuse_port=True, ssl_handshake_timeout=10.0)
+        if host in WILDCARDS:
+            listener = await loop.create_server(lambda: _Connection(self, "tls"), sock=_wildcard_socket(port),
+                                                ssl=context, ssl_handshake_timeout=10.0)
+        else:
+            listener = await loop.create_server(lambda: _Connection(self, "tls"), host, port, ssl=context,
+                                                reuse_port=True, ssl_handshake_timeout=10.0)
         self._listeners.append(listener)
         return int(listener.sockets[0].getsockname()[1])
 

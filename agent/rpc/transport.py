@@ -10,6 +10,7 @@ ends; every other connection is unaffected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import cast
 
@@ -85,6 +86,9 @@ class H2Protocol(asyncio.Protocol):
         self._writable.set()
         self._open_window()
         self.ended(exc)
+        # The transport (and a TLS transport's buffers, 256 KiB in uvloop's) and this protocol refer to each other:
+        # let go here rather than at the next full collection, which may be hours away (gc.freeze).
+        self.transport = None
 
     # -- for subclasses
     @property
@@ -103,6 +107,12 @@ class H2Protocol(asyncio.Protocol):
             self.transport.write(out)
 
     def close(self) -> None:
+        """GOAWAY (unless the connection has ended), then close: a peer that is told closes its side, and so lets
+        the TLS shutdown end at once (grpc's server answers no close_notify)."""
+        if not self.closed and self.transport is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection()
+            self.flush()
         self.closed = True
         if self.transport is not None:
             self.transport.close()

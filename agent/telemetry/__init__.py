@@ -5,7 +5,7 @@
 - ``filters``   FlowFilter -> predicate, with Hubble's AND / OR / allow-minus-deny semantics
 - ``ring``      the last N flows, and followers with bounded queues (losses are reported, never silent)
 - ``recorder``  ``FlowRecorder``: what the agent calls (start/end, drop, kernel events, lost kernel events)
-- ``observer``  ``ObserverServer``: GetFlows and ServerStatus over gRPC, on a unix socket and/or TCP
+- ``observer``  ``ObserverServer``: GetFlows and ServerStatus over gRPC (``agent.rpc``), on a unix socket and/or TCP
 - ``observer_tls``  who may read flows over TCP: mutual TLS with the operator's certificate
 - ``printer``   the output formats of ``ambit observe`` (agent/cli/observe.py)
 

@@ -421,3 +421,17 @@ async def test_a_server_gone_or_of_another_name_is_unavailable(observer_tls: Obs
     finally:
         impostor.close()
         channel.close()
+
+
+async def test_a_wildcard_listener_takes_both_families_as_grpc_binds_it(observer_tls: ObserverTlsMaterial) -> None:
+    server = RpcServer(Service().methods())
+    port = await server.listen_tls("0.0.0.0", 0, observer_tls.server_tls().listener_context())
+    op = observer_tls.operator
+    try:
+        for target in (f"127.0.0.1:{port}", f"[::1]:{port}"):
+            async with grpc.aio.secure_channel(target, op.credentials(), options=op.options()) as channel:
+                stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
+                reply = await stub.CreateCertificate(ca_pb2.IstioCertificateRequest(csr=target), timeout=TIMEOUT)
+                assert reply.cert_chain[0] == target
+    finally:
+        await server.stop()

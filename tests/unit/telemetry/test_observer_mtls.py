@@ -166,13 +166,15 @@ def test_admit() -> None:
         assert f"({identity or 'no SPIFFE ID'}) may not read flows" in denied.message
 
 
-def served_serial(port: int, op: ClientTlsFiles) -> int:
-    """The serial of the certificate the Observer presents to a new connection (a raw TLS handshake)."""
+def served_serial(port: int, op: ClientTlsFiles, sni: bool = True) -> int:
+    """The serial of the certificate the Observer presents to a new connection (a raw TLS handshake, naming the
+    server or, ``sni`` False, not)."""
     ctx = ssl.create_default_context(cafile=str(op.cas[0]))
+    ctx.check_hostname = sni
     ctx.load_cert_chain(op.cert, op.key)
     ctx.set_alpn_protocols(["h2"])
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
-            ctx.wrap_socket(raw, server_hostname=OBSERVER_SERVER_NAME) as tls:
+            ctx.wrap_socket(raw, server_hostname=OBSERVER_SERVER_NAME if sni else None) as tls:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return int(x509.load_der_x509_certificate(der).serial_number)
@@ -197,6 +199,7 @@ async def test_renewed_files_are_served_to_new_connections(tmp_path: Path, ca: C
         replace(files.cert, (tmp_path / "renewed" / "tls.crt").read_bytes())
         second = await asyncio.to_thread(served_serial, port, op)
         assert second != first
+        assert await asyncio.to_thread(served_serial, port, op, False) == second  # a client sending no SNI too
         assert second == x509.load_pem_x509_certificate(files.cert.read_bytes()).serial_number
         replace(files.key, ca.issue(SpiffeId(TRUST_DOMAIN, "x", "y")).key_pem)  # a key of another certificate
         assert await asyncio.to_thread(served_serial, port, op) == second  # kept the good pair
