@@ -226,6 +226,9 @@ class _Connection(H2Protocol):
             self.h2.send_headers(stream_id, [(b":status", str(status).encode()),
                                              (b"content-type", b"text/plain; charset=utf-8")])
             await self.send_data(stream_id, message.encode() + b"\n", end_stream=True)
+            stream = self.h2.streams.get(stream_id)
+            if stream is not None and not stream.closed:
+                self.reset(stream_id, ErrorCodes.NO_ERROR)  # a client still sending its body
 
     async def _run(self, stream_id: int, stream: _Stream, message: bytes) -> None:
         headers_sent = False
