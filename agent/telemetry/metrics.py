@@ -8,7 +8,8 @@
 - Hubble's: ``hubble_flows_processed_total{type,subtype,verdict}``, ``hubble_drop_total{reason,protocol}``,
   ``hubble_tcp_flags_total{flag,family}``, ``hubble_lost_events_total{source}``.
 - The agent's health: ``ambit_workloads{enrolled}``, ``ambit_certificate_expiry_seconds{identity}`` (time left,
-  computed at scrape time), ``ambit_ebpf_attached{program,backend}`` (interfaces carrying each program).
+  computed at scrape time), ``ambit_ebpf_attached{program,backend}`` (interfaces carrying each program),
+  ``ambit_kernel_events_rejected_total`` (eBPF events left out because they were malformed).
 
 Workload labels are derived from pod labels the way Istio does (``canonical_service``,
 ``canonical_revision``); missing values are "unknown". Deleted pods are forgotten (``forget_workload``):
@@ -173,9 +174,11 @@ class Metrics:
         self.drops = _Family("hubble_drop", "Number of drops", ("reason", "protocol"))
         self.tcp = _Family("hubble_tcp_flags", "TCP flag occurrences", ("flag", "family"))
         self.lost = _Family("hubble_lost_events", "Number of lost events", ("source",))
+        self.rejected = _Family("ambit_kernel_events_rejected", "eBPF events left out because they were malformed",
+                                ())
         self._traffic = (self.opened, self.closed, self.failed, self.sent, self.received)
         assert all(f.slot == i for i, f in enumerate(self._traffic))
-        self._families = (*self._traffic, self.flows, self.drops, self.tcp, self.lost)
+        self._families = (*self._traffic, self.flows, self.drops, self.tcp, self.lost, self.rejected)
         # For forget_workload: a series' side (its source_* or destination_* labels) -> the live pods it was
         # recorded for; a pod -> the series sides it feeds. A series goes when one of its sides has no pod left.
         self._feeders: dict[SeriesSide, set[str]] = {}
@@ -269,23 +272,28 @@ class Metrics:
         return removed
 
     # -- Hubble --------------------------------------------------------------------------------------------------
-    def flow_processed(self, type_: str, subtype: str, verdict: str) -> None:
+    def flow_processed(self, type_: str, subtype: str, verdict: str, count: int = 1) -> None:
         with self._lock:
-            self._inc(self.flows, (type_, subtype, verdict), ())
+            self._inc(self.flows, (type_, subtype, verdict), (), count)
 
-    def dropped(self, reason: str, protocol: str = "TCP") -> None:
+    def dropped(self, reason: str, protocol: str = "TCP", count: int = 1) -> None:
         with self._lock:
-            self._inc(self.drops, (reason, protocol), ())
+            self._inc(self.drops, (reason, protocol), (), count)
 
-    def tcp_flags(self, flags: Iterable[str], family: str) -> None:
+    def tcp_flags(self, flags: Iterable[str], family: str, count: int = 1) -> None:
+        """``count`` packets, each with these ``flags``."""
         with self._lock:
             for flag in flags:
-                self._inc(self.tcp, (flag, family), ())
+                self._inc(self.tcp, (flag, family), (), count)
 
     def lost_events(self, source: str, count: int) -> None:
         if count > 0:
             with self._lock:
                 self._inc(self.lost, (source,), (), count)
+
+    def kernel_event_rejected(self) -> None:
+        with self._lock:
+            self._inc(self.rejected, (), ())
 
     # -- agent health -----------------------------------------------------------------------------------------
     def set_workloads(self, enrolled: int, not_enrolled: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -181,3 +181,12 @@ class LostEvent:
 
 
 Entry = Flow | LostEvent
+
+
+class FlowBuilder(Protocol):
+    def build(self, pending: PendingFlow) -> Flow: ...
+
+
+PendingFlow = tuple[FlowBuilder, bytes, int, Endpoint, Endpoint]
+"""A kernel event kept as it came until someone reads it: (what builds its flow, the kernel's record, the sequence
+number of its flow's uuid, its source and destination as the agent knew them when it read the record, port 0)."""
