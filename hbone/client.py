@@ -101,6 +101,7 @@ class ClientTunnel(Tunnel):
             fut.set_exception(StreamRefused("tunnel connection has no free stream"))
             return fut
         relay.bind(self, stream_id)
+        relay.on_open()
         self._answers[stream_id] = fut
         self.flush()
         return fut

@@ -40,6 +40,7 @@ class Forwarder:
     async def _tunnel(self, sock: socket.socket) -> None:
         client = canonical_address(sock.getpeername())
         relay = Relay()
+        relay.preload_from(sock)
         try:
             await self.pool.connect(relay, self.cert, self.expected, self.hbone, self.authority,
                                     request_headers(client))

@@ -817,7 +817,8 @@ class ClientConnection(Connection):
     def open(self, authority: Authority, headers: Mapping[str, str] | None = None) -> int | None:
         """Send a CONNECT request; returns the new stream's id, or None when no stream can be opened (the
         connection ended or is going away, or the peer's stream limit is reached). A header h2 does not allow
-        (upper-case or connection-specific name, CR/LF/NUL in a value) raises ValueError."""
+        (upper-case or connection-specific name, CR/LF/NUL in a value) raises ValueError. The stream can send
+        DATA at once, before its answer."""
         if self.closed is not None or self.going_away is not None:
             return None
         target = str(authority).encode()
@@ -839,6 +840,7 @@ class ClientConnection(Connection):
         stream._authority = target
         stream.request_method = b"CONNECT"
         self._send_header_block(stream_id, h.encoder.encode(request))
+        self._sendable.add(stream_id)  # DATA may follow the HEADERS before the answer (RFC 9113 §8.5)
         return stream_id
 
     def _send_header_block(self, stream_id: int, block: bytes) -> None:

@@ -53,6 +53,9 @@ class StreamHandler(abc.ABC):
     def buffered(self) -> int:
         """Bytes this handler holds for its stream (received and not passed on, or not yet sent)."""
 
+    def on_open(self) -> None:  # noqa: B027 (a hook: most handlers have nothing to send before the answer)
+        """A client's CONNECT for this stream was just queued: DATA may be queued behind it."""
+
     @abc.abstractmethod
     def start(self) -> None:
         """The stream is established (200 sent or received): deliver what waited, start producing."""

@@ -5,7 +5,8 @@ state) says what that means, and this module only carries it out: an HBONE strea
 pod's certificate and expecting the destination's identity, dialled from the pod's own address; the local
 inbound path for an enrolled pod of this node; a plain connection (a Service endpoint outside the mesh, or
 anything not the mesh's); or a reset when nothing can serve a Service port. No transport exists until the
-route is ready, so what the pod sends waits in the kernel meanwhile.
+route is ready, so what the pod sends waits in the kernel meanwhile; only what it sent before the accept
+goes out at once behind the CONNECT (``Relay.preload_from``).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class OutboundProxy:
                       target: Address) -> None:
         assert r.dial is not None and r.identity is not None and r.workload is not None
         relay = Relay()
+        relay.preload_from(sock)
         try:
             cert = await self.mesh.certificates.get(source.identity(self.mesh.trust_domain))
             await self.mesh.pool.connect(relay, cert, r.identity, r.dial, Authority(*r.target),
