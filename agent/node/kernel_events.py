@@ -8,6 +8,8 @@ from agent.capture import maps
 from agent.capture.maps import EventKind, FlowEvent, Hook, Reason, Verdict
 from agent.telemetry.kernel import KernelEvent, KernelKind
 
+_KINDS_MAX = 1024  # kinds described (a few for all connections; a bound all the same)
+
 
 class EventRing(Protocol):
     """The part of ``capture.Redirector`` that reads its ring buffer."""
@@ -36,6 +38,7 @@ class KernelEvents:
 
     def __init__(self, ring: EventRing) -> None:
         self._ring = ring
+        self._kinds: dict[bytes, KernelKind] = {}  # a few values for all connections (bounded all the same)
 
     def fileno(self) -> int:
         return self._ring.events_fd
@@ -44,7 +47,12 @@ class KernelEvents:
         return self._ring.read_events(limit)
 
     def describe(self, kind: bytes) -> KernelKind:
-        return kernel_kind(EventKind.from_bytes(kind))
+        described = self._kinds.get(kind)
+        if described is None:
+            if len(self._kinds) >= _KINDS_MAX:
+                self._kinds.clear()
+            described = self._kinds[kind] = kernel_kind(EventKind.from_bytes(kind))
+        return described
 
     def address(self, raw: bytes) -> str:
         return maps.event_ip(raw)

@@ -61,11 +61,11 @@ class KernelReader:
             log.exception("reading the kernel's events failed; trying again in %.1f s", self._batch)
             self._next = self._loop.call_later(self._batch, self._drain)
             return
+        self._lost_due()
         if len(records) >= self._chunk:  # more may wait: the next chunk after what else the loop has to do
             self._next = self._loop.call_soon(self._drain)
-            return
-        self._lost_due()
-        self._loop.add_reader(self._fd, self._readable)
+        else:
+            self._loop.add_reader(self._fd, self._readable)
 
     def _lost_due(self) -> None:
         wait = self._lost_read_at + self._lost_every - self._loop.time()

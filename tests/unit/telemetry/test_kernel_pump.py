@@ -196,6 +196,27 @@ async def test_a_malformed_record_is_left_out_named_and_counted_and_the_others_a
     assert telemetry.metrics.series("hubble_flows_processed") == {("Trace", "kernel", "FORWARDED"): 3}
 
 
+async def test_a_failed_read_is_logged_and_the_reading_goes_on(ring: FakeEventRing,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    read, failures = ring.read_events, [OSError(5, "Input/output error")]
+
+    def failing_once(limit: int) -> list[bytes]:
+        if failures:
+            raise failures.pop()
+        return read(limit)
+
+    ring.read_events = failing_once  # type: ignore[method-assign]
+    recorder = FlowRecorder("node-1", 64, Metrics())
+    reader = KernelReader(KernelEvents(ring), recorder, batch=0.02)
+    try:
+        with caplog.at_level(logging.ERROR, logger="agent.telemetry.kernel_reader"):
+            ring.push(event(40000))
+            await wait_for(lambda: len(kernel_flows(recorder)) == 1)
+        assert "reading the kernel's events failed" in caplog.text and "Input/output error" in caplog.text
+    finally:
+        reader.close()
+
+
 async def test_a_follower_gets_kernel_flows_as_they_are_read(ring: FakeEventRing, telemetry: Telemetry) -> None:
     snapshot, follower = telemetry.recorder.ring.follow(lambda f: f.source.port % 2 == 0)
     try:
