@@ -69,11 +69,8 @@ def _cpu() -> tuple[float, float]:
     return usage.ru_utime, usage.ru_stime
 
 
-async def _pair(args: argparse.Namespace) -> list[tuple[float, float]]:
+async def _pair(args: argparse.Namespace, upstream: Authority) -> list[tuple[float, float]]:
     certs = MeshCerts.create()
-    echo = subprocess.Popen([sys.executable, "-m", "bench.hbone_pair", "echo"], stdout=subprocess.PIPE, text=True)
-    assert echo.stdout is not None
-    upstream = Authority(LOOPBACK, int(echo.stdout.readline()))
     server = HboneServer(fixed_certificate(certs.server), certs.bundle)
     await server.start(LOOPBACK, 0)
     pool = Pool(certs.bundle)
@@ -101,8 +98,6 @@ async def _pair(args: argparse.Namespace) -> list[tuple[float, float]]:
             print(f"round {rnd}: {out.decode().strip()} conn/s, user {user:.1f} us, sys {system:.1f} us,"
                   f" total {user + system:.1f} us per connection (both sides)", flush=True)
     finally:
-        echo.kill()
-        echo.wait()
         await forwarder.close()
         await pool.close()
         await server.close()
@@ -131,7 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import uvloop
 
-    rounds = uvloop.run(_pair(args))
+    echo = subprocess.Popen([sys.executable, "-m", "bench.hbone_pair", "echo"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None
+        rounds = uvloop.run(_pair(args, Authority(LOOPBACK, int(echo.stdout.readline()))))
+    finally:
+        echo.kill()
+        echo.wait()
     user = statistics.median(r[0] for r in rounds)
     system = statistics.median(r[1] for r in rounds)
     print(f"median of {len(rounds)} rounds: user {user:.1f} us, sys {system:.1f} us per connection (both sides)")

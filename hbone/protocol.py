@@ -31,8 +31,10 @@ from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamInputs, StreamState
+from hpack.struct import Header
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
+from hbone import header_block
 from hbone.authority import Authority
 from hbone.events import (
     ConnectionEnded,
@@ -706,7 +708,9 @@ class ServerConnection(Connection):
             return False
         end_stream = bool(flags & _END_STREAM)
         try:
-            headers = list(h2.connection._decode_headers(h.decoder, bytes(block)))
+            raw = bytes(block)
+            headers: list[Header] = (header_block.decode(h.decoder, raw)
+                                     or list(h2.connection._decode_headers(h.decoder, raw)))
             plain = _plain_connect(headers)
             h.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
             stream = h._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
@@ -839,7 +843,7 @@ class ClientConnection(Connection):
             return None
         stream._authority = target
         stream.request_method = b"CONNECT"
-        self._send_header_block(stream_id, h.encoder.encode(request))
+        self._send_header_block(stream_id, header_block.encode(h.encoder, request) or h.encoder.encode(request))
         self._sendable.add(stream_id)  # DATA may follow the HEADERS before the answer (RFC 9113 §8.5)
         return stream_id
 
