@@ -349,7 +349,7 @@ class Connection:
         if stream is None:
             return
         try:
-            h.state_machine.process_input(ConnectionInputs.SEND_DATA)
+            self._connection_input(ConnectionInputs.SEND_DATA)
             stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
         except h2.exceptions.ProtocolError:  # closed on h2's side (reset meanwhile): nothing to end
             return
@@ -425,6 +425,13 @@ class Connection:
         self._sendable.add(stream_id)
         if receiving:
             self._recv_windows[stream_id] = self.settings.stream_window
+
+    def _connection_input(self, input_: ConnectionInputs) -> None:
+        """h2's connection state machine takes ``input_`` (HEADERS or DATA sent or received): nothing to do in an
+        open state, where those leave the state as it is (and the lookup hashes two Python-level enums)."""
+        machine = self._h2.state_machine
+        if machine.state not in _OPEN_STATES:
+            machine.process_input(input_)
 
     def _forget(self, stream_id: int) -> None:
         self._sendable.discard(stream_id)
@@ -575,7 +582,7 @@ class Connection:
         if (stream is None or h.state_machine.state not in _OPEN_STATES
                 or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)):
             return False
-        h.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        # (RECV_DATA leaves an open connection's state as it is: only the stream's takes it.)
         stream.state_machine.process_input(StreamInputs.RECV_DATA)
         stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
         out.append(StreamEnded(stream_id))
@@ -712,7 +719,7 @@ class ServerConnection(Connection):
             headers: list[Header] = (header_block.decode(h.decoder, raw)
                                      or list(h2.connection._decode_headers(h.decoder, raw)))
             plain = _plain_connect(headers)
-            h.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+            self._connection_input(ConnectionInputs.RECV_HEADERS)
             stream = h._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
             h2_events: list[h2.events.Event]
             if not plain:
@@ -786,8 +793,8 @@ class ServerConnection(Connection):
                 and not h.encoder.table_size_changes and not stream.state_machine.headers_sent
                 and stream.state_machine.state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)):
             # The answer is always the same one-byte header block (HPACK's static ":status: 200", no change to the
-            # encoder's table): written here, h2 taking the state transitions its send_headers would.
-            h.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+            # encoder's table): written here, h2 taking the state transitions its send_headers would (the stream's:
+            # SEND_HEADERS leaves an open connection's state as it is).
             stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
             self._emit(_STATUS_200_HEADER + stream_id.to_bytes(4, "big") + bytes((_STATUS_200,)))
             self._sendable.add(stream_id)
@@ -836,7 +843,7 @@ class ClientConnection(Connection):
             stream_id = h.get_next_available_stream_id()
             if h.open_outbound_streams >= h.remote_settings.max_concurrent_streams:
                 return None
-            h.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+            self._connection_input(ConnectionInputs.SEND_HEADERS)
             stream = h._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
             stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
         except h2.exceptions.ProtocolError:  # NoAvailableStreamIDError, or the connection cannot send
@@ -857,16 +864,16 @@ class ClientConnection(Connection):
             + sid + chunk for i, chunk in enumerate(chunks)))
 
     def _ok_received(self, stream_id: int, out: list[Event]) -> bool:
-        """The 200 of a CONNECT this side sent, as a one-byte header block (how this server answers): h2 takes
-        the state transitions its handling of the frame would (no HPACK state changes for a static entry);
-        anything else (another status, more headers, a stream not waiting for its answer) goes to h2."""
+        """The 200 of a CONNECT this side sent, as a one-byte header block (how this server answers): h2's stream
+        takes the state transitions its handling of the frame would (the open connection's state stays as it is, and
+        a static entry changes no HPACK state); anything else (another status, more headers, a stream not waiting
+        for its answer) goes to h2."""
         h = self._h2
         stream = h.streams.get(stream_id)
         if (stream is None or h.state_machine.state is not ConnectionState.CLIENT_OPEN
                 or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
                 or stream.state_machine.headers_received):
             return False
-        h.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
         stream.state_machine.process_input(StreamInputs.RECV_HEADERS)
         self._established(stream_id, receiving=True)  # no END_STREAM on this HEADERS frame
         out.append(ConnectResponse(stream_id, 200, {":status": "200"}))
