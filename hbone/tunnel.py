@@ -118,32 +118,29 @@ class Tunnel(asyncio.Protocol):
         self.flush()
 
     def handle(self, ev: Event) -> None:
-        if isinstance(ev, Data):
-            handler = self.streams.get(ev.stream_id)
-            if handler is None:
-                self.conn.ack(ev.stream_id, ev.flow_length)
-            else:
-                handler.on_data(ev)
-        elif isinstance(ev, WindowOpened):
-            if ev.stream_id:
-                handler = self.streams.get(ev.stream_id)
-                if handler is not None:
-                    handler.on_window()
-            else:
-                for handler in list(self.streams.values()):
-                    handler.on_window()
-        elif isinstance(ev, StreamEnded):
+        # One dictionary lookup per event, not a chain of isinstance checks (event classes have no subclasses).
+        getattr(self, _HANDLERS.get(type(ev), "handle_request_or_response"))(ev)
+
+    def _data(self, ev: Data) -> None:
+        handler = self.streams.get(ev.stream_id)
+        if handler is None:
+            self.conn.ack(ev.stream_id, ev.flow_length)
+        else:
+            handler.on_data(ev)
+
+    def _window_opened(self, ev: WindowOpened) -> None:
+        if ev.stream_id:
             handler = self.streams.get(ev.stream_id)
             if handler is not None:
-                handler.on_end()
-        elif isinstance(ev, StreamReset):
-            self.stream_reset(ev)
-        elif isinstance(ev, ConnectionEnded):
-            self.connection_ended(ev)
-        elif isinstance(ev, GoAwayReceived):
-            self.going_away(ev)
+                handler.on_window()
         else:
-            self.handle_request_or_response(ev)
+            for handler in list(self.streams.values()):
+                handler.on_window()
+
+    def _stream_ended(self, ev: StreamEnded) -> None:
+        handler = self.streams.get(ev.stream_id)
+        if handler is not None:
+            handler.on_end()
 
     def handle_request_or_response(self, ev: Event) -> None:
         raise NotImplementedError
@@ -235,3 +232,11 @@ class Tunnel(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.conn.goaway(code)
             self.close_transport()
+
+
+
+# The method of ``Tunnel`` (or of its subclass) that takes each kind of event; requests and responses go to
+# ``handle_request_or_response``.
+_HANDLERS: dict[type, str] = {Data: "_data", WindowOpened: "_window_opened", StreamEnded: "_stream_ended",
+                              StreamReset: "stream_reset", ConnectionEnded: "connection_ended",
+                              GoAwayReceived: "going_away"}
