@@ -100,6 +100,29 @@ async def test_idle_connection_is_closed_and_then_redialled(ca: CertificateAutho
                              "the idle connection closed")
 
 
+async def test_idle_time_counts_from_the_last_stream(ca: CertificateAuthority, client_cert: WorkloadCertificate,
+                                                    server_cert: WorkloadCertificate) -> None:
+    """A connection used again while idle gets its whole idle timeout counted from its last stream, not from
+    the first time it became idle."""
+    async with hbone_path(ca, client_cert, server_cert, idle_timeout=0.4) as path:
+
+        async def one_stream() -> None:
+            reader, writer = await path.open()
+            writer.write(b"ping")
+            writer.write_eof()
+            assert await reader.read(-1) == b"ping"
+            writer.close()
+
+        await one_stream()
+        await asyncio.sleep(0.25)
+        await one_stream()
+        last = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.25)  # 0.5 s after the first stream, 0.25 s after the last
+        assert path.pool.connections() == 1
+        await eventually(lambda: path.pool.connections() == 0, "the idle connection closed")
+        assert asyncio.get_running_loop().time() - last >= 0.4
+
+
 async def test_half_close_both_ways(ca: CertificateAuthority, client_cert: WorkloadCertificate,
                                     server_cert: WorkloadCertificate) -> None:
     """The client's FIN reaches upstream as EOF while the reverse direction keeps flowing, and back."""
