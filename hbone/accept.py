@@ -32,7 +32,8 @@ class Acceptor:
         # What ``socket.accept`` looks up on every call, as IntEnum conversions in Python: looked up once.
         self._kind = (int(listener.family), int(listener.type), listener.proto)
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # while accepting
+        self._tasks_loop: asyncio.AbstractEventLoop | None = None  # where the handlers run (also after ``stop``)
         self._resume: asyncio.TimerHandle | None = None
 
     @property
@@ -41,11 +42,12 @@ class Acceptor:
         return name[0], name[1]
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = self._tasks_loop = asyncio.get_running_loop()
         self._loop.add_reader(self.listener.fileno(), self._accept)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
-        task = asyncio.ensure_future(coro)
+        loop = self._tasks_loop or asyncio.get_running_loop()  # not looked up per connection (getpid(2) in 3.11)
+        task = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task

@@ -130,7 +130,7 @@ class Pool:
             return
         # Not a timer per release, cancelled by the next checkout: the check set for the first idle spell looks at
         # when the connection last became idle, and sets itself again for what is left.
-        loop = asyncio.get_running_loop()
+        loop = entry.dial.get_loop()
         entry.idle_since = loop.time()
         if entry.idle is None:
             entry.idle = loop.call_at(entry.idle_since + self.idle_timeout, self._expire, entry)
@@ -139,7 +139,7 @@ class Pool:
         entry.idle = None
         if entry.assigned:
             return  # in use: its next release sets the check again
-        loop = asyncio.get_running_loop()
+        loop = entry.dial.get_loop()
         due = entry.idle_since + self.idle_timeout
         if loop.time() < due:
             entry.idle = loop.call_at(due, self._expire, entry)

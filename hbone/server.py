@@ -174,7 +174,7 @@ class ServerTunnel(Tunnel):
         self._deadline_for = want
         if not want:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._deadline_since = loop.time()
         if self._deadline is not None:
             if self._deadline_checks == want:
@@ -190,7 +190,7 @@ class ServerTunnel(Tunnel):
         what, self._deadline = self._deadline_checks, None
         if what != self._deadline_for:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         due = self._deadline_since + self._timeout(what)
         if loop.time() < due:
             self._deadline = loop.call_at(due, self._expired)

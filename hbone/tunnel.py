@@ -106,6 +106,7 @@ class Tunnel(asyncio.Protocol):
         self.on_lost: Callable[[Tunnel], None] | None = None
         self._abort_later: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        self.loop = asyncio.get_running_loop()  # once, not per stream (each lookup is a getpid(2) in CPython 3.11)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -174,7 +175,7 @@ class Tunnel(asyncio.Protocol):
             transport.abort()
             return
         transport.close()
-        self._abort_later = asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+        self._abort_later = self.loop.call_later(CLOSE_GRACE, transport.abort)
 
     def flush(self) -> None:
         """Write what the protocol layer has queued. With several streams on the tunnel, at the end of this turn
@@ -188,7 +189,7 @@ class Tunnel(asyncio.Protocol):
             self.write_now()
         else:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.write_now)
+            self.loop.call_soon(self.write_now)
 
     def write_now(self) -> None:
         """Write what the protocol layer has queued, now (before a close)."""
