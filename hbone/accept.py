@@ -20,6 +20,15 @@ ACCEPT_BATCH = 64  # connections accepted per wake-up at most: the loop's other 
 ACCEPT_PAUSE = 0.1  # seconds without accepting after an accept error (EMFILE and friends)
 
 
+class AcceptedSocket(socket.socket):
+    """An accepted socket whose ``family`` and ``type`` are its listener's, kept: ``socket.socket`` makes an IntEnum
+    of them in Python on every read, and uvloop's ``connect_accepted_socket`` reads them three times."""
+
+    __slots__ = ("family", "type")
+    family: socket.AddressFamily  # stored, over the base class's property
+    type: socket.SocketKind
+
+
 class Acceptor:
     """Accepts from a reader callback on the listener, every connection waiting (up to ``ACCEPT_BATCH``) per
     wake-up: no future, no reader added and removed per connection as ``loop.sock_accept`` does, and one wake-up
@@ -30,7 +39,7 @@ class Acceptor:
         listener.setblocking(False)
         self.listener, self.handle, self.name = listener, handle, name
         # What ``socket.accept`` looks up on every call, as IntEnum conversions in Python: looked up once.
-        self._kind = (int(listener.family), int(listener.type), listener.proto)
+        self._family, self._type, self._proto = listener.family, listener.type, listener.proto
         self._tasks: set[asyncio.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # while accepting
         self._tasks_loop: asyncio.AbstractEventLoop | None = None  # where the handlers run (also after ``stop``)
@@ -70,7 +79,8 @@ class Acceptor:
                 self._loop.remove_reader(self.listener.fileno())
                 self._resume = self._loop.call_later(ACCEPT_PAUSE, self.start)
                 return
-            conn = socket.socket(*self._kind, fileno=fd)
+            conn = AcceptedSocket(self._family, self._type, self._proto, fd)
+            conn.family, conn.type = self._family, self._type
             conn.setblocking(False)
             self.spawn(self.handle(conn))
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from hbone.addresses import Address
 from hbone.authority import Authority
@@ -28,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 
-@dataclass(frozen=True, slots=True)
-class PoolKey:
+class PoolKey(NamedTuple):
+    """A tuple: hashed and compared in C, where a dataclass's ``__hash__`` and ``__eq__`` run in Python."""
+
     source: SpiffeId
     destination: SpiffeId
     address: Address
