@@ -6,7 +6,7 @@ client's outbound half (accept, pooled CONNECT, relay) plus the server's inbound
 connect, relay). The client makes ``--count`` sequential connections: connect, ``--size`` bytes, half-close,
 read the echo to EOF, close. Each of ``--rounds`` rounds prints connections/s and user and system CPU per
 connection; the median of the rounds ends the report. ``--profile N`` runs cProfile (on a CPU clock, so waits
-do not count) over the last round and prints the top ``N`` functions by own time, with call counts per
+do not count) over the last round and prints the top ``N`` functions by own time (``--sort``), and the Python calls per
 connection.
 """
 
@@ -103,7 +103,9 @@ async def _pair(args: argparse.Namespace, upstream: Authority) -> list[tuple[flo
         await server.close()
     if profile is not None:
         stats = pstats.Stats(profile)
-        stats.sort_stats("tottime").print_stats(args.profile)
+        stats.sort_stats(args.sort).print_stats(args.profile)
+        if args.callees:
+            stats.print_callees(args.callees)
         calls = sum(s[1] for s in stats.stats.values())  # type: ignore[attr-defined]
         print(f"Python-level calls per connection (both sides): {calls / args.count:.0f}")
     return rounds
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=100, help="bytes sent and echoed per connection")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile the last round, print the top N functions")
+    parser.add_argument("--sort", default="tottime", help="what the profile is sorted by (pstats keys: ncalls ...)")
+    parser.add_argument("--callees", default="", metavar="REGEX", help="with --profile: also what these functions call")
     args = parser.parse_args(argv)
     import uvloop
 
@@ -135,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         echo.wait()
     user = statistics.median(r[0] for r in rounds)
     system = statistics.median(r[1] for r in rounds)
-    print(f"median of {len(rounds)} rounds: user {user:.1f} us, sys {system:.1f} us per connection (both sides)")
+    total = statistics.median(r[0] + r[1] for r in rounds)
+    print(f"median of {len(rounds)} rounds: user {user:.1f} us, sys {system:.1f} us, total {total:.1f} us per"
+          " connection (both sides)")
 
 
 if __name__ == "__main__":

@@ -463,7 +463,7 @@ class Connection:
         self._h2.release()
 
     # -- input
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes | memoryview) -> list[Event]:
         out: list[Event] = []
         if self.closed is not None:
             return out
@@ -473,7 +473,7 @@ class Connection:
             self._fail(e.code, str(e), out)
         return out
 
-    def _receive(self, data: bytes, out: list[Event]) -> None:
+    def _receive(self, data: bytes | memoryview, out: list[Event]) -> None:
         if self._preface:
             head, data = data[:self._preface], data[self._preface:]
             self._preface -= len(head)

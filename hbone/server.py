@@ -148,7 +148,7 @@ class ServerTunnel(Tunnel):
         super().connection_made(transport)
         self._rearm()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         super().data_received(data)
         self._rearm()
 

@@ -19,6 +19,7 @@ from hbone.events import ConnectionEnded, Data, Event, GoAwayReceived, StreamEnd
 from hbone.protocol import Connection
 
 TLS_WRITE_HIGH_WATER = 4 * 1024 * 1024
+READ_BUFFER_MAX = 256 * 1024  # what one read takes at most (uvloop's own TLS reads are of this size)
 CLOSE_GRACE = 5.0  # seconds a closing connection gets to deliver what it has queued (the GOAWAY) before an abort
 
 
@@ -91,8 +92,14 @@ class StreamHandler(abc.ABC):
             self.on_close(self, reason)
 
 
-class Tunnel(asyncio.Protocol):
-    """One TLS connection carrying HBONE streams; base of the server's and the client's tunnels."""
+class Tunnel(asyncio.BufferedProtocol):
+    """One TLS connection carrying HBONE streams; base of the server's and the client's tunnels.
+
+    A buffered protocol, so that TLS decrypts into a buffer the size of what is pending: for a plain protocol,
+    uvloop reads into a new 256 KiB bytes object every time (mmap, mremap and munmap system calls, and fresh pages
+    to fault in, on every read of a few hundred bytes). Each read gets its own buffer, so that received data can
+    be passed on as views of it.
+    """
 
     conn: Connection
 
@@ -107,13 +114,22 @@ class Tunnel(asyncio.Protocol):
         self._abort_later: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self.loop = asyncio.get_running_loop()  # once, not per stream (each lookup is a getpid(2) in CPython 3.11)
+        self._read_buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
         self.flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        self._read_buffer = bytearray(min(sizehint, READ_BUFFER_MAX) if sizehint > 0 else READ_BUFFER_MAX)
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buffer, self._read_buffer = self._read_buffer, bytearray()
+        self.data_received(memoryview(buffer)[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         for ev in self.conn.receive(data):
             self.handle(ev)
         self.flush()
