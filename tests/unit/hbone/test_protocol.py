@@ -438,6 +438,27 @@ def test_data_sent_before_a_refusal_is_dropped_and_the_stream_can_send_no_more()
     assert client.window(stream_id) == 0 and client.send(stream_id, b"more") == 0
 
 
+def test_data_arriving_after_its_stream_was_refused_is_dropped_and_the_connection_serves_on() -> None:
+    """DATA sent behind a CONNECT may reach the server after its refusal (a later read): that stream's data is
+    dropped, the connection is not failed, and the next stream is served."""
+    client, server = connected()
+    stream_id = open_stream(client)
+    headers = client.data_to_send()
+    assert client.send(stream_id, b"e" * 16000) == 16000
+    data = client.data_to_send()
+    assert [type(ev) for ev in _feed(server, headers)] == [ConnectRequest]
+    server.respond(stream_id, 401)
+    assert _feed(server, data) == []
+    assert server.closed is None
+    at_client, _ = pump(client, server)
+    assert [(r.stream_id, r.status) for r in only(at_client, ConnectResponse)] == [(stream_id, 401)]
+    following = open_stream(client)
+    assert client.send(following, b"next") == 4
+    _, at_server = pump(client, server)
+    assert [r.stream_id for r in only(at_server, ConnectRequest)] == [following]
+    assert received(at_server, following)[0] == b"next"
+
+
 def test_connection_window_is_16_mib() -> None:
     client, server = connected()
     streams = [tunnel(client, server) for _ in range(5)]
