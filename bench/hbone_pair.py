@@ -13,7 +13,8 @@ brk system calls on every use depends on its allocation history, and the figures
 256 KiB TLS read buffers cost this harness 15 system calls a connection that the lab's processes did not pay).
 
 ``--profile N`` runs cProfile (on a CPU clock, so waits do not count) over the last round and prints the top ``N``
-functions by own time (or ``--sort``), what ``--callees`` call, and the Python calls per connection.
+functions by own time (or ``--sort``), what ``--callees`` call and what calls ``--callers``, and the Python calls
+per connection.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ async def _pair(args: argparse.Namespace, upstream: Authority) -> list[tuple[flo
         stats.sort_stats(args.sort).print_stats(args.profile)
         if args.callees:
             stats.print_callees(args.callees)
+        if args.callers:
+            stats.print_callers(args.callers)
         calls = sum(s[1] for s in stats.stats.values())  # type: ignore[attr-defined]
         print(f"Python-level calls per connection (both sides): {calls / args.count:.0f}")
     return rounds
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="cProfile the last round, print the top N functions")
     parser.add_argument("--sort", default="tottime", help="what the profile is sorted by (pstats keys: ncalls ...)")
     parser.add_argument("--callees", default="", metavar="REGEX", help="with --profile: also what these functions call")
+    parser.add_argument("--callers", default="", metavar="REGEX", help="with --profile: also what calls these")
     args = parser.parse_args(argv)
     import uvloop
 
