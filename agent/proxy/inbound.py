@@ -15,6 +15,7 @@ import logging
 import socket
 
 from agent.mesh.model import Address
+from agent.proxy.connections import Proxied
 from agent.proxy.context import Mesh
 from agent.proxy.inputs import Connection, forwarded_client, forwarded_host
 from agent.proxy.sockets import dial, upstream_source
@@ -89,11 +90,15 @@ class InboundProxy:
     async def _connect(self, request: InboundRequest) -> Relay:
         sock = await dial((request.target.ip, request.target.port), request.source[0])
         _, relay = await asyncio.get_running_loop().connect_accepted_socket(Relay, sock)
+        self._opened(request, relay)
+        return relay
+
+    def _opened(self, request: InboundRequest, relay: Proxied) -> None:
+        """``relay`` carries the CONNECT's stream now: its flow starts, and it is tracked until it closes."""
         connection = _connection(request)
         flow = self.mesh.telemetry.opened(inbound=True, client=connection.client, target=connection.target,
                                           mtls=True, service=self._service(connection))
         self.mesh.track("inbound-hbone", (request.target.ip,), relay, flow, server_side=True)
-        return relay
 
     async def _plain(self, sock: socket.socket) -> None:
         ends = accepted_addresses(sock)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable
 
 from agent.identity.manager import CertificateUnavailable
 from agent.mesh.model import Address
 from agent.mesh.store import Workload
+from agent.proxy.connections import Proxied
 from agent.proxy.context import Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
 from agent.proxy.route import Kind, Route, route
@@ -30,6 +32,7 @@ from hbone import (
     HboneError,
     Relay,
     StreamFailed,
+    WorkloadCertificate,
     accepted_addresses,
     close_with_reset,
     request_headers,
@@ -61,14 +64,12 @@ class OutboundProxy:
         if ends is None:
             return
         client, target = ends
-        mesh = self.mesh
-        source = mesh.local_enrolled(client[0])
-        if source is None:  # captured, yet not an enrolled pod of ours: fail closed
-            log.warning("outbound %s -> %s: source is not an enrolled pod of node %s; refused",
-                        client, target, mesh.node)
+        planned = self._plan(client, target)
+        if planned is None:
             close_with_reset(sock)
             return
-        r = route(source, target, mesh.store.state, mesh.trust_domain)
+        source, r = planned
+        mesh = self.mesh
         if r.kind is Kind.HBONE:
             await self._tunnel(sock, source, r, client, target)
         elif r.kind is Kind.LOCAL:
@@ -82,13 +83,33 @@ class OutboundProxy:
         else:
             await self._plain(sock, client, r)
 
+    def _plan(self, client: Address, target: Address) -> tuple[Workload, Route] | None:
+        """The enrolled source pod at ``client`` and its route to ``target``; None (logged) when ``client`` is
+        not an enrolled pod of this node: captured all the same, it is refused (fail closed)."""
+        mesh = self.mesh
+        source = mesh.local_enrolled(client[0])
+        if source is None:
+            log.warning("outbound %s -> %s: source is not an enrolled pod of node %s; refused",
+                        client, target, mesh.node)
+            return None
+        return source, route(source, target, mesh.store.state, mesh.trust_domain)
+
+    def _certificate(self, source: Workload) -> Awaitable[WorkloadCertificate]:
+        return self.mesh.certificates.get(source.identity(self.mesh.trust_domain))
+
+    def _opened(self, kind: str, conn: Proxied, client: Address, r: Route, mtls: bool) -> None:
+        """``conn`` carries the connection now: its flow starts, and it is tracked until it closes."""
+        flow = self.mesh.telemetry.opened(inbound=False, client=client, target=r.target, mtls=mtls,
+                                          service=r.service_host)
+        self.mesh.track(kind, (client[0],), conn, flow)
+
     async def _tunnel(self, sock: socket.socket, source: Workload, r: Route, client: Address,
                       target: Address) -> None:
         assert r.dial is not None and r.identity is not None and r.workload is not None
         relay = Relay()
         relay.preload_from(sock)
         try:
-            cert = await self.mesh.certificates.get(source.identity(self.mesh.trust_domain))
+            cert = await self._certificate(source)
             await self.mesh.pool.connect(relay, cert, r.identity, r.dial, Authority(*r.target),
                                          request_headers(client, r.service_host), source_ip=client[0])
         except (HboneError, CertificateUnavailable, OSError) as e:
@@ -101,9 +122,7 @@ class OutboundProxy:
             close_with_reset(sock)
             return
         await asyncio.get_running_loop().connect_accepted_socket(lambda: relay, sock)
-        flow = self.mesh.telemetry.opened(inbound=False, client=client, target=r.target, mtls=True,
-                                          service=r.service_host)
-        self.mesh.track("outbound-hbone", (client[0],), relay, flow)
+        self._opened("outbound-hbone", relay, client, r, mtls=True)
 
     async def _plain(self, sock: socket.socket, client: Address, r: Route) -> None:
         """Plain TCP to ``r.dial`` from the pod's own address (the node's, towards the node itself)."""
@@ -120,6 +139,4 @@ class OutboundProxy:
             return
         splice = Splice()
         await splice.join(sock, upstream)
-        flow = self.mesh.telemetry.opened(inbound=False, client=client, target=r.target, mtls=False,
-                                          service=r.service_host)
-        self.mesh.track(r.kind.value, (client[0],), splice, flow)
+        self._opened(r.kind.value, splice, client, r, mtls=False)
