@@ -105,6 +105,7 @@ def traffic_labels(reporter: str, source: Endpoint, destination: Endpoint, mtls:
     return (reporter, *src, *svc, *dst, "tcp", response_flags, "mutual_tls" if mtls else UNKNOWN)
 
 
+TRAFFIC_MEMORY = 4096  # connections' label values kept (Metrics._labels_of); past it the memory starts over
 Feeds = tuple[tuple[int, str], ...]  # (side: 0 source / 1 destination, "namespace/pod") of a series' pods
 SeriesSide = tuple[int, tuple[str, ...], int]  # (family slot, label values, side)
 
@@ -189,6 +190,7 @@ class Metrics:
         self._workloads: dict[str, int] = {}
         self._cert_expiry: dict[str, float] = {}
         self._attached: dict[tuple[str, str], int] = {}
+        self._traffic_memory: dict[tuple[object, ...], tuple[tuple[str, ...], Feeds, object]] = {}
 
     # -- Istio traffic ------------------------------------------------------------------------------------------
     def _inc(self, family: _Family, labels: tuple[str, ...], feeds: Feeds, amount: float = 1) -> None:
@@ -205,11 +207,27 @@ class Metrics:
                     feeders.add(pod)
                     self._fed_by.setdefault(pod, set()).add(key)
 
+    def _labels_of(self, reporter: str, source: Endpoint, destination: Endpoint, mtls: bool) -> tuple[
+            tuple[str, ...], Feeds]:
+        """A connection's label values and feeds, remembered by what they are made of: its ends' labels
+        mappings by identity (the store replaces a pod's labels, never changes them; the memory holds them, so
+        an id is not reused while it is a key)."""
+        key = (reporter, mtls, source.identity, source.namespace, source.pod_name, source.workload, id(source.labels),
+               destination.identity, destination.namespace, destination.pod_name, destination.workload,
+               id(destination.labels), destination.service)
+        known = self._traffic_memory.get(key)
+        if known is None:
+            if len(self._traffic_memory) >= TRAFFIC_MEMORY:
+                self._traffic_memory = {}
+            known = self._traffic_memory[key] = (
+                traffic_labels(reporter, source, destination, mtls, cluster=self.cluster),
+                _feeds(source, destination), (source.labels, destination.labels))
+        return known[0], known[1]
+
     def connection_opened(self, reporter: str, source: Endpoint, destination: Endpoint,
                           mtls: bool) -> ConnectionSeries:
         """Count an accepted connection; close the returned series when it ends."""
-        labels = traffic_labels(reporter, source, destination, mtls, cluster=self.cluster)
-        feeds = _feeds(source, destination)
+        labels, feeds = self._labels_of(reporter, source, destination, mtls)
         with self._lock:
             self._inc(self.opened, labels, feeds)
             return ConnectionSeries(self, labels, feeds, self._epoch)

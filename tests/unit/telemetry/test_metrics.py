@@ -177,3 +177,20 @@ def test_unknown_endpoints_are_unknown() -> None:
     labels = dict(zip(TRAFFIC_LABELS, traffic_labels("source", OUTSIDE, OUTSIDE, False), strict=True))
     assert {k: v for k, v in labels.items() if v != "unknown"} == {"reporter": "source", "request_protocol": "tcp",
                                                                   "response_flags": "-"}
+
+
+def test_remembered_label_values_follow_a_pod_relabelled_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label values are remembered per connection shape: a pod's new labels (a new mapping, as the store makes
+    one per change) give new series, its old labels the old ones; the memory starts over when full."""
+    monkeypatch.setattr("agent.telemetry.metrics.TRAFFIC_MEMORY", 3)
+    metrics = Metrics()
+    relabelled = Endpoint(WEB.ip, WEB.port, WEB.identity, WEB.namespace, WEB.pod_name,
+                          {**WEB.labels, "service.istio.io/canonical-revision": "r8"}, service=WEB.service)
+    for destination in (WEB, relabelled, WEB, OUTSIDE, CLIENT, relabelled):
+        metrics.connection_opened("source", CLIENT, destination, True).close(1, 2)
+    assert len(metrics._traffic_memory) <= 3
+    opened = metrics.series("istio_tcp_connections_opened")
+    expected = {traffic_labels("source", CLIENT, d, True): n
+                for d, n in ((WEB, 2), (relabelled, 2), (OUTSIDE, 1), (CLIENT, 1))}
+    assert opened == expected
+    assert sorted(labels[14] for labels in opened) == ["r7", "r8", "unknown", "v2"]
