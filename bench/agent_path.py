@@ -140,14 +140,11 @@ class Agents:
     async def client_side(self, target: tuple[str, int], port: int) -> None:
         """The client agent's steps for one connection from the client pod's ``port`` to ``target``."""
         client = (CLIENT_IP, port)
-        planned = self.outbound._plan(client, target)
-        assert planned is not None
-        source, r = planned
-        cert = await self.outbound._certificate(source)
-        assert cert is not None and r.target is not None
-        Authority(*r.target)
+        plan = self.outbound._plan(client, target)
+        assert plan is not None and plan.authority is not None
+        await self.certificates.get(plan.identity)
         conn = _Connection()
-        self.outbound._opened("outbound-hbone", conn, client, r, mtls=True)
+        self.outbound._opened("outbound-hbone", conn, client, plan.route, mtls=True)
         conn.finish()
 
     def server_side(self, request: InboundRequest) -> None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable
+from typing import NamedTuple
 
 from agent.identity.manager import CertificateUnavailable
 from agent.mesh.model import Address
-from agent.mesh.store import Workload
+from agent.mesh.store import MeshState, Workload
 from agent.proxy.connections import Proxied
 from agent.proxy.context import Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
@@ -31,8 +31,8 @@ from hbone import (
     Authority,
     HboneError,
     Relay,
+    SpiffeId,
     StreamFailed,
-    WorkloadCertificate,
     accepted_addresses,
     close_with_reset,
     request_headers,
@@ -40,12 +40,24 @@ from hbone import (
 
 log = logging.getLogger(__name__)
 
+PLANS_MAX = 4096  # (source ip, destination) plans kept per mesh state; past it they start over
+
+
+class Plan(NamedTuple):
+    """What the mesh state says of a connection from an enrolled pod of this node to a destination."""
+
+    source: Workload
+    identity: SpiffeId  # the source's
+    route: Route
+    authority: Authority | None  # HBONE: the CONNECT's target
+
 
 
 class OutboundProxy:
     def __init__(self, mesh: Mesh, inbound: InboundProxy) -> None:
         self.mesh, self.inbound = mesh, inbound
         self._acceptor: Acceptor | None = None
+        self._plans: tuple[MeshState | None, dict[tuple[str, Address], Plan]] = (None, {})
 
     def start(self, listener: socket.socket) -> None:
         self._acceptor = Acceptor(listener, self._handle, "outbound")
@@ -64,38 +76,49 @@ class OutboundProxy:
         if ends is None:
             return
         client, target = ends
-        planned = self._plan(client, target)
-        if planned is None:
+        plan = self._plan(client, target)
+        if plan is None:
             close_with_reset(sock)
             return
-        source, r = planned
-        mesh = self.mesh
+        r, mesh = plan.route, self.mesh
         if r.kind is Kind.HBONE:
-            await self._tunnel(sock, source, r, client, target)
+            await self._tunnel(sock, plan, client, target)
         elif r.kind is Kind.LOCAL:
-            await self.inbound.deliver(sock, source.identity(mesh.trust_domain), client, r.target,
-                                       service=r.service_host)
+            await self.inbound.deliver(sock, plan.identity, client, r.target, service=r.service_host)
         elif r.kind is Kind.REFUSE:
-            log.info("outbound %s (%s) -> %s refused: %s", client, source.key, target, r.reason)
+            log.info("outbound %s (%s) -> %s refused: %s", client, plan.source.key, target, r.reason)
             mesh.telemetry.dropped(inbound=False, client=client, target=target, mtls=False, reason=r.reason,
                                    service=r.service_host, response_flags=NO_HEALTHY_UPSTREAM)
             close_with_reset(sock)
         else:
             await self._plain(sock, client, r)
 
-    def _plan(self, client: Address, target: Address) -> tuple[Workload, Route] | None:
-        """The enrolled source pod at ``client`` and its route to ``target``; None (logged) when ``client`` is
-        not an enrolled pod of this node: captured all the same, it is refused (fail closed)."""
+    def _plan(self, client: Address, target: Address) -> Plan | None:
+        """The plan for a connection from ``client`` to ``target``; None (logged) when ``client`` is not an
+        enrolled pod of this node: captured all the same, it is refused (fail closed). Plans are kept for the
+        state they were made from (any change starts over), except a Service's: its endpoint is drawn for
+        each connection."""
         mesh = self.mesh
+        state = mesh.store.state
+        made_for, plans = self._plans
+        if made_for is not state or len(plans) >= PLANS_MAX:
+            plans = {}
+            self._plans = (state, plans)
+        key = (client[0], target)
+        plan = plans.get(key)
+        if plan is not None:
+            return plan
         source = mesh.local_enrolled(client[0])
         if source is None:
             log.warning("outbound %s -> %s: source is not an enrolled pod of node %s; refused",
                         client, target, mesh.node)
             return None
-        return source, route(source, target, mesh.store.state, mesh.trust_domain)
-
-    def _certificate(self, source: Workload) -> Awaitable[WorkloadCertificate]:
-        return self.mesh.certificates.get(source.identity(self.mesh.trust_domain))
+        r = route(source, target, state, mesh.trust_domain)
+        plan = Plan(source, source.identity(mesh.trust_domain), r,
+                    Authority(*r.target) if r.kind is Kind.HBONE else None)
+        if r.service is None:
+            plans[key] = plan
+        return plan
 
     def _opened(self, kind: str, conn: Proxied, client: Address, r: Route, mtls: bool) -> None:
         """``conn`` carries the connection now: its flow starts, and it is tracked until it closes."""
@@ -103,17 +126,17 @@ class OutboundProxy:
                                           service=r.service_host)
         self.mesh.track(kind, (client[0],), conn, flow)
 
-    async def _tunnel(self, sock: socket.socket, source: Workload, r: Route, client: Address,
-                      target: Address) -> None:
-        assert r.dial is not None and r.identity is not None and r.workload is not None
+    async def _tunnel(self, sock: socket.socket, plan: Plan, client: Address, target: Address) -> None:
+        r = plan.route
+        assert r.dial is not None and r.identity is not None and r.workload is not None and plan.authority
         relay = Relay()
         relay.preload_from(sock)
         try:
-            cert = await self._certificate(source)
-            await self.mesh.pool.connect(relay, cert, r.identity, r.dial, Authority(*r.target),
+            cert = await self.mesh.certificates.get(plan.identity)
+            await self.mesh.pool.connect(relay, cert, r.identity, r.dial, plan.authority,
                                          request_headers(client, r.service_host), source_ip=client[0])
         except (HboneError, CertificateUnavailable, OSError) as e:
-            log.warning("outbound %s (%s) -> %s (%s): %s", client, source.key, target, r.workload.key, e)
+            log.warning("outbound %s (%s) -> %s (%s): %s", client, plan.source.key, target, r.workload.key, e)
             reason = f"tunnel failed: {e}"
             if isinstance(e, StreamFailed) and e.status == 401:
                 reason = "denied by the destination (CONNECT answered 401)"
