@@ -14,6 +14,7 @@ import asyncio
 import logging
 import socket
 
+from agent.mesh.memo import StateMemo
 from agent.mesh.model import Address
 from agent.proxy.connections import Proxied
 from agent.proxy.context import Mesh
@@ -36,17 +37,14 @@ log = logging.getLogger(__name__)
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 
 
-def _connection(request: InboundRequest) -> Connection:
-    return Connection(request.peer, forwarded_client(request.headers, request.source),
-                      (request.target.ip, request.target.port), forwarded_host(request.headers))
-
-
 class InboundProxy:
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.hbone = HboneServer(self._certificate, lambda: mesh.certificates.trust_bundle,
                                  policy=self._decide, connect=self._connect)
         self._plaintext: Acceptor | None = None
+        self._services: StateMemo[Address, str] = StateMemo(mesh.store)  # target -> _service's guess ("": none)
+        self._last: tuple[InboundRequest, Connection] | None = None
 
     async def start(self, hbone_listener: socket.socket, plaintext_listener: socket.socket) -> None:
         await self.hbone.start(sock=hbone_listener)
@@ -68,11 +66,26 @@ class InboundProxy:
         Service serving the target port (ztunnel's guess)."""
         if connection.service is not None:
             return connection.service
-        service = self.mesh.store.state.service_serving(*connection.target)
-        return service.hostname if service is not None else None
+        guesses = self._services.current()
+        hostname = guesses.get(connection.target)
+        if hostname is None:
+            service = self.mesh.store.state.service_serving(*connection.target)
+            hostname = guesses[connection.target] = service.hostname if service is not None else ""
+        return hostname or None
+
+    def _connection(self, request: InboundRequest) -> Connection:
+        """What a CONNECT says of its connection. The policy hook and then the connector ask about the same
+        request: the last answer is kept for the second."""
+        last = self._last
+        if last is not None and last[0] is request:
+            return last[1]
+        connection = Connection(request.peer, forwarded_client(request.headers, request.source),
+                                (request.target.ip, request.target.port), forwarded_host(request.headers))
+        self._last = (request, connection)
+        return connection
 
     def _decide(self, request: InboundRequest) -> str | None:
-        connection = _connection(request)
+        connection = self._connection(request)
         denial = self.mesh.policy(connection)
         if denial is None:
             return None
@@ -95,7 +108,7 @@ class InboundProxy:
 
     def _opened(self, request: InboundRequest, relay: Proxied) -> None:
         """``relay`` carries the CONNECT's stream now: its flow starts, and it is tracked until it closes."""
-        connection = _connection(request)
+        connection = self._connection(request)
         flow = self.mesh.telemetry.opened(inbound=True, client=connection.client, target=connection.target,
                                           mtls=True, service=self._service(connection))
         self.mesh.track("inbound-hbone", (request.target.ip,), relay, flow, server_side=True)

@@ -17,8 +17,9 @@ import socket
 from typing import NamedTuple
 
 from agent.identity.manager import CertificateUnavailable
+from agent.mesh.memo import StateMemo
 from agent.mesh.model import Address
-from agent.mesh.store import MeshState, Workload
+from agent.mesh.store import Workload
 from agent.proxy.connections import Proxied
 from agent.proxy.context import Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
@@ -40,8 +41,6 @@ from hbone import (
 
 log = logging.getLogger(__name__)
 
-PLANS_MAX = 4096  # (source ip, destination) plans kept per mesh state; past it they start over
-
 
 class Plan(NamedTuple):
     """What the mesh state says of a connection from an enrolled pod of this node to a destination."""
@@ -57,7 +56,7 @@ class OutboundProxy:
     def __init__(self, mesh: Mesh, inbound: InboundProxy) -> None:
         self.mesh, self.inbound = mesh, inbound
         self._acceptor: Acceptor | None = None
-        self._plans: tuple[MeshState | None, dict[tuple[str, Address], Plan]] = (None, {})
+        self._plans: StateMemo[tuple[str, Address], Plan] = StateMemo(mesh.store)
 
     def start(self, listener: socket.socket) -> None:
         self._acceptor = Acceptor(listener, self._handle, "outbound")
@@ -96,14 +95,9 @@ class OutboundProxy:
     def _plan(self, client: Address, target: Address) -> Plan | None:
         """The plan for a connection from ``client`` to ``target``; None (logged) when ``client`` is not an
         enrolled pod of this node: captured all the same, it is refused (fail closed). Plans are kept for the
-        state they were made from (any change starts over), except a Service's: its endpoint is drawn for
-        each connection."""
+        state they were made from, except a Service's: its endpoint is drawn for each connection."""
         mesh = self.mesh
-        state = mesh.store.state
-        made_for, plans = self._plans
-        if made_for is not state or len(plans) >= PLANS_MAX:
-            plans = {}
-            self._plans = (state, plans)
+        plans = self._plans.current()
         key = (client[0], target)
         plan = plans.get(key)
         if plan is not None:
@@ -113,7 +107,7 @@ class OutboundProxy:
             log.warning("outbound %s -> %s: source is not an enrolled pod of node %s; refused",
                         client, target, mesh.node)
             return None
-        r = route(source, target, state, mesh.trust_domain)
+        r = route(source, target, mesh.store.state, mesh.trust_domain)
         plan = Plan(source, source.identity(mesh.trust_domain), r,
                     Authority(*r.target) if r.kind is Kind.HBONE else None)
         if r.service is None:

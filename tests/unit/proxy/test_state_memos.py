@@ -1,5 +1,6 @@
-"""The outbound side's plans (source pod, its identity, the route): kept for the mesh state they were made from,
-made again after any change, and never kept for a Service, whose endpoint is drawn for each connection."""
+"""What the proxies remember of the mesh state between connections: the outbound side's plans (source pod, its
+identity, the route), made again after any change and never kept for a Service, whose endpoint is drawn for each
+connection; the inbound side's guess of the Service of a connection that named none."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from agent.proxy.inbound import InboundProxy
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.route import Kind
 from agent.telemetry.hub import Telemetry, TelemetryConfig
-from hbone import Authority, Pool, SpiffeId, TrustBundle
+from hbone import Authority, InboundRequest, Pool, SpiffeId, TrustBundle
 from tests.fixtures.mesh_objects import AMBIENT, namespace, pod, service
 
 CLIENT, SERVER, OTHER_SERVER, VIP = "10.0.1.1", "10.0.2.1", "10.0.2.2", "10.96.0.9"
@@ -26,10 +27,14 @@ class _NoCa:
         pass
 
 
-def outbound(store: MeshStore) -> OutboundProxy:
+def mesh_of(store: MeshStore, node: str) -> Mesh:
     bundle = CertificateAuthority.create("cluster.local").trust_bundle
-    mesh = Mesh("node-a", "cluster.local", store, CertificateManager(_NoCa(), bundle), Pool(lambda: bundle),
-                frozenset(), Telemetry("node-a", store, "cluster.local", TelemetryConfig()))
+    return Mesh(node, "cluster.local", store, CertificateManager(_NoCa(), bundle), Pool(lambda: bundle),
+                frozenset(), Telemetry(node, store, "cluster.local", TelemetryConfig()))
+
+
+def outbound(store: MeshStore) -> OutboundProxy:
+    mesh = mesh_of(store, "node-a")
     return OutboundProxy(mesh, InboundProxy(mesh))
 
 
@@ -70,3 +75,34 @@ def test_a_service_endpoint_is_drawn_for_each_connection() -> None:
         assert plan is not None and plan.route.kind is Kind.HBONE and plan.route.service is not None
         drawn.add(plan.route.target[0])
     assert drawn == {SERVER, OTHER_SERVER}  # 64 draws of two: both, but for a 2**-63 chance
+
+
+def connect_request(port: int, headers: dict[str, str]) -> InboundRequest:
+    return InboundRequest(SpiffeId("cluster.local", "shop", "sa"), (CLIENT, 51000), (SERVER, 15008),
+                          Authority(SERVER, port), headers)
+
+
+def test_the_guessed_service_follows_the_state() -> None:
+    store = MeshStore()
+    objects = mesh_objects({"app": "web"})
+    assert store.apply(objects[:-1]) == []  # no Service yet
+    inbound = InboundProxy(mesh_of(store, "node-b"))
+    request = connect_request(80, {"forwarded": f'for="{CLIENT}:40000"'})
+    assert inbound._service(inbound._connection(request)) is None
+    assert store.apply(objects[-1:]) == []  # the Service appears: port 80 of its pods
+    assert inbound._service(inbound._connection(request)) == "web.shop.svc.cluster.local"
+    assert inbound._service(inbound._connection(connect_request(8080, {}))) is None  # another port: none
+    assert store.apply([], deletes=[("Service", "shop", "web")]) == []
+    assert inbound._service(inbound._connection(request)) is None
+
+
+def test_each_request_is_read_for_itself() -> None:
+    store = MeshStore()
+    assert store.apply(mesh_objects({"app": "web"})) == []
+    inbound = InboundProxy(mesh_of(store, "node-b"))
+    first = connect_request(80, {"forwarded": f'for="{CLIENT}:40000";host=web.shop.svc.cluster.local'})
+    second = connect_request(80, {"forwarded": f'for="{CLIENT}:40001"'})
+    assert inbound._connection(first) is inbound._connection(first)  # asked twice (policy, then connect)
+    assert (inbound._connection(second).client, inbound._connection(second).service) == ((CLIENT, 40001), None)
+    assert (inbound._connection(first).client, inbound._connection(first).service) == \
+        ((CLIENT, 40000), "web.shop.svc.cluster.local")
