@@ -194,3 +194,17 @@ def test_remembered_label_values_follow_a_pod_relabelled_and_stay_bounded(monkey
                 for d, n in ((WEB, 2), (relabelled, 2), (OUTSIDE, 1), (CLIENT, 1))}
     assert opened == expected
     assert sorted(labels[14] for labels in opened) == ["r7", "r8", "unknown", "v2"]
+
+
+def test_series_counted_again_after_their_pod_was_forgotten_are_forgotten_with_it_again() -> None:
+    """A connection shape's feeds are registered once per epoch: after a forget they must be registered anew,
+    or the next forget of that pod would leave its series behind."""
+    metrics = Metrics()
+    for _round in range(3):
+        for _ in range(2):
+            metrics.connection_opened("destination", CLIENT, WEB, True).close(10, 20)
+        assert set(metrics.series("istio_tcp_connections_opened").values()) == {2}
+        assert set(metrics.series("istio_tcp_sent_bytes").values()) == {40}
+        assert metrics.forget_workload("shop", "web-0") == 4  # opened, closed, sent, received
+        assert all(not metrics.series(f) for f in ("istio_tcp_connections_opened", "istio_tcp_connections_closed",
+                                                   "istio_tcp_sent_bytes", "istio_tcp_received_bytes"))
