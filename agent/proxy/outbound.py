@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 from typing import NamedTuple
 
@@ -23,7 +24,7 @@ from agent.mesh.store import Workload
 from agent.proxy.connections import Proxied
 from agent.proxy.context import Mesh
 from agent.proxy.inbound import UPSTREAM_CONNECT_TIMEOUT, InboundProxy
-from agent.proxy.route import Kind, Route, route
+from agent.proxy.route import Choice, Kind, Route, resolve, to_endpoint
 from agent.proxy.sockets import dial
 from agent.proxy.splice import Splice
 from agent.telemetry.metrics import NO_HEALTHY_UPSTREAM
@@ -51,12 +52,22 @@ class Plan(NamedTuple):
     authority: Authority | None  # HBONE: the CONNECT's target
 
 
+class _Draw:
+    """A Service's endpoints for one source pod: each connection draws one; the plan per endpoint is kept."""
+
+    __slots__ = ("choice", "plans", "source")
+
+    def __init__(self, source: Workload, choice: Choice) -> None:
+        self.source, self.choice = source, choice
+        self.plans: dict[str, Plan] = {}  # by endpoint IP
+
+
 
 class OutboundProxy:
     def __init__(self, mesh: Mesh, inbound: InboundProxy) -> None:
         self.mesh, self.inbound = mesh, inbound
         self._acceptor: Acceptor | None = None
-        self._plans: StateMemo[tuple[str, Address], Plan] = StateMemo(mesh.store)
+        self._plans: StateMemo[tuple[str, Address], Plan | _Draw] = StateMemo(mesh.store)
 
     def start(self, listener: socket.socket) -> None:
         self._acceptor = Acceptor(listener, self._handle, "outbound")
@@ -95,24 +106,33 @@ class OutboundProxy:
     def _plan(self, client: Address, target: Address) -> Plan | None:
         """The plan for a connection from ``client`` to ``target``; None (logged) when ``client`` is not an
         enrolled pod of this node: captured all the same, it is refused (fail closed). Plans are kept for the
-        state they were made from, except a Service's: its endpoint is drawn for each connection."""
+        state they were made from; a Service's endpoint is drawn for each connection (its candidates and the
+        plan for each endpoint are kept)."""
         mesh = self.mesh
         plans = self._plans.current()
         key = (client[0], target)
-        plan = plans.get(key)
-        if plan is not None:
-            return plan
-        source = mesh.local_enrolled(client[0])
-        if source is None:
-            log.warning("outbound %s -> %s: source is not an enrolled pod of node %s; refused",
-                        client, target, mesh.node)
-            return None
-        r = route(source, target, mesh.store.state, mesh.trust_domain)
-        plan = Plan(source, source.identity(mesh.trust_domain), r,
-                    Authority(*r.target) if r.kind is Kind.HBONE else None)
-        if r.service is None:
-            plans[key] = plan
+        known = plans.get(key)
+        if known is None:
+            source = mesh.local_enrolled(client[0])
+            if source is None:
+                log.warning("outbound %s -> %s: source is not an enrolled pod of node %s; refused",
+                            client, target, mesh.node)
+                return None
+            resolved = resolve(source, target, mesh.store.state, mesh.trust_domain)
+            known = plans[key] = (self._made(source, resolved) if isinstance(resolved, Route)
+                                  else _Draw(source, resolved))
+        if isinstance(known, Plan):
+            return known
+        endpoint = random.choice(known.choice.candidates)
+        plan = known.plans.get(endpoint.ip)
+        if plan is None:
+            r = to_endpoint(known.source, known.choice, endpoint, mesh.store.state, mesh.trust_domain)
+            plan = known.plans[endpoint.ip] = self._made(known.source, r)
         return plan
+
+    def _made(self, source: Workload, r: Route) -> Plan:
+        return Plan(source, source.identity(self.mesh.trust_domain), r,
+                    Authority(*r.target) if r.kind is Kind.HBONE else None)
 
     def _opened(self, kind: str, conn: Proxied, client: Address, r: Route, mtls: bool) -> None:
         """``conn`` carries the connection now: its flow starts, and it is tracked until it closes."""

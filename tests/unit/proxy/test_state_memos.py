@@ -75,6 +75,14 @@ def test_a_service_endpoint_is_drawn_for_each_connection() -> None:
         assert plan is not None and plan.route.kind is Kind.HBONE and plan.route.service is not None
         drawn.add(plan.route.target[0])
     assert drawn == {SERVER, OTHER_SERVER}  # 64 draws of two: both, but for a 2**-63 chance
+    # one endpoint leaves the mesh, the other is deleted: the next draws see the Service as it is now
+    assert store.apply([pod("web-1", "shop", SERVER, node="node-b",
+                            labels={"app": "web", "istio.io/dataplane-mode": "none"})],
+                       deletes=[("Pod", "shop", "web-2")]) == []
+    for port in range(40100, 40116):
+        plan = proxy._plan((CLIENT, port), (VIP, 80))
+        assert plan is not None and plan.route.kind is Kind.DIRECT and plan.route.target == (SERVER, 80)
+        assert plan.authority is None
 
 
 def connect_request(port: int, headers: dict[str, str]) -> InboundRequest:
