@@ -62,7 +62,6 @@ class _Draw:
         self.plans: dict[str, Plan] = {}  # by endpoint IP
 
 
-
 class OutboundProxy:
     def __init__(self, mesh: Mesh, inbound: InboundProxy) -> None:
         self.mesh, self.inbound = mesh, inbound
