@@ -204,7 +204,7 @@ async def main_async(args: argparse.Namespace) -> None:
     server = _median_us(args.runs, args.count, lambda: _time_server(agents, requests, args.count))
     client_times = [await _time_client(agents, target, args.count) / args.count * 1e6 for _ in range(args.runs)]
     client = statistics.median(client_times), min(client_times), max(client_times)
-    path = f"client pod -> {'Service ' + VIP + ':80' if args.service else 'server pod ' + SERVER_IP}:{PORT}"
+    path = f"client pod -> Service {VIP}:80" if args.service else f"client pod -> server pod {SERVER_IP}:{PORT}"
     print(f"agent path ({path}), CPU per connection, median of {args.runs} x {args.count:,}:")
     for side, (median, low, high) in (("client agent", client), ("server agent", server)):
         print(f"  {side}: {median:6.1f} us  (range {low:.1f}-{high:.1f})")
