@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from agent.identity.manager import CertificateStatus
+from agent.mesh.memo import StateMemo
 from agent.mesh.model import Address
 from agent.mesh.store import Change, MeshState, MeshStore
 from agent.telemetry.admin import (
@@ -31,8 +32,6 @@ from agent.telemetry.observer_tls import ServerTls, ServerTlsFiles, operator_ide
 from agent.telemetry.recorder import Endpoint, FlowHandle, FlowRecorder
 
 log = logging.getLogger(__name__)
-
-ENDPOINT_CACHE = 4096  # addresses whose Endpoint is kept (per state); past it the cache starts over
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,10 @@ class Telemetry:
         self.recorder = FlowRecorder(node, config.flows, self.metrics, resolve=lambda ip: self.endpoint((ip, 0)))
         self.observer = ObserverServer(self.recorder)
         self._admin: AdminServer | None = None
-        # What the store knows of an IP, as an Endpoint without port and service, for the state it was read from:
-        # a connection's two ends cost a dict lookup, not a Workload's identity string and labels read again. A
-        # new state (any change) starts a new cache (and so does the recorder's, of kernel events' addresses).
-        self._known: tuple[MeshState | None, dict[str, Endpoint]] = (None, {})
+        # What the store knows of an IP, as an Endpoint without port and service: a connection's two ends cost a
+        # dict lookup, not a Workload's identity string and labels read again (a change also makes the recorder
+        # forget kernel events' addresses).
+        self._known: StateMemo[str, Endpoint] = StateMemo(store)
         self._kernel: KernelReader | None = None
         store.subscribe(self._mesh_changed)
 
@@ -66,14 +65,10 @@ class Telemetry:
         """What the store knows of ``address``: the pod, its namespace, labels and identity; ``service`` is the
         hostname of the Service the client called, when known."""
         ip = address[0]
-        state = self.store.state
-        cached_for, known = self._known
-        if cached_for is not state or len(known) >= ENDPOINT_CACHE:
-            known = {}
-            self._known = (state, known)
+        known = self._known.current()
         e = known.get(ip)
         if e is None:
-            w = state.by_ip(ip)
+            w = self.store.state.by_ip(ip)
             e = known[ip] = (Endpoint(ip, 0) if w is None else
                              Endpoint(ip, 0, str(w.identity(self.trust_domain)), w.namespace, w.name, w.labels,
                                       w.labels.get("app", w.name)))

@@ -75,10 +75,11 @@ def flag_names(flags: int) -> list[str]:
     return [name for name, bit in TCP_FLAGS if flags & bit]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Endpoint:
     """One end of a flow as the agent knows it. Only ``ip`` and ``port`` are required: a peer outside the
-    mesh is just an address."""
+    mesh is just an address. Immutable by convention once made (flows share it); not frozen, as two are made
+    per connection and a frozen dataclass sets each field through ``object.__setattr__``."""
 
     ip: str
     port: int

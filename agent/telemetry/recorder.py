@@ -61,6 +61,8 @@ ReporterName = Literal["source", "destination"]
 _DIRECTIONS = {"INGRESS": Direction.INGRESS, "EGRESS": Direction.EGRESS}
 _REPORTERS = {"source": Reporter.SOURCE, "destination": Reporter.DESTINATION}
 _TLS_WORDS = re.compile(r"tls|certificate|handshake|identity|ssl", re.IGNORECASE)
+# hubble_flows_processed_total's subtype and verdict labels of a flow (enum names cost a call each time)
+_PROCESSED = {(e, v): (e.name.lower(), v.name) for e in EventType for v in Verdict}
 _KINDS_MAX = 1024  # kinds of kernel event described (the key space is small; a bound all the same)
 _ADDRESSES_MAX = 4096  # kernel event addresses whose Endpoint is kept; past it the cache starts over
 REJECTED_LOG_EVERY = 10.0  # seconds between two warnings about malformed kernel events
@@ -152,7 +154,7 @@ class FlowRecorder:
     def _record(self, flow: Flow, type_: str) -> None:
         self.ring.write(flow)
         if self.metrics is not None:
-            self.metrics.flow_processed(type_, flow.event_type.name.lower(), flow.verdict.name)
+            self.metrics.flow_processed(type_, *_PROCESSED[flow.event_type, flow.verdict])
 
     def start(self, *, direction: DirectionName, reporter: ReporterName, source: Endpoint, destination: Endpoint,
               mtls: bool) -> FlowHandle:

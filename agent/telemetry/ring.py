@@ -160,9 +160,9 @@ class FlowRing:
             self.seen += 1
         else:
             self.lost += entry.count
-        gone = [f for f in self._followers if not f.push(entry)]
-        for follower in gone:
-            self._followers.remove(follower)
+        if self._followers:
+            for follower in [f for f in self._followers if not f.push(entry)]:
+                self._followers.remove(follower)
 
     def _build(self) -> list[Entry]:
         """Under the lock: every entry, pending flows built (and kept built)."""
