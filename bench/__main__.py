@@ -3,7 +3,8 @@ connections per second with their set-up latency, and the proxies' CPU and memor
 
 Two path sets, measured one after the other in one run (``--sets`` picks): ``loopback`` (every process in
 this network namespace) and ``lab`` (between a pod on node 1 and a pod on node 2 of an ``ambit lab`` made
-for the run and removed after it; needs root; it adds the ``ambit-svc`` path, through a Service VIP). A
+for the run and removed after it; needs root; it adds the ``ambit-svc`` path, through a Service VIP, and the
+``hbone`` path, the tunnel library alone between the same nodes, to tell what the agents add to it). A
 full-size run (>= 1 GiB bulk, >= 10,000 exchanges, >= 2,000 connections per connection run) rewrites each
 measured set's generated section of BENCHMARKS.md; a reduced run only prints, unless ``--write`` is given.
 """
@@ -22,7 +23,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.harness import GIB, Config, PathResult, kept_unless_done, run, wait_until_quiet
-from bench.lab import LabAmbitPath, LabAmbitServicePath, LabDirectPath, LabEnvoyPath, bench_lab, lab_unavailable
+from bench.lab import (
+    LabAmbitPath,
+    LabAmbitServicePath,
+    LabDirectPath,
+    LabEnvoyPath,
+    LabHbonePath,
+    bench_lab,
+    lab_unavailable,
+)
 from bench.paths import AmbitPath, BenchPath, DirectPath, EnvoyPath, MeshCerts
 from bench.report import (
     LAB_SET,
@@ -42,8 +51,9 @@ FULL_RR = 10_000
 FULL_CONN = 2000
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 SETS = ("loopback", "lab")
-PATHS = ("direct", "ambit", "ambit-svc", "envoy")
-LAB_ONLY = {"ambit-svc": "it goes through a Service VIP, and only the lab's agents resolve Services"}
+PATHS = ("direct", "ambit", "ambit-svc", "hbone", "envoy")
+LAB_ONLY = {"ambit-svc": "it goes through a Service VIP, and only the lab's agents resolve Services",
+            "hbone": "on loopback the ambit path is the tunnel library alone already"}
 
 
 def parse_size(text: str) -> int:
@@ -108,8 +118,8 @@ def _parser() -> argparse.ArgumentParser:
                          "(pod on node 1 -> pod on node 2 of an `ambit lab` made for the run; needs root); "
                          "default: both, loopback first")
     ap.add_argument("--paths", default=",".join(PATHS),
-                    help=f"comma-separated subset of {','.join(PATHS)} (in every set; ambit-svc in the lab set "
-                         "only)")
+                    help=f"comma-separated subset of {','.join(PATHS)} (in every set; ambit-svc and hbone in the "
+                         "lab set only)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="update --output (default: only for a full-size run)")
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             with bench_lab(workdir / "lab" / "lab-logs", _say) as lab:
                 lab_known: dict[str, BenchPath] = {
                     "direct": LabDirectPath(lab), "ambit": LabAmbitPath(lab), "ambit-svc": LabAmbitServicePath(lab),
-                    "envoy": LabEnvoyPath(lab, certs, args.envoy_buffer_limit)}
+                    "hbone": LabHbonePath(lab, certs), "envoy": LabEnvoyPath(lab, certs, args.envoy_buffer_limit)}
                 if args.quiet_wait > 0:
                     wait_until_quiet(args.quiet_wait, say=_say)
                 results = run([lab_known[n] for n in names], dataclasses.replace(cfg, workdir=workdir / "lab"))

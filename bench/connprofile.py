@@ -1,7 +1,8 @@
 """Hammer one lab path with new connections and profile both agents: ``python -m bench.connprofile``.
 
 The connection workload of ``python -m bench`` (connect, ``--size`` bytes each way, close), on the ``ambit``
-or ``ambit-svc`` path of an ``ambit lab`` made for the run, repeated ``--rounds`` times. Each round prints
+or ``ambit-svc`` path of an ``ambit lab`` made for the run (or, to compare, ``hbone``: the tunnel library alone
+between the same nodes, or ``envoy``: the Envoy pair), repeated ``--rounds`` times. Each round prints
 connections/s and the proxy CPU per connection of each agent; with ``--profile DIR``, py-spy samples both
 agents during the rounds (``DIR/client.txt``, ``DIR/server.txt``, collapsed stacks) and the functions that
 took the most samples (self and inclusive) are printed per agent. Root only (the lab needs it).
@@ -17,17 +18,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent.lab import control
 from agent.lab import runtime as rt
 from bench.harness import Config, Receiver, conn_once, nearest_rank
-from bench.lab import BenchLab, LabAmbitPath, LabAmbitServicePath, bench_lab
-from bench.paths import Running
+from bench.lab import BenchLab, LabAmbitPath, LabAmbitServicePath, LabEnvoyPath, LabHbonePath, bench_lab
+from bench.paths import BenchPath, MeshCerts, Running
 from bench.procs import CLOCK_TICKS, descendants
 
-PATHS = {"ambit": LabAmbitPath, "ambit-svc": LabAmbitServicePath}
+PATHS: dict[str, Callable[[BenchLab], BenchPath]] = {
+    "ambit": LabAmbitPath, "ambit-svc": LabAmbitServicePath,
+    "hbone": lambda lab: LabHbonePath(lab, MeshCerts.create()),  # the tunnel library alone, for comparison
+    "envoy": lambda lab: LabEnvoyPath(lab, MeshCerts.create())}
 
 
 @contextlib.contextmanager

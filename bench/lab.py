@@ -44,7 +44,8 @@ from agent.lab import runtime as rt
 from agent.lab.runtime import LabError, LabInfo, LabPaths, NodeInfo, PodInfo, ProcRecord
 from agent.lab.state import edit
 from agent.mesh.model import Address
-from bench.envoy import envoy_hbone_client, envoy_hbone_server, find_envoy
+from bench.ambit import ambit_hbone_client, ambit_hbone_server
+from bench.envoy import TlsFiles, envoy_hbone_client, envoy_hbone_server, find_envoy
 from bench.paths import MeshCerts, Place, Running, authority
 
 PLAIN = "plain"  # namespace of the direct and Envoy paths' pods: never enrolled
@@ -52,6 +53,8 @@ MESH = "mesh"  # namespace of the Ambit path's pods: enrolled
 ENROLL_LABEL = ("istio.io/dataplane-mode", "ambient")
 ENVOY_SERVER_PORT = 15009  # on node 2's IP; the agents capture 15001/15006/15008 and enrolled pods only
 ENVOY_CLIENT_PORT = 15010  # on node 1's IP
+HBONE_SERVER_PORT = 15013  # the `hbone` path's, like the Envoy pair's (15012 is the lab CA's)
+HBONE_CLIENT_PORT = 15014
 CAPTURE_TIMEOUT = 60.0  # enrollment, certificates and the first tunnel
 SERVICE = "bench-rx"  # the ambit-svc path's Service, in namespace MESH
 SERVICE_VIP = "10.96.80.10"  # in the lab's Service CIDR (agent.lab.topology.SERVICE_CIDR)
@@ -188,19 +191,27 @@ def check_unproxied(client_netns: str, entry: Address, server_node: str, target:
 
 
 # -- the paths ---------------------------------------------------------------------------------------------------
-class LabDirectPath:
-    name = "direct"
+class _PodPair:
+    """What every lab path shares: its client pod (node 1) and server pod (node 2) of ``namespace``, the receiver
+    in the server pod; ``unavailable`` None (the paths that need more say so)."""
 
-    def __init__(self, lab: BenchLab) -> None:
+    def __init__(self, lab: BenchLab, namespace: str) -> None:
         self.lab = lab
-        self.client, self.server = lab.pod(PLAIN, 0), lab.pod(PLAIN, 1)
+        self.client, self.server = lab.pod(namespace, 0), lab.pod(namespace, 1)
         self.receiver = Place(self.server.netns, self.server.ip)
-        self.description = (f"pod {self.client.key} ({self.client.ip}, {self.client.node}) -> pod "
-                            f"{self.server.key} ({self.server.ip}, {self.server.node}), routed by the nodes; "
-                            f"namespace {PLAIN!r} not enrolled")
 
     def unavailable(self) -> str | None:
         return None
+
+
+class LabDirectPath(_PodPair):
+    name = "direct"
+
+    def __init__(self, lab: BenchLab) -> None:
+        super().__init__(lab, PLAIN)
+        self.description = (f"pod {self.client.key} ({self.client.ip}, {self.client.node}) -> pod "
+                            f"{self.server.key} ({self.server.ip}, {self.server.node}), routed by the nodes; "
+                            f"namespace {PLAIN!r} not enrolled")
 
     @contextlib.contextmanager
     def start(self, target: Address, workdir: Path) -> Iterator[Running]:
@@ -234,20 +245,15 @@ def service_to(paths: LabPaths, pod: PodInfo, target_port: int) -> Iterator[None
             state.label("Pod", pod.namespace, pod.name, [(key, None)])
 
 
-class LabAmbitPath:
+class LabAmbitPath(_PodPair):
     name = "ambit"
 
     def __init__(self, lab: BenchLab) -> None:
-        self.lab = lab
-        self.client, self.server = lab.pod(MESH, 0), lab.pod(MESH, 1)
-        self.receiver = Place(self.server.netns, self.server.ip)
+        super().__init__(lab, MESH)
         self.description = (f"pod {self.client.key} ({self.client.ip}) -> pod {self.server.key} "
                             f"({self.server.ip}) unchanged; eBPF capture -> agent of {self.client.node} -> "
                             f"HBONE to {self.lab.node(1).ip}:15008 -> agent of {self.server.node} -> pod; "
                             f"namespace {MESH!r} enrolled")
-
-    def unavailable(self) -> str | None:
-        return None
 
     def through_agents(self, entry: Address, target: Address) -> Running:
         """Once a probe from the client pod to ``entry`` reaches ``target`` through the server node's agent:
@@ -281,13 +287,12 @@ class LabAmbitServicePath(LabAmbitPath):
             yield self.through_agents((SERVICE_VIP, SERVICE_PORT), target)
 
 
-class LabEnvoyPath:
+class LabEnvoyPath(_PodPair):
     name = "envoy"
 
     def __init__(self, lab: BenchLab, certs: MeshCerts, buffer_limit: int | None = None) -> None:
-        self.lab, self.certs, self.buffer_limit = lab, certs, buffer_limit
-        self.client, self.server = lab.pod(PLAIN, 0), lab.pod(PLAIN, 1)
-        self.receiver = Place(self.server.netns, self.server.ip)
+        super().__init__(lab, PLAIN)
+        self.certs, self.buffer_limit = certs, buffer_limit
         n1, n2 = lab.node(0), lab.node(1)
         self.description = (f"pod {self.client.key} -> Envoy HBONE client on {n1.ip}:{ENVOY_CLIENT_PORT} "
                             f"({n1.name}'s namespace) -> Envoy HBONE server on {n2.ip}:{ENVOY_SERVER_PORT} "
@@ -312,3 +317,34 @@ class LabEnvoyPath:
             wait_through(server.pid, "the Envoy HBONE server", self.client.netns, client.listener, n2.netns,
                          target, timeout=20.0)
             yield Running(client.listener, {"client": client.pid, "server": server.pid}, self.client.netns)
+
+
+class LabHbonePath(_PodPair):
+    """The tunnel library alone (``python -m hbone forward`` / ``serve``) where the Envoy pair runs: beside
+    ``ambit`` (the agents) and ``envoy`` it tells what the agents add to the tunnel (capture, routing, policy,
+    telemetry) from what the tunnel itself costs."""
+
+    name = "hbone"
+
+    def __init__(self, lab: BenchLab, certs: MeshCerts) -> None:
+        super().__init__(lab, PLAIN)
+        self.certs = certs
+        n1, n2 = lab.node(0), lab.node(1)
+        self.description = (f"pod {self.client.key} -> python -m hbone forward on {n1.ip}:{HBONE_CLIENT_PORT} "
+                            f"({n1.name}'s namespace) -> python -m hbone serve on {n2.ip}:{HBONE_SERVER_PORT} "
+                            f"({n2.name}'s namespace) -> pod {self.server.key} ({self.server.ip}); "
+                            f"namespace {PLAIN!r} not enrolled")
+
+    @contextlib.contextmanager
+    def start(self, target: Address, workdir: Path) -> Iterator[Running]:
+        c, n1, n2 = self.certs, self.lab.node(0), self.lab.node(1)
+        server_tls = TlsFiles.write(workdir / "tls", "hbone-server", c.server, c.bundle.roots_pem)
+        client_tls = TlsFiles.write(workdir / "tls", "hbone-client", c.client, c.bundle.roots_pem)
+        with (ambit_hbone_server(workdir, server_tls, c.trust_domain, listen=f"{n2.ip}:{HBONE_SERVER_PORT}",
+                                 netns=n2.netns, any_target=True) as (server, hbone),
+              ambit_hbone_client(workdir, client_tls, c.trust_domain, hbone=hbone, authority=authority(target),
+                                 expect=c.server.identity, listen=f"{n1.ip}:{HBONE_CLIENT_PORT}",
+                                 netns=n1.netns) as (client, entry)):
+            wait_through(server.pid, "python -m hbone serve", self.client.netns, entry, n2.netns, target,
+                         timeout=20.0)
+            yield Running(entry, {"client": client.pid, "server": server.pid}, self.client.netns)

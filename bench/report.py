@@ -42,7 +42,7 @@ class SetInfo:
 
 LOOPBACK_SET = SetInfo("results", "Latest run", "all processes in one network namespace, over loopback", (),
                        absent="`ambit-svc` is measured in the lab set only: it goes through a Service VIP, and "
-                              "only the lab's agents resolve Services")
+                              "only the lab's agents resolve Services; so is `hbone`, which here is `ambit`")
 LAB_SET = SetInfo("lab-results", "Latest lab run",
                   "`ambit lab`: 2 nodes (network namespaces on a bridge), the node agents running; senders and "
                   "receivers in pod namespaces, one pod on each node",
@@ -336,6 +336,29 @@ def service_ratios(results: Sequence[PathResult], cfg: Config) -> list[str]:
     return out
 
 
+def agent_ratios(results: Sequence[PathResult], cfg: Config) -> list[str]:
+    """What the node agents add to the tunnel library (``ambit`` against ``hbone``: capture, routing, policy,
+    telemetry, connection tracking), and the library against Envoy, on the connection workload."""
+    by = {r.name: r for r in results}
+    ambit, hbone, envoy = by.get("ambit"), by.get("hbone"), by.get("envoy")
+    if not (cfg.conn_runs and ambit and hbone):
+        return []
+
+    def cpu(r: PathResult, c: int) -> float:
+        return r.cpu_us_per_conn(c).get("total", 0.0)
+
+    out = ["ambit / hbone (what the agents add to the tunnel library) connections/s: "
+           + _per_mode(cfg, lambda c: f"{ambit.conn_rate(c) / hbone.conn_rate(c):.2f}")
+           + "; proxy CPU per connection: "
+           + _per_mode(cfg, lambda c: f"{cpu(ambit, c) / cpu(hbone, c):.2f} (+{cpu(ambit, c) - cpu(hbone, c):.0f} us)")]
+    if envoy:
+        out.append("hbone / Envoy connections/s: "
+                   + _per_mode(cfg, lambda c: f"{hbone.conn_rate(c) / envoy.conn_rate(c):.2f}")
+                   + "; proxy CPU per connection: "
+                   + _per_mode(cfg, lambda c: f"{cpu(hbone, c) / cpu(envoy, c):.2f}"))
+    return out
+
+
 def background(results: Sequence[PathResult]) -> str:
     """One line on what other processes on the machine did while we measured."""
     bulk = [b.background for r in results for b in r.bulk]
@@ -368,6 +391,7 @@ def findings(results: Sequence[PathResult], cfg: Config, which: SetInfo) -> list
     if cfg.conn_runs:
         out += conn_ratios(results, cfg)
     out += service_ratios(results, cfg)
+    out += agent_ratios(results, cfg)
     if which.targets:
         out += targets(results)
         if cfg.conn_runs:

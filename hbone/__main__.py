@@ -1,6 +1,6 @@
 """``python -m hbone``: a standalone HBONE server or forwarder (for benchmarks, interop tests, the demo).
 
-    python -m hbone serve   --listen H:P --cert C --key K --bundle B --trust-domain TD
+    python -m hbone serve   --listen H:P --cert C --key K --bundle B --trust-domain TD [--any-target]
     python -m hbone forward --listen H:P --hbone H:P --authority IP:PORT|[IPV6]:PORT --expect SPIFFE_ID
                             --cert C --key K --bundle B --trust-domain TD
 """
@@ -37,7 +37,7 @@ def _identity(args: argparse.Namespace) -> tuple[WorkloadCertificate, TrustBundl
 
 async def _serve(args: argparse.Namespace) -> None:
     cert, bundle = _identity(args)
-    server = HboneServer(fixed_certificate(cert), bundle)
+    server = HboneServer(fixed_certificate(cert), bundle, check_authority_ip=not args.any_target)
     await server.start(*args.listen)
     print(f"listening on {format_address(*server.address)}", flush=True)
     await _until_signal()
@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--bundle", required=True)
         p.add_argument("--trust-domain", required=True)
         p.add_argument("-v", "--verbose", action="store_true")
+        if name == "serve":
+            p.add_argument("--any-target", action="store_true",
+                           help="relay to any CONNECT target: without it, as ztunnel, only to this connection's "
+                                "destination address (the server stands for the workload it runs beside)")
         if name == "forward":
             p.add_argument("--hbone", required=True, help="HBONE server address", metavar="HOST:PORT",
                            type=_typed(lambda t: parse_host_port(t, "--hbone")))

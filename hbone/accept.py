@@ -20,6 +20,15 @@ ACCEPT_BATCH = 64  # connections accepted per wake-up at most: the loop's other 
 ACCEPT_PAUSE = 0.1  # seconds without accepting after an accept error (EMFILE and friends)
 
 
+class AcceptedSocket(socket.socket):
+    """An accepted socket whose ``family`` and ``type`` are its listener's, kept: ``socket.socket`` makes an IntEnum
+    of them in Python on every read, and uvloop's ``connect_accepted_socket`` reads them three times."""
+
+    __slots__ = ("family", "type")
+    family: socket.AddressFamily  # stored, over the base class's property
+    type: socket.SocketKind
+
+
 class Acceptor:
     """Accepts from a reader callback on the listener, every connection waiting (up to ``ACCEPT_BATCH``) per
     wake-up: no future, no reader added and removed per connection as ``loop.sock_accept`` does, and one wake-up
@@ -29,8 +38,11 @@ class Acceptor:
                  name: str) -> None:
         listener.setblocking(False)
         self.listener, self.handle, self.name = listener, handle, name
+        # What ``socket.accept`` looks up on every call, as IntEnum conversions in Python: looked up once.
+        self._family, self._type, self._proto = listener.family, listener.type, listener.proto
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # while accepting
+        self._tasks_loop: asyncio.AbstractEventLoop | None = None  # where the handlers run (also after ``stop``)
         self._resume: asyncio.TimerHandle | None = None
 
     @property
@@ -39,11 +51,12 @@ class Acceptor:
         return name[0], name[1]
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = self._tasks_loop = asyncio.get_running_loop()
         self._loop.add_reader(self.listener.fileno(), self._accept)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
-        task = asyncio.ensure_future(coro)
+        loop = self._tasks_loop or asyncio.get_running_loop()  # not looked up per connection (getpid(2) in 3.11)
+        task = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
@@ -56,7 +69,8 @@ class Acceptor:
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = self.listener.accept()
+                # ``socket.accept`` without its Python-level cost: what it does, with the kind looked up once.
+                fd, _ = self.listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: say so, breathe, keep accepting
@@ -65,6 +79,8 @@ class Acceptor:
                 self._loop.remove_reader(self.listener.fileno())
                 self._resume = self._loop.call_later(ACCEPT_PAUSE, self.start)
                 return
+            conn = AcceptedSocket(self._family, self._type, self._proto, fd)
+            conn.family, conn.type = self._family, self._type
             conn.setblocking(False)
             self.spawn(self.handle(conn))
 

@@ -92,7 +92,7 @@ class ClientTunnel(Tunnel):
     def open(self, relay: StreamHandler, authority: Authority,
              headers: Mapping[str, str]) -> asyncio.Future[ConnectResponse]:
         """Send CONNECT for ``relay``; the future resolves on 200 and raises StreamRefused/StreamFailed."""
-        fut: asyncio.Future[ConnectResponse] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[ConnectResponse] = self.loop.create_future()
         if not self.usable:
             fut.set_exception(StreamRefused("tunnel connection is closed"))
             return fut
@@ -101,6 +101,7 @@ class ClientTunnel(Tunnel):
             fut.set_exception(StreamRefused("tunnel connection has no free stream"))
             return fut
         relay.bind(self, stream_id)
+        relay.on_open()
         self._answers[stream_id] = fut
         self.flush()
         return fut

@@ -31,8 +31,10 @@ class Forwarder:
         self.hbone, self.authority = hbone, authority
         self.failures = 0
         self._acceptor: Acceptor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> Address:
+        self._loop = asyncio.get_running_loop()
         self._acceptor = Acceptor(listener(host, port), self._tunnel, "forwarder")
         self._acceptor.start()
         return self._acceptor.address
@@ -40,6 +42,7 @@ class Forwarder:
     async def _tunnel(self, sock: socket.socket) -> None:
         client = canonical_address(sock.getpeername())
         relay = Relay()
+        relay.preload_from(sock)
         try:
             await self.pool.connect(relay, self.cert, self.expected, self.hbone, self.authority,
                                     request_headers(client))
@@ -48,7 +51,8 @@ class Forwarder:
             log.warning("tunnel %s -> %s via %s failed: %s", client, self.authority, self.hbone, e)
             close_with_reset(sock)
             return
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: relay, sock)
+        assert self._loop is not None  # set by start, which made the acceptor calling this
+        await self._loop.connect_accepted_socket(lambda: relay, sock)
 
     async def close(self) -> None:
         if self._acceptor is not None:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from hbone.addresses import Address
 from hbone.authority import Authority
@@ -28,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 
-@dataclass(frozen=True, slots=True)
-class PoolKey:
+class PoolKey(NamedTuple):
+    """A tuple: hashed and compared in C, where a dataclass's ``__hash__`` and ``__eq__`` run in Python."""
+
     source: SpiffeId
     destination: SpiffeId
     address: Address
@@ -42,7 +44,8 @@ class _Entry:
     dial: asyncio.Task[ClientTunnel]
     assigned: int = 0  # streams given to this connection and not yet finished
     dead: bool = False
-    idle: asyncio.TimerHandle | None = field(default=None, repr=False)
+    idle: asyncio.TimerHandle | None = field(default=None, repr=False)  # the idle check, when one is due
+    idle_since: float = 0.0  # loop time the last stream finished (while ``assigned`` is 0)
 
 
 class Pool:
@@ -101,9 +104,6 @@ class Pool:
             entries.append(entry)
             dial.add_done_callback(lambda t, e=entry: self._dialled(e, t))  # type: ignore[misc]
         entry.assigned += 1
-        if entry.idle is not None:
-            entry.idle.cancel()
-            entry.idle = None
         return entry
 
     def _limit(self, entry: _Entry) -> int:
@@ -129,13 +129,25 @@ class Pool:
             return
         if entry.dead:  # refused or lost: close it once its last stream is done
             self._drop(entry)
-        else:
-            entry.idle = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, entry)
+            return
+        # Not a timer per release, cancelled by the next checkout: the check set for the first idle spell looks at
+        # when the connection last became idle, and sets itself again for what is left.
+        loop = entry.dial.get_loop()
+        entry.idle_since = loop.time()
+        if entry.idle is None:
+            entry.idle = loop.call_at(entry.idle_since + self.idle_timeout, self._expire, entry)
 
     def _expire(self, entry: _Entry) -> None:
-        if entry.assigned == 0:
-            log.debug("closing idle HBONE connection %s", entry.key)
-            self._drop(entry)
+        entry.idle = None
+        if entry.assigned:
+            return  # in use: its next release sets the check again
+        loop = entry.dial.get_loop()
+        due = entry.idle_since + self.idle_timeout
+        if loop.time() < due:
+            entry.idle = loop.call_at(due, self._expire, entry)
+            return
+        log.debug("closing idle HBONE connection %s", entry.key)
+        self._drop(entry)
 
     def _drop(self, entry: _Entry) -> None:
         entry.dead = True

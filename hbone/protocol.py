@@ -31,8 +31,10 @@ from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamInputs, StreamState
+from hpack.struct import Header
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
+from hbone import header_block
 from hbone.authority import Authority
 from hbone.events import (
     ConnectionEnded,
@@ -347,7 +349,7 @@ class Connection:
         if stream is None:
             return
         try:
-            h.state_machine.process_input(ConnectionInputs.SEND_DATA)
+            self._connection_input(ConnectionInputs.SEND_DATA)
             stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
         except h2.exceptions.ProtocolError:  # closed on h2's side (reset meanwhile): nothing to end
             return
@@ -424,6 +426,13 @@ class Connection:
         if receiving:
             self._recv_windows[stream_id] = self.settings.stream_window
 
+    def _connection_input(self, input_: ConnectionInputs) -> None:
+        """h2's connection state machine takes ``input_`` (HEADERS or DATA sent or received): nothing to do in an
+        open state, where those leave the state as it is (and the lookup hashes two Python-level enums)."""
+        machine = self._h2.state_machine
+        if machine.state not in _OPEN_STATES:
+            machine.process_input(input_)
+
     def _forget(self, stream_id: int) -> None:
         self._sendable.discard(stream_id)
         self._recv_windows.pop(stream_id, None)
@@ -454,7 +463,7 @@ class Connection:
         self._h2.release()
 
     # -- input
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes | memoryview) -> list[Event]:
         out: list[Event] = []
         if self.closed is not None:
             return out
@@ -464,7 +473,7 @@ class Connection:
             self._fail(e.code, str(e), out)
         return out
 
-    def _receive(self, data: bytes, out: list[Event]) -> None:
+    def _receive(self, data: bytes | memoryview, out: list[Event]) -> None:
         if self._preface:
             head, data = data[:self._preface], data[self._preface:]
             self._preface -= len(head)
@@ -573,7 +582,7 @@ class Connection:
         if (stream is None or h.state_machine.state not in _OPEN_STATES
                 or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)):
             return False
-        h.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        # (RECV_DATA leaves an open connection's state as it is: only the stream's takes it.)
         stream.state_machine.process_input(StreamInputs.RECV_DATA)
         stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
         out.append(StreamEnded(stream_id))
@@ -706,9 +715,11 @@ class ServerConnection(Connection):
             return False
         end_stream = bool(flags & _END_STREAM)
         try:
-            headers = list(h2.connection._decode_headers(h.decoder, bytes(block)))
+            raw = bytes(block)
+            headers: list[Header] = (header_block.decode(h.decoder, raw)
+                                     or list(h2.connection._decode_headers(h.decoder, raw)))
             plain = _plain_connect(headers)
-            h.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+            self._connection_input(ConnectionInputs.RECV_HEADERS)
             stream = h._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
             h2_events: list[h2.events.Event]
             if not plain:
@@ -782,8 +793,8 @@ class ServerConnection(Connection):
                 and not h.encoder.table_size_changes and not stream.state_machine.headers_sent
                 and stream.state_machine.state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)):
             # The answer is always the same one-byte header block (HPACK's static ":status: 200", no change to the
-            # encoder's table): written here, h2 taking the state transitions its send_headers would.
-            h.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+            # encoder's table): written here, h2 taking the state transitions its send_headers would (the stream's:
+            # SEND_HEADERS leaves an open connection's state as it is).
             stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
             self._emit(_STATUS_200_HEADER + stream_id.to_bytes(4, "big") + bytes((_STATUS_200,)))
             self._sendable.add(stream_id)
@@ -817,7 +828,8 @@ class ClientConnection(Connection):
     def open(self, authority: Authority, headers: Mapping[str, str] | None = None) -> int | None:
         """Send a CONNECT request; returns the new stream's id, or None when no stream can be opened (the
         connection ended or is going away, or the peer's stream limit is reached). A header h2 does not allow
-        (upper-case or connection-specific name, CR/LF/NUL in a value) raises ValueError."""
+        (upper-case or connection-specific name, CR/LF/NUL in a value) raises ValueError. The stream can send
+        DATA at once, before its answer."""
         if self.closed is not None or self.going_away is not None:
             return None
         target = str(authority).encode()
@@ -831,14 +843,15 @@ class ClientConnection(Connection):
             stream_id = h.get_next_available_stream_id()
             if h.open_outbound_streams >= h.remote_settings.max_concurrent_streams:
                 return None
-            h.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+            self._connection_input(ConnectionInputs.SEND_HEADERS)
             stream = h._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
             stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
         except h2.exceptions.ProtocolError:  # NoAvailableStreamIDError, or the connection cannot send
             return None
         stream._authority = target
         stream.request_method = b"CONNECT"
-        self._send_header_block(stream_id, h.encoder.encode(request))
+        self._send_header_block(stream_id, header_block.encode(h.encoder, request) or h.encoder.encode(request))
+        self._sendable.add(stream_id)  # DATA may follow the HEADERS before the answer (RFC 9113 §8.5)
         return stream_id
 
     def _send_header_block(self, stream_id: int, block: bytes) -> None:
@@ -851,16 +864,16 @@ class ClientConnection(Connection):
             + sid + chunk for i, chunk in enumerate(chunks)))
 
     def _ok_received(self, stream_id: int, out: list[Event]) -> bool:
-        """The 200 of a CONNECT this side sent, as a one-byte header block (how this server answers): h2 takes
-        the state transitions its handling of the frame would (no HPACK state changes for a static entry);
-        anything else (another status, more headers, a stream not waiting for its answer) goes to h2."""
+        """The 200 of a CONNECT this side sent, as a one-byte header block (how this server answers): h2's stream
+        takes the state transitions its handling of the frame would (the open connection's state stays as it is, and
+        a static entry changes no HPACK state); anything else (another status, more headers, a stream not waiting
+        for its answer) goes to h2."""
         h = self._h2
         stream = h.streams.get(stream_id)
         if (stream is None or h.state_machine.state is not ConnectionState.CLIENT_OPEN
                 or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
                 or stream.state_machine.headers_received):
             return False
-        h.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
         stream.state_machine.process_input(StreamInputs.RECV_HEADERS)
         self._established(stream_id, receiving=True)  # no END_STREAM on this HEADERS frame
         out.append(ConnectResponse(stream_id, 200, {":status": "200"}))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import cast
 
 from hbone.events import Data
@@ -24,6 +25,9 @@ from hbone.tunnel import StreamHandler
 log = logging.getLogger(__name__)
 
 TCP_WRITE_HIGH_WATER = 1024 * 1024
+# What an outbound relay reads from its accepted client before the CONNECT goes out, to send behind it. Well under
+# the smallest initial window a peer may keep (65,535, HTTP/2's default), so that the windows take it whole.
+PRELOAD_MAX = 16 * 1024
 
 
 class Relay(StreamHandler, asyncio.Protocol):
@@ -40,6 +44,8 @@ class Relay(StreamHandler, asyncio.Protocol):
         self.started = False
         self._backlog: memoryview | None = None  # read from TCP, not yet taken by the windows
         self._early: list[Data] = []  # from the tunnel before the TCP side existed
+        self._preload: bytes | None = None  # read from TCP before the stream opened (``preload_from``)
+        self._preload_sent = False  # ... and sent behind the CONNECT, on the stream bound now
         self._unacked = 0  # written to TCP while its buffer was full; acknowledged on resume_writing
         self._tcp_full = False
         self._reading = False
@@ -56,12 +62,38 @@ class Relay(StreamHandler, asyncio.Protocol):
             size += self.transport.get_write_buffer_size()
         return size
 
+    def preload_from(self, sock: socket.socket) -> None:
+        """Take what the client of an accepted ``sock`` (non-blocking) has sent already, to go out with the
+        CONNECT (``on_open``): the first request of a client that speaks first then reaches the server without
+        waiting for the CONNECT's answer, one tunnel round trip sooner. Nothing waiting (a server-first protocol),
+        an EOF or an error leaves everything to the transport, as without it."""
+        try:
+            data = sock.recv(PRELOAD_MAX)
+        except OSError:  # nothing waiting (EAGAIN), or reset: the transport will see it
+            return
+        if data:
+            self._preload = data
+            self.bytes_up += len(data)
+
+    def on_open(self) -> None:
+        """Send the preloaded data right behind the CONNECT (RFC 9113 §8.5: DATA follows a CONNECT's HEADERS),
+        when the windows take all of it; else it waits for the answer like anything read later. Kept until the
+        answer: a stream refused unprocessed is retried on another connection, data included."""
+        preload, tunnel = self._preload, self.tunnel
+        self._preload_sent = False
+        if preload is not None and tunnel is not None and tunnel.conn.window(self.stream_id) >= len(preload):
+            self._preload_sent = tunnel.conn.send(self.stream_id, preload) == len(preload)
+
     def start(self) -> None:
         """The tunnel stream is established: once the TCP side exists too, deliver what waited (data, then
         the peer's FIN) and start reading the TCP side."""
         self.started = True
         if self.transport is None:
             return
+        if self._preload is not None:
+            if not self._preload_sent:
+                self._backlog = memoryview(self._preload)
+            self._preload = None
         early, self._early = self._early, []
         for d in early:
             self.on_data(d)

@@ -131,8 +131,10 @@ class ServerTunnel(Tunnel):
         self.server = server
         self.source, self.destination = source, destination
         self.peer: SpiffeId | None = None
-        self._deadline: asyncio.TimerHandle | None = None
-        self._deadline_for = ""  # "headers" or "idle"
+        self._deadline_for = ""  # the deadline that applies now: "headers", "idle" or none
+        self._deadline_since = 0.0  # loop time it began to apply
+        self._deadline: asyncio.TimerHandle | None = None  # the check set for it, or for one before
+        self._deadline_checks = ""  # what that check is for
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
@@ -146,7 +148,7 @@ class ServerTunnel(Tunnel):
         super().connection_made(transport)
         self._rearm()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         super().data_received(data)
         self._rearm()
 
@@ -156,7 +158,11 @@ class ServerTunnel(Tunnel):
 
     def _rearm(self) -> None:
         """Keep the deadline that applies now: the peer owes the rest of its preface, of a header block or
-        of a control frame (``header_timeout``), or the connection has no stream (``idle_timeout``)."""
+        of a control frame (``header_timeout``), or the connection has no stream (``idle_timeout``).
+
+        Not a timer set and cancelled per stream: a deadline that stops applying keeps its check, which finds
+        nothing due when it fires, or, the same deadline applying again meanwhile, sets itself again for what is
+        left of it."""
         if self.conn.closed is not None or self.transport is None or self.transport.is_closing():
             want = ""
         elif self.conn.awaiting_headers:
@@ -165,16 +171,31 @@ class ServerTunnel(Tunnel):
             want = "" if self.streams else "idle"
         if want == self._deadline_for:
             return
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
         self._deadline_for = want
-        if want:
-            delay = self.server.header_timeout if want == "headers" else self.server.idle_timeout
-            self._deadline = asyncio.get_running_loop().call_later(delay, self._expired, want)
+        if not want:
+            return
+        loop = self.loop
+        self._deadline_since = loop.time()
+        if self._deadline is not None:
+            if self._deadline_checks == want:
+                return
+            self._deadline.cancel()
+        self._deadline_checks = want
+        self._deadline = loop.call_at(self._deadline_since + self._timeout(want), self._expired)
 
-    def _expired(self, what: str) -> None:
-        self._deadline, self._deadline_for = None, ""
+    def _timeout(self, what: str) -> float:
+        return self.server.header_timeout if what == "headers" else self.server.idle_timeout
+
+    def _expired(self) -> None:
+        what, self._deadline = self._deadline_checks, None
+        if what != self._deadline_for:
+            return
+        loop = self.loop
+        due = self._deadline_since + self._timeout(what)
+        if loop.time() < due:
+            self._deadline = loop.call_at(due, self._expired)
+            return
+        self._deadline_for = ""
         self.server.count(f"{what}_timeout")
         if what == "headers":
             log.info("HBONE from %s (%s): headers not received within %ss; closing", self.source, self.peer,

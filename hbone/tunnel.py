@@ -19,6 +19,7 @@ from hbone.events import ConnectionEnded, Data, Event, GoAwayReceived, StreamEnd
 from hbone.protocol import Connection
 
 TLS_WRITE_HIGH_WATER = 4 * 1024 * 1024
+READ_BUFFER_MAX = 256 * 1024  # what one read takes at most (uvloop's own TLS reads are of this size)
 CLOSE_GRACE = 5.0  # seconds a closing connection gets to deliver what it has queued (the GOAWAY) before an abort
 
 
@@ -52,6 +53,9 @@ class StreamHandler(abc.ABC):
     @abc.abstractmethod
     def buffered(self) -> int:
         """Bytes this handler holds for its stream (received and not passed on, or not yet sent)."""
+
+    def on_open(self) -> None:  # noqa: B027 (a hook: most handlers have nothing to send before the answer)
+        """A client's CONNECT for this stream was just queued: DATA may be queued behind it."""
 
     @abc.abstractmethod
     def start(self) -> None:
@@ -88,8 +92,14 @@ class StreamHandler(abc.ABC):
             self.on_close(self, reason)
 
 
-class Tunnel(asyncio.Protocol):
-    """One TLS connection carrying HBONE streams; base of the server's and the client's tunnels."""
+class Tunnel(asyncio.BufferedProtocol):
+    """One TLS connection carrying HBONE streams; base of the server's and the client's tunnels.
+
+    A buffered protocol, so that TLS decrypts into a buffer the size of what is pending: for a plain protocol,
+    uvloop reads into a new 256 KiB bytes object every time (mmap, mremap and munmap system calls, and fresh pages
+    to fault in, on every read of a few hundred bytes). Each read gets its own buffer, so that received data can
+    be passed on as views of it.
+    """
 
     conn: Connection
 
@@ -103,44 +113,51 @@ class Tunnel(asyncio.Protocol):
         self.on_lost: Callable[[Tunnel], None] | None = None
         self._abort_later: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        self.loop = asyncio.get_running_loop()  # once, not per stream (each lookup is a getpid(2) in CPython 3.11)
+        self._read_buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
         self.flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        self._read_buffer = bytearray(min(sizehint, READ_BUFFER_MAX) if sizehint > 0 else READ_BUFFER_MAX)
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buffer, self._read_buffer = self._read_buffer, bytearray()
+        self.data_received(memoryview(buffer)[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         for ev in self.conn.receive(data):
             self.handle(ev)
         self.flush()
 
     def handle(self, ev: Event) -> None:
-        if isinstance(ev, Data):
-            handler = self.streams.get(ev.stream_id)
-            if handler is None:
-                self.conn.ack(ev.stream_id, ev.flow_length)
-            else:
-                handler.on_data(ev)
-        elif isinstance(ev, WindowOpened):
-            if ev.stream_id:
-                handler = self.streams.get(ev.stream_id)
-                if handler is not None:
-                    handler.on_window()
-            else:
-                for handler in list(self.streams.values()):
-                    handler.on_window()
-        elif isinstance(ev, StreamEnded):
+        # One dictionary lookup per event, not a chain of isinstance checks (event classes have no subclasses).
+        getattr(self, _HANDLERS.get(type(ev), "handle_request_or_response"))(ev)
+
+    def _data(self, ev: Data) -> None:
+        handler = self.streams.get(ev.stream_id)
+        if handler is None:
+            self.conn.ack(ev.stream_id, ev.flow_length)
+        else:
+            handler.on_data(ev)
+
+    def _window_opened(self, ev: WindowOpened) -> None:
+        if ev.stream_id:
             handler = self.streams.get(ev.stream_id)
             if handler is not None:
-                handler.on_end()
-        elif isinstance(ev, StreamReset):
-            self.stream_reset(ev)
-        elif isinstance(ev, ConnectionEnded):
-            self.connection_ended(ev)
-        elif isinstance(ev, GoAwayReceived):
-            self.going_away(ev)
+                handler.on_window()
         else:
-            self.handle_request_or_response(ev)
+            for handler in list(self.streams.values()):
+                handler.on_window()
+
+    def _stream_ended(self, ev: StreamEnded) -> None:
+        handler = self.streams.get(ev.stream_id)
+        if handler is not None:
+            handler.on_end()
 
     def handle_request_or_response(self, ev: Event) -> None:
         raise NotImplementedError
@@ -174,7 +191,7 @@ class Tunnel(asyncio.Protocol):
             transport.abort()
             return
         transport.close()
-        self._abort_later = asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+        self._abort_later = self.loop.call_later(CLOSE_GRACE, transport.abort)
 
     def flush(self) -> None:
         """Write what the protocol layer has queued. With several streams on the tunnel, at the end of this turn
@@ -188,7 +205,7 @@ class Tunnel(asyncio.Protocol):
             self.write_now()
         else:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.write_now)
+            self.loop.call_soon(self.write_now)
 
     def write_now(self) -> None:
         """Write what the protocol layer has queued, now (before a close)."""
@@ -232,3 +249,11 @@ class Tunnel(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.conn.goaway(code)
             self.close_transport()
+
+
+
+# The method of ``Tunnel`` (or of its subclass) that takes each kind of event; requests and responses go to
+# ``handle_request_or_response``.
+_HANDLERS: dict[type, str] = {Data: "_data", WindowOpened: "_window_opened", StreamEnded: "_stream_ended",
+                              StreamReset: "stream_reset", ConnectionEnded: "connection_ended",
+                              GoAwayReceived: "going_away"}

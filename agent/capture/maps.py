@@ -199,6 +199,20 @@ _ACTIONS = {
 }
 
 
+def event_action(type_: EventType, verdict: Verdict, listener_port: int) -> str:
+    """What the program did with the packet, in words."""
+    if verdict == Verdict.DROPPED:
+        return type_.name.lower()
+    return _ACTIONS.get(verdict, f"redirected to the proxy on :{listener_port}")
+
+
+def reason_text(reason: Reason) -> str:
+    """Why, in words ("" when the program gave no reason)."""
+    if reason == Reason.NONE:
+        return ""
+    return _REASONS.get(reason, reason.name.lower().replace("_", " "))
+
+
 @dataclass(frozen=True)
 class FlowEvent:
     """One per-flow event from the kernel (see struct ambit_event in bpf/redirect.h)."""
@@ -219,38 +233,83 @@ class FlowEvent:
     @property
     def action(self) -> str:
         """What the program did with the packet, in words."""
-        if self.verdict == Verdict.DROPPED:
-            return self.type.name.lower()
-        return _ACTIONS.get(self.verdict, f"redirected to the proxy on :{self.listener_port}")
+        return event_action(self.type, self.verdict, self.listener_port)
 
     @property
     def reason_text(self) -> str:
         """Why, in words ("" when the program gave no reason)."""
-        if self.reason == Reason.NONE:
-            return ""
-        return _REASONS.get(self.reason, self.reason.name.lower().replace("_", " "))
+        return reason_text(self.reason)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> FlowEvent:
         """Decode a ring-buffer record (struct ambit_event). ValueError names a field the header does not
-        define a value for. About 1.5 us: the kernel sends several per connection."""
+        define a value for, or says the record's size is not the struct's. About 2 us: the agent decodes a
+        record only when someone reads its flow (``EventKind`` says what it is, for metrics, at read time)."""
+        if len(raw) != EVENT_SIZE:
+            raise ValueError(f"ambit_event: a record of {len(raw)} bytes, the struct has {EVENT_SIZE}")
         (ts_ns, saddr, daddr, sport, dport, ifindex, type_, tcp_flags, hook, verdict, listener_port,
          reason) = _EVENT.unpack_from(raw)
-        try:
-            return cls(ts_ns, _event_ip(saddr), _ntohs(sport), _event_ip(daddr), _ntohs(dport), ifindex,
-                       _EVENT_TYPES[type_], tcp_flags, _HOOKS[hook], _VERDICTS[verdict], listener_port,
-                       _REASON_CODES[reason])
-        except KeyError:
-            for name, value, known in (("type", type_, _EVENT_TYPES), ("hook", hook, _HOOKS),
-                                       ("verdict", verdict, _VERDICTS), ("reason", reason, _REASON_CODES)):
-                if value not in known:
-                    raise ValueError(f"ambit_event.{name}: unknown value {value}") from None
-            raise
+        return cls(ts_ns, event_ip(saddr), _ntohs(sport), event_ip(daddr), _ntohs(dport), ifindex,
+                   *_kind(type_, tcp_flags, hook, verdict, listener_port, reason))
+
+    def to_bytes(self) -> bytes:
+        """The record the programs write for this event (through the ctypes mirror: for checks and benchmarks)."""
+        return bytes(EventC(self.ts_ns, AddrC.of(self.src), AddrC.of(self.dst), socket.htons(self.sport),
+                            socket.htons(self.dport), self.ifindex, self.type, self.tcp_flags, self.hook,
+                            self.verdict, self.listener_port, self.reason))
+
+
+@dataclass(frozen=True)
+class EventKind:
+    """What an event says beyond its addresses, ports and time: the bytes ``EVENT_KIND`` of a record. A few
+    values cover every connection's events, so the agent reads them once per value, not once per event."""
+
+    type: EventType
+    tcp_flags: int
+    hook: Hook
+    verdict: Verdict
+    listener_port: int
+    reason: Reason
+
+    @classmethod
+    def from_bytes(cls, kind: bytes) -> EventKind:
+        """Decode ``record[EVENT_KIND]``; ValueError names a field the header does not define a value for."""
+        if len(kind) != _KIND.size:
+            raise ValueError(f"ambit_event: {len(kind)} bytes from type to reason, the struct has {_KIND.size}")
+        return cls(*_kind(*_KIND.unpack(kind)))
+
+    @property
+    def action(self) -> str:
+        return event_action(self.type, self.verdict, self.listener_port)
+
+    @property
+    def reason_text(self) -> str:
+        return reason_text(self.reason)
+
+
+def _kind(type_: int, tcp_flags: int, hook: int, verdict: int, listener_port: int,
+          reason: int) -> tuple[EventType, int, Hook, Verdict, int, Reason]:
+    try:
+        return (_EVENT_TYPES[type_], tcp_flags, _HOOKS[hook], _VERDICTS[verdict], listener_port,
+                _REASON_CODES[reason])
+    except KeyError:
+        for name, value, known in (("type", type_, _EVENT_TYPES), ("hook", hook, _HOOKS),
+                                   ("verdict", verdict, _VERDICTS), ("reason", reason, _REASON_CODES)):
+            if value not in known:
+                raise ValueError(f"ambit_event.{name}: unknown value {value}") from None
+        raise
 
 
 # struct ambit_event (EventC) as struct reads it, host byte order; the ports arrive in network order.
 _EVENT = struct.Struct("=Q16s16sHHIBBBBHH")
-assert _EVENT.size == ctypes.sizeof(EventC)
+EVENT_SIZE = _EVENT.size
+assert ctypes.sizeof(EventC) == EVENT_SIZE
+# Where a record's parts are: its two addresses (16 bytes, as ip_key spells them) and its kind (type to reason).
+EVENT_SOURCE = slice(EventC.saddr.offset, EventC.saddr.offset + ctypes.sizeof(AddrC))
+EVENT_DESTINATION = slice(EventC.daddr.offset, EventC.daddr.offset + ctypes.sizeof(AddrC))
+EVENT_KIND = slice(EventC.type.offset, EVENT_SIZE)
+_KIND = struct.Struct("=BBBBHH")
+assert _KIND.size == EVENT_KIND.stop - EVENT_KIND.start and EventC.reason.offset + 2 == EVENT_SIZE
 _EVENT_TYPES = {int(m): m for m in EventType}
 _HOOKS = {int(m): m for m in Hook}
 _VERDICTS = {int(m): m for m in Verdict}
@@ -259,7 +318,7 @@ _ZERO12 = bytes(12)
 _ntohs = socket.ntohs
 
 
-def _event_ip(raw: bytes) -> str:
+def event_ip(raw: bytes) -> str:
     """key_ip for an event's address, without building ipaddress objects (the kernel sends several per connection)."""
     if raw[:12] == IPV4_MAPPED_PREFIX:
         return socket.inet_ntop(socket.AF_INET, raw[12:])

@@ -105,7 +105,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -219,7 +219,6 @@ class Redirector:
         self._door_sites: dict[int, int] = {}  # door veth ifindex -> where its captures re-enter (_door_site)
         self._listeners: dict[int, socket.socket] = {}  # sockmap slot -> the socket held there
         self._lookup_link_fd: int | None = None
-        self._callbacks: list[Callable[[FlowEvent], None]] = []
         self._poll_lock = threading.Lock()
         self._netns_ino = 0
 
@@ -672,26 +671,26 @@ class Redirector:
                 os.close(nsfd)
 
     # -- events and counters ----------------------------------------------------------------------------
+    @property
+    def events_fd(self) -> int:
+        """The ring buffer's fd: readable (level-triggered) while events wait, for an event loop's reader."""
+        if self._ring is None:
+            raise RedirectError("Redirector not started")
+        return self._ring.fd
+
+    def read_events(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` waiting events as the kernel wrote them (struct ambit_event: ``FlowEvent.from_bytes``
+        decodes one), without waiting."""
+        with self._poll_lock:
+            return [] if self._ring is None else self._ring.read(limit)
+
     def poll_events(self, timeout_ms: int = 0) -> list[FlowEvent]:
-        """Wait up to timeout_ms for events; return those that arrived (and pass them to subscribers)."""
+        """Wait up to timeout_ms for events; return those that arrived, decoded."""
         with self._poll_lock:
             if self._ring is None:
                 return []
-            out: list[FlowEvent] = []
-            self._ring.poll(timeout_ms, lambda raw: out.append(FlowEvent.from_bytes(raw)))
-        for ev in out:
-            for cb in self._callbacks:
-                cb(ev)
-        return out
-
-    def subscribe(self, callback: Callable[[FlowEvent], None]) -> None:
-        """Call `callback` for each event delivered by poll_events()/iter_events()."""
-        self._callbacks.append(callback)
-
-    def iter_events(self, stop: threading.Event, poll_ms: int = 100) -> Iterator[FlowEvent]:
-        """Yield events until `stop` is set (run it in a dedicated thread)."""
-        while not stop.is_set() and self._loaded is not None:
-            yield from self.poll_events(poll_ms)
+            records = self._ring.poll(timeout_ms)
+        return [FlowEvent.from_bytes(raw) for raw in records]
 
     def counters(self) -> dict[str, int]:
         """Kernel-side counters summed over CPUs (events_lost = ring-buffer records dropped)."""

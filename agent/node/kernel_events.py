@@ -2,41 +2,65 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
-from agent.capture import FlowEvent, Hook, Reason, Redirector, Verdict
-from agent.telemetry.kernel import KernelEvent
+from agent.capture import maps
+from agent.capture.maps import EventKind, FlowEvent, Hook, Reason, Verdict
+from agent.telemetry.kernel import KernelEvent, KernelKind
 
-# What an event says beyond its addresses (toward_pod, dropped, action, reason, reason_code), per (hook, type,
-# verdict, listener port, reason): a few combinations, the same for every connection.
-_Description = tuple[bool, bool, str, str, str]
-_described: dict[tuple[int, int, int, int, int], _Description] = {}
-_DESCRIBED_MAX = 1024  # the key space is small; a bound all the same (the listener port is 16 bits)
+_KINDS_MAX = 1024  # kinds described (a few for all connections; a bound all the same)
 
 
-def kernel_event(ev: FlowEvent) -> KernelEvent:
-    key = (ev.hook, ev.type, ev.verdict, ev.listener_port, ev.reason)
-    described = _described.get(key)
-    if described is None:
-        if len(_described) >= _DESCRIBED_MAX:
-            _described.clear()
-        described = _described[key] = (ev.hook in (Hook.UPLINK, Hook.DOOR), ev.verdict == Verdict.DROPPED,
-                                       ev.action, ev.reason_text, ev.reason.name if ev.reason != Reason.NONE else "")
-    return KernelEvent(ev.ts_ns, ev.src, ev.sport, ev.dst, ev.dport, ev.tcp_flags, *described)
+class EventRing(Protocol):
+    """The part of ``capture.Redirector`` that reads its ring buffer."""
+
+    @property
+    def events_fd(self) -> int: ...
+
+    def read_events(self, limit: int) -> list[bytes]: ...
+
+    @property
+    def lost_events(self) -> int: ...
+
+
+def kernel_kind(kind: EventKind) -> KernelKind:
+    return KernelKind(kind.tcp_flags, kind.hook in (Hook.UPLINK, Hook.DOOR), kind.verdict == Verdict.DROPPED,
+                      kind.action, kind.reason_text, kind.reason.name if kind.reason != Reason.NONE else "")
 
 
 class KernelEvents:
-    """A ``telemetry.kernel.KernelEventSource`` over the redirector's ring buffer."""
+    """A ``telemetry.kernel.KernelRecords`` over the redirector's ring buffer (struct ambit_event records)."""
 
-    def __init__(self, redirector: Redirector) -> None:
-        self._redirector = redirector
+    size = maps.EVENT_SIZE
+    kind = maps.EVENT_KIND
+    source_address = maps.EVENT_SOURCE
+    destination_address = maps.EVENT_DESTINATION
 
-    def subscribe(self, callback: Callable[[KernelEvent], None]) -> None:
-        self._redirector.subscribe(lambda ev: callback(kernel_event(ev)))
+    def __init__(self, ring: EventRing) -> None:
+        self._ring = ring
+        self._kinds: dict[bytes, KernelKind] = {}  # a few values for all connections (bounded all the same)
 
-    def poll_events(self, timeout_ms: int) -> int:
-        return len(self._redirector.poll_events(timeout_ms))
+    def fileno(self) -> int:
+        return self._ring.events_fd
+
+    def read(self, limit: int) -> list[bytes]:
+        return self._ring.read_events(limit)
+
+    def describe(self, kind: bytes) -> KernelKind:
+        described = self._kinds.get(kind)
+        if described is None:
+            if len(self._kinds) >= _KINDS_MAX:
+                self._kinds.clear()
+            described = self._kinds[kind] = kernel_kind(EventKind.from_bytes(kind))
+        return described
+
+    def address(self, raw: bytes) -> str:
+        return maps.event_ip(raw)
+
+    def decode(self, record: bytes) -> KernelEvent:
+        ev = FlowEvent.from_bytes(record)
+        return KernelEvent(ev.ts_ns, ev.src, ev.sport, ev.dst, ev.dport, self.describe(record[self.kind]))
 
     @property
     def lost_events(self) -> int:
-        return self._redirector.lost_events
+        return self._ring.lost_events

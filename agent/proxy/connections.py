@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
@@ -29,11 +28,30 @@ class Proxied(Protocol):
     def abort(self) -> None: ...
 
 
-@dataclass(eq=False)
 class Tracked:
-    kind: str  # outbound-hbone, outbound-local, passthrough, inbound-hbone, inbound-plaintext
-    pods: tuple[str, ...]  # IPs of the local pods the connection serves
-    abort: Callable[[], None] = field(repr=False)
+    """A connection in the table: the local pods it serves and how to abort it; with ``watch``, its close
+    handler too (a slotted object, not a dataclass and closures: one is made per connection)."""
+
+    __slots__ = ("_previous", "_table", "_then", "abort", "kind", "pods")
+
+    def __init__(self, table: ConnectionTable, kind: str, pods: tuple[str, ...], abort: Callable[[], None],
+                 then: Callable[[Proxied, str], None] | None = None,
+                 previous: Callable[[Any, str], None] | None = None) -> None:
+        self.kind = kind  # outbound-hbone, outbound-local, passthrough, inbound-hbone, inbound-plaintext
+        self.pods = pods  # IPs of the local pods the connection serves
+        self.abort = abort
+        self._table, self._then, self._previous = table, then, previous
+
+    def __repr__(self) -> str:
+        return f"Tracked({self.kind!r}, {self.pods!r})"
+
+    def closed(self, conn: Any, reason: str) -> None:
+        """The connection closed: out of the table, then ``watch``'s ``then`` and the handler it replaced."""
+        self._table.close(self)
+        if self._then is not None:
+            self._then(conn, reason)
+        if self._previous is not None:
+            self._previous(conn, reason)
 
 
 class ConnectionTable:
@@ -43,9 +61,14 @@ class ConnectionTable:
         self._empty.set()
 
     def open(self, kind: str, pods: tuple[str, ...], abort: Callable[[], None]) -> Tracked:
-        tracked = Tracked(kind, pods, abort)
-        for ip in pods:
-            self._by_pod.setdefault(ip, set()).add(tracked)
+        return self._add(Tracked(self, kind, pods, abort))
+
+    def _add(self, tracked: Tracked) -> Tracked:
+        for ip in tracked.pods:
+            entries = self._by_pod.get(ip)
+            if entries is None:
+                entries = self._by_pod[ip] = set()
+            entries.add(tracked)
         if self._by_pod:
             self._empty.clear()
         return tracked
@@ -57,17 +80,7 @@ class ConnectionTable:
             if then is not None:
                 then(conn, "closed")
             return
-        tracked = self.open(kind, pods, conn.abort)
-        previous = conn.on_close
-
-        def closed(c: Any, reason: str) -> None:
-            self.close(tracked)
-            if then is not None:
-                then(c, reason)
-            if previous is not None:
-                previous(c, reason)
-
-        conn.on_close = closed
+        conn.on_close = self._add(Tracked(self, kind, pods, conn.abort, then, conn.on_close)).closed
 
     def close(self, tracked: Tracked) -> None:
         for ip in tracked.pods:

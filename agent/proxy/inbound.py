@@ -14,7 +14,9 @@ import asyncio
 import logging
 import socket
 
+from agent.mesh.memo import StateMemo
 from agent.mesh.model import Address
+from agent.proxy.connections import Proxied
 from agent.proxy.context import Mesh
 from agent.proxy.inputs import Connection, forwarded_client, forwarded_host
 from agent.proxy.sockets import dial, upstream_source
@@ -35,17 +37,14 @@ log = logging.getLogger(__name__)
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 
 
-def _connection(request: InboundRequest) -> Connection:
-    return Connection(request.peer, forwarded_client(request.headers, request.source),
-                      (request.target.ip, request.target.port), forwarded_host(request.headers))
-
-
 class InboundProxy:
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.hbone = HboneServer(self._certificate, lambda: mesh.certificates.trust_bundle,
                                  policy=self._decide, connect=self._connect)
         self._plaintext: Acceptor | None = None
+        self._services: StateMemo[Address, str] = StateMemo(mesh.store)  # target -> _service's guess ("": none)
+        self._last: tuple[InboundRequest, Connection] | None = None
 
     async def start(self, hbone_listener: socket.socket, plaintext_listener: socket.socket) -> None:
         await self.hbone.start(sock=hbone_listener)
@@ -67,11 +66,26 @@ class InboundProxy:
         Service serving the target port (ztunnel's guess)."""
         if connection.service is not None:
             return connection.service
-        service = self.mesh.store.state.service_serving(*connection.target)
-        return service.hostname if service is not None else None
+        guesses = self._services.current()
+        hostname = guesses.get(connection.target)
+        if hostname is None:
+            service = self.mesh.store.state.service_serving(*connection.target)
+            hostname = guesses[connection.target] = service.hostname if service is not None else ""
+        return hostname or None
+
+    def _connection(self, request: InboundRequest) -> Connection:
+        """What a CONNECT says of its connection. The policy hook and then the connector ask about the same
+        request: the last answer is kept for the second."""
+        last = self._last
+        if last is not None and last[0] is request:
+            return last[1]
+        connection = Connection(request.peer, forwarded_client(request.headers, request.source),
+                                (request.target.ip, request.target.port), forwarded_host(request.headers))
+        self._last = (request, connection)
+        return connection
 
     def _decide(self, request: InboundRequest) -> str | None:
-        connection = _connection(request)
+        connection = self._connection(request)
         denial = self.mesh.policy(connection)
         if denial is None:
             return None
@@ -89,11 +103,15 @@ class InboundProxy:
     async def _connect(self, request: InboundRequest) -> Relay:
         sock = await dial((request.target.ip, request.target.port), request.source[0])
         _, relay = await asyncio.get_running_loop().connect_accepted_socket(Relay, sock)
-        connection = _connection(request)
+        self._opened(request, relay)
+        return relay
+
+    def _opened(self, request: InboundRequest, relay: Proxied) -> None:
+        """``relay`` carries the CONNECT's stream now: its flow starts, and it is tracked until it closes."""
+        connection = self._connection(request)
         flow = self.mesh.telemetry.opened(inbound=True, client=connection.client, target=connection.target,
                                           mtls=True, service=self._service(connection))
         self.mesh.track("inbound-hbone", (request.target.ip,), relay, flow, server_side=True)
-        return relay
 
     async def _plain(self, sock: socket.socket) -> None:
         ends = accepted_addresses(sock)

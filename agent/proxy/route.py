@@ -64,9 +64,27 @@ class Route:
         return self.service.hostname if self.service is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A Service VIP:port whose endpoints a connection draws from (``to_endpoint``)."""
+
+    service: Service
+    port: int  # the Service port called
+    candidates: list[Endpoint]  # never empty
+
+
 def route(source: Workload, destination: Address, state: MeshState, trust_domain: str, *,
           ports: Ports = Ports(), pick: Pick = random.choice) -> Route:
     """The route for a connection from ``source`` (an enrolled pod of this node) to ``destination``."""
+    resolved = resolve(source, destination, state, trust_domain, ports=ports)
+    if isinstance(resolved, Route):
+        return resolved
+    return to_endpoint(source, resolved, pick(resolved.candidates), state, trust_domain, ports=ports)
+
+
+def resolve(source: Workload, destination: Address, state: MeshState, trust_domain: str, *,
+            ports: Ports = Ports()) -> Route | Choice:
+    """``route`` up to the draw: the route, or for a Service VIP:port with endpoints, the Choice to draw from."""
     ip, port = destination
     workload = state.by_ip(ip)
     if workload is not None:
@@ -85,12 +103,17 @@ def route(source: Workload, destination: Address, state: MeshState, trust_domain
         why = f" (no IPv{ip_family(ip)} endpoint)" if other_family_only else ""
         return Route(Kind.REFUSE, destination, service=service,
                      reason=f"no healthy upstream: {service.key}:{port}{why}")
-    endpoint = pick(candidates)
-    target = (endpoint.ip, endpoint.ports[port])
+    return Choice(service, port, candidates)
+
+
+def to_endpoint(source: Workload, choice: Choice, endpoint: Endpoint, state: MeshState, trust_domain: str, *,
+                ports: Ports = Ports()) -> Route:
+    """The route to ``endpoint``, drawn from ``choice``."""
+    target = (endpoint.ip, endpoint.ports[choice.port])
     backend = state.by_ip(endpoint.ip)
     if backend is None or not backend.enrolled:
-        return Route(Kind.DIRECT, target, dial=target, workload=backend, service=service)
-    return _to_workload(source, backend, target, service, trust_domain, ports)
+        return Route(Kind.DIRECT, target, dial=target, workload=backend, service=choice.service)
+    return _to_workload(source, backend, target, choice.service, trust_domain, ports)
 
 
 def _to_workload(source: Workload, workload: Workload, target: Address, service: Service | None,

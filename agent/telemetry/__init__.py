@@ -5,6 +5,8 @@
 - ``filters``   FlowFilter -> predicate, with Hubble's AND / OR / allow-minus-deny semantics
 - ``ring``      the last N flows, and followers with bounded queues (losses are reported, never silent)
 - ``recorder``  ``FlowRecorder``: what the agent calls (start/end, drop, kernel events, lost kernel events)
+- ``kernel``    the kernel's events in telemetry's terms (``KernelRecords``: raw records, described by kind)
+- ``kernel_reader``  ``KernelReader``: the kernel's ring buffer read on the event loop, in batches
 - ``observer``  ``ObserverServer``: GetFlows and ServerStatus over gRPC (``agent.rpc``), on a unix socket and/or TCP
 - ``observer_tls``  who may read flows over TCP: mutual TLS with the operator's certificate
 - ``printer``   the output formats of ``ambit observe`` (agent/cli/observe.py)
@@ -17,7 +19,7 @@ Wiring in an agent (metrics and admin endpoints live in agent/telemetry/metrics.
     await observer.start(unix_path=observer_socket)     # TCP too: tcp="0.0.0.0:4244", tls=ServerTls(...)
     admin = AdminServer(metrics, ready=readiness, config_dump=config_dump)
     await admin.start()
-    redirector.subscribe(recorder.kernel_event)          # thread-safe: fine on the kernel-event thread
+    reader = KernelReader(KernelEvents(redirector), recorder)   # on the running loop (node glue: KernelEvents)
 
 This package's __init__ imports nothing, so the CLI does not pay for the agent's modules.
 """

@@ -2,19 +2,18 @@
 
 The proxies record a flow when a connection's route is ready and end it with the bytes moved each way;
 a denial is a DROPPED flow naming the policy and rule. The eBPF programs' events (SYN/FIN/RST seen,
-packets dropped while failing closed) come from the ring buffer, read on a thread of its own; events
-the kernel could not queue are counted and shown to readers as lost, never dropped silently.
+packets dropped while failing closed) come from the ring buffer, read on the event loop in batches
+(``kernel_reader``) and made flows only when read; events the kernel could not queue are counted and shown
+to readers as lost, never dropped silently.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-import time
 from dataclasses import dataclass
 
 from agent.identity.manager import CertificateStatus
+from agent.mesh.memo import StateMemo
 from agent.mesh.model import Address
 from agent.mesh.store import Change, MeshState, MeshStore
 from agent.telemetry.admin import (
@@ -25,24 +24,14 @@ from agent.telemetry.admin import (
     ConfigDump,
     ReadyCheck,
 )
-from agent.telemetry.kernel import KernelEvent, KernelEventSource
+from agent.telemetry.kernel import KernelRecords
+from agent.telemetry.kernel_reader import KernelReader
 from agent.telemetry.metrics import DENY, Metrics
 from agent.telemetry.observer import ObserverServer
 from agent.telemetry.observer_tls import ServerTls, ServerTlsFiles, operator_identity
 from agent.telemetry.recorder import Endpoint, FlowHandle, FlowRecorder
 
 log = logging.getLogger(__name__)
-
-# After a wake-up that brought kernel events, the reader lets the next ones gather this long before it reads
-# again: a connection brings several events, and taking the interpreter (the GIL) from the event loop once per
-# event cost the loop more than the events themselves. The ring buffer holds 4096 events, 40,000/s at this
-# pace; events it could not take are counted (hubble_lost_events_total), never silently dropped.
-KERNEL_BATCH = 0.1
-# A batch is read in slices: after each slice the reader sleeps a moment, so that the event loop, which may be
-# waiting for the interpreter, gets it at once (else it would wait up to the 5 ms switch interval).
-KERNEL_YIELD_EVERY = 32
-KERNEL_YIELD = 0.0002
-ENDPOINT_CACHE = 4096  # addresses whose Endpoint is kept (per state); past it the cache starts over
 
 
 @dataclass(frozen=True)
@@ -65,26 +54,21 @@ class Telemetry:
         self.recorder = FlowRecorder(node, config.flows, self.metrics, resolve=lambda ip: self.endpoint((ip, 0)))
         self.observer = ObserverServer(self.recorder)
         self._admin: AdminServer | None = None
-        # What the store knows of an IP, as an Endpoint without port and service, for the state it was read from:
-        # a connection's two ends (and each kernel event's) cost a dict lookup, not a Workload's identity string
-        # and labels read again. A new state (any change) starts a new cache.
-        self._known: tuple[MeshState | None, dict[str, Endpoint]] = (None, {})
-        self._stop = threading.Event()
-        self._events: threading.Thread | None = None
-        store.subscribe(self._forget_deleted)
+        # What the store knows of an IP, as an Endpoint without port and service: a connection's two ends cost a
+        # dict lookup, not a Workload's identity string and labels read again (a change also makes the recorder
+        # forget kernel events' addresses).
+        self._known: StateMemo[str, Endpoint] = StateMemo(store)
+        self._kernel: KernelReader | None = None
+        store.subscribe(self._mesh_changed)
 
     def endpoint(self, address: Address, service: str | None = None) -> Endpoint:
         """What the store knows of ``address``: the pod, its namespace, labels and identity; ``service`` is the
         hostname of the Service the client called, when known."""
         ip = address[0]
-        state = self.store.state
-        cached_for, known = self._known
-        if cached_for is not state or len(known) >= ENDPOINT_CACHE:
-            known = {}
-            self._known = (state, known)  # one assignment: the kernel event reader may be reading it
+        known = self._known.current()
         e = known.get(ip)
         if e is None:
-            w = state.by_ip(ip)
+            w = self.store.state.by_ip(ip)
             e = known[ip] = (Endpoint(ip, 0) if w is None else
                              Endpoint(ip, 0, str(w.identity(self.trust_domain)), w.namespace, w.name, w.labels,
                                       w.labels.get("app", w.name)))
@@ -116,7 +100,8 @@ class Telemetry:
             if status.not_after is not None:
                 self.metrics.set_certificate_expiry(str(status.identity), status.not_after.timestamp())
 
-    def _forget_deleted(self, _state: MeshState, change: Change) -> None:
+    def _mesh_changed(self, _state: MeshState, change: Change) -> None:
+        self.recorder.forget_addresses()
         for w in change.removed.values():
             self.metrics.forget_workload(w.namespace, w.name)
 
@@ -129,35 +114,10 @@ class Telemetry:
         await self._admin.start(metrics=cfg.metrics_listen, ready=cfg.ready_listen, admin=cfg.admin_listen,
                                 admin_socket=cfg.admin_socket)
 
-    def watch_kernel(self, redirector: KernelEventSource) -> None:
-        """Read the eBPF ring buffer on a thread: each event becomes a flow; losses are counted."""
-        if not self.config.enabled:
-            return
-        delivered = 0
-
-        def deliver(ev: KernelEvent) -> None:
-            nonlocal delivered
-            self.recorder.kernel_event(ev)
-            delivered += 1
-            if delivered % KERNEL_YIELD_EVERY == 0:
-                time.sleep(KERNEL_YIELD)  # the event loop takes the interpreter meanwhile: a batch never stalls it long
-
-        redirector.subscribe(deliver)
-
-        def pump() -> None:
-            lost, checked = redirector.lost_events, time.monotonic()
-            while not self._stop.is_set():
-                if redirector.poll_events(200):  # delivers to the recorder
-                    self._stop.wait(KERNEL_BATCH)
-                # a full ring is when nothing arrives: check every 200 ms, not on every wake-up
-                if time.monotonic() - checked >= 0.2:
-                    now, checked = redirector.lost_events, time.monotonic()
-                    if now > lost:
-                        self.recorder.lost_kernel_events(now - lost)
-                        lost = now
-
-        self._events = threading.Thread(target=pump, name="ebpf-events", daemon=True)
-        self._events.start()
+    def watch_kernel(self, source: KernelRecords) -> None:
+        """Read the eBPF ring buffer on the running event loop: each event becomes a flow; losses are counted."""
+        if self.config.enabled:
+            self._kernel = KernelReader(source, self.recorder)
 
     async def stop_serving_admin(self) -> None:
         """Leave the admin, metrics and readiness ports to the next agent (an upgrade's handover)."""
@@ -166,9 +126,9 @@ class Telemetry:
             self._admin = None
 
     async def close(self) -> None:
-        self._stop.set()
-        if self._events is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._events.join, 2.0)
+        if self._kernel is not None:
+            self._kernel.close()
+            self._kernel = None
         await self.observer.stop()
         if self._admin is not None:
             await self._admin.close()

@@ -8,7 +8,8 @@
 - Hubble's: ``hubble_flows_processed_total{type,subtype,verdict}``, ``hubble_drop_total{reason,protocol}``,
   ``hubble_tcp_flags_total{flag,family}``, ``hubble_lost_events_total{source}``.
 - The agent's health: ``ambit_workloads{enrolled}``, ``ambit_certificate_expiry_seconds{identity}`` (time left,
-  computed at scrape time), ``ambit_ebpf_attached{program,backend}`` (interfaces carrying each program).
+  computed at scrape time), ``ambit_ebpf_attached{program,backend}`` (interfaces carrying each program),
+  ``ambit_kernel_events_rejected_total`` (eBPF events left out because they were malformed).
 
 Workload labels are derived from pod labels the way Istio does (``canonical_service``,
 ``canonical_revision``); missing values are "unknown". Deleted pods are forgotten (``forget_workload``):
@@ -104,6 +105,7 @@ def traffic_labels(reporter: str, source: Endpoint, destination: Endpoint, mtls:
     return (reporter, *src, *svc, *dst, "tcp", response_flags, "mutual_tls" if mtls else UNKNOWN)
 
 
+TRAFFIC_MEMORY = 4096  # connections' label values kept (Metrics._traffic_of); past it the memory starts over
 Feeds = tuple[tuple[int, str], ...]  # (side: 0 source / 1 destination, "namespace/pod") of a series' pods
 SeriesSide = tuple[int, tuple[str, ...], int]  # (family slot, label values, side)
 
@@ -129,13 +131,25 @@ class _Family:
         return Family(self.name, self.doc, "counter", self.labelnames, list(self.values.items()))
 
 
+class _Traffic:
+    """A connection shape's label values and feeds (remembered by ``Metrics._traffic_of``), and the traffic
+    families whose series already count these feeds: a bit per slot in ``fed``, true while the metrics' epoch is
+    ``epoch`` (only a forgotten pod, which starts a new epoch, takes feeds away)."""
+
+    __slots__ = ("epoch", "fed", "feeds", "labels", "mappings")
+
+    def __init__(self, labels: tuple[str, ...], feeds: Feeds, mappings: tuple[object, object]) -> None:
+        self.labels, self.feeds = labels, feeds
+        self.mappings = mappings  # the ends' labels mappings, held so that their ids stay theirs
+        self.epoch, self.fed = -1, 0
+
+
 @dataclass(slots=True)
 class ConnectionSeries:
     """An open connection's series: close it once, with the bytes each way."""
 
     metrics: Metrics
-    labels: tuple[str, ...]
-    feeds: Feeds
+    traffic: _Traffic
     epoch: int
     closed: bool = False
 
@@ -173,9 +187,11 @@ class Metrics:
         self.drops = _Family("hubble_drop", "Number of drops", ("reason", "protocol"))
         self.tcp = _Family("hubble_tcp_flags", "TCP flag occurrences", ("flag", "family"))
         self.lost = _Family("hubble_lost_events", "Number of lost events", ("source",))
+        self.rejected = _Family("ambit_kernel_events_rejected", "eBPF events left out because they were malformed",
+                                ())
         self._traffic = (self.opened, self.closed, self.failed, self.sent, self.received)
         assert all(f.slot == i for i, f in enumerate(self._traffic))
-        self._families = (*self._traffic, self.flows, self.drops, self.tcp, self.lost)
+        self._families = (*self._traffic, self.flows, self.drops, self.tcp, self.lost, self.rejected)
         # For forget_workload: a series' side (its source_* or destination_* labels) -> the live pods it was
         # recorded for; a pod -> the series sides it feeds. A series goes when one of its sides has no pod left.
         self._feeders: dict[SeriesSide, set[str]] = {}
@@ -186,13 +202,22 @@ class Metrics:
         self._workloads: dict[str, int] = {}
         self._cert_expiry: dict[str, float] = {}
         self._attached: dict[tuple[str, str], int] = {}
+        self._traffic_memory: dict[tuple[object, ...], _Traffic] = {}
 
     # -- Istio traffic ------------------------------------------------------------------------------------------
-    def _inc(self, family: _Family, labels: tuple[str, ...], feeds: Feeds, amount: float = 1) -> None:
-        """Under the lock."""
+    def _inc(self, family: _Family, labels: tuple[str, ...], feeds: Feeds, amount: float = 1,
+             traffic: _Traffic | None = None) -> None:
+        """Under the lock. ``traffic``: where ``labels`` and ``feeds`` come from, if remembered."""
         values = family.values
         values[labels] = values.get(labels, 0) + amount
         if feeds and family.slot >= 0:
+            if traffic is not None:
+                bit = 1 << family.slot
+                if traffic.epoch != self._epoch:
+                    traffic.epoch, traffic.fed = self._epoch, 0
+                elif traffic.fed & bit:
+                    return
+                traffic.fed |= bit
             for side, pod in feeds:
                 key = (family.slot, labels, side)
                 feeders = self._feeders.get(key)
@@ -202,30 +227,47 @@ class Metrics:
                     feeders.add(pod)
                     self._fed_by.setdefault(pod, set()).add(key)
 
+    def _traffic_of(self, reporter: str, source: Endpoint, destination: Endpoint, mtls: bool) -> _Traffic:
+        """A connection's label values and feeds, remembered by what they are made of: its ends' labels
+        mappings by identity (the store replaces a pod's labels, never changes them; the memory holds them, so
+        an id is not reused while it is a key)."""
+        key = (reporter, mtls, source.identity, source.namespace, source.pod_name, source.workload, id(source.labels),
+               destination.identity, destination.namespace, destination.pod_name, destination.workload,
+               id(destination.labels), destination.service)
+        known = self._traffic_memory.get(key)
+        if known is None:
+            if len(self._traffic_memory) >= TRAFFIC_MEMORY:
+                self._traffic_memory = {}
+            known = self._traffic_memory[key] = _Traffic(
+                traffic_labels(reporter, source, destination, mtls, cluster=self.cluster),
+                _feeds(source, destination), (source.labels, destination.labels))
+        return known
+
     def connection_opened(self, reporter: str, source: Endpoint, destination: Endpoint,
                           mtls: bool) -> ConnectionSeries:
         """Count an accepted connection; close the returned series when it ends."""
-        labels = traffic_labels(reporter, source, destination, mtls, cluster=self.cluster)
-        feeds = _feeds(source, destination)
+        traffic = self._traffic_of(reporter, source, destination, mtls)
         with self._lock:
-            self._inc(self.opened, labels, feeds)
-            return ConnectionSeries(self, labels, feeds, self._epoch)
+            self._inc(self.opened, traffic.labels, traffic.feeds, 1, traffic)
+            return ConnectionSeries(self, traffic, self._epoch)
 
     def _closed(self, conn: ConnectionSeries, request_bytes: int, response_bytes: int, response_flags: str,
                 failed: bool) -> None:
+        traffic = conn.traffic
+        labels, feeds = traffic.labels, traffic.feeds
         with self._lock:
-            if self._epoch != conn.epoch and any(self._forgotten.get(p, -1) >= conn.epoch for _s, p in conn.feeds):
+            if self._epoch != conn.epoch and any(self._forgotten.get(p, -1) >= conn.epoch for _s, p in feeds):
                 return  # a pod of this connection was deleted meanwhile: its series are gone, keep them gone
-            labels, feeds = conn.labels, conn.feeds
             if response_bytes:
-                self._inc(self.sent, labels, feeds, response_bytes)
+                self._inc(self.sent, labels, feeds, response_bytes, traffic)
             if request_bytes:
-                self._inc(self.received, labels, feeds, request_bytes)
-            if response_flags != labels[_FLAGS_AT]:
+                self._inc(self.received, labels, feeds, request_bytes, traffic)
+            remembered = traffic if response_flags == labels[_FLAGS_AT] else None  # (other flags: other series)
+            if remembered is None:
                 labels = (*labels[:_FLAGS_AT], response_flags, *labels[_FLAGS_AT + 1:])
-            self._inc(self.closed, labels, feeds)
+            self._inc(self.closed, labels, feeds, 1, remembered)
             if failed:
-                self._inc(self.failed, labels, feeds)
+                self._inc(self.failed, labels, feeds, 1, remembered)
 
     def connection_denied(self, reporter: str, source: Endpoint, destination: Endpoint, mtls: bool,
                           response_flags: str = DENY) -> None:
@@ -269,23 +311,28 @@ class Metrics:
         return removed
 
     # -- Hubble --------------------------------------------------------------------------------------------------
-    def flow_processed(self, type_: str, subtype: str, verdict: str) -> None:
+    def flow_processed(self, type_: str, subtype: str, verdict: str, count: int = 1) -> None:
         with self._lock:
-            self._inc(self.flows, (type_, subtype, verdict), ())
+            self._inc(self.flows, (type_, subtype, verdict), (), count)
 
-    def dropped(self, reason: str, protocol: str = "TCP") -> None:
+    def dropped(self, reason: str, protocol: str = "TCP", count: int = 1) -> None:
         with self._lock:
-            self._inc(self.drops, (reason, protocol), ())
+            self._inc(self.drops, (reason, protocol), (), count)
 
-    def tcp_flags(self, flags: Iterable[str], family: str) -> None:
+    def tcp_flags(self, flags: Iterable[str], family: str, count: int = 1) -> None:
+        """``count`` packets, each with these ``flags``."""
         with self._lock:
             for flag in flags:
-                self._inc(self.tcp, (flag, family), ())
+                self._inc(self.tcp, (flag, family), (), count)
 
     def lost_events(self, source: str, count: int) -> None:
         if count > 0:
             with self._lock:
                 self._inc(self.lost, (source,), (), count)
+
+    def kernel_event_rejected(self) -> None:
+        with self._lock:
+            self._inc(self.rejected, (), ())
 
     # -- agent health -----------------------------------------------------------------------------------------
     def set_workloads(self, enrolled: int, not_enrolled: int) -> None:

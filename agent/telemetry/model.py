@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -75,10 +75,11 @@ def flag_names(flags: int) -> list[str]:
     return [name for name, bit in TCP_FLAGS if flags & bit]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Endpoint:
     """One end of a flow as the agent knows it. Only ``ip`` and ``port`` are required: a peer outside the
-    mesh is just an address."""
+    mesh is just an address. Immutable by convention once made (flows share it); not frozen, as two are made
+    per connection and a frozen dataclass sets each field through ``object.__setattr__``."""
 
     ip: str
     port: int
@@ -181,3 +182,12 @@ class LostEvent:
 
 
 Entry = Flow | LostEvent
+
+
+class FlowBuilder(Protocol):
+    def build(self, pending: PendingFlow) -> Flow: ...
+
+
+PendingFlow = tuple[FlowBuilder, bytes, int, Endpoint, Endpoint]
+"""A kernel event kept as it came until someone reads it: (what builds its flow, the kernel's record, the sequence
+number of its flow's uuid, its source and destination as the agent knew them when it read the record, port 0)."""

@@ -6,13 +6,14 @@
     handle.end(bytes_sent, bytes_received, reason="closed by client")      # or error=True
     recorder.drop(direction="INGRESS", reporter="destination", source=src, destination=dst, mtls=True,
                   reason="denied by AuthorizationPolicy web/deny-all rule 0", policy="web/deny-all")
-    recorder.kernel_event(event)                 # a telemetry.kernel.KernelEvent (eBPF ring buffer)
+    recorder.kernel_records(source, records)     # eBPF ring-buffer records (a telemetry.kernel.KernelRecords')
     recorder.lost_kernel_events(newly_lost)      # the kernel ring buffer was full
 
 Every call writes a flow to the ring (``recorder.ring``, served by the observer) and updates the metrics.
 ``bytes_sent`` is what the source sent to the destination (the request direction), ``bytes_received`` what
 it got back, whichever side reports. Calls are thread-safe and never block on readers; a connection (start +
-end, with metrics) costs about 20 us of CPU.
+end, with metrics) costs about 20 us of CPU. A kernel event costs well under 1 us when recorded: the record is
+kept as it came, counted in the metrics by kind, and becomes a flow only when someone reads flows.
 
 Metric label for ``hubble_drop_total{reason}``: POLICY_DENIED when a policy decided, else the part of
 ``reason`` before the first ':' in UPPER_SNAKE case, so pass reasons as "<stable cause>: <details>"
@@ -22,13 +23,15 @@ Metric label for ``hubble_drop_total{reason}``: POLICY_DENIED when a policy deci
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
-from agent.telemetry.kernel import KernelEvent
+from agent.telemetry.kernel import KernelKind, KernelRecords
 from agent.telemetry.metrics import CONNECT, DENY, NO_FLAGS, TLS_FAILURE, ConnectionSeries, Metrics
 from agent.telemetry.model import (
     ACK,
@@ -41,6 +44,7 @@ from agent.telemetry.model import (
     Flow,
     LostEvent,
     LostSource,
+    PendingFlow,
     Reporter,
     Verdict,
     flag_names,
@@ -49,12 +53,19 @@ from agent.telemetry.ring import FlowRing
 
 __all__ = ["Endpoint", "FlowHandle", "FlowRecorder"]
 
+log = logging.getLogger(__name__)
+
 DirectionName = Literal["INGRESS", "EGRESS"]
 ReporterName = Literal["source", "destination"]
 
 _DIRECTIONS = {"INGRESS": Direction.INGRESS, "EGRESS": Direction.EGRESS}
 _REPORTERS = {"source": Reporter.SOURCE, "destination": Reporter.DESTINATION}
 _TLS_WORDS = re.compile(r"tls|certificate|handshake|identity|ssl", re.IGNORECASE)
+# hubble_flows_processed_total's subtype and verdict labels of a flow (enum names cost a call each time)
+_PROCESSED = {(e, v): (e.name.lower(), v.name) for e in EventType for v in Verdict}
+_KINDS_MAX = 1024  # kinds of kernel event described (the key space is small; a bound all the same)
+_ADDRESSES_MAX = 4096  # kernel event addresses whose Endpoint is kept; past it the cache starts over
+REJECTED_LOG_EVERY = 10.0  # seconds between two warnings about malformed kernel events
 
 def drop_code(reason: str, policy: str | None) -> str:
     """The low-cardinality hubble_drop_total reason for an agent drop."""
@@ -73,10 +84,6 @@ def response_flags_for(reason: str) -> str:
 
 def _duration(ns: int) -> str:
     return f"{ns / 1e9:.3f}s"
-
-
-def _family(ip: str) -> str:
-    return "IPv6" if ":" in ip else "IPv4"
 
 
 class FlowHandle:
@@ -124,10 +131,16 @@ class FlowRecorder:
         r = os.urandom(10).hex()
         self._uuid_prefix = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-{8 | (int(r[15], 16) & 3):x}{r[16:19]}"
         self._sequence = itertools.count(1)
-        self._kernel_summaries: dict[tuple[int, bool, str, str], str] = {}
+        self._kernel_kinds: dict[bytes, _KernelKindFlow] = {}  # a record's kind bytes -> what its flows say
+        self._addresses: dict[bytes, Endpoint] = {}  # a record's address bytes -> what resolve said, port 0
+        self.kernel_rejected = 0  # records left out because they were malformed
+        self._rejected_logged = (-REJECTED_LOG_EVERY, 0)  # (when, kernel_rejected then)
 
     def _uuid(self) -> str:
-        return f"{self._uuid_prefix}-{next(self._sequence) & 0xFFFFFFFFFFFF:012x}"
+        return self._uuid_of(next(self._sequence))
+
+    def _uuid_of(self, sequence: int) -> str:
+        return f"{self._uuid_prefix}-{sequence & 0xFFFFFFFFFFFF:012x}"
 
     def _new(self, verdict: Verdict, event: EventType, direction: str, reporter: str, source: Endpoint,
              destination: Endpoint, mtls: bool, summary: str, drop_reason_desc: str = "", policy: str = "") -> Flow:
@@ -141,7 +154,7 @@ class FlowRecorder:
     def _record(self, flow: Flow, type_: str) -> None:
         self.ring.write(flow)
         if self.metrics is not None:
-            self.metrics.flow_processed(type_, flow.event_type.name.lower(), flow.verdict.name)
+            self.metrics.flow_processed(type_, *_PROCESSED[flow.event_type, flow.verdict])
 
     def start(self, *, direction: DirectionName, reporter: ReporterName, source: Endpoint, destination: Endpoint,
               mtls: bool) -> FlowHandle:
@@ -182,33 +195,82 @@ class FlowRecorder:
             self.metrics.dropped(drop_code(reason, policy), "TCP")
             self.metrics.connection_denied(reporter, source, destination, mtls, response_flags)
 
-    def _endpoint(self, ip: str, port: int) -> Endpoint:
-        known = self._resolve(ip) if self._resolve is not None else None
-        if known is None:
-            return Endpoint(ip, port)
-        return Endpoint(ip, port, known.identity, known.namespace, known.pod_name, known.labels, known.workload,
-                        known.service)  # (dataclasses.replace costs four times as much)
+    def forget_addresses(self) -> None:
+        """What ``resolve`` says of an address may have changed (the mesh changed): ask it again."""
+        self._addresses = {}
 
-    def kernel_event(self, ev: KernelEvent) -> None:
-        """One eBPF ring-buffer event: a KERNEL flow, DROPPED for drops (no listener when fail-closed, stale
-        flow...), else FORWARDED with the TCP flags seen; the flags are counted in hubble_tcp_flags_total."""
-        wall = self._clock() - self._monotonic() + ev.ts_ns
-        key = (ev.tcp_flags, ev.dropped, ev.action, ev.reason)
-        summary = self._kernel_summaries.get(key)
-        if summary is None:
-            if len(self._kernel_summaries) >= _SUMMARIES_MAX:
-                self._kernel_summaries.clear()
-            summary = self._kernel_summaries[key] = _kernel_summary(ev)
-        flow = Flow(wall, self._uuid(), Verdict.DROPPED if ev.dropped else Verdict.FORWARDED, EventType.KERNEL,
-                    Direction.INGRESS if ev.toward_pod else Direction.EGRESS,
-                    Reporter.DESTINATION if ev.toward_pod else Reporter.SOURCE, self.node,
-                    self._endpoint(ev.src, ev.sport), self._endpoint(ev.dst, ev.dport), False,
-                    tcp_flags=ev.tcp_flags, drop_reason_desc=ev.reason if ev.dropped else "", summary=summary)
-        self._record(flow, "Drop" if ev.dropped else "Trace")
+    def kernel_records(self, source: KernelRecords, records: Sequence[bytes]) -> int:
+        """eBPF ring-buffer records: each a KERNEL flow, DROPPED for drops (no listener when fail-closed, stale
+        flow...), else FORWARDED with the TCP flags seen (counted in hubble_tcp_flags_total). Counted in the
+        metrics now, kept in the ring as they came, with their ends as ``resolve`` knows them now and their
+        uuid, and made flows when read. A record of the wrong size or one ``source`` cannot describe is left
+        out, logged and counted (``kernel_rejected``, ambit_kernel_events_rejected_total); the others are kept.
+        Returns how many were kept."""
+        kinds = self._kernel_kinds
+        if len(kinds) >= _KINDS_MAX:
+            kinds.clear()
+        if len(self._addresses) >= _ADDRESSES_MAX:
+            self._addresses = {}
+        known, size, sequence = self._addresses, source.size, self._sequence
+        kind_at, src_at, dst_at = source.kind, source.source_address, source.destination_address
+        batch = _KernelBatch(self, source, self._clock() - self._monotonic())
+        pending: list[PendingFlow] = []
+        counts: dict[tuple[bytes, bool], int] = {}  # (kind, source is IPv6) -> events
+        for raw in records:
+            kind = raw[kind_at]
+            if (len(raw) != size or kind not in kinds) and not self._described(source, raw, kind):
+                continue
+            src = known.get(raw[src_at]) or self._address(source, raw[src_at])
+            dst = known.get(raw[dst_at]) or self._address(source, raw[dst_at])
+            key = (kind, ":" in src.ip)
+            counts[key] = counts.get(key, 0) + 1
+            pending.append((batch, raw, next(sequence), src, dst))
+        if pending:
+            self.ring.write_pending(pending)
         if self.metrics is not None:
-            if ev.dropped:
-                self.metrics.dropped(ev.reason_code or "UNKNOWN", "TCP")
-            self.metrics.tcp_flags(_COUNTED_FLAGS[ev.tcp_flags & 0xFF], _family(ev.src))
+            for (kind, v6), n in counts.items():
+                k = kinds[kind]
+                self.metrics.flow_processed(k.flow_type, "kernel", k.verdict.name, n)
+                if k.drop_code:
+                    self.metrics.dropped(k.drop_code, "TCP", n)
+                self.metrics.tcp_flags(k.counted_flags, "IPv6" if v6 else "IPv4", n)
+        return len(pending)
+
+    def _described(self, source: KernelRecords, raw: bytes, kind: bytes) -> bool:
+        """A record whose size or kind was not seen yet: True if it is well formed (its kind now known)."""
+        try:
+            if len(raw) != source.size:
+                raise ValueError(f"kernel event: a record of {len(raw)} bytes, expected {source.size}")
+            self._kernel_kinds[kind] = _KernelKindFlow.of(source.describe(kind))
+        except ValueError as e:
+            self.kernel_rejected += 1
+            if self.metrics is not None:
+                self.metrics.kernel_event_rejected()
+            when, then = self._rejected_logged
+            now = time.monotonic()
+            if now - when >= REJECTED_LOG_EVERY:
+                log.warning("left out a malformed kernel event (%d in all, %d since the last warning): %s",
+                            self.kernel_rejected, self.kernel_rejected - then, e)
+                self._rejected_logged = (now, self.kernel_rejected)
+            return False
+        return True
+
+    def _address(self, source: KernelRecords, raw: bytes) -> Endpoint:
+        ip = source.address(raw)
+        known = self._resolve(ip) if self._resolve is not None else None
+        e = Endpoint(ip, 0) if known is None else Endpoint(ip, 0, known.identity, known.namespace, known.pod_name,
+                                                           known.labels, known.workload, known.service)
+        self._addresses[raw] = e
+        return e
+
+    def _kernel_flow(self, source: KernelRecords, wall_offset: int, pending: PendingFlow) -> Flow:
+        """The flow of a kernel record, from the record and what kernel_records kept of it."""
+        _, raw, sequence, src, dst = pending
+        ev = source.decode(raw)
+        k = self._kernel_kinds.get(raw[source.kind]) or _KernelKindFlow.of(ev.kind)
+        return Flow(wall_offset + ev.ts_ns, self._uuid_of(sequence), k.verdict, EventType.KERNEL, k.direction,
+                    k.reporter, self.node, _with_port(src, ev.sport), _with_port(dst, ev.dport), False,
+                    tcp_flags=k.tcp_flags, drop_reason_desc=k.drop_reason_desc, summary=k.summary)
 
     def lost_kernel_events(self, count: int) -> None:
         """``count`` events the kernel could not queue (the ring buffer was full) since the last call: counted
@@ -220,15 +282,50 @@ class FlowRecorder:
             self.metrics.lost_events(LostSource.PERF_EVENT_RING_BUFFER.name, count)
 
 
-def _kernel_summary(ev: KernelEvent) -> str:
-    if ev.dropped:
-        return f"dropped in the kernel: {ev.reason or ev.action}"
-    flags = flag_names(ev.tcp_flags)
-    return f"TCP Flags: {', '.join(flags) or 'none'}; {ev.action}" + (f" ({ev.reason})" if ev.reason else "")
+def _with_port(e: Endpoint, port: int) -> Endpoint:
+    """``e`` at ``port`` (dataclasses.replace costs four times as much)."""
+    return Endpoint(e.ip, port, e.identity, e.namespace, e.pod_name, e.labels, e.workload, e.service)
 
 
-# A kernel event's summary per (flags, dropped, action, reason): a few combinations, the same for every connection.
-_SUMMARIES_MAX = 1024
+class _KernelBatch:
+    """What the records of one ``kernel_records`` call share: where they came from, the wall clock's offset from
+    the kernel's clock then; builds their flows when they are read (``model.FlowBuilder``)."""
+
+    __slots__ = ("recorder", "source", "wall_offset")
+
+    def __init__(self, recorder: FlowRecorder, source: KernelRecords, wall_offset: int) -> None:
+        self.recorder, self.source, self.wall_offset = recorder, source, wall_offset
+
+    def build(self, pending: PendingFlow) -> Flow:
+        return self.recorder._kernel_flow(self.source, self.wall_offset, pending)
+
+
+@dataclass(frozen=True, slots=True)
+class _KernelKindFlow:
+    """What a kind of kernel event makes of its flows and metrics, worked out once per kind."""
+
+    tcp_flags: int
+    verdict: Verdict
+    direction: Direction
+    reporter: Reporter
+    drop_reason_desc: str
+    summary: str
+    flow_type: str  # hubble_flows_processed_total{type}
+    drop_code: str  # hubble_drop_total{reason}, "" when not a drop
+    counted_flags: tuple[str, ...]  # hubble_tcp_flags_total{flag}
+
+    @classmethod
+    def of(cls, k: KernelKind) -> _KernelKindFlow:
+        if k.dropped:
+            summary = f"dropped in the kernel: {k.reason or k.action}"
+        else:
+            summary = f"TCP Flags: {', '.join(flag_names(k.tcp_flags)) or 'none'}; {k.action}" + (
+                f" ({k.reason})" if k.reason else "")
+        return cls(k.tcp_flags, Verdict.DROPPED if k.dropped else Verdict.FORWARDED,
+                   Direction.INGRESS if k.toward_pod else Direction.EGRESS,
+                   Reporter.DESTINATION if k.toward_pod else Reporter.SOURCE, k.reason if k.dropped else "", summary,
+                   "Drop" if k.dropped else "Trace", (k.reason_code or "UNKNOWN") if k.dropped else "",
+                   _COUNTED_FLAGS[k.tcp_flags & 0xFF])
 
 
 def _counted_flags(flags: int) -> list[str]:

@@ -1,8 +1,9 @@
 """The last N flows of a node, and the readers following new ones.
 
 ``FlowRing`` keeps the most recent ``capacity`` entries (flows, and markers of lost events in time order,
-as Hubble keeps LostEvents in its ring). Overwritten flows are counted. Writers may be on any thread (the
-proxies on the event loop, the eBPF event reader on its own thread): one lock guards the ring.
+as Hubble keeps LostEvents in its ring). Overwritten flows are counted. The kernel's events are written as they
+came (``write_pending``: a ``PendingFlow`` each) and become flows when read: a snapshot, a new follower, or a
+write while someone follows builds them, once. Writers may be on any thread: one lock guards the ring.
 
 A ``Follower`` is a reader that receives each new entry its predicate accepts, through a bounded queue. A
 follower that falls behind loses entries, and the next thing it reads says how many (a LostEvent from
@@ -18,11 +19,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
-from agent.telemetry.model import Entry, Flow, LostEvent, LostSource
+from agent.telemetry.model import Entry, Flow, LostEvent, LostSource, PendingFlow
 
 Predicate = Callable[[Flow], bool]
 DEFAULT_FOLLOWER_QUEUE = 4096
+Stored = Entry | PendingFlow
+
+
+def built(entry: Stored) -> Entry:
+    return entry[0].build(entry) if isinstance(entry, tuple) else entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +117,8 @@ class FlowRing:
         if capacity < 1:
             raise ValueError(f"flow buffer capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._entries: collections.deque[Entry] = collections.deque()
+        self._entries: collections.deque[Stored] = collections.deque()
+        self._unbuilt = False  # pending flows among the entries
         self._lock = threading.Lock()
         self._followers: list[Follower] = []
         self._flows = 0  # flows in the ring now
@@ -121,21 +129,49 @@ class FlowRing:
     def write(self, entry: Entry) -> None:
         """Append a flow or a lost-events marker, overwriting the oldest entry when full."""
         with self._lock:
+            self._append(entry)
+
+    def write_pending(self, pending: list[PendingFlow]) -> None:
+        """Append kernel events' flows, built only when read (at once when someone follows)."""
+        with self._lock:
+            if self._followers:
+                for p in pending:
+                    self._append(p[0].build(p))
+                return
             entries = self._entries
-            if len(entries) >= self.capacity:
-                old = entries.popleft()
-                if isinstance(old, Flow):
+            entries.extend(pending)
+            self._unbuilt = True
+            self._flows += len(pending)
+            self.seen += len(pending)
+            for _ in range(len(entries) - self.capacity):
+                if not isinstance(entries.popleft(), LostEvent):
                     self._flows -= 1
                     self.evicted += 1
-            entries.append(entry)
-            if isinstance(entry, Flow):
-                self._flows += 1
-                self.seen += 1
-            else:
-                self.lost += entry.count
-            gone = [f for f in self._followers if not f.push(entry)]
-            for follower in gone:
+
+    def _append(self, entry: Entry) -> None:
+        """Under the lock."""
+        entries = self._entries
+        if len(entries) >= self.capacity and not isinstance(entries.popleft(), LostEvent):
+            self._flows -= 1
+            self.evicted += 1
+        entries.append(entry)
+        if isinstance(entry, Flow):
+            self._flows += 1
+            self.seen += 1
+        else:
+            self.lost += entry.count
+        if self._followers:
+            for follower in [f for f in self._followers if not f.push(entry)]:
                 self._followers.remove(follower)
+
+    def _build(self) -> list[Entry]:
+        """Under the lock: every entry, pending flows built (and kept built)."""
+        if not self._unbuilt:
+            return cast("list[Entry]", list(self._entries))  # (none is pending)
+        entries = [built(e) for e in self._entries]
+        self._entries = collections.deque(entries)
+        self._unbuilt = False
+        return entries
 
     @property
     def num_flows(self) -> int:
@@ -143,14 +179,14 @@ class FlowRing:
 
     def snapshot(self) -> Snapshot:
         with self._lock:
-            return Snapshot(list(self._entries), self.evicted)
+            return Snapshot(self._build(), self.evicted)
 
     def follow(self, predicate: Predicate, maxsize: int = DEFAULT_FOLLOWER_QUEUE) -> tuple[Snapshot, Follower]:
         """The current entries and a follower that gets every later one (call on the reader's event loop)."""
         follower = Follower(self, predicate, asyncio.get_running_loop(), maxsize)
         with self._lock:
             self._followers.append(follower)
-            return Snapshot(list(self._entries), self.evicted), follower
+            return Snapshot(self._build(), self.evicted), follower
 
     def unfollow(self, follower: Follower) -> None:
         with self._lock:

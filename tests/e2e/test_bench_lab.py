@@ -19,6 +19,7 @@ from bench.lab import (
     LabAmbitServicePath,
     LabDirectPath,
     LabEnvoyPath,
+    LabHbonePath,
     bench_lab,
 )
 from bench.paths import BenchPath, MeshCerts
@@ -37,8 +38,9 @@ def test_lab_set_measures_every_path_then_is_removed(tmp_path: Path) -> None:
     try:
         with bench_lab(tmp_path / "lab-logs", said.append, name=name) as lab:
             assert lab.pod(PLAIN, 0).node == "node-1" and lab.pod(MESH, 1).node == "node-2"
+            certs = MeshCerts.create()
             paths: list[BenchPath] = [LabDirectPath(lab), LabAmbitPath(lab), LabAmbitServicePath(lab),
-                                      LabEnvoyPath(lab, MeshCerts.create())]
+                                      LabHbonePath(lab, certs), LabEnvoyPath(lab, certs)]
             cfg = Config(8 << 20, 1, 200, 1024, 20, 1, tmp_path, conn_count=200, conn_clients=10, conn_runs=1)
             results = run(paths, cfg, progress=False)
             agents = {lab.agent(0).pid, lab.agent(1).pid}
@@ -47,13 +49,13 @@ def test_lab_set_measures_every_path_then_is_removed(tmp_path: Path) -> None:
     finally:
         assert lab_leftovers(name, processes=False) == []
     by = {r.name: r for r in results}
-    assert [r.name for r in results] == ["direct", "ambit", "ambit-svc", "envoy"]
+    assert [r.name for r in results] == ["direct", "ambit", "ambit-svc", "hbone", "envoy"]
     assert all(r.bulk[0].nbytes == 8 << 20 and len(r.rr[0].samples_ns) == 200 for r in results)
     assert all([(c.clients, c.connections + c.failed) for c in r.conn] == [(1, 200), (10, 200)] for r in results)
     assert all(c.failed == 0 for r in results for c in r.conn), [c.errors for r in results for c in r.conn]
     assert by["direct"].bulk[0].proxy_cpu == {} and by["direct"].conn[0].proxy_cpu == {}
     assert by["ambit"].cpu_per_gib()["total"] > 0 and by["envoy"].cpu_per_gib()["total"] > 0
-    for path in ("ambit", "ambit-svc", "envoy"):  # each proxy's memory, idle and at the peak
+    for path in ("ambit", "ambit-svc", "hbone", "envoy"):  # each proxy's memory, idle and at the peak
         memory = by[path].memory
         assert set(memory) == {IDLE, AFTER, UNDER_LOAD} and set(memory[IDLE]) == {"client", "server"}
         assert all(0 < m.pss <= m.rss for phase in memory.values() for m in phase.values())
@@ -63,6 +65,8 @@ def test_lab_set_measures_every_path_then_is_removed(tmp_path: Path) -> None:
         "commit": "abc", "hbone_sha": "0123"}, LAB_SET)
     for line in ("- ambit-svc / ambit bulk throughput: ", "- ambit-svc / ambit connections/s, with 10 clients: ",
                  "- Target Ambit / Envoy connections/s >= 1.0: ", "- Load client check: on `direct`",
+                 "- ambit / hbone (what the agents add to the tunnel library) connections/s: ",
+                 "- hbone / Envoy connections/s: ",
                  "| ambit-svc | 10 | ", "| ambit-svc | server | "):
         assert line in lab_section
     assert len(agents) == 2 and (tmp_path / "lab-logs" / "agent-node-1.log").exists()

@@ -265,6 +265,23 @@ async def test_idle_timeout_spares_a_connection_with_an_open_stream(hostile: Hos
     await peer.read_to_eof(within=3.0)  # and once it is done, the idle timeout applies again
 
 
+async def test_the_idle_timeout_counts_from_the_end_of_the_last_stream(hostile: Hostile) -> None:
+    hostile.path.server.idle_timeout = 0.5
+    loop = asyncio.get_running_loop()
+    peer = await hostile.peer()
+    await asyncio.sleep(0.3)  # idle from the start: the check set then must not close it at 0.5 s
+    peer.write(peer.connect_request(1, hostile.authority))
+    await peer.read_until(lambda f: f.kind == HEADERS and f.stream_id == 1)
+    peer.write(frame(DATA, END_STREAM, 1, b"one"))
+    await peer.read_until(lambda f: peer.ended(1))
+    ended = loop.time()
+    await asyncio.sleep(0.35)
+    assert hostile.path.server.stats["idle_timeout"] == 0
+    await peer.read_to_eof(within=3.0)
+    assert hostile.path.server.stats["idle_timeout"] == 1
+    assert loop.time() - ended >= 0.45
+
+
 async def test_a_header_block_left_unfinished_is_cut_by_the_header_timeout(hostile: Hostile) -> None:
     hostile.path.server.header_timeout = 0.5
     peer = await hostile.peer()

@@ -14,10 +14,10 @@ from agent.ca.authority import CertificateAuthority
 from hbone.identity import WorkloadCertificate
 from hbone.pool import PoolKey
 from hbone.server import InboundRequest
-from hbone.tunnel import Tunnel
+from hbone.tunnel import StreamHandler, Tunnel
 from tests.fixtures.certificates import spiffe
 from tests.fixtures.eventually import eventually
-from tests.fixtures.hbone_path import Path, hbone_path
+from tests.fixtures.hbone_path import Path, echo, hbone_path
 
 
 async def test_bulk_byte_exact_both_ways(ca: CertificateAuthority, client_cert: WorkloadCertificate,
@@ -100,6 +100,29 @@ async def test_idle_connection_is_closed_and_then_redialled(ca: CertificateAutho
                              "the idle connection closed")
 
 
+async def test_idle_time_counts_from_the_last_stream(ca: CertificateAuthority, client_cert: WorkloadCertificate,
+                                                    server_cert: WorkloadCertificate) -> None:
+    """A connection used again while idle gets its whole idle timeout counted from its last stream, not from
+    the first time it became idle."""
+    async with hbone_path(ca, client_cert, server_cert, idle_timeout=0.4) as path:
+
+        async def one_stream() -> None:
+            reader, writer = await path.open()
+            writer.write(b"ping")
+            writer.write_eof()
+            assert await reader.read(-1) == b"ping"
+            writer.close()
+
+        await one_stream()
+        await asyncio.sleep(0.25)
+        await one_stream()
+        last = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.25)  # 0.5 s after the first stream, 0.25 s after the last
+        assert path.pool.connections() == 1
+        await eventually(lambda: path.pool.connections() == 0, "the idle connection closed")
+        assert asyncio.get_running_loop().time() - last >= 0.4
+
+
 async def test_half_close_both_ways(ca: CertificateAuthority, client_cert: WorkloadCertificate,
                                     server_cert: WorkloadCertificate) -> None:
     """The client's FIN reaches upstream as EOF while the reverse direction keeps flowing, and back."""
@@ -119,6 +142,70 @@ async def test_half_close_both_ways(ca: CertificateAuthority, client_cert: Workl
         writer.write(b"question")
         writer.write_eof()
         assert await reader.read(-1) == b"late:question" * 3
+        writer.close()
+
+
+async def test_what_the_client_sent_before_the_accept_goes_out_behind_the_connect(
+        ca: CertificateAuthority, client_cert: WorkloadCertificate, server_cert: WorkloadCertificate) -> None:
+    """The forwarder reads what its client sent before the accept and sends it with the CONNECT: the server holds
+    it before it even connects the upstream (one tunnel round trip sooner), and it arrives whole and in order."""
+    first, rest = b"sent before the accept", os.urandom(300_000)
+    held: list[int] = []
+
+    async with hbone_path(ca, client_cert, server_cert) as path:
+        connect = path.server.connect
+
+        async def connect_seeing_what_is_held(request: InboundRequest) -> StreamHandler:
+            held.append(sum(h.buffered for t in path.server.tunnels for h in t.streams.values()))
+            return await connect(request)
+
+        path.server.connect = connect_seeing_what_is_held
+        for _ in range(2):  # the first stream dials the tunnel, the second finds it pooled
+            sock = socket.create_connection(path.entry)  # blocking, before the loop runs the forwarder's accept
+            sock.sendall(first)
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+            writer.write(rest)
+            writer.write_eof()
+            assert await reader.read(-1) == first + rest
+            writer.close()
+    assert held == [len(first), len(first)]
+
+
+async def test_a_stream_refused_unprocessed_is_retried_with_what_was_sent_behind_its_connect(
+        ca: CertificateAuthority, client_cert: WorkloadCertificate, server_cert: WorkloadCertificate) -> None:
+    first = b"sent before the accept"
+    async with hbone_path(ca, client_cert, server_cert) as path:
+        server, count = path.server, path.server.count
+
+        def refuse_once(what: str) -> None:  # the first stream finds the server draining, the retry does not
+            count(what)
+            server.draining = False
+
+        server.count = refuse_once  # type: ignore[method-assign]
+        server.draining = True
+        sock = socket.create_connection(path.entry)
+        sock.sendall(first)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write_eof()
+        assert await reader.read(-1) == first
+        writer.close()
+        assert server.stats["refused_draining"] == 1 and server.stats["accepted"] == 1
+
+
+async def test_a_server_that_speaks_first_is_served_with_nothing_to_send_behind_the_connect(
+        ca: CertificateAuthority, client_cert: WorkloadCertificate, server_cert: WorkloadCertificate) -> None:
+    async def banner_then_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 ready\r\n")
+        await echo(reader, writer)
+
+    async with hbone_path(ca, client_cert, server_cert, banner_then_echo) as path:
+        reader, writer = await path.open()
+        assert await reader.readexactly(11) == b"220 ready\r\n"
+        writer.write(b"HELO\r\n")
+        writer.write_eof()
+        assert await reader.read(-1) == b"HELO\r\n"
         writer.close()
 
 

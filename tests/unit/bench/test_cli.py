@@ -26,7 +26,7 @@ def handlers() -> Iterator[None]:
 def test_defaults_and_bounds(capsys: pytest.CaptureFixture[str]) -> None:
     args = _parser().parse_args([])
     assert (args.conn_count, args.conn_concurrency, args.conn_runs, args.conn_size) == (2000, 50, 3, 100)
-    assert args.paths == "direct,ambit,ambit-svc,envoy"
+    assert args.paths == "direct,ambit,ambit-svc,hbone,envoy"
     assert _parser().parse_args(["--conn-runs", "0"]).conn_runs == 0
     for bad in (["--conn-concurrency", "1"], ["--conn-count", "0"], ["--conn-runs", "-1"]):
         with pytest.raises(SystemExit):
@@ -36,10 +36,12 @@ def test_defaults_and_bounds(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_loopback_skips_the_service_path_with_a_note(capsys: pytest.CaptureFixture[str]) -> None:
-    paths = _loopback_paths(["envoy", "ambit-svc", "direct"], MeshCerts.create(), None, say_skipped=True)
+    paths = _loopback_paths(["envoy", "ambit-svc", "hbone", "direct"], MeshCerts.create(), None, say_skipped=True)
     assert [p.name for p in paths] == ["envoy", "direct"]
+    err = capsys.readouterr().err
     assert ("loopback set: path ambit-svc skipped (it goes through a Service VIP, and only the lab's agents "
-            "resolve Services)") in capsys.readouterr().err
+            "resolve Services)") in err
+    assert "loopback set: path hbone skipped (on loopback the ambit path is the tunnel library alone already)" in err
     assert [p.name for p in _loopback_paths(["ambit-svc"], MeshCerts.create(), None, say_skipped=False)] == []
     assert capsys.readouterr().err == ""
 
@@ -55,4 +57,5 @@ def test_a_loopback_run_of_only_the_service_path_does_nothing(capsys: pytest.Cap
 def test_an_unknown_path_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--sets", "loopback", "--paths", "direct,ambit-vip"])
-    assert "unknown path(s) ['ambit-vip']; choose from direct, ambit, ambit-svc, envoy" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown path(s) ['ambit-vip']; choose from direct, ambit, ambit-svc, hbone, envoy" in err

@@ -13,6 +13,7 @@ from bench.procs import Memory
 from bench.report import (
     LAB_SET,
     LOOPBACK_SET,
+    agent_ratios,
     conn_ratios,
     conn_table,
     conn_targets,
@@ -146,6 +147,21 @@ def test_service_path_against_the_pod_path(tmp_path: Path) -> None:
     ]
     assert len(service_ratios(results, _cfg(tmp_path, conn_runs=0))) == 3  # no connection workload
     assert service_ratios([r for r in results if r.name != "ambit-svc"], _cfg(tmp_path)) == []
+
+
+def test_what_the_agents_add_to_the_tunnel_library(tmp_path: Path) -> None:
+    ambit = _path("ambit", (400, 900), cpu_us=(1200, 500))
+    hbone = _path("hbone", (800, 1500), cpu_us=(800, 400))
+    envoy = _path("envoy", (1000, 2000), cpu_us=(700, 300))
+    assert agent_ratios([ambit, hbone, envoy], _cfg(tmp_path)) == [
+        "ambit / hbone (what the agents add to the tunnel library) connections/s: 0.50 sequential, 0.60 with 50 "
+        "clients; proxy CPU per connection: 1.50 (+400 us) sequential, 1.25 (+100 us) with 50 clients",
+        "hbone / Envoy connections/s: 0.80 sequential, 0.75 with 50 clients; proxy CPU per connection: 1.14 "
+        "sequential, 1.33 with 50 clients",
+    ]
+    assert len(agent_ratios([ambit, hbone], _cfg(tmp_path))) == 1
+    assert agent_ratios([ambit, envoy], _cfg(tmp_path)) == []
+    assert agent_ratios([ambit, hbone, envoy], _cfg(tmp_path, conn_runs=0)) == []
 
 
 def test_tables(tmp_path: Path) -> None:

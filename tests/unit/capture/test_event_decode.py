@@ -1,5 +1,6 @@
 """A ring-buffer event decodes as the ctypes mirror of struct ambit_event reads it, addresses spelled as key_ip
-spells them, and a value the header does not define is refused naming the field."""
+spells them, and a value the header does not define is refused naming the field; its kind bytes (type to
+reason) decode alone to the same values, with the same refusals; its address bytes are key_ip's."""
 
 from __future__ import annotations
 
@@ -38,3 +39,32 @@ def test_an_undefined_value_is_refused_naming_the_field(field: str, values: dict
     raw = _record(maps.ip_key("10.0.0.1"), maps.ip_key("10.0.0.2"), **values)
     with pytest.raises(ValueError, match=rf"ambit_event\.{field}: unknown value {next(iter(values.values()))}"):
         maps.FlowEvent.from_bytes(raw)
+
+
+def test_a_record_of_another_size_is_refused() -> None:
+    raw = _record(maps.ip_key("10.0.0.1"), maps.ip_key("10.0.0.2"))
+    for bad in (raw[:50], raw + bytes(8)):
+        with pytest.raises(ValueError, match=rf"ambit_event: a record of {len(bad)} bytes, the struct has 56"):
+            maps.FlowEvent.from_bytes(bad)
+
+
+@pytest.mark.parametrize("ip", ["10.200.0.10", "fd00:200::10", "::1"])
+def test_kind_and_addresses_read_from_their_byte_ranges_say_what_the_whole_record_says(ip: str) -> None:
+    raw = _record(maps.ip_key(ip), maps.ip_key("10.0.0.2"), type_=maps.EventType.DROP, hook=maps.Hook.UPLINK,
+                  verdict=maps.Verdict.DROPPED, reason=maps.Reason.NO_LISTENER)
+    ev, kind = maps.FlowEvent.from_bytes(raw), maps.EventKind.from_bytes(raw[maps.EVENT_KIND])
+    assert (kind.type, kind.tcp_flags, kind.hook, kind.verdict, kind.listener_port, kind.reason) == (
+        ev.type, ev.tcp_flags, ev.hook, ev.verdict, ev.listener_port, ev.reason)
+    assert (kind.action, kind.reason_text) == (ev.action, ev.reason_text) == (
+        "drop", "no agent listener (agent down), fail-closed")
+    assert raw[maps.EVENT_SOURCE] == maps.ip_key(ip) and raw[maps.EVENT_DESTINATION] == maps.ip_key("10.0.0.2")
+    assert maps.event_ip(raw[maps.EVENT_SOURCE]) == ev.src
+    assert maps.FlowEvent.from_bytes(ev.to_bytes()) == ev and ev.to_bytes() == raw
+
+
+@pytest.mark.parametrize(("field", "values"), [("type", {"type_": 9}), ("hook", {"hook": 3}),
+                                               ("verdict", {"verdict": 0}), ("reason", {"reason": 99})])
+def test_an_undefined_value_in_the_kind_is_refused_naming_the_field(field: str, values: dict[str, int]) -> None:
+    raw = _record(maps.ip_key("10.0.0.1"), maps.ip_key("10.0.0.2"), **values)
+    with pytest.raises(ValueError, match=rf"ambit_event\.{field}: unknown value {next(iter(values.values()))}"):
+        maps.EventKind.from_bytes(raw[maps.EVENT_KIND])

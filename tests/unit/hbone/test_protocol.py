@@ -400,6 +400,65 @@ def test_data_both_ways_within_windows_and_ack_reopens_them() -> None:
     assert received(at_client, stream_id)[0] == down[4 * MIB:]
 
 
+def test_data_sent_right_behind_a_connect_reaches_the_server_before_its_answer() -> None:
+    """RFC 9113 §8.5: DATA may follow the CONNECT's HEADERS; the server holds it for the stream it has not answered
+    yet (its upstream is being connected), and the 200 then opens the way back."""
+    client, server = connected()
+    stream_id = open_stream(client)
+    assert client.window(stream_id) == 4 * MIB
+    assert client.send(stream_id, b"GET / HTTP/1.1\r\n\r\n") == 18
+    client.end(stream_id)
+    out = client.data_to_send()
+    frames, at = [], 0
+    while at < len(out):
+        length = int.from_bytes(out[at:at + 3], "big")
+        frames.append((out[at + 3], int.from_bytes(out[at + 5:at + 9], "big") & 0x7FFFFFFF))
+        at += 9 + length
+    assert frames == [(0x1, stream_id), (0x0, stream_id), (0x0, stream_id)]  # HEADERS, DATA, END_STREAM: one write
+    at_server = _feed(server, out)
+    assert [type(ev).__name__ for ev in at_server] == ["ConnectRequest", "Data", "StreamEnded"]
+    assert received(at_server, stream_id)[0] == b"GET / HTTP/1.1\r\n\r\n"
+    server.accept(stream_id)
+    assert server.send(stream_id, b"HTTP/1.1 200 OK\r\n\r\n") == 19
+    at_client, _ = pump(client, server)
+    assert [(r.stream_id, r.status) for r in only(at_client, ConnectResponse)] == [(stream_id, 200)]
+    assert received(at_client, stream_id)[0] == b"HTTP/1.1 200 OK\r\n\r\n"
+
+
+def test_data_sent_before_a_refusal_is_dropped_and_the_stream_can_send_no_more() -> None:
+    client, server = connected()
+    stream_id = open_stream(client)
+    assert client.send(stream_id, b"early") == 5
+    _, at_server = pump(client, server)
+    assert received(at_server, stream_id)[0] == b"early"
+    server.respond(stream_id, 401)
+    at_client, _ = pump(client, server)
+    assert [(r.stream_id, r.status) for r in only(at_client, ConnectResponse)] == [(stream_id, 401)]
+    client.reset(stream_id)
+    assert client.window(stream_id) == 0 and client.send(stream_id, b"more") == 0
+
+
+def test_data_arriving_after_its_stream_was_refused_is_dropped_and_the_connection_serves_on() -> None:
+    """DATA sent behind a CONNECT may reach the server after its refusal (a later read): that stream's data is
+    dropped, the connection is not failed, and the next stream is served."""
+    client, server = connected()
+    stream_id = open_stream(client)
+    headers = client.data_to_send()
+    assert client.send(stream_id, b"e" * 16000) == 16000
+    data = client.data_to_send()
+    assert [type(ev) for ev in _feed(server, headers)] == [ConnectRequest]
+    server.respond(stream_id, 401)
+    assert _feed(server, data) == []
+    assert server.closed is None
+    at_client, _ = pump(client, server)
+    assert [(r.stream_id, r.status) for r in only(at_client, ConnectResponse)] == [(stream_id, 401)]
+    following = open_stream(client)
+    assert client.send(following, b"next") == 4
+    _, at_server = pump(client, server)
+    assert [r.stream_id for r in only(at_server, ConnectRequest)] == [following]
+    assert received(at_server, following)[0] == b"next"
+
+
 def test_connection_window_is_16_mib() -> None:
     client, server = connected()
     streams = [tunnel(client, server) for _ in range(5)]

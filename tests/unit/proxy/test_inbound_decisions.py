@@ -76,3 +76,19 @@ def test_policy_decides_on_the_connection_record(policies: tuple[dict[str, Any],
         assert denial is None
     else:
         assert denial is not None and denied_by in f"{denial.policy} {denial.reason}", denial
+
+
+def test_a_relabelled_pod_is_decided_on_with_its_new_labels() -> None:
+    """The authorizer keeps the engine's inputs per state: a change of the pod shows in the next decision."""
+    store = MeshStore()
+    assert store.apply(objects(ALLOW_8080_FROM_CLIENT)) == []
+    authorize = Authorizer(store)
+    connection = Connection(OTHER, ("10.0.1.1", 1), (SERVER_IP, 8080))
+    assert authorize(connection) is not None  # selected by the ALLOW policy, which does not name OTHER
+    assert authorize(Connection(CLIENT, ("10.0.1.1", 2), (SERVER_IP, 8080))) is None
+    relabelled = objects()[1] | {"metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "db"}}}
+    assert store.apply([relabelled]) == []
+    assert authorize(connection) is None  # no policy selects it any more
+    assert store.apply([], deletes=[("Pod", "shop", "web-1")]) == []
+    denial = authorize(connection)
+    assert denial is not None and "no workload" in denial.reason

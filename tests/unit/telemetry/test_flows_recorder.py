@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 
 import pytest
 
 from agent.capture.maps import EventType as KEvent
-from agent.capture.maps import FlowEvent, Hook, Reason
+from agent.capture.maps import Hook, Reason
 from agent.capture.maps import Verdict as KVerdict
-from agent.node.kernel_events import kernel_event
+from agent.node.kernel_events import KernelEvents
 from agent.telemetry import observer_pb2 as pb
-from agent.telemetry.kernel import KernelEvent
 from agent.telemetry.metrics import Metrics
 from agent.telemetry.model import (
     Direction,
@@ -25,6 +25,7 @@ from agent.telemetry.model import (
     flag_names,
 )
 from agent.telemetry.recorder import FlowRecorder, drop_code, response_flags_for
+from tests.fixtures.kernel_ring import FakeEventRing, record
 
 SRC = Endpoint("10.1.0.7", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-1", {"app": "client"})
 DST = Endpoint("10.2.0.9", 5432, "spiffe://cluster.local/ns/data/sa/db", "data", "db-0", {"app": "db"})
@@ -103,21 +104,21 @@ def test_bad_direction_is_refused(clock: Clock) -> None:
                               mtls=True)
 
 
-def kernel(**kw: object) -> KernelEvent:
-    fields: dict[str, object] = dict(ts_ns=4_000_000_000, src="10.1.0.7", sport=41000, dst="10.2.0.9", dport=5432,
-                                     ifindex=7, type=KEvent.SYN, tcp_flags=0x02, hook=Hook.POD,
-                                     verdict=KVerdict.REDIRECTED, listener_port=15001, reason=Reason.NONE)
-    fields.update(kw)
-    return kernel_event(FlowEvent(**fields))  # type: ignore[arg-type]
+@pytest.fixture
+def source() -> Iterator[KernelEvents]:
+    ring = FakeEventRing()
+    yield KernelEvents(ring)
+    ring.close()
 
 
-def test_kernel_events(clock: Clock) -> None:
+def test_kernel_events(clock: Clock, source: KernelEvents) -> None:
     metrics = Metrics()
     rec = recorder(clock, metrics, resolve=lambda ip: SRC if ip == SRC.ip else None)
-    rec.kernel_event(kernel())
-    rec.kernel_event(kernel(type=KEvent.DROP, verdict=KVerdict.DROPPED, reason=Reason.NO_LISTENER, hook=Hook.UPLINK,
-                            listener_port=0))
-    rec.kernel_event(kernel(type=KEvent.SYN, tcp_flags=0x12, verdict=KVerdict.STEERED))
+    rec.kernel_records(source, [
+        record(),
+        record(type=KEvent.DROP, verdict=KVerdict.DROPPED, reason=Reason.NO_LISTENER, hook=Hook.UPLINK,
+               listener_port=0),
+        record(type=KEvent.SYN, tcp_flags=0x12, verdict=KVerdict.STEERED)])
     syn, drop, synack = flows(rec)
     # the kernel's monotonic timestamp becomes wall time (1 s before "now")
     assert syn.time_ns == clock.wall - 1_000_000_000
@@ -133,16 +134,16 @@ def test_kernel_events(clock: Clock) -> None:
                                                         ("Drop", "kernel", "DROPPED"): 1}
 
 
-def test_kernel_events_of_one_kind_share_their_words_and_keep_their_own_addresses(clock: Clock) -> None:
+def test_kernel_events_of_one_kind_share_their_words_and_keep_their_own_addresses(
+        clock: Clock, source: KernelEvents) -> None:
     """What an event says (action, reason, summary) is worked out once per kind; every event keeps its own
     addresses, ports and flags, and a kind seen later is described for itself."""
     metrics = Metrics()
     rec = recorder(clock, metrics)
     for port in (41000, 41001):
-        rec.kernel_event(kernel(sport=port))
-        rec.kernel_event(kernel(sport=port, type=KEvent.FIN, tcp_flags=0x11))
-    rec.kernel_event(kernel(sport=41002, src="fd00::7", listener_port=15006))
-    rec.kernel_event(kernel(sport=41003, type=KEvent.DROP, verdict=KVerdict.DROPPED, reason=Reason.SPOOFED))
+        rec.kernel_records(source, [record(sport=port), record(sport=port, type=KEvent.FIN, tcp_flags=0x11)])
+    rec.kernel_records(source, [record(sport=41002, src="fd00::7", listener_port=15006),
+                                record(sport=41003, type=KEvent.DROP, verdict=KVerdict.DROPPED, reason=Reason.SPOOFED)])
     syn0, fin0, syn1, fin1, syn6, spoofed = flows(rec)
     assert [f.source.port for f in (syn0, fin0, syn1, fin1)] == [41000, 41000, 41001, 41001]
     assert syn0.summary == syn1.summary == "TCP Flags: SYN; redirected to the proxy on :15001"

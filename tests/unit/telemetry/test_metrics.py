@@ -177,3 +177,34 @@ def test_unknown_endpoints_are_unknown() -> None:
     labels = dict(zip(TRAFFIC_LABELS, traffic_labels("source", OUTSIDE, OUTSIDE, False), strict=True))
     assert {k: v for k, v in labels.items() if v != "unknown"} == {"reporter": "source", "request_protocol": "tcp",
                                                                   "response_flags": "-"}
+
+
+def test_remembered_label_values_follow_a_pod_relabelled_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label values are remembered per connection shape: a pod's new labels (a new mapping, as the store makes
+    one per change) give new series, its old labels the old ones; the memory starts over when full."""
+    monkeypatch.setattr("agent.telemetry.metrics.TRAFFIC_MEMORY", 3)
+    metrics = Metrics()
+    relabelled = Endpoint(WEB.ip, WEB.port, WEB.identity, WEB.namespace, WEB.pod_name,
+                          {**WEB.labels, "service.istio.io/canonical-revision": "r8"}, service=WEB.service)
+    for destination in (WEB, relabelled, WEB, OUTSIDE, CLIENT, relabelled):
+        metrics.connection_opened("source", CLIENT, destination, True).close(1, 2)
+    assert len(metrics._traffic_memory) <= 3
+    opened = metrics.series("istio_tcp_connections_opened")
+    expected = {traffic_labels("source", CLIENT, d, True): n
+                for d, n in ((WEB, 2), (relabelled, 2), (OUTSIDE, 1), (CLIENT, 1))}
+    assert opened == expected
+    assert sorted(labels[14] for labels in opened) == ["r7", "r8", "unknown", "v2"]
+
+
+def test_series_counted_again_after_their_pod_was_forgotten_are_forgotten_with_it_again() -> None:
+    """A connection shape's feeds are registered once per epoch: after a forget they must be registered anew,
+    or the next forget of that pod would leave its series behind."""
+    metrics = Metrics()
+    for _round in range(3):
+        for _ in range(2):
+            metrics.connection_opened("destination", CLIENT, WEB, True).close(10, 20)
+        assert set(metrics.series("istio_tcp_connections_opened").values()) == {2}
+        assert set(metrics.series("istio_tcp_sent_bytes").values()) == {40}
+        assert metrics.forget_workload("shop", "web-0") == 4  # opened, closed, sent, received
+        assert all(not metrics.series(f) for f in ("istio_tcp_connections_opened", "istio_tcp_connections_closed",
+                                                   "istio_tcp_sent_bytes", "istio_tcp_received_bytes"))
