@@ -20,6 +20,7 @@ from typing import NamedTuple
 from hbone.addresses import Address
 from hbone.authority import Authority
 from hbone.client import ClientTunnel, Dialer, StreamRefused, open_tunnel
+from hbone.deadline import Deadline
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
 from hbone.protocol import Settings
 from hbone.sockets import dial
@@ -44,8 +45,7 @@ class _Entry:
     dial: asyncio.Task[ClientTunnel]
     assigned: int = 0  # streams given to this connection and not yet finished
     dead: bool = False
-    idle: asyncio.TimerHandle | None = field(default=None, repr=False)  # the idle check, when one is due
-    idle_since: float = 0.0  # loop time the last stream finished (while ``assigned`` is 0)
+    idle: Deadline | None = field(default=None, repr=False)  # counting while no stream is assigned
 
 
 class Pool:
@@ -104,6 +104,8 @@ class Pool:
             entries.append(entry)
             dial.add_done_callback(lambda t, e=entry: self._dialled(e, t))  # type: ignore[misc]
         entry.assigned += 1
+        if entry.idle is not None:
+            entry.idle.stop()
         return entry
 
     def _limit(self, entry: _Entry) -> int:
@@ -130,22 +132,11 @@ class Pool:
         if entry.dead:  # refused or lost: close it once its last stream is done
             self._drop(entry)
             return
-        # Not a timer per release, cancelled by the next checkout: the check set for the first idle spell looks at
-        # when the connection last became idle, and sets itself again for what is left.
-        loop = entry.dial.get_loop()
-        entry.idle_since = loop.time()
         if entry.idle is None:
-            entry.idle = loop.call_at(entry.idle_since + self.idle_timeout, self._expire, entry)
+            entry.idle = Deadline(entry.dial.get_loop(), self.idle_timeout, lambda: self._expire(entry))
+        entry.idle.start()
 
     def _expire(self, entry: _Entry) -> None:
-        entry.idle = None
-        if entry.assigned:
-            return  # in use: its next release sets the check again
-        loop = entry.dial.get_loop()
-        due = entry.idle_since + self.idle_timeout
-        if loop.time() < due:
-            entry.idle = loop.call_at(due, self._expire, entry)
-            return
         log.debug("closing idle HBONE connection %s", entry.key)
         self._drop(entry)
 

@@ -23,6 +23,7 @@ from h2.errors import ErrorCodes
 from hbone.accept import Acceptor
 from hbone.addresses import Address
 from hbone.authority import Authority
+from hbone.deadline import Deadline
 from hbone.events import ConnectionEnded, ConnectRequest, Data, Event, RequestRejected
 from hbone.identity import (
     IdentityError,
@@ -132,9 +133,8 @@ class ServerTunnel(Tunnel):
         self.source, self.destination = source, destination
         self.peer: SpiffeId | None = None
         self._deadline_for = ""  # the deadline that applies now: "headers", "idle" or none
-        self._deadline_since = 0.0  # loop time it began to apply
-        self._deadline: asyncio.TimerHandle | None = None  # the check set for it, or for one before
-        self._deadline_checks = ""  # what that check is for
+        self._deadlines = {"headers": Deadline(self.loop, server.header_timeout, lambda: self._expired("headers")),
+                           "idle": Deadline(self.loop, server.idle_timeout, lambda: self._expired("idle"))}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
@@ -158,43 +158,22 @@ class ServerTunnel(Tunnel):
 
     def _rearm(self) -> None:
         """Keep the deadline that applies now: the peer owes the rest of its preface, of a header block or
-        of a control frame (``header_timeout``), or the connection has no stream (``idle_timeout``).
-
-        Not a timer set and cancelled per stream: a deadline that stops applying keeps its check, which finds
-        nothing due when it fires, or, the same deadline applying again meanwhile, sets itself again for what is
-        left of it."""
+        of a control frame (``header_timeout``), or the connection has no stream (``idle_timeout``)."""
         if self.conn.closed is not None or self.transport is None or self.transport.is_closing():
             want = ""
         elif self.conn.awaiting_headers:
             want = "headers"
         else:
             want = "" if self.streams else "idle"
-        if want == self._deadline_for:
+        previous, self._deadline_for = self._deadline_for, want
+        if want == previous:
             return
-        self._deadline_for = want
-        if not want:
-            return
-        loop = self.loop
-        self._deadline_since = loop.time()
-        if self._deadline is not None:
-            if self._deadline_checks == want:
-                return
-            self._deadline.cancel()
-        self._deadline_checks = want
-        self._deadline = loop.call_at(self._deadline_since + self._timeout(want), self._expired)
+        if previous:
+            self._deadlines[previous].stop()
+        if want:
+            self._deadlines[want].start()
 
-    def _timeout(self, what: str) -> float:
-        return self.server.header_timeout if what == "headers" else self.server.idle_timeout
-
-    def _expired(self) -> None:
-        what, self._deadline = self._deadline_checks, None
-        if what != self._deadline_for:
-            return
-        loop = self.loop
-        due = self._deadline_since + self._timeout(what)
-        if loop.time() < due:
-            self._deadline = loop.call_at(due, self._expired)
-            return
+    def _expired(self, what: str) -> None:
         self._deadline_for = ""
         self.server.count(f"{what}_timeout")
         if what == "headers":
@@ -221,9 +200,8 @@ class ServerTunnel(Tunnel):
         super().connection_ended(ev)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        for deadline in self._deadlines.values():
+            deadline.cancel()
         super().connection_lost(exc)
         self.server.tunnels.discard(self)
 
