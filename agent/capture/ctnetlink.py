@@ -139,21 +139,12 @@ def _show(ep: Endpoint) -> str:
     return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
 
 
-class Conntrack:
+class Conntrack(nl.NetlinkClient):
     """Lookups in the conntrack table of the namespace the creating thread is in (the node's: where kube-proxy
     NATs). Blocking, one netlink round trip per lookup, bounded by `timeout`; not thread-safe."""
 
     def __init__(self, timeout: float = 1.0) -> None:
         self.sock = nl.NetlinkSocket(NETLINK_NETFILTER, timeout=timeout)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Conntrack:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def entry_by_reply(self, local: Endpoint, peer: Endpoint) -> Entry | None:
         """The TCP entry whose reply tuple is `local` -> `peer`; None when there is none."""

@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -290,3 +290,18 @@ class NetlinkSocket:
             if e.strerror and e.strerror.startswith(request.what):
                 raise
             raise OSError(e.errno, f"{request.what}: {e.strerror}") from e
+
+
+class NetlinkClient:
+    """A client of one ``NetlinkSocket`` (``sock``), closed with it, also as a context manager."""
+
+    sock: NetlinkSocket
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

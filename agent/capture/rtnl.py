@@ -352,21 +352,12 @@ def _any(family: int) -> str:
 
 
 # -- I/O -------------------------------------------------------------------------------------------------------
-class Rtnl:
+class Rtnl(nl.NetlinkClient):
     """The requests above on one strict-checking NETLINK_ROUTE socket, in the namespace of the thread that
     creates it. Not thread-safe. A failure is an OSError naming the request and, for tc, the interface."""
 
     def __init__(self, timeout: float = 5.0) -> None:
         self.sock = nl.NetlinkSocket(socket.NETLINK_ROUTE, timeout=timeout, strict=True)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Rtnl:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # links
     def link(self, index: int = 0, name: str | None = None) -> Link:
