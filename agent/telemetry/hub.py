@@ -72,7 +72,7 @@ class Telemetry:
             e = known[ip] = (Endpoint(ip, 0) if w is None else
                              Endpoint(ip, 0, str(w.identity(self.trust_domain)), w.namespace, w.name, w.labels,
                                       w.labels.get("app", w.name)))
-        return Endpoint(ip, address[1], e.identity, e.namespace, e.pod_name, e.labels, e.workload, service or "")
+        return e.at(address[1], service or "")
 
     def opened(self, *, inbound: bool, client: Address, target: Address, mtls: bool,
                service: str | None = None) -> FlowHandle | None:

@@ -90,6 +90,12 @@ class Endpoint:
     workload: str = ""  # owning workload (Deployment, StatefulSet, ...); the pod name is used when empty
     service: str = ""  # the Service hostname a client asked for ("web.default.svc.cluster.local"), if known
 
+    def at(self, port: int, service: str | None = None) -> Endpoint:
+        """This end at ``port`` (reached through ``service``, when given): a copy (dataclasses.replace costs four
+        times as much)."""
+        return Endpoint(self.ip, port, self.identity, self.namespace, self.pod_name, self.labels, self.workload,
+                        self.service if service is None else service)
+
     @property
     def pod_key(self) -> str:
         """ "namespace/name", or "" for an endpoint that is not a known pod."""
