@@ -7,10 +7,10 @@ connect, relay). The client makes ``--count`` sequential connections: connect, `
 read the echo to EOF, close. Each of ``--rounds`` rounds prints connections/s and user and system CPU per
 connection; the median of the rounds ends the report.
 
-glibc's allocator thresholds are pinned first (``steady_allocator``), as a long-running agent's are once glibc has
-raised them itself: left to this short-lived process, whether a large transient buffer costs mmap/munmap or
-brk system calls on every use depends on its allocation history, and the figures with it (the tunnel's old
-256 KiB TLS read buffers cost this harness 15 system calls a connection that the lab's processes did not pay).
+glibc's allocator is set first as ``python -m hbone`` and the agent set it (``hbone.keep_buffers_on_heap``): left
+to glibc's own thresholds, whether a large transient buffer costs mmap/munmap or brk system calls on every use
+depends on the process's allocation history, and the figures with it (the tunnel's old 256 KiB TLS read buffers
+cost this harness 15 system calls a connection that the lab's processes did not pay).
 
 ``--profile N`` runs cProfile (on a CPU clock, so waits do not count) over the last round and prints the top ``N``
 functions by own time (or ``--sort``), what ``--callees`` call and what calls ``--callers``, and the Python calls
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import ctypes
 import pstats
 import resource
 import socket
@@ -35,6 +34,7 @@ import time
 from bench.paths import MeshCerts
 from hbone.authority import Authority
 from hbone.forward import Forwarder
+from hbone.memory import keep_buffers_on_heap
 from hbone.pool import Pool
 from hbone.server import HboneServer, fixed_certificate
 
@@ -70,16 +70,6 @@ def client_main(port: int, count: int, size: int) -> None:
             if got != payload:
                 raise SystemExit(f"connection {i}: echoed {len(got)} bytes, not the {size} sent")
     print(f"{count / (time.perf_counter() - started):.0f}", flush=True)
-
-
-def steady_allocator() -> None:
-    """Pin glibc's mmap and trim thresholds (1 and 8 MiB) where a long-running process's settle; a no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 8 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _cpu() -> tuple[float, float]:
@@ -151,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import uvloop
 
-    steady_allocator()
+    keep_buffers_on_heap()
 
     echo = subprocess.Popen([sys.executable, "-m", "bench.hbone_pair", "echo"], stdout=subprocess.PIPE, text=True)
     try:
