@@ -29,6 +29,7 @@ from typing import Any
 
 from agent.ca.authority import CertificateAuthority
 from agent.identity.manager import CertificateManager
+from agent.lab.state import namespace_object, pod_object
 from agent.mesh.store import MeshStore
 from agent.proxy.authorize import Authorizer
 from agent.proxy.context import Mesh
@@ -41,18 +42,13 @@ TRUST_DOMAIN = "cluster.local"
 CLIENT_NODE, SERVER_NODE = "node-a", "node-b"
 CLIENT_IP, SERVER_IP, VIP = "10.244.1.10", "10.244.2.10", "10.96.0.20"
 PORT = 8080
+NODE_IPS = {CLIENT_NODE: "192.168.10.1", SERVER_NODE: "192.168.10.2"}
 Obj = dict[str, Any]
 
 
 def _pod(name: str, namespace: str, ip: str, node: str, app: str) -> Obj:
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{namespace}-{name}",
-                         "labels": {"app": app, "version": "v1"}, "creationTimestamp": "2026-01-01T00:00:00Z"},
-            "spec": {"nodeName": node, "serviceAccountName": app,
-                     "containers": [{"name": "app", "image": "app:1",
-                                     "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}]}]},
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                       "conditions": [{"type": "Ready", "status": "True"}]}}
+    return pod_object(namespace=namespace, name=name, uid=f"uid-{namespace}-{name}", node=node, pod_ips=[ip],
+                      host_ip=NODE_IPS[node], service_account=app, labels={"app": app, "version": "v1"})
 
 
 def _policy(kind: str, name: str, namespace: str, spec: Obj) -> Obj:
@@ -63,9 +59,8 @@ def _policy(kind: str, name: str, namespace: str, spec: Obj) -> Obj:
 def lab_objects() -> list[Obj]:
     """The lab's shape: client and server namespaces (ambient), a few more pods, a Service, policies."""
     ambient = {"istio.io/dataplane-mode": "ambient"}
-    objects: list[Obj] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": ambient}}
-                          for ns in ("bench-client", "bench-server", "shop")]
-    objects.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}})
+    objects = [namespace_object(ns, ambient) for ns in ("bench-client", "bench-server", "shop")]
+    objects.append(namespace_object("istio-system"))
     objects += [_pod("client-0", "bench-client", CLIENT_IP, CLIENT_NODE, "client"),
                 _pod("server-0", "bench-server", SERVER_IP, SERVER_NODE, "server")]
     objects += [_pod(f"shop-{i}", "shop", f"10.244.{1 + i % 2}.{20 + i}", (CLIENT_NODE, SERVER_NODE)[i % 2],
