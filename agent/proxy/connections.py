@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from agent.telemetry.recorder import FlowHandle
+
 
 class Proxied(Protocol):
     """A relay or a splice: knows whether it is closed, can be aborted, reports its close."""
@@ -29,36 +31,46 @@ class Proxied(Protocol):
 
 
 class Tracked:
-    """A connection in the table: the local pods it serves and how to abort it; with ``watch``, its close
-    handler too (a slotted object, not a dataclass and closures: one is made per connection)."""
+    """A connection in the table: the local pods it serves, how to abort it, and (``watch``) the flows that end with
+    it and the close handler it replaced. One slotted object per connection, its ``closed`` the connection's close
+    handler: no closure, no dataclass."""
 
-    __slots__ = ("_previous", "_table", "_then", "abort", "kind", "pods")
+    __slots__ = ("_previous", "_table", "abort", "flows", "kind", "pods", "server_side")
 
     def __init__(self, table: ConnectionTable, kind: str, pods: tuple[str, ...], abort: Callable[[], None],
-                 then: Callable[[Proxied, str], None] | None = None,
+                 flows: tuple[FlowHandle | None, ...] = (), server_side: bool = False,
                  previous: Callable[[Any, str], None] | None = None) -> None:
         self.kind = kind  # outbound-hbone, outbound-local, passthrough, inbound-hbone, inbound-plaintext
         self.pods = pods  # IPs of the local pods the connection serves
         self.abort = abort
-        self._table, self._then, self._previous = table, then, previous
+        self.flows, self.server_side = flows, server_side
+        self._table, self._previous = table, previous
 
     def __repr__(self) -> str:
         return f"Tracked({self.kind!r}, {self.pods!r})"
 
-    def closed(self, conn: Any, reason: str) -> None:
-        """The connection closed: out of the table, then ``watch``'s ``then`` and the handler it replaced."""
+    def closed(self, conn: Proxied, reason: str) -> None:
+        """The connection closed: out of the table, its flows ended, then the handler it replaced."""
         self._table.close(self)
-        if self._then is not None:
-            self._then(conn, reason)
+        self.end_flows(conn, reason)
         if self._previous is not None:
             self._previous(conn, reason)
+
+    def end_flows(self, conn: Proxied, reason: str) -> None:
+        """End the flows (None: telemetry off) with the bytes ``conn`` moved each way and why it closed; with
+        ``server_side``, ``conn``'s TCP end is the server pod (an inbound HBONE relay): its bytes "up" are the
+        response."""
+        request, response = (conn.bytes_down, conn.bytes_up) if self.server_side else (conn.bytes_up, conn.bytes_down)
+        failed = reason != "closed"
+        for flow in self.flows:
+            if flow is not None:
+                flow.end(request, response, reason, error=failed)
 
 
 class ConnectionTable:
     def __init__(self) -> None:
         self._by_pod: dict[str, set[Tracked]] = {}
-        self._empty = asyncio.Event()
-        self._empty.set()
+        self._emptied: asyncio.Event | None = None  # while someone waits for the table to empty
 
     def open(self, kind: str, pods: tuple[str, ...], abort: Callable[[], None]) -> Tracked:
         return self._add(Tracked(self, kind, pods, abort))
@@ -69,18 +81,17 @@ class ConnectionTable:
             if entries is None:
                 entries = self._by_pod[ip] = set()
             entries.add(tracked)
-        if self._by_pod:
-            self._empty.clear()
         return tracked
 
-    def watch(self, kind: str, pods: tuple[str, ...], conn: Proxied,
-              then: Callable[[Proxied, str], None] | None = None) -> None:
-        """Track ``conn`` until it closes, then call ``then(conn, reason)``."""
+    def watch(self, kind: str, pods: tuple[str, ...], conn: Proxied, flows: tuple[FlowHandle | None, ...] = (),
+              server_side: bool = False) -> None:
+        """Until ``conn`` closes: in the table (a released pod's connections are reset); when it closes, its
+        ``flows`` (None: telemetry off) end with the bytes moved each way and why it closed. ``server_side``:
+        ``conn``'s TCP end is the server pod (an inbound HBONE relay), so its bytes "up" are the response."""
         if conn.closed:
-            if then is not None:
-                then(conn, "closed")
+            Tracked(self, kind, pods, conn.abort, flows, server_side).end_flows(conn, "closed")
             return
-        conn.on_close = self._add(Tracked(self, kind, pods, conn.abort, then, conn.on_close)).closed
+        conn.on_close = self._add(Tracked(self, kind, pods, conn.abort, flows, server_side, conn.on_close)).closed
 
     def close(self, tracked: Tracked) -> None:
         for ip in tracked.pods:
@@ -89,8 +100,9 @@ class ConnectionTable:
                 entries.discard(tracked)
                 if not entries:
                     del self._by_pod[ip]
-        if not self._by_pod:
-            self._empty.set()
+        if self._emptied is not None and not self._by_pod:
+            self._emptied.set()  # (its waiters hold it; the next wait makes another)
+            self._emptied = None
 
     def count(self, pod_ip: str | None = None) -> int:
         if pod_ip is not None:
@@ -99,9 +111,11 @@ class ConnectionTable:
 
     async def wait_empty(self, within: float) -> int:
         """Wait (at most ``within`` seconds) until no connection is left; returns how many are."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await self._empty.wait()
+        if self._by_pod:
+            emptied = self._emptied = self._emptied or asyncio.Event()  # (``close`` sets it)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await emptied.wait()
         return self.count()
 
     def release(self, pod_ip: str) -> int:

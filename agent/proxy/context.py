@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from agent.identity.manager import CertificateManager
 from agent.mesh.model import Address
 from agent.mesh.store import MeshStore, Workload
-from agent.proxy.connections import ConnectionTable, Proxied
+from agent.proxy.connections import ConnectionTable
 from agent.proxy.inputs import Connection
 from agent.telemetry.hub import Telemetry
-from agent.telemetry.recorder import FlowHandle
 from hbone import Pool
 
 HBONE_PORT = 15008
@@ -48,20 +47,6 @@ class Mesh:
     policy: Policy = allow_all
     connections: ConnectionTable = field(default_factory=ConnectionTable)
     original_destination: OriginalDestination = never_translated
-
-    def track(self, kind: str, pods: tuple[str, ...], conn: Proxied, *flows: FlowHandle | None,
-              server_side: bool = False) -> None:
-        """Until ``conn`` closes: in the connection table (a released pod's connections are reset); when
-        it closes, its flows (None: telemetry off) end with the bytes moved each way and why it closed.
-        ``server_side``: ``conn``'s TCP end is the server pod (an inbound HBONE relay), so its bytes "up"
-        are the response direction."""
-        def ended(c: Proxied, reason: str) -> None:
-            request, response = (c.bytes_down, c.bytes_up) if server_side else (c.bytes_up, c.bytes_down)
-            for flow in flows:
-                if flow is not None:
-                    flow.end(request, response, reason, error=reason != "closed")
-
-        self.connections.watch(kind, pods, conn, ended)
 
     def local_enrolled(self, ip: str) -> Workload | None:
         """The enrolled workload of this node at ``ip``, if there is one."""

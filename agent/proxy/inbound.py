@@ -21,6 +21,7 @@ from agent.proxy.context import Mesh
 from agent.proxy.inputs import Connection, forwarded_client, forwarded_host
 from agent.proxy.sockets import dial, upstream_source
 from agent.proxy.splice import Splice
+from agent.telemetry.recorder import FlowHandle
 from hbone import (
     Acceptor,
     HboneServer,
@@ -111,7 +112,7 @@ class InboundProxy:
         connection = self._connection(request)
         flow = self.mesh.telemetry.opened(inbound=True, client=connection.client, target=connection.target,
                                           mtls=True, service=self._service(connection))
-        self.mesh.track("inbound-hbone", (request.target.ip,), relay, flow, server_side=True)
+        self.mesh.connections.watch("inbound-hbone", (request.target.ip,), relay, (flow,), server_side=True)
 
     async def _plain(self, sock: socket.socket) -> None:
         ends = accepted_addresses(sock)
@@ -164,7 +165,9 @@ class InboundProxy:
         splice = Splice()
         await splice.join(sock, upstream)
         pods = tuple(ip for ip in (client[0], target[0]) if self.mesh.local_enrolled(ip) is not None)
-        flows = [telemetry.opened(inbound=True, client=client, target=target, mtls=mtls, service=service)]
+        flows: tuple[FlowHandle | None, ...] = (
+            telemetry.opened(inbound=True, client=client, target=target, mtls=mtls, service=service),)
         if peer is not None:  # same node: this agent is the source's reporter as well
-            flows.append(telemetry.opened(inbound=False, client=client, target=target, mtls=mtls, service=service))
-        self.mesh.track("outbound-local" if peer is not None else "inbound-plaintext", pods, splice, *flows)
+            flows += (telemetry.opened(inbound=False, client=client, target=target, mtls=mtls, service=service),)
+        self.mesh.connections.watch("outbound-local" if peer is not None else "inbound-plaintext", pods, splice,
+                                    flows)

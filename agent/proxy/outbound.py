@@ -137,7 +137,7 @@ class OutboundProxy:
         """``conn`` carries the connection now: its flow starts, and it is tracked until it closes."""
         flow = self.mesh.telemetry.opened(inbound=False, client=client, target=r.target, mtls=mtls,
                                           service=r.service_host)
-        self.mesh.track(kind, (client[0],), conn, flow)
+        self.mesh.connections.watch(kind, (client[0],), conn, (flow,))
 
     async def _tunnel(self, sock: socket.socket, plan: Plan, client: Address, target: Address) -> None:
         r = plan.route

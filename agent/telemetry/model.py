@@ -194,6 +194,8 @@ class FlowBuilder(Protocol):
     def build(self, pending: PendingFlow) -> Flow: ...
 
 
-PendingFlow = tuple[FlowBuilder, bytes, int, Endpoint, Endpoint]
-"""A kernel event kept as it came until someone reads it: (what builds its flow, the kernel's record, the sequence
-number of its flow's uuid, its source and destination as the agent knew them when it read the record, port 0)."""
+PendingFlow = tuple[FlowBuilder, object, int, Endpoint, Endpoint]
+"""A flow kept as it came until someone reads it: (what builds it, what the builder needs of this one, the
+sequence number of its uuid, its source and destination). A kernel event: its batch, the kernel's record, and its
+ends as the agent knew them when it read the record (port 0); a proxied connection's start or end: its
+``FlowHandle``, the EventType, and its ends."""

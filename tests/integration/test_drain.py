@@ -47,3 +47,7 @@ async def test_wait_empty_returns_when_the_last_connection_closes_or_at_the_dead
     started = loop.time()
     assert await table.wait_empty(5) == 0
     assert loop.time() - started < 1  # woken by the close, not the deadline
+    third = table.open("passthrough", ("10.0.0.3",), lambda: None)  # emptied once: a later wait waits again
+    assert await table.wait_empty(0.05) == 1
+    loop.call_later(0.05, table.close, third)
+    assert await table.wait_empty(5) == 0

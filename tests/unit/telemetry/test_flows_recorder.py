@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Iterator
 
@@ -76,6 +77,34 @@ def test_start_and_end(clock: Clock) -> None:
         (Verdict.FORWARDED, EventType.END, 120, 4096, 1_500_000_000, "closed by client")
     assert end.summary == "closed by client; sent 120 B, received 4096 B in 1.500s"
     assert start.uuid != end.uuid
+
+
+def test_a_connections_flows_are_made_when_read_and_then_kept(clock: Clock) -> None:
+    rec = recorder(clock)
+    handle = rec.start(direction="INGRESS", reporter="destination", source=SRC, destination=DST, mtls=False)
+    clock.advance(2_000)
+    first = flows(rec)
+    assert [(f.event_type, f.time_ns, f.summary) for f in first] == [
+        (EventType.START, 1_700_000_000_000_000_000, "opened, plaintext")]
+    clock.advance(1_000_000)
+    handle.end(5, 6, "closed")
+    start, end = flows(rec)
+    assert start is first[0]  # built once
+    assert (end.event_type, end.time_ns, end.duration_ns, end.direction, end.reporter) == \
+        (EventType.END, 1_700_000_000_001_002_000, 1_002_000, Direction.INGRESS, Reporter.DESTINATION)
+    assert end.summary == "closed; sent 5 B, received 6 B in 0.001s" and not end.encrypted
+
+
+async def test_a_follower_sees_a_connections_flows_as_they_happen(clock: Clock) -> None:
+    rec = recorder(clock)
+    _snap, follower = rec.ring.follow(lambda f: True)
+    handle = rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True)
+    (start,) = await asyncio.wait_for(follower.get(), 2)
+    assert isinstance(start, Flow) and start.event_type == EventType.START and start.uuid == handle.uuid
+    handle.end(1, 2, "closed")
+    (end,) = await asyncio.wait_for(follower.get(), 2)
+    assert isinstance(end, Flow) and (end.event_type, end.bytes_sent, end.bytes_received) == (EventType.END, 1, 2)
+    follower.close()
 
 
 def test_end_with_error(clock: Clock) -> None:
