@@ -13,20 +13,13 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from hbone.sockets import FixedKindSocket
+
 log = logging.getLogger(__name__)
 
 
 ACCEPT_BATCH = 64  # connections accepted per wake-up at most: the loop's other work gets its turn between batches
 ACCEPT_PAUSE = 0.1  # seconds without accepting after an accept error (EMFILE and friends)
-
-
-class AcceptedSocket(socket.socket):
-    """An accepted socket whose ``family`` and ``type`` are its listener's, kept: ``socket.socket`` makes an IntEnum
-    of them in Python on every read, and uvloop's ``connect_accepted_socket`` reads them three times."""
-
-    __slots__ = ("family", "type")
-    family: socket.AddressFamily  # stored, over the base class's property
-    type: socket.SocketKind
 
 
 class Acceptor:
@@ -79,8 +72,7 @@ class Acceptor:
                 self._loop.remove_reader(self.listener.fileno())
                 self._resume = self._loop.call_later(ACCEPT_PAUSE, self.start)
                 return
-            conn = AcceptedSocket(self._family, self._type, self._proto, fd)
-            conn.family, conn.type = self._family, self._type
+            conn = FixedKindSocket.of(self._family, self._type, self._proto, fd)
             conn.setblocking(False)
             self.spawn(self.handle(conn))
 

@@ -192,6 +192,13 @@ class CertificateManager:
 
     # --- certificates --------------------------------------------------------------------------------
 
+    def at_hand(self, identity: SpiffeId) -> WorkloadCertificate | None:
+        """The certificate for ``identity`` when one is held and valid: ``get`` without a coroutine, for the data
+        path's usual case (None: ask ``get``)."""
+        entry = self._entries.get(identity)
+        cert = entry.cert if entry is not None else None
+        return cert if cert is not None and self._clock() < cert.not_after else None
+
     async def get(self, identity: SpiffeId) -> WorkloadCertificate:
         """The current certificate for ``identity``, fetching it first if needed."""
         entry = self._entries.get(identity)

@@ -29,14 +29,26 @@ class Authorizer:
         # the engine's inputs as the same few peers and pods make them again and again (None: no workload)
         self._peers: dict[tuple[SpiffeId | None, str], Peer] = {}
         self._targets: StateMemo[Address, Target | None] = StateMemo(store)
+        # The answer for (peer, client IP, target): a connection's port on the client side is no input of L4 policy.
+        self._answers: StateMemo[tuple[SpiffeId | None, str, Address], Denial | None] = StateMemo(store)
         self.update(store.state)
 
     def update(self, state: MeshState) -> None:
         """Take the policies of a new state; invalid ones are reported and left out, the rest apply."""
         for error in self.engine.update(state.objects):
             log.error("policy rejected: %s", error)
+        self._answers = StateMemo(self.store)  # (the store calls this as it publishes the state; so may anyone)
 
     def __call__(self, connection: Connection) -> Denial | None:
+        answers = self._answers.current()
+        key = (connection.peer, connection.client[0], connection.target)
+        try:
+            return answers[key]
+        except KeyError:
+            answer = answers[key] = self._decide(connection)
+            return answer
+
+    def _decide(self, connection: Connection) -> Denial | None:
         targets = self._targets.current()
         target = targets.get(connection.target)
         if target is None:

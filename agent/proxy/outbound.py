@@ -145,7 +145,8 @@ class OutboundProxy:
         relay = Relay()
         relay.preload_from(sock)
         try:
-            cert = await self.mesh.certificates.get(plan.identity)
+            certificates = self.mesh.certificates
+            cert = certificates.at_hand(plan.identity) or await certificates.get(plan.identity)
             await self.mesh.pool.connect(relay, cert, r.identity, r.dial, plan.authority,
                                          request_headers(client, r.service_host), source_ip=client[0])
         except (HboneError, CertificateUnavailable, OSError) as e:

@@ -52,3 +52,22 @@ async def test_a_cancelled_dial_leaves_the_loop_clean() -> None:
             await task
         sock = await asyncio.wait_for(dial(("127.0.0.1", port)), 5)  # the loop still dials
         sock.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_a_dialled_socket_says_its_kind_as_a_socket_does_and_carries_a_transport(host: str) -> None:
+    """The socket's family and type are stored, not worked out on each read: the same values, and uvloop makes a
+    transport of it (it reads them) that carries bytes."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.create_server((host, 0), family=family) as server:
+        server.setblocking(False)
+        loop = asyncio.get_running_loop()
+        sock = await asyncio.wait_for(dial((host, server.getsockname()[1])), 5)
+        with socket.socket(family, socket.SOCK_STREAM) as plain:
+            assert (sock.family, sock.type) == (plain.family, plain.type) == (family, socket.SOCK_STREAM)
+        accepted, _ = await asyncio.wait_for(loop.sock_accept(server), 5)
+        _reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(loop.sock_recv(accepted, 4), 5) == b"ping"
+        writer.close()
+        accepted.close()

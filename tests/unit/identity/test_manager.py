@@ -89,14 +89,16 @@ async def test_concurrent_gets_coalesce_into_one_request() -> None:
     time = ManualTime()
     manager, ca, _ = local(time)
     ca.gate = asyncio.Event()
+    assert manager.at_hand(WEB) is None  # not fetched yet
     waiters = [asyncio.create_task(manager.get(WEB)) for _ in range(50)]
     await ca.entered.wait()
+    assert manager.at_hand(WEB) is None  # being fetched
     assert [s.state for s in manager.status()] == ["initializing"]
     ca.gate.set()
     certs = await asyncio.gather(*waiters)
     assert ca.calls == 1
     assert all(c is certs[0] for c in certs)
-    assert await manager.get(WEB) is certs[0]  # cached
+    assert await manager.get(WEB) is certs[0] and manager.at_hand(WEB) is certs[0]  # cached
     assert ca.calls == 1
     await manager.close()
 
@@ -208,9 +210,10 @@ async def test_an_expired_certificate_is_not_handed_out() -> None:
     assert await time.next_sleep() == 1000
     assert await manager.get(WEB) is first
     while time.now < first.not_after:  # retries keep failing until the certificate has run out
-        assert await manager.get(WEB) is first
+        assert await manager.get(WEB) is first and manager.at_hand(WEB) is first
         time.advance(1000)
         assert await time.next_sleep() == 1000
+    assert manager.at_hand(WEB) is None  # expired: not at hand, and get says why
     with pytest.raises(CertificateUnavailable, match="expired"):
         await manager.get(WEB)
     assert manager.status()[0].state == "expired"

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from agent.mesh.store import MeshStore
+from agent.policy import Decision, Peer, Target
 from agent.proxy.authorize import Authorizer
 from agent.proxy.inputs import Connection, forwarded_client, forwarded_host
 from hbone.identity import SpiffeId
@@ -92,3 +93,29 @@ def test_a_relabelled_pod_is_decided_on_with_its_new_labels() -> None:
     assert store.apply([], deletes=[("Pod", "shop", "web-1")]) == []
     denial = authorize(connection)
     assert denial is not None and "no workload" in denial.reason
+
+
+def test_answers_are_kept_per_peer_client_ip_and_target_until_the_policies_change(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new connection from the same peer and IP to the same pod port is answered from memory (the client's port
+    is no input of L4 policy); a policy change, published as the agent publishes it, decides afresh."""
+    store = MeshStore()
+    assert store.apply(objects(ALLOW_8080_FROM_CLIENT)) == []
+    authorize = Authorizer(store)
+    store.subscribe(lambda state, change: authorize.update(state) if change.objects else None)
+    evaluated: list[tuple[Peer, Target]] = []
+    evaluate = authorize.engine.evaluate
+
+    def counted(peer: Peer, target: Target) -> Decision:
+        evaluated.append((peer, target))
+        return evaluate(peer, target)
+
+    monkeypatch.setattr(authorize.engine, "evaluate", counted)
+    for port in (1, 2, 3):
+        assert authorize(Connection(OTHER, ("10.0.1.1", port), (SERVER_IP, 8080))) is not None
+    assert len(evaluated) == 1
+    assert authorize(Connection(OTHER, ("10.0.1.2", 1), (SERVER_IP, 8080))) is not None  # another IP: decided
+    assert len(evaluated) == 2
+    assert store.apply([], deletes=[("AuthorizationPolicy", "shop", "web")]) == []
+    assert authorize(Connection(OTHER, ("10.0.1.1", 4), (SERVER_IP, 8080))) is None  # no policy left: allowed
+    assert len(evaluated) == 3
