@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InboundRequest:
-    """What policy and the upstream connector know of one CONNECT request."""
+    """What policy and the upstream connector know of one CONNECT request (immutable by convention: one is made per
+    stream, and a frozen dataclass costs twice as much to make)."""
 
     peer: SpiffeId | None  # None on the plaintext path
     source: Address  # L3 source of the connection that carried the request

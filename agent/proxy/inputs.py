@@ -15,8 +15,10 @@ _FORWARDED_FOR = re.compile(r'for="?(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,
 _FORWARDED_HOST = re.compile(r';\s*host="?([A-Za-z0-9.-]+)"?')
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Connection:
+    """Immutable by convention (one is made per connection; a frozen dataclass costs twice as much to make)."""
+
     peer: SpiffeId | None  # the client's identity, proven by mutual TLS (or known on the same node); None: plaintext
     client: Address  # the calling pod's address as its flows show it
     target: Address  # the pod and port the connection is for (after any Service resolution)
