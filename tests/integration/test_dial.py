@@ -71,3 +71,34 @@ async def test_a_dialled_socket_says_its_kind_as_a_socket_does_and_carries_a_tra
         assert await asyncio.wait_for(loop.sock_recv(accepted, 4), 5) == b"ping"
         writer.close()
         accepted.close()
+
+
+async def test_a_handshake_over_within_connect_is_not_waited_for() -> None:
+    """Over loopback (as through a pod's veth) the kernel completes the handshake inside connect(): dial returns
+    on its first step, never suspending on the loop (no writer added and removed, no task switch)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        step = dial(("127.0.0.1", server.getsockname()[1]), "127.0.0.1")
+        with pytest.raises(StopIteration) as done:
+            step.send(None)
+        sock = done.value.value
+        assert sock.getpeername() == server.getsockname()
+        sock.close()
+
+
+async def test_a_handshake_still_going_on_is_waited_for_on_the_loop() -> None:
+    """A listener whose queue is full drops the SYN: the dial waits (writable, on the loop) until the retried SYN
+    is answered once the queue has room again."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as server:
+        address = server.getsockname()
+        queued = [socket.create_connection(address, timeout=5)]  # fills the queue (backlog 0 holds one)
+        try:
+            task = asyncio.ensure_future(dial(address))
+            await asyncio.sleep(0.3)
+            assert not task.done()  # SYN_SENT: waiting on the loop
+            server.accept()[0].close()  # room again: the SYN retried after ~1 s is answered
+            sock = await asyncio.wait_for(task, 5)
+            assert sock.getpeername() == address
+            sock.close()
+        finally:
+            for q in queued:
+                q.close()
