@@ -203,6 +203,16 @@ class Metrics:
         self._cert_expiry: dict[str, float] = {}
         self._attached: dict[tuple[str, str], int] = {}
         self._traffic_memory: dict[tuple[object, ...], _Traffic] = {}
+        self._held: Callable[[], None] | None = None  # counts a recorder holds back (``counts_held_by``)
+
+    def counts_held_by(self, catch_up: Callable[[], None]) -> None:
+        """A recorder holds counts back (a batch at a time): ``catch_up`` counts them, before anyone reads the
+        series or a pod's series are forgotten."""
+        self._held = catch_up
+
+    def _catch_up(self) -> None:
+        if self._held is not None:
+            self._held()
 
     # -- Istio traffic ------------------------------------------------------------------------------------------
     def _inc(self, family: _Family, labels: tuple[str, ...], feeds: Feeds, amount: float = 1,
@@ -283,6 +293,7 @@ class Metrics:
     def forget_workload(self, namespace: str, name: str) -> int:
         """A pod was deleted: remove every series that carries its workload's labels on a side that no other
         live pod feeds (with the pod name as workload: every series naming it). Returns how many went."""
+        self._catch_up()
         pod = f"{namespace}/{name}"
         removed = 0
         with self._lock:
@@ -360,6 +371,7 @@ class Metrics:
     # -- exposition ----------------------------------------------------------------------------------------------
     def families(self) -> list[Family]:
         """Every family as it is now, for the exposition."""
+        self._catch_up()
         with self._lock:
             families = [f.family() for f in self._families]
             workloads = dict(self._workloads)
@@ -377,6 +389,7 @@ class Metrics:
 
     def series(self, family: str) -> dict[tuple[str, ...], float]:
         """A copy of one counter family's series (name without _total), for checks."""
+        self._catch_up()
         with self._lock:
             for f in self._families:
                 if f.name == family:

@@ -145,6 +145,7 @@ class ObserverService:
     async def ServerStatus(self, request: pb.ServerStatusRequest, call: Call) -> pb.ServerStatusResponse:
         self._admit(call)
         ring = self.ring
+        ring.catch_up()
         return pb.ServerStatusResponse(num_flows=ring.num_flows, max_flows=ring.capacity, seen_flows=ring.seen,
                                        lost_events=ring.lost, node_name=self.node, version=self._version,
                                        uptime_ns=time.monotonic_ns() - self._started)

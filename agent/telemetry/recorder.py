@@ -23,10 +23,12 @@ Metric label for ``hubble_drop_total{reason}``: POLICY_DENIED when a policy deci
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,12 +66,17 @@ _REPORTERS = {"source": Reporter.SOURCE, "destination": Reporter.DESTINATION}
 _TLS_WORDS = re.compile(r"tls|certificate|handshake|identity|ssl", re.IGNORECASE)
 # hubble_flows_processed_total's subtype and verdict labels of a flow (enum names cost a call each time)
 _PROCESSED = {(e, v): (e.name.lower(), v.name) for e in EventType for v in Verdict}
+_REPORTER_NAMES = {r: name for name, r in _REPORTERS.items()}
 _STARTED = ("Trace", *_PROCESSED[EventType.START, Verdict.FORWARDED])  # ... of a connection's start flow
 _ENDED = {error: ("Trace", *_PROCESSED[EventType.END, Verdict.ERROR if error else Verdict.FORWARDED])
           for error in (False, True)}  # ... of its end flow, by whether it failed
 _KINDS_MAX = 1024  # kinds of kernel event described (the key space is small; a bound all the same)
 _ADDRESSES_MAX = 4096  # kernel event addresses whose Endpoint is kept; past it the cache starts over
 REJECTED_LOG_EVERY = 10.0  # seconds between two warnings about malformed kernel events
+# A connection's start and end wait in the journal (``FlowRecorder.flush``) this long at most, or until this many
+# wait: followers see flows that much later, never fewer of them; readers of the ring and the metrics see them all.
+JOURNAL_WAIT = 0.05
+JOURNAL_MAX = 256
 
 def drop_code(reason: str, policy: str | None) -> str:
     """The low-cardinality hubble_drop_total reason for an agent drop."""
@@ -91,20 +98,22 @@ def _duration(ns: int) -> str:
 
 
 class FlowHandle:
-    """A started connection: call ``end`` once (later calls are ignored). Its start and end flows are kept in the
-    ring as this handle and the event, and made ``Flow`` records only when read (``build``): a connection costs the
-    proxy two appends, not two records it may never show."""
+    """A started connection: call ``end`` once (later calls are ignored). Its start and end are journaled, counted
+    and written a batch at a time (``FlowRecorder.flush``), and kept in the ring as this handle and the event, made
+    ``Flow`` records only when read (``build``): a connection costs the proxy two appends to a list."""
 
     __slots__ = ("_direction", "_end", "_mtls", "_recorder", "_reporter", "_sequence", "_series", "_start_ns",
-                 "_time_ns", "destination", "source")
+                 "_time_ns", "_written", "destination", "source")
 
     def __init__(self, recorder: FlowRecorder, direction: Direction, reporter: Reporter, source: Endpoint,
-                 destination: Endpoint, mtls: bool, sequence: int, series: ConnectionSeries | None) -> None:
+                 destination: Endpoint, mtls: bool, sequence: int) -> None:
         self._recorder, self._direction, self._reporter = recorder, direction, reporter
         self.source, self.destination, self._mtls = source, destination, mtls
-        self._sequence, self._series = sequence, series
+        self._sequence = sequence
+        self._series: ConnectionSeries | None = None
         self._time_ns, self._start_ns = recorder._clock(), recorder._monotonic()
         self._end: _Ended | None = None
+        self._written = 0  # 0: in the journal; 1: its start written (and counted); 2: its end too
 
     @property
     def uuid(self) -> str:
@@ -119,8 +128,9 @@ class FlowHandle:
             return
         recorder = self._recorder
         self._end = _Ended(recorder._clock(), max(0, recorder._monotonic() - self._start_ns), bytes_sent,
-                           bytes_received, reason, error)
-        recorder._ended(self, response_flags)
+                           bytes_received, reason, error, response_flags)
+        if self._written:  # (else its start is still in the journal, and its end goes with it)
+            recorder._journal_add(self)
 
     def build(self, pending: PendingFlow) -> Flow:
         """The start or the end flow (``pending[1]``) of this connection (``model.FlowBuilder``)."""
@@ -150,6 +160,7 @@ class _Ended(NamedTuple):
     bytes_received: int
     reason: str
     error: bool
+    response_flags: str | None  # overriding the Istio flags derived from ``reason``
 
 
 class FlowRecorder:
@@ -173,6 +184,12 @@ class FlowRecorder:
         self._kernel_kinds: dict[bytes, _KernelKindFlow] = {}  # a record's kind bytes -> what its flows say
         self._addresses: dict[bytes, Endpoint] = {}  # a record's address bytes -> what resolve said, port 0
         self.kernel_rejected = 0  # records left out because they were malformed
+        self._journal: list[FlowHandle] = []  # connections started or ended, not yet counted nor written
+        self._flushing = threading.Lock()
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self.ring.writes_held_by(self.flush)
+        if metrics is not None:
+            metrics.counts_held_by(self.flush)
         self._rejected_logged = (-REJECTED_LOG_EVERY, 0)  # (when, kernel_rejected then)
 
     def _uuid(self) -> str:
@@ -202,31 +219,67 @@ class FlowRecorder:
             d, r = _DIRECTIONS[direction], _REPORTERS[reporter]
         except KeyError as e:
             raise ValueError(f"direction must be INGRESS|EGRESS and reporter source|destination, got {e}") from None
-        metrics = self.metrics
-        series = None if metrics is None else metrics.connection_opened(reporter, source, destination, mtls)
-        sequence = next(self._sequence)
-        handle = FlowHandle(self, d, r, source, destination, mtls, sequence, series)
-        self.ring.write_one_pending((handle, EventType.START, sequence, source, destination))
-        if metrics is not None:
-            metrics.flow_processed(*_STARTED)
+        handle = FlowHandle(self, d, r, source, destination, mtls, next(self._sequence))
+        self._journal_add(handle)
         return handle
 
-    def _ended(self, handle: FlowHandle, response_flags: str | None) -> None:
-        end = handle._end
-        assert end is not None
-        self.ring.write_one_pending((handle, EventType.END, next(self._sequence), handle.source, handle.destination))
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.flow_processed(*_ENDED[end.error])
-        if handle._series is not None:
-            error, reason = end.error, end.reason
-            flags = NO_FLAGS if not error else (response_flags or response_flags_for(reason))
-            handle._series.close(end.bytes_sent, end.bytes_received, flags, failed=error)
+    def _journal_add(self, handle: FlowHandle) -> None:
+        journal = self._journal
+        journal.append(handle)
+        if len(journal) == 1:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a script, a check): at once
+                self.flush()
+                return
+            self._flush_timer = loop.call_later(JOURNAL_WAIT, self._flush_due)
+        elif len(journal) >= JOURNAL_MAX:
+            self.flush()
+
+    def _flush_due(self) -> None:
+        self._flush_timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Count and write the connections' starts and ends journaled since the last flush. Whatever reads the ring
+        or the metrics calls this first (``writes_held_by``, ``counts_held_by``), as does what records anything else
+        (so that the ring keeps the order things were recorded in)."""
+        with self._flushing:
+            journal, self._journal = self._journal, []
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+            if not journal:
+                return
+            metrics, write = self.metrics, self.ring.write_one_pending
+            counts = [0, 0, 0]  # starts, ends, failed ends (hubble_flows_processed_total)
+            for handle in journal:
+                if not handle._written:
+                    handle._written = 1
+                    counts[0] += 1
+                    if metrics is not None:
+                        handle._series = metrics.connection_opened(_REPORTER_NAMES[handle._reporter], handle.source,
+                                                                   handle.destination, handle._mtls)
+                    write((handle, EventType.START, handle._sequence, handle.source, handle.destination))
+                end = handle._end
+                if end is None or handle._written == 2:
+                    continue
+                handle._written = 2
+                counts[1 + end.error] += 1
+                write((handle, EventType.END, next(self._sequence), handle.source, handle.destination))
+                if handle._series is not None:
+                    flags = NO_FLAGS if not end.error else (end.response_flags or response_flags_for(end.reason))
+                    handle._series.close(end.bytes_sent, end.bytes_received, flags, failed=end.error)
+            if metrics is not None:
+                for labels, n in zip((_STARTED, _ENDED[False], _ENDED[True]), counts, strict=True):
+                    if n:
+                        metrics.flow_processed(*labels, n)
 
     def drop(self, *, direction: DirectionName, reporter: ReporterName, source: Endpoint, destination: Endpoint,
              mtls: bool, reason: str, policy: str | None = None, response_flags: str = DENY) -> None:
         """A connection the proxy refused: DROPPED, drop_reason_desc = reason (for a policy deny it names the
         policy and rule); ``policy`` is the deciding policy ("namespace/name")."""
+        self.flush()
         summary = reason if not policy or policy in reason else f"{reason} (policy {policy})"
         flow = self._new(Verdict.DROPPED, EventType.DROP, direction, reporter, source, destination, mtls,
                          summary, drop_reason_desc=reason, policy=policy or "")
@@ -246,6 +299,7 @@ class FlowRecorder:
         uuid, and made flows when read. A record of the wrong size or one ``source`` cannot describe is left
         out, logged and counted (``kernel_rejected``, ambit_kernel_events_rejected_total); the others are kept.
         Returns how many were kept."""
+        self.flush()
         kinds = self._kernel_kinds
         if len(kinds) >= _KINDS_MAX:
             kinds.clear()
@@ -317,6 +371,7 @@ class FlowRecorder:
         in hubble_lost_events_total and shown to every reader in place."""
         if count <= 0:
             return
+        self.flush()
         self.ring.write(LostEvent(self._clock(), LostSource.PERF_EVENT_RING_BUFFER, count))
         if self.metrics is not None:
             self.metrics.lost_events(LostSource.PERF_EVENT_RING_BUFFER.name, count)

@@ -126,6 +126,16 @@ class FlowRing:
         self.seen = 0  # flows ever written
         self.evicted = 0  # flows overwritten
         self.lost = 0  # events lost before the ring (kernel) or before a follower (queue full)
+        self._held: Callable[[], None] | None = None  # writes a writer holds back (``writes_held_by``)
+
+    def writes_held_by(self, catch_up: Callable[[], None]) -> None:
+        """A writer holds writes back (a batch at a time): ``catch_up`` writes them, before anyone reads."""
+        self._held = catch_up
+
+    def catch_up(self) -> None:
+        """Have the held-back writes written (outside the lock: they take it): every read starts here."""
+        if self._held is not None:
+            self._held()
 
     def write(self, entry: Entry) -> None:
         """Append a flow or a lost-events marker, overwriting the oldest entry when full."""
@@ -196,12 +206,14 @@ class FlowRing:
         return self._flows
 
     def snapshot(self) -> Snapshot:
+        self.catch_up()
         with self._lock:
             return Snapshot(self._build(), self.evicted)
 
     def follow(self, predicate: Predicate, maxsize: int = DEFAULT_FOLLOWER_QUEUE) -> tuple[Snapshot, Follower]:
         """The current entries and a follower that gets every later one (call on the reader's event loop)."""
         follower = Follower(self, predicate, asyncio.get_running_loop(), maxsize)
+        self.catch_up()
         with self._lock:
             self._followers.append(follower)
             return Snapshot(self._build(), self.evicted), follower

@@ -25,7 +25,7 @@ from agent.telemetry.model import (
     Verdict,
     flag_names,
 )
-from agent.telemetry.recorder import FlowRecorder, drop_code, response_flags_for
+from agent.telemetry.recorder import JOURNAL_MAX, JOURNAL_WAIT, FlowRecorder, drop_code, response_flags_for
 from tests.fixtures.kernel_ring import FakeEventRing, record
 
 SRC = Endpoint("10.1.0.7", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-1", {"app": "client"})
@@ -105,6 +105,33 @@ async def test_a_follower_sees_a_connections_flows_as_they_happen(clock: Clock) 
     (end,) = await asyncio.wait_for(follower.get(), 2)
     assert isinstance(end, Flow) and (end.event_type, end.bytes_sent, end.bytes_received) == (EventType.END, 1, 2)
     follower.close()
+
+
+async def test_on_a_loop_connections_wait_in_a_journal_and_every_reader_sees_them(clock: Clock) -> None:
+    metrics = Metrics()
+    rec = recorder(clock, metrics)
+    first = rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True)
+    assert rec.ring.num_flows == 0  # waiting: nothing counted nor written yet
+    assert metrics.series("istio_tcp_connections_opened") != {}  # a reader of the metrics has them counted first
+    assert rec.ring.num_flows == 1
+    first.end(1, 2, "closed")
+    rec.drop(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True, reason="denied: x")
+    assert [f.event_type for f in flows(rec)] == [EventType.START, EventType.END, EventType.DROP]  # in order
+    assert metrics.series("hubble_flows_processed") == {("Trace", "start", "FORWARDED"): 1,
+                                                        ("Trace", "end", "FORWARDED"): 1,
+                                                        ("Drop", "drop", "DROPPED"): 1}
+
+
+async def test_the_journal_is_written_when_due_or_full(clock: Clock) -> None:
+    rec = FlowRecorder("node-1", capacity=2 * JOURNAL_MAX, clock=lambda: clock.wall, monotonic=lambda: clock.mono)
+    for _ in range(JOURNAL_MAX - 1):
+        rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True).end(1, 1, "closed")
+    assert rec.ring.num_flows == 0
+    rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True)  # full: written at once
+    assert rec.ring.num_flows == 2 * JOURNAL_MAX - 1
+    rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True)
+    await asyncio.sleep(JOURNAL_WAIT * 4)  # due: written with nobody reading
+    assert rec.ring.num_flows == 2 * JOURNAL_MAX
 
 
 def test_end_with_error(clock: Clock) -> None:

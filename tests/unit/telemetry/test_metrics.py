@@ -144,6 +144,16 @@ def test_forget_workload_removes_its_series_only() -> None:
 
 
 def test_series_fed_by_a_live_pod_survive_and_late_closes_stay_forgotten() -> None:
+    series_fed_by_a_live_pod_survive_and_late_closes_stay_forgotten()
+
+
+async def test_the_same_with_connections_journaled_on_the_event_loop() -> None:
+    """On a loop the recorder counts a batch at a time: forgetting a pod counts what waits first, so a connection
+    started before its pod went is forgotten with it, and its close does not bring it back."""
+    series_fed_by_a_live_pod_survive_and_late_closes_stay_forgotten()
+
+
+def series_fed_by_a_live_pod_survive_and_late_closes_stay_forgotten() -> None:
     metrics = Metrics()
     rec = FlowRecorder("node-1", metrics=metrics)
     a = Endpoint("10.1.0.1", 1, None, "shop", "api-a", {"app": "api"}, workload="api")
