@@ -22,6 +22,7 @@ from agent.node import AgentConfig, NodeAgent
 from agent.telemetry.hub import TelemetryConfig
 from agent.telemetry.observer_tls import ServerTlsFiles, TlsMaterialError, read_cas, read_key_pair
 from hbone import keep_buffers_on_heap, parse_host_port
+from hbone.profiling import profile_on_signals
 
 
 def _address(text: str) -> tuple[str, int] | None:
@@ -171,6 +172,7 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    profile_on_signals(loop, f"agent-{config.node}")  # (only when AMBIT_CPROFILE asks: the benchmarks)
     await stop.wait()
     if args.drain_seconds > 0:
         await agent.drain(args.drain_seconds)

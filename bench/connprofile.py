@@ -5,7 +5,11 @@ or ``ambit-svc`` path of an ``ambit lab`` made for the run (or, to compare, ``hb
 between the same nodes, or ``envoy``: the Envoy pair), repeated ``--rounds`` times. Each round prints
 connections/s and the proxy CPU per connection of each agent; with ``--profile DIR``, py-spy samples both
 agents during the rounds (``DIR/client.txt``, ``DIR/server.txt``, collapsed stacks) and the functions that
-took the most samples (self and inclusive) are printed per agent. Root only (the lab needs it).
+took the most samples (self and inclusive) are printed per agent. ``--tool cprofile`` profiles them with cProfile
+instead, during the rounds only (``hbone.profiling``; the ``ambit`` and ``hbone`` paths): every call counted,
+printed per connection, and ``--against DIR`` prints what each function costs more or less per connection than
+in an earlier run's profiles (an agent's against ``python -m hbone``'s: what the agent adds to the tunnel). Root
+only (the lab needs it).
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
+import pstats
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +34,7 @@ from bench.harness import Config, Receiver, conn_once, nearest_rank
 from bench.lab import BenchLab, LabAmbitPath, LabAmbitServicePath, LabEnvoyPath, LabHbonePath, bench_lab
 from bench.paths import BenchPath, MeshCerts, Running
 from bench.procs import CLOCK_TICKS, descendants
+from hbone.profiling import ENV
 
 PATHS: dict[str, Callable[[BenchLab], BenchPath]] = {
     "ambit": LabAmbitPath, "ambit-svc": LabAmbitServicePath,
@@ -42,6 +50,18 @@ def sampled(proxies: dict[str, int], out: Path | None, rate: int, tool_name: str
     counted, ``out/<role>.strace``)."""
     if out is None:
         yield
+        return
+    if tool_name == "cprofile":  # in the proxies themselves (hbone.profiling): started and stopped by signals
+        for pid in proxies.values():
+            os.kill(pid, signal.SIGUSR1)
+        try:
+            yield
+        finally:
+            for pid in proxies.values():
+                os.kill(pid, signal.SIGUSR2)
+            for role, pid in proxies.items():
+                written = _wait_for(lambda pid=pid: next(out.glob(f"*-{pid}.prof"), None))  # type: ignore[misc]
+                written.rename(out / f"{role}.prof")
         return
     tool = shutil.which(tool_name)
     if tool is None:
@@ -103,6 +123,51 @@ def top(collapsed: Path, n: int) -> str:
     return "\n".join(lines)
 
 
+def _wait_for(find: Callable[[], Path | None], timeout: float = 30.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while (found := find()) is None:
+        if time.monotonic() > deadline:
+            raise SystemExit("a proxy wrote no profile: was it started with AMBIT_CPROFILE set?")
+        time.sleep(0.05)
+    time.sleep(0.2)  # (written by the proxy as it stops profiling: let it finish)
+    return found
+
+
+NOTED = 1e-7  # seconds per connection: smaller differences are left out of ``cprofile_against``
+
+
+def per_connection(profile: Path) -> dict[str, tuple[float, float]]:
+    """A cProfile file's functions ("dir/file.py:function"; lines merged) -> (calls, own seconds) per connection,
+    the profile's connection count read from ``connections`` beside it."""
+    connections = int((profile.parent / "connections").read_text())
+    out: dict[str, tuple[float, float]] = {}
+    for (file, _line, name), (_prim, calls, own, _cum, _callers) in pstats.Stats(str(profile)).stats.items():  # type: ignore[attr-defined]
+        key = f"{'/'.join(file.split('/')[-2:])}:{name}"
+        c, t = out.get(key, (0, 0.0))
+        out[key] = (c + calls, t + own)
+    return {k: (c / connections, t / connections) for k, (c, t) in out.items()}
+
+
+def cprofile_top(profile: Path, n: int) -> str:
+    """The ``n`` functions with the most time of their own, per connection."""
+    rows = sorted(per_connection(profile).items(), key=lambda kv: -kv[1][1])[:n]
+    return "\n".join(f"  {1e6 * t:7.2f} us  {c:5.2f} calls  {k}" for k, (c, t) in rows)
+
+
+def cprofile_against(profile: Path, earlier: Path, n: int) -> str:
+    """The ``n`` functions whose own time per connection grew the most from ``earlier`` to ``profile``, and the
+    ``n`` that shrank the most; the totals first."""
+    a, b = per_connection(profile), per_connection(earlier)
+    rows = sorted(((a.get(k, (0, 0.0))[1] - b.get(k, (0, 0.0))[1], k) for k in a.keys() | b.keys()), reverse=True)
+    total_a, total_b = sum(t for _c, t in a.values()), sum(t for _c, t in b.values())
+    lines = [f"  {1e6 * total_a:.0f} us per connection against {1e6 * total_b:.0f} us (cProfile's own time, "
+             "its overhead included)"]
+    lines += [f"  {1e6 * d:+8.2f} us  {k}" for d, k in rows[:n] if d >= NOTED]
+    lines.append("  ...")
+    lines += [f"  {1e6 * d:+8.2f} us  {k}" for d, k in rows[-n:] if d <= -NOTED]
+    return "\n".join(lines)
+
+
 @contextlib.contextmanager
 def extra_agents(lab: BenchLab, workers: int) -> Iterator[dict[str, list[int]]]:
     """``workers - 1`` more agents on each of the two nodes, beside the lab's own, as an upgrade starts the next
@@ -152,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", type=Path, help="sample both agents with py-spy; collapsed stacks go here")
     p.add_argument("--rate", type=int, default=500, help="samples per second")
-    p.add_argument("--tool", choices=("py-spy", "perf", "strace"), default="py-spy",
+    p.add_argument("--tool", choices=("py-spy", "perf", "strace", "cprofile"), default="py-spy",
                    help="py-spy: Python frames (the process paused at each sample: the rates are not comparable); "
-                        "perf: native and kernel frames; strace: system calls counted")
+                        "perf: native and kernel frames; strace: system calls counted; cprofile: every Python call "
+                        "counted, in the proxies (ambit and hbone paths)")
+    p.add_argument("--against", type=Path, metavar="DIR",
+                   help="with --tool cprofile: an earlier run's --profile DIR, to print the difference per function")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--workers", type=int, default=1,
                    help="agents per node sharing the listeners (SO_REUSEPORT); the extra ones start like an upgrade's")
@@ -162,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agent-flag", action="append", default=[], metavar="FLAG",
                    help="added to the agents' command lines (repeatable), e.g. --agent-flag=--no-telemetry")
     args = p.parse_args(argv)
+    if args.tool == "cprofile":
+        if args.profile is None or args.path not in ("ambit", "ambit-svc", "hbone"):
+            p.error("--tool cprofile needs --profile DIR and an ambit or hbone path")
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ[ENV] = str(args.profile.absolute())  # the proxies started from here inherit it
+        (args.profile / "connections").write_text(str(args.rounds * args.count))
     workdir = Path(tempfile.mkdtemp(prefix="ambit-connprofile-"))
     cfg = Config(bulk_bytes=0, runs=0, rr_count=0, rr_size=0, rr_warmup=0, rr_runs=0, workdir=workdir,
                  conn_count=args.count, conn_runs=args.rounds, conn_size=args.size)
@@ -176,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile is not None and args.tool == "py-spy":
         for role in ("client", "server"):
             print(f"\n== {role} agent ==\n{top(args.profile / f'{role}.txt', args.top)}")
+    if args.profile is not None and args.tool == "cprofile":
+        for role in ("client", "server"):
+            print(f"\n== {role}: own time per connection ==\n{cprofile_top(args.profile / f'{role}.prof', args.top)}")
+            if args.against is not None:
+                print(f"== {role}: against {args.against} ==\n"
+                      f"{cprofile_against(args.profile / f'{role}.prof', args.against / f'{role}.prof', args.top)}")
     print(f"(logs in {workdir})")
     return 0
 

@@ -24,6 +24,7 @@ from hbone.forward import Forwarder
 from hbone.identity import SpiffeId, TrustBundle, WorkloadCertificate
 from hbone.memory import keep_buffers_on_heap
 from hbone.pool import Pool
+from hbone.profiling import profile_on_signals
 from hbone.server import HboneServer, fixed_certificate
 
 log = logging.getLogger("hbone")
@@ -60,6 +61,7 @@ async def _until_signal() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    profile_on_signals(loop, "hbone")  # (only when AMBIT_CPROFILE asks: the benchmarks)
     await stop.wait()
 
 

@@ -4,8 +4,11 @@ in front of other hosts, as the lab benchmark's ``hbone`` path runs it)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +16,10 @@ import pytest
 
 from agent.ca.authority import CertificateAuthority
 from bench.ambit import ambit_hbone_client, ambit_hbone_server
+from bench.connprofile import cprofile_against, cprofile_top, per_connection
 from bench.envoy import TlsFiles
 from hbone.identity import WorkloadCertificate
+from hbone.profiling import ENV
 from tests.fixtures.certificates import TRUST_DOMAIN
 from tests.fixtures.envoy_peer import exchange, refused
 
@@ -64,3 +69,37 @@ def test_serve_relays_to_another_address_only_with_any_target(
         else:
             assert refused(entry)
             assert "is not this connection's destination" in (tmp_path / "ambit-serve.log").read_text()
+
+
+def test_profiled_on_signals_when_asked_and_compared_per_connection(
+        tmp_path: Path, ca: CertificateAuthority, client_cert: WorkloadCertificate,
+        server_cert: WorkloadCertificate, echo_elsewhere: tuple[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With AMBIT_CPROFILE set, SIGUSR1 starts cProfile in each process and SIGUSR2 writes what it counted: the
+    forwarder's profile names its own connection path, per connection, as ``bench.connprofile`` reads it."""
+    out = tmp_path / "profiles"
+    out.mkdir()
+    (out / "connections").write_text("3")
+    monkeypatch.setenv(ENV, str(out))
+    server_tls = TlsFiles.write(tmp_path / "tls", "server", server_cert, ca.root_pem)
+    client_tls = TlsFiles.write(tmp_path / "tls", "client", client_cert, ca.root_pem)
+    with (ambit_hbone_server(tmp_path, server_tls, TRUST_DOMAIN, any_target=True) as (server, hbone),
+          ambit_hbone_client(tmp_path, client_tls, TRUST_DOMAIN, hbone=hbone,
+                             authority=f"{echo_elsewhere[0]}:{echo_elsewhere[1]}",
+                             expect=server_cert.identity) as (client, entry)):
+        assert list(out.glob("*.prof")) == []  # nothing profiled until asked
+        for pid in (server.pid, client.pid):
+            os.kill(pid, signal.SIGUSR1)
+        for _ in range(3):
+            assert exchange(entry, b"profiled", 8) == b"profiled"
+        for pid in (server.pid, client.pid):
+            os.kill(pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while len(list(out.glob("hbone-*.prof"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    forwarder = out / f"hbone-{client.pid}.prof"
+    costs = per_connection(forwarder)
+    calls, own = costs["hbone/forward.py:_tunnel"]
+    assert calls >= 1 and own > 0
+    assert "hbone/forward.py:_tunnel" in cprofile_top(forwarder, 50)
+    against = cprofile_against(forwarder, out / f"hbone-{server.pid}.prof", 50)  # the forwarder's own path: more
+    assert "hbone/forward.py:_tunnel" in against.split("...")[0]
