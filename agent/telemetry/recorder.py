@@ -75,8 +75,10 @@ _ADDRESSES_MAX = 4096  # kernel event addresses whose Endpoint is kept; past it 
 REJECTED_LOG_EVERY = 10.0  # seconds between two warnings about malformed kernel events
 # A connection's start and end wait in the journal (``FlowRecorder.flush``) this long at most, or until this many
 # wait: followers see flows that much later, never fewer of them; readers of the ring and the metrics see them all.
-JOURNAL_WAIT = 0.05
+# A flush takes JOURNAL_TURN of them per loop turn (~8 us each in a busy agent: a turn of ~0.25 ms at most).
+JOURNAL_WAIT = 0.01
 JOURNAL_MAX = 256
+JOURNAL_TURN = 32
 
 def drop_code(reason: str, policy: str | None) -> str:
     """The low-cardinality hubble_drop_total reason for an agent drop."""
@@ -186,7 +188,7 @@ class FlowRecorder:
         self.kernel_rejected = 0  # records left out because they were malformed
         self._journal: list[FlowHandle] = []  # connections started or ended, not yet counted nor written
         self._flushing = threading.Lock()
-        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_timer: asyncio.Handle | None = None  # the next flush, due or on the next turn
         self.ring.writes_held_by(self.flush)
         if metrics is not None:
             metrics.counts_held_by(self.flush)
@@ -238,20 +240,27 @@ class FlowRecorder:
 
     def _flush_due(self) -> None:
         self._flush_timer = None
-        self.flush()
+        self.flush(JOURNAL_TURN)
 
-    def flush(self) -> None:
-        """Count and write the connections' starts and ends journaled since the last flush. Whatever reads the ring
-        or the metrics calls this first (``writes_held_by``, ``counts_held_by``), as does what records anything else
-        (so that the ring keeps the order things were recorded in)."""
+    def flush(self, most: int | None = None) -> None:
+        """Count and write the connections' starts and ends journaled so far; with ``most``, that many at most, the
+        rest on the event loop's next turn (a batch stalls no connection for long). Whatever reads the ring or the
+        metrics calls this first (``writes_held_by``, ``counts_held_by``), as do drops and lost events (the ring
+        keeps the order the proxies recorded things in)."""
         with self._flushing:
-            journal, self._journal = self._journal, []
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
                 self._flush_timer = None
+            journal = self._journal
+            if most is not None and len(journal) > most:
+                journal, self._journal = journal[:most], journal[most:]
+                self._flush_timer = asyncio.get_running_loop().call_soon(self._flush_due)
+            else:
+                self._journal = []
             if not journal:
                 return
-            metrics, write = self.metrics, self.ring.write_one_pending
+            metrics, sequence = self.metrics, self._sequence
+            pending: list[PendingFlow] = []
             counts = [0, 0, 0]  # starts, ends, failed ends (hubble_flows_processed_total)
             for handle in journal:
                 if not handle._written:
@@ -260,16 +269,18 @@ class FlowRecorder:
                     if metrics is not None:
                         handle._series = metrics.connection_opened(_REPORTER_NAMES[handle._reporter], handle.source,
                                                                    handle.destination, handle._mtls)
-                    write((handle, EventType.START, handle._sequence, handle.source, handle.destination))
+                    pending.append((handle, EventType.START, handle._sequence, handle.source, handle.destination))
                 end = handle._end
                 if end is None or handle._written == 2:
                     continue
                 handle._written = 2
                 counts[1 + end.error] += 1
-                write((handle, EventType.END, next(self._sequence), handle.source, handle.destination))
+                pending.append((handle, EventType.END, next(sequence), handle.source, handle.destination))
                 if handle._series is not None:
                     flags = NO_FLAGS if not end.error else (end.response_flags or response_flags_for(end.reason))
                     handle._series.close(end.bytes_sent, end.bytes_received, flags, failed=end.error)
+            if pending:
+                self.ring.write_pending(pending)
             if metrics is not None:
                 for labels, n in zip((_STARTED, _ENDED[False], _ENDED[True]), counts, strict=True):
                     if n:
@@ -299,7 +310,6 @@ class FlowRecorder:
         uuid, and made flows when read. A record of the wrong size or one ``source`` cannot describe is left
         out, logged and counted (``kernel_rejected``, ambit_kernel_events_rejected_total); the others are kept.
         Returns how many were kept."""
-        self.flush()
         kinds = self._kernel_kinds
         if len(kinds) >= _KINDS_MAX:
             kinds.clear()

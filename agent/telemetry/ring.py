@@ -2,8 +2,8 @@
 
 ``FlowRing`` keeps the most recent ``capacity`` entries (flows, and markers of lost events in time order,
 as Hubble keeps LostEvents in its ring). Overwritten flows are counted. The kernel's events are written as they
-came (``write_pending``: a ``PendingFlow`` each), as are the proxies' connection flows (``write_one_pending``),
-and become flows when read: a snapshot, a new follower, or a write while someone follows builds them, once.
+came (``write_pending``: a ``PendingFlow`` each), as are the proxies' connection starts and ends, and become
+flows when read: a snapshot, a new follower, or a write while someone follows builds them, once.
 Writers may be on any thread: one lock guards the ring.
 
 A ``Follower`` is a reader that receives each new entry its predicate accepts, through a bounded queue. A
@@ -142,25 +142,9 @@ class FlowRing:
         with self._lock:
             self._append(entry)
 
-    def write_one_pending(self, pending: PendingFlow) -> None:
-        """``write_pending`` for one flow (a proxied connection's start or end): the path every connection takes."""
-        with self._lock:
-            if self._followers:
-                self._append(pending[0].build(pending))
-                return
-            entries = self._entries
-            entries.append(pending)
-            self._unbuilt = True
-            self.seen += 1
-            if len(entries) <= self.capacity:
-                self._flows += 1
-            elif not isinstance(entries.popleft(), LostEvent):
-                self.evicted += 1
-            else:
-                self._flows += 1
-
     def write_pending(self, pending: list[PendingFlow]) -> None:
-        """Append kernel events' flows, built only when read (at once when someone follows)."""
+        """Append flows kept as they came (kernel events, connections' starts and ends), built only when read (at
+        once when someone follows)."""
         with self._lock:
             if self._followers:
                 for p in pending:

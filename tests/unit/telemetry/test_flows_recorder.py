@@ -25,7 +25,14 @@ from agent.telemetry.model import (
     Verdict,
     flag_names,
 )
-from agent.telemetry.recorder import JOURNAL_MAX, JOURNAL_WAIT, FlowRecorder, drop_code, response_flags_for
+from agent.telemetry.recorder import (
+    JOURNAL_MAX,
+    JOURNAL_TURN,
+    JOURNAL_WAIT,
+    FlowRecorder,
+    drop_code,
+    response_flags_for,
+)
 from tests.fixtures.kernel_ring import FakeEventRing, record
 
 SRC = Endpoint("10.1.0.7", 41000, "spiffe://cluster.local/ns/shop/sa/client", "shop", "client-1", {"app": "client"})
@@ -132,6 +139,16 @@ async def test_the_journal_is_written_when_due_or_full(clock: Clock) -> None:
     rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True)
     await asyncio.sleep(JOURNAL_WAIT * 4)  # due: written with nobody reading
     assert rec.ring.num_flows == 2 * JOURNAL_MAX
+
+
+async def test_a_flush_of_at_most_so_many_leaves_the_rest_to_the_next_loop_turn(clock: Clock) -> None:
+    rec = FlowRecorder("node-1", capacity=2 * JOURNAL_MAX, clock=lambda: clock.wall, monotonic=lambda: clock.mono)
+    for _ in range(JOURNAL_TURN + 5):
+        rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True)
+    rec.flush(JOURNAL_TURN)  # as the timer does
+    assert rec.ring.num_flows == JOURNAL_TURN
+    await asyncio.sleep(0)  # one turn
+    assert rec.ring.num_flows == JOURNAL_TURN + 5
 
 
 def test_end_with_error(clock: Clock) -> None:

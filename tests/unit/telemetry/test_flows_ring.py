@@ -85,34 +85,6 @@ def test_pending_flows_count_as_flows_and_are_built_once_when_read() -> None:
     assert (ring.num_flows, ring.seen, ring.evicted, ring.lost) == (4, 11, 7, 5)
 
 
-def test_one_pending_flow_at_a_time_counts_as_a_batch_does() -> None:
-    ring, builder = FlowRing(4), Builder()
-    ring.write(flow(0))
-    for p in builder.pending(1, 2):
-        ring.write_one_pending(p)
-    ring.write(LostEvent(1_003, LostSource.PERF_EVENT_RING_BUFFER, 5))
-    assert (ring.num_flows, ring.seen, ring.evicted, builder.built) == (3, 3, 0, 0)
-    for p in builder.pending(4, 5, 6):  # overwrites flow 0, pending 1 and 2 (not the marker)
-        ring.write_one_pending(p)
-    assert (ring.num_flows, ring.seen, ring.evicted, builder.built) == (3, 6, 3, 0)
-    for p in builder.pending(7, 8):  # the marker goes (not a flow), then pending 4
-        ring.write_one_pending(p)
-    assert (ring.num_flows, ring.seen, ring.evicted, ring.lost) == (4, 8, 4, 5)
-    assert [e.uuid for e in ring.snapshot().entries if isinstance(e, Flow)] == ["uuid-5", "uuid-6", "uuid-7",
-                                                                                 "uuid-8"]
-    assert builder.built == 4
-
-
-async def test_one_pending_flow_is_built_at_once_for_a_follower() -> None:
-    ring, builder = FlowRing(8), Builder()
-    _snap, follower = ring.follow(lambda f: True)
-    ring.write_one_pending(builder.pending(3)[0])
-    assert builder.built == 1
-    got = await asyncio.wait_for(follower.get(), 2)
-    assert got == [flow(3)] and ring.snapshot().entries == [flow(3)] and builder.built == 1
-    follower.close()
-
-
 async def test_pending_flows_are_built_at_once_for_a_follower_and_filtered() -> None:
     ring, builder = FlowRing(8), Builder()
     ring.write_pending(builder.pending(0))
