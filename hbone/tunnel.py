@@ -82,14 +82,18 @@ class StreamHandler(abc.ABC):
         """The TLS transport went over (True) or back under (False) its high-water mark."""
 
     def finish(self, reason: str) -> None:
-        """The stream is over for this handler: detach from the tunnel and tell ``on_close`` once."""
+        """The stream is over for this handler: detach from the tunnel and tell ``on_close`` once, then let go of
+        it: whoever it belongs to usually refers back to this handler (to abort it), and a cycle left in place
+        would hold the handler and its transport until the collector runs (several a connection, and the
+        collector's passes with them)."""
         if self.closed:
             return
         self.closed = True
         if self.tunnel is not None:
             self.tunnel.stream_closed(self)
-        if self.on_close is not None:
-            self.on_close(self, reason)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close(self, reason)
 
 
 class Tunnel(asyncio.BufferedProtocol):

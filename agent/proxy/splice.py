@@ -16,7 +16,7 @@ from hbone import TCP_WRITE_HIGH_WATER, abort_with_reset
 
 class _Side(asyncio.Protocol):
     def __init__(self, splice: Splice) -> None:
-        self.splice = splice
+        self.splice: Splice | None = splice  # None once the splice is over (``Splice.finish``)
         self.peer: _Side | None = None
         self.transport: asyncio.Transport | None = None
         self.held: list[bytes] = []  # read before the peer existed
@@ -42,7 +42,8 @@ class _Side(asyncio.Protocol):
         self.eof = True
         if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
             self.peer.transport.write_eof()
-        self.splice.maybe_done()
+        if self.splice is not None:
+            self.splice.maybe_done()
         return True
 
     def pause_writing(self) -> None:
@@ -61,10 +62,13 @@ class _Side(asyncio.Protocol):
                 abort_with_reset(peer.transport)
             elif not self.eof:
                 peer.transport.close()
+        splice = self.splice
+        if splice is None:
+            return
         if exc is not None:
-            self.splice.reason = "reset"
+            splice.reason = "reset"
         if peer is None or peer.lost or peer.transport is None:
-            self.splice.finish(self.splice.reason)
+            splice.finish(splice.reason)
 
 
 class Splice:
@@ -105,10 +109,15 @@ class Splice:
                     side.transport.close()
 
     def finish(self, reason: str) -> None:
+        """Tell ``on_close`` once, then let go of it and of the sides' links (as ``StreamHandler.finish``): no cycle
+        left for the collector to find."""
         if not self.closed:
             self.closed = True
-            if self.on_close is not None:
-                self.on_close(self, reason)
+            on_close, self.on_close = self.on_close, None
+            if on_close is not None:
+                on_close(self, reason)
+            for side in (self.client, self.upstream):
+                side.splice = side.peer = None
 
     def abort(self) -> None:
         for side in (self.client, self.upstream):
