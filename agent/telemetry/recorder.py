@@ -276,9 +276,10 @@ class FlowRecorder:
                 handle._written = 2
                 counts[1 + end.error] += 1
                 pending.append((handle, EventType.END, next(sequence), handle.source, handle.destination))
-                if handle._series is not None:
+                series, handle._series = handle._series, None  # (counted: the flow kept in the ring needs it no more)
+                if series is not None:
                     flags = NO_FLAGS if not end.error else (end.response_flags or response_flags_for(end.reason))
-                    handle._series.close(end.bytes_sent, end.bytes_received, flags, failed=end.error)
+                    series.close(end.bytes_sent, end.bytes_received, flags, failed=end.error)
             if pending:
                 self.ring.write_pending(pending)
             if metrics is not None:
