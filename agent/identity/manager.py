@@ -201,6 +201,9 @@ class CertificateManager:
 
     async def get(self, identity: SpiffeId) -> WorkloadCertificate:
         """The current certificate for ``identity``, fetching it first if needed."""
+        cert = self.at_hand(identity)
+        if cert is not None:
+            return cert
         entry = self._entries.get(identity)
         if entry is None:
             if identity.trust_domain != self._bundle.trust_domain:
@@ -211,9 +214,7 @@ class CertificateManager:
             if self._scheduler is None:
                 self._scheduler = asyncio.create_task(self._schedule(), name="certificate renewals")
             self._start_fetch(entry)
-        if entry.cert is not None:
-            if self._clock() < entry.cert.not_after:
-                return entry.cert
+        if entry.cert is not None:  # (not at hand: expired)
             raise CertificateUnavailable(identity, f"certificate expired at {entry.cert.not_after.isoformat()}"
                                                    f" and renewing failed: {entry.last_error}")
         if entry.error is not None:

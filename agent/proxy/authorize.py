@@ -37,7 +37,7 @@ class Authorizer:
         """Take the policies of a new state; invalid ones are reported and left out, the rest apply."""
         for error in self.engine.update(state.objects):
             log.error("policy rejected: %s", error)
-        self._answers = StateMemo(self.store)  # (the store calls this as it publishes the state; so may anyone)
+        self._answers = StateMemo(self.store)  # (called as the store publishes a state, or with new policies)
 
     def __call__(self, connection: Connection) -> Denial | None:
         answers = self._answers.current()

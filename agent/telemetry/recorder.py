@@ -11,9 +11,10 @@
 
 Every call writes a flow to the ring (``recorder.ring``, served by the observer) and updates the metrics.
 ``bytes_sent`` is what the source sent to the destination (the request direction), ``bytes_received`` what
-it got back, whichever side reports. Calls are thread-safe and never block on readers. A connection's start and
-end, and a kernel event, are kept as they came (its ``FlowHandle``; the kernel's record) and counted in the
-metrics at once, and become flows only when someone reads flows: a connection costs about 5 us of CPU in a loop
+it got back, whichever side reports. Calls are thread-safe and never block on readers. A kernel event is counted
+at once and kept as it came; a connection's start and end are journaled, then counted and kept a batch at a time
+(``flush``: every 10 ms on an event loop, and before anyone reads the ring or the metrics, so readers miss
+nothing). Both become flows only when someone reads flows. A connection costs about 5 us of CPU in a loop
 (``python -m bench.agent_path``), a kernel event well under 1 us.
 
 Metric label for ``hubble_drop_total{reason}``: POLICY_DENIED when a policy decided, else the part of
@@ -243,10 +244,10 @@ class FlowRecorder:
         self.flush(JOURNAL_TURN)
 
     def flush(self, most: int | None = None) -> None:
-        """Count and write the connections' starts and ends journaled so far; with ``most``, that many at most, the
-        rest on the event loop's next turn (a batch stalls no connection for long). Whatever reads the ring or the
-        metrics calls this first (``writes_held_by``, ``counts_held_by``), as do drops and lost events (the ring
-        keeps the order the proxies recorded things in)."""
+        """Count and write the connections' starts and ends journaled so far; with ``most`` (on an event loop), that
+        many at most, the rest on the loop's next turn (a batch stalls no connection for long). Whatever reads the
+        ring or the metrics calls this first (``writes_held_by``, ``counts_held_by``), as do drops and lost events
+        (the ring keeps the order the proxies recorded things in)."""
         with self._flushing:
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
