@@ -67,7 +67,7 @@ class _Side(asyncio.Protocol):
             return
         if exc is not None:
             splice.reason = "reset"
-        if peer is None or peer.lost or peer.transport is None:
+        if peer is None or peer.lost or peer.transport is None or splice.closed:
             splice.finish(splice.reason)
 
 
@@ -109,13 +109,15 @@ class Splice:
                     side.transport.close()
 
     def finish(self, reason: str) -> None:
-        """Tell ``on_close`` once, then let go of it and of the sides' links (as ``StreamHandler.finish``): no cycle
-        left for the collector to find."""
+        """Tell ``on_close`` once, then let go of it (as ``StreamHandler.finish``); once both sides are lost (called
+        again then, if one outlived the other: its peer never connected), of the sides' links too. Nothing will
+        call a lost side again, so no cycle is left for the collector to find."""
         if not self.closed:
             self.closed = True
             on_close, self.on_close = self.on_close, None
             if on_close is not None:
                 on_close(self, reason)
+        if self.client.lost and self.upstream.lost:
             for side in (self.client, self.upstream):
                 side.splice = side.peer = None
 

@@ -188,7 +188,7 @@ class FlowRecorder:
         self._addresses: dict[bytes, Endpoint] = {}  # a record's address bytes -> what resolve said, port 0
         self.kernel_rejected = 0  # records left out because they were malformed
         self._journal: list[FlowHandle] = []  # connections started or ended, not yet counted nor written
-        self._flushing = threading.Lock()
+        self._flushing = threading.RLock()  # (re-entrant: a flush that reached a reader would not deadlock)
         self._flush_timer: asyncio.Handle | None = None  # the next flush, due or on the next turn
         self.ring.writes_held_by(self.flush)
         if metrics is not None:

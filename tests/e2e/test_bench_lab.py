@@ -54,7 +54,9 @@ def test_lab_set_measures_every_path_then_is_removed(tmp_path: Path) -> None:
     assert all([(c.clients, c.connections + c.failed) for c in r.conn] == [(1, 200), (10, 200)] for r in results)
     assert all(c.failed == 0 for r in results for c in r.conn), [c.errors for r in results for c in r.conn]
     assert by["direct"].bulk[0].proxy_cpu == {} and by["direct"].conn[0].proxy_cpu == {}
-    assert by["ambit"].cpu_per_gib()["total"] > 0 and by["envoy"].cpu_per_gib()["total"] > 0
+    for path in ("ambit", "envoy"):  # each proxy's CPU, read in clock ticks: 8 MiB of bulk may take less than one
+        assert by[path].bulk[0].proxy_cpu.keys() == {"client", "server"} and by[path].cpu_per_gib()["total"] >= 0
+        assert sum(by[path].conn[0].proxy_cpu.values()) > 0  # 200 connections take several
     for path in ("ambit", "ambit-svc", "hbone", "envoy"):  # each proxy's memory, idle and at the peak
         memory = by[path].memory
         assert set(memory) == {IDLE, AFTER, UNDER_LOAD} and set(memory[IDLE]) == {"client", "server"}

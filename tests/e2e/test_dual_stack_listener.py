@@ -62,17 +62,19 @@ def test_an_ipv4_host_keeps_an_ipv4_listener(own_netns: str) -> None:
 
 
 def test_an_ipv6_upstream_dial_is_transparent_marked_and_port_free_until_connect(own_netns: str) -> None:
-    async def run() -> tuple[socket.socket, tuple[str, int]]:
+    async def run() -> None:
         server = await asyncio.start_server(lambda _r, w: w.close(), "::1", 0)
+        target = server.sockets[0].getsockname()[:2]
         try:
-            return await dial(server.sockets[0].getsockname()[:2], "::1"), server.sockets[0].getsockname()[:2]
+            # Checked while the server listens: a dial over loopback returns as connect() does (the handshake is
+            # over by then), before the server accepts; closing the listener would reset the connection.
+            with await dial(target, "::1") as sock:
+                assert sock.family == socket.AF_INET6 and sock.getpeername()[:2] == target
+                assert sock.getsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT) == 1
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == AGENT_MARK
+                assert sock.getsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT) == 1
         finally:
             server.close()
 
     with netns.entered(own_netns):
-        sock, target = asyncio.run(run())
-    with sock:
-        assert sock.family == socket.AF_INET6 and sock.getpeername()[:2] == target
-        assert sock.getsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT) == 1
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == AGENT_MARK
-        assert sock.getsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+        asyncio.run(run())
