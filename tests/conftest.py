@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,18 @@ from agent.ca.issue import CA_FILE, CERT_FILE, KEY_FILE, issue
 from agent.telemetry.observer_tls import ClientTlsFiles, ServerTls, ServerTlsFiles, operator_identity
 from hbone.identity import WorkloadCertificate
 from tests.fixtures.certificates import TRUST_DOMAIN, spiffe
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    """Memory must go when the last reference does: the cyclic collector is kept out of it (what a reference cycle
+    holds stays)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @pytest.fixture(scope="session")

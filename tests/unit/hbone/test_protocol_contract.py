@@ -4,11 +4,8 @@ Frames are written byte by byte (tests.fixtures.rawh2.frame) where no HTTP/2 lib
 
 from __future__ import annotations
 
-import gc
 import weakref
-from collections.abc import Iterator
 
-import pytest
 from h2.errors import ErrorCodes
 
 from hbone.authority import Authority
@@ -18,17 +15,6 @@ from tests.fixtures.rawh2 import CONTINUATION, HEADERS, PING, frame, goaway, pin
 from tests.unit.hbone.test_protocol import connected, only, pump, received, tunnel
 
 WINDOW_UPDATE_ZERO = frame(0x8, 0, 0, (0).to_bytes(4, "big"))  # a connection error (PROTOCOL_ERROR)
-
-
-@pytest.fixture
-def no_collector() -> Iterator[None]:
-    """Memory must go when the last reference does: the cyclic collector is kept out of it."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def ended(server: ServerConnection) -> list[object]:

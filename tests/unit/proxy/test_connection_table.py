@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,17 +11,6 @@ import pytest
 from agent.proxy.connections import ConnectionTable, Proxied
 from agent.proxy.splice import Splice
 from hbone import Relay
-
-
-@pytest.fixture
-def no_collector() -> Iterator[None]:
-    """Only reference counting frees objects meanwhile: what a cycle holds stays."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _relay_closes(relay: Relay) -> None:
