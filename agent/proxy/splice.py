@@ -36,12 +36,15 @@ class _Side(asyncio.Protocol):
             assert self.transport is not None
             self.transport.pause_reading()
             return
-        peer.transport.write(data)
+        if not peer.transport.is_closing():  # (else the peer is gone, and this side is being told so)
+            peer.transport.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
-            self.peer.transport.write_eof()
+        peer = self.peer
+        if (peer is not None and peer.transport is not None and not peer.transport.is_closing()
+                and peer.transport.can_write_eof()):
+            peer.transport.write_eof()
         if self.splice is not None:
             self.splice.maybe_done()
         return True
@@ -88,11 +91,29 @@ class Splice:
         await loop.connect_accepted_socket(lambda: self.client, client)
         for side in (self.client, self.upstream):
             held, side.held = side.held, []
-            assert side.peer is not None and side.peer.transport is not None and side.transport is not None
-            for data in held:
-                side.peer.transport.write(data)
-            if held and not side.eof:
+            peer = side.peer
+            assert peer is not None and peer.transport is not None and side.transport is not None
+            if not peer.transport.is_closing():
+                for data in held:
+                    peer.transport.write(data)
+            if held and not side.eof and not side.lost:
                 side.transport.resume_reading()
+        for side in (self.client, self.upstream):
+            self._passed_on(side)
+
+    def _passed_on(self, side: _Side) -> None:
+        """A side that ended before its peer had a transport (the upstream reset while the client's was being
+        made): its end reaches the peer now, as ``connection_lost`` and ``eof_received`` would have passed it."""
+        peer = side.peer
+        if not side.lost or peer is None or peer.transport is None or peer.transport.is_closing():
+            return
+        if self.reason == "reset":
+            abort_with_reset(peer.transport)
+        elif side.eof and peer.transport.can_write_eof():
+            peer.transport.write_eof()
+            self.maybe_done()
+        else:
+            peer.transport.close()
 
     @property
     def bytes_up(self) -> int:

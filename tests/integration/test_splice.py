@@ -93,3 +93,30 @@ async def test_release_resets_a_pods_connections() -> None:
             await asyncio.wait_for(reader.read(-1), 5)
         await eventually(lambda: splice.closed, "the splice closed")
         assert splice.closed and table.count() == 0
+
+
+async def test_an_upstream_reset_before_the_splice_joins_reaches_the_client_as_reset() -> None:
+    """The upstream is reset before the client's side has a transport (the pod refused while the proxy was still
+    joining): the client is reset all the same, without having to send anything first."""
+    reset_sent = asyncio.Event()
+
+    async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        reset_sent.set()
+
+    server = await asyncio.start_server(reset_at_once, "127.0.0.1", 0)
+    upstream = socket.create_connection(server.sockets[0].getsockname()[:2])
+    upstream.setblocking(False)
+    await asyncio.wait_for(reset_sent.wait(), 5)
+    await asyncio.sleep(0.05)  # the RST is in: the upstream's first read will fail
+    sock, reader, writer = await _accepted_pair()
+    splice = Splice()
+    try:
+        await splice.join(sock, upstream)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(-1), 5)
+        await eventually(lambda: splice.closed and splice.client.lost, "the splice closed, both sides lost")
+    finally:
+        writer.close()
+        server.close()
