@@ -107,6 +107,9 @@ class Relay(StreamHandler, asyncio.Protocol):
     # -- TCP side (asyncio.Protocol)
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self.closed:  # the stream was reset before the TCP side existed: the reset reaches it now
+            abort_with_reset(transport)
+            return
         transport.set_write_buffer_limits(high=TCP_WRITE_HIGH_WATER)
         if self.started and self.tunnel is not None and not self.tunnel.write_paused:
             self._reading = True  # the stream is up already (outbound): read from the start, no pause and resume

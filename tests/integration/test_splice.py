@@ -1,4 +1,4 @@
-"""The agent's TCP-to-TCP splice and its connection table, over loopback."""
+"""The agent's TCP-to-TCP splice, a relay's TCP side and the connection table, over loopback."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from agent.proxy.connections import ConnectionTable
 from agent.proxy.splice import Splice
+from hbone import Relay
 from tests.fixtures.eventually import eventually
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -120,3 +121,16 @@ async def test_an_upstream_reset_before_the_splice_joins_reaches_the_client_as_r
     finally:
         writer.close()
         server.close()
+
+
+async def test_a_stream_reset_before_the_relay_has_its_tcp_side_resets_it_when_it_comes() -> None:
+    """An outbound relay's stream can be reset between the CONNECT's 200 and the moment its client's socket
+    becomes a transport: the client is reset then, not left open with nothing behind it."""
+    relay = Relay()
+    relay.on_reset("stream reset by peer (code 8)")  # before any TCP side
+    assert relay.closed
+    sock, reader, writer = await _accepted_pair()
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: relay, sock)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
