@@ -129,8 +129,7 @@ def _wait_for(find: Callable[[], Path | None], timeout: float = 30.0) -> Path:
         if time.monotonic() > deadline:
             raise SystemExit("a proxy wrote no profile: was it started with AMBIT_CPROFILE set?")
         time.sleep(0.05)
-    time.sleep(0.2)  # (written by the proxy as it stops profiling: let it finish)
-    return found
+    return found  # (renamed into place once written: whole)
 
 
 NOTED = 1e-7  # seconds per connection: smaller differences are left out of ``cprofile_against``
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=2000, help="connections per round")
     p.add_argument("--size", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--profile", type=Path, help="sample both agents with py-spy; collapsed stacks go here")
+    p.add_argument("--profile", type=Path, help="profile both proxies (see --tool); what the tool writes goes here")
     p.add_argument("--rate", type=int, default=500, help="samples per second")
     p.add_argument("--tool", choices=("py-spy", "perf", "strace", "cprofile"), default="py-spy",
                    help="py-spy: Python frames (the process paused at each sample: the rates are not comparable); "

@@ -26,7 +26,9 @@ def profile_on_signals(loop: asyncio.AbstractEventLoop, name: str) -> None:
 
     def stop() -> None:
         profiler.disable()
-        profiler.dump_stats(os.path.join(out, f"{name}-{os.getpid()}.prof"))
+        path = os.path.join(out, f"{name}-{os.getpid()}.prof")
+        profiler.dump_stats(path + ".part")
+        os.replace(path + ".part", path)  # whole when it appears under its name
 
     loop.add_signal_handler(signal.SIGUSR1, profiler.enable)
     loop.add_signal_handler(signal.SIGUSR2, stop)
