@@ -30,7 +30,7 @@ from pathlib import Path
 
 from agent.lab import control
 from agent.lab import runtime as rt
-from bench.harness import Config, Receiver, conn_once, nearest_rank
+from bench.harness import Config, Receiver, conn_once, machine_cpu, nearest_rank
 from bench.lab import BenchLab, LabAmbitPath, LabAmbitServicePath, LabEnvoyPath, LabHbonePath, bench_lab
 from bench.paths import BenchPath, MeshCerts, Running
 from bench.procs import CLOCK_TICKS, descendants
@@ -260,14 +260,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(running: Running, cfg: Config, args: argparse.Namespace, extra: dict[str, list[int]]) -> None:
-    rates, cpu = [], collections.Counter[str]()
+    rates, cpu, load_client, machine = [], collections.Counter[str](), 0.0, 0.0
     split = {role: user_system(pid) for role, pid in running.proxies.items()}
     by_thread = {role: threads(pid) for role, pid in running.proxies.items()}
     workers = {f"{role}-worker{i + 1}": pid for role, pids in extra.items() for i, pid in enumerate(pids)}
     worker_cpu = {name: sum(user_system(pid)) for name, pid in workers.items()}
     with sampled(running.proxies, args.profile, args.rate, args.tool, args.native):
         for i in range(args.rounds):
+            busy0 = machine_cpu()[0]
             r = conn_once(running, cfg, args.clients, cfg.workdir / f"conn-{i}.log")
+            machine += machine_cpu()[0] - busy0
+            load_client += r.client_cpu
             rates.append(r.per_second)
             cpu.update({role: s for role, s in r.proxy_cpu.items()})
             per = " + ".join(f"{role} {1e6 * s / r.connections:.0f}" for role, s in sorted(r.proxy_cpu.items()))
@@ -284,6 +287,9 @@ def run(running: Running, cfg: Config, args: argparse.Namespace, extra: dict[str
             if cpu - before.get(name, 0.0) > 0))
     for name, pid in workers.items():
         print(f"{name}: {1e6 * (sum(user_system(pid)) - worker_cpu[name]) / n:.0f} us per connection")
+    print(f"whole machine: {1e6 * machine / n:.0f} us busy per connection (the load client's own "
+          f"{1e6 * load_client / n:.0f} us; the kernel's work for the pods and the server, and anything else running,"
+          " in the rest)")
     print(f"median {sorted(rates)[len(rates) // 2]:.0f} connections/s; proxy CPU us/connection over all rounds: "
           + " + ".join(f"{role} {1e6 * s / n:.0f}" for role, s in sorted(cpu.items()))
           + (" (first agents only)" if workers else ""))

@@ -45,7 +45,7 @@ GIB = 1 << 30
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _machine_cpu() -> tuple[float, float]:
+def machine_cpu() -> tuple[float, float]:
     """Busy and stolen CPU seconds of the whole machine so far, summed over CPUs (from /proc/stat)."""
     f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = f[:8]
@@ -70,12 +70,12 @@ class Background:
 class LoadMeter:
     def __init__(self) -> None:
         self.t0 = time.monotonic()
-        self.busy0, self.steal0 = _machine_cpu()
+        self.busy0, self.steal0 = machine_cpu()
         self.ours0 = _our_cpu()
 
     def stop(self) -> Background:
         wall = max(time.monotonic() - self.t0, 1e-6) * len(os.sched_getaffinity(0))
-        busy, steal = _machine_cpu()
+        busy, steal = machine_cpu()
         other = (busy - self.busy0) - (_our_cpu() - self.ours0)
         return Background(max(0.0, other) / wall, (steal - self.steal0) / wall)
 

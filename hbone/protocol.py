@@ -220,6 +220,9 @@ _FRAME_NAMES = {0x0: "DATA", 0x1: "HEADERS", 0x2: "PRIORITY", 0x3: "RST_STREAM",
                 0x6: "PING", 0x7: "GOAWAY", 0x8: "WINDOW_UPDATE", 0x9: "CONTINUATION"}
 
 
+_COUNT_AT_LEAST = 16  # see ClientConnection._at_stream_limit
+
+
 def _window_update(stream_id: int, increment: int) -> bytes:
     return _WINDOW_UPDATE_HEADER + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
 
@@ -824,6 +827,23 @@ class ServerConnection(Connection):
 class ClientConnection(Connection):
     def __init__(self, settings: Settings = Settings()) -> None:
         super().__init__(client_side=True, settings=settings)
+        self._count_at = _COUNT_AT_LEAST  # h2's stream table size at which streams are counted again
+
+    def _at_stream_limit(self) -> bool:
+        """Whether the peer's concurrent-stream limit is reached. h2 counts open streams by walking its whole
+        stream table (pruning the closed ones as it goes): on every stream, that is a walk of every other stream
+        of the tunnel. The table holds the open streams and the closed ones not pruned yet, so while it is smaller
+        than the limit the limit cannot be reached; and it is pruned (counted) only once it has doubled since the
+        last count, which keeps the closed streams held to as many as the open ones (plus a few) at a cost per
+        stream that no longer grows with the tunnel's streams."""
+        h = self._h2
+        size = len(h.streams)
+        limit = h.remote_settings.max_concurrent_streams
+        if size < limit and size < self._count_at:
+            return False
+        open_now = h.open_outbound_streams
+        self._count_at = max(2 * len(h.streams), _COUNT_AT_LEAST)
+        return bool(open_now >= limit)
 
     def open(self, authority: Authority, headers: Mapping[str, str] | None = None) -> int | None:
         """Send a CONNECT request; returns the new stream's id, or None when no stream can be opened (the
@@ -841,7 +861,7 @@ class ClientConnection(Connection):
         h = self._h2
         try:
             stream_id = h.get_next_available_stream_id()
-            if h.open_outbound_streams >= h.remote_settings.max_concurrent_streams:
+            if self._at_stream_limit():
                 return None
             self._connection_input(ConnectionInputs.SEND_HEADERS)
             stream = h._begin_new_stream(stream_id, AllowedStreamIDs.ODD)

@@ -166,6 +166,35 @@ def test_streams_opened_answered_and_ended_on_the_short_paths_are_closed_for_h2_
         assert client.open_streams == server.open_streams == 0
 
 
+def _closed_both_ways(client: ClientConnection, server: ServerConnection, stream_id: int) -> None:
+    server.accept(stream_id)
+    client.end(stream_id)
+    server.end(stream_id)
+    pump(client, server)
+
+
+@pytest.mark.parametrize("limit", [5, 40, 200])
+def test_the_peers_stream_limit_holds_exactly_and_closed_streams_do_not_pile_up(limit: int) -> None:
+    """Open streams are counted only when they could reach the limit (h2 counts by walking every stream): the limit
+    still refuses exactly the stream past it, whatever the closed streams in h2's table meanwhile, and that table
+    holds no more closed streams than about the open ones."""
+    client, server = connected(Settings(max_concurrent_streams=limit))
+    held = [open_stream(client) for _ in range(limit - 1)]
+    pump(client, server)
+    for round_ in range(3 * limit + 50):  # one slot left: cycled many times over beside the held streams
+        stream_id = open_stream(client)
+        pump(client, server)
+        if round_ % 7 == 0:  # the limit is reached now: one more is refused
+            assert client.open(TARGET) is None, f"stream {limit + 1} of {limit} opened"
+        _closed_both_ways(client, server, stream_id)
+        assert len(client._h2.streams) <= 2 * limit + 16
+    for stream_id in held:
+        _closed_both_ways(client, server, stream_id)
+    assert [open_stream(client) for _ in range(limit)]
+    assert client.open(TARGET) is None
+    assert client.open_streams == limit
+
+
 def test_a_200_after_the_peer_resized_the_header_table_carries_the_table_size_update() -> None:
     """RFC 7541 §4.2: the first header block after a table size change starts with the update; the one-byte
     200 cannot carry it, so h2 encodes that answer."""
