@@ -142,13 +142,21 @@ _HEADER_NAME = re.compile(rb"[a-z0-9!#$%&'*+.^_`|~-]+\Z")
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
                                   b"upgrade", b"te", b"host"})
 _BAD_VALUE = re.compile(rb"[\r\n\x00]|^[ \t]|[ \t]\Z")
+# Names that passed the check, encoded: a proxy sends the same few on every stream (forwarded, traceparent).
+_NAMES_CHECKED: dict[str, bytes] = {}
+_NAMES_CHECKED_MAX = 64
 
 
 def _request_header(name: str, value: str) -> tuple[bytes, bytes]:
     """One extra CONNECT request header, encoded and checked; ValueError names what is wrong."""
-    k, v = name.encode(), value.encode()
-    if not _HEADER_NAME.match(k) or k in _CONNECTION_SPECIFIC:
-        raise ValueError(f"request header name {name!r} is not a lower-case token allowed in HTTP/2")
+    k = _NAMES_CHECKED.get(name)
+    if k is None:
+        k = name.encode()
+        if not _HEADER_NAME.match(k) or k in _CONNECTION_SPECIFIC:
+            raise ValueError(f"request header name {name!r} is not a lower-case token allowed in HTTP/2")
+        if len(_NAMES_CHECKED) < _NAMES_CHECKED_MAX:
+            _NAMES_CHECKED[name] = k
+    v = value.encode()
     if _BAD_VALUE.search(v):
         raise ValueError(f"request header {name!r}: value {value!r} has CR, LF, NUL or surrounding whitespace")
     return hpack.NeverIndexedHeaderTuple(k, v) if k in _UNIQUE_PER_STREAM else (k, v)

@@ -84,6 +84,8 @@ class _Pending(StreamHandler):
     def __init__(self) -> None:
         super().__init__()
         self.connecting: asyncio.Future[None] | None = None
+        self.timed_out = False  # the connect outlasted the server's connect_timeout (``HboneServer._connects_due``)
+        self.connects: dict[_Pending, float] | None = None  # the server's connects under way, this one among them
         self._data: list[Data] = []
         self._ended = False
 
@@ -113,6 +115,8 @@ class _Pending(StreamHandler):
 
     def on_reset(self, reason: str) -> None:
         self._data.clear()
+        if self.connects is not None:  # (a connect cancelled before it began has no ``finally`` to do this)
+            self.connects.pop(self, None)
         if self.connecting is not None:
             self.connecting.cancel()
         self.finish(reason)
@@ -228,6 +232,11 @@ class HboneServer:
         self.idle_timeout = idle_timeout
         self.check_authority_ip = check_authority_ip
         self.tunnels: set[ServerTunnel] = set()
+        # Upstream connects under way, in the order they started (loop time): one timer for all of them, set for the
+        # oldest, instead of a timeout made and cancelled per stream (asyncio.timeout's context manager, task lookup
+        # and timer cost more than the rest of admitting a stream).
+        self._connecting: dict[_Pending, float] = {}
+        self._connect_timer: asyncio.TimerHandle | None = None
         self.stats: Counter[str] = Counter()
         self.draining = False  # stop_accepting(): new streams are refused
         self._acceptor: Acceptor | None = None
@@ -264,6 +273,10 @@ class HboneServer:
             tunnel.close()
         if self._acceptor is not None:
             await self._acceptor.close()
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        self._connecting.clear()
 
     def count(self, what: str) -> None:
         self.stats[what] += 1
@@ -317,12 +330,33 @@ class HboneServer:
         pending.bind(tunnel, ev.stream_id)
         assert self._acceptor is not None
         pending.connecting = self._acceptor.spawn(self._open_upstream(tunnel, pending, request))
+        loop, pending.connects = tunnel.loop, self._connecting
+        self._connecting[pending] = now = loop.time()
+        if self._connect_timer is None:
+            self._connect_timer = loop.call_at(now + self.connect_timeout, self._connects_due, loop)
+
+    def _connects_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel the connects begun ``connect_timeout`` ago or more (each then answers 503), and set the timer for
+        the oldest one left."""
+        self._connect_timer = None
+        started_by = loop.time() - self.connect_timeout
+        for pending, started in list(self._connecting.items()):  # oldest first
+            if started > started_by:
+                self._connect_timer = loop.call_at(started + self.connect_timeout, self._connects_due, loop)
+                return
+            del self._connecting[pending]
+            pending.timed_out = True
+            if pending.connecting is not None:
+                pending.connecting.cancel()
 
     async def _open_upstream(self, tunnel: ServerTunnel, pending: _Pending, request: InboundRequest) -> None:
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                handler = await self.connect(request)
-        except (OSError, TimeoutError) as e:
+            handler = await self.connect(request)
+        except (OSError, TimeoutError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                if not pending.timed_out:
+                    raise  # the stream was reset, or the server is closing
+                e = TimeoutError()
             self.count("upstream_failed")
             log.info("HBONE %s -> %s: upstream unreachable: %s -> 503", request.peer, request.target, _reason(e))
             if not pending.closed:
@@ -330,6 +364,8 @@ class HboneServer:
                 tunnel.server_conn.respond(pending.stream_id, 503)
                 tunnel.flush()
             return
+        finally:
+            self._connecting.pop(pending, None)
         if pending.closed:  # the stream or the tunnel went while we connected
             handler.on_reset("stream closed before its upstream connected")
             return

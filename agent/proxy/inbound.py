@@ -44,10 +44,12 @@ class InboundProxy:
         self.hbone = HboneServer(self._certificate, lambda: mesh.certificates.trust_bundle,
                                  policy=self._decide, connect=self._connect)
         self._plaintext: Acceptor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once (a getpid(2) per lookup in 3.11)
         self._services: StateMemo[Address, str] = StateMemo(mesh.store)  # target -> _service's guess ("": none)
         self._last: tuple[InboundRequest, Connection] | None = None
 
     async def start(self, hbone_listener: socket.socket, plaintext_listener: socket.socket) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.hbone.start(sock=hbone_listener)
         self._plaintext = Acceptor(plaintext_listener, self._plain, "inbound plaintext")
         self._plaintext.start()
@@ -103,7 +105,7 @@ class InboundProxy:
 
     async def _connect(self, request: InboundRequest) -> Relay:
         sock = await dial((request.target.ip, request.target.port), request.source[0])
-        _, relay = await asyncio.get_running_loop().connect_accepted_socket(Relay, sock)
+        _, relay = await (self._loop or asyncio.get_running_loop()).connect_accepted_socket(Relay, sock)
         self._opened(request, relay)
         return relay
 

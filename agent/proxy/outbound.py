@@ -66,9 +66,11 @@ class OutboundProxy:
     def __init__(self, mesh: Mesh, inbound: InboundProxy) -> None:
         self.mesh, self.inbound = mesh, inbound
         self._acceptor: Acceptor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once (a getpid(2) per lookup in 3.11)
         self._plans: StateMemo[tuple[str, Address], Plan | _Draw] = StateMemo(mesh.store)
 
     def start(self, listener: socket.socket) -> None:
+        self._loop = asyncio.get_running_loop()
         self._acceptor = Acceptor(listener, self._handle, "outbound")
         self._acceptor.start()
 
@@ -158,7 +160,7 @@ class OutboundProxy:
                                         service=r.service_host)
             close_with_reset(sock)
             return
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: relay, sock)
+        await (self._loop or asyncio.get_running_loop()).connect_accepted_socket(lambda: relay, sock)
         self._opened("outbound-hbone", relay, client, r, mtls=True)
 
     async def _plain(self, sock: socket.socket, client: Address, r: Route) -> None:

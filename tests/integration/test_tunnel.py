@@ -267,6 +267,62 @@ async def test_unreachable_upstream_answers_503_and_resets_client(ca: Certificat
         assert path.forwarder.failures == 1
 
 
+async def test_connects_that_outlast_the_timeout_answer_503_oldest_first(ca: CertificateAuthority,
+                                                                          client_cert: WorkloadCertificate,
+                                                                          server_cert: WorkloadCertificate) -> None:
+    """One timer serves every connect under way: each one that outlasts ``connect_timeout`` is cancelled and
+    answered 503 (the client reset), in the order they began, and nothing of them is left behind."""
+    began: list[float] = []
+    ended: list[float] = []
+
+    async def hangs(request: InboundRequest) -> StreamHandler:
+        began.append(asyncio.get_running_loop().time())
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.append(asyncio.get_running_loop().time())
+        raise AssertionError("never connects")
+
+    async def refused(path: Path) -> None:
+        reader, _ = await path.open()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(-1), 5)
+
+    async with hbone_path(ca, client_cert, server_cert, connect=hangs, connect_timeout=0.5) as path:
+        first = asyncio.create_task(refused(path))
+        await eventually(lambda: len(began) == 1, "the first connect began")
+        await asyncio.sleep(0.25)
+        await asyncio.gather(first, refused(path))
+        assert path.server.stats["upstream_failed"] == 2
+        assert not path.server._connecting
+    assert len(ended) == 2 and ended[0] <= ended[1]
+    for start, end in zip(began, ended, strict=True):
+        assert 0.5 <= end - start < 2.0
+
+
+async def test_a_stream_reset_while_its_upstream_connects_is_forgotten_at_once(
+        ca: CertificateAuthority, client_cert: WorkloadCertificate, server_cert: WorkloadCertificate) -> None:
+    connecting = asyncio.Event()
+    cancelled: list[bool] = []
+
+    async def hangs(request: InboundRequest) -> StreamHandler:
+        connecting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        raise AssertionError("never connects")
+
+    async with hbone_path(ca, client_cert, server_cert, connect=hangs, connect_timeout=30.0) as path:
+        await path.open()
+        await asyncio.wait_for(connecting.wait(), 5)
+        await path.pool.close()  # the tunnel goes: its streams are reset on the server
+        await eventually(lambda: cancelled == [True] and not path.server._connecting,
+                         "the reset stream's connect cancelled and forgotten, long before its timeout")
+        assert path.server.stats["upstream_failed"] == 0
+
+
 async def test_policy_denial_answers_401(ca: CertificateAuthority, client_cert: WorkloadCertificate,
                                          server_cert: WorkloadCertificate) -> None:
     asked: list[InboundRequest] = []

@@ -142,6 +142,8 @@ def test_a_request_header_h2_does_not_allow_is_refused_with_its_name(name: str, 
     with pytest.raises(ValueError, match=re.escape(repr(name))):
         client.open(TARGET, {name: value})
     assert client.open(TARGET, {"baggage": "k=v"}) == 1  # nothing was sent for the refused one
+    with pytest.raises(ValueError, match=re.escape(repr(name))):  # (checked names are remembered: good ones only)
+        client.open(TARGET, {name: value})
 
 
 def test_streams_opened_answered_and_ended_on_the_short_paths_are_closed_for_h2_as_well() -> None:
