@@ -27,9 +27,8 @@ async def dial(address: Address, source_ip: str | None = None, *, mark: int | No
     v6 = ":" in address[0]
     if source_ip is not None and (":" in source_ip) != v6:
         raise OSError(errno.EAFNOSUPPORT, f"cannot dial {address[0]} from {source_ip}: not the same IP family")
-    sock = FixedKindSocket.of(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+    sock = FixedKindSocket.of(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM, nonblocking=True)
     try:
-        sock.setblocking(False)
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         if source_ip is not None:
@@ -57,9 +56,10 @@ class FixedKindSocket(socket.socket):
 
     @classmethod
     def of(cls, family: socket.AddressFamily, kind: socket.SocketKind, proto: int = 0,
-           fileno: int | None = None) -> FixedKindSocket:
-        """A new socket (or one for ``fileno``, an accepted connection) of this ``family`` and ``kind``."""
-        sock = cls(family, kind, proto, fileno)
+           fileno: int | None = None, *, nonblocking: bool = False) -> FixedKindSocket:
+        """A new socket (or one for ``fileno``, an accepted connection) of this ``family`` and ``kind``;
+        ``nonblocking``: a new one made so (SOCK_NONBLOCK: no fcntl or ioctl afterwards)."""
+        sock = cls(family, kind | socket.SOCK_NONBLOCK if nonblocking else kind, proto, fileno)
         sock.family, sock.type = family, kind
         return sock
 
