@@ -294,9 +294,8 @@ class Connection:
     # -- output
     def _emit(self, chunk: bytes | memoryview) -> None:
         """Queue ``chunk`` after whatever h2 has already queued, keeping frames in order."""
-        pending = self._h2.data_to_send()
-        if pending:
-            self._out.append(pending)
+        if self._h2._data_to_send:  # (asked only when it has something: its answer costs a copy and a new buffer)
+            self._out.append(self._h2.data_to_send())
         self._out.append(chunk)
 
     @property
@@ -305,7 +304,7 @@ class Connection:
         return bool(self._out) or bool(self._h2._data_to_send)
 
     def data_to_send(self) -> bytes:
-        pending = self._h2.data_to_send() if self.closed is None else b""
+        pending = self._h2.data_to_send() if self.closed is None and self._h2._data_to_send else b""
         if not self._out:
             return pending
         if pending:
