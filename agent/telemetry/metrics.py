@@ -131,7 +131,7 @@ class _Family:
         return Family(self.name, self.doc, "counter", self.labelnames, list(self.values.items()))
 
 
-class _Traffic:
+class Traffic:
     """A connection shape's label values and feeds (remembered by ``Metrics._traffic_of``), and the traffic
     families whose series already count these feeds: a bit per slot in ``fed``, true while the metrics' epoch is
     ``epoch`` (only a forgotten pod, which starts a new epoch, takes feeds away)."""
@@ -149,7 +149,7 @@ class ConnectionSeries:
     """An open connection's series: close it once, with the bytes each way."""
 
     metrics: Metrics
-    traffic: _Traffic
+    traffic: Traffic
     epoch: int
     closed: bool = False
 
@@ -159,7 +159,10 @@ class ConnectionSeries:
         if self.closed:
             return
         self.closed = True
-        self.metrics._closed(self, request_bytes, response_bytes, response_flags, failed)
+        self.metrics.count({}, {(self.traffic, self.epoch, response_flags, failed): [1, request_bytes, response_bytes]})
+
+
+ClosedKey = tuple[Traffic, int, str, bool]  # (series, epoch when opened, response flags, failed)
 
 
 class Metrics:
@@ -202,7 +205,7 @@ class Metrics:
         self._workloads: dict[str, int] = {}
         self._cert_expiry: dict[str, float] = {}
         self._attached: dict[tuple[str, str], int] = {}
-        self._traffic_memory: dict[tuple[object, ...], _Traffic] = {}
+        self._traffic_memory: dict[tuple[object, ...], Traffic] = {}
         self._held: Callable[[], None] | None = None  # counts a recorder holds back (``counts_held_by``)
 
     def counts_held_by(self, catch_up: Callable[[], None]) -> None:
@@ -216,7 +219,7 @@ class Metrics:
 
     # -- Istio traffic ------------------------------------------------------------------------------------------
     def _inc(self, family: _Family, labels: tuple[str, ...], feeds: Feeds, amount: float = 1,
-             traffic: _Traffic | None = None) -> None:
+             traffic: Traffic | None = None) -> None:
         """Under the lock. ``traffic``: where ``labels`` and ``feeds`` come from, if remembered."""
         values = family.values
         values[labels] = values.get(labels, 0) + amount
@@ -237,7 +240,7 @@ class Metrics:
                     feeders.add(pod)
                     self._fed_by.setdefault(pod, set()).add(key)
 
-    def _traffic_of(self, reporter: str, source: Endpoint, destination: Endpoint, mtls: bool) -> _Traffic:
+    def _traffic_of(self, reporter: str, source: Endpoint, destination: Endpoint, mtls: bool) -> Traffic:
         """A connection's label values and feeds, remembered by what they are made of: its ends' labels
         mappings by identity (the store replaces a pod's labels, never changes them; the memory holds them, so
         an id is not reused while it is a key)."""
@@ -248,7 +251,7 @@ class Metrics:
         if known is None:
             if len(self._traffic_memory) >= TRAFFIC_MEMORY:
                 self._traffic_memory = {}
-            known = self._traffic_memory[key] = _Traffic(
+            known = self._traffic_memory[key] = Traffic(
                 traffic_labels(reporter, source, destination, mtls, cluster=self.cluster),
                 _feeds(source, destination), (source.labels, destination.labels))
         return known
@@ -256,28 +259,35 @@ class Metrics:
     def connection_opened(self, reporter: str, source: Endpoint, destination: Endpoint,
                           mtls: bool) -> ConnectionSeries:
         """Count an accepted connection; close the returned series when it ends."""
-        traffic = self._traffic_of(reporter, source, destination, mtls)
-        with self._lock:
-            self._inc(self.opened, traffic.labels, traffic.feeds, 1, traffic)
-            return ConnectionSeries(self, traffic, self._epoch)
+        series = self.series_of(reporter, source, destination, mtls)
+        self.count({series.traffic: 1}, {})
+        return series
 
-    def _closed(self, conn: ConnectionSeries, request_bytes: int, response_bytes: int, response_flags: str,
-                failed: bool) -> None:
-        traffic = conn.traffic
-        labels, feeds = traffic.labels, traffic.feeds
+    def series_of(self, reporter: str, source: Endpoint, destination: Endpoint, mtls: bool) -> ConnectionSeries:
+        """A connection's series, not counted: for a batch's ``count``."""
+        return ConnectionSeries(self, self._traffic_of(reporter, source, destination, mtls), self._epoch)
+
+    def count(self, opened: dict[Traffic, int], closed: dict[ClosedKey, list[int]]) -> None:
+        """A batch of connections, by series: ``opened`` how many opened; ``closed`` [how many, request bytes,
+        response bytes] per (series, epoch opened in, response flags, failed). One lock and one count per series,
+        however many connections the batch has."""
         with self._lock:
-            if self._epoch != conn.epoch and any(self._forgotten.get(p, -1) >= conn.epoch for _s, p in feeds):
-                return  # a pod of this connection was deleted meanwhile: its series are gone, keep them gone
-            if response_bytes:
-                self._inc(self.sent, labels, feeds, response_bytes, traffic)
-            if request_bytes:
-                self._inc(self.received, labels, feeds, request_bytes, traffic)
-            remembered = traffic if response_flags == labels[_FLAGS_AT] else None  # (other flags: other series)
-            if remembered is None:
-                labels = (*labels[:_FLAGS_AT], response_flags, *labels[_FLAGS_AT + 1:])
-            self._inc(self.closed, labels, feeds, 1, remembered)
-            if failed:
-                self._inc(self.failed, labels, feeds, 1, remembered)
+            for traffic, n in opened.items():
+                self._inc(self.opened, traffic.labels, traffic.feeds, n, traffic)
+            for (traffic, epoch, response_flags, failed), (n, request_bytes, response_bytes) in closed.items():
+                labels, feeds = traffic.labels, traffic.feeds
+                if self._epoch != epoch and any(self._forgotten.get(p, -1) >= epoch for _s, p in feeds):
+                    continue  # a pod of these connections was deleted meanwhile: its series are gone, keep them gone
+                if response_bytes:
+                    self._inc(self.sent, labels, feeds, response_bytes, traffic)
+                if request_bytes:
+                    self._inc(self.received, labels, feeds, request_bytes, traffic)
+                remembered = traffic if response_flags == labels[_FLAGS_AT] else None  # (other flags: other series)
+                if remembered is None:
+                    labels = (*labels[:_FLAGS_AT], response_flags, *labels[_FLAGS_AT + 1:])
+                self._inc(self.closed, labels, feeds, n, remembered)
+                if failed:
+                    self._inc(self.failed, labels, feeds, n, remembered)
 
     def connection_denied(self, reporter: str, source: Endpoint, destination: Endpoint, mtls: bool,
                           response_flags: str = DENY) -> None:

@@ -36,7 +36,16 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from agent.telemetry.kernel import KernelKind, KernelRecords
-from agent.telemetry.metrics import CONNECT, DENY, NO_FLAGS, TLS_FAILURE, ConnectionSeries, Metrics
+from agent.telemetry.metrics import (
+    CONNECT,
+    DENY,
+    NO_FLAGS,
+    TLS_FAILURE,
+    ClosedKey,
+    ConnectionSeries,
+    Metrics,
+    Traffic,
+)
 from agent.telemetry.model import (
     ACK,
     FIN,
@@ -263,13 +272,16 @@ class FlowRecorder:
             metrics, sequence = self.metrics, self._sequence
             pending: list[PendingFlow] = []
             counts = [0, 0, 0]  # starts, ends, failed ends (hubble_flows_processed_total)
+            opened: dict[Traffic, int] = {}  # the batch's connections by series, counted once per series
+            closed: dict[ClosedKey, list[int]] = {}
             for handle in journal:
                 if not handle._written:
                     handle._written = 1
                     counts[0] += 1
                     if metrics is not None:
-                        handle._series = metrics.connection_opened(_REPORTER_NAMES[handle._reporter], handle.source,
-                                                                   handle.destination, handle._mtls)
+                        new = handle._series = metrics.series_of(_REPORTER_NAMES[handle._reporter], handle.source,
+                                                                 handle.destination, handle._mtls)
+                        opened[new.traffic] = opened.get(new.traffic, 0) + 1
                     pending.append((handle, EventType.START, handle._sequence, handle.source, handle.destination))
                 end = handle._end
                 if end is None or handle._written == 2:
@@ -280,10 +292,19 @@ class FlowRecorder:
                 series, handle._series = handle._series, None  # (counted: the flow kept in the ring needs it no more)
                 if series is not None:
                     flags = NO_FLAGS if not end.error else (end.response_flags or response_flags_for(end.reason))
-                    series.close(end.bytes_sent, end.bytes_received, flags, failed=end.error)
+                    key = (series.traffic, series.epoch, flags, end.error)
+                    total = closed.get(key)
+                    if total is None:
+                        closed[key] = [1, end.bytes_sent, end.bytes_received]
+                    else:
+                        total[0] += 1
+                        total[1] += end.bytes_sent
+                        total[2] += end.bytes_received
             if pending:
                 self.ring.write_pending(pending)
             if metrics is not None:
+                if opened or closed:
+                    metrics.count(opened, closed)
                 for labels, n in zip((_STARTED, _ENDED[False], _ENDED[True]), counts, strict=True):
                     if n:
                         metrics.flow_processed(*labels, n)

@@ -151,6 +151,34 @@ async def test_a_flush_of_at_most_so_many_leaves_the_rest_to_the_next_loop_turn(
     assert rec.ring.num_flows == JOURNAL_TURN + 5
 
 
+def test_a_batch_counts_every_connection_once_per_series(clock: Clock) -> None:
+    """A journal's batch is counted by series: every connection and byte in it, failed ones under their flags, and
+    nothing for a pod forgotten between a connection's start and its end."""
+    metrics = Metrics()
+    rec = FlowRecorder("node-1", capacity=4 * JOURNAL_MAX, metrics=metrics, clock=lambda: clock.wall,
+                       monotonic=lambda: clock.mono)
+    for i in range(5):
+        rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True).end(
+            10 + i, 100, "closed")
+    for _ in range(2):
+        rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True).end(
+            1, 0, "connect refused", error=True)
+    outlived = rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=True)
+    rec.flush()
+    series = {f: metrics.series(f) for f in ("istio_tcp_connections_opened", "istio_tcp_connections_closed",
+                                              "istio_tcp_connections_failed", "istio_tcp_received_bytes",
+                                              "istio_tcp_sent_bytes")}
+    assert list(series["istio_tcp_connections_opened"].values()) == [8]
+    assert sorted(series["istio_tcp_connections_closed"].values()) == [2, 5]  # by response flags: "-" and CONNECT
+    assert list(series["istio_tcp_connections_failed"].values()) == [2]
+    assert list(series["istio_tcp_received_bytes"].values()) == [sum(10 + i for i in range(5)) + 2]  # request bytes
+    assert list(series["istio_tcp_sent_bytes"].values()) == [500]
+    assert metrics.forget_workload("data", "db-0") > 0
+    outlived.end(7, 7, "closed")
+    rec.flush()
+    assert metrics.series("istio_tcp_connections_closed") == {}  # the pod was forgotten meanwhile: kept gone
+
+
 def test_end_with_error(clock: Clock) -> None:
     rec = recorder(clock)
     rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=False).end(
