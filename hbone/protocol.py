@@ -228,7 +228,7 @@ _FRAME_NAMES = {0x0: "DATA", 0x1: "HEADERS", 0x2: "PRIORITY", 0x3: "RST_STREAM",
                 0x6: "PING", 0x7: "GOAWAY", 0x8: "WINDOW_UPDATE", 0x9: "CONTINUATION"}
 
 
-_COUNT_AT_LEAST = 16  # see ClientConnection._at_stream_limit
+_PRUNE_AT_LEAST = 16  # see Connection._prune_due
 
 
 def _window_update(stream_id: int, increment: int) -> bytes:
@@ -290,6 +290,7 @@ class Connection:
         self._recv_windows: dict[int, int] = {}  # streams whose DATA this layer takes -> window left
         self._unacked: dict[int, int] = {}
         self._sendable: set[int] = set()  # streams this layer may send DATA on
+        self._prune_at = _PRUNE_AT_LEAST  # h2's stream table size at which it is pruned again (``_prune_due``)
 
     # -- output
     def _emit(self, chunk: bytes | memoryview) -> None:
@@ -435,6 +436,21 @@ class Connection:
         self._sendable.add(stream_id)
         if receiving:
             self._recv_windows[stream_id] = self.settings.stream_window
+
+    def _prune_due(self) -> bool:
+        """h2 keeps a closed stream in its table until it next counts open streams, which walks the whole table (and
+        prunes it). Counted on every stream, that is a walk of every other stream of the tunnel; never counted, the
+        closed streams pile up (to the concurrency limit on a server: thousands of objects for the collector to
+        traverse). Due once the table has doubled since the last count: it then holds about as many closed streams
+        as open ones, at a cost per stream that does not grow with the tunnel's streams."""
+        return len(self._h2.streams) >= self._prune_at
+
+    def _counted(self, outbound: bool) -> int:
+        """The open streams one way, counted by h2 (which prunes its table of closed streams as it counts)."""
+        h = self._h2
+        count = h.open_outbound_streams if outbound else h.open_inbound_streams
+        self._prune_at = max(2 * len(h.streams), _PRUNE_AT_LEAST)
+        return int(count)
 
     def _connection_input(self, input_: ConnectionInputs) -> None:
         """h2's connection state machine takes ``input_`` (HEADERS or DATA sent or received): nothing to do in an
@@ -719,6 +735,8 @@ class ServerConnection(Connection):
         block goes through h2's validation of the stream (``receive_headers``), so what h2 refuses is refused
         alike. False (h2 handles the whole frame) for a stream h2 might refuse or anything else unusual."""
         h = self._h2
+        if self._prune_due():
+            self._counted(outbound=False)
         if (self.going_away is not None or not stream_id & 1 or stream_id <= h.highest_inbound_stream_id
                 or h.state_machine.state not in _RECEIVING_STATES
                 or len(h.streams) >= h.local_settings.max_concurrent_streams):  # may hold closed ones: h2 decides
@@ -834,23 +852,16 @@ class ServerConnection(Connection):
 class ClientConnection(Connection):
     def __init__(self, settings: Settings = Settings()) -> None:
         super().__init__(client_side=True, settings=settings)
-        self._count_at = _COUNT_AT_LEAST  # h2's stream table size at which streams are counted again
 
     def _at_stream_limit(self) -> bool:
-        """Whether the peer's concurrent-stream limit is reached. h2 counts open streams by walking its whole
-        stream table (pruning the closed ones as it goes): on every stream, that is a walk of every other stream
-        of the tunnel. The table holds the open streams and the closed ones not pruned yet, so while it is smaller
-        than the limit the limit cannot be reached; and it is pruned (counted) only once it has doubled since the
-        last count, which keeps the closed streams held to as many as the open ones (plus a few) at a cost per
-        stream that no longer grows with the tunnel's streams."""
+        """Whether the peer's concurrent-stream limit is reached. The stream table holds the open streams and the
+        closed ones not pruned yet (``_prune_due``): while it is smaller than the limit, the limit cannot be
+        reached, and no count (a walk of the whole table) is needed."""
         h = self._h2
-        size = len(h.streams)
         limit = h.remote_settings.max_concurrent_streams
-        if size < limit and size < self._count_at:
+        if len(h.streams) < limit and not self._prune_due():
             return False
-        open_now = h.open_outbound_streams
-        self._count_at = max(2 * len(h.streams), _COUNT_AT_LEAST)
-        return bool(open_now >= limit)
+        return self._counted(outbound=True) >= limit
 
     def open(self, authority: Authority, headers: Mapping[str, str] | None = None) -> int | None:
         """Send a CONNECT request; returns the new stream's id, or None when no stream can be opened (the

@@ -178,8 +178,8 @@ def _closed_both_ways(client: ClientConnection, server: ServerConnection, stream
 @pytest.mark.parametrize("limit", [5, 40, 200])
 def test_the_peers_stream_limit_holds_exactly_and_closed_streams_do_not_pile_up(limit: int) -> None:
     """Open streams are counted only when they could reach the limit (h2 counts by walking every stream): the limit
-    still refuses exactly the stream past it, whatever the closed streams in h2's table meanwhile, and that table
-    holds no more closed streams than about the open ones."""
+    still refuses exactly the stream past it, whatever the closed streams in h2's table meanwhile, and neither
+    side's table holds more closed streams than about the open ones (h2 left a server's to fill to its limit)."""
     client, server = connected(Settings(max_concurrent_streams=limit))
     held = [open_stream(client) for _ in range(limit - 1)]
     pump(client, server)
@@ -190,11 +190,21 @@ def test_the_peers_stream_limit_holds_exactly_and_closed_streams_do_not_pile_up(
             assert client.open(TARGET) is None, f"stream {limit + 1} of {limit} opened"
         _closed_both_ways(client, server, stream_id)
         assert len(client._h2.streams) <= 2 * limit + 16
+        assert len(server._h2.streams) <= 2 * limit + 16
     for stream_id in held:
         _closed_both_ways(client, server, stream_id)
     assert [open_stream(client) for _ in range(limit)]
     assert client.open(TARGET) is None
     assert client.open_streams == limit
+
+
+def test_a_server_keeps_few_closed_streams_one_after_another() -> None:
+    """Streams opened and closed one after another: the server's h2 table stays small (it held up to its
+    concurrency limit of closed streams, and the collector traversed them all)."""
+    client, server = connected(Settings(max_concurrent_streams=200))
+    for _ in range(300):
+        _closed_both_ways(client, server, tunnel(client, server))
+        assert len(server._h2.streams) <= 17 and len(client._h2.streams) <= 17
 
 
 def test_a_200_after_the_peer_resized_the_header_table_carries_the_table_size_update() -> None:
