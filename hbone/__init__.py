@@ -25,6 +25,7 @@ from hbone.protocol import ProtocolError, Settings
 from hbone.relay import TCP_WRITE_HIGH_WATER, Relay
 from hbone.server import (
     CertificateLookup,
+    EstablishedHook,
     HboneServer,
     InboundRequest,
     PolicyHook,
@@ -48,6 +49,7 @@ __all__ = [
     "Authority",
     "CertificateLookup",
     "Data",
+    "EstablishedHook",
     "Forwarder",
     "HboneError",
     "HboneServer",

@@ -58,6 +58,8 @@ PolicyHook = Callable[[InboundRequest], str | None]  # None allows; a string den
 # What consumes an admitted stream: connects whatever the stream is for (an upstream TCP connection for
 # a Relay) and returns its handler; OSError or TimeoutError mean the upstream cannot be had (503).
 UpstreamConnector = Callable[[InboundRequest], Awaitable[StreamHandler]]
+# Told of each admitted stream once its handler runs (after the 200 was written): what need not delay the answer.
+EstablishedHook = Callable[[InboundRequest, StreamHandler], None]
 CertificateLookup = Callable[[str], Awaitable[WorkloadCertificate | None]]  # local ip -> certificate
 
 
@@ -214,9 +216,9 @@ class ServerTunnel(Tunnel):
 class HboneServer:
     def __init__(self, certificates: CertificateLookup, bundle: TrustBundle | Callable[[], TrustBundle], *,
                  policy: PolicyHook | None = None, connect: UpstreamConnector = connect_plain,
-                 settings: Settings = Settings(), handshake_timeout: float = 10.0,
-                 connect_timeout: float = 10.0, header_timeout: float = 10.0, idle_timeout: float = 600.0,
-                 check_authority_ip: bool = True) -> None:
+                 established: EstablishedHook | None = None, settings: Settings = Settings(),
+                 handshake_timeout: float = 10.0, connect_timeout: float = 10.0, header_timeout: float = 10.0,
+                 idle_timeout: float = 600.0, check_authority_ip: bool = True) -> None:
         """``header_timeout``: the most a client may take over its preface, a header block or a control
         frame once begun (nginx's client_header_timeout, 60 s; Envoy's request_headers_timeout); ``idle_timeout``:
         how long a connection without streams stays open (Envoy 1 h, nginx 75 s; 600 s here, twice the
@@ -225,6 +227,7 @@ class HboneServer:
         self._bundle = bundle
         self.policy = policy
         self.connect = connect
+        self.established = established
         self.settings = settings
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
@@ -367,12 +370,16 @@ class HboneServer:
         finally:
             self._connecting.pop(pending, None)
         if pending.closed:  # the stream or the tunnel went while we connected
+            if self.established is not None:
+                self.established(request, handler)
             handler.on_reset("stream closed before its upstream connected")
             return
         self.count("accepted")
         tunnel.server_conn.accept(pending.stream_id)
         pending.hand_over(handler)
         tunnel.flush()
+        if self.established is not None:
+            self.established(request, handler)
 
 
 def _reason(e: BaseException) -> str:

@@ -28,6 +28,7 @@ from hbone import (
     InboundRequest,
     Relay,
     SpiffeId,
+    StreamHandler,
     WorkloadCertificate,
     accepted_addresses,
     close_with_reset,
@@ -42,7 +43,7 @@ class InboundProxy:
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.hbone = HboneServer(self._certificate, lambda: mesh.certificates.trust_bundle,
-                                 policy=self._decide, connect=self._connect)
+                                 policy=self._decide, connect=self._connect, established=self._established)
         self._plaintext: Acceptor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # looked up once (a getpid(2) per lookup in 3.11)
         self._services: StateMemo[Address, str] = StateMemo(mesh.store)  # target -> _service's guess ("": none)
@@ -106,8 +107,13 @@ class InboundProxy:
     async def _connect(self, request: InboundRequest) -> Relay:
         sock = await dial((request.target.ip, request.target.port), request.source[0])
         _, relay = await (self._loop or asyncio.get_running_loop()).connect_accepted_socket(Relay, sock)
-        self._opened(request, relay)
         return relay
+
+    def _established(self, request: InboundRequest, handler: StreamHandler) -> None:
+        """The HBONE server's word that a stream's 200 is written and its relay runs: the flow starts now, off the
+        path to the answer."""
+        assert isinstance(handler, Relay)  # (what ``_connect`` makes)
+        self._opened(request, handler)
 
     def _opened(self, request: InboundRequest, relay: Proxied) -> None:
         """``relay`` carries the CONNECT's stream now: its flow starts, and it is tracked until it closes."""

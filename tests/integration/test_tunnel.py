@@ -13,6 +13,7 @@ import pytest
 from agent.ca.authority import CertificateAuthority
 from hbone.identity import WorkloadCertificate
 from hbone.pool import PoolKey
+from hbone.relay import Relay
 from hbone.server import InboundRequest
 from hbone.tunnel import StreamHandler, Tunnel
 from tests.fixtures.certificates import spiffe
@@ -321,6 +322,31 @@ async def test_a_stream_reset_while_its_upstream_connects_is_forgotten_at_once(
         await eventually(lambda: cancelled == [True] and not path.server._connecting,
                          "the reset stream's connect cancelled and forgotten, long before its timeout")
         assert path.server.stats["upstream_failed"] == 0
+
+
+async def test_the_established_hook_hears_of_each_admitted_stream_once_its_relay_runs(
+        ca: CertificateAuthority, client_cert: WorkloadCertificate, server_cert: WorkloadCertificate) -> None:
+    """The hook (where the agent starts a connection's flow) runs after the 200, with the stream's relay started;
+    once per admitted stream, never for one denied."""
+    heard: list[tuple[str, bool]] = []
+
+    def established(request: InboundRequest, handler: StreamHandler) -> None:
+        assert isinstance(handler, Relay)
+        heard.append((request.target.ip, handler.started))
+
+    def deny_second(request: InboundRequest) -> str | None:
+        return "only one" if heard else None
+
+    async with hbone_path(ca, client_cert, server_cert, established=established, policy=deny_second) as path:
+        reader, writer = await path.open()
+        writer.write(b"ping")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(-1), 5) == b"ping"
+        reader, _ = await path.open()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(-1), 5)
+        assert path.server.stats["denied"] == 1
+    assert heard == [("127.0.0.1", True)]
 
 
 async def test_policy_denial_answers_401(ca: CertificateAuthority, client_cert: WorkloadCertificate,
