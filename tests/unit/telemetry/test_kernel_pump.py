@@ -22,7 +22,7 @@ from agent.mesh.store import MeshStore
 from agent.node.kernel_events import KernelEvents
 from agent.telemetry import recorder as recorder_module
 from agent.telemetry.hub import Telemetry, TelemetryConfig
-from agent.telemetry.kernel_reader import KERNEL_CHUNK, KernelReader
+from agent.telemetry.kernel_reader import KERNEL_BATCH, KERNEL_CHUNK, KernelReader
 from agent.telemetry.metrics import Metrics
 from agent.telemetry.model import (
     Direction,
@@ -97,9 +97,9 @@ async def test_events_arriving_one_by_one_are_read_on_the_loop_in_batches_and_be
     # read by the event loop's thread, and no thread was started for it
     assert ring.threads == {threading.get_ident()}
     assert set(threading.enumerate()) <= threads
-    # 200 events over >= 100 ms: a handful of batches (one per 100 ms at most, each read in chunks, the last of which
-    # finds the ring empty or not full), not a wake-up per event
-    batches = elapsed / 0.1 + 1
+    # 200 events over >= 100 ms: batches (one per KERNEL_BATCH at most, each read in chunks, the last of which finds
+    # the ring empty or not full), not a wake-up per event
+    batches = elapsed / KERNEL_BATCH + 1
     chunks = batches + 2 * connections / KERNEL_CHUNK
     assert ring.reads <= 2 * chunks, (ring.reads, elapsed)
     assert reader_of(telemetry).wakeups <= 4 * chunks, (reader_of(telemetry).wakeups, elapsed)
