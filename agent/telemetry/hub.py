@@ -57,30 +57,38 @@ class Telemetry:
         # What the store knows of an IP, as an Endpoint without port and service: a connection's two ends cost a
         # dict lookup, not a Workload's identity string and labels read again (a change also makes the recorder
         # forget kernel events' addresses).
-        self._known: StateMemo[str, Endpoint] = StateMemo(store)
+        self._known: StateMemo[str | tuple[str, str], Endpoint] = StateMemo(store)  # by IP, or (IP, Service called)
         self._kernel: KernelReader | None = None
         store.subscribe(self._mesh_changed)
 
     def endpoint(self, address: Address, service: str | None = None) -> Endpoint:
         """What the store knows of ``address``: the pod, its namespace, labels and identity; ``service`` is the
         hostname of the Service the client called, when known."""
-        ip = address[0]
-        known = self._known.current()
-        e = known.get(ip)
+        return self._known_end(self._known.current(), address[0]).at(address[1], service or "")
+
+    def _known_end(self, known: dict[str | tuple[str, str], Endpoint], ip: str, service: str = "") -> Endpoint:
+        """``ip`` as the store knows it (port 0), reached through ``service`` if one is named: kept per mesh state."""
+        e = known.get((ip, service) if service else ip)
         if e is None:
-            w = self.store.state.by_ip(ip)
-            e = known[ip] = (Endpoint(ip, 0) if w is None else
-                             Endpoint(ip, 0, str(w.identity(self.trust_domain)), w.namespace, w.name, w.labels,
-                                      w.labels.get("app", w.name)))
-        return e.at(address[1], service or "")
+            if service:
+                e = known[(ip, service)] = self._known_end(known, ip).at(0, service)
+            else:
+                w = self.store.state.by_ip(ip)
+                e = known[ip] = (Endpoint(ip, 0) if w is None else
+                                 Endpoint(ip, 0, str(w.identity(self.trust_domain)), w.namespace, w.name, w.labels,
+                                          w.labels.get("app", w.name)))
+        return e
 
     def opened(self, *, inbound: bool, client: Address, target: Address, mtls: bool,
                service: str | None = None) -> FlowHandle | None:
         if not self.config.enabled:
             return None
+        known = self._known.current()
         return self.recorder.start(direction="INGRESS" if inbound else "EGRESS",
-                                   reporter="destination" if inbound else "source", source=self.endpoint(client),
-                                   destination=self.endpoint(target, service), mtls=mtls)
+                                   reporter="destination" if inbound else "source",
+                                   source=self._known_end(known, client[0]),
+                                   destination=self._known_end(known, target[0], service or ""), mtls=mtls,
+                                   ports=(client[1], target[1]))
 
     def dropped(self, *, inbound: bool, client: Address, target: Address, mtls: bool, reason: str,
                policy: str | None = None, service: str | None = None, response_flags: str = DENY) -> None:

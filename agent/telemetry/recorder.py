@@ -114,13 +114,14 @@ class FlowHandle:
     and written a batch at a time (``FlowRecorder.flush``), and kept in the ring as this handle and the event, made
     ``Flow`` records only when read (``build``): a connection costs the proxy two appends to a list."""
 
-    __slots__ = ("_direction", "_end", "_mtls", "_recorder", "_reporter", "_sequence", "_series", "_start_ns",
-                 "_time_ns", "_written", "destination", "source")
+    __slots__ = ("_direction", "_end", "_mtls", "_ports", "_recorder", "_reporter", "_sequence", "_series",
+                 "_start_ns", "_time_ns", "_written", "destination", "source")
 
     def __init__(self, recorder: FlowRecorder, direction: Direction, reporter: Reporter, source: Endpoint,
-                 destination: Endpoint, mtls: bool, sequence: int) -> None:
+                 destination: Endpoint, mtls: bool, sequence: int, ports: tuple[int, int] | None = None) -> None:
         self._recorder, self._direction, self._reporter = recorder, direction, reporter
         self.source, self.destination, self._mtls = source, destination, mtls
+        self._ports = ports  # the ends' ports, when ``source`` and ``destination`` are given without them
         self._sequence = sequence
         self._series: ConnectionSeries | None = None
         self._time_ns, self._start_ns = recorder._clock(), recorder._monotonic()
@@ -144,12 +145,19 @@ class FlowHandle:
         if self._written:  # (else its start is still in the journal, and its end goes with it)
             recorder._journal_add(self)
 
+    def ends(self) -> tuple[Endpoint, Endpoint]:
+        """The connection's source and destination, with their ports."""
+        if self._ports is None:
+            return self.source, self.destination
+        return self.source.at(self._ports[0]), self.destination.at(self._ports[1])
+
     def build(self, pending: PendingFlow) -> Flow:
         """The start or the end flow (``pending[1]``) of this connection (``model.FlowBuilder``)."""
         recorder, sequence = self._recorder, pending[2]
+        source, destination = self.ends()
         if pending[1] is EventType.START:
             return Flow(self._time_ns, recorder._uuid_of(sequence), Verdict.FORWARDED, EventType.START,
-                        self._direction, self._reporter, recorder.node, self.source, self.destination, self._mtls,
+                        self._direction, self._reporter, recorder.node, source, destination, self._mtls,
                         tcp_flags=SYN, summary="opened, " + ("mTLS" if self._mtls else "plaintext"))
         end = self._end
         assert end is not None  # (its end flow is written once it has ended)
@@ -157,7 +165,7 @@ class FlowHandle:
         traffic = f"sent {end.bytes_sent} B, received {end.bytes_received} B in {_duration(end.duration_ns)}"
         summary = f"failed: {reason or 'error'}; {traffic}" if error else f"{reason or 'closed'}; {traffic}"
         return Flow(end.time_ns, recorder._uuid_of(sequence), Verdict.ERROR if error else Verdict.FORWARDED,
-                    EventType.END, self._direction, self._reporter, recorder.node, self.source, self.destination,
+                    EventType.END, self._direction, self._reporter, recorder.node, source, destination,
                     self._mtls, tcp_flags=RST if error else FIN, drop_reason_desc=reason if error else "",
                     bytes_sent=end.bytes_sent, bytes_received=end.bytes_received, duration_ns=end.duration_ns,
                     close_reason=reason, summary=summary)
@@ -225,13 +233,15 @@ class FlowRecorder:
             self.metrics.flow_processed(type_, *_PROCESSED[flow.event_type, flow.verdict])
 
     def start(self, *, direction: DirectionName, reporter: ReporterName, source: Endpoint, destination: Endpoint,
-              mtls: bool) -> FlowHandle:
-        """A connection the proxy accepted and forwards: a start flow, verdict FORWARDED."""
+              mtls: bool, ports: tuple[int, int] | None = None) -> FlowHandle:
+        """A connection the proxy accepted and forwards: a start flow, verdict FORWARDED. ``ports``: the ends' ports,
+        ``source`` and ``destination`` being given without them (the ported copies are made only if the flows are
+        read: a proxy's ends are the same few pods, their ports new on every connection)."""
         try:
             d, r = _DIRECTIONS[direction], _REPORTERS[reporter]
         except KeyError as e:
             raise ValueError(f"direction must be INGRESS|EGRESS and reporter source|destination, got {e}") from None
-        handle = FlowHandle(self, d, r, source, destination, mtls, next(self._sequence))
+        handle = FlowHandle(self, d, r, source, destination, mtls, next(self._sequence), ports)
         self._journal_add(handle)
         return handle
 

@@ -59,3 +59,18 @@ def test_a_changed_pod_shows_in_the_next_connections_flows_and_series() -> None:
     assert store.apply([], deletes=[("Pod", "data", "db-0")]) == []
     connect(t, 40002)
     assert flows(t)[-1].destination.pod_name == ""  # gone from the store: an address only
+
+
+def test_a_service_addressed_connection_carries_the_service_and_both_ports() -> None:
+    """The ends are kept per mesh state without ports (and the destination per Service called): each connection's
+    flows still carry its own ports, and the Service only where the client named it."""
+    t, _ = telemetry_with_pods({"app": "db"})
+    for port, service in ((40000, "db.data.svc.cluster.local"), (40001, None), (40002, "db.data.svc.cluster.local")):
+        handle = t.opened(inbound=False, client=(CLIENT, port), target=(SERVER, 5432), mtls=True, service=service)
+        assert handle is not None
+        handle.end(1, 1, "closed")
+    ends = [f for f in flows(t) if f.event_type == EventType.END]
+    assert [(f.source.port, f.destination.port, f.destination.service) for f in ends] == [
+        (40000, 5432, "db.data.svc.cluster.local"), (40001, 5432, ""), (40002, 5432, "db.data.svc.cluster.local")]
+    services = sorted(labels[9] for labels in t.metrics.series("istio_tcp_connections_opened"))  # destination_service
+    assert services == ["db.data.svc.cluster.local", "unknown"]
