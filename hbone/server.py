@@ -343,10 +343,13 @@ class HboneServer:
         the oldest one left."""
         self._connect_timer = None
         started_by = loop.time() - self.connect_timeout
-        for pending, started in list(self._connecting.items()):  # oldest first
+        expired: list[_Pending] = []
+        for pending, started in self._connecting.items():  # oldest first: only the expired ones and one more are read
             if started > started_by:
                 self._connect_timer = loop.call_at(started + self.connect_timeout, self._connects_due, loop)
-                return
+                break
+            expired.append(pending)
+        for pending in expired:
             del self._connecting[pending]
             pending.timed_out = True
             if pending.connecting is not None:
