@@ -277,47 +277,57 @@ class FlowRecorder:
                 self._flush_timer = asyncio.get_running_loop().call_soon(self._flush_due)
             else:
                 self._journal = []
-            if not journal:
-                return
-            metrics, sequence = self.metrics, self._sequence
-            pending: list[PendingFlow] = []
-            counts = [0, 0, 0]  # starts, ends, failed ends (hubble_flows_processed_total)
-            opened: dict[Traffic, int] = {}  # the batch's connections by series, counted once per series
-            closed: dict[ClosedKey, list[int]] = {}
-            for handle in journal:
-                if not handle._written:
-                    handle._written = 1
-                    counts[0] += 1
-                    if metrics is not None:
-                        new = handle._series = metrics.series_of(_REPORTER_NAMES[handle._reporter], handle.source,
-                                                                 handle.destination, handle._mtls)
-                        opened[new.traffic] = opened.get(new.traffic, 0) + 1
-                    pending.append((handle, EventType.START, handle._sequence, handle.source, handle.destination))
-                end = handle._end
-                if end is None or handle._written == 2:
-                    continue
-                handle._written = 2
-                counts[1 + end.error] += 1
-                pending.append((handle, EventType.END, next(sequence), handle.source, handle.destination))
-                series, handle._series = handle._series, None  # (counted: the flow kept in the ring needs it no more)
-                if series is not None:
-                    flags = NO_FLAGS if not end.error else (end.response_flags or response_flags_for(end.reason))
-                    key = (series.traffic, series.epoch, flags, end.error)
-                    total = closed.get(key)
-                    if total is None:
-                        closed[key] = [1, end.bytes_sent, end.bytes_received]
-                    else:
-                        total[0] += 1
-                        total[1] += end.bytes_sent
-                        total[2] += end.bytes_received
-            if pending:
-                self.ring.write_pending(pending)
-            if metrics is not None:
-                if opened or closed:
-                    metrics.count(opened, closed)
-                for labels, n in zip((_STARTED, _ENDED[False], _ENDED[True]), counts, strict=True):
-                    if n:
-                        metrics.flow_processed(*labels, n)
+            if journal:
+                self._write(journal)
+
+    def _write(self, journal: list[FlowHandle]) -> None:
+        """One batch of the journal counted (by series) and written to the ring (under ``_flushing``)."""
+        metrics, sequence = self.metrics, self._sequence
+        pending: list[PendingFlow] = []
+        counts = [0, 0, 0]  # starts, ends, failed ends (hubble_flows_processed_total)
+        opened: dict[Traffic, int] = {}  # the batch's connections by series, counted once per series
+        closed: dict[ClosedKey, list[int]] = {}
+        # A series per shape of connection in this batch: the ends are the hub's memo objects (the same object for
+        # the same pod in one mesh state), held by the handles while this runs, so their ids are theirs.
+        shapes: dict[tuple[Reporter, bool, int, int], ConnectionSeries] = {}
+        for handle in journal:
+            if not handle._written:
+                handle._written = 1
+                counts[0] += 1
+                if metrics is not None:
+                    shape = (handle._reporter, handle._mtls, id(handle.source), id(handle.destination))
+                    new = shapes.get(shape)
+                    if new is None:
+                        new = shapes[shape] = metrics.series_of(_REPORTER_NAMES[handle._reporter], handle.source,
+                                                                handle.destination, handle._mtls)
+                    handle._series = new
+                    opened[new.traffic] = opened.get(new.traffic, 0) + 1
+                pending.append((handle, EventType.START, handle._sequence, handle.source, handle.destination))
+            end = handle._end
+            if end is None or handle._written == 2:
+                continue
+            handle._written = 2
+            counts[1 + end.error] += 1
+            pending.append((handle, EventType.END, next(sequence), handle.source, handle.destination))
+            series, handle._series = handle._series, None  # (counted: the flow kept in the ring needs it no more)
+            if series is not None:
+                flags = NO_FLAGS if not end.error else (end.response_flags or response_flags_for(end.reason))
+                key = (series.traffic, series.epoch, flags, end.error)
+                total = closed.get(key)
+                if total is None:
+                    closed[key] = [1, end.bytes_sent, end.bytes_received]
+                else:
+                    total[0] += 1
+                    total[1] += end.bytes_sent
+                    total[2] += end.bytes_received
+        if pending:
+            self.ring.write_pending(pending)
+        if metrics is not None:
+            if opened or closed:
+                metrics.count(opened, closed)
+            for labels, n in zip((_STARTED, _ENDED[False], _ENDED[True]), counts, strict=True):
+                if n:
+                    metrics.flow_processed(*labels, n)
 
     def drop(self, *, direction: DirectionName, reporter: ReporterName, source: Endpoint, destination: Endpoint,
              mtls: bool, reason: str, policy: str | None = None, response_flags: str = DENY) -> None:

@@ -179,6 +179,25 @@ def test_a_batch_counts_every_connection_once_per_series(clock: Clock) -> None:
     assert metrics.series("istio_tcp_connections_closed") == {}  # the pod was forgotten meanwhile: kept gone
 
 
+def test_connections_of_several_shapes_in_one_batch_keep_their_own_series(clock: Clock) -> None:
+    """A batch looks a series up once per shape (reporter, mTLS, the two ends): different ends, or the same pod
+    relabelled (another end object), are other series."""
+    metrics = Metrics()
+    rec = FlowRecorder("node-1", capacity=4 * JOURNAL_MAX, metrics=metrics, clock=lambda: clock.wall,
+                       monotonic=lambda: clock.mono)
+    relabelled = DST.at(DST.port)
+    relabelled.labels = {"app": "db", "version": "v9"}
+    for destination, n in ((DST, 3), (relabelled, 2), (DST, 1)):
+        for _ in range(n):
+            rec.start(direction="EGRESS", reporter="source", source=SRC, destination=destination, mtls=True)
+    rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=False)
+    rec.flush()
+    opened = metrics.series("istio_tcp_connections_opened")
+    assert sorted(opened.values()) == [1, 2, 4]
+    assert sorted((labels[14], labels[-1]) for labels in opened) == [  # destination revision, security policy
+        ("latest", "mutual_tls"), ("latest", "unknown"), ("v9", "mutual_tls")]
+
+
 def test_end_with_error(clock: Clock) -> None:
     rec = recorder(clock)
     rec.start(direction="EGRESS", reporter="source", source=SRC, destination=DST, mtls=False).end(
