@@ -8,16 +8,19 @@ import os
 import socket
 import struct
 
+import h2.events
 import pytest
+from h2.errors import ErrorCodes
 
 from agent.ca.authority import CertificateAuthority
-from hbone.identity import WorkloadCertificate
+from hbone.identity import WorkloadCertificate, client_context
 from hbone.pool import PoolKey
 from hbone.relay import Relay
 from hbone.server import InboundRequest
 from hbone.tunnel import StreamHandler, Tunnel
 from tests.fixtures.certificates import spiffe
 from tests.fixtures.eventually import eventually
+from tests.fixtures.h2peer import TlsH2Peer, connect_headers
 from tests.fixtures.hbone_path import Path, echo, hbone_path
 
 
@@ -322,6 +325,33 @@ async def test_a_stream_reset_while_its_upstream_connects_is_forgotten_at_once(
         await eventually(lambda: cancelled == [True] and not path.server._connecting,
                          "the reset stream's connect cancelled and forgotten, long before its timeout")
         assert path.server.stats["upstream_failed"] == 0
+
+
+async def test_streams_reset_in_the_same_read_as_their_connect_are_forgotten_without_a_connect(
+        ca: CertificateAuthority, client_cert: WorkloadCertificate, server_cert: WorkloadCertificate) -> None:
+    """A CONNECT and its RST_STREAM in one read: the connect's task is cancelled before it ever ran (no ``finally``
+    of its own), and the stream is forgotten all the same."""
+    began: list[int] = []
+
+    async def hangs(request: InboundRequest) -> StreamHandler:
+        began.append(1)
+        await asyncio.Event().wait()
+        raise AssertionError("never connects")
+
+    async with hbone_path(ca, client_cert, server_cert, connect=hangs, connect_timeout=30.0) as path:
+        peer = await TlsH2Peer.connect(path.server.address, client_context(client_cert, ca.trust_bundle))
+        try:
+            for stream_id in (1, 3, 5):
+                peer.conn.send_headers(stream_id, connect_headers(f"{path.upstream[0]}:{path.upstream[1]}"))
+                peer.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+            await peer.flush()  # (all six frames in one write)
+            peer.conn.ping(b"12345678")
+            await peer.flush()
+            await peer.wait_for(lambda ev: isinstance(ev, h2.events.PingAckReceived))  # the server read them all
+            await asyncio.sleep(0.05)  # (a cancelled task is reaped on the next loop turns)
+            assert not path.server._connecting and began == []
+        finally:
+            await peer.close()
 
 
 async def test_the_established_hook_hears_of_each_admitted_stream_once_its_relay_runs(
