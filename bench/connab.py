@@ -5,7 +5,8 @@ cannot show a 5 % step. This runs ``python -m bench.connprofile`` (with the argu
 revision, checked out in a detached git worktree made for the run, and for the working tree, alternately ``--pairs``
 times (the base first in odd pairs, the working tree first in even ones), and prints every run and, per figure, the
 median of the pairs' differences and how many pairs went each way: connections/s, proxy CPU per connection (client +
-server, over all rounds), and the set-up p50 and p99 (medians over the rounds). Root only (the lab needs it).
+server, over all rounds), and the set-up p50 and p99 (the median round's), as ``connprofile --figures`` writes them:
+the base revision must have that option (any from the one that added this tool on). Root only (the lab needs it).
 
     python -m bench.connab --base HEAD --pairs 4 -- --path ambit --clients 1 --count 3000 --rounds 2
 """
@@ -15,51 +16,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from bench.connprofile import Figures
 
 REPO = Path(__file__).resolve().parent.parent
 # Files the build generates and git ignores, which a checkout of another revision does not have.
 GENERATED = ("*_pb2.py", "*_pb2_grpc.py", "*_pb2.pyi")
-_ROUND = re.compile(r"^round \d+: .*set-up p50 (\d+) us, p99 (\d+) us", re.MULTILINE)
-_MEDIAN = re.compile(r"^median (\d+) connections/s; proxy CPU us/connection over all rounds: "
-                     r"client (\d+) \+ server (\d+)", re.MULTILINE)
+FIELDS = (("connections/s", "per_second", True), ("proxy CPU us", "cpu_us", False), ("set-up p50 us", "p50_us", False),
+          ("set-up p99 us", "p99_us", False))  # (name, attribute of Figures, higher is better)
 
 
-@dataclass(frozen=True)
-class Figures:
-    """One connprofile run: connections/s (median of rounds), proxy CPU us per connection, set-up p50 and p99 (us,
-    medians of rounds)."""
-
-    per_second: float
-    cpu: float
-    p50: float
-    p99: float
-
-    def row(self) -> str:
-        return f"{self.per_second:6.0f}/s  CPU {self.cpu:5.0f} us  p50 {self.p50:5.0f} us  p99 {self.p99:5.0f} us"
-
-
-FIELDS = (("connections/s", "per_second", True), ("proxy CPU us", "cpu", False), ("set-up p50 us", "p50", False),
-          ("set-up p99 us", "p99", False))  # (name, attribute, higher is better)
-
-
-def parse_run(output: str) -> Figures:
-    """The figures of one ``bench.connprofile`` run's output; ValueError naming what is missing."""
-    rounds = [(int(a), int(b)) for a, b in _ROUND.findall(output)]
-    total = _MEDIAN.search(output)
-    if not rounds or total is None:
-        tail = output.strip().splitlines()[-3:]
-        raise ValueError(f"no round or summary line in connprofile's output (it ended: {' | '.join(tail)})")
-    return Figures(float(total.group(1)), float(total.group(2)) + float(total.group(3)),
-                   statistics.median(p50 for p50, _ in rounds), statistics.median(p99 for _, p99 in rounds))
+def row(f: Figures) -> str:
+    return f"{f.per_second:6.0f}/s  CPU {f.cpu_us:5.0f} us  p50 {f.p50_us:5.0f} us  p99 {f.p99_us:5.0f} us"
 
 
 def summary(pairs: Sequence[tuple[Figures, Figures]]) -> list[str]:
@@ -98,9 +73,16 @@ def base_tree(revision: str) -> Iterator[Path]:
 
 
 def run_once(tree: Path, args: Sequence[str]) -> Figures:
-    done = subprocess.run([sys.executable, "-m", "bench.connprofile", *args], cwd=tree, capture_output=True,
-                          text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(tree)}, check=False)
-    return parse_run(done.stdout + done.stderr)
+    """One connprofile run in ``tree``; RuntimeError with the end of its output when it gives no figures."""
+    with tempfile.TemporaryDirectory(prefix="ambit-connab-run-") as tmp:
+        figures = Path(tmp) / "figures.json"
+        done = subprocess.run([sys.executable, "-m", "bench.connprofile", *args, "--figures", str(figures)],
+                              cwd=tree, capture_output=True, text=True, timeout=1200,
+                              env={**os.environ, "PYTHONPATH": str(tree)}, check=False)
+        if not figures.exists():
+            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+            raise RuntimeError(f"connprofile in {tree} gave no figures (exit {done.returncode}): {' | '.join(tail)}")
+        return Figures.read(figures)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             got = {}
             for label, tree in order:
                 got[label] = run_once(tree, passed)
-                print(f"pair {i + 1} {label:12s} {got[label].row()}", flush=True)
+                print(f"pair {i + 1} {label:12s} {row(got[label])}", flush=True)
             pairs.append((got["base"], got["working tree"]))
     print("\n".join(summary(pairs)))
     return 0

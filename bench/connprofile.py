@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import os
 import pstats
 import shutil
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agent.lab import control
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="agents per node sharing the listeners (SO_REUSEPORT); the extra ones start like an upgrade's")
     p.add_argument("--native", action="store_true", help="py-spy: native frames too (C extensions)")
+    p.add_argument("--figures", type=Path, metavar="FILE",
+                   help="also write the run's figures (rate, CPU, set-up p50 and p99) here, as JSON (bench.connab)")
     p.add_argument("--agent-flag", action="append", default=[], metavar="FLAG",
                    help="added to the agents' command lines (repeatable), e.g. --agent-flag=--no-telemetry")
     args = p.parse_args(argv)
@@ -259,8 +263,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Figures:
+    """What a run comes to (``--figures``, read by ``bench.connab``): connections/s (the median round), proxy CPU
+    per connection over all rounds (client + server, us), set-up p50 and p99 (us, the median round's)."""
+
+    per_second: float
+    cpu_us: float
+    p50_us: float
+    p99_us: float
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def read(cls, path: Path) -> Figures:
+        return cls(**json.loads(path.read_text()))
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def run(running: Running, cfg: Config, args: argparse.Namespace, extra: dict[str, list[int]]) -> None:
     rates, cpu, load_client, machine = [], collections.Counter[str](), 0.0, 0.0
+    p50s: list[float] = []
+    p99s: list[float] = []
     split = {role: user_system(pid) for role, pid in running.proxies.items()}
     by_thread = {role: threads(pid) for role, pid in running.proxies.items()}
     workers = {f"{role}-worker{i + 1}": pid for role, pids in extra.items() for i, pid in enumerate(pids)}
@@ -273,10 +301,11 @@ def run(running: Running, cfg: Config, args: argparse.Namespace, extra: dict[str
             load_client += r.client_cpu
             rates.append(r.per_second)
             cpu.update({role: s for role, s in r.proxy_cpu.items()})
+            p50s.append(nearest_rank(r.setup_ns, 50) / 1e3)
+            p99s.append(nearest_rank(r.setup_ns, 99) / 1e3)
             per = " + ".join(f"{role} {1e6 * s / r.connections:.0f}" for role, s in sorted(r.proxy_cpu.items()))
             print(f"round {i + 1}: {r.connections} connections, {r.per_second:.0f}/s, failed {r.failed}, set-up p50 "
-                  f"{nearest_rank(r.setup_ns, 50) / 1e3:.0f} us, p99 {nearest_rank(r.setup_ns, 99) / 1e3:.0f} us; "
-                  f"proxy CPU us/connection: {per}", flush=True)
+                  f"{p50s[-1]:.0f} us, p99 {p99s[-1]:.0f} us; proxy CPU us/connection: {per}", flush=True)
     n = args.rounds * args.count
     for role, pid in sorted(running.proxies.items()):
         (u0, s0), (u1, s1) = split[role], user_system(pid)
@@ -290,9 +319,11 @@ def run(running: Running, cfg: Config, args: argparse.Namespace, extra: dict[str
     print(f"whole machine: {1e6 * machine / n:.0f} us busy per connection (the load client's own "
           f"{1e6 * load_client / n:.0f} us; the kernel's work for the pods and the server, and anything else running,"
           " in the rest)")
-    print(f"median {sorted(rates)[len(rates) // 2]:.0f} connections/s; proxy CPU us/connection over all rounds: "
+    print(f"median {_median(rates):.0f} connections/s; proxy CPU us/connection over all rounds: "
           + " + ".join(f"{role} {1e6 * s / n:.0f}" for role, s in sorted(cpu.items()))
           + (" (first agents only)" if workers else ""))
+    if args.figures is not None:
+        Figures(_median(rates), 1e6 * sum(cpu.values()) / n, _median(p50s), _median(p99s)).write(args.figures)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,25 @@
-"""bench.connab: reading connprofile's output, summing pairs up, and the base revision's worktree."""
+"""bench.connab: connprofile's figures read back, pairs summed up, a run that gives no figures, the base worktree."""
 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from bench.connab import REPO, Figures, base_tree, parse_run, summary
-
-_CPU = "proxy CPU us/connection: client 443 + server 430"
-OUTPUT = f"""\
-lab bench-1: up in 1.7s; namespace 'mesh' enrolled
-round 1: 3000 connections, 947/s, failed 0, set-up p50 716 us, p99 1156 us; {_CPU}
-round 2: 3000 connections, 942/s, failed 0, set-up p50 720 us, p99 1235 us; {_CPU}
-client: user 230 us + system 192 us per connection
-median 947 connections/s; proxy CPU us/connection over all rounds: client 437 + server 437
-"""
+from bench.connab import REPO, base_tree, run_once, summary
+from bench.connprofile import Figures
 
 
-def test_a_runs_figures_are_its_summary_and_the_median_of_its_rounds() -> None:
-    assert parse_run(OUTPUT) == Figures(947.0, 874.0, 718.0, 1195.5)
+def test_figures_written_by_connprofile_read_back_the_same(tmp_path: Path) -> None:
+    figures = Figures(947.0, 874.0, 718.0, 1195.5)
+    figures.write(tmp_path / "f.json")
+    assert Figures.read(tmp_path / "f.json") == figures
 
 
-def test_output_without_the_figures_is_refused_saying_how_it_ended() -> None:
-    with pytest.raises(ValueError, match=r"no round or summary line.*lab failed to start"):
-        parse_run("building 2 node(s)\nlab failed to start\n")
+def test_a_run_that_gives_no_figures_is_refused_saying_how_it_ended() -> None:
+    with pytest.raises(RuntimeError, match=r"gave no figures \(exit 2\): .*invalid choice: 'nowhere'"):
+        run_once(REPO, ["--path", "nowhere"])
 
 
 def test_the_summary_counts_each_figure_in_its_own_direction() -> None:
