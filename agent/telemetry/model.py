@@ -198,4 +198,5 @@ PendingFlow = tuple[FlowBuilder, object, int, Endpoint, Endpoint]
 """A flow kept as it came until someone reads it: (what builds it, what the builder needs of this one, the
 sequence number of its uuid, its source and destination). A kernel event: its batch, the kernel's record, and its
 ends as the agent knew them when it read the record (port 0); a proxied connection's start or end: its
-``FlowHandle``, the EventType, and its ends."""
+``FlowHandle``, the EventType, and its ends as the handle keeps them (without their ports when it was given those
+apart: ``FlowHandle.ends`` has them)."""
