@@ -414,7 +414,11 @@ async def test_slow_reader_bounds_agent_memory(ca: CertificateAuthority, client_
                                                server_cert: WorkloadCertificate) -> None:
     """An upstream that writes far more than the client reads fills windows, then stops: the agent's
     buffers (transport write buffers, relay backlogs) never exceed what the windows allow."""
-    total = 256 << 20
+    # What may hold the bytes: the agents' windows and buffers, and the kernel's buffers of the three TCP
+    # connections on the way (upstream, tunnel, client), which autotune up to the sysctl maxima.
+    agent_bound = 2 * (4 + 1 + 4 + 1) << 20  # per side: stream window, TCP and TLS high-water, one read
+    kernel = 3 * (_sysctl_max("tcp_rmem") + _sysctl_max("tcp_wmem"))
+    total = max(256, 2 * (kernel + agent_bound) >> 20) << 20  # far more than all of them hold
     chunk = os.urandom(1 << 20)
     written = 0
 
@@ -429,13 +433,18 @@ async def test_slow_reader_bounds_agent_memory(ca: CertificateAuthority, client_
     async with hbone_path(ca, client_cert, server_cert, firehose) as path:
         reader, writer = await path.open()
         peak = 0
-        for _ in range(40):  # 2 s of not reading at all
+        history: list[int] = []
+        for _ in range(100):  # up to 5 s of not reading at all, until the upstream has been stuck for 0.5 s
             await asyncio.sleep(0.05)
             peak = max(peak, _agent_buffered(path))
+            history.append(written)
+            if len(history) >= 40 and len(set(history[-10:])) == 1:
+                break
         stalled_at = written
-        assert stalled_at < 48 << 20, f"upstream wrote {stalled_at >> 20} MiB to a client that reads nothing"
-        # stream window (4 MiB) + TCP high-water (1 MiB) + TLS high-water (4 MiB) + one read, per side
-        assert peak <= 2 * (4 + 1 + 4 + 1) << 20, f"agent buffered {peak >> 20} MiB"
+        assert len(set(history[-10:])) == 1, f"upstream still writing after {len(history) * 0.05:.1f} s"
+        assert stalled_at <= kernel + agent_bound, \
+            f"upstream wrote {stalled_at >> 20} MiB to a client that reads nothing"
+        assert peak <= agent_bound, f"agent buffered {peak >> 20} MiB"
         received = 0
         digest = hashlib.sha256()
         while data := await reader.read(1 << 20):
@@ -444,6 +453,12 @@ async def test_slow_reader_bounds_agent_memory(ca: CertificateAuthority, client_
         writer.close()
     assert received == total
     assert digest.digest() == hashlib.sha256(chunk * (total >> 20)).digest()
+
+
+def _sysctl_max(name: str) -> int:
+    """The largest buffer the kernel may give a TCP socket (the third field of net.ipv4.tcp_rmem/tcp_wmem)."""
+    with open(f"/proc/sys/net/ipv4/{name}") as f:
+        return int(f.read().split()[2])
 
 
 def _agent_buffered(path: Path) -> int:
