@@ -16,7 +16,7 @@ import os
 import re
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from hbone.der import CertificateFields, DerError, pem_certificates
 
@@ -166,8 +166,22 @@ def check_key_pair(chain_pem: bytes, key_pem: bytes) -> None:
         raise IdentityError(f"the key pair does not load: {e}") from None
 
 
+class _DirectSSLObject(ssl.SSLObject):
+    """An SSLObject whose ``read``, ``write`` and ``pending`` are the OpenSSL object's own methods, which
+    ``ssl.SSLObject``'s wrappers call with the same arguments. uvloop's TLS transport calls them several times per
+    record it reads or writes (it keeps the bound methods): without the wrappers, that is no Python frame."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> _DirectSSLObject:
+        tls = super()._create(*args, **kwargs)  # type: ignore[misc]
+        c = tls._sslobj
+        tls.read, tls.write, tls.pending = c.read, c.write, c.pending
+        return cast(_DirectSSLObject, tls)
+
+
 def _context(purpose: ssl._SSLMethod, cert: WorkloadCertificate, bundle: TrustBundle) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
+    ctx.sslobject_class = _DirectSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED

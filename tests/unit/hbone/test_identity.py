@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import inspect
+import ssl
+from typing import cast
 
 import pytest
 from cryptography import x509
@@ -12,7 +16,14 @@ from cryptography.x509.oid import NameOID
 
 from agent.ca.authority import CertificateAuthority
 from hbone import IdentityError, SpiffeId, identity_of
-from hbone.identity import KeyMismatchError, check_key_pair
+from hbone.identity import (
+    KeyMismatchError,
+    WorkloadCertificate,
+    check_key_pair,
+    client_context,
+    server_context,
+    verify_peer,
+)
 
 GOOD = "spiffe://cluster.local/ns/default/sa/web"
 
@@ -56,3 +67,34 @@ def test_a_key_pair_is_checked_by_openssl_without_asking_for_a_password() -> Non
     with pytest.raises(IdentityError, match="does not load") as e:  # no prompt on a terminal: a clear error
         check_key_pair(web.chain_pem, encrypted)
     assert not isinstance(e.value, KeyMismatchError)
+
+
+def test_mesh_tls_objects_read_and_write_without_python_wrappers(ca: CertificateAuthority,
+                                                                client_cert: WorkloadCertificate,
+                                                                server_cert: WorkloadCertificate) -> None:
+    """uvloop's TLS transport calls read, write and pending of the context's SSLObject per record: they are the
+    OpenSSL object's own methods, and a handshake and data both ways work through them (memory BIOs), including
+    read into a buffer and a read that finds nothing yet."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(client_cert, ca.trust_bundle).wrap_bio(c_in, c_out)
+    server = server_context(server_cert, ca.trust_bundle).wrap_bio(s_in, s_out, server_side=True)
+    for tls in (client, server):
+        assert all(inspect.isbuiltin(getattr(tls, name)) for name in ("read", "write", "pending"))
+    for _ in range(10):  # the handshake: a few flights each way
+        for tls in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    assert verify_peer(client, ca.trust_bundle) == server_cert.identity
+    assert verify_peer(server, ca.trust_bundle) == client_cert.identity
+    with pytest.raises(ssl.SSLWantReadError):
+        server.read(100)
+    assert client.write(b"hello, server") == 13
+    s_in.write(c_out.read())
+    assert server.pending() == 0  # (nothing decrypted before the first read)
+    buffer = bytearray(64)
+    assert cast(object, server.read(64, buffer)) == 13 and bytes(buffer[:13]) == b"hello, server"
+    server.write(b"hello, client")
+    c_in.write(s_out.read())
+    assert client.read(5) == b"hello" and client.pending() == 8 and client.read(100) == b", client"
