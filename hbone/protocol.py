@@ -124,6 +124,16 @@ class _FrameBuffer(FrameBuffer):
         return frame
 
 
+class _SilentLogger(h2.config.DummyLogger):
+    """h2's no-op logger with built-in methods that take any arguments and do nothing (``"".format``): h2 logs a few
+    times per stream, and each call to ``DummyLogger``'s own methods is a Python frame."""
+
+    debug = trace = staticmethod("".format)  # type: ignore[assignment]
+
+
+_SILENT = _SilentLogger()
+
+
 class _Encoder(hpack.Encoder):
     """HPACK without Huffman coding. The values of a CONNECT's headers are short and mostly new on every
     stream (traceparent, forwarded's port): Huffman would save a few bytes of each at ~15 us of pure Python to
@@ -256,7 +266,7 @@ class Connection:
         # (``_request_header`` checks the caller's headers); what the peer sends is validated.
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            validate_inbound_headers=True, validate_outbound_headers=False,
-                                           normalize_outbound_headers=False)
+                                           normalize_outbound_headers=False, logger=_SILENT)
         self._h2 = _H2(config=config)
         self._h2.encoder = _Encoder()
         codes = h2.settings.SettingCodes

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import types
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
@@ -667,3 +669,23 @@ def test_garbage_instead_of_the_preface_ends_the_connection(garbage: bytes) -> N
     assert events[0].error_code == ErrorCodes.PROTOCOL_ERROR
     assert "preamble" in events[0].reason.lower()
     assert server.closed == events[0]
+
+
+def test_h2_logging_runs_no_python_frame() -> None:
+    """h2 logs a few times per stream (debug messages nobody reads): the logger it is given does that in C."""
+    client, server = connected()
+    logged: list[str] = []
+
+    def profiler(frame: types.FrameType, event: str, _arg: object) -> None:
+        if event == "call" and frame.f_code.co_name in ("debug", "trace") and "/h2/" in frame.f_code.co_filename:
+            logged.append(frame.f_code.co_filename)
+
+    sys.setprofile(profiler)
+    try:
+        stream_id = tunnel(client, server)
+        client.end(stream_id)
+        server.end(stream_id)
+        pump(client, server)
+    finally:
+        sys.setprofile(None)
+    assert stream_id and not logged
