@@ -84,20 +84,27 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _run(argv: list[str]) -> str:
+def _run(argv: list[str], cwd: Path = ROOT) -> str:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False,
-                              cwd=ROOT).stdout.strip()
+                              cwd=cwd).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return ""
+
+
+def commit_of(root: Path = ROOT) -> str:
+    """The checkout's short commit, and whether tracked files differ from it. BENCHMARKS.md does not count: the
+    run itself writes it (the loopback set's section, before the lab set is measured)."""
+    commit = _run(["git", "rev-parse", "--short", "HEAD"], root)
+    if _run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"], root):
+        commit += " (with uncommitted changes)"
+    return commit
 
 
 def machine() -> dict[str, str]:
     envoy = find_envoy()
     version = _run([str(envoy), "--version"]).split("version:")[-1].strip() if envoy else "not installed"
-    commit = _run(["git", "rev-parse", "--short", "HEAD"])
-    if _run(["git", "status", "--porcelain", "--untracked-files=no"]):
-        commit += " (with uncommitted changes)"
+    commit = commit_of()
     mem_kib = 0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -4,13 +4,14 @@ harness is tests/integration/test_bench_harness.py, the lab set tests/e2e/test_b
 from __future__ import annotations
 
 import argparse
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from bench.__main__ import parse_sets
 from bench.harness import GIB, BulkRun, Config, PathResult, RrRun
-from bench.report import LAB_SET, LOOPBACK_SET, section, targets, write_markdown
+from bench.report import LAB_SET, LOOPBACK_SET, commit_of, section, targets, write_markdown
 
 
 def test_parse_sets() -> None:
@@ -70,3 +71,23 @@ def test_sections_are_replaced_independently(tmp_path: Path) -> None:
     again = out.read_text()
     assert again[:again.index(LAB_SET.begin)] == text[:text.index(LAB_SET.begin)]
     assert "--sets lab" in again and again.count(LAB_SET.begin) == 1 and again.count(LOOPBACK_SET.begin) == 1
+
+
+def test_the_commit_is_marked_changed_by_tracked_edits_but_not_by_the_benchmarks_file(tmp_path: Path) -> None:
+    """A run writes BENCHMARKS.md between its two sets: that alone must not mark the code measured as changed."""
+    def git(*argv: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *argv], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "BENCHMARKS.md").write_text("# figures\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    clean = commit_of(tmp_path)
+    assert clean and "uncommitted" not in clean
+    (tmp_path / "BENCHMARKS.md").write_text("# figures, rewritten by the run\n")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert commit_of(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert commit_of(tmp_path) == clean + " (with uncommitted changes)"
