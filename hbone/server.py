@@ -58,7 +58,8 @@ PolicyHook = Callable[[InboundRequest], str | None]  # None allows; a string den
 # What consumes an admitted stream: connects whatever the stream is for (an upstream TCP connection for
 # a Relay) and returns its handler; OSError or TimeoutError mean the upstream cannot be had (503).
 UpstreamConnector = Callable[[InboundRequest], Awaitable[StreamHandler]]
-# Told of each admitted stream once its handler runs (after the 200 was written): what need not delay the answer.
+# Told of each admitted stream once its handler runs: after the 200 was written, or, for a stream gone while its
+# upstream connected, just before that handler is reset. For what need not delay the answer.
 EstablishedHook = Callable[[InboundRequest, StreamHandler], None]
 CertificateLookup = Callable[[str], Awaitable[WorkloadCertificate | None]]  # local ip -> certificate
 
