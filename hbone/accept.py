@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,12 +21,17 @@ log = logging.getLogger(__name__)
 
 ACCEPT_BATCH = 64  # connections accepted per wake-up at most: the loop's other work gets its turn between batches
 ACCEPT_PAUSE = 0.1  # seconds without accepting after an accept error (EMFILE and friends)
+# A listener's ``tcp_info`` counts the connections waiting for accept(2) in ``tcpi_unacked`` (Linux aliases the field
+# for listeners): the u32 at offset 24. One getsockopt(2) there costs ~0.8 us; the accept(2) that finds none, as a
+# loop that accepts until EAGAIN makes on every wake-up, costs ~6 us (a BlockingIOError: its text, its traceback).
+_TCP_INFO_READ = 32
+_WAITING = struct.Struct("=24xI")
 
 
 class Acceptor:
     """Accepts from a reader callback on the listener, every connection waiting (up to ``ACCEPT_BATCH``) per
     wake-up: no future, no reader added and removed per connection as ``loop.sock_accept`` does, and one wake-up
-    for a burst of connections."""
+    for a burst of connections. How many wait is asked of the kernel, not found by accepting until EAGAIN."""
 
     def __init__(self, listener: socket.socket, handle: Callable[[socket.socket], Coroutine[Any, Any, None]],
                  name: str) -> None:
@@ -60,7 +66,8 @@ class Acceptor:
             log.error("%s: connection handler failed", self.name, exc_info=task.exception())
 
     def _accept(self) -> None:
-        for _ in range(ACCEPT_BATCH):
+        waiting = _WAITING.unpack_from(self.listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_READ))[0]
+        for _ in range(min(max(waiting, 1), ACCEPT_BATCH)):  # at least one: the wake-up says one is there
             try:
                 # ``socket.accept`` without its Python-level cost: what it does, with the kind looked up once.
                 fd, _ = self.listener._accept()  # type: ignore[attr-defined]

@@ -1,4 +1,5 @@
-"""hbone.accept.Acceptor on loopback: bursts of connections are all served, an accept error is survived."""
+"""hbone.accept.Acceptor on loopback: bursts of connections are all served, each taken by one accept(2) that finds
+it, and an accept error is survived."""
 
 from __future__ import annotations
 
@@ -61,4 +62,41 @@ async def test_an_accept_error_is_logged_and_accepting_resumes(caplog: pytest.Lo
             assert await asyncio.wait_for(_call(acceptor.address, 1), 10) == b"ok:1"
         assert "test: accept failed: [Errno 24] Too many open files" in caplog.text
     finally:
+        await acceptor.close()
+
+
+class _Counting(socket.socket):
+    """A listener that counts its accepts, and those that found nothing waiting."""
+
+    accepts = 0
+    found_none = 0
+
+    def _accept(self) -> tuple[int, object]:
+        self.accepts += 1
+        try:
+            return super()._accept()  # type: ignore[misc, no-any-return]
+        except BlockingIOError:
+            self.found_none += 1
+            raise
+
+
+async def test_what_waits_is_accepted_without_an_accept_that_finds_nothing() -> None:
+    """The kernel says how many connections wait (the listener's tcp_info): a wake-up accepts that many, and makes
+    no accept(2) that fails with EAGAIN, which costs several times a successful one in Python."""
+    listener = _Counting(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    waiting = [socket.create_connection(listener.getsockname()) for _ in range(5)]  # queued before accepting
+    acceptor = Acceptor(listener, _answer, "test")
+    acceptor.start()
+    try:
+        for n, conn in enumerate(waiting):
+            conn.sendall(str(n).encode())
+        answers = await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(c.recv, 16) for c in waiting)), 10)
+        assert answers == [b"ok:%d" % n for n in range(5)]
+        assert await asyncio.wait_for(_call(acceptor.address, 5), 10) == b"ok:5"
+        assert (listener.accepts, listener.found_none) == (6, 0)
+    finally:
+        for conn in waiting:
+            conn.close()
         await acceptor.close()
