@@ -66,22 +66,30 @@ class Acceptor:
             log.error("%s: connection handler failed", self.name, exc_info=task.exception())
 
     def _accept(self) -> None:
-        waiting = _WAITING.unpack_from(self.listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_READ))[0]
-        for _ in range(min(max(waiting, 1), ACCEPT_BATCH)):  # at least one: the wake-up says one is there
+        try:
+            info = self.listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_READ)
+        except OSError as e:
+            self._pause(e)
+            return
+        for _ in range(min(max(_WAITING.unpack_from(info)[0], 1), ACCEPT_BATCH)):  # at least the one that woke us
             try:
                 # ``socket.accept`` without its Python-level cost: what it does, with the kind looked up once.
                 fd, _ = self.listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and friends: say so, breathe, keep accepting
-                log.error("%s: accept failed: %s", self.name, e)
-                assert self._loop is not None
-                self._loop.remove_reader(self.listener.fileno())
-                self._resume = self._loop.call_later(ACCEPT_PAUSE, self.start)
+            except OSError as e:
+                self._pause(e)
                 return
             conn = FixedKindSocket.of(self._family, self._type, self._proto, fd)
             conn.setblocking(False)
             self.spawn(self.handle(conn))
+
+    def _pause(self, e: OSError) -> None:
+        """Accepting failed (EMFILE and friends): say so, breathe, keep accepting."""
+        log.error("%s: accept failed: %s", self.name, e)
+        assert self._loop is not None
+        self._loop.remove_reader(self.listener.fileno())
+        self._resume = self._loop.call_later(ACCEPT_PAUSE, self.start)
 
     def _stop_accepting(self) -> None:
         if self._resume is not None:

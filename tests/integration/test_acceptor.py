@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import socket
+from typing import Any
 
 import pytest
 
@@ -51,8 +52,23 @@ class _FailingOnce(socket.socket):
         return super()._accept()  # type: ignore[misc, no-any-return]
 
 
-async def test_an_accept_error_is_logged_and_accepting_resumes(caplog: pytest.LogCaptureFixture) -> None:
-    listener = _FailingOnce(socket.AF_INET, socket.SOCK_STREAM)
+class _InfoFailingOnce(socket.socket):
+    """A listener whose first getsockopt (the Acceptor's question: how many connections wait) fails."""
+
+    failed = False
+
+    def getsockopt(self, *args: int) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        return super().getsockopt(*args)
+
+
+@pytest.mark.parametrize(("kind", "error"), [(_FailingOnce, "[Errno 24] Too many open files"),
+                                             (_InfoFailingOnce, "[Errno 105] No buffer space available")])
+async def test_an_accept_error_is_logged_and_accepting_resumes(kind: type[socket.socket], error: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    listener = kind(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     acceptor = Acceptor(listener, _answer, "test")
@@ -60,7 +76,7 @@ async def test_an_accept_error_is_logged_and_accepting_resumes(caplog: pytest.Lo
     try:
         with caplog.at_level(logging.ERROR, logger="hbone.accept"):
             assert await asyncio.wait_for(_call(acceptor.address, 1), 10) == b"ok:1"
-        assert "test: accept failed: [Errno 24] Too many open files" in caplog.text
+        assert f"test: accept failed: {error}" in caplog.text
     finally:
         await acceptor.close()
 
